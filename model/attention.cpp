@@ -1,0 +1,146 @@
+#include "model/attention.h"
+
+namespace dsopen::model {
+
+torch::Tensor causal_mask(int64_t T, int64_t start, const torch::TensorOptions& options) {
+  // Query i sits at position start + i and may see keys 0 .. start + i.
+  auto q_pos = torch::arange(start, start + T, options.dtype(torch::kLong)).unsqueeze(1);
+  auto k_pos = torch::arange(0, start + T, options.dtype(torch::kLong)).unsqueeze(0);
+  auto mask = torch::zeros({T, start + T}, options);
+  return mask.masked_fill(k_pos > q_pos, -std::numeric_limits<float>::infinity());
+}
+
+namespace {
+// Writes `chunk` into `buffer` at [start, start + len) along `dim` and returns the filled prefix [0, start + len).
+torch::Tensor append(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t dim, int64_t start) {
+  const int64_t len = chunk.size(dim);
+  TORCH_CHECK(start + len <= buffer.size(dim), "KV cache full: ", start + len, " positions > capacity ",
+              buffer.size(dim));
+  buffer.narrow(dim, start, len).copy_(chunk);
+  return buffer.narrow(dim, 0, start + len);
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// MHA / GQA
+// ---------------------------------------------------------------------------------------------------------------
+
+AttentionImpl::AttentionImpl(const ModelConfig& c)
+    : n_heads_(c.num_attention_heads), n_kv_heads_(c.num_key_value_heads), head_dim_(c.attn_head_dim()),
+      scale_(attention_softmax_scale(c.attn_head_dim(), c.rope_scaling)) {
+  const bool qkv_bias = c.qkv_bias();
+  const bool o_bias = c.model_type == "llama" && c.attention_bias;
+  q_proj = register_module("q_proj", linear(c.hidden_size, n_heads_ * head_dim_, qkv_bias));
+  k_proj = register_module("k_proj", linear(c.hidden_size, n_kv_heads_ * head_dim_, qkv_bias));
+  v_proj = register_module("v_proj", linear(c.hidden_size, n_kv_heads_ * head_dim_, qkv_bias));
+  o_proj = register_module("o_proj", linear(n_heads_ * head_dim_, c.hidden_size, o_bias));
+}
+
+void AttentionImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity,
+                               const torch::TensorOptions& opts) const {
+  cache.a = torch::zeros({batch, n_kv_heads_, capacity, head_dim_}, opts);
+  cache.b = torch::zeros({batch, n_kv_heads_, capacity, head_dim_}, opts);
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto q = apply_rope_half(q_proj(x).view({B, T, n_heads_, head_dim_}), in.cos, in.sin).transpose(1, 2);
+  auto k = apply_rope_half(k_proj(x).view({B, T, n_kv_heads_, head_dim_}), in.cos, in.sin).transpose(1, 2);
+  auto v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // [B, KV, T, d]
+  if (in.cache) {
+    k = append(in.cache->a, k.to(in.cache->a.scalar_type()), 2, in.start).to(q.scalar_type());
+    v = append(in.cache->b, v.to(in.cache->b.scalar_type()), 2, in.start).to(q.scalar_type());
+  }
+  if (n_kv_heads_ != n_heads_) {  // GQA: each KV head serves n_heads / n_kv_heads query heads
+    k = k.repeat_interleave(n_heads_ / n_kv_heads_, 1);
+    v = v.repeat_interleave(n_heads_ / n_kv_heads_, 1);
+  }
+  torch::Tensor out;
+  if (in.start == 0 || T == 1) {
+    // A single query sees every cached key, so it needs no mask at all.
+    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/T > 1, scale_);
+  } else {
+    out = at::scaled_dot_product_attention(q, k, v, causal_mask(T, in.start, q.options()), 0.0, false, scale_);
+  }
+  return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}));  // [B, T, hidden]
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MLA
+// ---------------------------------------------------------------------------------------------------------------
+
+MLAImpl::MLAImpl(const ModelConfig& c)
+    : n_heads_(c.num_attention_heads), q_lora_rank_(c.q_lora_rank), kv_lora_rank_(c.kv_lora_rank),
+      nope_dim_(c.qk_nope_head_dim), rope_dim_(c.qk_rope_head_dim), v_dim_(c.v_head_dim),
+      scale_(attention_softmax_scale(c.qk_head_dim(), c.rope_scaling)) {
+  const int64_t h = c.hidden_size, qk = c.qk_head_dim();
+  if (q_lora_rank_ > 0) {
+    q_a_proj = register_module("q_a_proj", linear(h, q_lora_rank_));
+    q_a_layernorm = register_module("q_a_layernorm", RMSNorm(q_lora_rank_, c.rms_norm_eps));
+    q_b_proj = register_module("q_b_proj", linear(q_lora_rank_, n_heads_ * qk));
+  } else {
+    q_proj = register_module("q_proj", linear(h, n_heads_ * qk));
+  }
+  kv_a_proj_with_mqa = register_module("kv_a_proj_with_mqa", linear(h, kv_lora_rank_ + rope_dim_));
+  kv_a_layernorm = register_module("kv_a_layernorm", RMSNorm(kv_lora_rank_, c.rms_norm_eps));
+  kv_b_proj = register_module("kv_b_proj", linear(kv_lora_rank_, n_heads_ * (nope_dim_ + v_dim_)));
+  o_proj = register_module("o_proj", linear(n_heads_ * v_dim_, h));
+}
+
+void MLAImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const {
+  cache.a = torch::zeros({batch, capacity, kv_lora_rank_}, opts);
+  cache.b = torch::zeros({batch, capacity, rope_dim_}, opts);
+}
+
+std::pair<torch::Tensor, torch::Tensor> MLAImpl::queries(const torch::Tensor& x, const AttentionInput& in) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto q = q_lora_rank_ > 0 ? q_b_proj(q_a_layernorm(q_a_proj(x))) : q_proj(x);
+  q = q.view({B, T, n_heads_, nope_dim_ + rope_dim_});
+  auto q_nope = q.narrow(-1, 0, nope_dim_);                                            // [B, T, H, nope]
+  auto q_pe = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), in.cos, in.sin);  // [B, T, H, rope]
+  return {q_nope, q_pe};
+}
+
+torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
+                                       const torch::Tensor& latent, const torch::Tensor& k_pe, int64_t start) {
+  const int64_t B = q_nope.size(0), T = q_nope.size(1);
+  // kv_b_proj.weight: [H * (nope + v), kv_lora] -> per head [H, nope + v, kv_lora].
+  auto w = kv_b_proj->weight.view({n_heads_, nope_dim_ + v_dim_, kv_lora_rank_});
+  auto w_k = w.narrow(1, 0, nope_dim_), w_v = w.narrow(1, nope_dim_, v_dim_);
+  auto dtype = latent.scalar_type();
+  auto q_abs = torch::einsum("bthd,hdc->bthc", {q_nope.to(dtype), w_k.to(dtype)});     // [B, T, H, kv_lora]
+  auto scores = torch::einsum("bthc,bsc->bths", {q_abs, latent}) +
+                torch::einsum("bthr,bsr->bths", {q_pe.to(dtype), k_pe});              // [B, T, H, S]
+  scores = scores.to(torch::kFloat32) * scale_;
+  if (T > 1) scores = scores + causal_mask(T, start, scores.options()).unsqueeze(1);  // [T, 1, S]
+  auto probs = scores.softmax(-1).to(dtype);
+  auto ctx = torch::einsum("bths,bsc->bthc", {probs, latent});                         // [B, T, H, kv_lora]
+  auto out = torch::einsum("bthc,hdc->bthd", {ctx, w_v.to(dtype)});                    // [B, T, H, v]
+  return out.reshape({B, T, n_heads_ * v_dim_});
+}
+
+torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto [q_nope, q_pe] = queries(x, in);
+  auto kv = kv_a_proj_with_mqa(x);                                                   // [B, T, kv_lora + rope]
+  auto latent = kv_a_layernorm(kv.narrow(-1, 0, kv_lora_rank_));                    // [B, T, kv_lora]
+  auto k_pe = apply_rope_interleaved(kv.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2), in.cos, in.sin)
+                  .squeeze(2);                                                       // [B, T, rope]
+  if (in.cache) {
+    auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in.start);
+    auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in.start);
+    auto out = attend_absorbed(q_nope, q_pe, all_latent, all_pe, in.start);
+    return o_proj(out.to(x.scalar_type()));
+  }
+  // Expanded formulation: per-head keys [nope | shared rope key] and values from the latent.
+  auto kv_full = kv_b_proj(latent).view({B, T, n_heads_, nope_dim_ + v_dim_});
+  auto k_nope = kv_full.narrow(-1, 0, nope_dim_);
+  auto v = kv_full.narrow(-1, nope_dim_, v_dim_);
+  auto k = torch::cat({k_nope, k_pe.unsqueeze(2).expand({B, T, n_heads_, rope_dim_})}, -1);
+  auto q = torch::cat({q_nope, q_pe}, -1);
+  auto out = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
+                                              /*is_causal=*/true, scale_);  // [B, H, T, v]
+  return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * v_dim_}));
+}
+
+}  // namespace dsopen::model

@@ -1,0 +1,75 @@
+// Attention: MHA/GQA (DeepSeek-LLM, Qwen2) and MLA (multi-head latent attention, DeepSeek-V2/V3), each with a
+// KV cache for incremental decoding.
+//
+// MLA (DeepSeek-V2 paper §2.1): queries optionally go through a low-rank bottleneck (q_a_proj -> norm ->
+// q_b_proj); keys and values are compressed into a kv_lora_rank latent c (kv_a_proj_with_mqa -> kv_a_layernorm)
+// and expanded per head by kv_b_proj; a decoupled rope key k_pe (qk_rope_head_dim) is shared by all heads.
+// Training uses the expanded form (SDPA over per-head K/V). Decoding caches only (c, k_pe) per token and uses the
+// absorbed form: q_nope is multiplied into kv_b_proj's key half so scores are taken against c directly, and
+// the value half is applied after attention — kv_lora_rank + qk_rope_head_dim numbers per token and layer.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "model/config.h"
+#include "model/layers.h"
+
+namespace dsopen::model {
+
+// Cache of one layer. MHA/GQA: a = K, b = V, each [B, n_kv_heads, capacity, head_dim].
+// MLA: a = normalized latent c [B, capacity, kv_lora_rank], b = rope key k_pe [B, capacity, qk_rope_head_dim].
+struct LayerKVCache {
+  torch::Tensor a, b;
+};
+
+// Positions of the current chunk: queries cover [start, start + T); with a cache the keys cover [0, start + T).
+struct AttentionInput {
+  torch::Tensor cos, sin;  // [T, rope_dim/2]
+  int64_t start = 0;
+  LayerKVCache* cache = nullptr;  // null: no cache (training / full forward)
+};
+
+// Additive causal mask [T, start + T] for a chunk that starts at `start` (0 where key <= query position).
+torch::Tensor causal_mask(int64_t T, int64_t start, const torch::TensorOptions& options);
+
+class AttentionImpl : public torch::nn::Module {
+public:
+  explicit AttentionImpl(const ModelConfig& c);
+  torch::Tensor forward(const torch::Tensor& x, const AttentionInput& in);  // x: [B, T, hidden]
+  void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
+
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+
+private:
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+  double scale_;
+};
+TORCH_MODULE(Attention);
+
+class MLAImpl : public torch::nn::Module {
+public:
+  explicit MLAImpl(const ModelConfig& c);
+  // Without a cache: expanded formulation. With a cache: appends (c, k_pe) and attends in absorbed form.
+  torch::Tensor forward(const torch::Tensor& x, const AttentionInput& in);
+  void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
+  // The absorbed formulation over an explicit latent/rope-key history (exposed for tests):
+  // q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,S,kv_lora], k_pe [B,S,rope] -> [B,T,H*v_head_dim].
+  torch::Tensor attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
+                                const torch::Tensor& k_pe, int64_t start);
+
+  // Present when q_lora_rank > 0: q_a_proj, q_a_layernorm, q_b_proj; otherwise q_proj.
+  torch::nn::Linear q_proj{nullptr}, q_a_proj{nullptr}, q_b_proj{nullptr};
+  RMSNorm q_a_layernorm{nullptr};
+  torch::nn::Linear kv_a_proj_with_mqa{nullptr}, kv_b_proj{nullptr}, o_proj{nullptr};
+  RMSNorm kv_a_layernorm{nullptr};
+
+private:
+  // Queries split into the no-rope and (rotated) rope parts: [B, T, H, nope], [B, T, H, rope].
+  std::pair<torch::Tensor, torch::Tensor> queries(const torch::Tensor& x, const AttentionInput& in);
+
+  int64_t n_heads_, q_lora_rank_, kv_lora_rank_, nope_dim_, rope_dim_, v_dim_;
+  double scale_;
+};
+TORCH_MODULE(MLA);
+
+}  // namespace dsopen::model

@@ -1,0 +1,344 @@
+#include "model/config.h"
+
+#include <cmath>
+#include <filesystem>
+
+#include "model/registry.h"
+#include "utils/config.h"
+#include "utils/errors.h"
+
+namespace dsopen::model {
+
+namespace {
+
+// HF writes `null` for "absent" ranks and expert counts; we store 0.
+void nullable_int(config::Reader& r, const std::string& key, int64_t& out) {
+  if (r.has(key) && r.raw(key).IsNull()) {
+    out = 0;
+    return;
+  }
+  long long v = out;
+  r.optional(key, v, config::at_least(0));
+  out = v;
+}
+
+void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, bool strict) {
+  if (!parent.has(key)) return;
+  if (parent.raw(key).IsNull()) {
+    out = RopeScaling{};
+    return;
+  }
+  config::Reader r = parent.child(key);
+  std::string type = out.type.empty() ? "default" : out.type;
+  if (r.has("rope_type")) r.optional("rope_type", type);
+  if (r.has("type")) r.optional("type", type);
+  else r.accept("type");
+  if (type != "yarn" && type != "default" && type != "none") {
+    r.error("type", "rope scaling '" + type + "' is not supported (use yarn, or remove rope_scaling)");
+  }
+  out.type = (type == "yarn") ? "yarn" : "";
+  r.optional("factor", out.factor, config::at_least_f(1.0));
+  long long orig = out.original_max_position_embeddings;
+  r.optional("original_max_position_embeddings", orig, config::at_least(1));
+  out.original_max_position_embeddings = orig;
+  r.optional("beta_fast", out.beta_fast, config::greater_than(0));
+  r.optional("beta_slow", out.beta_slow, config::greater_than(0));
+  r.optional("mscale", out.mscale, config::at_least_f(0));
+  r.optional("mscale_all_dim", out.mscale_all_dim, config::at_least_f(0));
+  r.accept("rope_theta");  // transformers 5 `rope_parameters` carries it; read at the top level
+  r.finish(strict);
+}
+
+}  // namespace
+
+void decode(config::Reader& r, ModelConfig& c, bool strict) {
+  // A flavor gives the starting point; every other key overrides it.
+  std::string flavor;
+  r.optional("flavor", flavor);
+  if (!flavor.empty()) {
+    if (const ModelConfig* f = find_flavor(flavor)) {
+      c = *f;
+    } else {
+      std::string names;
+      for (const auto& n : flavor_names()) names += (names.empty() ? "" : ", ") + n;
+      const std::string guess = config::closest_match(flavor, flavor_names());
+      r.error("flavor", "unknown flavor '" + flavor + "' (known: " + names + ")" +
+                            (guess.empty() ? "" : " (did you mean '" + guess + "'?)"));
+    }
+  }
+  static const std::vector<std::string> types = {"llama", "qwen2", "deepseek_v2", "deepseek_v3"};
+  r.choice("architecture", c.model_type, types);
+  r.choice("model_type", c.model_type, types);
+  r.optional("pretrained", c.pretrained);
+
+  auto i64 = [&](const char* key, int64_t& out, long long lo) {
+    long long v = out;
+    r.optional(key, v, config::at_least(lo));
+    out = v;
+  };
+  i64("vocab_size", c.vocab_size, 1);
+  i64("hidden_size", c.hidden_size, 1);
+  i64("intermediate_size", c.intermediate_size, 1);
+  i64("num_hidden_layers", c.num_hidden_layers, 1);
+  i64("num_attention_heads", c.num_attention_heads, 1);
+  i64("num_key_value_heads", c.num_key_value_heads, 1);
+  nullable_int(r, "head_dim", c.head_dim);
+  i64("max_position_embeddings", c.max_position_embeddings, 1);
+  r.optional("rms_norm_eps", c.rms_norm_eps, config::greater_than(0));
+  r.optional("rope_theta", c.rope_theta, config::greater_than(0));
+  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, strict);
+  if (r.has("rope_parameters") && r.raw("rope_parameters").IsMap()) {  // transformers >= 5
+    config::Reader rp = r.child("rope_parameters");
+    rp.optional("rope_theta", c.rope_theta, config::greater_than(0));
+    decode_rope_scaling(r, "rope_parameters", c.rope_scaling, false);
+  }
+  r.optional("attention_bias", c.attention_bias);
+  r.optional("tie_word_embeddings", c.tie_word_embeddings);
+  r.optional("initializer_range", c.initializer_range, config::greater_than(0));
+  nullable_int(r, "bos_token_id", c.bos_token_id);
+  nullable_int(r, "eos_token_id", c.eos_token_id);
+  if (r.has("pad_token_id") && r.raw("pad_token_id").IsNull()) c.pad_token_id = -1;
+  else i64("pad_token_id", c.pad_token_id, -1);
+
+  nullable_int(r, "q_lora_rank", c.q_lora_rank);
+  i64("kv_lora_rank", c.kv_lora_rank, 1);
+  i64("qk_nope_head_dim", c.qk_nope_head_dim, 1);
+  i64("qk_rope_head_dim", c.qk_rope_head_dim, 2);
+  i64("v_head_dim", c.v_head_dim, 1);
+
+  nullable_int(r, "n_routed_experts", c.n_routed_experts);
+  nullable_int(r, "n_shared_experts", c.n_shared_experts);
+  nullable_int(r, "moe_intermediate_size", c.moe_intermediate_size);
+  nullable_int(r, "num_experts_per_tok", c.num_experts_per_tok);
+  i64("first_k_dense_replace", c.first_k_dense_replace, 0);
+  i64("moe_layer_freq", c.moe_layer_freq, 1);
+  r.optional("routed_scaling_factor", c.routed_scaling_factor, config::greater_than(0));
+  r.choice("scoring_func", c.scoring_func, {"softmax", "sigmoid"});
+  r.choice("topk_method", c.topk_method, {"greedy", "group_limited_greedy", "noaux_tc"});
+  nullable_int(r, "n_group", c.n_group);
+  nullable_int(r, "topk_group", c.topk_group);
+  r.optional("norm_topk_prob", c.norm_topk_prob);
+  r.optional("aux_loss_alpha", c.aux_loss_alpha, config::at_least_f(0));
+  r.optional("seq_aux", c.seq_aux);
+  nullable_int(r, "num_nextn_predict_layers", c.num_nextn_predict_layers);
+
+  r.optional("use_mtp", c.use_mtp);
+  r.optional("mtp_loss_weight", c.mtp_loss_weight, config::at_least_f(0));
+  r.optional("bias_update_speed", c.bias_update_speed, config::at_least_f(0));
+  r.optional("z_loss_coef", c.z_loss_coef, config::at_least_f(0));
+  r.optional("scaled_residual_init", c.scaled_residual_init);
+
+  // HF keys with only one supported value.
+  std::string act = "silu";
+  r.optional("hidden_act", act);
+  if (act != "silu") r.error("hidden_act", "only 'silu' (SwiGLU) is supported, got '" + act + "'");
+  double dropout = 0.0;
+  r.optional("attention_dropout", dropout);
+  if (dropout != 0.0) r.error("attention_dropout", "attention dropout is not supported; set it to 0");
+  // HF bookkeeping keys that carry no hyperparameter.
+  for (const char* k : {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+                        "pretraining_tp", "mlp_bias", "rope_interleave", "qk_head_dim", "_name_or_path", "auto_map",
+                        "ep_size", "num_experts_per_token"})
+    r.accept(k);
+  r.finish(strict);
+}
+
+void ModelConfig::validate(const std::string& where) const {
+  std::vector<std::string> errs;
+  auto bad = [&](const std::string& key, const std::string& msg) { errs.push_back(where + "." + key + ": " + msg); };
+  if (!is_mla()) {
+    if (head_dim == 0 && hidden_size % num_attention_heads != 0)
+      bad("num_attention_heads", "must divide hidden_size (" + std::to_string(hidden_size) + ")");
+    if (num_attention_heads % num_key_value_heads != 0)
+      bad("num_key_value_heads", "must divide num_attention_heads (" + std::to_string(num_attention_heads) + ")");
+    if (attn_head_dim() % 2 != 0) bad("head_dim", "must be even for rotary embeddings");
+    if (n_routed_experts > 0) bad("n_routed_experts", "MoE layers need model_type deepseek_v2 or deepseek_v3");
+  } else {
+    if (qk_rope_head_dim % 2 != 0) bad("qk_rope_head_dim", "must be even for rotary embeddings");
+    if (q_lora_rank < 0) bad("q_lora_rank", "must be >= 0");
+  }
+  if (n_routed_experts > 0) {
+    if (num_experts_per_tok < 1 || num_experts_per_tok > n_routed_experts)
+      bad("num_experts_per_tok", "must be in [1, n_routed_experts=" + std::to_string(n_routed_experts) + "]");
+    if (moe_intermediate_size < 1) bad("moe_intermediate_size", "must be >= 1 when n_routed_experts > 0");
+    if (n_group < 1 || n_routed_experts % n_group != 0)
+      bad("n_group", "must divide n_routed_experts (" + std::to_string(n_routed_experts) + ")");
+    else if (topk_group < 1 || topk_group > n_group)
+      bad("topk_group", "must be in [1, n_group=" + std::to_string(n_group) + "]");
+    else if (topk_method != "greedy" && num_experts_per_tok > topk_group * (n_routed_experts / n_group))
+      bad("num_experts_per_tok", "exceeds the experts in the top groups (topk_group * experts per group)");
+    if (topk_method == "noaux_tc" && n_routed_experts / std::max<int64_t>(n_group, 1) < 2)
+      bad("n_group", "noaux_tc ranks groups by their two best experts: need >= 2 experts per group");
+    if (topk_method == "noaux_tc" && model_type != "deepseek_v3")
+      bad("topk_method", "noaux_tc needs model_type deepseek_v3 (it uses e_score_correction_bias)");
+  }
+  if (use_mtp && num_nextn_predict_layers < 1) bad("num_nextn_predict_layers", "must be >= 1 when use_mtp is true");
+  if (use_mtp && model_type != "deepseek_v3") bad("use_mtp", "multi-token prediction needs model_type deepseek_v3");
+  if (rope_scaling.type == "yarn" && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");
+  if (pad_token_id >= vocab_size) bad("pad_token_id", "must be < vocab_size");
+  if (bos_token_id >= vocab_size) bad("bos_token_id", "must be < vocab_size");
+  if (eos_token_id >= vocab_size) bad("eos_token_id", "must be < vocab_size");
+  if (errs.empty()) return;
+  std::string msg = errs.front();
+  for (size_t i = 1; i < errs.size(); ++i) msg += "\n" + errs[i];
+  throw usage_error("", msg);
+}
+
+nlohmann::json ModelConfig::to_hf_json() const {
+  static const std::map<std::string, std::string> arch = {{"llama", "LlamaForCausalLM"},
+                                                           {"qwen2", "Qwen2ForCausalLM"},
+                                                           {"deepseek_v2", "DeepseekV2ForCausalLM"},
+                                                           {"deepseek_v3", "DeepseekV3ForCausalLM"}};
+  nlohmann::json j;
+  j["architectures"] = {arch.at(model_type)};
+  j["model_type"] = model_type;
+  j["vocab_size"] = vocab_size;
+  j["hidden_size"] = hidden_size;
+  j["intermediate_size"] = intermediate_size;
+  j["num_hidden_layers"] = num_hidden_layers;
+  j["num_attention_heads"] = num_attention_heads;
+  j["num_key_value_heads"] = is_mla() ? num_attention_heads : num_key_value_heads;
+  j["max_position_embeddings"] = max_position_embeddings;
+  j["rms_norm_eps"] = rms_norm_eps;
+  j["rope_theta"] = rope_theta;
+  if (rope_scaling.type == "yarn") {
+    nlohmann::json rs = {{"type", "yarn"},
+                         {"rope_type", "yarn"},
+                         {"factor", rope_scaling.factor},
+                         {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings},
+                         {"beta_fast", rope_scaling.beta_fast},
+                         {"beta_slow", rope_scaling.beta_slow},
+                         {"mscale", rope_scaling.mscale}};
+    if (rope_scaling.mscale_all_dim > 0) rs["mscale_all_dim"] = rope_scaling.mscale_all_dim;
+    j["rope_scaling"] = rs;
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  j["hidden_act"] = "silu";
+  j["attention_dropout"] = 0.0;
+  j["tie_word_embeddings"] = tie_word_embeddings;
+  j["initializer_range"] = initializer_range;
+  j["bos_token_id"] = bos_token_id;
+  j["eos_token_id"] = eos_token_id;
+  j["pad_token_id"] = pad_token_id >= 0 ? nlohmann::json(pad_token_id) : nlohmann::json(nullptr);
+  j["use_cache"] = true;
+  j["torch_dtype"] = "float32";
+  if (!is_mla()) {
+    j["attention_bias"] = model_type == "llama" ? attention_bias : true;
+    if (head_dim > 0) j["head_dim"] = head_dim;
+    return j;
+  }
+  j["attention_bias"] = false;
+  j["q_lora_rank"] = q_lora_rank > 0 ? nlohmann::json(q_lora_rank) : nlohmann::json(nullptr);
+  j["kv_lora_rank"] = kv_lora_rank;
+  j["qk_nope_head_dim"] = qk_nope_head_dim;
+  j["qk_rope_head_dim"] = qk_rope_head_dim;
+  j["v_head_dim"] = v_head_dim;
+  j["n_routed_experts"] = n_routed_experts > 0 ? nlohmann::json(n_routed_experts) : nlohmann::json(nullptr);
+  j["n_shared_experts"] = n_shared_experts > 0 ? nlohmann::json(n_shared_experts) : nlohmann::json(nullptr);
+  j["moe_intermediate_size"] = moe_intermediate_size;
+  j["num_experts_per_tok"] = num_experts_per_tok > 0 ? nlohmann::json(num_experts_per_tok) : nlohmann::json(nullptr);
+  // A dense MLA model is an MoE model whose MoE layers never start.
+  j["first_k_dense_replace"] = n_routed_experts > 0 ? first_k_dense_replace : num_hidden_layers;
+  j["moe_layer_freq"] = moe_layer_freq;
+  j["routed_scaling_factor"] = routed_scaling_factor;
+  j["scoring_func"] = scoring_func;
+  j["topk_method"] = topk_method;
+  j["n_group"] = n_group;
+  j["topk_group"] = topk_group;
+  j["norm_topk_prob"] = norm_topk_prob;
+  j["aux_loss_alpha"] = aux_loss_alpha;
+  j["seq_aux"] = seq_aux;
+  if (model_type == "deepseek_v3") j["num_nextn_predict_layers"] = num_nextn_predict_layers;
+  return j;
+}
+
+ModelConfig ModelConfig::from_hf_json_file(const std::string& path) {
+  if (!std::filesystem::exists(path)) throw runtime_error(path, "config.json not found", "is this a model directory?");
+  // JSON is YAML, so the strict YAML machinery (with line numbers) reads config.json too.
+  const config::Document doc = config::Document::load(path);
+  config::ErrorList errors;
+  config::Reader reader(doc, doc.root(), "", errors);
+  ModelConfig c;
+  decode(reader, c, /*strict=*/false);
+  errors.throw_if_any();
+  c.validate(path);
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Counting
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+int64_t attention_params(const ModelConfig& c) {
+  const int64_t h = c.hidden_size, H = c.num_attention_heads;
+  if (!c.is_mla()) {
+    const int64_t d = c.attn_head_dim(), kv = c.num_key_value_heads;
+    int64_t p = h * H * d + 2 * h * kv * d + H * d * h;
+    if (c.qkv_bias()) p += H * d + 2 * kv * d;
+    if (c.attention_bias && c.model_type == "llama") p += h;
+    return p;
+  }
+  int64_t p = 0;
+  if (c.q_lora_rank > 0) p += h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * c.qk_head_dim();
+  else p += h * H * c.qk_head_dim();
+  p += h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank;
+  p += c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim);
+  p += H * c.v_head_dim * h;
+  return p;
+}
+
+struct LayerCount {
+  int64_t total, active;
+};
+
+LayerCount layer_params(const ModelConfig& c, int64_t layer) {
+  const int64_t h = c.hidden_size;
+  const int64_t attn = attention_params(c) + 2 * h;  // + two RMSNorms
+  if (!c.is_moe_layer(layer)) return {attn + 3 * h * c.intermediate_size, attn + 3 * h * c.intermediate_size};
+  const int64_t expert = 3 * h * c.moe_intermediate_size;
+  const int64_t gate = c.n_routed_experts * h;  // the correction bias is a buffer, not a parameter
+  const int64_t shared = c.n_shared_experts * expert;
+  return {attn + gate + shared + c.n_routed_experts * expert,
+          attn + gate + shared + c.num_experts_per_tok * expert};
+}
+
+}  // namespace
+
+ParamCounts count_parameters(const ModelConfig& c) {
+  ParamCounts p;
+  p.embedding = c.vocab_size * c.hidden_size;
+  const int64_t head = c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size;
+  p.total = p.embedding + head + c.hidden_size;  // + final norm
+  p.active = (c.tie_word_embeddings ? p.embedding : head) + c.hidden_size;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerCount lc = layer_params(c, l);
+    p.total += lc.total;
+    p.active += lc.active;
+  }
+  // Each MTP module: enorm + hnorm + eh_proj + one decoder block (MoE when the model has experts) + shared_head.norm.
+  const int64_t mtp_block = layer_params(c, std::max(c.num_hidden_layers, c.first_k_dense_replace)).total;
+  p.mtp = c.num_nextn_predict_layers * (2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + mtp_block + c.hidden_size);
+  if (c.use_mtp) p.total += c.mtp_depth() * (p.mtp / std::max<int64_t>(c.num_nextn_predict_layers, 1));
+  return p;
+}
+
+double training_flops_per_token(const ModelConfig& c, int64_t seq_len) {
+  const ParamCounts p = count_parameters(c);
+  const double matmul_params = static_cast<double>(p.active);
+  const int64_t qk = c.is_mla() ? c.qk_head_dim() : c.attn_head_dim();
+  const int64_t v = c.is_mla() ? c.v_head_dim : c.attn_head_dim();
+  // QK^T and PV: 2 FLOPs per multiply-add, x3 for forward + backward, causal halves the work.
+  const double attention = 6.0 * c.num_hidden_layers * c.num_attention_heads * (qk + v) * seq_len / 2.0;
+  return 6.0 * matmul_params + attention;
+}
+
+int64_t kv_cache_bytes_per_token(const ModelConfig& c, int64_t bytes_per_element) {
+  const int64_t per_layer = c.is_mla() ? (c.kv_lora_rank + c.qk_rope_head_dim)
+                                       : 2 * c.num_key_value_heads * c.attn_head_dim();
+  return per_layer * c.num_hidden_layers * bytes_per_element;
+}
+
+}  // namespace dsopen::model

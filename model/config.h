@@ -1,0 +1,130 @@
+// ModelConfig: the hyperparameters of a DeepSeek-family model, with HuggingFace config.json key names, so a
+// YAML `model:` section and an HF config.json are the same schema. Also validation, parameter and FLOP counts.
+//
+// Architectures (`model_type`, alias `architecture`):
+//   llama        DeepSeek-LLM 7B/67B: MHA or GQA, SwiGLU, RoPE (rotate-half layout)
+//   qwen2        as llama plus q/k/v biases
+//   deepseek_v2  MLA attention + DeepSeekMoE (softmax routing, greedy or group-limited greedy)
+//   deepseek_v3  MLA + DeepSeekMoE with sigmoid routing, e_score_correction_bias (noaux_tc) and MTP
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+
+namespace dsopen::config {
+class Reader;
+}
+
+namespace dsopen::model {
+
+struct RopeScaling {
+  std::string type;  // "" (none) or "yarn"
+  double factor = 1.0;
+  int64_t original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;  // 0: absent
+};
+
+struct ModelConfig {
+  std::string model_type = "deepseek_v3";
+  std::string pretrained;  // HF directory the weights (and this config) come from; empty: random init
+
+  // Shared by all architectures.
+  int64_t vocab_size = 32000;
+  int64_t hidden_size = 256;
+  int64_t intermediate_size = 688;  // dense SwiGLU width
+  int64_t num_hidden_layers = 4;
+  int64_t num_attention_heads = 4;
+  int64_t num_key_value_heads = 4;  // MHA/GQA only
+  int64_t head_dim = 0;             // MHA/GQA only; 0: hidden_size / num_attention_heads
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool attention_bias = false;  // q/k/v/o bias (llama); qwen2 always has q/k/v bias
+  bool tie_word_embeddings = false;
+  double initializer_range = 0.02;
+  int64_t bos_token_id = 1;
+  int64_t eos_token_id = 2;
+  int64_t pad_token_id = -1;  // -1: none
+
+  // MLA (deepseek_v2 / deepseek_v3).
+  int64_t q_lora_rank = 0;  // 0: no query compression (HF: null)
+  int64_t kv_lora_rank = 512;
+  int64_t qk_nope_head_dim = 128;
+  int64_t qk_rope_head_dim = 64;
+  int64_t v_head_dim = 128;
+
+  // DeepSeekMoE.
+  int64_t n_routed_experts = 0;  // 0: dense model (HF: null)
+  int64_t n_shared_experts = 0;
+  int64_t moe_intermediate_size = 0;
+  int64_t num_experts_per_tok = 0;
+  int64_t first_k_dense_replace = 0;
+  int64_t moe_layer_freq = 1;
+  double routed_scaling_factor = 1.0;
+  std::string scoring_func = "softmax";  // softmax | sigmoid
+  std::string topk_method = "greedy";    // greedy | group_limited_greedy | noaux_tc
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  bool norm_topk_prob = false;
+  double aux_loss_alpha = 0.0;  // sequence-wise balance loss coefficient (0 allowed)
+  bool seq_aux = true;
+
+  // Multi-token prediction (V3). The modules exist only when use_mtp is true.
+  int64_t num_nextn_predict_layers = 0;
+
+  // Extensions (not in HF config.json): training-time behaviour of the model.
+  bool use_mtp = false;
+  double mtp_loss_weight = 0.3;       // lambda
+  double bias_update_speed = 0.001;   // aux-loss-free balancing step (gamma)
+  double z_loss_coef = 0.0;           // coefficient of mean(logsumexp^2)
+  bool scaled_residual_init = true;   // o_proj/down_proj std divided by sqrt(2 * layers)
+
+  // ---- derived ----
+  bool is_mla() const { return model_type == "deepseek_v2" || model_type == "deepseek_v3"; }
+  bool is_moe_layer(int64_t layer) const {
+    return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+  }
+  int64_t attn_head_dim() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  bool qkv_bias() const { return model_type == "qwen2" || attention_bias; }
+  int64_t mtp_depth() const { return use_mtp ? num_nextn_predict_layers : 0; }
+
+  // Throws a usage error listing every inconsistency, each naming its key (`where` prefixes the messages).
+  void validate(const std::string& where = "model") const;
+
+  // HF config.json (architectures, model_type and every key transformers reads for this architecture).
+  nlohmann::json to_hf_json() const;
+  // Reads an HF config.json; unknown keys are ignored (they belong to other tools).
+  static ModelConfig from_hf_json_file(const std::string& path);
+};
+
+// Decodes a YAML/JSON `model:` mapping: `flavor:` starts from a registered flavor, explicit keys override it.
+// `strict` rejects unknown keys (YAML configs); HF config.json files are read non-strictly.
+void decode(config::Reader& reader, ModelConfig& out, bool strict = true);
+
+// Parameter and FLOP accounting (DeepSeek's convention: totals include embedding and head; active parameters
+// are those a token uses — attention, dense layers, shared + top-k routed experts, head — without the embedding
+// table, which is a lookup).
+struct ParamCounts {
+  int64_t total = 0;
+  int64_t active = 0;
+  int64_t embedding = 0;
+  int64_t mtp = 0;  // parameters of MTP modules (included in total only when use_mtp)
+};
+ParamCounts count_parameters(const ModelConfig& c);
+
+// Training FLOPs per token at sequence length `seq_len`: 6 * active (matmul) params + the attention term
+// 6 * layers * heads * (qk_dim + v_dim) * seq_len / 2 (causal), as in the PaLM/Chinchilla MFU convention.
+double training_flops_per_token(const ModelConfig& c, int64_t seq_len);
+
+// Bytes of KV cache per token for all layers at `bytes_per_element` (2 for bf16): MLA stores the latent and the
+// rope key only; MHA/GQA store K and V for every KV head.
+int64_t kv_cache_bytes_per_token(const ModelConfig& c, int64_t bytes_per_element = 2);
+
+}  // namespace dsopen::model

@@ -1,0 +1,87 @@
+#include "model/info.h"
+
+#include <cstdio>
+#include <filesystem>
+
+#include "utils/config.h"
+#include "utils/errors.h"
+
+namespace dsopen::model {
+
+TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size) {
+  const double P = static_cast<double>(params), N = static_cast<double>(world_size);
+  return {16.0 * P, 4.0 * P + 12.0 * P / N, 2.0 * P + 14.0 * P / N};
+}
+
+nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len) {
+  const ParamCounts p = count_parameters(c);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size);
+  return {{"model_type", c.model_type},
+          {"total_params", p.total},
+          {"active_params", p.active},
+          {"embedding_params", p.embedding},
+          {"mtp_params", c.use_mtp ? p.mtp : 0},
+          {"seq_len", seq_len},
+          {"flops_per_token", training_flops_per_token(c, seq_len)},
+          {"kv_cache_bytes_per_token", kv_cache_bytes_per_token(c, 2)},
+          {"world_size", world_size},
+          {"train_memory_bytes_per_rank", {{"ddp", m.ddp}, {"zero1", m.zero1}, {"zero2", m.zero2}}}};
+}
+
+namespace {
+std::string human(double v, const char* unit = "") {
+  const char* suffix[] = {"", "K", "M", "B", "T"};
+  int i = 0;
+  while (v >= 1000.0 && i < 4) v /= 1000.0, ++i;
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f%s%s", v, suffix[i], unit);
+  return buf;
+}
+std::string gib(double bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+}  // namespace
+
+std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len) {
+  const ParamCounts p = count_parameters(c);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size);
+  std::string s;
+  s += "architecture          " + c.model_type + (c.is_mla() ? " (MLA" : " (MHA/GQA") +
+       (c.n_routed_experts > 0 ? ", MoE)" : ", dense)") + "\n";
+  s += "total parameters      " + human(p.total) + " (" + std::to_string(p.total) + ")\n";
+  s += "active parameters     " + human(p.active) + " per token (without the input embedding)\n";
+  if (c.num_nextn_predict_layers > 0)
+    s += "MTP parameters        " + human(p.mtp) + (c.use_mtp ? " (included)" : " (not included: use_mtp is off)") + "\n";
+  s += "training FLOPs/token  " + human(training_flops_per_token(c, seq_len)) + " at seq_len " +
+       std::to_string(seq_len) + "\n";
+  s += "KV cache per token    " + std::to_string(kv_cache_bytes_per_token(c, 2)) + " bytes (bf16, all layers)\n";
+  s += "train memory per rank (weights + grads + AdamW, " + std::to_string(world_size) + " ranks)\n";
+  s += "  ddp                 " + gib(m.ddp) + "\n";
+  s += "  zero1               " + gib(m.zero1) + "\n";
+  s += "  zero2               " + gib(m.zero2) + "\n";
+  return s;
+}
+
+ModelConfig model_config_from_document(const config::Document& doc) {
+  config::ErrorList errors;
+  config::Reader root(doc, doc.root(), "", errors);
+  ModelConfig c;
+  if (!root.has("model")) {
+    errors.add(doc.origin("model"), "model", "missing required section (give flavor:, pretrained: or the keys)");
+    errors.throw_if_any();
+  }
+  config::Reader section = root.child("model");
+  if (section.has("pretrained")) {
+    std::string dir;
+    section.optional("pretrained", dir);
+    c = ModelConfig::from_hf_json_file((std::filesystem::path(dir) / "config.json").string());
+  }
+  decode(section, c, /*strict=*/true);
+  errors.throw_if_any();
+  c.validate("model");
+  return c;
+}
+
+}  // namespace dsopen::model

@@ -1,0 +1,102 @@
+#include "model/layers.h"
+
+#include <cmath>
+
+namespace dsopen::model {
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto h = x.to(torch::kFloat32);
+  h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+  return weight * h.to(x.scalar_type());
+}
+
+double yarn_get_mscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& s) {
+  auto exponents = torch::arange(0, dim, 2, torch::kFloat64) / static_cast<double>(dim);
+  auto freq = 1.0 / torch::pow(theta, exponents);  // [dim/2]
+  if (s.type != "yarn") return freq.to(torch::kFloat32);
+  // The dimension whose wavelength fits `rotations` times into the original context (YaRN paper, eq. 17).
+  auto correction_dim = [&](double rotations) {
+    return dim * std::log(s.original_max_position_embeddings / (rotations * 2.0 * M_PI)) / (2.0 * std::log(theta));
+  };
+  double low = std::max(std::floor(correction_dim(s.beta_fast)), 0.0);
+  double high = std::min(std::ceil(correction_dim(s.beta_slow)), static_cast<double>(dim - 1));
+  if (low == high) high += 0.001;  // avoid a division by zero in the ramp
+  auto ramp = ((torch::arange(dim / 2, torch::kFloat64) - low) / (high - low)).clamp(0.0, 1.0);
+  auto keep = 1.0 - ramp;  // 1: extrapolate (high-frequency dims), 0: interpolate by 1/factor
+  freq = freq / s.factor * (1.0 - keep) + freq * keep;
+  return freq.to(torch::kFloat32);
+}
+
+double rope_cos_sin_scale(const RopeScaling& s) {
+  if (s.type != "yarn") return 1.0;
+  const double all = s.mscale_all_dim > 0 ? s.mscale_all_dim : 0.0;
+  return yarn_get_mscale(s.factor, s.mscale) / yarn_get_mscale(s.factor, all);
+}
+
+double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& s) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim));
+  if (s.type == "yarn" && s.mscale_all_dim > 0) {
+    const double m = yarn_get_mscale(s.factor, s.mscale_all_dim);
+    scale *= m * m;
+  }
+  return scale;
+}
+
+RopeTable::RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling) {
+  auto inv_freq = rope_inv_freq(dim, theta, scaling).to(torch::kFloat64);
+  auto angles = torch::outer(torch::arange(max_positions, torch::kFloat64), inv_freq);  // [P, dim/2]
+  const double m = rope_cos_sin_scale(scaling);
+  cos = (angles.cos() * m).to(torch::kFloat32);
+  sin = (angles.sin() * m).to(torch::kFloat32);
+}
+
+std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t len,
+                                                         const torch::Device& device) const {
+  TORCH_CHECK(start + len <= cos.size(0), "position ", start + len, " exceeds max_position_embeddings (",
+              cos.size(0), "); shorten the input or raise max_position_embeddings");
+  auto c = cos.narrow(0, start, len), s = sin.narrow(0, start, len);
+  if (c.device() != device) c = c.to(device), s = s.to(device);
+  return {c, s};
+}
+
+torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto xf = x.to(torch::kFloat32);
+  auto x1 = xf.narrow(-1, 0, half), x2 = xf.narrow(-1, half, half);
+  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [T, 1, dim/2] broadcasts over [B, T, H, dim/2]
+  return torch::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1).to(x.scalar_type());
+}
+
+torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto sizes = x.sizes().vec();
+  sizes.back() /= 2;
+  sizes.push_back(2);
+  auto xf = x.to(torch::kFloat32).reshape(sizes);  // [..., dim/2, 2]
+  auto x1 = xf.select(-1, 0), x2 = xf.select(-1, 1);
+  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+  return torch::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2).to(x.scalar_type());
+}
+
+torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+MLPImpl::MLPImpl(int64_t hidden, int64_t intermediate) {
+  gate_proj = register_module("gate_proj", linear(hidden, intermediate));
+  up_proj = register_module("up_proj", linear(hidden, intermediate));
+  down_proj = register_module("down_proj", linear(intermediate, hidden));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+}
+
+}  // namespace dsopen::model

@@ -1,0 +1,68 @@
+// Building blocks: RMSNorm, rotary position embeddings (plain and YaRN, rotate-half and interleaved layouts)
+// and the SwiGLU MLP. Rope math is in free functions so tests can call it directly.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "model/config.h"
+
+namespace dsopen::model {
+
+// y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (as HF Llama/DeepSeek do).
+class RMSNormImpl : public torch::nn::Module {
+public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;
+
+private:
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+// ---- Rotary embeddings ----------------------------------------------------------------------------------------
+
+// YaRN attention-temperature factor: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1).
+double yarn_get_mscale(double scale, double mscale);
+
+// Inverse frequencies [dim/2] for rotary dimension `dim`, with YaRN interpolation when scaling.type == "yarn":
+// dimensions rotating fewer than beta_slow times over the original context are interpolated by 1/factor, those
+// rotating more than beta_fast times are kept, a linear ramp blends between (DeepSeek-V3 `precompute_freqs_cis`).
+torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& scaling);
+
+// Scale applied to cos/sin (HF DeepSeek: mscale(factor, mscale) / mscale(factor, mscale_all_dim); 1 without YaRN).
+double rope_cos_sin_scale(const RopeScaling& scaling);
+
+// Softmax scale of attention: head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN.
+double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& scaling);
+
+// Precomputed cos/sin tables for positions [0, max_positions), each [max_positions, dim/2] float32.
+struct RopeTable {
+  torch::Tensor cos, sin;
+  RopeTable() = default;
+  RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling);
+  // Rows for positions [start, start + len) on x's device.
+  std::pair<torch::Tensor, torch::Tensor> slice(int64_t start, int64_t len, const torch::Device& device) const;
+};
+
+// x: [B, T, H, dim]; cos/sin: [T, dim/2].
+// rotate-half layout (HF Llama/Qwen): pairs are (i, i + dim/2).
+torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+// interleaved layout (DeepSeek-V2/V3 checkpoints, MLA rope part): pairs are (2i, 2i + 1).
+torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// ---- SwiGLU MLP -----------------------------------------------------------------------------------------------
+
+// down_proj(silu(gate_proj(x)) * up_proj(x)); HF names gate_proj / up_proj / down_proj, no biases.
+class MLPImpl : public torch::nn::Module {
+public:
+  MLPImpl(int64_t hidden, int64_t intermediate);
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+// nn::Linear without bias (the common case).
+torch::nn::Linear linear(int64_t in, int64_t out, bool bias = false);
+
+}  // namespace dsopen::model

@@ -1,0 +1,107 @@
+#include "model/moe.h"
+
+namespace dsopen::model {
+
+Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const ModelConfig& c) {
+  const int64_t N = logits.size(0), E = logits.size(1), K = c.num_experts_per_tok;
+  auto scores = c.scoring_func == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);  // [N, E]
+  auto choice = bias.defined() ? scores + bias.to(scores.scalar_type()) : scores;
+  if (c.topk_method != "greedy" && c.n_group > 1) {
+    auto grouped = choice.view({N, c.n_group, E / c.n_group});
+    // V2 ranks a group by its best expert, V3 (noaux_tc) by the sum of its two best bias-corrected scores.
+    auto group_scores = c.topk_method == "noaux_tc" ? std::get<0>(grouped.topk(2, -1)).sum(-1)
+                                                    : std::get<0>(grouped.max(-1));  // [N, n_group]
+    auto top_groups = std::get<1>(group_scores.topk(c.topk_group, -1));
+    auto dropped = torch::ones({N, c.n_group}, logits.options().dtype(torch::kBool)).scatter(1, top_groups, false);
+    // -inf, as DeepSeek's reference does: with a negative bias a 0 fill could let a dropped group's expert win.
+    choice = grouped.masked_fill(dropped.unsqueeze(-1), -std::numeric_limits<float>::infinity()).view({N, E});
+  }
+  auto indices = std::get<1>(choice.topk(K, -1));  // [N, K]
+  auto weights = scores.gather(1, indices);         // unbiased scores combine
+  if (c.model_type == "deepseek_v3") {
+    if (c.norm_topk_prob) weights = weights / (weights.sum(-1, true) + 1e-20);
+    weights = weights * c.routed_scaling_factor;
+  } else if (K > 1 && c.norm_topk_prob) {  // DeepSeek-V2 normalizes *or* scales
+    weights = weights / (weights.sum(-1, true) + 1e-20);
+  } else {
+    weights = weights * c.routed_scaling_factor;
+  }
+  return {indices, weights, scores};
+}
+
+torch::Tensor balance_loss(const torch::Tensor& scores, const torch::Tensor& indices, int64_t batch,
+                           const ModelConfig& c) {
+  const int64_t E = scores.size(1), K = indices.size(1);
+  const int64_t seqs = c.seq_aux ? batch : 1;
+  const int64_t T = scores.size(0) / seqs;
+  // Normalized affinities: softmax scores already sum to 1; sigmoid scores are normalized per token (V3 eq. 20).
+  auto probs = c.scoring_func == "sigmoid" ? scores / scores.sum(-1, true) : scores;
+  auto P = probs.view({seqs, T, E}).mean(1);  // [seqs, E]
+  auto counts = torch::zeros({seqs, E}, scores.options())
+                    .scatter_add_(1, indices.view({seqs, T * K}), torch::ones({seqs, T * K}, scores.options()));
+  auto f = counts * (static_cast<double>(E) / (K * T));  // [seqs, E]
+  return (f * P).sum(1).mean() * c.aux_loss_alpha;
+}
+
+GateImpl::GateImpl(const ModelConfig& c) {
+  weight = register_parameter("weight", torch::empty({c.n_routed_experts, c.hidden_size}));
+  torch::nn::init::normal_(weight, 0.0, c.initializer_range);
+  if (c.topk_method == "noaux_tc")
+    e_score_correction_bias = register_buffer("e_score_correction_bias", torch::zeros({c.n_routed_experts}));
+}
+
+MoEImpl::MoEImpl(const ModelConfig& c) : config_(c) {
+  gate = register_module("gate", Gate(c));
+  experts = register_module("experts", torch::nn::ModuleList());
+  for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+    expert_list_.push_back(MLP(c.hidden_size, c.moe_intermediate_size));
+    experts->push_back(expert_list_.back());
+  }
+  if (c.n_shared_experts > 0)
+    shared_experts = register_module("shared_experts", MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts));
+}
+
+MoEOutput MoEImpl::forward(const torch::Tensor& x) {
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), K = config_.num_experts_per_tok;
+  const int64_t E = config_.n_routed_experts;
+  auto flat = x.reshape({B * T, D});  // [N, D]
+  auto logits = torch::nn::functional::linear(flat.to(torch::kFloat32), gate->weight.to(torch::kFloat32));
+  Routing r = route(logits, gate->e_score_correction_bias, config_);
+
+  // Sort the N*K (token, expert) pairs by expert so each expert sees one contiguous block.
+  auto flat_experts = r.indices.reshape({-1});                      // [N*K]
+  auto order = flat_experts.argsort(/*stable=*/true);
+  auto token_of = order.div(K, "floor");                            // source token of each sorted pair
+  auto load = torch::bincount(flat_experts, {}, E);                 // [E]
+  auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
+  const int64_t* counts = load_cpu.data_ptr<int64_t>();
+  auto x_sorted = flat.index_select(0, token_of);                   // [N*K, D]
+  std::vector<torch::Tensor> outs;
+  int64_t offset = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] == 0) continue;
+    outs.push_back(expert_list_[e]->forward(x_sorted.narrow(0, offset, counts[e])));
+    offset += counts[e];
+  }
+  auto y_sorted = torch::cat(outs, 0);                              // [N*K, D]
+  auto w_sorted = r.weights.reshape({-1}).index_select(0, order).unsqueeze(1).to(y_sorted.scalar_type());
+  auto y = torch::zeros({B * T, D}, y_sorted.options()).index_add(0, token_of, y_sorted * w_sorted);
+  if (shared_experts) y = y + shared_experts(flat).to(y.scalar_type());
+
+  MoEOutput out;
+  out.y = y.view({B, T, D}).to(x.scalar_type());
+  out.load = load.detach();
+  out.aux_loss = (is_training() && config_.aux_loss_alpha > 0) ? balance_loss(r.scores, r.indices, B, config_)
+                                                               : torch::zeros({}, x.options().dtype(torch::kFloat32));
+  return out;
+}
+
+void MoEImpl::update_bias(const torch::Tensor& load, double speed) {
+  auto& bias = gate->e_score_correction_bias;
+  if (!bias.defined() || speed == 0.0) return;
+  torch::NoGradGuard no_grad;
+  auto l = load.to(bias.device(), torch::kFloat32);
+  bias.add_(torch::sign(l.mean() - l) * speed);
+}
+
+}  // namespace dsopen::model

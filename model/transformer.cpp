@@ -1,0 +1,257 @@
+#include "model/transformer.h"
+
+#include <cmath>
+
+#include "utils/compat.h"
+
+namespace dsopen::model {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decoder layer: h = x + attn(norm(x)); out = h + mlp(norm(h))
+// ---------------------------------------------------------------------------------------------------------------
+
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer_index) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  if (c.is_mla()) mla_ = register_module("self_attn", MLA(c));
+  else mha_ = register_module("self_attn", Attention(c));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  if (c.is_moe_layer(layer_index)) moe_ = register_module("mlp", MoE(c));
+  else mlp_ = register_module("mlp", MLP(c.hidden_size, c.intermediate_size));
+}
+
+void DecoderLayerImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity,
+                                  const torch::TensorOptions& opts) const {
+  if (mla_) mla_->init_cache(cache, batch, capacity, opts);
+  else mha_->init_cache(cache, batch, capacity, opts);
+}
+
+LayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
+  auto normed = input_layernorm(x);
+  auto h = x + (mla_ ? mla_->forward(normed, in) : mha_->forward(normed, in));
+  LayerOutput out;
+  if (moe_) {
+    MoEOutput m = moe_->forward(post_attention_layernorm(h));
+    out.h = h + m.y;
+    out.aux_loss = m.aux_loss;
+    out.load = m.load;
+  } else {
+    out.h = h + mlp_->forward(post_attention_layernorm(h));
+    out.aux_loss = torch::zeros({}, x.options().dtype(torch::kFloat32));
+  }
+  return out;
+}
+
+MTPLayerImpl::MTPLayerImpl(const ModelConfig& c, int64_t layer_index) : DecoderLayerImpl(c, layer_index) {
+  enorm = register_module("enorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  hnorm = register_module("hnorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  eh_proj = register_module("eh_proj", linear(2 * c.hidden_size, c.hidden_size));
+  shared_head = register_module("shared_head", SharedHead(c.hidden_size, c.rms_norm_eps));
+}
+
+DeepSeekModelImpl::DeepSeekModelImpl(const ModelConfig& c) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    layer_list.push_back(DecoderLayer(c, l));
+    layers->push_back(layer_list.back());
+  }
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activation checkpointing: run the layer without saving activations, recompute it in backward.
+// LibTorch has no torch.utils.checkpoint, so this is the reentrant variant written as an autograd Function.
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor h,
+                                                torch::Tensor cos, torch::Tensor sin, int64_t layer_ptr) {
+    ctx->saved_data["layer"] = layer_ptr;
+    ctx->saved_data["autocast"] = compat::autocast_enabled(h.device().type());
+    ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(h.device().type()));
+    ctx->save_for_backward({h, cos, sin});
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_ptr);
+    torch::NoGradGuard no_grad;
+    LayerOutput out = layer->forward(h, AttentionInput{cos, sin, 0, nullptr});
+    auto load = out.load.defined() ? out.load : torch::zeros({0}, h.options().dtype(torch::kLong));
+    ctx->mark_non_differentiable({load});
+    return {out.h, out.aux_loss, load};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    auto h = saved[0].detach().requires_grad_(true);
+    const auto device = h.device().type();
+    const bool was = compat::autocast_enabled(device);
+    const auto was_dtype = at::autocast::get_autocast_dtype(device);
+    compat::set_autocast(device, ctx->saved_data["autocast"].toBool(),
+                         static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+    LayerOutput out;
+    {
+      torch::AutoGradMode grad_on(true);
+      out = layer->forward(h, AttentionInput{saved[1], saved[2], 0, nullptr});
+    }
+    compat::set_autocast(device, was, was_dtype);
+    std::vector<torch::Tensor> outputs{out.h}, out_grads{grads[0]};
+    if (out.aux_loss.requires_grad() && grads[1].defined()) {
+      outputs.push_back(out.aux_loss);
+      out_grads.push_back(grads[1]);
+    }
+    torch::autograd::backward(outputs, out_grads);  // accumulates into the layer's parameters
+    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // no grads for cos, sin, layer
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Causal LM
+// ---------------------------------------------------------------------------------------------------------------
+
+CausalLMImpl::CausalLMImpl(const ModelConfig& c)
+    : config_(c),
+      rope_(c.is_mla() ? c.qk_rope_head_dim : c.attn_head_dim(), c.max_position_embeddings, c.rope_theta,
+            c.rope_scaling) {
+  c.validate();
+  model = register_module("model", DeepSeekModel(c));
+  lm_head = register_module("lm_head", linear(c.hidden_size, c.vocab_size));
+  if (c.tie_word_embeddings) lm_head->weight = model->embed_tokens->weight;  // one tensor, two names
+  if (c.mtp_depth() > 0) {
+    mtp = register_module("mtp", torch::nn::ModuleList());
+    for (int64_t k = 0; k < c.mtp_depth(); ++k) {
+      // MTP blocks use the layer index after the last decoder layer (MoE when the model has experts).
+      mtp_list.push_back(MTPLayer(c, c.num_hidden_layers + k));
+      mtp->push_back(mtp_list.back());
+    }
+  }
+  init_weights();
+}
+
+void CausalLMImpl::init_weights() {
+  torch::NoGradGuard no_grad;
+  const double std = config_.initializer_range;
+  const double residual_std = config_.scaled_residual_init ? std / std::sqrt(2.0 * config_.num_hidden_layers) : std;
+  for (auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    auto& p = item.value();
+    const bool is_norm = name.find("norm.weight") != std::string::npos;
+    if (is_norm) {
+      p.fill_(1.0);
+    } else if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
+      p.zero_();
+    } else {
+      const bool residual_out = name.find("o_proj.weight") != std::string::npos ||
+                                name.find("down_proj.weight") != std::string::npos;
+      p.normal_(0.0, residual_out ? residual_std : std);
+    }
+  }
+  for (auto& b : named_buffers())
+    if (b.key().find("e_score_correction_bias") != std::string::npos) b.value().zero_();
+}
+
+torch::Tensor CausalLMImpl::head(const torch::Tensor& h) { return lm_head->forward(h); }
+
+LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in) {
+  if (!checkpointing_ || !is_training() || in.cache || !torch::GradMode::is_enabled())
+    return layer.forward(h, in);
+  auto outs = CheckpointedLayer::apply(h, in.cos, in.sin, reinterpret_cast<int64_t>(&layer));
+  LayerOutput out;
+  out.h = outs[0];
+  out.aux_loss = outs[1];
+  if (layer.is_moe()) out.load = outs[2];
+  return out;
+}
+
+KVCache CausalLMImpl::make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype) const {
+  KVCache cache;
+  cache.capacity = capacity;
+  cache.layers.resize(model->layer_list.size());
+  auto opts = torch::TensorOptions().dtype(dtype).device(lm_head->weight.device());
+  for (size_t l = 0; l < cache.layers.size(); ++l) model->layer_list[l]->init_cache(cache.layers[l], batch, capacity, opts);
+  return cache;
+}
+
+namespace {
+// Sum of cross-entropy over targets != -100, and their count. logits [N, V], targets [N].
+std::pair<torch::Tensor, torch::Tensor> cross_entropy_sum(const torch::Tensor& logits, const torch::Tensor& targets) {
+  auto ce = torch::nn::functional::cross_entropy(
+      logits.to(torch::kFloat32), targets,
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  return {ce, targets.ne(-100).sum()};
+}
+}  // namespace
+
+ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels, KVCache* cache) {
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const int64_t start = cache ? cache->length : 0;
+  auto [cos, sin] = rope_.slice(start, T, input_ids.device());
+
+  ForwardOutput out;
+  auto h = model->embed_tokens(input_ids);  // [B, T, hidden]
+  out.aux_loss = torch::zeros({}, h.options().dtype(torch::kFloat32));
+  for (size_t l = 0; l < model->layer_list.size(); ++l) {
+    AttentionInput in{cos, sin, start, cache ? &cache->layers[l] : nullptr};
+    DecoderLayerImpl& layer = *model->layer_list[l];
+    LayerOutput lo = run_layer(layer, h, in);
+    h = lo.h;
+    out.aux_loss = out.aux_loss + lo.aux_loss;
+    if (lo.load.defined()) out.expert_load.push_back(lo.load);
+  }
+  if (cache) cache->length = start + T;
+  auto main_hidden = h;
+  out.logits = head(model->norm(h));  // [B, T, V]
+
+  const auto zero = torch::zeros({}, out.aux_loss.options());
+  out.mtp_loss = zero;
+  out.z_loss = zero;
+  if (!labels.defined()) return out;
+
+  auto [ce_sum, n_targets] = cross_entropy_sum(out.logits.reshape({B * T, -1}), labels.reshape({-1}));
+  out.ce_sum = ce_sum;
+  out.n_targets = n_targets;
+  if (config_.z_loss_coef > 0) {
+    auto lse = out.logits.to(torch::kFloat32).logsumexp(-1);  // [B, T]
+    auto mask = labels.ne(-100).to(torch::kFloat32);
+    out.z_loss = config_.z_loss_coef * (lse.pow(2) * mask).sum() / mask.sum().clamp_min(1);
+  }
+
+  // MTP depth k predicts the token k+1 positions ahead of position i from the depth-(k-1) hidden state at i and
+  // the embedding of token i+k; sequences shrink by one position per depth.
+  if (!mtp_list.empty() && T > 1) {
+    auto prev = main_hidden;
+    torch::Tensor total = zero;
+    int64_t depths = 0;
+    for (size_t k = 1; k <= mtp_list.size() && static_cast<int64_t>(k) < T; ++k) {
+      const int64_t len = T - static_cast<int64_t>(k);
+      auto& m = *mtp_list[k - 1];
+      auto emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
+      auto merged = m.eh_proj(torch::cat({m.enorm(emb), m.hnorm(prev.narrow(1, 0, len))}, -1));
+      auto [c2, s2] = rope_.slice(0, len, input_ids.device());
+      LayerOutput lo = m.DecoderLayerImpl::forward(merged, AttentionInput{c2, s2, 0, nullptr});
+      out.aux_loss = out.aux_loss + lo.aux_loss;
+      prev = lo.h;
+      auto logits_k = head(m.shared_head->norm(lo.h));  // [B, len, V]
+      auto [s, n] = cross_entropy_sum(logits_k.reshape({B * len, -1}), labels.narrow(1, k, len).reshape({-1}));
+      total = total + s / n.clamp_min(1);
+      ++depths;
+    }
+    if (depths > 0) out.mtp_loss = total / static_cast<double>(depths);
+  }
+  out.loss = ce_sum / n_targets.clamp_min(1) + out.aux_loss + out.z_loss + config_.mtp_loss_weight * out.mtp_loss;
+  return out;
+}
+
+void CausalLMImpl::update_routing_bias(const std::vector<torch::Tensor>& loads) {
+  size_t i = 0;
+  for (auto& layer : model->layer_list) {
+    if (!layer->is_moe()) continue;
+    TORCH_CHECK(i < loads.size(), "update_routing_bias: ", loads.size(), " loads for more MoE layers");
+    layer->moe()->update_bias(loads[i++], config_.bias_update_speed);
+  }
+}
+
+}  // namespace dsopen::model

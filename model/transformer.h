@@ -1,0 +1,123 @@
+// The DeepSeek-family causal language model: embedding -> decoder layers -> norm -> lm_head, plus optional
+// multi-token-prediction (MTP) modules. Module names follow HuggingFace checkpoints:
+//   model.embed_tokens, model.layers.N.{input_layernorm, self_attn.*, post_attention_layernorm, mlp.*},
+//   model.norm, lm_head. MTP module k is registered as mtp.k.* and stored in HF files as
+//   model.layers.{num_hidden_layers + k}.* (the checkpoint layer adds copies of embed_tokens and the head).
+#pragma once
+
+#include <torch/torch.h>
+
+#include "model/attention.h"
+#include "model/config.h"
+#include "model/layers.h"
+#include "model/moe.h"
+
+namespace dsopen::model {
+
+struct LayerOutput {
+  torch::Tensor h;
+  torch::Tensor aux_loss;  // scalar; zero for dense layers
+  torch::Tensor load;      // [E] for MoE layers, undefined for dense ones
+};
+
+class DecoderLayerImpl : public torch::nn::Module {
+public:
+  DecoderLayerImpl(const ModelConfig& c, int64_t layer_index);
+  LayerOutput forward(const torch::Tensor& x, const AttentionInput& in);
+  bool is_moe() const { return static_cast<bool>(moe_); }
+  MoE moe() const { return moe_; }
+  void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
+
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+
+private:
+  Attention mha_{nullptr};
+  MLA mla_{nullptr};
+  MLP mlp_{nullptr};
+  MoE moe_{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+// V3 MTP module k: h' = eh_proj([enorm(embed(t_{i+k})); hnorm(h_i)]) -> decoder layer -> shared_head.norm -> head.
+class SharedHeadImpl : public torch::nn::Module {
+public:
+  SharedHeadImpl(int64_t hidden, double eps) { norm = register_module("norm", RMSNorm(hidden, eps)); }
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(SharedHead);
+
+class MTPLayerImpl : public DecoderLayerImpl {
+public:
+  MTPLayerImpl(const ModelConfig& c, int64_t layer_index);
+  RMSNorm enorm{nullptr}, hnorm{nullptr};
+  torch::nn::Linear eh_proj{nullptr};
+  SharedHead shared_head{nullptr};
+};
+TORCH_MODULE(MTPLayer);
+
+class DeepSeekModelImpl : public torch::nn::Module {
+public:
+  explicit DeepSeekModelImpl(const ModelConfig& c);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::vector<DecoderLayer> layer_list;
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(DeepSeekModel);
+
+// Per-layer KV caches for incremental decoding.
+struct KVCache {
+  std::vector<LayerKVCache> layers;
+  int64_t capacity = 0;
+  int64_t length = 0;  // positions filled so far
+};
+
+struct ForwardOutput {
+  torch::Tensor logits;    // [B, T, V] (float32 under autocast is not forced: the head's dtype)
+  torch::Tensor loss;      // ce_sum / n_targets + aux + mtp_loss_weight * mtp + z (only with labels)
+  torch::Tensor ce_sum;    // sum of next-token cross-entropy over target tokens (float32)
+  torch::Tensor n_targets; // number of labels != -100 (int64 scalar)
+  torch::Tensor aux_loss;  // sum over MoE layers of the balance loss
+  torch::Tensor mtp_loss;  // mean over MTP depths of their mean cross-entropy (0 without MTP)
+  torch::Tensor z_loss;    // z_loss_coef * mean(logsumexp(logits)^2) (0 when the coefficient is 0)
+  std::vector<torch::Tensor> expert_load;  // [E] per MoE layer (main model), tokens routed this call
+};
+
+class CausalLMImpl : public torch::nn::Module {
+public:
+  explicit CausalLMImpl(const ModelConfig& c);
+
+  // input_ids [B, T] int64; labels [B, T] (next-token targets, -100 = ignore) or undefined.
+  // With `cache`, positions start at cache->length and the cache is extended (inference; no MTP, no loss).
+  ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr);
+
+  // Allocates caches for `batch` sequences of up to `capacity` positions.
+  KVCache make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype = torch::kFloat32) const;
+
+  // Aux-loss-free bias update of every MoE layer (loads in the order of ForwardOutput::expert_load).
+  void update_routing_bias(const std::vector<torch::Tensor>& loads);
+
+  // Initializes weights: normal(0, initializer_range), residual output projections scaled by 1/sqrt(2 L),
+  // norms to one, the correction bias to zero. Deterministic given the global torch seed.
+  void init_weights();
+
+  // Recomputes each decoder layer in backward instead of storing its activations.
+  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+
+  const ModelConfig& config() const { return config_; }
+  DeepSeekModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};
+  torch::nn::ModuleList mtp{nullptr};
+  std::vector<MTPLayer> mtp_list;
+
+private:
+  torch::Tensor head(const torch::Tensor& h);
+  LayerOutput run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in);
+
+  ModelConfig config_;
+  RopeTable rope_;
+  bool checkpointing_ = false;
+};
+TORCH_MODULE(CausalLM);
+
+}  // namespace dsopen::model

@@ -1,0 +1,233 @@
+// Whole-model behaviour: HF parameter names, causality, cached decoding == full forward (MHA, GQA, MLA),
+// MLA absorbed == expanded, MoE == per-token loop, gradients everywhere, activation checkpointing.
+#include <catch2/catch.hpp>
+
+#include "model/registry.h"
+#include "model/transformer.h"
+
+using namespace dsopen::model;
+
+namespace {
+
+ModelConfig small(const std::string& kind) {
+  ModelConfig c = *find_flavor("debug");  // V3-style MLA + MoE + MTP
+  if (kind == "mla_v2") {
+    c.model_type = "deepseek_v2";
+    c.scoring_func = "softmax";
+    c.topk_method = "group_limited_greedy";
+    c.q_lora_rank = 0;
+    c.use_mtp = false;
+    c.norm_topk_prob = false;
+    c.rope_scaling.type = "yarn";
+    c.rope_scaling.factor = 4;
+    c.rope_scaling.original_max_position_embeddings = 64;
+    c.rope_scaling.mscale = 0.707;
+    c.rope_scaling.mscale_all_dim = 0.707;
+  } else if (kind == "mha" || kind == "gqa" || kind == "qwen2") {
+    c = *find_flavor("tiny-dense");
+    c.vocab_size = 256;
+    c.hidden_size = 64;
+    c.intermediate_size = 96;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = kind == "gqa" ? 2 : 4;
+    c.max_position_embeddings = 128;
+    if (kind == "qwen2") c.model_type = "qwen2";
+  }
+  return c;
+}
+
+CausalLM make(const ModelConfig& c, uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  CausalLM m(c);
+  m->eval();
+  return m;
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+}  // namespace
+
+TEST_CASE("parameter names are HuggingFace checkpoint names and counts agree", "[model][forward]") {
+  ModelConfig c = small("mla_v3");
+  CausalLM m = make(c);
+  auto params = m->named_parameters();
+  for (const char* name : {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                           "model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_a_layernorm.weight",
+                           "model.layers.0.self_attn.q_b_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                           "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.0.self_attn.kv_b_proj.weight",
+                           "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                           "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.7.down_proj.weight",
+                           "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.1.input_layernorm.weight",
+                           "mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.eh_proj.weight",
+                           "mtp.0.shared_head.norm.weight", "mtp.0.mlp.experts.0.gate_proj.weight"}) {
+    INFO(name);
+    CHECK(params.contains(name));
+  }
+  CHECK(m->named_buffers().contains("model.layers.1.mlp.gate.e_score_correction_bias"));
+  int64_t total = 0;
+  for (auto& p : m->parameters()) total += p.numel();
+  CHECK(total == count_parameters(c).total);  // the formula and the built module agree
+
+  for (const char* kind : {"mha", "gqa", "qwen2", "mla_v2"}) {
+    ModelConfig ck = small(kind);
+    CausalLM mk = make(ck);
+    int64_t n = 0;
+    for (auto& p : mk->parameters()) n += p.numel();
+    INFO(kind);
+    CHECK(n == count_parameters(ck).total);
+  }
+  CHECK(make(small("qwen2"))->named_parameters().contains("model.layers.0.self_attn.k_proj.bias"));
+  CHECK(!make(small("mha"))->named_parameters().contains("model.layers.0.self_attn.k_proj.bias"));
+}
+
+TEST_CASE("causality: changing token t never changes logits before t", "[model][forward]") {
+  for (const char* kind : {"mla_v3", "mla_v2", "gqa"}) {
+    INFO(kind);
+    CausalLM m = make(small(kind));
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(3, 256, {2, 24}, torch::kLong);
+    auto changed = ids.clone();
+    const int64_t t = 13;
+    changed.index_put_({torch::indexing::Slice(), t}, (ids.index({torch::indexing::Slice(), t}) + 7) % 256);
+    auto a = m->forward(ids).logits, b = m->forward(changed).logits;
+    CHECK(max_abs_diff(a.narrow(1, 0, t), b.narrow(1, 0, t)) < 1e-5);
+    CHECK(max_abs_diff(a.narrow(1, t, 1), b.narrow(1, t, 1)) > 1e-4);  // position t itself does change
+  }
+}
+
+TEST_CASE("cached incremental decoding equals the full forward (MHA, GQA, qwen2, MLA)", "[model][forward][cache]") {
+  for (const char* kind : {"mha", "gqa", "qwen2", "mla_v3", "mla_v2"}) {
+    INFO(kind);
+    CausalLM m = make(small(kind), 3);
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(3, 256, {2, 20}, torch::kLong);
+    auto full = m->forward(ids).logits;  // [2, 20, V]
+    KVCache cache = m->make_cache(2, 32);
+    std::vector<torch::Tensor> parts;
+    parts.push_back(m->forward(ids.narrow(1, 0, 7), {}, &cache).logits);   // prefill
+    parts.push_back(m->forward(ids.narrow(1, 7, 3), {}, &cache).logits);   // a chunk with a prefix
+    for (int64_t t = 10; t < 20; ++t) parts.push_back(m->forward(ids.narrow(1, t, 1), {}, &cache).logits);
+    CHECK(cache.length == 20);
+    CHECK(max_abs_diff(torch::cat(parts, 1), full) < 1e-5);
+  }
+}
+
+TEST_CASE("MLA absorbed attention equals the expanded formulation", "[model][forward][mla]") {
+  ModelConfig c = small("mla_v3");
+  torch::manual_seed(4);
+  MLA mla(c);
+  RopeTable table(c.qk_rope_head_dim, 64, c.rope_theta, c.rope_scaling);
+  auto x = torch::randn({2, 9, c.hidden_size});
+  auto [cos, sin] = table.slice(0, 9, torch::kCPU);
+  torch::NoGradGuard ng;
+  auto expanded = mla->forward(x, AttentionInput{cos, sin, 0, nullptr});
+  LayerKVCache cache;
+  mla->init_cache(cache, 2, 16, torch::TensorOptions().dtype(torch::kFloat32));
+  auto absorbed = mla->forward(x, AttentionInput{cos, sin, 0, &cache});
+  CHECK(max_abs_diff(expanded, absorbed) < 1e-5);
+  // The cache holds kv_lora_rank + qk_rope_head_dim numbers per token, nothing per head.
+  CHECK(cache.a.size(2) == c.kv_lora_rank);
+  CHECK(cache.b.size(2) == c.qk_rope_head_dim);
+}
+
+TEST_CASE("MoE output equals a slow per-token loop", "[model][moe]") {
+  ModelConfig c = small("mla_v3");
+  torch::manual_seed(5);
+  MoE moe(c);
+  moe->gate->e_score_correction_bias.copy_(torch::randn({c.n_routed_experts}) * 0.1);
+  moe->eval();
+  torch::NoGradGuard ng;
+  auto x = torch::randn({3, 11, c.hidden_size});
+  auto out = moe->forward(x);
+  auto flat = x.view({-1, c.hidden_size});
+  auto logits = torch::nn::functional::linear(flat, moe->gate->weight);
+  Routing r = route(logits, moe->gate->e_score_correction_bias, c);
+  auto expected = torch::zeros_like(flat);
+  for (int64_t n = 0; n < flat.size(0); ++n) {
+    auto xn = flat[n].unsqueeze(0);
+    auto yn = moe->shared_experts->forward(xn);
+    for (int64_t k = 0; k < c.num_experts_per_tok; ++k) {
+      auto e = r.indices[n][k].item<int64_t>();
+      yn = yn + r.weights[n][k] * moe->experts[e]->as<MLP>()->forward(xn);
+    }
+    expected[n] = yn[0];
+  }
+  CHECK(max_abs_diff(out.y.view({-1, c.hidden_size}), expected) < 1e-5);
+  CHECK(out.load.sum().item<int64_t>() == 33 * c.num_experts_per_tok);
+}
+
+TEST_CASE("aux-loss-free bias update moves towards balance", "[model][moe]") {
+  ModelConfig c = small("mla_v3");
+  MoE moe(c);
+  auto load = torch::tensor({10, 0, 5, 5, 5, 5, 5, 5}, torch::kLong);  // mean 5
+  moe->update_bias(load, 0.01);
+  auto b = moe->gate->e_score_correction_bias;
+  CHECK(b[0].item<float>() == Approx(-0.01));  // overloaded: down
+  CHECK(b[1].item<float>() == Approx(0.01));   // starved: up
+  CHECK(b[2].item<float>() == 0.0f);           // at the mean: unchanged
+}
+
+TEST_CASE("one backward with MoE and MTP on reaches every trainable parameter", "[model][forward][grad]") {
+  ModelConfig c = small("mla_v3");
+  c.aux_loss_alpha = 0.01;
+  CausalLM m = make(c, 6);
+  m->train();
+  auto ids = torch::randint(3, 256, {4, 32}, torch::kLong);
+  auto labels = torch::cat({ids.narrow(1, 1, 31), torch::full({4, 1}, -100, torch::kLong)}, 1);
+  auto out = m->forward(ids, labels);
+  CHECK(out.mtp_loss.item<double>() > 0);
+  CHECK(out.aux_loss.item<double>() > 0);
+  CHECK(out.expert_load.size() == 1);
+  out.loss.backward();
+  for (auto& p : m->named_parameters()) {
+    INFO(p.key());
+    REQUIRE(p.value().grad().defined());
+    CHECK(p.value().grad().abs().sum().item<double>() > 0);
+  }
+  // The loss is the documented sum of its parts.
+  const double expect = out.ce_sum.item<double>() / out.n_targets.item<double>() + out.aux_loss.item<double>() +
+                        c.mtp_loss_weight * out.mtp_loss.item<double>();
+  CHECK(out.loss.item<double>() == Approx(expect).epsilon(1e-6));
+  // Untrained model: cross-entropy near ln(vocab).
+  CHECK(out.ce_sum.item<double>() / out.n_targets.item<double>() == Approx(std::log(256.0)).epsilon(0.05));
+}
+
+TEST_CASE("activation checkpointing gives the same loss and gradients", "[model][forward][grad]") {
+  ModelConfig c = small("mla_v3");
+  c.aux_loss_alpha = 0.01;
+  auto ids = torch::randint(3, 256, {2, 16}, torch::kLong);
+  auto labels = torch::cat({ids.narrow(1, 1, 15), torch::full({2, 1}, -100, torch::kLong)}, 1);
+  std::vector<std::pair<double, std::map<std::string, torch::Tensor>>> runs;
+  for (bool ckpt : {false, true}) {
+    CausalLM m = make(c, 7);
+    m->train();
+    m->set_activation_checkpointing(ckpt);
+    auto out = m->forward(ids, labels);
+    out.loss.backward();
+    std::map<std::string, torch::Tensor> grads;
+    for (auto& p : m->named_parameters()) grads[p.key()] = p.value().grad().clone();
+    runs.push_back({out.loss.item<double>(), grads});
+    CHECK(out.expert_load.size() == 1);
+  }
+  CHECK(runs[0].first == Approx(runs[1].first).epsilon(1e-7));
+  for (auto& [name, g] : runs[0].second) {
+    INFO(name);
+    CHECK(max_abs_diff(g, runs[1].second.at(name)) < 1e-6);
+  }
+}
+
+TEST_CASE("z-loss and ignore_index", "[model][forward]") {
+  ModelConfig c = small("gqa");
+  c.z_loss_coef = 1e-3;
+  CausalLM m = make(c, 8);
+  auto ids = torch::randint(3, 256, {2, 8}, torch::kLong);
+  auto labels = torch::full({2, 8}, -100, torch::kLong);
+  labels.index_put_({0, 2}, 5);
+  auto out = m->forward(ids, labels);
+  CHECK(out.n_targets.item<int64_t>() == 1);
+  auto lse = out.logits[0][2].logsumexp(-1).item<double>();
+  CHECK(out.z_loss.item<double>() == Approx(1e-3 * lse * lse).epsilon(1e-5));
+  auto expect_ce = lse - out.logits[0][2][5].item<double>();
+  CHECK(out.ce_sum.item<double>() == Approx(expect_ce).epsilon(1e-5));
+}

@@ -1,0 +1,217 @@
+// Model math checked against hand-computed values and slow references: RoPE, YaRN, routing, balance loss,
+// published parameter counts.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "model/config.h"
+#include "model/info.h"
+#include "model/layers.h"
+#include "model/moe.h"
+#include "model/registry.h"
+
+using namespace dsopen::model;
+
+namespace {
+ModelConfig flavor(const std::string& name) { return *find_flavor(name); }
+double rel(double a, double b) { return std::abs(a - b) / std::abs(b); }
+}  // namespace
+
+TEST_CASE("published parameter counts", "[model][counts]") {
+  // DeepSeek-LLM 7B: 6.91B total.
+  CHECK(rel(count_parameters(flavor("7b")).total, 6.91e9) < 0.01);
+  // DeepSeek-V2-Lite: 15.7B total, 2.4B active.
+  auto lite = count_parameters(flavor("v2-lite"));
+  CHECK(rel(lite.total, 15.7e9) < 0.01);
+  CHECK(rel(lite.active, 2.4e9) < 0.03);
+  // DeepSeek-V2: 236B total, 21B active.
+  auto v2 = count_parameters(flavor("v2"));
+  CHECK(rel(v2.total, 236e9) < 0.01);
+  CHECK(rel(v2.active, 21e9) < 0.03);
+  // DeepSeek-V3: 671B total, 37B active, without the MTP module.
+  auto v3 = count_parameters(flavor("v3"));
+  CHECK(rel(v3.total, 671e9) < 0.01);
+  CHECK(rel(v3.active, 37e9) < 0.03);
+  // DeepSeek-LLM 67B.
+  CHECK(rel(count_parameters(flavor("67b")).total, 67e9) < 0.02);
+}
+
+TEST_CASE("KV cache bytes: MLA caches the latent and the rope key only", "[model][counts]") {
+  // V3: (512 + 64) * 61 layers * 2 bytes.
+  CHECK(kv_cache_bytes_per_token(flavor("v3"), 2) == (512 + 64) * 61 * 2);
+  // 7B MHA: 2 * 32 heads * 128 dims * 30 layers * 2 bytes.
+  CHECK(kv_cache_bytes_per_token(flavor("7b"), 2) == 2 * 32 * 128 * 30 * 2);
+}
+
+TEST_CASE("ZeRO memory formulas", "[model][counts]") {
+  auto m = training_memory_per_rank(1000, 4);
+  CHECK(m.ddp == 16000);
+  CHECK(m.zero1 == 4000 + 3000);
+  CHECK(m.zero2 == 2000 + 3500);
+}
+
+TEST_CASE("YaRN inverse frequencies match hand-computed values", "[model][rope]") {
+  RopeScaling s;
+  s.type = "yarn";
+  s.factor = 40;
+  s.original_max_position_embeddings = 4096;
+  s.beta_fast = 32;
+  s.beta_slow = 1;
+  auto f = rope_inv_freq(64, 10000.0, s);
+  auto base = [](int i) { return std::pow(10000.0, -2.0 * i / 64.0); };
+  // correction dims: beta_fast=32 -> floor(10.47) = 10, beta_slow=1 -> ceil(22.51) = 23.
+  CHECK(f[5].item<double>() == Approx(base(5)).epsilon(1e-6));          // high frequency: kept
+  CHECK(f[10].item<double>() == Approx(base(10)).epsilon(1e-6));        // ramp starts at 10
+  CHECK(f[30].item<double>() == Approx(base(30) / 40).epsilon(1e-6));   // low frequency: interpolated
+  const double ramp = (16.0 - 10.0) / 13.0;                              // i=16 blends
+  CHECK(f[16].item<double>() == Approx(base(16) / 40 * ramp + base(16) * (1 - ramp)).epsilon(1e-6));
+  // Without scaling: plain RoPE.
+  auto plain = rope_inv_freq(64, 10000.0, RopeScaling{});
+  CHECK(plain[30].item<double>() == Approx(base(30)).epsilon(1e-6));
+}
+
+TEST_CASE("YaRN mscale and softmax scale", "[model][rope]") {
+  CHECK(yarn_get_mscale(40, 1.0) == Approx(1.0 + 0.1 * std::log(40.0)));
+  CHECK(yarn_get_mscale(1.0, 1.0) == 1.0);
+  RopeScaling s;
+  s.type = "yarn";
+  s.factor = 40;
+  s.mscale = 1.0;
+  s.mscale_all_dim = 1.0;
+  CHECK(attention_softmax_scale(192, s) == Approx(0.1352329).epsilon(1e-5));  // 192^-0.5 * 1.368888^2
+  CHECK(rope_cos_sin_scale(s) == Approx(1.0));
+  s.mscale = 0.707;
+  s.mscale_all_dim = 0.0;  // V2 configs without mscale_all_dim: cos/sin carry the whole factor
+  CHECK(rope_cos_sin_scale(s) == Approx(1.0 + 0.0707 * std::log(40.0)));
+  CHECK(attention_softmax_scale(192, s) == Approx(1.0 / std::sqrt(192.0)));
+}
+
+TEST_CASE("RoPE scores depend only on the relative offset (both layouts)", "[model][rope]") {
+  torch::manual_seed(0);
+  RopeTable table(16, 64, 10000.0, RopeScaling{});
+  auto q = torch::randn({1, 1, 1, 16}), k = torch::randn({1, 1, 1, 16});
+  for (auto apply : {apply_rope_half, apply_rope_interleaved}) {
+    auto score = [&](int64_t m, int64_t n) {
+      auto [cm, sm] = table.slice(m, 1, torch::kCPU);
+      auto [cn, sn] = table.slice(n, 1, torch::kCPU);
+      return (apply(q, cm, sm) * apply(k, cn, sn)).sum().item<double>();
+    };
+    CHECK(score(7, 3) == Approx(score(30, 26)).epsilon(1e-5));
+    CHECK(score(10, 0) == Approx(score(50, 40)).epsilon(1e-5));
+    CHECK(std::abs(score(7, 3) - score(7, 5)) > 1e-4);  // and it does depend on the offset
+  }
+}
+
+TEST_CASE("interleaved RoPE equals rotate-half RoPE on de-interleaved dimensions", "[model][rope]") {
+  // HF DeepSeek-V2/V3 permutes (2i, 2i+1) pairs to (i, i + d/2) before a rotate-half rotation.
+  torch::manual_seed(1);
+  RopeTable table(8, 16, 10000.0, RopeScaling{});
+  auto x = torch::randn({2, 5, 3, 8});
+  auto [c, s] = table.slice(3, 5, torch::kCPU);
+  auto inter = apply_rope_interleaved(x, c, s);
+  auto perm = x.view({2, 5, 3, 4, 2}).transpose(3, 4).reshape({2, 5, 3, 8});
+  auto half = apply_rope_half(perm, c, s);
+  CHECK(torch::allclose(inter.view({2, 5, 3, 4, 2}).transpose(3, 4).reshape({2, 5, 3, 8}), half, 1e-6, 1e-6));
+}
+
+namespace {
+// Slow per-token routing written from the DeepSeek papers, independent of route().
+std::vector<int64_t> slow_route(const std::vector<float>& logits, const std::vector<float>& bias,
+                                const ModelConfig& c) {
+  const int64_t E = c.n_routed_experts, G = c.n_group, per = E / G;
+  std::vector<double> score(E), choice(E);
+  double denom = 0;
+  for (int64_t e = 0; e < E; ++e) denom += std::exp(logits[e]);
+  for (int64_t e = 0; e < E; ++e) {
+    score[e] = c.scoring_func == "sigmoid" ? 1.0 / (1.0 + std::exp(-logits[e])) : std::exp(logits[e]) / denom;
+    choice[e] = score[e] + (bias.empty() ? 0.0 : bias[e]);
+  }
+  std::vector<std::pair<double, int64_t>> groups;
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<double> v(choice.begin() + g * per, choice.begin() + (g + 1) * per);
+    std::sort(v.rbegin(), v.rend());
+    groups.push_back({c.topk_method == "noaux_tc" ? v[0] + v[1] : v[0], g});
+  }
+  std::sort(groups.rbegin(), groups.rend());
+  std::vector<std::pair<double, int64_t>> cands;
+  for (int64_t i = 0; i < c.topk_group; ++i)
+    for (int64_t e = groups[i].second * per; e < (groups[i].second + 1) * per; ++e) cands.push_back({choice[e], e});
+  std::sort(cands.rbegin(), cands.rend());
+  std::vector<int64_t> chosen;
+  for (int64_t k = 0; k < c.num_experts_per_tok; ++k) chosen.push_back(cands[k].second);
+  std::sort(chosen.begin(), chosen.end());
+  return chosen;
+}
+}  // namespace
+
+TEST_CASE("group-limited routing matches a per-token reference and stays inside the top groups", "[model][moe]") {
+  torch::manual_seed(2);
+  for (const char* kind : {"v2", "v3"}) {
+    ModelConfig c = flavor("tiny");
+    c.n_routed_experts = 16;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.num_experts_per_tok = 3;
+    if (std::string(kind) == "v2") {
+      c.model_type = "deepseek_v2";
+      c.scoring_func = "softmax";
+      c.topk_method = "group_limited_greedy";
+    }
+    auto logits = torch::randn({64, 16});
+    torch::Tensor bias = std::string(kind) == "v3" ? torch::randn({16}) * 0.5 : torch::Tensor();
+    Routing r = route(logits, bias, c);
+    for (int64_t n = 0; n < 64; ++n) {
+      auto row = logits[n].contiguous();
+      std::vector<float> l(row.data_ptr<float>(), row.data_ptr<float>() + 16), b;
+      if (bias.defined()) b.assign(bias.data_ptr<float>(), bias.data_ptr<float>() + 16);
+      auto got = std::vector<int64_t>(r.indices[n].data_ptr<int64_t>(), r.indices[n].data_ptr<int64_t>() + 3);
+      std::sort(got.begin(), got.end());
+      REQUIRE(got == slow_route(l, b, c));
+      std::set<int64_t> groups;
+      for (auto e : got) groups.insert(e / 4);
+      CHECK(groups.size() <= 2);
+    }
+  }
+}
+
+TEST_CASE("the correction bias changes which experts are chosen, not the combine weights", "[model][moe]") {
+  ModelConfig c = flavor("tiny");  // sigmoid, noaux_tc, norm_topk_prob, scale 2.5
+  c.n_group = 1;
+  c.topk_group = 1;
+  auto logits = torch::tensor({{2.0f, 1.0f, 0.0f, -1.0f, -2.0f, -3.0f, -4.0f, -5.0f}});
+  auto no_bias = route(logits, torch::zeros({8}), c);
+  auto chosen0 = std::set<int64_t>{no_bias.indices[0][0].item<int64_t>(), no_bias.indices[0][1].item<int64_t>()};
+  CHECK(chosen0 == std::set<int64_t>{0, 1});
+  auto bias = torch::zeros({8});
+  bias[7] = 10.0;  // pushes expert 7 in
+  auto biased = route(logits, bias, c);
+  auto idx = biased.indices[0];
+  std::set<int64_t> chosen1{idx[0].item<int64_t>(), idx[1].item<int64_t>()};
+  CHECK(chosen1 == std::set<int64_t>{0, 7});
+  // Weights: unbiased sigmoid scores of the chosen experts, normalized, times the scaling factor.
+  const double s0 = 1 / (1 + std::exp(-2.0)), s7 = 1 / (1 + std::exp(5.0));
+  for (int k = 0; k < 2; ++k) {
+    const int64_t e = idx[k].item<int64_t>();
+    const double expect = (e == 0 ? s0 : s7) / (s0 + s7) * 2.5;
+    CHECK(biased.weights[0][k].item<double>() == Approx(expect).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("sequence-wise balance loss on a hand-computed case", "[model][moe]") {
+  ModelConfig c = flavor("tiny");
+  c.scoring_func = "softmax";
+  c.aux_loss_alpha = 0.1;
+  c.seq_aux = true;
+  // One sequence, two tokens, two experts, top-1: both tokens pick expert 0.
+  auto scores = torch::tensor({{0.7f, 0.3f}, {0.4f, 0.6f}});
+  auto indices = torch::tensor({{0}, {0}}, torch::kLong);
+  // f = E/(K*T) * counts = [2, 0]; P = mean scores = [0.55, 0.45]; loss = 0.1 * 2 * 0.55.
+  CHECK(balance_loss(scores, indices, 1, c).item<double>() == Approx(0.11));
+  // Balanced routing gives alpha * sum(P) = alpha.
+  auto balanced = torch::tensor({{0}, {1}}, torch::kLong);
+  CHECK(balance_loss(scores, balanced, 1, c).item<double>() == Approx(0.1));
+  // Sigmoid scores are normalized per token first.
+  c.scoring_func = "sigmoid";
+  auto sig = torch::tensor({{0.5f, 0.5f}, {0.2f, 0.6f}});  // normalized: [.5,.5], [.25,.75]
+  CHECK(balance_loss(sig, indices, 1, c).item<double>() == Approx(0.1 * 2 * 0.375));
+}

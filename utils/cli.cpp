@@ -1,0 +1,43 @@
+#include "utils/cli.h"
+
+#include <torch/version.h>
+
+#include <iostream>
+
+#include "utils/errors.h"
+
+namespace dsopen::cli {
+
+void add_common(cxxopts::Options& options) {
+  options.add_options("General")("h,help", "Print this help and exit")("version", "Print the version and exit");
+}
+
+cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
+  try {
+    return options.parse(argc, argv);
+  } catch (const cxxopts::exceptions::exception& e) {
+    throw usage_error(options.program(), e.what(), "see --help");
+  }
+}
+
+std::string version_string(const std::string& program) {
+  std::string s = program + " " + DSOPEN_VERSION + " (LibTorch " + TORCH_VERSION;
+#ifdef DSOPEN_WITH_CUDA
+  s += ", CUDA";
+#endif
+  return s + ")";
+}
+
+bool handle_common(const cxxopts::Options& options, const cxxopts::ParseResult& result) {
+  if (result.count("help")) {
+    std::cout << options.help() << std::endl;
+    return true;
+  }
+  if (result.count("version")) {
+    std::cout << version_string(options.program()) << std::endl;
+    return true;
+  }
+  return false;
+}
+
+}  // namespace dsopen::cli

@@ -1,0 +1,22 @@
+// Command-line helpers shared by every binary: --help and --version, and cxxopts errors turned into usage errors.
+#pragma once
+
+#include <cxxopts.hpp>
+
+#include <string>
+
+namespace dsopen::cli {
+
+// Adds -h/--help and --version to `options`.
+void add_common(cxxopts::Options& options);
+
+// Parses argv; a cxxopts error becomes a usage error (exit 2) naming the option.
+cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv);
+
+// Prints help or version when asked; returns true when the program should exit 0 right away.
+bool handle_common(const cxxopts::Options& options, const cxxopts::ParseResult& result);
+
+// "dsopen-train 0.1.0 (LibTorch 2.11.0, CUDA)".
+std::string version_string(const std::string& program);
+
+}  // namespace dsopen::cli

@@ -1,0 +1,22 @@
+// LibTorch version shims: every call whose spelling differs between LibTorch releases lives here.
+// Supported: LibTorch 2.4 and newer.
+#pragma once
+
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
+static_assert(TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4),
+              "DeepSeek-Open needs LibTorch 2.4 or newer");
+
+namespace dsopen::compat {
+
+// Autocast state per device type. 2.4 introduced the device-typed API; the per-device helpers
+// (set_autocast_cpu_enabled, ...) it replaced were removed later.
+inline void set_autocast(c10::DeviceType device, bool enabled, c10::ScalarType dtype) {
+  at::autocast::set_autocast_enabled(device, enabled);
+  at::autocast::set_autocast_dtype(device, dtype);
+}
+inline bool autocast_enabled(c10::DeviceType device) { return at::autocast::is_autocast_enabled(device); }
+inline void clear_autocast_cache() { at::autocast::clear_cache(); }
+
+}  // namespace dsopen::compat

@@ -1,0 +1,77 @@
+#include "utils/env.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "utils/errors.h"
+
+namespace dsopen::env {
+
+long long get_int(const char* name, long long fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  long long x = std::strtoll(v, &end, 10);
+  if (*end != '\0') throw usage_error(std::string("environment variable ") + name, "expected an integer, got '" + std::string(v) + "'");
+  return x;
+}
+
+std::string get_string(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return (v && *v) ? std::string(v) : fallback;
+}
+
+int available_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+int configure_threads(int n) {
+  if (n <= 0) n = available_cpus();
+  torch::set_num_threads(n);
+  return n;
+}
+
+void write_file_atomic(const std::string& path, const std::string& contents) {
+  const std::string tmp = path + ".tmp." + std::to_string(getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
+  size_t off = 0;
+  while (off < contents.size()) {
+    ssize_t w = ::write(fd, contents.data() + off, contents.size() - off);
+    if (w <= 0) {
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      throw runtime_error(path, "write failed (disk full?)");
+    }
+    off += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    throw runtime_error(path, "fsync failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    throw runtime_error(path, "rename into place failed");
+  }
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw runtime_error(path, "cannot open file", "check the path");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace dsopen::env

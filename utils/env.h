@@ -1,0 +1,25 @@
+// Process environment: environment variables, thread count, terminal detection, files written atomically.
+#pragma once
+
+#include <string>
+
+namespace dsopen::env {
+
+// The integer value of environment variable `name`, or `fallback` when unset; a usage error when not a number.
+long long get_int(const char* name, long long fallback);
+std::string get_string(const char* name, const std::string& fallback = "");
+
+// Number of logical CPUs available to this process (sched_getaffinity, so taskset/cgroups are respected).
+int available_cpus();
+
+// Sets LibTorch's intra-op thread count; `n <= 0` means all available CPUs. LibTorch counts physical cores by
+// default, which leaves half of a hyper-threaded machine idle. Returns the count set.
+int configure_threads(int n);
+
+// Writes `contents` to `path` through a temporary file, fsync and rename, so readers never see half a file.
+void write_file_atomic(const std::string& path, const std::string& contents);
+
+// Reads a whole file; a runtime error naming the file when it cannot be read.
+std::string read_file(const std::string& path);
+
+}  // namespace dsopen::env

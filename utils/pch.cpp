@@ -1,0 +1,1 @@
+// Compiles the precompiled header (utils/pch.h) once for all targets.

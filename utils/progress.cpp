@@ -1,0 +1,66 @@
+#include "utils/progress.h"
+
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+namespace dsopen {
+
+Progress::Progress(std::string label, int64_t total, std::string unit, double plain_every_s)
+    : label_(std::move(label)), unit_(std::move(unit)), total_(total), plain_every_s_(plain_every_s),
+      tty_(isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()), last_print_(start_) {}
+
+Progress::~Progress() {
+  if (!finished_ && tty_ && done_ > 0) std::fputc('\n', stderr);
+}
+
+std::string Progress::format_duration(double s) {
+  if (s < 0 || s != s) return "?";
+  char buf[32];
+  long t = static_cast<long>(s + 0.5);
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
+  else if (t >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%lds", t);
+  return buf;
+}
+
+std::string Progress::line(int64_t done, double elapsed) const {
+  const double rate = elapsed > 0 ? done / elapsed : 0.0;
+  char buf[256];
+  if (total_ > 0) {
+    const double eta = rate > 0 ? (total_ - done) / rate : -1;
+    std::snprintf(buf, sizeof buf, "%s %lld/%lld (%.0f%%) %.1f %s/s ETA %s", label_.c_str(),
+                  static_cast<long long>(done), static_cast<long long>(total_), 100.0 * done / total_, rate,
+                  unit_.c_str(), format_duration(eta).c_str());
+  } else {
+    std::snprintf(buf, sizeof buf, "%s %lld %s, %.1f %s/s", label_.c_str(), static_cast<long long>(done),
+                  unit_.c_str(), rate, unit_.c_str());
+  }
+  return buf;
+}
+
+void Progress::update(int64_t done) {
+  done_ = done;
+  const auto now = std::chrono::steady_clock::now();
+  const double since = std::chrono::duration<double>(now - last_print_).count();
+  const double elapsed = std::chrono::duration<double>(now - start_).count();
+  if (tty_ && since >= 0.2) {
+    std::fprintf(stderr, "\r\033[K%s", line(done, elapsed).c_str());
+    std::fflush(stderr);
+    last_print_ = now;
+  } else if (!tty_ && since >= plain_every_s_) {
+    spdlog::info("{}", line(done, elapsed));
+    last_print_ = now;
+  }
+}
+
+void Progress::finish() {
+  if (finished_) return;
+  finished_ = true;
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  if (tty_) std::fprintf(stderr, "\r\033[K");
+  spdlog::info("{} done in {}", line(done_, elapsed), format_duration(elapsed));
+}
+
+}  // namespace dsopen

@@ -1,0 +1,34 @@
+// A progress reporter for long loops: an in-place line (done/total, rate, ETA) when stderr is a terminal,
+// plain log lines every `plain_every_s` seconds otherwise, so logs of batch jobs stay readable.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace dsopen {
+
+class Progress {
+public:
+  Progress(std::string label, int64_t total, std::string unit = "it", double plain_every_s = 30.0);
+  ~Progress();
+
+  // Reports `done` units finished so far (absolute, not a delta).
+  void update(int64_t done);
+  // Prints the final line (total time and average rate).
+  void finish();
+
+  // "1h02m", "3m05s", "12s": ETA and duration formatting shared by the trainer's log lines.
+  static std::string format_duration(double seconds);
+
+private:
+  std::string line(int64_t done, double elapsed) const;
+
+  std::string label_, unit_;
+  int64_t total_, done_ = 0;
+  double plain_every_s_;
+  bool tty_, finished_ = false;
+  std::chrono::steady_clock::time_point start_, last_print_;
+};
+
+}  // namespace dsopen
