@@ -1,5 +1,7 @@
 #include "model/moe.h"
 
+#include "utils/compat.h"
+
 namespace dsopen::model {
 
 Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const ModelConfig& c) {
@@ -65,8 +67,12 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), K = config_.num_experts_per_tok;
   const int64_t E = config_.n_routed_experts;
   auto flat = x.reshape({B * T, D});  // [N, D]
-  auto logits = torch::nn::functional::linear(flat.to(torch::kFloat32), gate->weight.to(torch::kFloat32));
-  Routing r = route(logits, gate->e_score_correction_bias, config_);
+  Routing r;
+  {
+    compat::AutocastOff fp32;  // routing decisions in full precision, as the reference does
+    auto logits = torch::nn::functional::linear(flat.to(torch::kFloat32), gate->weight.to(torch::kFloat32));
+    r = route(logits, gate->e_score_correction_bias, config_);
+  }
 
   // Sort the N*K (token, expert) pairs by expert so each expert sees one contiguous block.
   auto flat_experts = r.indices.reshape({-1});                      // [N*K]

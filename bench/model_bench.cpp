@@ -1,0 +1,83 @@
+// dsopen-bench-model: forward + backward time of a model config on CPU or CUDA, fp32 or bf16 autocast.
+// Reports ms per step, tokens/s and achieved model TFLOP/s (training FLOPs per token from model/config).
+//   dsopen-bench-model --config configs/bench/dense-125m.yaml --batch 4 --seq-len 512 --precision bf16
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include "model/info.h"
+#include "model/transformer.h"
+#include "utils/cli.h"
+#include "utils/compat.h"
+#include "utils/config.h"
+#include "utils/env.h"
+#include "utils/errors.h"
+
+using namespace dsopen;
+
+static int run(int argc, char** argv) {
+  cxxopts::Options options("dsopen-bench-model", "Forward+backward timing of a model config");
+  options.add_options()("c,config", "Config with a model: section", cxxopts::value<std::string>())(
+      "batch", "Sequences per step", cxxopts::value<int64_t>()->default_value("4"))(
+      "seq-len", "Tokens per sequence (default: data.seq_len)", cxxopts::value<int64_t>())(
+      "steps", "Timed steps", cxxopts::value<int>()->default_value("5"))(
+      "warmup", "Untimed steps first", cxxopts::value<int>()->default_value("1"))(
+      "precision", "fp32 | bf16", cxxopts::value<std::string>()->default_value("fp32"))(
+      "device", "cpu | cuda", cxxopts::value<std::string>()->default_value("cpu"))(
+      "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"))(
+      "checkpointing", "Activation checkpointing")("json", "Print one JSON object");
+  cli::add_common(options);
+  auto args = cli::parse(options, argc, argv);
+  if (cli::handle_common(options, args)) return 0;
+  if (!args.count("config")) throw usage_error("dsopen-bench-model", "--config is required");
+  config::Document doc = config::Document::load(args["config"].as<std::string>());
+  model::ModelConfig c = model::model_config_from_document(doc);
+  int64_t T = doc.root()["data"] && doc.root()["data"]["seq_len"] ? doc.root()["data"]["seq_len"].as<int64_t>() : 512;
+  if (args.count("seq-len")) T = args["seq-len"].as<int64_t>();
+  const int64_t B = args["batch"].as<int64_t>();
+  const std::string precision = args["precision"].as<std::string>();
+  if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "use fp32 or bf16");
+  const int threads = env::configure_threads(args["threads"].as<int>());
+  torch::Device device(args["device"].as<std::string>() == "cuda" ? torch::kCUDA : torch::kCPU);
+  if (device.is_cuda() && !torch::cuda::is_available()) throw usage_error("--device", "CUDA is not available");
+
+  torch::manual_seed(0);
+  model::CausalLM m(c);
+  m->to(device);
+  m->train();
+  m->set_activation_checkpointing(args.count("checkpointing") > 0);
+  auto ids = torch::randint(3, c.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto labels = ids.roll(-1, 1);
+
+  auto step = [&] {
+    std::optional<compat::AutocastOn> autocast;
+    if (precision == "bf16") autocast.emplace(device.type(), torch::kBFloat16);
+    auto out = m->forward(ids, labels);
+    autocast.reset();
+    out.loss.backward();
+    for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
+  for (int i = 0; i < args["warmup"].as<int>(); ++i) step();
+  const int steps = args["steps"].as<int>();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) step();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+  const double tok_s = B * T / s;
+  const double tflops = tok_s * model::training_flops_per_token(c, T) / 1e12;
+  const auto counts = model::count_parameters(c);
+  if (args.count("json")) {
+    std::cout << nlohmann::json{{"config", args["config"].as<std::string>()}, {"params", counts.total},
+                                {"batch", B}, {"seq_len", T}, {"precision", precision}, {"threads", threads},
+                                {"device", device.str()}, {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s},
+                                {"model_tflops", tflops}}.dump()
+              << std::endl;
+  } else {
+    std::printf("%s  params %.1fM  B=%lld T=%lld  %s  %d threads: %.1f ms/step, %.0f tokens/s, %.3f TFLOP/s\n",
+                args["config"].as<std::string>().c_str(), counts.total / 1e6, static_cast<long long>(B),
+                static_cast<long long>(T), precision.c_str(), threads, s * 1e3, tok_s, tflops);
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) { return run_main("dsopen-bench-model", run, argc, argv); }
