@@ -118,8 +118,8 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c)
             c.rope_scaling) {
   c.validate();
   model = register_module("model", DeepSeekModel(c));
-  lm_head = register_module("lm_head", linear(c.hidden_size, c.vocab_size));
-  if (c.tie_word_embeddings) lm_head->weight = model->embed_tokens->weight;  // one tensor, two names
+  // Tied models have no lm_head of their own (HF omits lm_head.weight from such checkpoints too).
+  if (!c.tie_word_embeddings) lm_head = register_module("lm_head", linear(c.hidden_size, c.vocab_size));
   if (c.mtp_depth() > 0) {
     mtp = register_module("mtp", torch::nn::ModuleList());
     for (int64_t k = 0; k < c.mtp_depth(); ++k) {
@@ -153,7 +153,9 @@ void CausalLMImpl::init_weights() {
     if (b.key().find("e_score_correction_bias") != std::string::npos) b.value().zero_();
 }
 
-torch::Tensor CausalLMImpl::head(const torch::Tensor& h) { return lm_head->forward(h); }
+torch::Tensor CausalLMImpl::head(const torch::Tensor& h) {
+  return lm_head ? lm_head->forward(h) : torch::nn::functional::linear(h, model->embed_tokens->weight);
+}
 
 LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in) {
   if (!checkpointing_ || !is_training() || in.cache || !torch::GradMode::is_enabled())
@@ -170,7 +172,7 @@ KVCache CausalLMImpl::make_cache(int64_t batch, int64_t capacity, torch::Dtype d
   KVCache cache;
   cache.capacity = capacity;
   cache.layers.resize(model->layer_list.size());
-  auto opts = torch::TensorOptions().dtype(dtype).device(lm_head->weight.device());
+  auto opts = torch::TensorOptions().dtype(dtype).device(model->embed_tokens->weight.device());
   for (size_t l = 0; l < cache.layers.size(); ++l) model->layer_list[l]->init_cache(cache.layers[l], batch, capacity, opts);
   return cache;
 }

@@ -106,7 +106,7 @@ public:
 
   const ModelConfig& config() const { return config_; }
   DeepSeekModel model{nullptr};
-  torch::nn::Linear lm_head{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings (the head is the embedding)
   torch::nn::ModuleList mtp{nullptr};
   std::vector<MTPLayer> mtp_list;
 

@@ -236,3 +236,16 @@ TEST_CASE("model section: flavor plus overrides, validation names the key", "[co
   msg = error_of([&] { model::model_config_from_document(config::Document::load(groups)); });
   CHECK(msg.find("model.n_group: must divide n_routed_experts (8)") != std::string::npos);
 }
+
+TEST_CASE("the resolved config is saved into the run directory", "[config]") {
+  TempDir dir;
+  dir.write("base.yaml", "train:\n  lr: 0.5\n  max_steps: 7\n");
+  auto child = dir.write("child.yaml", "base: base.yaml\ntrain:\n  max_steps: 9\n");
+  config::Document doc = config::Document::load(child);
+  doc.apply_set("train.lr=0.25");
+  auto path = doc.save_resolved((dir.path / "run").string());
+  CHECK(path == (dir.path / "run" / "config.resolved.yaml").string());
+  Train t = decode_train(config::Document::load(path));  // what ran, loadable as a config again
+  CHECK(t.lr == 0.25);
+  CHECK(t.max_steps == 9);
+}

@@ -231,3 +231,19 @@ TEST_CASE("z-loss and ignore_index", "[model][forward]") {
   auto expect_ce = lse - out.logits[0][2][5].item<double>();
   CHECK(out.ce_sum.item<double>() == Approx(expect_ce).epsilon(1e-5));
 }
+
+TEST_CASE("tied embeddings: the head is the embedding matrix", "[model][forward]") {
+  ModelConfig c = small("mha");
+  c.tie_word_embeddings = true;
+  CausalLM m = make(c, 9);
+  CHECK(!m->named_parameters().contains("lm_head.weight"));  // as in HF checkpoints of tied models
+  int64_t n = 0;
+  for (auto& p : m->parameters()) n += p.numel();
+  CHECK(n == count_parameters(c).total);
+  // The head really is the embedding: logits of the last position are h . E^T.
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(3, 256, {1, 5}, torch::kLong);
+  auto logits = m->forward(ids).logits;
+  m->model->embed_tokens->weight.mul_(2.0);
+  CHECK(max_abs_diff(m->forward(ids).logits, logits) > 1e-3);
+}

@@ -4,7 +4,10 @@
 #include <filesystem>
 #include <sstream>
 
+#include "utils/env.h"
 #include "utils/errors.h"
+
+#include <spdlog/spdlog.h>
 
 namespace fs = std::filesystem;
 
@@ -180,6 +183,17 @@ std::string Document::dump() const {
   YAML::Emitter out;
   out << root_;
   return std::string(out.c_str()) + "\n";
+}
+
+std::string Document::save_resolved(const std::string& output_dir) const {
+  std::error_code ec;
+  fs::create_directories(output_dir, ec);
+  if (ec) throw runtime_error(output_dir, "cannot create output directory: " + ec.message(), "check run.output_dir");
+  const std::string path = (fs::path(output_dir) / "config.resolved.yaml").string();
+  const std::string text = dump();
+  spdlog::info("resolved config ({}):\n{}", name_, text);
+  env::write_file_atomic(path, "# resolved from " + name_ + "\n" + text);
+  return path;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

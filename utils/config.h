@@ -38,6 +38,9 @@ public:
   Origin origin(const std::string& key_path) const;
   // The resolved configuration as YAML text (what runs save next to their outputs).
   std::string dump() const;
+  // Logs the resolved configuration and writes it atomically to <output_dir>/config.resolved.yaml, so every
+  // run directory records exactly what ran. Returns the path written.
+  std::string save_resolved(const std::string& output_dir) const;
 
 private:
   void merge_file(const std::string& path, std::vector<std::string>& chain);
