@@ -10,7 +10,7 @@ check() {  # check NAME EXPECTED_RC COMMAND...
   if [ "$rc" != "$want" ]; then echo "FAIL $name: exit $rc, want $want; output: $out"; fail=1; else echo "ok   $name"; fi
   LAST="$out"
 }
-for b in dsopen-model-info dsopen-bench-model; do
+for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer; do
   check "$b --help" 0 "$BIN/$b" --help
   check "$b --version" 0 "$BIN/$b" --version
   case "$LAST" in *"0.1.0"*) ;; *) echo "FAIL $b --version does not print 0.1.0: $LAST"; fail=1 ;; esac
@@ -27,4 +27,15 @@ for k in ("total_params", "active_params", "flops_per_token", "kv_cache_bytes_pe
 assert abs(j["total_params"] / 6.91e9 - 1) < 0.01, j["total_params"]
 print("ok   model-info json fields")
 PY
+check "tokenizer missing model" 1 "$BIN/dsopen-tokenizer" encode --model /nonexistent.model --text hi
+check "tokenizer unknown command" 2 "$BIN/dsopen-tokenizer" frobnicate
+TMP="$(mktemp -d)"
+check "tokenizer train" 0 "$BIN/dsopen-tokenizer" train --input /usr/share/games/fortunes/fortunes --vocab-size 500 \
+  --character-coverage 0.999 --output "$TMP/t.model"
+check "tokenizer encode" 0 "$BIN/dsopen-tokenizer" encode --model "$TMP/t.model" --text "Hello world"
+IDS="$LAST"
+check "tokenizer decode" 0 "$BIN/dsopen-tokenizer" decode --model "$TMP/t.model" --ids "$IDS"
+[ "$LAST" = "Hello world" ] || { echo "FAIL decode(encode(x)) != x: '$LAST'"; fail=1; }
+check "tokenizer bad id" 2 "$BIN/dsopen-tokenizer" decode --model "$TMP/t.model" --ids "1 x"
+rm -rf "$TMP"
 exit $fail

@@ -1,0 +1,161 @@
+#include "data/tokenizer.h"
+
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
+
+#include <cstdio>
+#include <fstream>
+#include <thread>
+#include <unordered_map>
+
+#include "data/text.h"
+#include "utils/env.h"
+#include "utils/errors.h"
+
+namespace dsopen::data {
+
+std::string fnv1a_hex(const std::string& bytes) {
+  uint64_t h = 14695981039346656037ULL;
+  for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ULL;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string>& texts, int threads) const {
+  std::vector<std::vector<int32_t>> out(texts.size());
+  const int n = std::max(1, std::min<int>(threads > 0 ? threads : env::available_cpus(), static_cast<int>(texts.size())));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < n; ++t)
+    pool.emplace_back([&, t] {
+      for (size_t i = t; i < texts.size(); i += n) out[i] = encode(texts[i]);
+    });
+  for (auto& th : pool) th.join();
+  return out;
+}
+
+struct SentencePieceTokenizer::Impl {
+  sentencepiece::SentencePieceProcessor sp;
+};
+
+SentencePieceTokenizer::~SentencePieceTokenizer() = default;
+
+std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(const std::string& path) {
+  std::ifstream probe(path, std::ios::binary);
+  if (!probe) throw runtime_error(path, "tokenizer model not found", "train one with dsopen-tokenizer train or fix tokenizer.path");
+  const std::string bytes = env::read_file(path);
+  std::unique_ptr<SentencePieceTokenizer> tok(new SentencePieceTokenizer());
+  tok->impl_ = std::make_unique<Impl>();
+  const auto status = tok->impl_->sp.LoadFromSerializedProto(bytes);
+  if (!status.ok())
+    throw runtime_error(path, "not a SentencePiece model (" + std::string(status.message()) + ")",
+                        "point tokenizer.path at a .model file");
+  tok->path_ = path;
+  tok->hash_ = fnv1a_hex(bytes);
+  return tok;
+}
+
+namespace {
+// Feeds cleaned, non-empty lines of the input files to the trainer.
+class LineIterator : public sentencepiece::SentenceIterator {
+public:
+  LineIterator(const std::vector<std::string>& files, bool strip) : files_(files), strip_(strip) { advance(); }
+  bool done() const override { return done_; }
+  void Next() override { advance(); }
+  const std::string& value() const override { return line_; }
+  sentencepiece::util::Status status() const override { return {}; }
+  int64_t lines() const { return count_; }
+
+private:
+  void advance() {
+    while (true) {
+      if (!in_.is_open() || !std::getline(in_, line_)) {
+        if (in_.is_open()) in_.close();
+        if (next_file_ >= files_.size()) {
+          done_ = true;
+          return;
+        }
+        in_.open(files_[next_file_++], std::ios::binary);
+        continue;
+      }
+      if (strip_) line_ = strip_ansi(line_);
+      if (line_.empty() || !is_valid_utf8(line_)) continue;
+      ++count_;
+      return;
+    }
+  }
+  std::vector<std::string> files_;
+  size_t next_file_ = 0;
+  bool strip_, done_ = false;
+  std::ifstream in_;
+  std::string line_;
+  int64_t count_ = 0;
+};
+}  // namespace
+
+void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
+  if (o.inputs.empty()) throw usage_error("--input", "no input files", "give one or more text files");
+  for (const auto& f : o.inputs)
+    if (!std::ifstream(f)) throw runtime_error(f, "input file not found or unreadable");
+  if (o.model_type != "bpe" && o.model_type != "unigram")
+    throw usage_error("--model-type", "'" + o.model_type + "' is not bpe or unigram");
+  if (o.vocab_size < 260) throw usage_error("--vocab-size", "must be >= 260 (256 byte-fallback pieces + specials)");
+  if (o.output.empty()) throw usage_error("--output", "missing output path");
+  if (!(o.character_coverage > 0.9 && o.character_coverage <= 1.0))
+    throw usage_error("--character-coverage", "must be in (0.9, 1]");
+
+  std::string symbols;
+  for (const auto& s : o.user_symbols) symbols += (symbols.empty() ? "" : ",") + s;
+  const int threads = o.threads > 0 ? o.threads : env::available_cpus();
+  std::unordered_map<std::string, std::string> args = {
+      {"model_type", o.model_type},
+      {"vocab_size", std::to_string(o.vocab_size)},
+      {"byte_fallback", "true"},
+      {"character_coverage", std::to_string(o.character_coverage)},
+      {"split_digits", "true"},
+      {"normalization_rule_name", "identity"},  // no NFKC: decode(encode(x)) must give x back
+      {"add_dummy_prefix", "false"},
+      {"remove_extra_whitespaces", "false"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"max_sentence_length", "16384"},
+      {"input_sentence_size", std::to_string(o.max_sentences)},
+      {"shuffle_input_sentence", "true"},
+      {"pad_id", "0"}, {"bos_id", "1"}, {"eos_id", "2"}, {"unk_id", "3"},
+      {"num_threads", std::to_string(threads)},
+      {"minloglevel", "1"},
+  };
+  if (!symbols.empty()) args["user_defined_symbols"] = symbols;
+  LineIterator lines(o.inputs, o.strip_ansi);
+  if (lines.done()) throw runtime_error(o.inputs.front(), "no usable text in the input files (all empty or invalid UTF-8)");
+  std::string model;
+  const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines, &model);
+  if (!status.ok())
+    throw runtime_error(o.output, "tokenizer training failed: " + std::string(status.message()),
+                        "a smaller --vocab-size often helps on small corpora");
+  env::write_file_atomic(o.output, model);
+}
+
+std::vector<int32_t> SentencePieceTokenizer::encode(const std::string& text) const {
+  const std::vector<int> ids = impl_->sp.EncodeAsIds(text);
+  return {ids.begin(), ids.end()};
+}
+
+std::string SentencePieceTokenizer::decode(const std::vector<int32_t>& ids) const {
+  const int n = impl_->sp.GetPieceSize();
+  for (int32_t id : ids)
+    if (id < 0 || id >= n)
+      throw runtime_error(path_, "token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                                     std::to_string(n) + ")");
+  return impl_->sp.DecodeIds(std::vector<int>(ids.begin(), ids.end()));
+}
+
+int64_t SentencePieceTokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
+int32_t SentencePieceTokenizer::bos_id() const { return impl_->sp.bos_id(); }
+int32_t SentencePieceTokenizer::eos_id() const { return impl_->sp.eos_id(); }
+int32_t SentencePieceTokenizer::pad_id() const { return impl_->sp.pad_id(); }
+int32_t SentencePieceTokenizer::token_id(const std::string& piece) const {
+  const int id = impl_->sp.PieceToId(piece);
+  return (id == impl_->sp.unk_id() && piece != impl_->sp.IdToPiece(id)) ? -1 : id;
+}
+
+}  // namespace dsopen::data

@@ -1,0 +1,88 @@
+// dsopen-tokenizer: train a SentencePiece tokenizer, or inspect one by encoding and decoding text.
+//   dsopen-tokenizer train --input a.txt b.txt --vocab-size 8000 --model-type bpe --output tok.model
+//   echo "你好 world" | dsopen-tokenizer encode --model tok.model
+//   dsopen-tokenizer decode --model tok.model --ids "1 2 3"
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+#include "data/tokenizer.h"
+#include "utils/cli.h"
+#include "utils/errors.h"
+#include "utils/logging.h"
+
+using namespace dsopen;
+
+static int run(int argc, char** argv) {
+  cxxopts::Options options("dsopen-tokenizer", "Train a SentencePiece tokenizer, or encode/decode with one.\n"
+                                               "  dsopen-tokenizer train|encode|decode [options]");
+  options.add_options()("command", "train | encode | decode", cxxopts::value<std::string>())(
+      "input", "Training text files (one sentence per line)", cxxopts::value<std::vector<std::string>>())(
+      "vocab-size", "Vocabulary size", cxxopts::value<int64_t>()->default_value("8000"))(
+      "model-type", "bpe | unigram", cxxopts::value<std::string>()->default_value("bpe"))(
+      "user-symbols", "Extra special tokens, comma separated", cxxopts::value<std::vector<std::string>>())(
+      "character-coverage", "Share of characters with pieces of their own; the rest use byte fallback",
+      cxxopts::value<double>()->default_value("0.9995"))(
+      "no-strip-ansi", "Keep terminal escape sequences in the training text")(
+      "output", "Where train writes the .model file", cxxopts::value<std::string>())(
+      "model", "Tokenizer .model file (encode/decode)", cxxopts::value<std::string>())(
+      "text", "Text to encode (default: standard input)", cxxopts::value<std::string>())(
+      "ids", "Whitespace-separated ids to decode (default: standard input)", cxxopts::value<std::string>())(
+      "pieces", "encode: also print the pieces");
+  options.parse_positional({"command", "input"});
+  options.positional_help("train|encode|decode");
+  cli::add_common(options);
+  auto args = cli::parse(options, argc, argv);
+  if (cli::handle_common(options, args)) return 0;
+  if (!args.count("command")) throw usage_error("dsopen-tokenizer", "missing command", "use train, encode or decode");
+  logging::setup_console("info");
+  const std::string cmd = args["command"].as<std::string>();
+  auto read_all = [] { return std::string(std::istreambuf_iterator<char>(std::cin), {}); };
+
+  if (cmd == "train") {
+    data::SentencePieceTrainOptions o;
+    if (args.count("input")) o.inputs = args["input"].as<std::vector<std::string>>();
+    if (!args.count("output")) throw usage_error("--output", "train needs --output PATH.model");
+    o.output = args["output"].as<std::string>();
+    o.vocab_size = args["vocab-size"].as<int64_t>();
+    o.model_type = args["model-type"].as<std::string>();
+    if (args.count("user-symbols")) o.user_symbols = args["user-symbols"].as<std::vector<std::string>>();
+    o.strip_ansi = !args.count("no-strip-ansi");
+    o.character_coverage = args["character-coverage"].as<double>();
+    data::SentencePieceTokenizer::train(o);
+    auto tok = data::SentencePieceTokenizer::load(o.output);
+    spdlog::info("wrote {} (vocab {}, hash {})", o.output, tok->vocab_size(), tok->hash());
+    return 0;
+  }
+  if (cmd != "encode" && cmd != "decode")
+    throw usage_error("dsopen-tokenizer", "unknown command '" + cmd + "'", "use train, encode or decode");
+  if (!args.count("model")) throw usage_error("--model", cmd + " needs --model PATH.model");
+  auto tok = data::SentencePieceTokenizer::load(args["model"].as<std::string>());
+  if (cmd == "encode") {
+    const std::string text = args.count("text") ? args["text"].as<std::string>() : read_all();
+    auto ids = tok->encode(text);
+    for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
+    std::cout << "\n";
+    if (args.count("pieces")) {
+      for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " | " : "") << tok->decode({ids[i]});
+      std::cout << "\n";
+    }
+    return 0;
+  }
+  std::istringstream in(args.count("ids") ? args["ids"].as<std::string>() : read_all());
+  std::vector<int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    try {
+      size_t used = 0;
+      ids.push_back(std::stoi(word, &used));
+      if (used != word.size()) throw std::invalid_argument(word);
+    } catch (const std::exception&) {
+      throw usage_error("--ids", "'" + word + "' is not a token id");
+    }
+  }
+  std::cout << tok->decode(ids) << std::endl;
+  return 0;
+}
+
+int main(int argc, char** argv) { return run_main("dsopen-tokenizer", run, argc, argv); }
