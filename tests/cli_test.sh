@@ -27,6 +27,11 @@ for k in ("total_params", "active_params", "flops_per_token", "kv_cache_bytes_pe
 assert abs(j["total_params"] / 6.91e9 - 1) < 0.01, j["total_params"]
 print("ok   model-info json fields")
 PY
+TMPC="$(mktemp -d)"
+printf 'model: {flavor: tiny}\ndata:\n  seq_len: long\n' > "$TMPC/c.yaml"
+check "model-info bad seq_len" 2 "$BIN/dsopen-model-info" --config "$TMPC/c.yaml"
+case "$LAST" in *"c.yaml:3: data.seq_len: expected an integer, got 'long'"*) echo "ok   names file:line:key" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
+rm -rf "$TMPC"
 check "tokenizer missing model" 1 "$BIN/dsopen-tokenizer" encode --model /nonexistent.model --text hi
 check "tokenizer unknown command" 2 "$BIN/dsopen-tokenizer" frobnicate
 TMP="$(mktemp -d)"
