@@ -32,7 +32,7 @@ static int run(int argc, char** argv) {
   if (!args.count("config")) throw usage_error("dsopen-bench-model", "--config is required");
   config::Document doc = config::Document::load(args["config"].as<std::string>());
   model::ModelConfig c = model::model_config_from_document(doc);
-  int64_t T = doc.root()["data"] && doc.root()["data"]["seq_len"] ? doc.root()["data"]["seq_len"].as<int64_t>() : 512;
+  int64_t T = model::seq_len_from_document(doc, 512);
   if (args.count("seq-len")) T = args["seq-len"].as<int64_t>();
   const int64_t B = args["batch"].as<int64_t>();
   const std::string precision = args["precision"].as<std::string>();
@@ -50,8 +50,8 @@ static int run(int argc, char** argv) {
   auto labels = ids.roll(-1, 1);
 
   auto step = [&] {
-    std::optional<compat::AutocastOn> autocast;
-    if (precision == "bf16") autocast.emplace(device.type(), torch::kBFloat16);
+    std::optional<compat::AutocastScope> autocast;
+    if (precision == "bf16") autocast.emplace(device.type(), true, torch::kBFloat16);
     auto out = m->forward(ids, labels);
     autocast.reset();
     out.loss.backward();

@@ -84,4 +84,15 @@ ModelConfig model_config_from_document(const config::Document& doc) {
   return c;
 }
 
+int64_t seq_len_from_document(const config::Document& doc, int64_t fallback) {
+  const YAML::Node data = doc.root()["data"];
+  if (!data || !data.IsMap() || !data["seq_len"]) return fallback;
+  config::ErrorList errors;
+  config::Reader reader(doc, data, "data", errors);
+  long long seq_len = fallback;
+  reader.optional("seq_len", seq_len, config::at_least(1));
+  errors.throw_if_any();
+  return seq_len;
+}
+
 }  // namespace dsopen::model

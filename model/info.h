@@ -28,4 +28,8 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
 // whose config.json is read first and may be overridden by the other keys). Validated.
 ModelConfig model_config_from_document(const config::Document& doc);
 
+// `data.seq_len` of a run config (the sequence length tools plan with), or `fallback` when absent; a config error
+// naming file, line and key when it is not a positive integer.
+int64_t seq_len_from_document(const config::Document& doc, int64_t fallback);
+
 }  // namespace dsopen::model

@@ -34,16 +34,7 @@ static int run(int argc, char** argv) {
     if (args.count("set"))
       for (const auto& s : args["set"].as<std::vector<std::string>>()) doc.apply_set(s);
     c = model::model_config_from_document(doc);
-    if (doc.root()["data"] && doc.root()["data"]["seq_len"]) {
-      const auto node = doc.root()["data"]["seq_len"];
-      const auto origin = doc.origin("data.seq_len");
-      try {
-        seq_len = node.as<int64_t>();
-      } catch (const YAML::Exception&) {
-        throw usage_error(origin.file + ":" + std::to_string(origin.line) + ": data.seq_len",
-                          "expected an integer, got '" + (node.IsScalar() ? node.Scalar() : "?") + "'");
-      }
-    }
+    seq_len = model::seq_len_from_document(doc, seq_len);
   }
   if (args.count("seq-len")) seq_len = args["seq-len"].as<int64_t>();
   if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len).dump() << std::endl;

@@ -69,7 +69,8 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto flat = x.reshape({B * T, D});  // [N, D]
   Routing r;
   {
-    compat::AutocastOff fp32;  // routing decisions in full precision, as the reference does
+    // Routing decisions in full precision, as the reference does, whatever the surrounding autocast.
+    compat::AutocastScope fp32_cpu(c10::DeviceType::CPU, false), fp32_cuda(c10::DeviceType::CUDA, false);
     auto logits = torch::nn::functional::linear(flat.to(torch::kFloat32), gate->weight.to(torch::kFloat32));
     r = route(logits, gate->e_score_correction_bias, config_);
   }

@@ -85,17 +85,14 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     auto saved = ctx->get_saved_variables();
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     auto h = saved[0].detach().requires_grad_(true);
-    const auto device = h.device().type();
-    const bool was = compat::autocast_enabled(device);
-    const auto was_dtype = at::autocast::get_autocast_dtype(device);
-    compat::set_autocast(device, ctx->saved_data["autocast"].toBool(),
-                         static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
     LayerOutput out;
     {
+      // Recompute under the precision the forward pass ran with.
+      compat::AutocastScope replay(h.device().type(), ctx->saved_data["autocast"].toBool(),
+                                   static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       torch::AutoGradMode grad_on(true);
       out = layer->forward(h, AttentionInput{saved[1], saved[2], 0, nullptr});
     }
-    compat::set_autocast(device, was, was_dtype);
     std::vector<torch::Tensor> outputs{out.h}, out_grads{grads[0]};
     if (out.aux_loss.requires_grad() && grads[1].defined()) {
       outputs.push_back(out.aux_loss);

@@ -19,41 +19,20 @@ inline void set_autocast(c10::DeviceType device, bool enabled, c10::ScalarType d
 inline bool autocast_enabled(c10::DeviceType device) { return at::autocast::is_autocast_enabled(device); }
 inline void clear_autocast_cache() { at::autocast::clear_cache(); }
 
-// Turns autocast off on CPU and CUDA for a scope (numerically sensitive code such as MoE routing runs in fp32),
-// restoring the previous state on exit.
-class AutocastOff {
+// Sets the autocast state of one device type for a scope and restores the previous state on exit. Used for the
+// precision guard (enabled, bf16), for fp32 islands such as MoE routing (disabled), and to replay a saved state.
+class AutocastScope {
 public:
-  AutocastOff()
-      : cpu_(at::autocast::is_autocast_enabled(c10::DeviceType::CPU)),
-        cuda_(at::autocast::is_autocast_enabled(c10::DeviceType::CUDA)) {
-    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, false);
-    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, false);
+  AutocastScope(c10::DeviceType device, bool enabled, c10::ScalarType dtype = c10::ScalarType::BFloat16)
+      : device_(device), was_(autocast_enabled(device)), was_dtype_(at::autocast::get_autocast_dtype(device)) {
+    set_autocast(device, enabled, dtype);
   }
-  ~AutocastOff() {
-    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, cpu_);
-    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, cuda_);
-  }
-  AutocastOff(const AutocastOff&) = delete;
-  AutocastOff& operator=(const AutocastOff&) = delete;
-
-private:
-  bool cpu_, cuda_;
-};
-
-// Enables autocast to `dtype` on `device` for a scope (the precision guard of training and inference).
-class AutocastOn {
-public:
-  AutocastOn(c10::DeviceType device, c10::ScalarType dtype)
-      : device_(device), was_(at::autocast::is_autocast_enabled(device)),
-        was_dtype_(at::autocast::get_autocast_dtype(device)) {
-    set_autocast(device, true, dtype);
-  }
-  ~AutocastOn() {
+  ~AutocastScope() {
     set_autocast(device_, was_, was_dtype_);
-    if (!was_) clear_autocast_cache();
+    if (!was_) clear_autocast_cache();  // cached low-precision weight copies die with the outermost scope
   }
-  AutocastOn(const AutocastOn&) = delete;
-  AutocastOn& operator=(const AutocastOn&) = delete;
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
 
 private:
   c10::DeviceType device_;

@@ -393,26 +393,26 @@ void Reader::required(const std::string& key, std::string& out) {
   YAML::Node n;
   if (fetch(key, n, true)) scalar(key, n, out, "a string");
 }
-void Reader::required(const std::string& key, long long& out, const Check<long long>& check) {
-  if (!has(key)) {
-    known_.push_back(key);
-    return error(key, "missing required key");
+namespace {
+// `required` = "report if absent" + the matching `optional`.
+template <class T, class C>
+void required_value(Reader& r, const std::string& key, T& out, const C& check) {
+  if (!r.has(key)) {
+    r.accept(key);
+    return r.error(key, "missing required key");
   }
-  optional(key, out, check);
+  r.optional(key, out, check);
+}
+}  // namespace
+
+void Reader::required(const std::string& key, long long& out, const Check<long long>& check) {
+  required_value(*this, key, out, check);
 }
 void Reader::required(const std::string& key, int& out, const Check<long long>& check) {
-  if (!has(key)) {
-    known_.push_back(key);
-    return error(key, "missing required key");
-  }
-  optional(key, out, check);
+  required_value(*this, key, out, check);
 }
 void Reader::required(const std::string& key, double& out, const Check<double>& check) {
-  if (!has(key)) {
-    known_.push_back(key);
-    return error(key, "missing required key");
-  }
-  optional(key, out, check);
+  required_value(*this, key, out, check);
 }
 
 void Reader::choice(const std::string& key, std::string& out, const std::vector<std::string>& choices) {
