@@ -350,6 +350,11 @@ void Reader::optional(const std::string& key, int& out, const Check<long long>& 
   optional(key, v, check);
   out = static_cast<int>(v);
 }
+void Reader::optional(const std::string& key, long& out, const Check<long long>& check) {
+  long long v = out;
+  optional(key, v, check);
+  out = static_cast<long>(v);
+}
 void Reader::optional(const std::string& key, double& out, const Check<double>& check) {
   YAML::Node n;
   double v = out;
@@ -409,6 +414,9 @@ void Reader::required(const std::string& key, long long& out, const Check<long l
   required_value(*this, key, out, check);
 }
 void Reader::required(const std::string& key, int& out, const Check<long long>& check) {
+  required_value(*this, key, out, check);
+}
+void Reader::required(const std::string& key, long& out, const Check<long long>& check) {
   required_value(*this, key, out, check);
 }
 void Reader::required(const std::string& key, double& out, const Check<double>& check) {

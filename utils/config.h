@@ -89,12 +89,14 @@ public:
   void optional(const std::string& key, bool& out);
   void optional(const std::string& key, int& out, const Check<long long>& check = nullptr);
   void optional(const std::string& key, long long& out, const Check<long long>& check = nullptr);
+  void optional(const std::string& key, long& out, const Check<long long>& check = nullptr);  // int64_t
   void optional(const std::string& key, double& out, const Check<double>& check = nullptr);
   void optional(const std::string& key, std::vector<std::string>& out);
   void optional(const std::string& key, std::vector<double>& out, size_t expected_size = 0);
   void required(const std::string& key, std::string& out);
   void required(const std::string& key, int& out, const Check<long long>& check = nullptr);
   void required(const std::string& key, long long& out, const Check<long long>& check = nullptr);
+  void required(const std::string& key, long& out, const Check<long long>& check = nullptr);
   void required(const std::string& key, double& out, const Check<double>& check = nullptr);
 
   // A string that must be one of `choices`; `out` is left unchanged when absent.

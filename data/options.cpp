@@ -1,0 +1,103 @@
+#include "data/options.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "data/shard_builder.h"
+#include "data/shards.h"
+#include "utils/config.h"
+#include "utils/errors.h"
+
+namespace dsopen::data {
+
+void decode(config::Reader& r, TokenizerOptions& o) {
+  r.required("path", o.path);
+  if (r.has("train")) {
+    o.has_train = true;
+    config::Reader t = r.child("train");
+    t.optional("inputs", o.train.inputs);
+    if (o.train.inputs.empty()) t.error("inputs", "missing required key");
+    long long vocab = o.train.vocab_size;
+    t.optional("vocab_size", vocab, config::at_least(260));
+    o.train.vocab_size = vocab;
+    t.choice("model_type", o.train.model_type, {"bpe", "unigram"});
+    t.optional("character_coverage", o.train.character_coverage, config::in_range(0.9, 1.0));
+    t.optional("user_symbols", o.train.user_symbols);
+    t.optional("strip_ansi", o.train.strip_ansi);
+    long long max_sentences = o.train.max_sentences;
+    t.optional("max_sentences", max_sentences, config::at_least(1));
+    o.train.max_sentences = max_sentences;
+    t.finish();
+  }
+  r.finish();
+  o.train.output = o.path;
+}
+
+void decode(config::Reader& r, DataOptions& o) {
+  r.optional("train", o.train);
+  if (o.train.empty()) r.error("train", "missing required key (shard paths or globs, or JSONL files for sft)");
+  r.optional("valid", o.valid);
+  r.optional("valid_fraction", o.valid_fraction, config::in_range(0.0, 0.5));
+  long long seq_len = o.seq_len;
+  r.optional("seq_len", seq_len, config::at_least(1));
+  o.seq_len = seq_len;
+  r.choice("format", o.format, {"pretrain", "sft"});
+  if (r.has("chat_template")) {
+    config::Reader t = r.child("chat_template");
+    decode(t, o.chat_template);
+  }
+  r.optional("pack", o.pack);
+  r.choice("truncation", o.truncation, {"right", "drop"});
+  if (r.has("build")) {
+    o.has_build = true;
+    config::Reader b = r.child("build");
+    b.optional("inputs", o.build_inputs);
+    if (o.build_inputs.empty()) b.error("inputs", "missing required key");
+    b.required("output", o.build_output);
+    b.optional("doc_separator", o.build_corpus.doc_separator);
+    b.optional("jsonl_field", o.build_corpus.jsonl_field);
+    b.optional("strip_ansi", o.build_corpus.strip_ansi);
+    b.choice("invalid_utf8", o.build_corpus.invalid_utf8, {"skip", "fail"});
+    b.optional("exclude_ext", o.build_corpus.exclude_ext);
+    b.finish();
+  }
+  r.finish();
+}
+
+std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
+  if (!std::filesystem::exists(o.path)) {
+    if (!o.has_train)
+      throw runtime_error(o.path, "tokenizer model not found",
+                          "set tokenizer.path to an existing .model or add tokenizer.train to build one");
+    const auto dir = std::filesystem::path(o.path).parent_path();
+    if (!dir.empty()) std::filesystem::create_directories(dir);
+    spdlog::info("training tokenizer {} (vocab {}, {}) from {} input file(s)", o.path, o.train.vocab_size,
+                 o.train.model_type, o.train.inputs.size());
+    SentencePieceTrainOptions recipe = o.train;
+    CorpusOptions corpus;  // directories expand as for preprocessing (index files skipped, links read once)
+    recipe.inputs = expand_inputs(o.train.inputs, corpus);
+    SentencePieceTokenizer::train(recipe);
+  }
+  auto tok = SentencePieceTokenizer::load(o.path);
+  spdlog::info("tokenizer {}: vocab {}, hash {}", o.path, tok->vocab_size(), tok->hash());
+  return tok;
+}
+
+bool prepare_shards(const DataOptions& o, const Tokenizer& tok) {
+  if (o.format != "pretrain" || !o.has_build) return false;
+  for (const auto& pattern : o.train)
+    for (const auto& prefix : expand_shards(pattern))
+      if (std::filesystem::exists(prefix + ".idx")) return false;  // already built
+  PreprocessOptions p;
+  p.inputs = o.build_inputs;
+  p.output = o.build_output;
+  p.corpus = o.build_corpus;
+  spdlog::info("building shards {} from {} input(s)", p.output, p.inputs.size());
+  const auto s = build_shards(p, tok);
+  spdlog::info("{} documents, {} tokens in {} shard(s), {:.1f} MB/s", s.documents, s.tokens, s.shards,
+               s.bytes / 1e6 / std::max(s.seconds, 1e-9));
+  return true;
+}
+
+}  // namespace dsopen::data

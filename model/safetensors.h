@@ -1,0 +1,47 @@
+// safetensors files: an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
+// byte range, then the raw data. The reader memory-maps the file and checks every claim of the header (length,
+// JSON, dtype names, shape x element size = byte span, ranges inside the data, no overlaps, total size) before it
+// hands out a tensor, so a corrupt or truncated file is a clear error, never an out-of-bounds read.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dsopen::model {
+
+class SafetensorsFile {
+public:
+  // Throws a runtime error naming `path` and the violated rule.
+  explicit SafetensorsFile(const std::string& path);
+
+  const std::string& path() const { return path_; }
+  std::vector<std::string> names() const;
+  bool contains(const std::string& name) const { return entries_.count(name) > 0; }
+  std::vector<int64_t> shape(const std::string& name) const;
+  // A CPU tensor viewing the mapped bytes (valid while any tensor or this object lives); clone to own it.
+  torch::Tensor tensor(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+private:
+  struct Entry {
+    torch::ScalarType dtype;
+    std::vector<int64_t> shape;
+    size_t begin, end;  // relative to the data section
+  };
+  std::string path_;
+  std::shared_ptr<void> mapping_;  // munmap on release
+  const unsigned char* data_ = nullptr;
+  std::map<std::string, Entry> entries_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Writes tensors (any device/dtype among F32/F16/BF16/F64/I64/I32/I16/I8/U8/BOOL) atomically: temporary file,
+// fsync, rename. Tensors are written in name order.
+void save_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace dsopen::model

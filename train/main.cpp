@@ -1,0 +1,40 @@
+// dsopen-train: pretraining or SFT of a model described by a YAML config.
+//   dsopen-train --config configs/tiny.yaml [--set train.max_steps=100 ...]
+#include "train/options.h"
+#include "train/trainer.h"
+#include "utils/cli.h"
+#include "utils/config.h"
+#include "utils/errors.h"
+#include "utils/logging.h"
+
+using namespace dsopen;
+
+static int run(int argc, char** argv) {
+  cxxopts::Options options("dsopen-train", "Train a DeepSeek-family model from a YAML config");
+  options.add_options()("c,config", "Run config (YAML)", cxxopts::value<std::string>())(
+      "set", "Override a config key: --set train.lr=1e-3 (repeatable)", cxxopts::value<std::vector<std::string>>())(
+      "check", "Validate the config, print the resolved YAML and exit");
+  cli::add_common(options);
+  auto args = cli::parse(options, argc, argv);
+  if (cli::handle_common(options, args)) return 0;
+  if (!args.count("config")) throw usage_error("dsopen-train", "--config is required", "see --help");
+  config::Document doc = config::Document::load(args["config"].as<std::string>());
+  if (args.count("set"))
+    for (const auto& s : args["set"].as<std::vector<std::string>>()) doc.apply_set(s);
+  train::JobConfig job = train::decode_job(doc);
+  if (args.count("check")) {
+    std::cout << doc.dump();
+    return 0;
+  }
+  logging::setup_run(job.run.output_dir, 0, job.run.log_level);
+  doc.save_resolved(job.run.output_dir);
+  train::install_stop_handlers();
+  train::Trainer trainer(job, doc.dump());
+  const auto result = trainer.run();
+  if (!result.losses.empty())
+    spdlog::info("done: step {} | first loss {:.4f} | last loss {:.4f}{}", result.final_step, result.losses.front(),
+                 result.losses.back(), result.last_checkpoint.empty() ? "" : " | checkpoint " + result.last_checkpoint);
+  return 0;
+}
+
+int main(int argc, char** argv) { return run_main("dsopen-train", run, argc, argv); }

@@ -1,0 +1,104 @@
+#include "train/options.h"
+
+#include <filesystem>
+
+#include "utils/errors.h"
+
+namespace dsopen::train {
+
+namespace {
+
+void decode(config::Reader& r, RunOptions& o) {
+  r.optional("name", o.name);
+  r.optional("output_dir", o.output_dir);
+  r.optional("seed", o.seed, config::at_least(0));
+  r.optional("log_every", o.log_every, config::at_least(1));
+  r.choice("log_level", o.log_level, {"trace", "debug", "info", "warn", "error", "off"});
+  r.optional("threads", o.threads, config::at_least(0));
+  r.choice("device", o.device, {"auto", "cpu", "cuda"});
+  r.finish();
+}
+
+void decode(config::Reader& r, TrainOptions& o) {
+  r.optional("max_steps", o.max_steps, config::at_least(1));
+  r.optional("micro_batch_size", o.micro_batch_size, config::at_least(1));
+  r.optional("grad_accum_steps", o.grad_accum_steps, config::at_least(1));
+  r.optional("lr", o.lr, config::greater_than(0));
+  r.optional("min_lr", o.min_lr, config::at_least_f(0));
+  r.optional("warmup_steps", o.warmup_steps, config::at_least(0));
+  r.choice("schedule", o.schedule, {"cosine", "linear", "constant", "wsd"});
+  r.optional("decay_fraction", o.decay_fraction, config::in_range(0.0, 1.0));
+  r.optional("weight_decay", o.weight_decay, config::at_least_f(0));
+  r.optional("decay_embeddings", o.decay_embeddings);
+  r.optional("betas", o.betas, 2);
+  for (double b : o.betas)
+    if (b < 0 || b >= 1) r.error("betas", "each beta must be in [0, 1)");
+  r.optional("eps", o.eps, config::greater_than(0));
+  r.optional("grad_clip", o.grad_clip, config::at_least_f(0));
+  r.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
+  r.optional("activation_checkpointing", o.activation_checkpointing);
+  r.optional("eval_every", o.eval_every, config::at_least(0));
+  r.optional("eval_steps", o.eval_steps, config::at_least(1));
+  r.optional("max_bad_steps", o.max_bad_steps, config::at_least(1));
+  r.optional("peak_tflops", o.peak_tflops, config::at_least_f(0));
+  if (o.min_lr > o.lr) r.error("min_lr", "must not exceed lr");
+  r.finish();
+}
+
+void decode(config::Reader& r, ParallelOptions& o) {
+  r.choice("strategy", o.strategy, {"none"});  // ddp / zero1 / zero2 arrive with the distributed runtime
+  r.choice("backend", o.backend, {"auto", "nccl", "gloo"});
+  r.optional("bucket_mb", o.bucket_mb, config::greater_than(0));
+  r.optional("timeout_s", o.timeout_s, config::at_least(1));
+  r.finish();
+}
+
+void decode(config::Reader& r, CheckpointOptions& o) {
+  r.optional("dir", o.dir);
+  r.optional("every", o.every, config::at_least(0));
+  r.optional("keep_last", o.keep_last, config::at_least(1));
+  r.optional("resume", o.resume);
+  r.finish();
+}
+
+}  // namespace
+
+JobConfig decode_job(const config::Document& doc) {
+  config::ErrorList errors;
+  config::Reader root(doc, doc.root(), "", errors);
+  JobConfig job;
+  for (const char* required : {"model", "tokenizer", "data"})
+    if (!root.has(required)) root.error(required, "missing required section");
+  auto run = root.child("run");
+  decode(run, job.run);
+  if (root.has("model")) {
+    auto m = root.child("model");
+    if (m.has("pretrained")) {
+      std::string dir;
+      m.optional("pretrained", dir);
+      job.model = model::ModelConfig::from_hf_json_file((std::filesystem::path(dir) / "config.json").string());
+    }
+    model::decode(m, job.model, true);
+  }
+  if (root.has("tokenizer")) {
+    auto t = root.child("tokenizer");
+    data::decode(t, job.tokenizer);
+  }
+  if (root.has("data")) {
+    auto d = root.child("data");
+    data::decode(d, job.data);
+  }
+  auto tr = root.child("train");
+  decode(tr, job.train);
+  auto p = root.child("parallel");
+  decode(p, job.parallel);
+  auto c = root.child("checkpoint");
+  decode(c, job.checkpoint);
+  root.finish();
+  errors.throw_if_any();
+  job.model.validate("model");
+  if (job.checkpoint.dir.empty()) job.checkpoint.dir = job.run.output_dir + "/checkpoints";
+  return job;
+}
+
+}  // namespace dsopen::train

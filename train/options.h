@@ -1,0 +1,73 @@
+// The run configuration of dsopen-train: the `run:`, `train:`, `parallel:` and `checkpoint:` sections (owned
+// here) plus the model, tokenizer and data sections decoded by their own layers. One call decodes a whole
+// Document and reports every error of it together.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "data/options.h"
+#include "model/config.h"
+#include "utils/config.h"
+
+namespace dsopen::train {
+
+struct RunOptions {
+  std::string name = "run";
+  std::string output_dir = "runs/run";
+  int64_t seed = 1234;
+  int64_t log_every = 10;
+  std::string log_level = "info";
+  int threads = 0;               // CPU intra-op threads; 0: all available
+  std::string device = "auto";   // auto | cpu | cuda
+};
+
+struct TrainOptions {
+  int64_t max_steps = 100;
+  int64_t micro_batch_size = 8;
+  int64_t grad_accum_steps = 1;
+  double lr = 3e-4, min_lr = 3e-5;
+  int64_t warmup_steps = 0;
+  std::string schedule = "cosine";  // cosine | linear | constant | wsd
+  double decay_fraction = 0.1;      // wsd: the final fraction of steps that decays
+  double weight_decay = 0.1;
+  bool decay_embeddings = false;
+  std::vector<double> betas{0.9, 0.95};
+  double eps = 1e-8;
+  double grad_clip = 1.0;  // 0: off
+  std::string precision = "fp32";  // fp32 | bf16 | fp16
+  bool activation_checkpointing = false;
+  int64_t eval_every = 0;  // 0: only at the end
+  int64_t eval_steps = 10;
+  int64_t max_bad_steps = 5;  // consecutive non-finite steps before giving up
+  double peak_tflops = 0;     // for MFU; 0: the device's bf16 peak on CUDA, measured-free default on CPU
+};
+
+struct ParallelOptions {
+  std::string strategy = "none";  // none | ddp | zero1 | zero2
+  std::string backend = "auto";
+  double bucket_mb = 25;
+  int64_t timeout_s = 300;
+};
+
+struct CheckpointOptions {
+  std::string dir;  // default: <output_dir>/checkpoints
+  int64_t every = 0;  // 0: only at the end
+  int64_t keep_last = 3;
+  std::string resume = "auto";  // auto | none | PATH
+};
+
+struct JobConfig {
+  RunOptions run;
+  model::ModelConfig model;
+  data::TokenizerOptions tokenizer;
+  data::DataOptions data;
+  TrainOptions train;
+  ParallelOptions parallel;
+  CheckpointOptions checkpoint;
+};
+
+// Decodes and validates every section; throws one usage error listing all problems with file:line.
+JobConfig decode_job(const config::Document& doc);
+
+}  // namespace dsopen::train

@@ -1,0 +1,325 @@
+#include "train/trainer.h"
+
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+
+#include "data/dataset.h"
+#include "data/sft.h"
+#include "model/info.h"
+#include "model/transformer.h"
+#include "train/checkpoint.h"
+#include "train/optimizer.h"
+#include "train/precision.h"
+#include "utils/env.h"
+#include "utils/errors.h"
+#include "utils/metrics.h"
+#include "utils/progress.h"
+
+namespace dsopen::train {
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+// One interface over packed pretraining shards and SFT conversations.
+class BatchSource {
+public:
+  virtual ~BatchSource() = default;
+  virtual data::Batch next(data::DataCursor& cursor, int64_t micro_batch) = 0;
+};
+
+class ShardSource : public BatchSource {
+public:
+  explicit ShardSource(std::unique_ptr<data::TokenDataset> ds) : ds_(std::move(ds)) {}
+  data::Batch next(data::DataCursor& c, int64_t b) override { return ds_->next(c, b); }
+
+private:
+  std::unique_ptr<data::TokenDataset> ds_;
+};
+
+class SftSource : public BatchSource {
+public:
+  explicit SftSource(std::unique_ptr<data::SftDataset> ds) : ds_(std::move(ds)) {}
+  data::Batch next(data::DataCursor& c, int64_t b) override {
+    const int64_t per_epoch = ds_->batches_per_epoch(b);
+    if (per_epoch < 1)
+      throw usage_error("train.micro_batch_size", "larger than the SFT samples each rank has per epoch");
+    if (c.position / b >= per_epoch) c = {c.epoch + 1, 0};
+    auto batch = ds_->batch(c.epoch, c.position / b, b);
+    c.position += b;
+    return batch;
+  }
+
+private:
+  std::unique_ptr<data::SftDataset> ds_;
+};
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;  // Linux reports KiB
+}
+
+}  // namespace
+
+void install_stop_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+struct Trainer::State {
+  JobConfig job;
+  std::string resolved_config;
+  torch::Device device{torch::kCPU};
+  std::unique_ptr<data::Tokenizer> tokenizer;
+  model::CausalLM model{nullptr};
+  std::unique_ptr<FlatAdamW> optimizer;
+  std::unique_ptr<Precision> precision;
+  std::unique_ptr<BatchSource> train_data, valid_data;
+  TrainerState state;
+  std::unique_ptr<MetricsWriter> metrics;
+};
+
+Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_unique<State>()) {
+  State& s = *s_;
+  s.job = std::move(job);
+  s.resolved_config = std::move(resolved_config);
+  const JobConfig& j = s.job;
+  env::configure_threads(j.run.threads);
+  if (j.run.device == "cuda" && !torch::cuda::is_available())
+    throw usage_error("run.device", "cuda requested but no CUDA device is available", "use auto or cpu");
+  s.device = (j.run.device == "cuda" || (j.run.device == "auto" && torch::cuda::is_available())) ? torch::kCUDA
+                                                                                                 : torch::kCPU;
+  s.precision = std::make_unique<Precision>(j.train.precision, s.device);
+
+  // Data: tokenizer and shards are built on first use when the config says how.
+  s.tokenizer = data::prepare_tokenizer(j.tokenizer);
+  if (s.tokenizer->vocab_size() > j.model.vocab_size)
+    throw usage_error("model.vocab_size", "the tokenizer has " + std::to_string(s.tokenizer->vocab_size()) +
+                                              " tokens but the model only " + std::to_string(j.model.vocab_size),
+                      "set model.vocab_size >= the tokenizer's vocabulary");
+  data::prepare_shards(j.data, *s.tokenizer);
+  const uint64_t seed = static_cast<uint64_t>(j.run.seed);
+  if (j.data.format == "pretrain") {
+    data::TokenDatasetOptions o;
+    o.shards = j.data.train;
+    o.seq_len = j.data.seq_len;
+    o.seed = seed;
+    o.valid_fraction = j.data.valid.empty() ? j.data.valid_fraction : 0.0;
+    o.tokenizer_hash = s.tokenizer->hash();
+    o.model_vocab_size = j.model.vocab_size;
+    s.train_data = std::make_unique<ShardSource>(std::make_unique<data::TokenDataset>(o, data::Split::Train));
+    if (!j.data.valid.empty()) {
+      o.shards = j.data.valid;
+      s.valid_data = std::make_unique<ShardSource>(std::make_unique<data::TokenDataset>(o, data::Split::All));
+    } else if (j.data.valid_fraction > 0) {
+      s.valid_data = std::make_unique<ShardSource>(std::make_unique<data::TokenDataset>(o, data::Split::Valid));
+    }
+  } else {
+    auto load = [&](const std::vector<std::string>& files) {
+      std::vector<data::Conversation> convs;
+      for (const auto& f : files) {
+        auto part = data::read_sft_jsonl(f);
+        convs.insert(convs.end(), part.begin(), part.end());
+      }
+      return std::make_unique<data::SftDataset>(convs, *s.tokenizer, j.data.chat_template, j.data.seq_len,
+                                                j.data.truncation == "drop" ? data::Truncation::Drop : data::Truncation::Right,
+                                                j.data.pack, seed, 0, 1);
+    };
+    s.train_data = std::make_unique<SftSource>(load(j.data.train));
+    if (!j.data.valid.empty()) s.valid_data = std::make_unique<SftSource>(load(j.data.valid));
+  }
+
+  // Model and optimizer: the seed makes initialization reproducible; a resume overwrites both.
+  torch::manual_seed(seed);
+  s.model = model::CausalLM(j.model);
+  s.model->to(s.device);
+  s.model->set_activation_checkpointing(j.train.activation_checkpointing);
+  AdamWOptions ao;
+  ao.beta1 = j.train.betas[0];
+  ao.beta2 = j.train.betas[1];
+  ao.eps = j.train.eps;
+  ao.weight_decay = j.train.weight_decay;
+  ao.decay_embeddings = j.train.decay_embeddings;
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  for (auto& p : s.model->named_parameters()) named.push_back({p.key(), p.value()});
+  s.optimizer = std::make_unique<FlatAdamW>(named, ao);
+
+  std::string resume;
+  if (j.checkpoint.resume == "auto") resume = find_latest_checkpoint(j.checkpoint.dir);
+  else if (j.checkpoint.resume != "none") resume = j.checkpoint.resume;
+  if (!resume.empty()) {
+    s.state = load_checkpoint(resume, s.model, *s.optimizer);
+    s.precision->set_state(s.state.loss_scale, s.state.loss_scale_good_steps);
+    spdlog::info("resumed from {} at step {}", resume, s.state.step);
+  }
+  const auto counts = model::count_parameters(j.model);
+  spdlog::info("model {}: {:.2f}M parameters ({:.2f}M active), device {}, precision {}", j.model.model_type,
+               counts.total / 1e6, counts.active / 1e6, s.device.str(), j.train.precision);
+  spdlog::info("optimizer state {:.1f} MB, gradients {:.1f} MB", s.optimizer->state_bytes() / 1e6,
+               s.optimizer->grad_bytes() / 1e6);
+  s.metrics = std::make_unique<MetricsWriter>(j.run.output_dir + "/metrics.jsonl");
+}
+
+Trainer::~Trainer() = default;
+
+TrainResult Trainer::run() {
+  State& s = *s_;
+  const JobConfig& j = s.job;
+  const TrainOptions& t = j.train;
+  const int64_t B = t.micro_batch_size, accum = t.grad_accum_steps, T = j.data.seq_len;
+  ScheduleOptions sched{t.schedule, t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.decay_fraction};
+  const double flops_per_token = model::training_flops_per_token(j.model, T);
+  double peak = t.peak_tflops * 1e12;
+  if (peak == 0 && s.device.is_cuda()) peak = 989e12;  // H100/H200 dense bf16
+  const CheckpointFiles files{s.resolved_config, j.tokenizer.path};
+
+  TrainResult result;
+  int64_t bad_steps = 0;
+  Progress progress("train", t.max_steps, "step", 1e18);  // the log lines below carry the plain-text progress
+  auto window_start = std::chrono::steady_clock::now();
+  int64_t window_tokens = 0, window_steps = 0;
+  s.model->train();
+
+  auto evaluate = [&]() -> double {
+    if (!s.valid_data) return -1;
+    torch::NoGradGuard no_grad;
+    s.model->eval();
+    data::DataCursor c;
+    double ce = 0, n = 0;
+    for (int64_t i = 0; i < t.eval_steps; ++i) {
+      auto b = s.valid_data->next(c, B);
+      if (c.epoch > 0) break;  // one pass at most
+      std::optional<compat::AutocastScope> ac;
+      s.precision->autocast(ac);
+      auto out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device));
+      ce += out.ce_sum.item<double>();
+      n += out.n_targets.item<double>();
+    }
+    s.model->train();
+    return n > 0 ? ce / n : -1;
+  };
+
+  while (s.state.step < t.max_steps) {
+    const double lr = lr_at(s.state.step, sched);
+    // Fetch the whole global batch first: the loss is normalised by its target-token count.
+    data::DataCursor cursor = s.state.cursor;
+    std::vector<data::Batch> micro;
+    double targets = 0;
+    for (int64_t k = 0; k < accum; ++k) {
+      micro.push_back(s.train_data->next(cursor, B));
+      targets += micro.back().labels.ne(-100).sum().item<double>();
+    }
+    if (targets == 0) throw runtime_error("data", "a global batch has no target tokens", "check the SFT data and template");
+
+    s.optimizer->zero_grad();
+    double ce_total = 0, aux_total = 0, mtp_total = 0;
+    std::vector<torch::Tensor> loads;
+    for (auto& b : micro) {
+      model::ForwardOutput out;
+      {
+        std::optional<compat::AutocastScope> ac;
+        s.precision->autocast(ac);
+        out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device));
+      }
+      auto loss = out.ce_sum / targets +
+                  (out.aux_loss + out.z_loss + j.model.mtp_loss_weight * out.mtp_loss) / static_cast<double>(accum);
+      if (s.precision->scaling()) loss = loss * s.precision->scale();
+      loss.backward();
+      ce_total += out.ce_sum.item<double>();
+      aux_total += out.aux_loss.item<double>() / accum;
+      mtp_total += out.mtp_loss.item<double>() / accum;
+      for (size_t l = 0; l < out.expert_load.size(); ++l) {
+        if (loads.size() <= l) loads.push_back(torch::zeros_like(out.expert_load[l]));
+        loads[l] += out.expert_load[l];
+      }
+    }
+    if (s.precision->scaling()) s.optimizer->scale_grads(1.0 / s.precision->scale());
+    double grad_norm = s.optimizer->grad_norm();
+    const double loss_value = ce_total / targets;
+    const bool finite = std::isfinite(grad_norm) && std::isfinite(loss_value);
+    s.precision->update(finite);
+    if (!finite) {
+      ++bad_steps;
+      spdlog::warn("step {}: non-finite loss or gradient (loss {}, grad norm {}); step skipped ({} in a row)",
+                   s.state.step + 1, loss_value, grad_norm, bad_steps);
+      if (bad_steps >= t.max_bad_steps && !s.precision->scaling())
+        throw runtime_error("train", std::to_string(bad_steps) + " non-finite steps in a row at step " +
+                                         std::to_string(s.state.step + 1),
+                            "lower train.lr or raise train.grad_clip; the last checkpoint is intact");
+      s.state.cursor = cursor;  // the batch is consumed either way, so a resume sees the same data
+      continue;
+    }
+    bad_steps = 0;
+    if (t.grad_clip > 0 && grad_norm > t.grad_clip) s.optimizer->scale_grads(t.grad_clip / (grad_norm + 1e-6));
+    s.optimizer->step(lr);
+    if (!loads.empty()) s.model->update_routing_bias(loads);
+    s.state.step += 1;
+    s.state.cursor = cursor;
+    s.state.tokens += B * accum * T;
+    s.state.loss_scale = s.precision->scale();
+    s.state.loss_scale_good_steps = s.precision->good_steps();
+    result.losses.push_back(loss_value);
+    window_tokens += B * accum * T;
+    ++window_steps;
+
+    const bool last = s.state.step == t.max_steps;
+    if (s.state.step % j.run.log_every == 0 || last || s.state.step == 1) {
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
+      const double tok_s = window_tokens / secs;
+      const double step_s = secs / window_steps;
+      nlohmann::json rec = {{"step", s.state.step}, {"loss", loss_value}, {"lr", lr}, {"grad_norm", grad_norm},
+                            {"tokens_per_s", tok_s}, {"step_time_s", step_s}, {"tokens", s.state.tokens},
+                            {"peak_rss_mb", peak_rss_mb()}};
+      rec["mfu"] = peak > 0 ? nlohmann::json(tok_s * flops_per_token / peak) : nlohmann::json(nullptr);
+      std::string extra;
+      if (!loads.empty()) {
+        double imb = 0;
+        for (auto& l : loads) imb += (l.max().item<double>() / std::max(1e-9, l.to(torch::kFloat64).mean().item<double>()));
+        imb /= loads.size();
+        rec["moe_aux_loss"] = aux_total;
+        rec["moe_imbalance"] = imb;
+        extra += fmt::format(" | aux {:.4f} | imbalance {:.2f}", aux_total, imb);
+      }
+      if (!s.model->mtp_list.empty()) {
+        rec["mtp_loss"] = mtp_total;
+        extra += fmt::format(" | mtp {:.4f}", mtp_total);
+      }
+      s.metrics->write(rec);
+      spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
+                   s.state.step, t.max_steps, loss_value, lr, grad_norm, tok_s,
+                   peak > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token / peak) : "", step_s, extra,
+                   peak_rss_mb(), Progress::format_duration(step_s * (t.max_steps - s.state.step)));
+      window_tokens = window_steps = 0;
+    }
+    if ((t.eval_every > 0 && s.state.step % t.eval_every == 0) || last) {
+      const double ev = evaluate();
+      if (ev >= 0) {
+        result.eval_loss = ev;
+        s.metrics->write({{"step", s.state.step}, {"eval_loss", ev}, {"eval_ppl", std::exp(ev)}});
+        spdlog::info("eval step {} | loss {:.4f} | ppl {:.2f}", s.state.step, ev, std::exp(ev));
+      }
+    }
+    const bool stop = g_stop_signal.load() != 0;
+    if ((j.checkpoint.every > 0 && s.state.step % j.checkpoint.every == 0) || last || stop) {
+      result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, *s.optimizer, s.state, files, j.checkpoint.keep_last);
+      spdlog::info("saved {}", result.last_checkpoint);
+    }
+    if (s.state.step % j.run.log_every == 0 || last) window_start = std::chrono::steady_clock::now();
+    if (stop) {
+      spdlog::info("stopping on signal {} after step {}", g_stop_signal.load(), s.state.step);
+      result.interrupted = true;
+      break;
+    }
+  }
+  result.final_step = s.state.step;
+  return result;
+}
+
+}  // namespace dsopen::train

@@ -1,0 +1,36 @@
+// The training loop: accumulate micro-batches, clip, step, update MoE routing biases, evaluate, log, checkpoint.
+// Precision, the optimizer, data and checkpoints live in their own files; this one only orders them.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "train/options.h"
+
+namespace dsopen::train {
+
+struct TrainResult {
+  std::vector<double> losses;  // global-batch loss of every optimizer step run by this call
+  int64_t final_step = 0;
+  std::string last_checkpoint;
+  bool interrupted = false;  // stopped by SIGINT/SIGTERM (after saving)
+  double eval_loss = -1;     // last evaluation, -1 when none ran
+};
+
+// Installs SIGINT/SIGTERM handlers that ask a running Trainer to save a checkpoint and stop.
+void install_stop_handlers();
+
+class Trainer {
+public:
+  // `resolved_config` is saved into every checkpoint as dsopen.yaml.
+  Trainer(JobConfig job, std::string resolved_config);
+  ~Trainer();
+  TrainResult run();
+
+private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+}  // namespace dsopen::train
