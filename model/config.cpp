@@ -113,6 +113,11 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   i64("first_k_dense_replace", c.first_k_dense_replace, 0);
   i64("moe_layer_freq", c.moe_layer_freq, 1);
   r.optional("routed_scaling_factor", c.routed_scaling_factor, config::greater_than(0));
+  // DeepSeek-V3 config.json files (and transformers' DeepseekV3Config) leave these out: V3 routing is implied.
+  if (c.model_type == "deepseek_v3" && flavor.empty()) {
+    if (!r.has("scoring_func")) c.scoring_func = "sigmoid";
+    if (!r.has("topk_method")) c.topk_method = "noaux_tc";
+  }
   r.choice("scoring_func", c.scoring_func, {"softmax", "sigmoid"});
   r.choice("topk_method", c.topk_method, {"greedy", "group_limited_greedy", "noaux_tc"});
   nullable_int(r, "n_group", c.n_group);

@@ -270,7 +270,8 @@ TrainResult Trainer::run() {
     ++window_steps;
 
     const bool last = s.state.step == t.max_steps;
-    if (s.state.step % j.run.log_every == 0 || last || s.state.step == 1) {
+    const bool log_now = s.state.step % j.run.log_every == 0 || last || s.state.step == 1;
+    if (log_now) {
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
       const double tok_s = window_tokens / secs;
       const double step_s = secs / window_steps;
@@ -311,7 +312,8 @@ TrainResult Trainer::run() {
       result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, *s.optimizer, s.state, files, j.checkpoint.keep_last);
       spdlog::info("saved {}", result.last_checkpoint);
     }
-    if (s.state.step % j.run.log_every == 0 || last) window_start = std::chrono::steady_clock::now();
+    // The throughput window restarts after logging, evaluation and checkpointing so they do not count as steps.
+    if (log_now) window_start = std::chrono::steady_clock::now();
     if (stop) {
       spdlog::info("stopping on signal {} after step {}", g_stop_signal.load(), s.state.step);
       result.interrupted = true;

@@ -1,0 +1,76 @@
+"""Parity with HuggingFace transformers: random tiny models of every supported architecture are saved with
+save_pretrained (fp32), dsopen-eval dumps its logits for the same tokens, and both must agree at every position
+(relative error < 1e-4, identical argmax). Usage: hf_parity.py BIN_DIR"""
+import json, os, subprocess, sys, tempfile
+
+import torch
+from safetensors.torch import load_file
+import transformers as tf
+
+BIN = sys.argv[1]
+torch.manual_seed(0)
+
+MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+           max_position_embeddings=256, initializer_range=0.1)
+YARN = {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+DENSE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256, initializer_range=0.1)
+
+CASES = {
+    "llama_gqa": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(DENSE, num_key_value_heads=2)),
+    "llama_mha_bias": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(DENSE, num_key_value_heads=4, attention_bias=True)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(DENSE, num_key_value_heads=2)),
+    "v2_group_limited_softmax": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                                 dict(MLA, q_lora_rank=None, n_group=4, topk_group=2, topk_method="group_limited_greedy")),
+    "v2_qlora_greedy_yarn": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM,
+                             dict(MLA, q_lora_rank=24, topk_method="greedy", n_group=1, topk_group=1,
+                                  rope_scaling=YARN)),
+    "v3_sigmoid_noaux_tc_yarn": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+                                 dict(MLA, q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True,
+                                      routed_scaling_factor=2.5, rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0))),
+    "v3_no_qlora": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM,
+                    dict(MLA, q_lora_rank=None, n_group=2, topk_group=1, norm_topk_prob=True)),
+}
+
+failures = 0
+with tempfile.TemporaryDirectory() as tmp:
+    ids = torch.randint(0, 256, (2, 40))
+    tokens = os.path.join(tmp, "tokens.txt")
+    with open(tokens, "w") as f:
+        for row in ids.tolist():
+            f.write(" ".join(map(str, row)) + "\n")
+    for name, (cfg_cls, model_cls, kw) in CASES.items():
+        kw = dict(kw)
+        rope = kw.pop("rope_scaling", None)
+        cfg = cfg_cls(**kw)
+        if rope is not None:  # transformers 5 keeps rope settings in rope_parameters
+            cfg.rope_parameters = dict(rope, rope_theta=10000.0)
+        model = model_cls(cfg).eval()
+        with torch.no_grad():
+            for n, b in model.named_buffers():  # a non-zero correction bias exercises noaux_tc selection
+                if n.endswith("e_score_correction_bias"):
+                    b.copy_(torch.randn_like(b) * 0.05)
+            for n, p in model.named_parameters():
+                if n.endswith("e_score_correction_bias"):
+                    p.copy_(torch.randn_like(p) * 0.05)
+            ref = model(ids).logits
+        d = os.path.join(tmp, name)
+        model.save_pretrained(d, safe_serialization=True)
+        out = os.path.join(tmp, name + ".safetensors")
+        r = subprocess.run([os.path.join(BIN, "dsopen-eval"), "--model", d, "--tokens", tokens, "--dump-logits", out],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"FAIL {name}: dsopen-eval exited {r.returncode}: {r.stderr.strip()}")
+            failures += 1
+            continue
+        ours = load_file(out)["logits"]
+        rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+        same_argmax = bool((ours.argmax(-1) == ref.argmax(-1)).all())
+        ok = rel < 1e-4 and same_argmax
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: max relative error {rel:.2e}, argmax identical: {same_argmax}")
+print(f"{len(CASES) - failures} passed, {failures} failed")
+sys.exit(1 if failures else 0)
