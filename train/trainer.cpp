@@ -164,6 +164,7 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
                counts.total / 1e6, counts.active / 1e6, s.device.str(), j.train.precision);
   spdlog::info("optimizer state {:.1f} MB, gradients {:.1f} MB", s.optimizer->state_bytes() / 1e6,
                s.optimizer->grad_bytes() / 1e6);
+  std::filesystem::create_directories(j.run.output_dir);
   s.metrics = std::make_unique<MetricsWriter>(j.run.output_dir + "/metrics.jsonl");
 }
 
