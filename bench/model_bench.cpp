@@ -7,6 +7,7 @@
 
 #include "model/info.h"
 #include "model/transformer.h"
+#include "train/optimizer.h"
 #include "utils/cli.h"
 #include "utils/compat.h"
 #include "utils/config.h"
@@ -25,7 +26,9 @@ static int run(int argc, char** argv) {
       "precision", "fp32 | bf16", cxxopts::value<std::string>()->default_value("fp32"))(
       "device", "cpu | cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"))(
-      "checkpointing", "Activation checkpointing")("json", "Print one JSON object");
+      "checkpointing", "Activation checkpointing")(
+      "optimizer", "Time whole training steps: forward, backward, clipping and the AdamW update")(
+      "json", "Print one JSON object");
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
@@ -49,13 +52,26 @@ static int run(int argc, char** argv) {
   auto ids = torch::randint(3, c.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kLong).device(device));
   auto labels = ids.roll(-1, 1);
 
+  std::unique_ptr<train::FlatAdamW> optimizer;
+  if (args.count("optimizer")) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (auto& p : m->named_parameters()) named.push_back({p.key(), p.value()});
+    optimizer = std::make_unique<train::FlatAdamW>(named, train::AdamWOptions{});
+  }
   auto step = [&] {
+    if (optimizer) optimizer->zero_grad();
     std::optional<compat::AutocastScope> autocast;
     if (precision == "bf16") autocast.emplace(device.type(), true, torch::kBFloat16);
     auto out = m->forward(ids, labels);
     autocast.reset();
     out.loss.backward();
-    for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    if (optimizer) {
+      const double norm = optimizer->grad_norm();
+      if (norm > 1.0) optimizer->scale_grads(1.0 / norm);
+      optimizer->step(1e-4);
+    } else {
+      for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
+    }
     if (device.is_cuda()) torch::cuda::synchronize();
   };
   for (int i = 0; i < args["warmup"].as<int>(); ++i) step();
@@ -69,7 +85,7 @@ static int run(int argc, char** argv) {
   if (args.count("json")) {
     std::cout << nlohmann::json{{"config", args["config"].as<std::string>()}, {"params", counts.total},
                                 {"batch", B}, {"seq_len", T}, {"precision", precision}, {"threads", threads},
-                                {"device", device.str()}, {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s},
+                                {"device", device.str()}, {"optimizer", optimizer != nullptr}, {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s},
                                 {"model_tflops", tflops}}.dump()
               << std::endl;
   } else {

@@ -1,5 +1,6 @@
 // dsopen-model-info: parameter counts, FLOPs, KV-cache size and per-rank training memory of a model config.
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 
 #include "model/info.h"
@@ -16,7 +17,8 @@ static int run(int argc, char** argv) {
       "set", "Override a config key, e.g. --set model.num_hidden_layers=8", cxxopts::value<std::vector<std::string>>())(
       "world-size", "Ranks for the memory estimate", cxxopts::value<int64_t>()->default_value("1"))(
       "seq-len", "Sequence length for the attention FLOPs (default: data.seq_len or 4096)",
-      cxxopts::value<int64_t>())("json", "Print one JSON object");
+      cxxopts::value<int64_t>())("json", "Print one JSON object")(
+      "hf-config", "Also write the model's HuggingFace config.json to this path", cxxopts::value<std::string>());
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
@@ -37,6 +39,10 @@ static int run(int argc, char** argv) {
     seq_len = model::seq_len_from_document(doc, seq_len);
   }
   if (args.count("seq-len")) seq_len = args["seq-len"].as<int64_t>();
+  if (args.count("hf-config")) {
+    c.validate();
+    std::ofstream(args["hf-config"].as<std::string>()) << c.to_hf_json().dump(2) << "\n";
+  }
   if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len).dump() << std::endl;
   else std::cout << model::model_info_text(c, world, seq_len);
   return 0;

@@ -10,6 +10,7 @@
 #include "model/safetensors.h"
 #include "train/checkpoint.h"
 #include "train/options.h"
+#include "train/precision.h"
 #include "train/trainer.h"
 #include "utils/config.h"
 #include "utils/errors.h"
@@ -183,4 +184,67 @@ TEST_CASE("job config: every section validated, errors together", "[train][confi
   msg = error_of([&] { job_of("run: {name: x}\n", {}); });
   CHECK(msg.find("model: missing required section") != std::string::npos);
   CHECK(msg.find("tokenizer: missing required section") != std::string::npos);
+}
+
+TEST_CASE("flat AdamW equals LibTorch's AdamW (decay and no-decay groups)", "[train][optimizer]") {
+  torch::manual_seed(11);
+  auto w = torch::randn({5, 4}, torch::requires_grad()), b = torch::randn({4}, torch::requires_grad());
+  auto w_ref = w.detach().clone().requires_grad_(), b_ref = b.detach().clone().requires_grad_();
+  train::AdamWOptions o;
+  o.weight_decay = 0.1;
+  train::FlatAdamW flat({{"layer.weight", w}, {"layer.bias", b}}, o);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{w_ref},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.01).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1)));
+  groups.emplace_back(std::vector<torch::Tensor>{b_ref},
+                      std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(0.01).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.0)));
+  torch::optim::AdamW ref(groups);
+  for (int step = 0; step < 5; ++step) {
+    auto x = torch::randn({3, 5});
+    flat.zero_grad();
+    ((x.matmul(w) + b).pow(2).sum()).backward();
+    flat.step(0.01);
+    ref.zero_grad();
+    ((x.matmul(w_ref) + b_ref).pow(2).sum()).backward();
+    ref.step();
+  }
+  CHECK(torch::allclose(w, w_ref, 1e-6, 1e-6));
+  CHECK(torch::allclose(b, b_ref, 1e-6, 1e-6));
+  CHECK(flat.groups().size() == 2);
+  CHECK(flat.groups()[0].decay);  // the 2-D weight decays, the bias does not
+}
+
+TEST_CASE("LR schedules: warmup, cosine, linear, constant and WSD endpoints", "[train][schedule]") {
+  train::ScheduleOptions s{"cosine", 1.0, 0.1, 10, 110, 0.2};
+  CHECK(train::lr_at(0, s) == Approx(0.1));    // warmup: (step+1)/warmup * lr
+  CHECK(train::lr_at(9, s) == Approx(1.0));
+  CHECK(train::lr_at(10, s) == Approx(1.0));   // cosine starts at lr ...
+  CHECK(train::lr_at(60, s) == Approx(0.55).epsilon(0.02));
+  CHECK(train::lr_at(109, s) == Approx(0.1));  // ... and ends at min_lr on the last step
+  s.kind = "linear";
+  CHECK(train::lr_at(109, s) == Approx(0.1));
+  s.kind = "constant";
+  CHECK(train::lr_at(109, s) == Approx(1.0));
+  s.kind = "wsd";  // stable until the last 20% of the steps, then linear to min_lr
+  CHECK(train::lr_at(80, s) == Approx(1.0));
+  CHECK(train::lr_at(109, s) == Approx(0.1));
+  CHECK(train::lr_at(100, s) < 1.0);
+}
+
+TEST_CASE("dynamic loss scaling backs off on overflow and grows after a run of good steps", "[train][precision]") {
+  CHECK_THROWS_WITH(train::Precision("fp16", torch::kCPU), Catch::Contains("fp16 needs a CUDA device"));
+  train::LossScaler s(1024.0, 3);
+  s.update(false);
+  CHECK(s.scale() == 512.0);  // overflow: halve
+  s.update(true);
+  s.update(true);
+  CHECK(s.scale() == 512.0);
+  s.update(true);
+  CHECK(s.scale() == 1024.0);  // three good steps: double
+  s.update(true);
+  s.update(false);
+  CHECK(s.good_steps() == 0);  // an overflow restarts the count
+  train::Precision bf16("bf16", torch::kCPU);
+  bf16.update(false);  // no loss scaling outside fp16
+  CHECK(bf16.scale() == 1.0);
 }

@@ -7,7 +7,6 @@ namespace dsopen::train {
 Precision::Precision(const std::string& mode, torch::Device device) : mode_(mode), device_(device) {
   if (mode == "fp16" && !device.is_cuda())
     throw usage_error("train.precision", "fp16 needs a CUDA device", "use bf16 or fp32 on the CPU");
-  if (mode == "fp16") scale_ = 65536.0;
 }
 
 void Precision::autocast(std::optional<compat::AutocastScope>& guard) const {
@@ -15,12 +14,11 @@ void Precision::autocast(std::optional<compat::AutocastScope>& guard) const {
   else if (mode_ == "fp16") guard.emplace(device_.type(), true, torch::kFloat16);
 }
 
-void Precision::update(bool finite) {
-  if (!scaling()) return;
+void LossScaler::update(bool finite) {
   if (!finite) {
     scale_ = std::max(1.0, scale_ * 0.5);
     good_steps_ = 0;
-  } else if (++good_steps_ >= growth_interval) {
+  } else if (++good_steps_ >= growth_interval_) {
     scale_ *= 2.0;
     good_steps_ = 0;
   }

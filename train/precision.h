@@ -11,6 +11,23 @@
 
 namespace dsopen::train {
 
+// Dynamic loss scaling for fp16: multiply the loss by scale() before backward and divide the gradients by it
+// after. On overflow the scale halves (the caller skips the step); after `growth_interval` finite steps in a row
+// it doubles.
+class LossScaler {
+public:
+  explicit LossScaler(double initial = 65536.0, int64_t growth_interval = 2000)
+      : scale_(initial), growth_interval_(growth_interval) {}
+  double scale() const { return scale_; }
+  int64_t good_steps() const { return good_steps_; }
+  void update(bool finite);
+  void set_state(double scale, int64_t good_steps) { scale_ = scale, good_steps_ = good_steps; }
+
+private:
+  double scale_;
+  int64_t growth_interval_, good_steps_ = 0;
+};
+
 class Precision {
 public:
   // Usage error when the mode cannot run on `device` (fp16 on CPU).
@@ -19,21 +36,19 @@ public:
   // Enters autocast for the forward pass into `guard` (left empty for fp32); leaving the scope restores.
   void autocast(std::optional<compat::AutocastScope>& guard) const;
 
-  // Dynamic loss scaling (fp16): multiply the loss by scale() before backward, divide the gradients by it after.
+  // Loss scaling is on for fp16 only; otherwise scale() is 1 and update() does nothing.
   bool scaling() const { return mode_ == "fp16"; }
-  double scale() const { return scale_; }
-  // After a step: on overflow halve the scale (the step is skipped by the caller); after `growth_interval`
-  // finite steps double it.
-  void update(bool finite);
-  void set_state(double scale, int64_t good_steps) { scale_ = scale, good_steps_ = good_steps; }
-  int64_t good_steps() const { return good_steps_; }
+  double scale() const { return scaling() ? scaler_.scale() : 1.0; }
+  void update(bool finite) {
+    if (scaling()) scaler_.update(finite);
+  }
+  void set_state(double scale, int64_t good_steps) { scaler_.set_state(scale, good_steps); }
+  int64_t good_steps() const { return scaler_.good_steps(); }
 
 private:
   std::string mode_;
   torch::Device device_;
-  double scale_ = 1.0;
-  int64_t good_steps_ = 0;
-  static constexpr int64_t growth_interval = 2000;
+  LossScaler scaler_;
 };
 
 }  // namespace dsopen::train

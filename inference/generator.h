@@ -1,0 +1,34 @@
+// Text generation with the KV cache: one prefill pass over the prompt, then one cached decode step per token
+// (MLA layers cache only their latent and rope key). Stops at EOS, a stop string or the token limit.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "data/tokenizer.h"
+#include "inference/sampler.h"
+#include "model/transformer.h"
+
+namespace dsopen::inference {
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 128;
+  std::vector<std::string> stop;  // stop strings (the text up to them is kept)
+  bool stop_at_eos = true;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated tokens
+  std::string text;             // their decoded text (cut at a stop string)
+  int64_t prompt_tokens = 0;
+  double prefill_s = 0, decode_s = 0;
+};
+
+// Generates after `prompt` (token ids); `on_text` receives each new piece of decoded text as it is produced.
+// A prompt that does not fit the model's context (with room for one token) is a usage error.
+GenerateResult generate(model::CausalLM& model, const data::Tokenizer& tok, const std::vector<int32_t>& prompt,
+                        Sampler& sampler, const GenerateOptions& options,
+                        const std::function<void(const std::string&)>& on_text = nullptr);
+
+}  // namespace dsopen::inference
