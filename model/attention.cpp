@@ -56,7 +56,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInpu
     v = v.repeat_interleave(n_heads_ / n_kv_heads_, 1);
   }
   torch::Tensor out;
-  if (in.start == 0 || T == 1) {
+  if (in.mask.defined() && !in.cache) {
+    out = at::scaled_dot_product_attention(q, k, v, in.mask, 0.0, false, scale_);
+  } else if (in.start == 0 || T == 1) {
     // A single query sees every cached key, so it needs no mask at all.
     out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/T > 1, scale_);
   } else {
@@ -138,8 +140,11 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
   auto v = kv_full.narrow(-1, nope_dim_, v_dim_);
   auto k = torch::cat({k_nope, k_pe.unsqueeze(2).expand({B, T, n_heads_, rope_dim_})}, -1);
   auto q = torch::cat({q_nope, q_pe}, -1);
-  auto out = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
-                                              /*is_causal=*/true, scale_);  // [B, H, T, v]
+  auto out = in.mask.defined()
+                 ? at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), in.mask,
+                                                    0.0, false, scale_)
+                 : at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
+                                                    /*is_causal=*/true, scale_);  // [B, H, T, v]
   return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * v_dim_}));
 }
 

@@ -24,7 +24,10 @@ struct LayerKVCache {
 
 // Positions of the current chunk: queries cover [start, start + T); with a cache the keys cover [0, start + T).
 struct AttentionInput {
-  torch::Tensor cos, sin;  // [T, rope_dim/2]
+  torch::Tensor cos, sin;  // [T, rope_dim/2], or [B, T, rope_dim/2] when positions differ per sequence
+  // Packed documents: bool [B, 1, T, T], true where a query may attend a key (same document, not in the future).
+  // Undefined: plain causal attention.
+  torch::Tensor mask;
   int64_t start = 0;
   LayerKVCache* cache = nullptr;  // null: no cache (training / full forward)
 };

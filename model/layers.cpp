@@ -67,11 +67,21 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t 
   return {c, s};
 }
 
+std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& positions) const {
+  TORCH_CHECK(positions.max().item<int64_t>() < cos.size(0), "position exceeds max_position_embeddings (", cos.size(0), ")");
+  auto flat = positions.reshape({-1}).to(torch::kCPU);
+  auto sizes = positions.sizes().vec();
+  sizes.push_back(cos.size(1));
+  return {cos.index_select(0, flat).view(sizes).to(positions.device()),
+          sin.index_select(0, flat).view(sizes).to(positions.device())};
+}
+
 torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
   auto xf = x.to(torch::kFloat32);
   auto x1 = xf.narrow(-1, 0, half), x2 = xf.narrow(-1, half, half);
-  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [T, 1, dim/2] broadcasts over [B, T, H, dim/2]
+  // [T, 1, dim/2] or [B, T, 1, dim/2] broadcasts over [B, T, H, dim/2]
+  auto c = cos.unsqueeze(cos.dim() - 1), s = sin.unsqueeze(sin.dim() - 1);
   return torch::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1).to(x.scalar_type());
 }
 
@@ -81,7 +91,7 @@ torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor
   sizes.push_back(2);
   auto xf = x.to(torch::kFloat32).reshape(sizes);  // [..., dim/2, 2]
   auto x1 = xf.select(-1, 0), x2 = xf.select(-1, 1);
-  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+  auto c = cos.unsqueeze(cos.dim() - 1), s = sin.unsqueeze(sin.dim() - 1);
   return torch::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2).to(x.scalar_type());
 }
 

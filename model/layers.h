@@ -43,9 +43,11 @@ struct RopeTable {
   RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling);
   // Rows for positions [start, start + len) on x's device.
   std::pair<torch::Tensor, torch::Tensor> slice(int64_t start, int64_t len, const torch::Device& device) const;
+  // Rows for explicit positions [B, T] -> [B, T, dim/2] each (packed documents restart at 0).
+  std::pair<torch::Tensor, torch::Tensor> gather(const torch::Tensor& positions) const;
 };
 
-// x: [B, T, H, dim]; cos/sin: [T, dim/2].
+// x: [B, T, H, dim]; cos/sin: [T, dim/2] or [B, T, dim/2].
 // rotate-half layout (HF Llama/Qwen): pairs are (i, i + dim/2).
 torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
 // interleaved layout (DeepSeek-V2/V3 checkpoints, MLA rope part): pairs are (2i, 2i + 1).

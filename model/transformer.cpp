@@ -67,14 +67,15 @@ namespace {
 
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor h,
-                                                torch::Tensor cos, torch::Tensor sin, int64_t layer_ptr) {
+                                                torch::Tensor cos, torch::Tensor sin, torch::Tensor mask,
+                                                int64_t layer_ptr) {
     ctx->saved_data["layer"] = layer_ptr;
     ctx->saved_data["autocast"] = compat::autocast_enabled(h.device().type());
     ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(h.device().type()));
-    ctx->save_for_backward({h, cos, sin});
+    ctx->save_for_backward({h, cos, sin, mask});
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_ptr);
     torch::NoGradGuard no_grad;
-    LayerOutput out = layer->forward(h, AttentionInput{cos, sin, 0, nullptr});
+    LayerOutput out = layer->forward(h, AttentionInput{cos, sin, mask.numel() ? mask : torch::Tensor(), 0, nullptr});
     auto load = out.load.defined() ? out.load : torch::zeros({0}, h.options().dtype(torch::kLong));
     ctx->mark_non_differentiable({load});
     return {out.h, out.aux_loss, load};
@@ -91,7 +92,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       compat::AutocastScope replay(h.device().type(), ctx->saved_data["autocast"].toBool(),
                                    static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       torch::AutoGradMode grad_on(true);
-      out = layer->forward(h, AttentionInput{saved[1], saved[2], 0, nullptr});
+      out = layer->forward(h, AttentionInput{saved[1], saved[2], saved[3].numel() ? saved[3] : torch::Tensor(), 0, nullptr});
     }
     std::vector<torch::Tensor> outputs{out.h}, out_grads{grads[0]};
     if (out.aux_loss.requires_grad() && grads[1].defined()) {
@@ -99,7 +100,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       out_grads.push_back(grads[1]);
     }
     torch::autograd::backward(outputs, out_grads);  // accumulates into the layer's parameters
-    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // no grads for cos, sin, layer
+    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // only h has a grad
   }
 };
 
@@ -157,7 +158,9 @@ torch::Tensor CausalLMImpl::head(const torch::Tensor& h) {
 LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in) {
   if (!checkpointing_ || !is_training() || in.cache || !torch::GradMode::is_enabled())
     return layer.forward(h, in);
-  auto outs = CheckpointedLayer::apply(h, in.cos, in.sin, reinterpret_cast<int64_t>(&layer));
+  // autograd Functions take defined tensors only: an empty mask stands for "plain causal".
+  auto mask = in.mask.defined() ? in.mask : torch::empty({0}, h.options().dtype(torch::kBool));
+  auto outs = CheckpointedLayer::apply(h, in.cos, in.sin, mask, reinterpret_cast<int64_t>(&layer));
   LayerOutput out;
   out.h = outs[0];
   out.aux_loss = outs[1];
@@ -184,16 +187,29 @@ std::pair<torch::Tensor, torch::Tensor> cross_entropy_sum(const torch::Tensor& l
 }
 }  // namespace
 
-ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels, KVCache* cache) {
+namespace {
+// bool [B, 1, T, T]: query i may see key j when both are in the same document and j <= i.
+torch::Tensor document_mask(const torch::Tensor& segments) {
+  const int64_t T = segments.size(1);
+  auto same = segments.unsqueeze(2) == segments.unsqueeze(1);  // [B, T, T]
+  auto causal = torch::ones({T, T}, segments.options().dtype(torch::kBool)).tril();
+  return (same & causal).unsqueeze(1);
+}
+}  // namespace
+
+ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels, KVCache* cache,
+                                    const torch::Tensor& position_ids, const torch::Tensor& segment_ids) {
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   const int64_t start = cache ? cache->length : 0;
-  auto [cos, sin] = rope_.slice(start, T, input_ids.device());
+  TORCH_CHECK(!(cache && segment_ids.defined()), "packed documents cannot be decoded with a KV cache");
+  auto [cos, sin] = position_ids.defined() ? rope_.gather(position_ids) : rope_.slice(start, T, input_ids.device());
+  const torch::Tensor mask = segment_ids.defined() ? document_mask(segment_ids) : torch::Tensor();
 
   ForwardOutput out;
   auto h = model->embed_tokens(input_ids);  // [B, T, hidden]
   out.aux_loss = torch::zeros({}, h.options().dtype(torch::kFloat32));
   for (size_t l = 0; l < model->layer_list.size(); ++l) {
-    AttentionInput in{cos, sin, start, cache ? &cache->layers[l] : nullptr};
+    AttentionInput in{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
     DecoderLayerImpl& layer = *model->layer_list[l];
     LayerOutput lo = run_layer(layer, h, in);
     h = lo.h;
@@ -229,12 +245,19 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
       auto& m = *mtp_list[k - 1];
       auto emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
       auto merged = m.eh_proj(torch::cat({m.enorm(emb), m.hnorm(prev.narrow(1, 0, len))}, -1));
-      auto [c2, s2] = rope_.slice(0, len, input_ids.device());
-      LayerOutput lo = m.DecoderLayerImpl::forward(merged, AttentionInput{c2, s2, 0, nullptr});
+      // Positions i of the shortened sequence keep their documents, positions and masks.
+      auto [c2, s2] = position_ids.defined() ? rope_.gather(position_ids.narrow(1, 0, len))
+                                             : rope_.slice(0, len, input_ids.device());
+      auto seg = segment_ids.defined() ? segment_ids.narrow(1, 0, len) : torch::Tensor();
+      LayerOutput lo = m.DecoderLayerImpl::forward(merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr});
       out.aux_loss = out.aux_loss + lo.aux_loss;
       prev = lo.h;
       auto logits_k = head(m.shared_head->norm(lo.h));  // [B, len, V]
-      auto [s, n] = cross_entropy_sum(logits_k.reshape({B * len, -1}), labels.narrow(1, k, len).reshape({-1}));
+      auto targets = labels.narrow(1, k, len);
+      // A target k positions ahead in another packed document is not this document's future.
+      if (segment_ids.defined())
+        targets = targets.masked_fill(segment_ids.narrow(1, 0, len) != segment_ids.narrow(1, k, len), -100);
+      auto [s, n] = cross_entropy_sum(logits_k.reshape({B * len, -1}), targets.reshape({-1}));
       total = total + s / n.clamp_min(1);
       ++depths;
     }

@@ -89,7 +89,10 @@ public:
 
   // input_ids [B, T] int64; labels [B, T] (next-token targets, -100 = ignore) or undefined.
   // With `cache`, positions start at cache->length and the cache is extended (inference; no MTP, no loss).
-  ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr);
+  // Packed rows pass position_ids and segment_ids [B, T] (see data::Batch): attention stays inside a document
+  // and RoPE positions restart with each one.
+  ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr,
+                        const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
 
   // Allocates caches for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype = torch::kFloat32) const;

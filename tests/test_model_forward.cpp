@@ -121,10 +121,10 @@ TEST_CASE("MLA absorbed attention equals the expanded formulation", "[model][for
   auto x = torch::randn({2, 9, c.hidden_size});
   auto [cos, sin] = table.slice(0, 9, torch::kCPU);
   torch::NoGradGuard ng;
-  auto expanded = mla->forward(x, AttentionInput{cos, sin, 0, nullptr});
+  auto expanded = mla->forward(x, AttentionInput{cos, sin, {}, 0, nullptr});
   LayerKVCache cache;
   mla->init_cache(cache, 2, 16, torch::TensorOptions().dtype(torch::kFloat32));
-  auto absorbed = mla->forward(x, AttentionInput{cos, sin, 0, &cache});
+  auto absorbed = mla->forward(x, AttentionInput{cos, sin, {}, 0, &cache});
   CHECK(max_abs_diff(expanded, absorbed) < 1e-5);
   // The cache holds kv_lora_rank + qk_rope_head_dim numbers per token, nothing per head.
   CHECK(cache.a.size(2) == c.kv_lora_rank);
@@ -246,4 +246,22 @@ TEST_CASE("tied embeddings: the head is the embedding matrix", "[model][forward]
   auto logits = m->forward(ids).logits;
   m->model->embed_tokens->weight.mul_(2.0);
   CHECK(max_abs_diff(m->forward(ids).logits, logits) > 1e-3);
+}
+
+TEST_CASE("packed documents: each document's logits equal running it alone", "[model][forward][packing]") {
+  for (const char* kind : {"mla_v3", "gqa"}) {
+    INFO(kind);
+    ModelConfig c = small(kind);
+    CausalLM m = make(c, 10);
+    torch::NoGradGuard ng;
+    auto a = torch::randint(3, 256, {1, 10}, torch::kLong), b = torch::randint(3, 256, {1, 6}, torch::kLong);
+    auto packed = torch::cat({a, b}, 1);  // [1, 16]
+    auto segments = torch::cat({torch::full({1, 10}, 1, torch::kLong), torch::full({1, 6}, 2, torch::kLong)}, 1);
+    auto positions = torch::cat({torch::arange(10).unsqueeze(0), torch::arange(6).unsqueeze(0)}, 1);
+    auto out = m->forward(packed, {}, nullptr, positions, segments).logits;
+    CHECK(max_abs_diff(out.narrow(1, 0, 10), m->forward(a).logits) < 1e-5);
+    CHECK(max_abs_diff(out.narrow(1, 10, 6), m->forward(b).logits) < 1e-5);
+    // Without the layout the second document would see the first.
+    CHECK(max_abs_diff(m->forward(packed).logits.narrow(1, 10, 6), m->forward(b).logits) > 1e-3);
+  }
 }

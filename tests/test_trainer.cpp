@@ -88,16 +88,18 @@ TEST_CASE("resume is exact: straight run == resumed from the mid-run checkpoint 
   for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);  // bitwise on the CPU
 }
 
-TEST_CASE("resume is exact for SFT data", "[train][resume][sft]") {
+TEST_CASE("resume is exact for SFT data, padded and packed", "[train][resume][sft]") {
   const std::string chat = (workdir() / "chat.jsonl").string();
-  const std::vector<std::string> sft = {"data.format=sft", "data.train=[" + chat + "]", "data.valid_fraction=0",
-                                        "data.seq_len=48"};
-  auto sets = sft;
-  const auto straight = run(config_text("sft_straight"), sets);
-  sets.push_back("checkpoint.resume=" + (workdir() / "sft_straight/checkpoints/step_00000004").string());
-  const auto resumed = run(config_text("sft_resumed"), sets);
-  REQUIRE(resumed.losses.size() == 4);
-  for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);
+  for (const std::string pack : {"false", "true"}) {
+    INFO("pack " << pack);
+    std::vector<std::string> sets = {"data.format=sft", "data.train=[" + chat + "]", "data.valid_fraction=0",
+                                     "data.seq_len=48", "data.pack=" + pack};
+    const auto straight = run(config_text("sft_straight_" + pack), sets);
+    sets.push_back("checkpoint.resume=" + (workdir() / ("sft_straight_" + pack) / "checkpoints/step_00000004").string());
+    const auto resumed = run(config_text("sft_resumed_" + pack), sets);
+    REQUIRE(resumed.losses.size() == 4);
+    for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);
+  }
 }
 
 TEST_CASE("micro_batch 4 x accum 1 and micro_batch 1 x accum 4 make the same update", "[train][accum]") {

@@ -42,9 +42,13 @@ void FlatAdamW::zero_grad() {
 }
 
 double FlatAdamW::grad_norm() const {
-  torch::Tensor sq = torch::zeros({}, groups_.front().grads.options().dtype(torch::kFloat64));
-  for (const auto& g : groups_) sq = sq + g.grads.to(torch::kFloat64).pow(2).sum();
-  return std::sqrt(sq.item<double>());
+  // One fused norm kernel per group (pairwise-summed in fp32), combined in double.
+  double sq = 0;
+  for (const auto& g : groups_) {
+    const double n = g.grads.norm().item<double>();
+    sq += n * n;
+  }
+  return std::sqrt(sq);
 }
 
 void FlatAdamW::scale_grads(double factor) {

@@ -199,7 +199,9 @@ TrainResult Trainer::run() {
       if (c.epoch > 0) break;  // one pass at most
       std::optional<compat::AutocastScope> ac;
       s.precision->autocast(ac);
-      auto out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device));
+      auto out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
+                                  b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
+                                  b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
       ce += out.ce_sum.item<double>();
       n += out.n_targets.item<double>();
     }
@@ -227,7 +229,9 @@ TrainResult Trainer::run() {
       {
         std::optional<compat::AutocastScope> ac;
         s.precision->autocast(ac);
-        out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device));
+        out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
+                               b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
+                               b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
       }
       auto loss = out.ce_sum / targets +
                   (out.aux_loss + out.z_loss + j.model.mtp_loss_weight * out.mtp_loss) / static_cast<double>(accum);
