@@ -41,7 +41,10 @@ static int run(int argc, char** argv) {
   if (args.count("seq-len")) seq_len = args["seq-len"].as<int64_t>();
   if (args.count("hf-config")) {
     c.validate();
-    std::ofstream(args["hf-config"].as<std::string>()) << c.to_hf_json().dump(2) << "\n";
+    const std::string out = args["hf-config"].as<std::string>();
+    std::ofstream f(out);
+    f << c.to_hf_json().dump(2) << "\n";
+    if (!f.good()) throw runtime_error(out, "cannot write config.json", "check that the directory exists");
   }
   if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len).dump() << std::endl;
   else std::cout << model::model_info_text(c, world, seq_len);
