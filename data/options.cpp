@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "data/hf_tokenizer.h"
 #include "data/shard_builder.h"
 #include "data/shards.h"
 #include "utils/config.h"
@@ -79,7 +80,7 @@ std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
     recipe.inputs = expand_inputs(o.train.inputs, corpus);
     SentencePieceTokenizer::train(recipe);
   }
-  auto tok = SentencePieceTokenizer::load(o.path);
+  auto tok = load_tokenizer(o.path);  // SentencePiece .model or HF tokenizer.json (file or directory)
   spdlog::info("tokenizer {}: vocab {}, hash {}", o.path, tok->vocab_size(), tok->hash());
   return tok;
 }

@@ -3,6 +3,7 @@
 //                     --strip-ansi --output runs/tiny/data/train
 #include <iostream>
 
+#include "data/hf_tokenizer.h"
 #include "data/shard_builder.h"
 #include "utils/cli.h"
 #include "utils/errors.h"
@@ -12,7 +13,8 @@ using namespace dsopen;
 
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-preprocess", "Tokenize text corpora into token shards");
-  options.add_options()("tokenizer", "Tokenizer .model file", cxxopts::value<std::string>())(
+  options.add_options()("tokenizer", "Tokenizer: SentencePiece .model, HF tokenizer.json, or a directory holding one",
+                                   cxxopts::value<std::string>())(
       "input", "Input files or directories (.txt, .jsonl, optionally .gz)", cxxopts::value<std::vector<std::string>>())(
       "output", "Shard prefix; shards are PREFIX_00000.bin/.idx, ...", cxxopts::value<std::string>())(
       "doc-separator", "line (one document per line) | blank (blank lines) | TEXT (a line equal to TEXT)",
@@ -41,7 +43,7 @@ static int run(int argc, char** argv) {
   o.corpus.strip_ansi = args.count("strip-ansi") > 0;
   o.corpus.invalid_utf8 = args["invalid-utf8"].as<std::string>();
   o.corpus.exclude_ext = args["exclude-ext"].as<std::vector<std::string>>();
-  auto tok = data::SentencePieceTokenizer::load(args["tokenizer"].as<std::string>());
+  auto tok = data::load_tokenizer(args["tokenizer"].as<std::string>());
   const auto s = data::build_shards(o, *tok);
   spdlog::info("{} documents, {} tokens, {} shard(s), {:.1f} MB in {:.2f} s: {:.2f} MB/s, {:.0f} tokens/s{}", s.documents,
                s.tokens, s.shards, s.bytes / 1e6, s.seconds, s.bytes / 1e6 / s.seconds, s.tokens / s.seconds,

@@ -6,7 +6,7 @@
 #include <iterator>
 #include <sstream>
 
-#include "data/tokenizer.h"
+#include "data/hf_tokenizer.h"
 #include "utils/cli.h"
 #include "utils/errors.h"
 #include "utils/logging.h"
@@ -57,7 +57,7 @@ static int run(int argc, char** argv) {
   if (cmd != "encode" && cmd != "decode")
     throw usage_error("dsopen-tokenizer", "unknown command '" + cmd + "'", "use train, encode or decode");
   if (!args.count("model")) throw usage_error("--model", cmd + " needs --model PATH.model");
-  auto tok = data::SentencePieceTokenizer::load(args["model"].as<std::string>());
+  auto tok = data::load_tokenizer(args["model"].as<std::string>());
   if (cmd == "encode") {
     const std::string text = args.count("text") ? args["text"].as<std::string>() : read_all();
     auto ids = tok->encode(text);

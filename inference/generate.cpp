@@ -4,7 +4,7 @@
 #include <filesystem>
 #include <iostream>
 
-#include "data/tokenizer.h"
+#include "data/hf_tokenizer.h"
 #include "inference/generator.h"
 #include "inference/loader.h"
 #include "utils/cli.h"
@@ -17,7 +17,7 @@ using namespace dsopen;
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-generate", "Generate text with a trained model");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
-      "tokenizer", "Tokenizer .model (default: MODEL/tokenizer.model)", cxxopts::value<std::string>())(
+      "tokenizer", "Tokenizer .model / tokenizer.json (default: the one in MODEL)", cxxopts::value<std::string>())(
       "prompt", "Prompt text", cxxopts::value<std::string>())("prompt-file", "Read the prompt from a file",
                                                               cxxopts::value<std::string>())(
       "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>)")(
@@ -39,9 +39,8 @@ static int run(int argc, char** argv) {
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
   const std::string dir = args["model"].as<std::string>();
-  const std::string tok_path =
-      args.count("tokenizer") ? args["tokenizer"].as<std::string>() : (std::filesystem::path(dir) / "tokenizer.model").string();
-  auto tok = data::SentencePieceTokenizer::load(tok_path);
+  const std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : dir;
+  auto tok = data::load_tokenizer(tok_path);
   auto model = inference::load_model(dir);
   if (tok->vocab_size() > model->config().vocab_size)
     throw usage_error(tok_path, "tokenizer vocabulary (" + std::to_string(tok->vocab_size()) +

@@ -14,11 +14,9 @@ model::CausalLM load_model(const std::string& dir, torch::Device device) {
   if (!fs::is_directory(dir)) throw runtime_error(dir, "model directory not found", "pass a checkpoint or HF model directory");
   model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
   c.use_mtp = false;
-  const std::string weights = (fs::path(dir) / "model.safetensors").string();
-  if (!fs::exists(weights)) throw runtime_error(weights, "weights not found", "the directory needs model.safetensors");
+  model::WeightFiles weights(dir);
   model::CausalLM m(c);
-  model::SafetensorsFile file(weights);
-  model::load_hf_state_dict(m, file, /*strict=*/true);
+  model::load_hf_state_dict(m, weights, /*strict=*/true);
   m->to(device);
   m->eval();
   return m;

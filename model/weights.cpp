@@ -1,6 +1,12 @@
 #include "model/weights.h"
 
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "utils/env.h"
 #include "utils/errors.h"
+
+namespace fs = std::filesystem;
 
 namespace dsopen::model {
 
@@ -22,6 +28,49 @@ std::string shape_str(at::IntArrayRef s) {
 
 }  // namespace
 
+WeightFiles::WeightFiles(const std::string& dir) {
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  if (!fs::exists(index)) {
+    path_ = (fs::path(dir) / "model.safetensors").string();
+    if (!fs::exists(path_)) throw runtime_error(path_, "weights not found", "the directory needs model.safetensors or its index");
+    files_.push_back(std::make_unique<SafetensorsFile>(path_));
+    for (const auto& n : files_[0]->names()) where_[n] = 0;
+    return;
+  }
+  path_ = index.string();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(env::read_file(path_));
+  } catch (const nlohmann::json::exception& e) {
+    throw runtime_error(path_, std::string("not valid JSON: ") + e.what());
+  }
+  if (!j.contains("weight_map") || !j["weight_map"].is_object()) throw runtime_error(path_, "no weight_map object");
+  std::map<std::string, size_t> file_index;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) throw runtime_error(path_, "weight_map entry '" + it.key() + "' is not a file name");
+    const std::string shard = it.value().get<std::string>();
+    if (!file_index.count(shard)) {
+      const fs::path p = fs::path(dir) / shard;
+      if (!fs::exists(p))
+        throw runtime_error(path_, "names shard '" + shard + "', which is missing", "copy every shard of the model");
+      file_index[shard] = files_.size();
+      files_.push_back(std::make_unique<SafetensorsFile>(p.string()));
+    }
+    const size_t f = file_index[shard];
+    if (!files_[f]->contains(it.key()))
+      throw runtime_error(files_[f]->path(), "lacks tensor '" + it.key() + "' that the index places there");
+    where_[it.key()] = f;
+  }
+}
+
+std::vector<std::string> WeightFiles::names() const {
+  std::vector<std::string> out;
+  for (const auto& kv : where_) out.push_back(kv.first);
+  return out;
+}
+std::vector<int64_t> WeightFiles::shape(const std::string& name) const { return files_[where_.at(name)]->shape(name); }
+torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_[where_.at(name)]->tensor(name); }
+
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   const int64_t L = model->config().num_hidden_layers;
   std::map<std::string, torch::Tensor> out;
@@ -36,7 +85,7 @@ std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   return out;
 }
 
-void load_hf_state_dict(CausalLM& model, const SafetensorsFile& file, bool strict) {
+void load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict) {
   auto targets = hf_state_dict(model);
   std::vector<std::string> problems;
   const int64_t L = model->config().num_hidden_layers;
@@ -59,9 +108,10 @@ void load_hf_state_dict(CausalLM& model, const SafetensorsFile& file, bool stric
   if (strict) {
     for (const auto& name : file.names()) {
       if (targets.count(name)) continue;
-      // MTP layers of a file whose model runs without MTP are expected, not errors.
-      const bool mtp_layer = name.rfind("model.layers.", 0) == 0 &&
-                             std::stoll(name.substr(13, name.find('.', 13) - 13)) >= L;
+      // MTP layers (the num_nextn_predict_layers after the decoder layers) of a model run without MTP are
+      // expected, not errors.
+      const int64_t layer = name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : -1;
+      const bool mtp_layer = layer >= L && layer < L + model->config().num_nextn_predict_layers;
       if (!mtp_layer) problems.push_back("unexpected " + name + " " + shape_str(file.shape(name)));
     }
   }
@@ -70,6 +120,39 @@ void load_hf_state_dict(CausalLM& model, const SafetensorsFile& file, bool stric
   for (size_t i = 1; i < std::min<size_t>(problems.size(), 8); ++i) msg += "; " + problems[i];
   if (problems.size() > 8) msg += "; ...";
   throw runtime_error(file.path(), msg, "the file does not match the model config");
+}
+
+void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
+  fs::create_directories(dir);
+  std::vector<std::map<std::string, torch::Tensor>> shards(1);
+  int64_t bytes = 0;
+  for (auto& [name, t] : hf_state_dict(model)) {
+    auto out = t.is_floating_point() ? t.to(dtype) : t;
+    const int64_t n = out.numel() * out.element_size();
+    if (bytes > 0 && bytes + n > max_shard_bytes) shards.emplace_back(), bytes = 0;
+    shards.back()[name] = out;
+    bytes += n;
+  }
+  auto config = model->config().to_hf_json();
+  config["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kFloat16 ? "float16" : "float32";
+  env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  if (shards.size() == 1) {
+    save_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0], {{"format", "pt"}});
+    return;
+  }
+  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+  int64_t total = 0;
+  for (size_t k = 0; k < shards.size(); ++k) {
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, shards.size());
+    save_safetensors((fs::path(dir) / name).string(), shards[k], {{"format", "pt"}});
+    for (const auto& [t, v] : shards[k]) {
+      index["weight_map"][t] = name;
+      total += v.numel() * v.element_size();
+    }
+  }
+  index["metadata"]["total_size"] = total;
+  env::write_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2) + "\n");
 }
 
 }  // namespace dsopen::model

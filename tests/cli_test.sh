@@ -10,7 +10,7 @@ check() {  # check NAME EXPECTED_RC COMMAND...
   if [ "$rc" != "$want" ]; then echo "FAIL $name: exit $rc, want $want; output: $out"; fail=1; else echo "ok   $name"; fi
   LAST="$out"
 }
-for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate; do
+for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert; do
   check "$b --help" 0 "$BIN/$b" --help
   check "$b --version" 0 "$BIN/$b" --version
   case "$LAST" in *"0.1.0"*) ;; *) echo "FAIL $b --version does not print 0.1.0: $LAST"; fail=1 ;; esac
@@ -92,6 +92,21 @@ check "generate" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "The" --max-new
 G1="$LAST"
 check "generate same seed" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "The" --max-new-tokens 8 --seed 5
 [ "$(echo "$G1" | head -n -1)" = "$(echo "$LAST" | head -n -1)" ] && echo "ok   same seed, same text" || { echo "FAIL seeds differ: $G1 / $LAST"; fail=1; }
+# A training checkpoint loads in transformers unchanged and gives our logits.
+echo "1 20 30 40 50 60 70 80" > "$W/tokens.txt"
+check "eval dump" 0 "$BIN/dsopen-eval" --model "$CK" --tokens "$W/tokens.txt" --dump-logits "$W/ours.safetensors"
+python3 - "$CK" "$W" <<'PY' || fail=1
+import sys, torch, transformers
+from safetensors.torch import load_file
+ck, w = sys.argv[1], sys.argv[2]
+ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]])
+with torch.no_grad():
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()(ids).logits
+ours = load_file(w + "/ours.safetensors")["logits"]
+rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+assert rel < 1e-4 and bool((ours.argmax(-1) == ref.argmax(-1)).all()), rel
+print(f"ok   training checkpoint loads in transformers, logits agree ({rel:.1e})")
+PY
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl
 rm -rf "$W"

@@ -121,8 +121,7 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
   if (state.world_size != 1)
     throw runtime_error(path, "written by " + std::to_string(state.world_size) + " ranks; this run has 1",
                         "resume with the same number of ranks");
-  model::SafetensorsFile weights((fs::path(path) / "model.safetensors").string());
-  model::load_hf_state_dict(model, weights, /*strict=*/true);
+  model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
   model::SafetensorsFile opt((fs::path(path) / "optimizer" / "rank_0.safetensors").string());
   std::map<std::string, torch::Tensor> tensors;
   for (const auto& name : opt.names()) tensors[name] = opt.tensor(name).clone();

@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "data/sft.h"
 #include "model/info.h"
+#include "model/weights.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/optimizer.h"
@@ -154,6 +155,12 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   std::string resume;
   if (j.checkpoint.resume == "auto") resume = find_latest_checkpoint(j.checkpoint.dir);
   else if (j.checkpoint.resume != "none") resume = j.checkpoint.resume;
+  if (resume.empty() && !j.model.pretrained.empty()) {
+    // Fine-tuning: start from the HF directory's weights (the optimizer buffers alias the parameters, so the
+    // copy lands in them too).
+    model::load_hf_state_dict(s.model, model::WeightFiles(j.model.pretrained), /*strict=*/true);
+    spdlog::info("loaded pretrained weights from {}", j.model.pretrained);
+  }
   if (!resume.empty()) {
     s.state = load_checkpoint(resume, s.model, *s.optimizer);
     s.precision->set_state(s.state.loss_scale, s.state.loss_scale_good_steps);
