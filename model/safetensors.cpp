@@ -1,5 +1,7 @@
 #include "model/safetensors.h"
 
+#include "model/safetensors_header.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -32,9 +34,6 @@ std::string dtype_name(torch::ScalarType t) {
 }  // namespace
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  auto bad = [&](const std::string& what) {
-    return runtime_error(path, what, "the file is corrupt or truncated; re-save or re-download it");
-  };
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw runtime_error(path, "cannot open safetensors file", "check the path");
   struct stat st{};
@@ -42,70 +41,20 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   const size_t size = static_cast<size_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    throw bad("file is " + std::to_string(size) + " bytes, shorter than the 8-byte header length");
+    parse_safetensors_header(nullptr, size, path);  // throws the "too short" error
   }
   void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
   ::close(fd);
   if (p == MAP_FAILED) throw runtime_error(path, "mmap failed");
   mapping_ = std::shared_ptr<void>(p, [size](void* q) { ::munmap(q, size); });
   const auto* bytes = static_cast<const unsigned char*>(p);
-  uint64_t header_len = 0;
-  std::memcpy(&header_len, bytes, 8);
-  if (header_len > size - 8) throw bad("header length " + std::to_string(header_len) + " runs past the end of the file");
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
-  } catch (const nlohmann::json::exception& e) {
-    throw bad(std::string("header is not valid JSON: ") + e.what());
+  SafetensorsHeader header = parse_safetensors_header(bytes, size, path);
+  data_ = bytes + header.data_offset;
+  metadata_ = std::move(header.metadata);
+  for (auto& [name, t] : header.tensors) {
+    auto found = std::find_if(dtype_table().begin(), dtype_table().end(), [&](const auto& d) { return d.first == t.dtype; });
+    entries_[name] = Entry{found->second, t.shape, t.begin, t.end};
   }
-  if (!header.is_object()) throw bad("header is not a JSON object");
-  data_ = bytes + 8 + header_len;
-  const size_t data_size = size - 8 - header_len;
-  std::vector<std::pair<size_t, size_t>> ranges;
-  for (auto it = header.begin(); it != header.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      if (it.value().is_object())
-        for (auto m = it.value().begin(); m != it.value().end(); ++m)
-          if (m.value().is_string()) metadata_[m.key()] = m.value().get<std::string>();
-      continue;
-    }
-    const auto& v = it.value();
-    const std::string where = "tensor '" + it.key() + "'";
-    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets"))
-      throw bad(where + " lacks dtype, shape or data_offsets");
-    Entry e{};
-    const std::string dt = v["dtype"].is_string() ? v["dtype"].get<std::string>() : "?";
-    auto found = std::find_if(dtype_table().begin(), dtype_table().end(), [&](const auto& d) { return d.first == dt; });
-    if (found == dtype_table().end()) throw bad(where + " has unknown dtype '" + dt + "'");
-    e.dtype = found->second;
-    int64_t numel = 1;
-    if (!v["shape"].is_array()) throw bad(where + " shape is not a list");
-    for (const auto& d : v["shape"]) {
-      if (!d.is_number_unsigned()) throw bad(where + " has a negative or non-integer dimension");
-      e.shape.push_back(d.get<int64_t>());
-      if (e.shape.back() > 0 && numel > (int64_t{1} << 50) / e.shape.back()) throw bad(where + " shape is absurdly large");
-      numel *= e.shape.back();
-    }
-    const auto& off = v["data_offsets"];
-    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-      throw bad(where + " data_offsets is not [begin, end]");
-    e.begin = off[0].get<size_t>();
-    e.end = off[1].get<size_t>();
-    if (e.begin > e.end || e.end > data_size)
-      throw bad(where + " bytes [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + ") lie outside the " +
-                std::to_string(data_size) + "-byte data section");
-    if (e.end - e.begin != static_cast<size_t>(numel) * c10::elementSize(e.dtype))
-      throw bad(where + " shape x element size (" + std::to_string(numel * c10::elementSize(e.dtype)) +
-                " bytes) differs from its byte range (" + std::to_string(e.end - e.begin) + ")");
-    ranges.push_back({e.begin, e.end});
-    entries_[it.key()] = e;
-  }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second) throw bad("two tensors overlap in the data section");
-  const size_t covered = ranges.empty() ? 0 : ranges.back().second;
-  if (covered != data_size)
-    throw bad("data section is " + std::to_string(data_size) + " bytes but the tensors end at " + std::to_string(covered));
 }
 
 std::vector<std::string> SafetensorsFile::names() const {

@@ -1,7 +1,7 @@
 // safetensors files: an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape and
-// byte range, then the raw data. The reader memory-maps the file and checks every claim of the header (length,
-// JSON, dtype names, shape x element size = byte span, ranges inside the data, no overlaps, total size) before it
-// hands out a tensor, so a corrupt or truncated file is a clear error, never an out-of-bounds read.
+// byte range, then the raw data. The reader memory-maps the file and has safetensors_header check every claim of
+// the header before it hands out a tensor, so a corrupt or truncated file is a clear error, never an
+// out-of-bounds read.
 #pragma once
 
 #include <torch/torch.h>

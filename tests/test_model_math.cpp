@@ -215,3 +215,19 @@ TEST_CASE("sequence-wise balance loss on a hand-computed case", "[model][moe]") 
   auto sig = torch::tensor({{0.5f, 0.5f}, {0.2f, 0.6f}});  // normalized: [.5,.5], [.25,.75]
   CHECK(balance_loss(sig, indices, 1, c).item<double>() == Approx(0.1 * 2 * 0.375));
 }
+
+TEST_CASE("dropped expert groups are filled with -inf, as DeepSeek's reference does", "[model][moe]") {
+  // DeepSeek-V3 inference/model.py masks the groups that lose with -inf; some transformers versions fill them with
+  // 0.0 instead. The two differ when every bias-corrected score of the winning group is negative: a 0 fill would
+  // route to the losing group's experts. We follow the reference; this case pins the difference.
+  ModelConfig c = flavor("tiny");
+  c.n_routed_experts = 4;
+  c.n_group = 2;
+  c.topk_group = 1;
+  c.num_experts_per_tok = 2;
+  auto logits = torch::tensor({{0.0f, 0.0f, -4.0f, -4.0f}});  // sigmoid: 0.5, 0.5, 0.018, 0.018
+  auto bias = torch::tensor({-2.0f, -2.0f, -2.0f, -2.0f});      // choice scores: -1.5, -1.5, -1.98, -1.98
+  Routing r = route(logits, bias, c);
+  std::set<int64_t> chosen{r.indices[0][0].item<int64_t>(), r.indices[0][1].item<int64_t>()};
+  CHECK(chosen == std::set<int64_t>{0, 1});  // group 0 wins and keeps both picks; a 0 fill would pick 2 and 3
+}
