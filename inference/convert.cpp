@@ -27,7 +27,7 @@ static int run(int argc, char** argv) {
   const auto dtype = d == "bf16" ? torch::kBFloat16 : d == "fp16" ? torch::kFloat16 : torch::kFloat32;
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
-  auto m = inference::load_model(args["model"].as<std::string>());
+  auto m = inference::load_model(args["model"].as<std::string>(), torch::kCPU, /*keep_mtp=*/true);
   const std::string out = args["out"].as<std::string>();
   model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
   // The tokenizer travels with the weights, whichever kind it is.

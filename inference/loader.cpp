@@ -10,11 +10,12 @@ namespace fs = std::filesystem;
 
 namespace dsopen::inference {
 
-model::CausalLM load_model(const std::string& dir, torch::Device device) {
+model::CausalLM load_model(const std::string& dir, torch::Device device, bool keep_mtp) {
   if (!fs::is_directory(dir)) throw runtime_error(dir, "model directory not found", "pass a checkpoint or HF model directory");
   model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
-  c.use_mtp = false;
   model::WeightFiles weights(dir);
+  c.use_mtp = keep_mtp && c.num_nextn_predict_layers > 0 &&
+              weights.contains("model.layers." + std::to_string(c.num_hidden_layers) + ".eh_proj.weight");
   model::CausalLM m(c);
   model::load_hf_state_dict(m, weights, /*strict=*/true);
   m->to(device);

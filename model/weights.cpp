@@ -85,15 +85,21 @@ std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   return out;
 }
 
-void load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict) {
+int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict, bool fresh_mtp) {
   auto targets = hf_state_dict(model);
   std::vector<std::string> problems;
   const int64_t L = model->config().num_hidden_layers;
   torch::NoGradGuard no_grad;
+  int64_t fresh = 0;
   for (auto& [name, t] : targets) {
     const bool mtp_copy = name.find("embed_tokens") != std::string::npos && name.rfind("model.layers.", 0) == 0;
     const bool head_copy = name.find("shared_head.head") != std::string::npos;
     if (mtp_copy || head_copy) continue;  // copies of the shared tensors; the originals are loaded
+    if (!file.contains(name) && fresh_mtp && name.rfind("model.layers.", 0) == 0 &&
+        std::stoll(name.substr(13, name.find('.', 13) - 13)) >= L) {
+      ++fresh;
+      continue;
+    }
     if (!file.contains(name)) {
       problems.push_back("missing " + name + " " + shape_str(t.sizes()));
       continue;
@@ -115,7 +121,7 @@ void load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict) {
       if (!mtp_layer) problems.push_back("unexpected " + name + " " + shape_str(file.shape(name)));
     }
   }
-  if (problems.empty()) return;
+  if (problems.empty()) return fresh;
   std::string msg = std::to_string(problems.size()) + " tensor problem(s): " + problems.front();
   for (size_t i = 1; i < std::min<size_t>(problems.size(), 8); ++i) msg += "; " + problems[i];
   if (problems.size() > 8) msg += "; ...";

@@ -35,7 +35,9 @@ std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model);
 // Copies the weights into the model (converting F32/F16/BF16 to the model's dtype). Missing, unexpected or
 // mis-shaped tensors are reported together (name, expected and found shape); `strict` = false tolerates unexpected
 // ones. MTP layers of the file are skipped when the model runs without MTP.
-void load_hf_state_dict(CausalLM& model, const WeightFiles& weights, bool strict = true);
+// With `fresh_mtp`, MTP modules the file lacks keep their initialization (fine-tuning with MTP from a checkpoint
+// that has none); the number of such tensors is returned.
+int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, bool strict = true, bool fresh_mtp = false);
 
 // Writes an HF model directory: config.json and model.safetensors, or shards of at most `max_shard_bytes` with
 // model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them).

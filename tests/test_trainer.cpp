@@ -250,3 +250,14 @@ TEST_CASE("dynamic loss scaling backs off on overflow and grows after a run of g
   bf16.update(false);  // no loss scaling outside fp16
   CHECK(bf16.scale() == 1.0);
 }
+
+TEST_CASE("model.pretrained fine-tunes from a model directory's weights", "[train][pretrained]") {
+  const auto base = run(config_text("pre_base"), {"train.max_steps=20", "checkpoint.every=0"});
+  const auto fresh = run(config_text("pre_fresh"), {"train.max_steps=1"});
+  const auto tuned = run(config_text("pre_tuned"), {"train.max_steps=1", "model.pretrained=" + base.last_checkpoint});
+  // Starting from the trained weights, the first loss is where the base run ended, far below a fresh start.
+  CHECK(tuned.losses[0] < fresh.losses[0] - 1.0);
+  CHECK(tuned.losses[0] == Approx(base.losses.back()).margin(0.5));
+  auto msg = error_of([&] { run(config_text("pre_bad"), {"model.pretrained=/nonexistent"}); });
+  CHECK(msg.find("/nonexistent/config.json: config.json not found") == 0);
+}
