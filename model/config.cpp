@@ -70,6 +70,7 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.choice("architecture", c.model_type, types);
   r.choice("model_type", c.model_type, types);
   r.optional("pretrained", c.pretrained);
+  r.optional("strict", c.strict);
 
   auto i64 = [&](const char* key, int64_t& out, long long lo) {
     long long v = out;

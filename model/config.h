@@ -32,6 +32,7 @@ struct RopeScaling {
 struct ModelConfig {
   std::string model_type = "deepseek_v3";
   std::string pretrained;  // HF directory the weights (and this config) come from; empty: random init
+  bool strict = true;      // with pretrained: tensors the model does not have are errors (false: ignored)
 
   // Shared by all architectures.
   int64_t vocab_size = 32000;

@@ -158,7 +158,7 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   if (resume.empty() && !j.model.pretrained.empty()) {
     // Fine-tuning: start from the HF directory's weights (the optimizer buffers alias the parameters, so the
     // copy lands in them too).
-    const int64_t fresh = model::load_hf_state_dict(s.model, model::WeightFiles(j.model.pretrained), true, true);
+    const int64_t fresh = model::load_hf_state_dict(s.model, model::WeightFiles(j.model.pretrained), j.model.strict, true);
     spdlog::info("loaded pretrained weights from {}", j.model.pretrained);
     if (fresh > 0) spdlog::warn("{} MTP tensors are not in {}; those modules start from their initialization", fresh, j.model.pretrained);
   }
