@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <iostream>
 
+#include <torch/csrc/autograd/profiler_legacy.h>
+
 #include "model/info.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
@@ -28,6 +30,8 @@ static int run(int argc, char** argv) {
       "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"))(
       "checkpointing", "Activation checkpointing")(
       "optimizer", "Time whole training steps: forward, backward, clipping and the AdamW update")(
+      "profile", "After timing, profile one step and write a Chrome trace (chrome://tracing) to this file",
+      cxxopts::value<std::string>())(
       "json", "Print one JSON object");
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
@@ -79,6 +83,11 @@ static int run(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < steps; ++i) step();
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
+  if (args.count("profile")) {
+    // One more step under LibTorch's profiler: every ATen op with its CPU time, for "where does the time go".
+    torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
+    step();
+  }
   const double tok_s = B * T / s;
   const double tflops = tok_s * model::training_flops_per_token(c, T) / 1e12;
   const auto counts = model::count_parameters(c);

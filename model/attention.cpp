@@ -97,10 +97,10 @@ void MLAImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, c
 std::pair<torch::Tensor, torch::Tensor> MLAImpl::queries(const torch::Tensor& x, const AttentionInput& in) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_lora_rank_ > 0 ? q_b_proj(q_a_layernorm(q_a_proj(x))) : q_proj(x);
-  q = q.view({B, T, n_heads_, nope_dim_ + rope_dim_});
-  auto q_nope = q.narrow(-1, 0, nope_dim_);                                            // [B, T, H, nope]
-  auto q_pe = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), in.cos, in.sin);  // [B, T, H, rope]
-  return {q_nope, q_pe};
+  // split, not two narrows: the backward of a narrow materialises a zero gradient of the whole input.
+  auto parts = q.view({B, T, n_heads_, nope_dim_ + rope_dim_}).split_with_sizes({nope_dim_, rope_dim_}, -1);
+  auto q_pe = apply_rope_interleaved(parts[1], in.cos, in.sin);  // [B, T, H, rope]
+  return {parts[0], q_pe};                                        // q_nope [B, T, H, nope]
 }
 
 torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
@@ -124,10 +124,9 @@ torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch:
 torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
   const int64_t B = x.size(0), T = x.size(1);
   auto [q_nope, q_pe] = queries(x, in);
-  auto kv = kv_a_proj_with_mqa(x);                                                   // [B, T, kv_lora + rope]
-  auto latent = kv_a_layernorm(kv.narrow(-1, 0, kv_lora_rank_));                    // [B, T, kv_lora]
-  auto k_pe = apply_rope_interleaved(kv.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2), in.cos, in.sin)
-                  .squeeze(2);                                                       // [B, T, rope]
+  auto kv = kv_a_proj_with_mqa(x).split_with_sizes({kv_lora_rank_, rope_dim_}, -1);  // [B, T, kv_lora | rope]
+  auto latent = kv_a_layernorm(kv[0]);                                                 // [B, T, kv_lora]
+  auto k_pe = apply_rope_interleaved(kv[1].unsqueeze(2), in.cos, in.sin).squeeze(2);  // [B, T, rope]
   if (in.cache) {
     auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in.start);
     auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in.start);
@@ -135,9 +134,9 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
     return o_proj(out.to(x.scalar_type()));
   }
   // Expanded formulation: per-head keys [nope | shared rope key] and values from the latent.
-  auto kv_full = kv_b_proj(latent).view({B, T, n_heads_, nope_dim_ + v_dim_});
-  auto k_nope = kv_full.narrow(-1, 0, nope_dim_);
-  auto v = kv_full.narrow(-1, nope_dim_, v_dim_);
+  auto kv_full = kv_b_proj(latent).view({B, T, n_heads_, nope_dim_ + v_dim_}).split_with_sizes({nope_dim_, v_dim_}, -1);
+  auto k_nope = kv_full[0];
+  auto v = kv_full[1];
   auto k = torch::cat({k_nope, k_pe.unsqueeze(2).expand({B, T, n_heads_, rope_dim_})}, -1);
   auto q = torch::cat({q_nope, q_pe}, -1);
   auto out = in.mask.defined()

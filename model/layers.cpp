@@ -79,7 +79,9 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& p
 torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
   auto xf = x.to(torch::kFloat32);
-  auto x1 = xf.narrow(-1, 0, half), x2 = xf.narrow(-1, half, half);
+  auto halves = xf.split(half, -1);  // one split: its backward concatenates instead of zero-filling per half
+  const auto& x1 = halves[0];
+  const auto& x2 = halves[1];
   // [T, 1, dim/2] or [B, T, 1, dim/2] broadcasts over [B, T, H, dim/2]
   auto c = cos.unsqueeze(cos.dim() - 1), s = sin.unsqueeze(sin.dim() - 1);
   return torch::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1).to(x.scalar_type());
@@ -90,7 +92,9 @@ torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor
   sizes.back() /= 2;
   sizes.push_back(2);
   auto xf = x.to(torch::kFloat32).reshape(sizes);  // [..., dim/2, 2]
-  auto x1 = xf.select(-1, 0), x2 = xf.select(-1, 1);
+  auto pair = xf.unbind(-1);  // not two selects, whose backwards would each zero-fill the whole input
+  const auto& x1 = pair[0];
+  const auto& x2 = pair[1];
   auto c = cos.unsqueeze(cos.dim() - 1), s = sin.unsqueeze(sin.dim() - 1);
   return torch::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2).to(x.scalar_type());
 }

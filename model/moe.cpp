@@ -83,13 +83,12 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
   const int64_t* counts = load_cpu.data_ptr<int64_t>();
   auto x_sorted = flat.index_select(0, token_of);                   // [N*K, D]
+  // One split (its backward concatenates the block gradients once) rather than a narrow per expert, whose
+  // backward would allocate and fill a full [N*K, D] gradient for every expert.
+  auto blocks = x_sorted.split_with_sizes(c10::IntArrayRef(counts, E), 0);
   std::vector<torch::Tensor> outs;
-  int64_t offset = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    if (counts[e] == 0) continue;
-    outs.push_back(expert_list_[e]->forward(x_sorted.narrow(0, offset, counts[e])));
-    offset += counts[e];
-  }
+  for (int64_t e = 0; e < E; ++e)
+    if (counts[e] > 0) outs.push_back(expert_list_[e]->forward(blocks[e]));
   auto y_sorted = torch::cat(outs, 0);                              // [N*K, D]
   auto w_sorted = r.weights.reshape({-1}).index_select(0, order).unsqueeze(1).to(y_sorted.scalar_type());
   auto y = torch::zeros({B * T, D}, y_sorted.options()).index_add(0, token_of, y_sorted * w_sorted);
