@@ -9,6 +9,7 @@
 
 #include "data/dataset.h"
 #include "inference/loader.h"
+#include "inference/quantize.h"
 #include "model/safetensors.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -76,7 +77,7 @@ static int run(int argc, char** argv) {
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
-  auto m = inference::load_model(args["model"].as<std::string>());
+  auto m = inference::load_quantized_model(args["model"].as<std::string>());
   torch::NoGradGuard no_grad;
   if (args.count("tokens")) {
     if (!args.count("dump-logits")) throw usage_error("--tokens", "needs --dump-logits OUT.safetensors");

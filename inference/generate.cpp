@@ -7,6 +7,7 @@
 #include "data/hf_tokenizer.h"
 #include "inference/generator.h"
 #include "inference/loader.h"
+#include "inference/quantize.h"
 #include "utils/cli.h"
 #include "utils/env.h"
 #include "utils/errors.h"
@@ -41,7 +42,7 @@ static int run(int argc, char** argv) {
   const std::string dir = args["model"].as<std::string>();
   const std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : dir;
   auto tok = data::load_tokenizer(tok_path);
-  auto model = inference::load_model(dir);
+  auto model = inference::load_quantized_model(dir);
   if (tok->vocab_size() > model->config().vocab_size)
     throw usage_error(tok_path, "tokenizer vocabulary (" + std::to_string(tok->vocab_size()) +
                                     ") exceeds the model's vocab_size (" + std::to_string(model->config().vocab_size) + ")",

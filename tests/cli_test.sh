@@ -10,7 +10,7 @@ check() {  # check NAME EXPECTED_RC COMMAND...
   if [ "$rc" != "$want" ]; then echo "FAIL $name: exit $rc, want $want; output: $out"; fail=1; else echo "ok   $name"; fi
   LAST="$out"
 }
-for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert; do
+for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert dsopen-quantize; do
   check "$b --help" 0 "$BIN/$b" --help
   check "$b --version" 0 "$BIN/$b" --version
   case "$LAST" in *"0.1.0"*) ;; *) echo "FAIL $b --version does not print 0.1.0: $LAST"; fail=1 ;; esac
@@ -107,6 +107,13 @@ rel = ((ours - ref).abs().max() / ref.abs().max()).item()
 assert rel < 1e-4 and bool((ours.argmax(-1) == ref.argmax(-1)).all()), rel
 print(f"ok   training checkpoint loads in transformers, logits agree ({rel:.1e})")
 PY
+# Quantized models: written by dsopen-quantize, read by dsopen-eval and dsopen-generate.
+check "quantize int8" 0 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int8 --group-size 16 --out "$W/q8"
+check "eval quantized" 0 "$BIN/dsopen-eval" --model "$W/q8" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
+case "$LAST" in *perplexity*) echo "ok   quantized $LAST" ;; *) echo "FAIL quantized eval: $LAST"; fail=1 ;; esac
+check "generate quantized" 0 "$BIN/dsopen-generate" --model "$W/q8" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
+check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int3 --out "$W/qx"
+check "quantize bad group" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int4 --group-size 7 --out "$W/qx"
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl
 rm -rf "$W"

@@ -1,0 +1,246 @@
+// Weight-only quantization: int4 packing, RTN error bounds, GPTQ against RTN on correlated inputs, whole-model
+// int8 / gptq-int4 through the saved file and load_quantized_model, errors and sizes.
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "inference/quantize.h"
+#include "model/registry.h"
+#include "model/safetensors.h"
+#include "utils/errors.h"
+
+using namespace dsopen;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& tag)
+      : path((fs::temp_directory_path() / ("dsopen_quantize_" + tag + "_" + std::to_string(::getpid()))).string()) {
+    fs::remove_all(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+model::CausalLM debug_model() {
+  model::ModelConfig c = *model::find_flavor("debug");
+  c.use_mtp = false;
+  torch::manual_seed(7);
+  model::CausalLM m(c);
+  m->init_weights();
+  m->eval();
+  return m;
+}
+
+// ||X W^T - X Wq^T|| / ||X W^T||
+double output_error(const torch::Tensor& X, const torch::Tensor& W, const torch::Tensor& Wq) {
+  auto ref = X.mm(W.t());
+  return ((ref - X.mm(Wq.t())).norm() / ref.norm()).item<double>();
+}
+
+std::string error_text(const std::function<void()>& f, ErrorKind* kind) {
+  try {
+    f();
+  } catch (const Error& e) {
+    *kind = e.kind();
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("int4 pack / unpack round-trips every code exactly", "[quantize]") {
+  auto codes = torch::randint(0, 16, {37, 64}, torch::kLong).to(torch::kUInt8);
+  codes[0] = torch::arange(64, torch::kLong).remainder(16).to(torch::kUInt8);
+  auto packed = inference::pack_int4(codes);
+  REQUIRE(packed.sizes() == torch::IntArrayRef({37, 32}));
+  REQUIRE(packed.scalar_type() == torch::kUInt8);
+  CHECK(torch::equal(inference::unpack_int4(packed), codes));
+  // low nibble = even column, high nibble = odd column
+  CHECK(packed[0][0].item<int>() == (0 | (1 << 4)));
+  CHECK(packed[0][7].item<int>() == (14 | (15 << 4)));
+}
+
+TEST_CASE("RTN dequantization error is at most half a step per element", "[quantize]") {
+  torch::manual_seed(3);
+  auto W = torch::randn({48, 256}) * 0.05;
+  W[3] += 0.3;  // an all-positive row: the range still includes zero
+  for (int bits : {8, 4}) {
+    for (auto dtype : {torch::kFloat16, torch::kFloat32}) {
+      INFO("bits " << bits << " scale dtype " << dtype);
+      auto q = inference::quantize_rtn(W, bits, 64, "test.layer", dtype);
+      REQUIRE(q.qweight.sizes() == torch::IntArrayRef({48, bits == 4 ? 128 : 256}));
+      REQUIRE(q.scales.sizes() == torch::IntArrayRef({48, 4}));
+      REQUIRE(q.zeros.scalar_type() == dtype);
+      auto deq = inference::dequantize(q);
+      auto step = q.scales.to(torch::kFloat32).repeat_interleave(64, 1);  // [48, 256]
+      auto err = (W - deq).abs();
+      CHECK((err <= step * 0.5 * (1 + 1e-5) + 1e-7).all().item<bool>());
+      CHECK(err.max().item<double>() > 0);
+      auto z = q.zeros.to(torch::kFloat32);
+      CHECK(torch::equal(z, z.round()));
+      CHECK(z.min().item<double>() >= 0);
+      CHECK(z.max().item<double>() <= (1 << bits) - 1);
+    }
+  }
+}
+
+TEST_CASE("GPTQ beats RTN on a layer with correlated calibration inputs", "[quantize]") {
+  torch::manual_seed(11);
+  const int64_t in = 256, out = 64, n = 2048;
+  // Correlated inputs: a 32-dimensional latent mixed into 256 features, plus a little noise and uneven scales.
+  auto X = torch::randn({n, 32}).mm(torch::randn({32, in})) + 0.1 * torch::randn({n, in});
+  X = X * torch::linspace(0.2, 2.0, in).unsqueeze(0);
+  auto W = torch::randn({out, in}) * 0.05;
+  inference::HessianAccumulator acc;
+  acc.add(X.slice(0, 0, 1000));
+  acc.add(X.slice(0, 1000));
+  REQUIRE(acc.rows == n);
+  auto Xd = X.to(torch::kFloat64);
+  CHECK(torch::allclose(acc.H, 2.0 / n * Xd.t().mm(Xd), 1e-9, 1e-9));
+  for (int64_t g : {32, 128}) {
+    const double rtn = output_error(X, W, inference::dequantize(inference::quantize_rtn(W, 4, g)));
+    for (bool act_order : {false, true}) {
+      inference::GptqOptions o;
+      o.act_order = act_order;
+      o.block_size = 64;  // several blocks
+      auto q = inference::gptq_quantize_layer(W, acc.H, 4, g, o);
+      const double gptq = output_error(X, W, inference::dequantize(q));
+      INFO("group " << g << " act_order " << act_order << ": gptq " << gptq << " rtn " << rtn);
+      CHECK(gptq < 0.8 * rtn);
+    }
+  }
+  // A dead input (always zero) leaves its weights rounded to nearest instead of zeroed.
+  auto Xdead = X.clone();
+  Xdead.select(1, 5).zero_();
+  inference::HessianAccumulator dead;
+  dead.add(Xdead);
+  auto q = inference::gptq_quantize_layer(W, dead.H, 8, 32);
+  CHECK(inference::dequantize(q).select(1, 5).abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("int8 model logits stay close to full precision through the saved file", "[quantize]") {
+  auto m = debug_model();
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(1, m->config().vocab_size, {2, 24}, torch::kLong);
+  auto ref = m->forward(ids).logits;
+  inference::QuantizeOptions o;
+  o.method = "rtn-int8";
+  o.group_size = 16;  // kv_b_proj has 16 inputs in the debug flavor
+  o.quantize_head = true;
+  auto q = inference::quantize_model(m, o);
+  CHECK(q.layers.count("model.layers.0.self_attn.kv_b_proj") == 1);
+  CHECK(q.layers.count("model.layers.0.mlp.down_proj") == 1);
+  CHECK(q.layers.count("lm_head") == (m->lm_head ? 1u : 0u));
+  TempDir dir("int8");
+  inference::save_quantized_model(m, q, dir.path);
+  model::SafetensorsFile f(dir.path + "/model.safetensors");
+  CHECK(f.metadata().at("quant_method") == "rtn");
+  CHECK(f.metadata().at("bits") == "8");
+  CHECK(f.metadata().at("group_size") == "16");
+  CHECK(f.contains("model.layers.0.mlp.up_proj.qweight"));
+  CHECK_FALSE(f.contains("model.layers.0.mlp.up_proj.weight"));
+  auto loaded = inference::load_quantized_model(dir.path);
+  auto got = loaded->forward(ids).logits;
+  const double rel = ((got - ref).abs().max() / ref.abs().max()).item<double>();
+  INFO("max relative logit error " << rel);
+  CHECK(rel < 2e-2);
+  CHECK(rel > 0);
+  // The file's weights are the dequantized ones.
+  CHECK(torch::allclose(loaded->model->layer_list[0]->input_layernorm->weight,
+                        m->model->layer_list[0]->input_layernorm->weight));
+}
+
+TEST_CASE("gptq-int4 calibrates every decoder layer through captured linear inputs", "[quantize]") {
+  auto m = debug_model();
+  auto rtn_model = debug_model();
+  torch::NoGradGuard ng;
+  std::vector<torch::Tensor> calib;
+  for (int i = 0; i < 4; ++i) calib.push_back(torch::randint(1, m->config().vocab_size, {4, 32}, torch::kLong));
+  auto ref = torch::cat({m->forward(calib[0]).logits, m->forward(calib[1]).logits});
+
+  inference::QuantizeOptions o;
+  o.method = "gptq-int4";
+  o.group_size = 16;
+  CHECK_THROWS_AS(inference::quantize_model(m, o), Error);  // no calibration data
+  auto q = inference::quantize_model(m, o, calib);
+  const auto names = inference::quantizable_linears(m, false);
+  REQUIRE(q.layers.size() == names.size());
+  for (const auto& name : names) {
+    INFO(name);
+    // Attention, dense MLP and shared-expert projections see every calibration token.
+    if (name.find(".experts.") == std::string::npos) CHECK(q.calibration_rows.at(name) == 4 * 4 * 32);
+  }
+  auto gptq_logits = torch::cat({m->forward(calib[0]).logits, m->forward(calib[1]).logits});
+
+  o.method = "rtn-int4";
+  auto qr = inference::quantize_model(rtn_model, o);
+  TempDir dir("rtn4");
+  inference::save_quantized_model(rtn_model, qr, dir.path);
+  auto rtn_loaded = inference::load_quantized_model(dir.path);
+  auto rtn_logits = torch::cat({rtn_loaded->forward(calib[0]).logits, rtn_loaded->forward(calib[1]).logits});
+  const double e_gptq = (gptq_logits - ref).norm().item<double>(), e_rtn = (rtn_logits - ref).norm().item<double>();
+  INFO("logit error on calibration tokens: gptq " << e_gptq << " rtn " << e_rtn);
+  CHECK(e_gptq < e_rtn);
+
+  // The gptq file loads back to the model quantize_model left behind.
+  TempDir gdir("gptq4");
+  inference::save_quantized_model(m, q, gdir.path);
+  auto g_loaded = inference::load_quantized_model(gdir.path);
+  CHECK(torch::allclose(g_loaded->forward(calib[0]).logits, m->forward(calib[0]).logits, 1e-4, 1e-5));
+}
+
+TEST_CASE("quantization errors name the option and the layer", "[quantize]") {
+  ErrorKind kind = ErrorKind::Runtime;
+  auto msg = error_text([] { inference::quantize_rtn(torch::randn({8, 100}), 4, 128, "model.layers.0.mlp.up_proj"); }, &kind);
+  CHECK(kind == ErrorKind::Usage);
+  CHECK(msg.find("--group-size") != std::string::npos);
+  CHECK(msg.find("model.layers.0.mlp.up_proj") != std::string::npos);
+  CHECK(msg.find("100") != std::string::npos);
+
+  auto m = debug_model();
+  inference::QuantizeOptions o;
+  o.method = "rtn-int4";
+  o.group_size = 128;  // the debug flavor's layers have 16..128 inputs
+  kind = ErrorKind::Runtime;
+  msg = error_text([&] { inference::quantize_model(m, o); }, &kind);
+  CHECK(kind == ErrorKind::Usage);
+  CHECK(msg.find("--group-size") != std::string::npos);
+  CHECK(msg.find("_proj") != std::string::npos);
+
+  kind = ErrorKind::Runtime;
+  msg = error_text([] { inference::parse_method("awq-int3"); }, &kind);
+  CHECK(kind == ErrorKind::Usage);
+  CHECK(msg.find("--method") != std::string::npos);
+  CHECK(msg.find("gptq-int4") != std::string::npos);
+}
+
+TEST_CASE("int4 with group 128 and fp16 scales costs 4.25 bits per weight", "[quantize]") {
+  auto W = torch::randn({256, 1024});
+  auto q = inference::quantize_rtn(W, 4, 128);
+  const double bytes = static_cast<double>(q.qweight.numel() * q.qweight.element_size() +
+                                           q.scales.numel() * q.scales.element_size() +
+                                           q.zeros.numel() * q.zeros.element_size());
+  CHECK(bytes * 8 / (256.0 * 1024) == Approx(4.25));
+  CHECK(inference::bits_per_weight(4, 128) == Approx(4.25));
+  CHECK(inference::bits_per_weight(8, 128) == Approx(8.25));
+  CHECK(inference::bits_per_weight(4, 128, torch::kFloat32) == Approx(4.5));
+
+  auto m = debug_model();
+  inference::QuantizeOptions o;
+  o.method = "rtn-int4";
+  o.group_size = 16;
+  auto qm = inference::quantize_model(m, o);
+  auto r = inference::size_report(m, qm);
+  CHECK(r.bits_per_weight == Approx(inference::bits_per_weight(4, 16)));
+  CHECK(r.bytes_after < r.bytes_before);
+  CHECK(r.quantized_params < r.params);
+  CHECK(r.projected_7b_bytes_all == Approx(6.91e9 * r.bits_per_weight / 8));
+}
