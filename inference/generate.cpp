@@ -19,8 +19,9 @@ static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-generate", "Generate text with a trained model");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
       "tokenizer", "Tokenizer .model / tokenizer.json (default: the one in MODEL)", cxxopts::value<std::string>())(
-      "prompt", "Prompt text", cxxopts::value<std::string>())("prompt-file", "Read the prompt from a file",
-                                                              cxxopts::value<std::string>())(
+      "prompt", "Prompt text; repeat it to generate for several prompts in one batch",
+      cxxopts::value<std::vector<std::string>>())("prompt-file", "Read the prompt from a file",
+                                                  cxxopts::value<std::string>())(
       "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>)")(
       "max-new-tokens", "Tokens to generate at most", cxxopts::value<int64_t>()->default_value("128"))(
       "temperature", "0: greedy", cxxopts::value<double>()->default_value("0.8"))(
@@ -35,8 +36,8 @@ static int run(int argc, char** argv) {
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
-  if (args.count("prompt") == args.count("prompt-file"))
-    throw usage_error("dsopen-generate", "give exactly one of --prompt and --prompt-file");
+  if ((args.count("prompt") > 0) == (args.count("prompt-file") > 0))
+    throw usage_error("dsopen-generate", "give --prompt (one or more) or --prompt-file");
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
   const std::string dir = args["model"].as<std::string>();
@@ -48,11 +49,15 @@ static int run(int argc, char** argv) {
                                     ") exceeds the model's vocab_size (" + std::to_string(model->config().vocab_size) + ")",
                       "use the tokenizer the model was trained with");
 
-  std::string prompt = args.count("prompt") ? args["prompt"].as<std::string>() : env::read_file(args["prompt-file"].as<std::string>());
-  if (args.count("chat")) prompt = "<|User|>" + prompt + "\n<|Assistant|>";
-  std::vector<int32_t> ids;
-  if (!args.count("no-bos") && tok->bos_id() >= 0) ids.push_back(tok->bos_id());
-  for (int32_t t : tok->encode(prompt)) ids.push_back(t);
+  std::vector<std::string> prompts = args.count("prompt") ? args["prompt"].as<std::vector<std::string>>()
+                                                          : std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())};
+  std::vector<std::vector<int32_t>> ids;
+  for (auto& prompt : prompts) {
+    if (args.count("chat")) prompt = "<|User|>" + prompt + "\n<|Assistant|>";
+    ids.emplace_back();
+    if (!args.count("no-bos") && tok->bos_id() >= 0) ids.back().push_back(tok->bos_id());
+    for (int32_t t : tok->encode(prompt)) ids.back().push_back(t);
+  }
 
   inference::SamplingOptions so;
   so.temperature = args["temperature"].as<double>();
@@ -66,12 +71,23 @@ static int run(int argc, char** argv) {
   if (args.count("stop")) go.stop = args["stop"].as<std::vector<std::string>>();
   if (args.count("chat")) go.stop.push_back("<|end|>");
 
-  std::cout << prompt << std::flush;
-  auto r = inference::generate(model, *tok, ids, sampler, go, [](const std::string& piece) { std::cout << piece << std::flush; });
-  std::cout << std::endl;
+  const bool stream = prompts.size() == 1;  // one prompt streams; a batch prints each text when done
+  if (stream) std::cout << prompts[0] << std::flush;
+  auto results = inference::generate_batch(model, *tok, ids, sampler, go, [&](size_t, const std::string& piece) {
+    if (stream) std::cout << piece << std::flush;
+  });
+  int64_t prompt_tokens = 0;
+  size_t generated = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (stream) std::cout << std::endl;
+    else std::cout << "[" << i << "] " << prompts[i] << results[i].text << std::endl;
+    prompt_tokens += results[i].prompt_tokens;
+    generated += results[i].tokens.size();
+  }
+  const auto& r = results.front();
   std::fprintf(stderr, "prompt %lld tokens in %.3f s (%.1f tokens/s) | generated %zu tokens in %.3f s (%.1f tokens/s)\n",
-               static_cast<long long>(r.prompt_tokens), r.prefill_s, r.prompt_tokens / std::max(r.prefill_s, 1e-9),
-               r.tokens.size(), r.decode_s, r.tokens.size() / std::max(r.decode_s, 1e-9));
+               static_cast<long long>(prompt_tokens), r.prefill_s, prompt_tokens / std::max(r.prefill_s, 1e-9),
+               generated, r.decode_s, generated / std::max(r.decode_s, 1e-9));
   return 0;
 }
 

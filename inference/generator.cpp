@@ -6,56 +6,122 @@
 
 namespace dsopen::inference {
 
-GenerateResult generate(model::CausalLM& model, const data::Tokenizer& tok, const std::vector<int32_t>& prompt,
-                        Sampler& sampler, const GenerateOptions& o,
-                        const std::function<void(const std::string&)>& on_text) {
+namespace {
+
+// Decoded text of a sequence's new tokens, cut at a stop string; `stopped` tells whether one was found.
+// A trailing replacement character is held back unless `final`: it is a multi-byte character still arriving.
+std::string visible_text(const data::Tokenizer& tok, const std::vector<int32_t>& tokens,
+                         const std::vector<std::string>& stops, bool final, bool& stopped) {
+  std::string text = tok.decode(tokens);
+  stopped = false;
+  for (const auto& s : stops) {
+    const auto at = text.find(s);
+    if (!s.empty() && at != std::string::npos) text = text.substr(0, at), stopped = true;
+  }
+  const std::string replacement = "\xEF\xBF\xBD";
+  while (!final && !stopped && text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0)
+    text.resize(text.size() - 3);
+  return text;
+}
+
+}  // namespace
+
+std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::Tokenizer& tok,
+                                           const std::vector<std::vector<int32_t>>& prompts, Sampler& sampler,
+                                           const GenerateOptions& o,
+                                           const std::function<void(size_t, const std::string&)>& on_text) {
   const int64_t ctx = model->config().max_position_embeddings;
-  if (prompt.empty()) throw usage_error("--prompt", "the prompt is empty");
-  if (static_cast<int64_t>(prompt.size()) >= ctx)
-    throw usage_error("--prompt", "the prompt has " + std::to_string(prompt.size()) +
-                                      " tokens; the model's context is " + std::to_string(ctx),
-                      "shorten the prompt");
-  const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - static_cast<int64_t>(prompt.size()));
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  if (B == 0) throw usage_error("--prompt", "no prompts");
+  int64_t longest = 0;
+  for (const auto& p : prompts) {
+    if (p.empty()) throw usage_error("--prompt", "a prompt is empty");
+    if (static_cast<int64_t>(p.size()) >= ctx)
+      throw usage_error("--prompt", "a prompt has " + std::to_string(p.size()) + " tokens; the model's context is " +
+                                        std::to_string(ctx),
+                        "shorten the prompt");
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+  }
+  const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - longest);
   torch::NoGradGuard no_grad;
   const auto device = model->model->embed_tokens->weight.device();
-  model::KVCache cache = model->make_cache(1, static_cast<int64_t>(prompt.size()) + budget);
+  model::KVCache cache = model->make_cache(B, longest + budget);
 
-  GenerateResult r;
-  r.prompt_tokens = static_cast<int64_t>(prompt.size());
-  std::vector<int32_t> context = prompt;
-  auto t0 = std::chrono::steady_clock::now();
-  auto ids = torch::tensor(std::vector<int64_t>(prompt.begin(), prompt.end()), torch::kLong).unsqueeze(0).to(device);
-  auto logits = model->forward(ids, {}, &cache).logits[0][-1];  // prefill: [V] of the last prompt position
-  r.prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  t0 = std::chrono::steady_clock::now();
-  std::string emitted;
-  for (int64_t i = 0; i < budget; ++i) {
-    const int32_t next = static_cast<int32_t>(sampler.sample(logits, context));
-    if (o.stop_at_eos && next == tok.eos_id()) break;
-    r.tokens.push_back(next);
-    context.push_back(next);
-    // Decode everything generated so far: byte-fallback pieces only form text together.
-    std::string text = tok.decode(r.tokens);
-    bool stopped = false;
-    for (const auto& s : o.stop) {
-      const auto at = text.find(s);
-      if (!s.empty() && at != std::string::npos) text = text.substr(0, at), stopped = true;
+  // Left-pad to the longest prompt: padding keys are masked out and every sequence counts its own positions.
+  const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : 0;
+  auto ids = torch::full({B, longest}, pad, torch::kLong);
+  auto segments = torch::zeros({B, longest}, torch::kLong);
+  auto positions = torch::zeros({B, longest}, torch::kLong);
+  std::vector<int64_t> next_position(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = static_cast<int64_t>(prompts[b].size()), offset = longest - n;
+    for (int64_t t = 0; t < n; ++t) {
+      ids[b][offset + t] = prompts[b][t];
+      segments[b][offset + t] = 1;
+      positions[b][offset + t] = t;
     }
-    // Hold back a trailing replacement character: it is a multi-byte character whose bytes are still arriving.
-    const std::string replacement = "\xEF\xBF\xBD";
-    const bool final_token = stopped || i + 1 == budget;
-    while (!final_token && text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0) text.resize(text.size() - 3);
-    if (text.size() > emitted.size() && text.compare(0, emitted.size(), emitted) == 0) {
-      if (on_text) on_text(text.substr(emitted.size()));
-      emitted = text;
-    }
-    if (stopped || i + 1 == budget) break;
-    auto step = torch::tensor({static_cast<int64_t>(next)}, torch::kLong).unsqueeze(0).to(device);
-    logits = model->forward(step, {}, &cache).logits[0][-1];
+    next_position[b] = n;
   }
-  r.decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  r.text = emitted;
-  return r;
+  const bool padded = B > 1;  // a single prompt needs no masks
+  std::vector<GenerateResult> results(B);
+  std::vector<std::vector<int32_t>> context = prompts;
+  std::vector<bool> done(B, false);
+  std::vector<std::string> emitted(B);
+
+  auto t0 = std::chrono::steady_clock::now();
+  auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device)).logits
+                       : model->forward(ids.to(device), {}, &cache).logits;
+  logits = logits.select(1, longest - 1);  // [B, V]
+  const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  t0 = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < budget; ++step) {
+    auto next = torch::full({B, 1}, pad, torch::kLong);
+    for (int64_t b = 0; b < B; ++b) {
+      if (done[b]) continue;
+      const int32_t token = static_cast<int32_t>(sampler.sample(logits[b], context[b]));
+      if (o.stop_at_eos && token == tok.eos_id()) {
+        done[b] = true;
+        continue;
+      }
+      results[b].tokens.push_back(token);
+      context[b].push_back(token);
+      next[b][0] = token;
+      bool stopped = false;
+      const bool last = step + 1 == budget;
+      const std::string text = visible_text(tok, results[b].tokens, o.stop, last, stopped);
+      if (text.size() > emitted[b].size() && text.compare(0, emitted[b].size(), emitted[b]) == 0) {
+        if (on_text) on_text(static_cast<size_t>(b), text.substr(emitted[b].size()));
+        emitted[b] = text;
+      }
+      if (stopped) done[b] = true;
+    }
+    if (step + 1 == budget || std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    if (padded) {
+      auto pos = torch::empty({B, 1}, torch::kLong);
+      for (int64_t b = 0; b < B; ++b) pos[b][0] = next_position[b]++;
+      logits = model->forward(next.to(device), {}, &cache, pos.to(device), torch::ones({B, 1}, torch::kLong).to(device))
+                   .logits.select(1, 0);
+    } else {
+      logits = model->forward(next.to(device), {}, &cache).logits.select(1, 0);
+    }
+  }
+  const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int64_t b = 0; b < B; ++b) {
+    results[b].text = emitted[b];
+    results[b].prompt_tokens = static_cast<int64_t>(prompts[b].size());
+    results[b].prefill_s = prefill_s;
+    results[b].decode_s = decode_s;
+  }
+  return results;
+}
+
+GenerateResult generate(model::CausalLM& model, const data::Tokenizer& tok, const std::vector<int32_t>& prompt,
+                        Sampler& sampler, const GenerateOptions& options,
+                        const std::function<void(const std::string&)>& on_text) {
+  auto callback = [&](size_t, const std::string& piece) {
+    if (on_text) on_text(piece);
+  };
+  return generate_batch(model, tok, {prompt}, sampler, options, callback).front();
 }
 
 }  // namespace dsopen::inference

@@ -25,6 +25,14 @@ struct GenerateResult {
   double prefill_s = 0, decode_s = 0;
 };
 
+// Generates for several prompts of different lengths at once: they are left-padded, padding is masked out of
+// attention and each sequence keeps its own positions, so every result equals generating that prompt alone
+// (greedy; a sampler draws from one generator, so sampled text depends on the batch). `on_text(i, piece)` streams.
+std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::Tokenizer& tok,
+                                           const std::vector<std::vector<int32_t>>& prompts, Sampler& sampler,
+                                           const GenerateOptions& options,
+                                           const std::function<void(size_t, const std::string&)>& on_text = nullptr);
+
 // Generates after `prompt` (token ids); `on_text` receives each new piece of decoded text as it is produced.
 // A prompt that does not fit the model's context (with room for one token) is a usage error.
 GenerateResult generate(model::CausalLM& model, const data::Tokenizer& tok, const std::vector<int32_t>& prompt,

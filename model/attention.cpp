@@ -56,7 +56,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInpu
     v = v.repeat_interleave(n_heads_ / n_kv_heads_, 1);
   }
   torch::Tensor out;
-  if (in.mask.defined() && !in.cache) {
+  if (in.mask.defined()) {
     out = at::scaled_dot_product_attention(q, k, v, in.mask, 0.0, false, scale_);
   } else if (in.start == 0 || T == 1) {
     // A single query sees every cached key, so it needs no mask at all.
@@ -104,7 +104,8 @@ std::pair<torch::Tensor, torch::Tensor> MLAImpl::queries(const torch::Tensor& x,
 }
 
 torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
-                                       const torch::Tensor& latent, const torch::Tensor& k_pe, int64_t start) {
+                                       const torch::Tensor& latent, const torch::Tensor& k_pe, int64_t start,
+                                       const torch::Tensor& mask) {
   const int64_t B = q_nope.size(0), T = q_nope.size(1);
   // kv_b_proj.weight: [H * (nope + v), kv_lora] -> per head [H, nope + v, kv_lora].
   auto w = kv_b_proj->weight.view({n_heads_, nope_dim_ + v_dim_, kv_lora_rank_});
@@ -114,7 +115,11 @@ torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch:
   auto scores = torch::einsum("bthc,bsc->bths", {q_abs, latent}) +
                 torch::einsum("bthr,bsr->bths", {q_pe.to(dtype), k_pe});              // [B, T, H, S]
   scores = scores.to(torch::kFloat32) * scale_;
-  if (T > 1) scores = scores + causal_mask(T, start, scores.options()).unsqueeze(1);  // [T, 1, S]
+  if (mask.defined()) {
+    scores = scores.masked_fill(mask.logical_not().permute({0, 2, 1, 3}), -std::numeric_limits<float>::infinity());
+  } else if (T > 1) {
+    scores = scores + causal_mask(T, start, scores.options()).unsqueeze(1);  // [T, 1, S]
+  }
   auto probs = scores.softmax(-1).to(dtype);
   auto ctx = torch::einsum("bths,bsc->bthc", {probs, latent});                         // [B, T, H, kv_lora]
   auto out = torch::einsum("bthc,hdc->bthd", {ctx, w_v.to(dtype)});                    // [B, T, H, v]
@@ -130,7 +135,7 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
   if (in.cache) {
     auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in.start);
     auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in.start);
-    auto out = attend_absorbed(q_nope, q_pe, all_latent, all_pe, in.start);
+    auto out = attend_absorbed(q_nope, q_pe, all_latent, all_pe, in.start, in.mask);
     return o_proj(out.to(x.scalar_type()));
   }
   // Expanded formulation: per-head keys [nope | shared rope key] and values from the latent.

@@ -25,8 +25,8 @@ struct LayerKVCache {
 // Positions of the current chunk: queries cover [start, start + T); with a cache the keys cover [0, start + T).
 struct AttentionInput {
   torch::Tensor cos, sin;  // [T, rope_dim/2], or [B, T, rope_dim/2] when positions differ per sequence
-  // Packed documents: bool [B, 1, T, T], true where a query may attend a key (same document, not in the future).
-  // Undefined: plain causal attention.
+  // bool [B, 1, T, S], true where a query may attend a key: packed documents (S = T) or padded batches decoding
+  // with a cache (S = start + T). Undefined: plain causal attention.
   torch::Tensor mask;
   int64_t start = 0;
   LayerKVCache* cache = nullptr;  // null: no cache (training / full forward)
@@ -56,9 +56,10 @@ public:
   torch::Tensor forward(const torch::Tensor& x, const AttentionInput& in);
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
   // The absorbed formulation over an explicit latent/rope-key history (exposed for tests):
-  // q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,S,kv_lora], k_pe [B,S,rope] -> [B,T,H*v_head_dim].
+  // q_nope [B,T,H,nope], q_pe [B,T,H,rope], latent [B,S,kv_lora], k_pe [B,S,rope] -> [B,T,H*v_head_dim];
+  // `mask` (bool [B,1,T,S], true = may attend) replaces the causal mask when given.
   torch::Tensor attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe, const torch::Tensor& latent,
-                                const torch::Tensor& k_pe, int64_t start);
+                                const torch::Tensor& k_pe, int64_t start, const torch::Tensor& mask = {});
 
   // Present when q_lora_rank > 0: q_a_proj, q_a_layernorm, q_b_proj; otherwise q_proj.
   torch::nn::Linear q_proj{nullptr}, q_a_proj{nullptr}, q_b_proj{nullptr};

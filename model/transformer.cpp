@@ -201,9 +201,21 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
                                     const torch::Tensor& position_ids, const torch::Tensor& segment_ids) {
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   const int64_t start = cache ? cache->length : 0;
-  TORCH_CHECK(!(cache && segment_ids.defined()), "packed documents cannot be decoded with a KV cache");
   auto [cos, sin] = position_ids.defined() ? rope_.gather(position_ids) : rope_.slice(start, T, input_ids.device());
-  const torch::Tensor mask = segment_ids.defined() ? document_mask(segment_ids) : torch::Tensor();
+  torch::Tensor mask;
+  if (cache && segment_ids.defined()) {
+    // Padded batch decoding: remember which cached keys are real, attend causally to those (and to yourself, so
+    // a padding query never has an empty row).
+    if (!cache->key_valid.defined())
+      cache->key_valid = torch::ones({B, cache->capacity}, input_ids.options().dtype(torch::kBool));
+    cache->key_valid.narrow(1, start, T).copy_(segment_ids != 0);
+    auto q_pos = torch::arange(start, start + T, input_ids.options()).view({T, 1});
+    auto k_pos = torch::arange(0, start + T, input_ids.options()).view({1, start + T});
+    auto valid = cache->key_valid.narrow(1, 0, start + T).unsqueeze(1);  // [B, 1, S]
+    mask = ((valid & (k_pos <= q_pos)) | (k_pos == q_pos)).unsqueeze(1);  // [B, 1, T, S]
+  } else if (segment_ids.defined()) {
+    mask = document_mask(segment_ids);
+  }
 
   ForwardOutput out;
   auto h = model->embed_tokens(input_ids);  // [B, T, hidden]

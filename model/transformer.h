@@ -69,7 +69,8 @@ TORCH_MODULE(DeepSeekModel);
 struct KVCache {
   std::vector<LayerKVCache> layers;
   int64_t capacity = 0;
-  int64_t length = 0;  // positions filled so far
+  int64_t length = 0;        // positions filled so far
+  torch::Tensor key_valid;   // bool [B, capacity]: false for padding (batched prompts of different lengths)
 };
 
 struct ForwardOutput {
@@ -90,7 +91,8 @@ public:
   // input_ids [B, T] int64; labels [B, T] (next-token targets, -100 = ignore) or undefined.
   // With `cache`, positions start at cache->length and the cache is extended (inference; no MTP, no loss).
   // Packed rows pass position_ids and segment_ids [B, T] (see data::Batch): attention stays inside a document
-  // and RoPE positions restart with each one.
+  // and RoPE positions restart with each one. With a cache, segment_ids mark padding (0) in left-padded batches of
+  // prompts: no query attends a padding key, and position_ids give each sequence its own positions.
   ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr,
                         const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
 

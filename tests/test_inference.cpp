@@ -66,6 +66,31 @@ TEST_CASE("greedy generation with the KV cache equals argmax of repeated full fo
   }
 }
 
+TEST_CASE("a batch of prompts of different lengths equals each prompt generated alone", "[inference]") {
+  for (const char* flavor : {"debug", "tiny-dense"}) {
+    INFO(flavor);
+    model::ModelConfig c = *model::find_flavor(flavor);
+    c.vocab_size = 400;
+    c.use_mtp = false;
+    c.max_position_embeddings = 64;
+    if (std::string(flavor) == "tiny-dense") c.hidden_size = 64, c.intermediate_size = 96, c.num_hidden_layers = 2;
+    torch::manual_seed(2);
+    model::CausalLM m(c);
+    m->eval();
+    const std::vector<std::vector<int32_t>> prompts = {{1, 17, 42}, {1, 5, 99, 23, 7, 61, 8}, {1, 250}};
+    inference::GenerateOptions o;
+    o.max_new_tokens = 10;
+    o.stop_at_eos = false;
+    inference::Sampler greedy({0.0, 0, 1.0, 1.0, 0});
+    auto batch = inference::generate_batch(m, tok(), prompts, greedy, o);
+    REQUIRE(batch.size() == 3);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      auto alone = inference::generate(m, tok(), prompts[i], greedy, o);
+      CHECK(batch[i].tokens == alone.tokens);
+    }
+  }
+}
+
 TEST_CASE("sampler: top-k and top-p never emit excluded tokens; seeds reproduce", "[inference][sampler]") {
   auto logits = torch::tensor({3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0});
   inference::Sampler topk({1.0, 3, 1.0, 1.0, 42});
