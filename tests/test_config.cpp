@@ -7,30 +7,14 @@
 
 #include "model/info.h"
 #include "utils/config.h"
+#include "tests/test_helpers.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
 namespace fs = std::filesystem;
+using dsopen::testing::TempDir;
 
 namespace {
-
-// A scratch directory with config files, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("dsopen_cfg_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::ofstream(path / name) << text;
-    return (path / name).string();
-  }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-};
 
 // A section struct decoded the way every folder decodes its own.
 struct Train {

@@ -11,24 +11,16 @@
 #include "model/registry.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
+#include "tests/test_helpers.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
 using namespace dsopen::model;
+using dsopen::testing::TempDir;
+using dsopen::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("dsopen_st_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 // A file with a hand-written header followed by `data_bytes` zero bytes.
 std::string write_raw(const std::string& path, const std::string& header, size_t data_bytes) {
@@ -38,16 +30,6 @@ std::string write_raw(const std::string& path, const std::string& header, size_t
   f << header;
   f << std::string(data_bytes, '\0');
   return path;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("expected a dsopen::Error");
-  return "";
 }
 
 }  // namespace

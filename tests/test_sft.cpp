@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "tests/test_helpers.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
 #include "utils/config.h"
@@ -22,24 +23,12 @@ using data::Conversation;
 using data::Truncation;
 namespace fs = std::filesystem;
 
+using dsopen::testing::TempDir;
+using dsopen::testing::error_of;
+
 namespace {
 
 const char* kCorpus = "/usr/share/games/fortunes/fortunes";
-
-// A mkdtemp scratch directory, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "dsopen_sft_XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::ofstream(path / name, std::ios::binary) << text;
-    return (path / name).string();
-  }
-};
 
 // One tokenizer per test process, with the chat markers as user symbols.
 const data::SentencePieceTokenizer& tokenizer() {
@@ -114,15 +103,6 @@ std::vector<std::vector<int64_t>> epoch_rows(const data::SftDataset& ds, int64_t
   std::vector<std::vector<int64_t>> out;
   for (int64_t i = 0; i < ds.batches_per_epoch(1); ++i) out.push_back(row(ds.batch(epoch, i, 1).input_ids, 0));
   return out;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

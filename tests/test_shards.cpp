@@ -14,24 +14,16 @@
 #include "data/shard_builder.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "tests/test_helpers.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
 using namespace dsopen::data;
+using dsopen::testing::TempDir;
+using dsopen::testing::error_of;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int n = 0;
-    path = fs::temp_directory_path() / ("dsopen_shards_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 // Writes documents of synthetic ids into one shard; returns the full token stream (with EOS = 2).
 std::vector<int64_t> write_shard(const std::string& prefix, const std::vector<std::vector<int32_t>>& docs,
@@ -55,16 +47,6 @@ std::vector<std::vector<int32_t>> synthetic_docs(int n, int seed) {
     docs.push_back(d);
   }
   return docs;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("expected a dsopen::Error");
-  return "";
 }
 
 const SentencePieceTokenizer& tokenizer(int which) {

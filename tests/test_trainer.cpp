@@ -13,10 +13,12 @@
 #include "train/precision.h"
 #include "train/trainer.h"
 #include "utils/config.h"
+#include "tests/test_helpers.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
 namespace fs = std::filesystem;
+using dsopen::testing::error_of;
 
 namespace {
 
@@ -64,16 +66,6 @@ train::TrainResult run(const std::string& text, std::vector<std::string> sets = 
   auto job = job_of(text, sets);
   train::Trainer t(job, "# test\n");
   return t.run();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  FAIL("expected a dsopen::Error");
-  return "";
 }
 
 }  // namespace
