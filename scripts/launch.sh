@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Starts one process per rank on this node, torchrun-style:
+#   scripts/launch.sh --nproc-per-node 4 -- build/bin/dsopen-train --config configs/tiny.yaml --set parallel.strategy=zero2
+#   scripts/launch.sh --nnodes 2 --node-rank 0 --master-addr host0 --master-port 29500 --nproc-per-node 8 -- ...
+#
+# Each process gets MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE (torchrun's names);
+# its output lines are prefixed with "[rank R]". SIGINT/SIGTERM are forwarded to every rank (dsopen-train then
+# checkpoints and exits 0; a second signal kills). When a rank exits non-zero or dies, the others get SIGTERM, then
+# SIGKILL after --grace-s seconds, and the launcher exits with the first failing rank's code.
+# Under Slurm, run `srun ... dsopen-train` directly: it reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+set -uo pipefail
+
+usage() {
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  echo
+  echo "options: --nproc-per-node N (1)  --nnodes M (1)  --node-rank R (0)  --master-addr A (127.0.0.1)"
+  echo "         --master-port P (29500)  --grace-s S (10)  --no-prefix"
+}
+
+nproc_per_node=1 nnodes=1 node_rank=0 master_addr=127.0.0.1 master_port=29500 grace_s=10 prefix=1
+need_value() { [[ $# -ge 2 && -n "$2" ]] || { echo "launch.sh: $1 needs a value (see --help)" >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nproc-per-node) need_value "$@"; nproc_per_node=$2; shift 2 ;;
+    --nnodes) need_value "$@"; nnodes=$2; shift 2 ;;
+    --node-rank) need_value "$@"; node_rank=$2; shift 2 ;;
+    --master-addr) need_value "$@"; master_addr=$2; shift 2 ;;
+    --master-port) need_value "$@"; master_port=$2; shift 2 ;;
+    --grace-s) need_value "$@"; grace_s=$2; shift 2 ;;
+    --no-prefix) prefix=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) echo "launch.sh: unknown option '$1'; the command goes after --" >&2; exit 2 ;;
+  esac
+done
+for v in nproc_per_node nnodes grace_s master_port; do
+  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "launch.sh: --${v//_/-} must be a positive integer, got '${!v}'" >&2; exit 2; }
+done
+[[ $node_rank =~ ^[0-9]+$ && $node_rank -lt $nnodes ]] ||
+  { echo "launch.sh: --node-rank must be in [0, $nnodes), got '$node_rank'" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "launch.sh: no command given; usage: launch.sh [options] -- dsopen-train ..." >&2; exit 2; }
+
+world=$((nnodes * nproc_per_node))
+pids=()
+declare -A rank_of live
+for ((i = 0; i < nproc_per_node; i++)); do
+  rank=$((node_rank * nproc_per_node + i))
+  if [[ $prefix == 1 ]]; then
+    MASTER_ADDR=$master_addr MASTER_PORT=$master_port WORLD_SIZE=$world RANK=$rank LOCAL_RANK=$i \
+      LOCAL_WORLD_SIZE=$nproc_per_node "$@" > >(sed -u "s/^/[rank $rank] /") 2> >(sed -u "s/^/[rank $rank] /" >&2) &
+  else
+    MASTER_ADDR=$master_addr MASTER_PORT=$master_port WORLD_SIZE=$world RANK=$rank LOCAL_RANK=$i \
+      LOCAL_WORLD_SIZE=$nproc_per_node "$@" &
+  fi
+  pids+=($!)
+  rank_of[$!]=$rank
+  live[$!]=1
+done
+
+alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+signal_all() { local p; for p in "${pids[@]}"; do kill "-$1" "$p" 2>/dev/null; done; }
+
+signals=0
+on_signal() {
+  signals=$((signals + 1))
+  if [[ $signals -eq 1 ]]; then
+    echo "launch.sh: forwarding $1 to ${#pids[@]} rank(s); send it again to kill them" >&2
+    signal_all TERM
+  else
+    signal_all KILL
+  fi
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+
+exit_code=0
+failed_at=0
+while [[ ${#live[@]} -gt 0 ]]; do
+  done_pid=""
+  wait -n -p done_pid "${!live[@]}"
+  status=$?
+  if [[ -z "$done_pid" ]]; then
+    # Interrupted by a trapped signal (the handler ran); escalate if a failure's grace period ran out.
+    if [[ $failed_at -gt 0 && $(($(date +%s) - failed_at)) -ge $grace_s ]] && alive; then signal_all KILL; fi
+    continue
+  fi
+  unset "live[$done_pid]"
+  if [[ $status -ne 0 && $exit_code -eq 0 ]]; then
+    exit_code=$status
+    echo "launch.sh: rank ${rank_of[$done_pid]} exited with code $status; stopping the other ranks" >&2
+    signal_all TERM
+    failed_at=$(date +%s)
+    # A watchdog escalates to SIGKILL when ranks hang in a collective with the dead peer.
+    ( sleep "$grace_s"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) &
+    watchdog=$!
+  fi
+done
+[[ -n "${watchdog:-}" ]] && kill "$watchdog" 2>/dev/null
+wait 2>/dev/null  # the output prefixers
+exit "$exit_code"

@@ -1,0 +1,220 @@
+#include "train/data_parallel.h"
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <chrono>
+
+#include "utils/errors.h"
+
+namespace dsopen::train {
+
+namespace {
+
+// Runs after AccumulateGrad has added a parameter's gradient: the moment its bucket may be complete.
+struct GradReadyHook final : torch::autograd::FunctionPostHook {
+  GradReadyHook(DataParallel* dp, size_t index) : dp(dp), index(index) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    dp->on_grad_ready(index);
+    return outputs;
+  }
+  DataParallel* dp;
+  size_t index;
+};
+
+}  // namespace
+
+struct DataParallel::BucketState {
+  FlatAdamW::Group* group;
+  const FlatAdamW::Bucket* bucket;
+  size_t remaining = 0;    // parameters whose gradient has not arrived in this micro-step
+  bool launched = false;
+  torch::Tensor scratch;   // zero2: the whole bucket's local gradient until it is reduce-scattered
+  std::vector<char> seen;  // per parameter of the bucket
+};
+
+struct DataParallel::Pending {
+  PendingWork work;
+  size_t bucket;
+  torch::Tensor scratch, out;  // zero2: input kept alive, and this rank's reduced slice
+};
+
+DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                           const AdamWOptions& adamw, const DataParallelOptions& options,
+                           std::shared_ptr<ProcessGroup> group)
+    : options_(options), group_(std::move(group)) {
+  const std::string& s = options_.strategy;
+  if (s != "none" && s != "ddp" && s != "zero1" && s != "zero2")
+    throw usage_error("parallel.strategy", "unknown strategy '" + s + "'", "use none, ddp, zero1 or zero2");
+  if (s == "none" && group_->size() > 1)
+    throw usage_error("parallel.strategy", "is none but " + std::to_string(group_->size()) + " ranks were started",
+                      "set parallel.strategy to ddp, zero1 or zero2");
+  ShardingOptions sh;
+  sh.rank = group_->rank();
+  sh.world_size = group_->size();
+  sh.shard_state = s == "zero1" || s == "zero2";
+  sh.whole_grads = s != "zero2";
+  sh.bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * 1e6 / 4));
+  if (s == "none") sh.bucket_numel = 0;
+  sh.offload = options_.offload_optimizer;
+  opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);
+  if (s == "none") return;
+
+  for (auto& g : opt_->groups()) {
+    for (const auto& b : g.buckets) {
+      auto st = std::make_unique<BucketState>();
+      st->group = &g;
+      st->bucket = &b;
+      st->remaining = b.params.size();
+      st->seen.assign(b.params.size(), 0);
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        param_slot_.push_back({buckets_.size(), k});
+        auto acc = torch::autograd::impl::grad_accumulator(g.tensors[b.params[k]]);
+        const uintptr_t key = acc->add_post_hook(std::make_unique<GradReadyHook>(this, param_slot_.size() - 1));
+        hooks_.push_back({acc, key});
+      }
+      buckets_.push_back(std::move(st));
+    }
+  }
+}
+
+DataParallel::~DataParallel() {
+  for (auto& [node, key] : hooks_) node->del_post_hook(key);
+}
+
+void DataParallel::broadcast_parameters() {
+  if (group_->size() == 1) return;
+  torch::NoGradGuard no_grad;
+  for (auto& g : opt_->groups()) group_->broadcast(g.params, 0).wait();
+  // The offloaded master copy must follow.
+  for (auto& g : opt_->groups())
+    if (g.master.defined())
+      for (const auto& pc : opt_->pieces(g)) g.master.narrow(0, pc.state_offset, pc.numel).copy_(g.params.narrow(0, pc.offset, pc.numel));
+}
+
+void DataParallel::zero_grad() { opt_->zero_grad(); }
+
+void DataParallel::begin_micro_step(bool last) {
+  last_micro_step_ = last;
+  for (auto& b : buckets_) {
+    b->remaining = b->bucket->params.size();
+    b->launched = false;
+    std::fill(b->seen.begin(), b->seen.end(), 0);
+  }
+}
+
+void DataParallel::on_grad_ready(size_t index) {
+  const auto [bi, k] = param_slot_[index];
+  BucketState& b = *buckets_[bi];
+  const bool zero2 = options_.strategy == "zero2";
+  if (!zero2 && !last_micro_step_) return;  // ddp/zero1 accumulate locally until the last micro-step
+  if (b.launched)
+    throw runtime_error("parallel", "a gradient arrived after its bucket was reduced (parameter " +
+                                        b.group->names[b.bucket->params[k]] + ")",
+                        "a parameter is used in two backward passes of one micro-step; this is not supported");
+  if (zero2) {
+    torch::NoGradGuard no_grad;
+    auto& p = b.group->tensors[b.bucket->params[k]];
+    if (!b.scratch.defined()) {
+      b.scratch = torch::zeros({b.bucket->numel}, b.group->params.options());
+      scratch_bytes_ += b.scratch.numel() * 4;
+      peak_scratch_bytes_ = std::max(peak_scratch_bytes_, scratch_bytes_);
+    }
+    if (p.grad().defined()) {
+      const int64_t off = b.group->offsets[b.bucket->params[k]] - b.bucket->offset;
+      b.scratch.narrow(0, off, p.numel()).view(p.sizes()).add_(p.grad());
+      p.mutable_grad().reset();  // the whole-size gradient is not kept
+    }
+  }
+  if (!b.seen[k]) {
+    b.seen[k] = 1;
+    if (--b.remaining == 0) launch(bi);
+  }
+}
+
+void DataParallel::launch(size_t bi) {
+  BucketState& b = *buckets_[bi];
+  b.launched = true;
+  // Bound the memory in flight: at most two buckets travel at once.
+  while (pending_.size() >= 2) complete_oldest();
+  auto p = std::make_unique<Pending>();
+  p->bucket = bi;
+  if (options_.strategy == "zero2") {
+    if (!b.scratch.defined()) b.scratch = torch::zeros({b.bucket->numel}, b.group->params.options());  // no grads came
+    p->scratch = b.scratch;
+    b.scratch = torch::Tensor();
+    p->out = torch::empty({b.bucket->numel / group_->size()}, b.group->params.options());
+    p->work = group_->reduce_scatter_sum(p->out, p->scratch);
+  } else {
+    p->work = group_->all_reduce_sum(b.group->grads.narrow(0, b.bucket->offset, b.bucket->numel));
+  }
+  pending_.push_back(std::move(p));
+}
+
+void DataParallel::complete_oldest() {
+  auto p = std::move(pending_.front());
+  pending_.erase(pending_.begin());
+  const auto t0 = std::chrono::steady_clock::now();
+  p->work.wait();
+  comm_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (p->out.defined()) {
+    const BucketState& b = *buckets_[p->bucket];
+    torch::NoGradGuard no_grad;
+    b.group->shard_grads.narrow(0, b.bucket->shard_offset, p->out.numel()).add_(p->out);
+    scratch_bytes_ -= p->scratch.numel() * 4;
+  }
+}
+
+void DataParallel::end_micro_step() {
+  if (buckets_.empty()) return;
+  const bool communicate = options_.strategy == "zero2" || last_micro_step_;
+  // Buckets some of whose parameters got no gradient (unused experts, frozen paths) go now, in order.
+  if (communicate)
+    for (size_t i = 0; i < buckets_.size(); ++i)
+      if (!buckets_[i]->launched) launch(i);
+  while (!pending_.empty()) complete_oldest();
+}
+
+double DataParallel::grad_norm() {
+  const double local = opt_->grad_norm();
+  if (opt_->sharding().whole_grads) return local;  // identical on every rank after the all-reduce
+  return std::sqrt(group_->all_reduce_sum(local * local));
+}
+
+void DataParallel::scale_grads(double factor) { opt_->scale_grads(factor); }
+
+void DataParallel::step(double lr) {
+  opt_->step(lr);
+  if (!opt_->sharding().shard_state) return;
+  torch::NoGradGuard no_grad;
+  std::vector<PendingWork> works;
+  std::vector<torch::Tensor> inputs;
+  for (auto& g : opt_->groups())
+    for (const auto& pc : opt_->pieces(g)) {
+      inputs.push_back(g.params.narrow(0, pc.offset, pc.numel).clone());  // all_gather input must not alias output
+      works.push_back(group_->all_gather(g.params.narrow(0, pc.bucket->offset, pc.bucket->numel), inputs.back()));
+    }
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto& w : works) w.wait();
+  comm_wait_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double DataParallel::predicted_state_bytes() const {
+  const double P = static_cast<double>(opt_->num_params());
+  const double n = opt_->sharding().shard_state ? group_->size() : 1;
+  return 8 * P / n * (opt_->sharding().offload ? 1.5 : 1.0);  // offload adds the 4P/N master copy
+}
+
+double DataParallel::predicted_grad_bytes() const {
+  const double P = static_cast<double>(opt_->num_params());
+  return 4 * P / (opt_->sharding().whole_grads ? 1 : group_->size());
+}
+
+double DataParallel::take_comm_wait_seconds() {
+  const double s = comm_wait_s_;
+  comm_wait_s_ = 0;
+  return s;
+}
+
+}  // namespace dsopen::train

@@ -1,0 +1,86 @@
+// Data parallelism over FlatAdamW's flat, bucketed buffers (DESIGN §6). LibTorch has no C++ DDP or FSDP, so the
+// strategies are written here on three c10d collectives:
+//
+//   ddp    gradients all-reduced bucket by bucket as backward finishes each bucket; every rank steps everything.
+//   zero1  the same all-reduce; each rank keeps Adam moments for its slices only, steps them, and all-gathers the
+//          updated parameters.
+//   zero2  gradients reduce-scattered bucket by bucket as backward produces them, so a rank only ever holds its
+//          slices plus a couple of buckets in flight; moments and the step as zero1.
+//
+// Gradient accumulation: ddp and zero1 communicate once per optimizer step, on the last micro-step (the earlier
+// ones accumulate locally into the whole gradient buffer, like no_sync()). zero2 reduce-scatters on every
+// micro-step: holding whole gradients across micro-steps would cost the memory ZeRO-2 exists to save.
+//
+// The loss each rank backpropagates is already divided by the global batch's target count, so gradients are
+// summed across ranks, not averaged.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "train/optimizer.h"
+#include "train/process_group.h"
+
+namespace dsopen::train {
+
+struct DataParallelOptions {
+  std::string strategy = "none";  // none | ddp | zero1 | zero2
+  double bucket_mb = 25;
+  bool offload_optimizer = false;  // moments and the step on the CPU (ZeRO-Offload)
+};
+
+class DataParallel {
+public:
+  DataParallel(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const AdamWOptions& adamw,
+               const DataParallelOptions& options, std::shared_ptr<ProcessGroup> group);
+  ~DataParallel();
+  DataParallel(const DataParallel&) = delete;
+  DataParallel& operator=(const DataParallel&) = delete;
+
+  // Makes every rank start from rank 0's parameters.
+  void broadcast_parameters();
+  void zero_grad();
+  // Bracket each micro-step's backward: `last` marks the micro-step after which gradients must be complete.
+  void begin_micro_step(bool last);
+  void end_micro_step();
+  double grad_norm();  // global, one all-reduce under zero2
+  void scale_grads(double factor);
+  void step(double lr);  // optimizer step on the owned slices, then all-gather (zero1/zero2)
+
+  FlatAdamW& optimizer() { return *opt_; }
+  const FlatAdamW& optimizer() const { return *opt_; }
+  ProcessGroup& group() { return *group_; }
+  const std::string& strategy() const { return options_.strategy; }
+
+  int64_t state_bytes() const { return opt_->state_bytes(); }
+  // Gradient memory of this rank: the gradient buffer plus (zero2) the peak of buckets in flight.
+  int64_t grad_bytes() const { return opt_->grad_bytes() + peak_scratch_bytes_; }
+  // What the ZeRO paper's formula predicts for fp32 Adam with P trainable parameters on N ranks:
+  // moments 8P (ddp) or 8P/N; gradients 4P (ddp, zero1) or 4P/N (zero2).
+  double predicted_state_bytes() const;
+  double predicted_grad_bytes() const;
+  // Seconds spent blocked on collectives since the last call.
+  double take_comm_wait_seconds();
+
+  void on_grad_ready(size_t param_index);  // called by the autograd hooks
+
+private:
+  struct BucketState;
+  struct Pending;
+  void launch(size_t bucket_index);
+  void complete_oldest();
+
+  DataParallelOptions options_;
+  std::shared_ptr<ProcessGroup> group_;
+  std::unique_ptr<FlatAdamW> opt_;
+  std::vector<std::unique_ptr<BucketState>> buckets_;
+  std::vector<std::pair<size_t, size_t>> param_slot_;  // param index -> (bucket index, param index in group)
+  std::vector<std::unique_ptr<Pending>> pending_;
+  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
+  bool last_micro_step_ = true;
+  int64_t scratch_bytes_ = 0, peak_scratch_bytes_ = 0;
+  double comm_wait_s_ = 0;
+};
+
+}  // namespace dsopen::train
