@@ -87,8 +87,11 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   // backward would allocate and fill a full [N*K, D] gradient for every expert.
   auto blocks = x_sorted.split_with_sizes(c10::IntArrayRef(counts, E), 0);
   std::vector<torch::Tensor> outs;
+  // In training every expert runs, an idle one on zero rows: its (zero) gradient then arrives like any other, which
+  // keeps data-parallel gradient buckets complete and issued in the same order on every rank.
+  const bool all_experts = is_training() && torch::GradMode::is_enabled();
   for (int64_t e = 0; e < E; ++e)
-    if (counts[e] > 0) outs.push_back(expert_list_[e]->forward(blocks[e]));
+    if (counts[e] > 0 || all_experts) outs.push_back(expert_list_[e]->forward(blocks[e]));
   auto y_sorted = torch::cat(outs, 0);                              // [N*K, D]
   auto w_sorted = r.weights.reshape({-1}).index_select(0, order).unsqueeze(1).to(y_sorted.scalar_type());
   auto y = torch::zeros({B * T, D}, y_sorted.options()).index_add(0, token_of, y_sorted * w_sorted);

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "model/lora.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
@@ -47,41 +48,66 @@ std::vector<fs::path> complete_checkpoints(const std::string& dir) {
 }  // namespace
 
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
-                            const TrainerState& state, const CheckpointFiles& files, int64_t keep_last) {
+                            const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
+                            ProcessGroup* group) {
+  const int rank = group ? group->rank() : 0;
+  const int world = group ? group->size() : 1;
+  auto barrier = [&] {
+    if (group) group->barrier();
+  };
   const fs::path final_dir = fs::path(dir) / step_dir_name(state.step);
   const fs::path tmp = fs::path(dir) / (step_dir_name(state.step) + ".tmp");
-  fs::remove_all(tmp);
-  fs::create_directories(tmp / "optimizer");
+  if (rank == 0) {
+    fs::remove_all(tmp);
+    fs::create_directories(tmp / "optimizer");
+  }
+  barrier();
 
-  model::save_safetensors((tmp / "model.safetensors").string(), model::hf_state_dict(model), {{"format", "pt"}});
-  env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
-  env::write_file_atomic((tmp / "dsopen.yaml").string(), files.resolved_config);
-  if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
-    env::write_file_atomic((tmp / "tokenizer.model").string(), env::read_file(files.tokenizer_path));
-  auto opt_state = optimizer.state_dict();
-  opt_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
-  model::save_safetensors((tmp / "optimizer" / "rank_0.safetensors").string(), opt_state);
-  const nlohmann::json js = {{"step", state.step},
-                             {"tokens", state.tokens},
-                             {"data_epoch", state.cursor.epoch},
-                             {"data_position", state.cursor.position},
-                             {"loss_scale", state.loss_scale},
-                             {"loss_scale_good_steps", state.loss_scale_good_steps},
-                             {"world_size", state.world_size}};
-  env::write_file_atomic((tmp / "trainer_state.json").string(), js.dump(2) + "\n");  // last: marks completeness
-  fsync_dir(tmp / "optimizer");
-  fsync_dir(tmp);
+  if (rank == 0) {
+    if (model::has_lora(*model)) {
+      // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
+      model::save_adapter(*model, tmp.string(), model->config().pretrained);
+    } else {
+      model::save_safetensors((tmp / "model.safetensors").string(), model::hf_state_dict(model), {{"format", "pt"}});
+      env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
+    }
+    env::write_file_atomic((tmp / "dsopen.yaml").string(), files.resolved_config);
+    if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
+      env::write_file_atomic((tmp / "tokenizer.model").string(), env::read_file(files.tokenizer_path));
+  }
+  // Replicated (unsharded) state is written once.
+  if (rank == 0 || optimizer.sharding().shard_state) {
+    auto opt_state = optimizer.state_dict();
+    opt_state["rng.cpu"] = at::detail::getDefaultCPUGenerator().get_state();
+    model::save_safetensors((tmp / "optimizer" / ("rank_" + std::to_string(rank) + ".safetensors")).string(), opt_state,
+                            optimizer.state_metadata());
+  }
+  barrier();
 
-  fs::remove_all(final_dir);  // a re-save of the same step (after a resume) replaces it
-  fs::rename(tmp, final_dir);
-  fsync_dir(dir);
-  env::write_file_atomic((fs::path(dir) / "latest").string(), final_dir.filename().string() + "\n");
+  if (rank == 0) {
+    const nlohmann::json js = {{"step", state.step},
+                               {"tokens", state.tokens},
+                               {"data_epoch", state.cursor.epoch},
+                               {"data_position", state.cursor.position * world},
+                               {"loss_scale", state.loss_scale},
+                               {"loss_scale_good_steps", state.loss_scale_good_steps},
+                               {"world_size", world}};
+    env::write_file_atomic((tmp / "trainer_state.json").string(), js.dump(2) + "\n");  // last: marks completeness
+    fsync_dir(tmp / "optimizer");
+    fsync_dir(tmp);
 
-  // Retention: newest keep_last complete checkpoints stay; leftovers of interrupted writes go too.
-  const auto all = complete_checkpoints(dir);
-  for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i) fs::remove_all(all[i]);
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().filename().string().find(".tmp") != std::string::npos) fs::remove_all(e.path());
+    fs::remove_all(final_dir);  // a re-save of the same step (after a resume) replaces it
+    fs::rename(tmp, final_dir);
+    fsync_dir(dir);
+    env::write_file_atomic((fs::path(dir) / "latest").string(), final_dir.filename().string() + "\n");
+
+    // Retention: newest keep_last complete checkpoints stay; leftovers of interrupted writes go too.
+    const auto all = complete_checkpoints(dir);
+    for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i) fs::remove_all(all[i]);
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.path().filename().string().find(".tmp") != std::string::npos) fs::remove_all(e.path());
+  }
+  barrier();
   return final_dir.string();
 }
 
@@ -116,19 +142,51 @@ TrainerState read_trainer_state(const std::string& path) {
   return s;
 }
 
-TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer) {
+TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
+                             ProcessGroup* group) {
+  const int rank = group ? group->rank() : 0;
+  const int world = group ? group->size() : 1;
   TrainerState state = read_trainer_state(path);
-  if (state.world_size != 1)
-    throw runtime_error(path, "written by " + std::to_string(state.world_size) + " ranks; this run has 1",
-                        "resume with the same number of ranks");
-  model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
-  model::SafetensorsFile opt((fs::path(path) / "optimizer" / "rank_0.safetensors").string());
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& name : opt.names()) tensors[name] = opt.tensor(name).clone();
-  optimizer.load_state_dict(tensors, opt.path());
-  if (tensors.count("rng.cpu")) {
+  if (state.cursor.position % world != 0)
+    throw usage_error(path, "its data position (" + std::to_string(state.cursor.position) + " samples) does not divide among " +
+                                std::to_string(world) + " ranks",
+                      "resume with a world size that divides it (the global batch size does)");
+  state.cursor.position /= world;
+  const bool adapter_only = fs::exists(fs::path(path) / "adapter_model.safetensors");
+  if (adapter_only != model::has_lora(*model))
+    throw runtime_error(path, adapter_only ? "holds a LoRA adapter, not model weights" : "holds model weights, not a LoRA adapter",
+                        adapter_only ? "resume it with lora.enabled: true" : "resume a LoRA run from its own checkpoints");
+  if (adapter_only) model::load_adapter_weights(*model, path);
+  else model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
+
+  // Every rank reads the slices it needs from whichever files hold them.
+  std::vector<fs::path> files;
+  const fs::path opt_dir = fs::path(path) / "optimizer";
+  std::error_code ec;
+  if (fs::is_directory(opt_dir, ec))
+    for (const auto& e : fs::directory_iterator(opt_dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("rank_", 0) == 0 && e.path().extension() == ".safetensors") files.push_back(e.path());
+    }
+  if (files.empty())
+    throw runtime_error(opt_dir.string(), "holds no rank_R.safetensors", "not a complete checkpoint; resume from another one");
+  std::sort(files.begin(), files.end());
+  std::vector<model::SafetensorsFile> opened;
+  std::vector<FlatAdamW::SavedShard> shards;
+  for (const auto& f : files) {
+    opened.emplace_back(f.string());
+    FlatAdamW::SavedShard sh{f.string(), {}, opened.back().metadata()};
+    for (const auto& name : opened.back().names()) sh.tensors[name] = opened.back().tensor(name);
+    shards.push_back(std::move(sh));
+  }
+  optimizer.load_state_dicts(shards);
+  // This rank's RNG state, or rank 0's when the checkpoint had fewer ranks with their own files.
+  const fs::path own = opt_dir / ("rank_" + std::to_string(rank) + ".safetensors");
+  const auto& rng_source = fs::exists(own) ? shards[std::find(files.begin(), files.end(), own) - files.begin()] : shards.front();
+  auto it = rng_source.tensors.find("rng.cpu");
+  if (it != rng_source.tensors.end()) {
     at::Generator gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(tensors["rng.cpu"]);
+    gen.set_state(it->second.clone());
   }
   return state;
 }

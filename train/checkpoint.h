@@ -1,7 +1,12 @@
 // Checkpoints (DESIGN §5). A checkpoint directory step_00001000/ holds
 //   model.safetensors     HF names (loads in transformers), config.json, tokenizer.model, dsopen.yaml
-//   optimizer/rank_0.safetensors   the flat AdamW moments and step, the RNG state
-//   trainer_state.json    step, tokens, data cursor, loss scale, world size — written last.
+//                         (a LoRA run: adapter_config.json + adapter_model.safetensors instead, PEFT layout)
+//   optimizer/rank_R.safetensors   rank R's slices of the flat AdamW moments, the unpadded ranges they cover, the
+//                         parameter layout (metadata), the step and R's RNG state; unsharded state: rank 0 only
+//   trainer_state.json    step, tokens, data cursor (global), loss scale, world size — written last.
+// With several ranks, rank 0 writes everything but the other ranks' optimizer files, with barriers between the
+// phases, so the directory is complete before it is renamed. Any world size resumes any checkpoint: the moments
+// are re-sliced by their unpadded ranges and the data cursor by the new world size.
 // It is written to step_X.tmp/, fsynced and renamed, then `latest` is updated; `resume: auto` takes the newest
 // directory that has a trainer_state.json, so a partial write (crash, SIGKILL) is never picked up.
 #pragma once
@@ -11,13 +16,14 @@
 #include "data/dataset.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
+#include "train/process_group.h"
 
 namespace dsopen::train {
 
 struct TrainerState {
   int64_t step = 0;    // optimizer steps done
   int64_t tokens = 0;  // tokens consumed
-  data::DataCursor cursor;
+  data::DataCursor cursor;  // this rank's cursor (saved as the global position: position * world_size)
   double loss_scale = 1.0;
   int64_t loss_scale_good_steps = 0;
   int64_t world_size = 1;
@@ -28,16 +34,20 @@ struct CheckpointFiles {
   std::string tokenizer_path;   // copied as tokenizer.model (may be empty)
 };
 
-// Writes step_<step>/ under `dir` atomically and prunes all but the newest `keep_last`. Returns its path.
+// Writes step_<step>/ under `dir` atomically and prunes all but the newest `keep_last`. Returns its path. Every
+// rank of `group` (none: a single process) calls it.
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
-                            const TrainerState& state, const CheckpointFiles& files, int64_t keep_last);
+                            const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
+                            ProcessGroup* group = nullptr);
 
 // The newest complete checkpoint under `dir`, or "" when there is none.
 std::string find_latest_checkpoint(const std::string& dir);
 
 // Restores model weights, optimizer state, RNG state and returns the trainer state. Every problem is a runtime
 // error naming the file (truncated safetensors, edited or partial trainer_state.json, layout mismatch).
-TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer);
+// The data cursor is converted to this run's world size (an error when the global position does not divide).
+TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
+                             ProcessGroup* group = nullptr);
 TrainerState read_trainer_state(const std::string& path);
 
 }  // namespace dsopen::train

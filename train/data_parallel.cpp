@@ -29,6 +29,7 @@ struct DataParallel::BucketState {
   FlatAdamW::Group* group;
   const FlatAdamW::Bucket* bucket;
   size_t remaining = 0;    // parameters whose gradient has not arrived in this micro-step
+  bool ready = false;     // every parameter's gradient arrived
   bool launched = false;
   torch::Tensor scratch;   // zero2: the whole bucket's local gradient until it is reduce-scattered
   std::vector<char> seen;  // per parameter of the bucket
@@ -97,9 +98,10 @@ void DataParallel::zero_grad() { opt_->zero_grad(); }
 
 void DataParallel::begin_micro_step(bool last) {
   last_micro_step_ = last;
+  next_launch_ = 0;
   for (auto& b : buckets_) {
     b->remaining = b->bucket->params.size();
-    b->launched = false;
+    b->ready = b->launched = false;
     std::fill(b->seen.begin(), b->seen.end(), 0);
   }
 }
@@ -129,7 +131,12 @@ void DataParallel::on_grad_ready(size_t index) {
   }
   if (!b.seen[k]) {
     b.seen[k] = 1;
-    if (--b.remaining == 0) launch(bi);
+    if (--b.remaining == 0) {
+      b.ready = true;
+      // Collectives must be issued in the same order on every rank, and ranks see different data (an expert
+      // without tokens gives no gradient), so buckets go strictly in index order, as PyTorch's DDP does.
+      while (next_launch_ < buckets_.size() && buckets_[next_launch_]->ready) launch(next_launch_++);
+    }
   }
 }
 
@@ -171,8 +178,7 @@ void DataParallel::end_micro_step() {
   const bool communicate = options_.strategy == "zero2" || last_micro_step_;
   // Buckets some of whose parameters got no gradient (unused experts, frozen paths) go now, in order.
   if (communicate)
-    for (size_t i = 0; i < buckets_.size(); ++i)
-      if (!buckets_[i]->launched) launch(i);
+    while (next_launch_ < buckets_.size()) launch(next_launch_++);
   while (!pending_.empty()) complete_oldest();
 }
 
@@ -209,6 +215,12 @@ double DataParallel::predicted_state_bytes() const {
 double DataParallel::predicted_grad_bytes() const {
   const double P = static_cast<double>(opt_->num_params());
   return 4 * P / (opt_->sharding().whole_grads ? 1 : group_->size());
+}
+
+int64_t DataParallel::max_bucket_bytes() const {
+  int64_t m = 0;
+  for (const auto& b : buckets_) m = std::max(m, b->bucket->numel * 4);
+  return m;
 }
 
 double DataParallel::take_comm_wait_seconds() {

@@ -56,6 +56,8 @@ public:
   int64_t state_bytes() const { return opt_->state_bytes(); }
   // Gradient memory of this rank: the gradient buffer plus (zero2) the peak of buckets in flight.
   int64_t grad_bytes() const { return opt_->grad_bytes() + peak_scratch_bytes_; }
+  int64_t grad_scratch_peak_bytes() const { return peak_scratch_bytes_; }
+  int64_t max_bucket_bytes() const;
   // What the ZeRO paper's formula predicts for fp32 Adam with P trainable parameters on N ranks:
   // moments 8P (ddp) or 8P/N; gradients 4P (ddp, zero1) or 4P/N (zero2).
   double predicted_state_bytes() const;
@@ -79,6 +81,7 @@ private:
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
   bool last_micro_step_ = true;
+  size_t next_launch_ = 0;  // buckets before it have been launched in this micro-step
   int64_t scratch_bytes_ = 0, peak_scratch_bytes_ = 0;
   double comm_wait_s_ = 0;
 };

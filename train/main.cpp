@@ -1,6 +1,7 @@
 // dsopen-train: pretraining or SFT of a model described by a YAML config.
 //   dsopen-train --config configs/tiny.yaml [--set train.max_steps=100 ...]
 #include "train/options.h"
+#include "train/process_group.h"
 #include "train/trainer.h"
 #include "utils/cli.h"
 #include "utils/config.h"
@@ -26,8 +27,9 @@ static int run(int argc, char** argv) {
     std::cout << doc.dump();
     return 0;
   }
-  logging::setup_run(job.run.output_dir, 0, job.run.log_level);
-  doc.save_resolved(job.run.output_dir);
+  const train::DistEnv dist = train::read_dist_env();  // RANK/WORLD_SIZE from scripts/launch.sh or Slurm
+  logging::setup_run(job.run.output_dir, dist.rank, job.run.log_level);
+  if (dist.rank == 0) doc.save_resolved(job.run.output_dir);
   train::install_stop_handlers();
   train::Trainer trainer(job, doc.dump());
   const auto result = trainer.run();

@@ -46,10 +46,19 @@ void decode(config::Reader& r, TrainOptions& o) {
 }
 
 void decode(config::Reader& r, ParallelOptions& o) {
-  r.choice("strategy", o.strategy, {"none"});  // ddp / zero1 / zero2 arrive with the distributed runtime
+  r.choice("strategy", o.strategy, {"none", "ddp", "zero1", "zero2"});
   r.choice("backend", o.backend, {"auto", "nccl", "gloo"});
   r.optional("bucket_mb", o.bucket_mb, config::greater_than(0));
   r.optional("timeout_s", o.timeout_s, config::at_least(1));
+  r.choice("offload_optimizer", o.offload_optimizer, {"none", "cpu"});
+  r.finish();
+}
+
+void decode(config::Reader& r, LoraOptions& o) {
+  r.optional("enabled", o.enabled);
+  r.optional("adapter", o.adapter);
+  r.choice("base_dtype", o.base_dtype, {"fp32", "bf16"});
+  model::decode_lora_keys(r, o.config);
   r.finish();
 }
 
@@ -94,6 +103,10 @@ JobConfig decode_job(const config::Document& doc) {
   decode(p, job.parallel);
   auto c = root.child("checkpoint");
   decode(c, job.checkpoint);
+  auto l = root.child("lora");
+  decode(l, job.lora);
+  if (job.lora.enabled && root.has("model") && job.model.pretrained.empty())
+    l.error("enabled", "LoRA adapts a pretrained model: set model.pretrained to its directory");
   root.finish();
   errors.throw_if_any();
   job.model.validate("model");

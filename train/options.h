@@ -1,4 +1,4 @@
-// The run configuration of dsopen-train: the `run:`, `train:`, `parallel:` and `checkpoint:` sections (owned
+// The run configuration of dsopen-train: the `run:`, `train:`, `parallel:`, `checkpoint:` and `lora:` sections (owned
 // here) plus the model, tokenizer and data sections decoded by their own layers. One call decodes a whole
 // Document and reports every error of it together.
 #pragma once
@@ -8,6 +8,7 @@
 
 #include "data/options.h"
 #include "model/config.h"
+#include "model/lora.h"
 #include "utils/config.h"
 
 namespace dsopen::train {
@@ -45,9 +46,18 @@ struct TrainOptions {
 
 struct ParallelOptions {
   std::string strategy = "none";  // none | ddp | zero1 | zero2
-  std::string backend = "auto";
+  std::string backend = "auto";   // auto | nccl | gloo
   double bucket_mb = 25;
   int64_t timeout_s = 300;
+  std::string offload_optimizer = "none";  // none | cpu
+};
+
+// LoRA fine-tuning: the base (model.pretrained) is frozen, only the adapters train, checkpoints hold the adapter.
+struct LoraOptions {
+  bool enabled = false;
+  model::LoraConfig config;          // r, alpha, dropout, target_modules, ... (model/lora.h)
+  std::string adapter;               // start from this adapter directory (PEFT layout) instead of fresh adapters
+  std::string base_dtype = "fp32";   // fp32 | bf16: storage of the frozen projection weights
 };
 
 struct CheckpointOptions {
@@ -65,6 +75,7 @@ struct JobConfig {
   TrainOptions train;
   ParallelOptions parallel;
   CheckpointOptions checkpoint;
+  LoraOptions lora;
 };
 
 // Decodes and validates every section; throws one usage error listing all problems with file:line.

@@ -11,9 +11,11 @@
 #include "data/dataset.h"
 #include "data/sft.h"
 #include "model/info.h"
+#include "model/lora.h"
 #include "model/weights.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
+#include "train/data_parallel.h"
 #include "train/optimizer.h"
 #include "train/precision.h"
 #include "utils/env.h"
@@ -61,6 +63,27 @@ private:
   std::unique_ptr<data::SftDataset> ds_;
 };
 
+// LoRA: the base weights from model.pretrained (on every start: checkpoints hold only the adapter), then fresh
+// adapters or those of lora.adapter, then the base frozen — all before the optimizer sees the parameters.
+void setup_lora(model::CausalLM& m, const JobConfig& j) {
+  const int64_t fresh = model::load_hf_state_dict(m, model::WeightFiles(j.model.pretrained), j.model.strict, true);
+  if (fresh > 0)
+    throw usage_error("model.use_mtp", j.model.pretrained + " has no MTP modules and a LoRA run does not train them",
+                      "set model.use_mtp: false");
+  const auto adapted = j.lora.adapter.empty() ? model::inject_lora(*m, j.lora.config) : model::load_adapter(*m, j.lora.adapter);
+  const auto n = model::freeze_base(*m, j.lora.base_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32);
+  spdlog::info("LoRA on {} projections{}: trainable parameters {} of {} ({:.3f}%); base from {} frozen ({})",
+               adapted.size(), j.lora.adapter.empty() ? "" : " from " + j.lora.adapter, n.trainable, n.total,
+               100.0 * n.trainable / n.total, j.model.pretrained, j.lora.base_dtype);
+}
+
+double directory_mb(const std::string& dir) {
+  int64_t bytes = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) bytes += static_cast<int64_t>(e.file_size());
+  return bytes / 1e6;
+}
+
 double peak_rss_mb() {
   rusage u{};
   getrusage(RUSAGE_SELF, &u);
@@ -78,9 +101,11 @@ struct Trainer::State {
   JobConfig job;
   std::string resolved_config;
   torch::Device device{torch::kCPU};
+  DistEnv dist;
+  std::shared_ptr<ProcessGroup> group;
   std::unique_ptr<data::Tokenizer> tokenizer;
   model::CausalLM model{nullptr};
-  std::unique_ptr<FlatAdamW> optimizer;
+  std::unique_ptr<DataParallel> dp;
   std::unique_ptr<Precision> precision;
   std::unique_ptr<BatchSource> train_data, valid_data;
   TrainerState state;
@@ -92,26 +117,40 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   s.job = std::move(job);
   s.resolved_config = std::move(resolved_config);
   const JobConfig& j = s.job;
-  env::configure_threads(j.run.threads);
+  s.dist = read_dist_env();
+  // Ranks sharing a machine share its cores.
+  env::configure_threads(j.run.threads > 0 ? j.run.threads
+                                           : std::max(1, env::available_cpus() / s.dist.local_world_size));
   if (j.run.device == "cuda" && !torch::cuda::is_available())
     throw usage_error("run.device", "cuda requested but no CUDA device is available", "use auto or cpu");
-  s.device = (j.run.device == "cuda" || (j.run.device == "auto" && torch::cuda::is_available())) ? torch::kCUDA
-                                                                                                 : torch::kCPU;
+  const bool cuda = j.run.device == "cuda" || (j.run.device == "auto" && torch::cuda::is_available());
+  s.device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(s.dist.local_rank)) : torch::Device(torch::kCPU);
   s.precision = std::make_unique<Precision>(j.train.precision, s.device);
+  s.group = create_process_group(s.dist, s.device, {j.parallel.backend, std::chrono::seconds(j.parallel.timeout_s)});
+  if (s.group->size() > 1)
+    spdlog::info("rank {} of {} ({}, local rank {} of {}), backend {}, strategy {}", s.group->rank(), s.group->size(),
+                 s.dist.source, s.dist.local_rank, s.dist.local_world_size, s.group->backend(), j.parallel.strategy);
+  const int rank = s.group->rank(), world = s.group->size();
 
-  // Data: tokenizer and shards are built on first use when the config says how.
-  s.tokenizer = data::prepare_tokenizer(j.tokenizer);
+  // Data: tokenizer and shards are built on first use when the config says how — by rank 0 while the others
+  // wait, then read by all.
+  if (rank == 0) s.tokenizer = data::prepare_tokenizer(j.tokenizer);
+  s.group->barrier();
+  if (rank != 0) s.tokenizer = data::prepare_tokenizer(j.tokenizer);
   if (s.tokenizer->vocab_size() > j.model.vocab_size)
     throw usage_error("model.vocab_size", "the tokenizer has " + std::to_string(s.tokenizer->vocab_size()) +
                                               " tokens but the model only " + std::to_string(j.model.vocab_size),
                       "set model.vocab_size >= the tokenizer's vocabulary");
-  data::prepare_shards(j.data, *s.tokenizer);
+  if (rank == 0) data::prepare_shards(j.data, *s.tokenizer);
+  s.group->barrier();
   const uint64_t seed = static_cast<uint64_t>(j.run.seed);
   if (j.data.format == "pretrain") {
     data::TokenDatasetOptions o;
     o.shards = j.data.train;
     o.seq_len = j.data.seq_len;
     o.seed = seed;
+    o.rank = rank;
+    o.world_size = world;
     o.valid_fraction = j.data.valid.empty() ? j.data.valid_fraction : 0.0;
     o.tokenizer_hash = s.tokenizer->hash();
     o.model_vocab_size = j.model.vocab_size;
@@ -131,7 +170,7 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
       }
       return std::make_unique<data::SftDataset>(convs, *s.tokenizer, j.data.chat_template, j.data.seq_len,
                                                 j.data.truncation == "drop" ? data::Truncation::Drop : data::Truncation::Right,
-                                                j.data.pack, seed, 0, 1);
+                                                j.data.pack, seed, rank, world);
     };
     s.train_data = std::make_unique<SftSource>(load(j.data.train));
     if (!j.data.valid.empty()) s.valid_data = std::make_unique<SftSource>(load(j.data.valid));
@@ -140,6 +179,7 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   // Model and optimizer: the seed makes initialization reproducible; a resume overwrites both.
   torch::manual_seed(seed);
   s.model = model::CausalLM(j.model);
+  if (j.lora.enabled) setup_lora(s.model, j);
   s.model->to(s.device);
   s.model->set_activation_checkpointing(j.train.activation_checkpointing);
   AdamWOptions ao;
@@ -150,12 +190,15 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   ao.decay_embeddings = j.train.decay_embeddings;
   std::vector<std::pair<std::string, torch::Tensor>> named;
   for (auto& p : s.model->named_parameters()) named.push_back({p.key(), p.value()});
-  s.optimizer = std::make_unique<FlatAdamW>(named, ao);
+  s.dp = std::make_unique<DataParallel>(named, ao,
+                                        DataParallelOptions{j.parallel.strategy, j.parallel.bucket_mb,
+                                                            j.parallel.offload_optimizer == "cpu"},
+                                        s.group);
 
   std::string resume;
   if (j.checkpoint.resume == "auto") resume = find_latest_checkpoint(j.checkpoint.dir);
   else if (j.checkpoint.resume != "none") resume = j.checkpoint.resume;
-  if (resume.empty() && !j.model.pretrained.empty()) {
+  if (resume.empty() && !j.model.pretrained.empty() && !j.lora.enabled) {
     // Fine-tuning: start from the HF directory's weights (the optimizer buffers alias the parameters, so the
     // copy lands in them too).
     const int64_t fresh = model::load_hf_state_dict(s.model, model::WeightFiles(j.model.pretrained), j.model.strict, true);
@@ -163,26 +206,34 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
     if (fresh > 0) spdlog::warn("{} MTP tensors are not in {}; those modules start from their initialization", fresh, j.model.pretrained);
   }
   if (!resume.empty()) {
-    s.state = load_checkpoint(resume, s.model, *s.optimizer);
+    s.state = load_checkpoint(resume, s.model, s.dp->optimizer(), s.group.get());
     s.precision->set_state(s.state.loss_scale, s.state.loss_scale_good_steps);
     spdlog::info("resumed from {} at step {}", resume, s.state.step);
   }
   const auto counts = model::count_parameters(j.model);
   spdlog::info("model {}: {:.2f}M parameters ({:.2f}M active), device {}, precision {}", j.model.model_type,
                counts.total / 1e6, counts.active / 1e6, s.device.str(), j.train.precision);
-  spdlog::info("optimizer state {:.1f} MB, gradients {:.1f} MB", s.optimizer->state_bytes() / 1e6,
-               s.optimizer->grad_bytes() / 1e6);
+  s.dp->broadcast_parameters();  // every rank starts from rank 0's weights, whatever each loaded
+  spdlog::info("optimizer state {:.1f} MB per rank (ZeRO formula {:.1f} MB), gradients {:.1f} MB (formula {:.1f} MB)",
+               s.dp->state_bytes() / 1e6, s.dp->predicted_state_bytes() / 1e6, s.dp->grad_bytes() / 1e6,
+               s.dp->predicted_grad_bytes() / 1e6);
   std::filesystem::create_directories(j.run.output_dir);
-  s.metrics = std::make_unique<MetricsWriter>(j.run.output_dir + "/metrics.jsonl");
+  if (rank == 0) s.metrics = std::make_unique<MetricsWriter>(j.run.output_dir + "/metrics.jsonl");
 }
 
 Trainer::~Trainer() = default;
+
+model::CausalLM& Trainer::model() { return s_->model; }
 
 TrainResult Trainer::run() {
   State& s = *s_;
   const JobConfig& j = s.job;
   const TrainOptions& t = j.train;
   const int64_t B = t.micro_batch_size, accum = t.grad_accum_steps, T = j.data.seq_len;
+  ProcessGroup& group = *s.group;
+  DataParallel& dp = *s.dp;
+  const int world = group.size();
+  const bool rank0 = group.rank() == 0;
   ScheduleOptions sched{t.schedule, t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.decay_fraction};
   const double flops_per_token = model::training_flops_per_token(j.model, T);
   double peak = t.peak_tflops * 1e12;
@@ -194,6 +245,7 @@ TrainResult Trainer::run() {
   Progress progress("train", t.max_steps, "step", 1e18);  // the log lines below carry the plain-text progress
   auto window_start = std::chrono::steady_clock::now();
   int64_t window_tokens = 0, window_steps = 0;
+  double window_comm_s = 0;
   s.model->train();
 
   auto evaluate = [&]() -> double {
@@ -214,6 +266,9 @@ TrainResult Trainer::run() {
       n += out.n_targets.item<double>();
     }
     s.model->train();
+    // Each rank evaluated its own part of the validation data.
+    ce = group.all_reduce_sum(ce);
+    n = group.all_reduce_sum(n);
     return n > 0 ? ce / n : -1;
   };
 
@@ -227,12 +282,15 @@ TrainResult Trainer::run() {
       micro.push_back(s.train_data->next(cursor, B));
       targets += micro.back().labels.ne(-100).sum().item<double>();
     }
+    targets = group.all_reduce_sum(targets);  // the loss is normalised by the whole global batch
     if (targets == 0) throw runtime_error("data", "a global batch has no target tokens", "check the SFT data and template");
 
-    s.optimizer->zero_grad();
+    dp.zero_grad();
     double ce_total = 0, aux_total = 0, mtp_total = 0;
     std::vector<torch::Tensor> loads;
-    for (auto& b : micro) {
+    for (size_t k = 0; k < micro.size(); ++k) {
+      auto& b = micro[k];
+      dp.begin_micro_step(k + 1 == micro.size());
       model::ForwardOutput out;
       {
         std::optional<compat::AutocastScope> ac;
@@ -241,20 +299,38 @@ TrainResult Trainer::run() {
                                b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
                                b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
       }
-      auto loss = out.ce_sum / targets +
-                  (out.aux_loss + out.z_loss + j.model.mtp_loss_weight * out.mtp_loss) / static_cast<double>(accum);
+      // Gradients are summed over ranks: per-micro-batch means are divided by every micro-batch of every rank.
+      auto loss = out.ce_sum / targets + (out.aux_loss + out.z_loss + j.model.mtp_loss_weight * out.mtp_loss) /
+                                             static_cast<double>(accum * world);
       if (s.precision->scaling()) loss = loss * s.precision->scale();
       loss.backward();
+      dp.end_micro_step();
       ce_total += out.ce_sum.item<double>();
-      aux_total += out.aux_loss.item<double>() / accum;
-      mtp_total += out.mtp_loss.item<double>() / accum;
+      aux_total += out.aux_loss.item<double>() / (accum * world);
+      mtp_total += out.mtp_loss.item<double>() / (accum * world);
       for (size_t l = 0; l < out.expert_load.size(); ++l) {
         if (loads.size() <= l) loads.push_back(torch::zeros_like(out.expert_load[l]));
         loads[l] += out.expert_load[l];
       }
     }
-    if (s.precision->scaling()) s.optimizer->scale_grads(1.0 / s.precision->scale());
-    double grad_norm = s.optimizer->grad_norm();
+    if (world > 1) {
+      // One all-reduce for the logged losses and the expert loads (every rank must update the routing biases alike).
+      std::vector<torch::Tensor> parts{torch::tensor({ce_total, aux_total, mtp_total}, torch::kFloat64)};
+      for (auto& l : loads) parts.push_back(l.to(torch::kCPU, torch::kFloat64).reshape({-1}));
+      auto all = torch::cat(parts).to(s.device);
+      group.all_reduce_sum(all).wait();
+      all = all.cpu();
+      ce_total = all[0].item<double>();
+      aux_total = all[1].item<double>();
+      mtp_total = all[2].item<double>();
+      int64_t off = 3;
+      for (auto& l : loads) {
+        l = all.narrow(0, off, l.numel()).view(l.sizes()).to(l.device(), l.scalar_type());
+        off += l.numel();
+      }
+    }
+    if (s.precision->scaling()) dp.scale_grads(1.0 / s.precision->scale());
+    double grad_norm = dp.grad_norm();
     const double loss_value = ce_total / targets;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(loss_value);
     s.precision->update(finite);
@@ -270,17 +346,23 @@ TrainResult Trainer::run() {
       continue;
     }
     bad_steps = 0;
-    if (t.grad_clip > 0 && grad_norm > t.grad_clip) s.optimizer->scale_grads(t.grad_clip / (grad_norm + 1e-6));
-    s.optimizer->step(lr);
-    if (!loads.empty()) s.model->update_routing_bias(loads);
+    if (t.grad_clip > 0 && grad_norm > t.grad_clip) dp.scale_grads(t.grad_clip / (grad_norm + 1e-6));
+    dp.step(lr);
+    if (!loads.empty() && !j.lora.enabled) s.model->update_routing_bias(loads);  // LoRA: the routing is base state
     s.state.step += 1;
     s.state.cursor = cursor;
-    s.state.tokens += B * accum * T;
+    s.state.tokens += B * accum * T * world;
     s.state.loss_scale = s.precision->scale();
     s.state.loss_scale_good_steps = s.precision->good_steps();
     result.losses.push_back(loss_value);
-    window_tokens += B * accum * T;
+    window_tokens += B * accum * T * world;
     ++window_steps;
+    window_comm_s += dp.take_comm_wait_seconds();
+    if (s.state.step == 1 || s.state.step == t.max_steps)
+      spdlog::info("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
+                   "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={}",
+                   group.rank(), dp.state_bytes(), dp.grad_bytes(), dp.predicted_state_bytes(),
+                   dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes());
 
     const bool last = s.state.step == t.max_steps;
     const bool log_now = s.state.step % j.run.log_every == 0 || last || s.state.step == 1;
@@ -288,11 +370,16 @@ TrainResult Trainer::run() {
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
       const double tok_s = window_tokens / secs;
       const double step_s = secs / window_steps;
+      std::string extra;
       nlohmann::json rec = {{"step", s.state.step}, {"loss", loss_value}, {"lr", lr}, {"grad_norm", grad_norm},
                             {"tokens_per_s", tok_s}, {"step_time_s", step_s}, {"tokens", s.state.tokens},
                             {"peak_rss_mb", peak_rss_mb()}};
+      if (world > 1) {
+        rec["world_size"] = world;
+        rec["comm_wait_s"] = window_comm_s / window_steps;  // rank 0's time blocked on collectives per step
+        extra += fmt::format(" | comm {:.0f}%", 100 * window_comm_s / secs);
+      }
       rec["mfu"] = peak > 0 ? nlohmann::json(tok_s * flops_per_token / peak) : nlohmann::json(nullptr);
-      std::string extra;
       if (!loads.empty()) {
         double imb = 0;
         for (auto& l : loads) imb += (l.max().item<double>() / std::max(1e-9, l.to(torch::kFloat64).mean().item<double>()));
@@ -305,25 +392,28 @@ TrainResult Trainer::run() {
         rec["mtp_loss"] = mtp_total;
         extra += fmt::format(" | mtp {:.4f}", mtp_total);
       }
-      s.metrics->write(rec);
+      if (rank0) s.metrics->write(rec);
       spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
                    s.state.step, t.max_steps, loss_value, lr, grad_norm, tok_s,
                    peak > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token / peak) : "", step_s, extra,
                    peak_rss_mb(), Progress::format_duration(step_s * (t.max_steps - s.state.step)));
       window_tokens = window_steps = 0;
+      window_comm_s = 0;
     }
     if ((t.eval_every > 0 && s.state.step % t.eval_every == 0) || last) {
       const double ev = evaluate();
       if (ev >= 0) {
         result.eval_loss = ev;
-        s.metrics->write({{"step", s.state.step}, {"eval_loss", ev}, {"eval_ppl", std::exp(ev)}});
+        if (rank0) s.metrics->write({{"step", s.state.step}, {"eval_loss", ev}, {"eval_ppl", std::exp(ev)}});
         spdlog::info("eval step {} | loss {:.4f} | ppl {:.2f}", s.state.step, ev, std::exp(ev));
       }
     }
-    const bool stop = g_stop_signal.load() != 0;
+    // A signal may reach only some ranks; they all stop together after the same step.
+    const bool stop = world > 1 ? group.all_reduce_sum(g_stop_signal.load() != 0 ? 1.0 : 0.0) > 0 : g_stop_signal.load() != 0;
     if ((j.checkpoint.every > 0 && s.state.step % j.checkpoint.every == 0) || last || stop) {
-      result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, *s.optimizer, s.state, files, j.checkpoint.keep_last);
-      spdlog::info("saved {}", result.last_checkpoint);
+      result.last_checkpoint =
+          save_checkpoint(j.checkpoint.dir, s.model, dp.optimizer(), s.state, files, j.checkpoint.keep_last, &group);
+      spdlog::info("saved {} ({:.2f} MB)", result.last_checkpoint, directory_mb(result.last_checkpoint));
     }
     // The throughput window restarts after logging, evaluation and checkpointing so they do not count as steps.
     if (log_now) window_start = std::chrono::steady_clock::now();

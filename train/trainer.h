@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "model/transformer.h"
 #include "train/options.h"
 
 namespace dsopen::train {
@@ -27,6 +28,7 @@ public:
   Trainer(JobConfig job, std::string resolved_config);
   ~Trainer();
   TrainResult run();
+  model::CausalLM& model();  // the model being trained (its weights live in the optimizer's buffers)
 
 private:
   struct State;

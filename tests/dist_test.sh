@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Data-parallel training across real processes (Gloo on the CPU), started by scripts/launch.sh:
+#   - 1, 2 and 4 ranks at the same global batch give the same losses (≤1e-5) for ddp, zero1 and zero2;
+#   - zero2's optimizer state per rank is total/N within padding, its gradient memory a fraction of ddp's;
+#   - a checkpoint saved by 4 ranks resumes on 2 and on 1 rank and continues the 4-rank losses;
+#   - two launcher invocations (--nnodes 2) train together like one node;
+#   - SIGKILL of one rank stops every rank within 60 s with a non-zero code, leaving a resumable checkpoint.
+set -u
+BIN="$1"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+LAUNCH="$ROOT/scripts/launch.sh"
+W="$(mktemp -d)"
+trap 'rm -rf "$W"' EXIT
+fail=0
+port=$((20000 + RANDOM % 20000))
+next_port() { port=$((port + 7)); }
+
+cat > "$W/base.yaml" <<YAML
+run: {name: dist, output_dir: $W/run, seed: 3, log_every: 1}
+model: {flavor: debug, vocab_size: 512}
+tokenizer:
+  path: $W/tok.model
+  train: {inputs: [/usr/share/games/fortunes/fortunes], vocab_size: 512, character_coverage: 0.999}
+data:
+  train: [$W/shards/f_*.bin]
+  seq_len: 32
+  build: {inputs: [/usr/share/games/fortunes/fortunes], output: $W/shards/f, doc_separator: "%"}
+train: {max_steps: 20, micro_batch_size: 2, grad_accum_steps: 4, lr: 2.0e-3, min_lr: 1.0e-4, warmup_steps: 3}
+parallel: {bucket_mb: 0.02}
+checkpoint: {every: 10, keep_last: 5, resume: none}
+YAML
+
+train() {  # train NAME NPROC STRATEGY ACCUM [extra --set ...]
+  local name="$1" n="$2" strategy="$3" accum="$4"; shift 4
+  next_port
+  "$LAUNCH" --nproc-per-node "$n" --master-port "$port" -- "$BIN/dsopen-train" --config "$W/base.yaml" \
+    --set run.output_dir="$W/$name" --set parallel.strategy="$strategy" --set train.grad_accum_steps="$accum" "$@" \
+    > "$W/$name.log" 2>&1
+  local rc=$?
+  if [ $rc != 0 ]; then echo "FAIL $name: exit $rc"; tail -5 "$W/$name.log"; fail=1; else echo "ok   $name"; fi
+}
+
+# The single-process reference builds the tokenizer and shards the others reuse.
+train r1 1 none 8
+for s in ddp zero1 zero2; do
+  train "${s}_2" 2 "$s" 4
+  train "${s}_4" 4 "$s" 2
+done
+
+# Two "nodes" on this machine: two launchers, two ranks each, one loopback master.
+next_port
+for node in 0 1; do
+  "$LAUNCH" --nnodes 2 --node-rank $node --nproc-per-node 2 --master-port "$port" -- "$BIN/dsopen-train" \
+    --config "$W/base.yaml" --set run.output_dir="$W/nodes" --set parallel.strategy=zero2 \
+    --set train.grad_accum_steps=2 > "$W/nodes_$node.log" 2>&1 &
+done
+wait -n; rc1=$?; wait -n; rc2=$?
+if [ $rc1 != 0 ] || [ $rc2 != 0 ]; then echo "FAIL two nodes: exit $rc1 $rc2"; tail -n 5 "$W"/nodes_*.log; fail=1; else echo "ok   two nodes"; fi
+
+# Resume the 4-rank zero2 run's step-10 checkpoint on 2 ranks (zero2) and on 1 rank (unsharded state).
+CK="$W/zero2_4/checkpoints/step_00000010"
+train resume_2 2 zero2 4 --set checkpoint.resume="$CK" --set checkpoint.dir="$W/resume_2/ck"
+train resume_1 1 none 8 --set checkpoint.resume="$CK" --set checkpoint.dir="$W/resume_1/ck"
+
+python3 - "$W" <<'PY' || fail=1
+import json, re, sys
+W = sys.argv[1]
+def losses(run):
+    return {j["step"]: j["loss"] for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "loss" in j}
+ref = losses("r1")
+assert len(ref) == 20, ref
+ok = True
+for run in ["ddp_2", "ddp_4", "zero1_2", "zero1_4", "zero2_2", "zero2_4", "nodes"]:
+    got = losses(run)
+    err = max(abs(got[s] - ref[s]) for s in ref)
+    print(f"{'ok  ' if err <= 1e-5 else 'FAIL'} {run} matches 1 rank: max |dloss| = {err:.2e}")
+    ok &= err <= 1e-5
+four = losses("zero2_4")
+for run in ["resume_2", "resume_1"]:
+    got = losses(run)
+    assert sorted(got) == list(range(11, 21)), sorted(got)
+    err = max(abs(got[s] - four[s]) for s in got)
+    print(f"{'ok  ' if err <= 1e-5 else 'FAIL'} {run} continues the 4-rank run: max |dloss| = {err:.2e}")
+    ok &= err <= 1e-5
+
+def memory(run, rank):
+    text = open(f"{W}/{run}/logs/rank_{rank}.log").read()
+    m = re.findall(r"memory rank \d+: optimizer_state_bytes=(\d+) grad_bytes=(\d+) .* "
+                   r"grad_buckets_in_flight_peak_bytes=(\d+) bucket_bytes=(\d+)", text)
+    return tuple(map(int, m[-1]))
+total_state, total_grad, _, _ = memory("r1", 0)  # unsharded: 8P and 4P bytes
+for n in (2, 4):
+    for rank in range(n):
+        state, grad, in_flight, bucket = memory(f"zero2_{n}", rank)
+        ddp_state, ddp_grad, _, _ = memory(f"ddp_{n}", rank)
+        # Padding: fewer than n values per bucket (4 bytes of gradient, 8 of moments each); < 64 buckets here.
+        # Gradients: this rank's 1/N slices plus the buckets travelling during backward (at most a few).
+        good = (0 <= state - total_state / n <= 8 * 64 * n and ddp_state == total_state and ddp_grad == total_grad
+                and 0 <= grad - in_flight - total_grad / n <= 4 * 64 * n and in_flight <= 4 * bucket)
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} zero2 {n} ranks, rank {rank}: state {state} B vs total/N "
+              f"{total_state / n:.0f}; gradients {grad - in_flight} B + {in_flight} B in flight (bucket {bucket} B) "
+              f"vs total/N {total_grad / n:.0f}")
+sys.exit(0 if ok else 1)
+PY
+
+# SIGKILL one rank of a long run: every rank must be gone within 60 s, the launcher exit non-zero, and the last
+# checkpoint must be intact and resumable.
+next_port
+"$LAUNCH" --nproc-per-node 2 --master-port "$port" --grace-s 5 -- "$BIN/dsopen-train" --config "$W/base.yaml" \
+  --set run.output_dir="$W/kill" --set parallel.strategy=zero2 --set train.max_steps=100000 \
+  --set checkpoint.every=5 --set run.log_every=50 > "$W/kill.log" 2>&1 &
+launcher=$!
+for _ in $(seq 1 600); do [ -f "$W/kill/checkpoints/latest" ] && break; sleep 0.1; done
+victim="$(pgrep -f "run.output_dir=$W/kill" | while read -r p; do
+  [ "$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -x 'RANK=1')" ] && echo "$p"; done | head -1)"
+if [ -z "$victim" ]; then echo "FAIL kill: rank 1 not found"; fail=1; else
+  start=$(date +%s)
+  kill -KILL "$victim"
+  wait "$launcher"; rc=$?
+  took=$(( $(date +%s) - start ))
+  left="$(pgrep -f "run.output_dir=$W/kill" | wc -l)"
+  if [ $rc = 0 ] || [ "$took" -gt 60 ] || [ "$left" != 0 ]; then
+    echo "FAIL kill: launcher exit $rc after ${took}s, $left processes left"; tail -5 "$W/kill.log"; fail=1
+  else
+    echo "ok   SIGKILL of rank 1: launcher exit $rc after ${took}s, no rank left"
+  fi
+  train kill_resume 1 none 8 --set run.output_dir="$W/kill" --set checkpoint.resume=auto \
+    --set train.max_steps=$(( $(sed 's/step_0*//' "$W/kill/checkpoints/latest") + 2 ))
+fi
+
+# Launcher usage errors.
+"$LAUNCH" --nproc-per-node 0 -- true 2>/dev/null; [ $? = 2 ] && echo "ok   launcher rejects --nproc-per-node 0" || { echo "FAIL launcher bad arg"; fail=1; }
+"$LAUNCH" --nproc-per-node 2 2>/dev/null; [ $? = 2 ] && echo "ok   launcher needs a command" || { echo "FAIL launcher no command"; fail=1; }
+next_port
+"$LAUNCH" --nproc-per-node 2 --master-port "$port" -- bash -c '[ "$RANK" = 1 ] && exit 7; sleep 30' 2>/dev/null
+rc=$?; [ $rc = 7 ] && echo "ok   launcher exits with the failing rank's code" || { echo "FAIL launcher code $rc"; fail=1; }
+exit $fail

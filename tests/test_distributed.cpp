@@ -1,0 +1,203 @@
+// Data-parallel building blocks that need no second process: sharded AdamW equals the unsharded update, optimizer
+// state saved by N ranks re-slices for any other world size (and bucket size), the offloaded update equals the
+// on-device one, ZeRO memory per rank, and the rank environment of launchers and Slurm. The multi-process
+// behaviour (Gloo collectives, the launcher, resume on other world sizes) is tests/dist_test.sh.
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+
+#include "tests/test_helpers.h"
+#include "train/optimizer.h"
+#include "train/process_group.h"
+
+using namespace dsopen;
+using dsopen::testing::error_of;
+
+namespace {
+
+// Odd sizes so that buckets need padding for every world size.
+std::vector<std::pair<std::string, torch::Tensor>> make_params(uint64_t seed) {
+  torch::manual_seed(seed);
+  return {{"a.weight", torch::randn({7, 5}).requires_grad_()},
+          {"b.weight", torch::randn({3, 11}).requires_grad_()},
+          {"c.weight", torch::randn({13, 2}).requires_grad_()},
+          {"norm.weight", torch::randn({9}).requires_grad_()}};
+}
+
+train::ShardingOptions sharding(int rank, int world, bool zero, int64_t bucket) {
+  train::ShardingOptions s;
+  s.rank = rank;
+  s.world_size = world;
+  s.shard_state = zero;
+  s.bucket_numel = bucket;
+  return s;
+}
+
+// Sets every parameter's gradient to a fixed function of the step.
+void set_grads(std::vector<std::pair<std::string, torch::Tensor>>& params, int step) {
+  torch::NoGradGuard g;
+  for (size_t i = 0; i < params.size(); ++i)
+    params[i].second.mutable_grad().copy_(torch::sin(torch::arange(params[i].second.numel()).to(torch::kFloat) *
+                                                     (0.3 + 0.1 * i) + step).view(params[i].second.sizes()));
+}
+
+std::map<std::string, torch::Tensor> values(const std::vector<std::pair<std::string, torch::Tensor>>& params) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& [n, p] : params) out[n] = p.detach().clone();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-sharded AdamW steps the same values as the unsharded one", "[distributed]") {
+  auto ref_params = make_params(1);
+  train::FlatAdamW ref(ref_params, {});
+  const int world = 3;
+  std::vector<std::vector<std::pair<std::string, torch::Tensor>>> rank_params;
+  std::vector<std::unique_ptr<train::FlatAdamW>> ranks;
+  for (int r = 0; r < world; ++r) {
+    rank_params.push_back(make_params(1));
+    ranks.push_back(std::make_unique<train::FlatAdamW>(rank_params.back(), train::AdamWOptions{}, sharding(r, world, true, 20)));
+  }
+  for (int step = 0; step < 3; ++step) {
+    set_grads(ref_params, step);
+    ref.step(1e-2);
+    for (int r = 0; r < world; ++r) {
+      set_grads(rank_params[r], step);
+      ranks[r]->step(1e-2);
+    }
+    // What the all-gather does: each rank contributes its slices of every bucket.
+    for (int r = 0; r < world; ++r)
+      for (size_t g = 0; g < ranks[r]->groups().size(); ++g)
+        for (const auto& pc : ranks[r]->pieces(ranks[r]->groups()[g]))
+          for (int q = 0; q < world; ++q)
+            if (q != r) ranks[q]->groups()[g].params.narrow(0, pc.offset, pc.numel).copy_(ranks[r]->groups()[g].params.narrow(0, pc.offset, pc.numel));
+  }
+  const auto want = values(ref_params);
+  for (int r = 0; r < world; ++r)
+    for (const auto& [name, v] : values(rank_params[r])) CHECK(torch::allclose(v, want.at(name), 0, 1e-6));
+  // Moments exist for this rank's slices only: total/N within the padding (fewer than N values per bucket).
+  const int64_t P = ref.num_params();
+  for (const auto& r : ranks) {
+    CHECK(r->state_bytes() >= 8 * P / world);
+    CHECK(r->state_bytes() <= 8 * (P / world + 8));
+  }
+}
+
+TEST_CASE("optimizer state saved by 4 ranks re-slices onto 2 ranks, 1 rank and other bucket sizes", "[distributed]") {
+  // Four ranks with moments m = unpadded index + 0.5, v = 2 * index.
+  std::vector<train::FlatAdamW::SavedShard> saved;
+  for (int r = 0; r < 4; ++r) {
+    auto params = make_params(2);
+    train::FlatAdamW opt(params, {}, sharding(r, 4, true, 16));
+    for (auto& g : opt.groups())
+      for (const auto& range : opt.owned_ranges(g)) {
+        auto idx = torch::arange(range.unpadded_offset, range.unpadded_offset + range.numel).to(torch::kFloat);
+        g.m.narrow(0, range.state_offset, range.numel).copy_(idx + 0.5);
+        g.v.narrow(0, range.state_offset, range.numel).copy_(idx * 2);
+      }
+    saved.push_back({"rank_" + std::to_string(r), opt.state_dict(), opt.state_metadata()});
+  }
+  auto check_loaded = [&](const train::FlatAdamW& opt) {
+    for (const auto& g : opt.groups())
+      for (const auto& range : opt.owned_ranges(g)) {
+        auto idx = torch::arange(range.unpadded_offset, range.unpadded_offset + range.numel).to(torch::kFloat);
+        CHECK(torch::equal(g.m.narrow(0, range.state_offset, range.numel), idx + 0.5));
+        CHECK(torch::equal(g.v.narrow(0, range.state_offset, range.numel), idx * 2));
+      }
+  };
+  for (int r = 0; r < 2; ++r) {
+    auto params = make_params(2);
+    train::FlatAdamW opt(params, {}, sharding(r, 2, true, 40));
+    opt.load_state_dicts(saved);
+    check_loaded(opt);
+  }
+  auto params = make_params(2);
+  train::FlatAdamW whole(params, {});
+  whole.load_state_dicts(saved);
+  check_loaded(whole);
+
+  // And back: the unsharded state onto 4 ranks.
+  std::vector<train::FlatAdamW::SavedShard> one{{"rank_0", whole.state_dict(), whole.state_metadata()}};
+  auto params4 = make_params(2);
+  train::FlatAdamW opt4(params4, {}, sharding(3, 4, true, 16));
+  opt4.load_state_dicts(one);
+  check_loaded(opt4);
+
+  SECTION("a missing rank file is named as a coverage gap") {
+    auto partial = saved;
+    partial.erase(partial.begin() + 1);
+    auto p = make_params(2);
+    train::FlatAdamW opt(p, {});
+    CHECK_THAT(error_of([&] { opt.load_state_dicts(partial); }), Catch::Contains("rank_R.safetensors file is missing"));
+  }
+  SECTION("another parameter set is named") {
+    auto p = make_params(2);
+    p[1].first = "renamed.weight";
+    train::FlatAdamW opt(p, {});
+    CHECK_THAT(error_of([&] { opt.load_state_dicts(saved); }),
+               Catch::Contains("rank_0: optimizer state was written for another set of trainable parameters"));
+  }
+}
+
+TEST_CASE("the offloaded optimizer step equals the on-device one", "[distributed]") {
+  for (bool zero : {false, true}) {
+    auto a = make_params(3), b = make_params(3);
+    auto layout = zero ? sharding(1, 2, true, 10) : sharding(0, 1, false, 0);
+    train::FlatAdamW on_device(a, {}, layout);
+    layout.offload = true;
+    train::FlatAdamW offloaded(b, {}, layout);
+    CHECK(offloaded.groups()[0].master.defined());
+    for (int step = 0; step < 4; ++step) {
+      set_grads(a, step);
+      set_grads(b, step);
+      on_device.step(3e-2);
+      offloaded.step(3e-2);
+    }
+    // The values this rank owns match, and the host master copy holds them too.
+    for (size_t g = 0; g < offloaded.groups().size(); ++g)
+      for (const auto& pc : offloaded.pieces(offloaded.groups()[g])) {
+        auto got = offloaded.groups()[g].params.narrow(0, pc.offset, pc.numel);
+        CHECK(torch::allclose(got, on_device.groups()[g].params.narrow(0, pc.offset, pc.numel), 0, 1e-7));
+        CHECK(torch::equal(got, offloaded.groups()[g].master.narrow(0, pc.state_offset, pc.numel)));
+      }
+  }
+}
+
+TEST_CASE("the rank environment comes from the launcher or from Slurm", "[distributed]") {
+  auto clear = [] {
+    for (const char* v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                          "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "SLURM_JOB_NODELIST"})
+      ::unsetenv(v);
+  };
+  clear();
+  auto e = train::read_dist_env();
+  CHECK(e.world_size == 1);
+  CHECK(e.source == "single process");
+
+  ::setenv("RANK", "5", 1);
+  ::setenv("WORLD_SIZE", "8", 1);
+  ::setenv("LOCAL_RANK", "1", 1);
+  ::setenv("LOCAL_WORLD_SIZE", "4", 1);
+  ::setenv("MASTER_ADDR", "10.0.0.1", 1);
+  ::setenv("MASTER_PORT", "1234", 1);
+  e = train::read_dist_env();
+  CHECK((e.rank == 5 && e.world_size == 8 && e.local_rank == 1 && e.local_world_size == 4));
+  CHECK((e.master_addr == "10.0.0.1" && e.master_port == 1234 && e.source == "launcher"));
+
+  ::setenv("RANK", "8", 1);
+  CHECK_THAT(error_of([] { train::read_dist_env(); }), Catch::Contains("RANK: 8 is not below WORLD_SIZE 8"));
+  ::setenv("RANK", "one", 1);
+  CHECK_THAT(error_of([] { train::read_dist_env(); }), Catch::Contains("environment variable RANK: 'one' is not a valid number"));
+
+  clear();
+  ::setenv("SLURM_PROCID", "3", 1);
+  ::setenv("SLURM_NTASKS", "16", 1);
+  ::setenv("SLURM_LOCALID", "3", 1);
+  ::setenv("SLURM_NTASKS_PER_NODE", "8(x2)", 1);
+  ::setenv("SLURM_JOB_NODELIST", "gpu[07-08],gpu11", 1);
+  e = train::read_dist_env();
+  CHECK((e.rank == 3 && e.world_size == 16 && e.local_rank == 3 && e.local_world_size == 8));
+  CHECK((e.master_addr == "gpu07" && e.source == "slurm"));
+  clear();
+}
