@@ -1,10 +1,13 @@
 // dsopen-convert: rewrite a model directory (dsopen checkpoint or HF directory) as an HF directory, optionally in
-// another dtype and split into shards — the output loads in transformers.
+// another dtype and split into shards — the output loads in transformers. With --adapter, a LoRA adapter (PEFT
+// layout) is merged into the weights first.
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --out exported/tiny --dtype bf16
+//   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --adapter runs/lora/checkpoints/step_00000150 --out merged
 #include <filesystem>
 #include <iostream>
 
 #include "inference/loader.h"
+#include "model/lora.h"
 #include "model/weights.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -16,6 +19,8 @@ static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-convert", "Export a checkpoint or HF directory as an HF model directory");
   options.add_options()("model", "Input directory", cxxopts::value<std::string>())(
       "out", "Output directory", cxxopts::value<std::string>())(
+      "adapter", "LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge into the weights",
+      cxxopts::value<std::string>())(
       "dtype", "fp32 | bf16 | fp16", cxxopts::value<std::string>()->default_value("fp32"))(
       "max-shard-mb", "Split into shards of at most this many MB", cxxopts::value<double>()->default_value("5000"));
   cli::add_common(options);
@@ -28,12 +33,22 @@ static int run(int argc, char** argv) {
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
   auto m = inference::load_model(args["model"].as<std::string>(), torch::kCPU, /*keep_mtp=*/true);
+  const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
+  if (!adapter.empty()) {
+    const auto adapted = model::load_adapter(*m, adapter);
+    model::merge_lora(*m);
+    std::cout << "merged the adapter of " << adapted.size() << " projections from " << adapter << std::endl;
+  }
   const std::string out = args["out"].as<std::string>();
   model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
-  // The tokenizer travels with the weights, whichever kind it is.
+  // The tokenizer travels with the weights, whichever kind it is (the adapter's when the model has none).
+  namespace fs = std::filesystem;
+  std::string tok_dir = args["model"].as<std::string>();
+  auto has_tokenizer = [](const fs::path& d) { return fs::exists(d / "tokenizer.model") || fs::exists(d / "tokenizer.json"); };
+  if (!has_tokenizer(tok_dir) && !adapter.empty() && has_tokenizer(adapter)) tok_dir = adapter;
   for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
-    const auto src = std::filesystem::path(args["model"].as<std::string>()) / name;
-    if (std::filesystem::exists(src)) env::write_file_atomic((std::filesystem::path(out) / name).string(), env::read_file(src.string()));
+    const auto src = fs::path(tok_dir) / name;
+    if (fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
   }
   std::cout << "wrote " << out << std::endl;
   return 0;

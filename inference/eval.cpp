@@ -1,6 +1,7 @@
 // dsopen-eval: logits and perplexity of a model (dsopen checkpoint or HF directory).
 //   dsopen-eval --model DIR --tokens FILE --dump-logits OUT.safetensors
 //   dsopen-eval --model DIR --data 'runs/tiny/data/fortunes_*.bin' --ppl [--seq-len 256 --batches 20]
+//   dsopen-eval --model BASE --adapter ADAPTER_DIR ...   (a LoRA adapter applied unmerged)
 #include <cmath>
 #include <numeric>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include "data/dataset.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
+#include "model/lora.h"
 #include "model/safetensors.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -63,6 +65,7 @@ torch::Tensor read_token_file(const std::string& path, int64_t vocab) {
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-eval", "Logits and perplexity of a model");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
+      "adapter", "LoRA adapter directory (PEFT layout) applied on top of the model", cxxopts::value<std::string>())(
       "tokens", "File with one sequence of token ids per line", cxxopts::value<std::string>())(
       "dump-logits", "Write float32 logits [sequences, length, vocab] to this safetensors file",
       cxxopts::value<std::string>())("data", "Token shards (paths or globs) for --ppl",
@@ -78,6 +81,10 @@ static int run(int argc, char** argv) {
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
   auto m = inference::load_quantized_model(args["model"].as<std::string>());
+  if (args.count("adapter")) {
+    model::load_adapter(*m, args["adapter"].as<std::string>());
+    m->eval();
+  }
   torch::NoGradGuard no_grad;
   if (args.count("tokens")) {
     if (!args.count("dump-logits")) throw usage_error("--tokens", "needs --dump-logits OUT.safetensors");

@@ -1,5 +1,6 @@
 // dsopen-generate: sample text from a checkpoint or HF model directory with the KV cache, streaming tokens.
 //   dsopen-generate --model runs/tiny/checkpoints/step_00000300 --prompt "Life is" --max-new-tokens 64
+//   dsopen-generate --model BASE --adapter runs/lora/checkpoints/step_00000150 --chat --prompt "Hello"
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include "inference/generator.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
+#include "model/lora.h"
 #include "utils/cli.h"
 #include "utils/env.h"
 #include "utils/errors.h"
@@ -18,6 +20,7 @@ using namespace dsopen;
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-generate", "Generate text with a trained model");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
+      "adapter", "LoRA adapter directory (PEFT layout), merged into the model", cxxopts::value<std::string>())(
       "tokenizer", "Tokenizer .model / tokenizer.json (default: the one in MODEL)", cxxopts::value<std::string>())(
       "prompt", "Prompt text; repeat it to generate for several prompts in one batch",
       cxxopts::value<std::vector<std::string>>())("prompt-file", "Read the prompt from a file",
@@ -41,9 +44,19 @@ static int run(int argc, char** argv) {
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
   const std::string dir = args["model"].as<std::string>();
-  const std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : dir;
+  const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
+  // Default tokenizer: the model's, else the adapter's (LoRA checkpoints carry the run's tokenizer.model).
+  std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : dir;
+  if (!args.count("tokenizer") && !adapter.empty() && !std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.model") &&
+      !std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json") &&
+      std::filesystem::exists(std::filesystem::path(adapter) / "tokenizer.model"))
+    tok_path = adapter;
   auto tok = data::load_tokenizer(tok_path);
   auto model = inference::load_quantized_model(dir);
+  if (!adapter.empty()) {
+    model::load_adapter(*model, adapter);
+    model::merge_lora(*model);  // one matrix per projection: the decode speed of the base
+  }
   if (tok->vocab_size() > model->config().vocab_size)
     throw usage_error(tok_path, "tokenizer vocabulary (" + std::to_string(tok->vocab_size()) +
                                     ") exceeds the model's vocab_size (" + std::to_string(model->config().vocab_size) + ")",

@@ -107,8 +107,8 @@ torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch:
                                        const torch::Tensor& latent, const torch::Tensor& k_pe, int64_t start,
                                        const torch::Tensor& mask) {
   const int64_t B = q_nope.size(0), T = q_nope.size(1);
-  // kv_b_proj.weight: [H * (nope + v), kv_lora] -> per head [H, nope + v, kv_lora].
-  auto w = kv_b_proj->weight.view({n_heads_, nope_dim_ + v_dim_, kv_lora_rank_});
+  // kv_b_proj.weight: [H * (nope + v), kv_lora] -> per head [H, nope + v, kv_lora] (with its LoRA adapter folded in).
+  auto w = kv_b_proj->merged_weight().view({n_heads_, nope_dim_ + v_dim_, kv_lora_rank_});
   auto w_k = w.narrow(1, 0, nope_dim_), w_v = w.narrow(1, nope_dim_, v_dim_);
   auto dtype = latent.scalar_type();
   auto q_abs = torch::einsum("bthd,hdc->bthc", {q_nope.to(dtype), w_k.to(dtype)});     // [B, T, H, kv_lora]

@@ -41,7 +41,7 @@ public:
   torch::Tensor forward(const torch::Tensor& x, const AttentionInput& in);  // x: [B, T, hidden]
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
 
 private:
   int64_t n_heads_, n_kv_heads_, head_dim_;
@@ -62,9 +62,9 @@ public:
                                 const torch::Tensor& k_pe, int64_t start, const torch::Tensor& mask = {});
 
   // Present when q_lora_rank > 0: q_a_proj, q_a_layernorm, q_b_proj; otherwise q_proj.
-  torch::nn::Linear q_proj{nullptr}, q_a_proj{nullptr}, q_b_proj{nullptr};
+  Linear q_proj{nullptr}, q_a_proj{nullptr}, q_b_proj{nullptr};
   RMSNorm q_a_layernorm{nullptr};
-  torch::nn::Linear kv_a_proj_with_mqa{nullptr}, kv_b_proj{nullptr}, o_proj{nullptr};
+  Linear kv_a_proj_with_mqa{nullptr}, kv_b_proj{nullptr}, o_proj{nullptr};
   RMSNorm kv_a_layernorm{nullptr};
 
 private:

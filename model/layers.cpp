@@ -99,10 +99,6 @@ torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor
   return torch::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2).to(x.scalar_type());
 }
 
-torch::nn::Linear linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
-
 MLPImpl::MLPImpl(int64_t hidden, int64_t intermediate) {
   gate_proj = register_module("gate_proj", linear(hidden, intermediate));
   up_proj = register_module("up_proj", linear(hidden, intermediate));

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "model/config.h"
+#include "model/linear.h"
 
 namespace dsopen::model {
 
@@ -60,11 +61,8 @@ class MLPImpl : public torch::nn::Module {
 public:
   MLPImpl(int64_t hidden, int64_t intermediate);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
-
-// nn::Linear without bias (the common case).
-torch::nn::Linear linear(int64_t in, int64_t out, bool bias = false);
 
 }  // namespace dsopen::model

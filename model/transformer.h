@@ -50,7 +50,7 @@ class MTPLayerImpl : public DecoderLayerImpl {
 public:
   MTPLayerImpl(const ModelConfig& c, int64_t layer_index);
   RMSNorm enorm{nullptr}, hnorm{nullptr};
-  torch::nn::Linear eh_proj{nullptr};
+  Linear eh_proj{nullptr};
   SharedHead shared_head{nullptr};
 };
 TORCH_MODULE(MTPLayer);
@@ -111,7 +111,7 @@ public:
 
   const ModelConfig& config() const { return config_; }
   DeepSeekModel model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when tie_word_embeddings (the head is the embedding)
+  Linear lm_head{nullptr};  // null when tie_word_embeddings (the head is the embedding)
   torch::nn::ModuleList mtp{nullptr};
   std::vector<MTPLayer> mtp_list;
 

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "model/lora.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
@@ -74,7 +75,8 @@ torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   const int64_t L = model->config().num_hidden_layers;
   std::map<std::string, torch::Tensor> out;
-  for (const auto& p : model->named_parameters()) out[to_hf(p.key(), L)] = p.value().detach();
+  for (const auto& p : model->named_parameters())
+    if (!is_lora_parameter(p.key())) out[to_hf(p.key(), L)] = p.value().detach();
   for (const auto& b : model->named_buffers()) out[to_hf(b.key(), L)] = b.value().detach();
   for (size_t k = 0; k < model->mtp_list.size(); ++k) {
     const std::string prefix = "model.layers." + std::to_string(L + static_cast<int64_t>(k)) + ".";

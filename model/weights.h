@@ -29,7 +29,7 @@ private:
   std::map<std::string, size_t> where_;  // tensor name -> file
 };
 
-// name -> tensor (parameters and persistent buffers), HF names.
+// name -> tensor (parameters and persistent buffers), HF names. LoRA adapters are not part of it (see model/lora.h).
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model);
 
 // Copies the weights into the model (converting F32/F16/BF16 to the model's dtype). Missing, unexpected or

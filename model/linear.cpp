@@ -1,0 +1,73 @@
+#include "model/linear.h"
+
+#include <cmath>
+
+#include "utils/compat.h"
+#include "utils/errors.h"
+
+namespace dsopen::model {
+
+namespace {
+// Outside autocast a tensor stored in another dtype is applied in the input's dtype; autocast casts by itself.
+torch::Tensor as_input_dtype(const torch::Tensor& t, const torch::Tensor& x) {
+  if (!t.defined() || t.scalar_type() == x.scalar_type() || compat::autocast_enabled(x.device().type())) return t;
+  return t.to(x.scalar_type());
+}
+}  // namespace
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
+  auto y = torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x));
+  if (!lora_A) return y;
+  auto h = (lora_dropout > 0 && is_training()) ? torch::dropout(x, lora_dropout, /*train=*/true) : x;
+  auto delta = torch::nn::functional::linear(
+      torch::nn::functional::linear(h, as_input_dtype(lora_A->weight, h)), as_input_dtype(lora_B->weight, h));  // [..., out]
+  return y + delta * lora_scale;
+}
+
+void LinearImpl::add_lora(int64_t r, double alpha, bool use_rslora, double dropout) {
+  if (r <= 0) throw usage_error("lora.r", "must be >= 1, got " + std::to_string(r));
+  if (lora_A) throw usage_error("lora", "this projection already has an adapter");
+  const int64_t in = weight.size(1), out = weight.size(0);
+  lora_A = register_module("lora_A", torch::nn::Linear(torch::nn::LinearOptions(in, r).bias(false)));
+  lora_B = register_module("lora_B", torch::nn::Linear(torch::nn::LinearOptions(r, out).bias(false)));
+  lora_A->to(weight.device(), torch::kFloat32);
+  lora_B->to(weight.device(), torch::kFloat32);
+  {
+    torch::NoGradGuard no_grad;
+    lora_B->weight.zero_();
+  }
+  lora_rank = r;
+  lora_alpha = alpha;
+  lora_rslora = use_rslora;
+  lora_scale = use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+  lora_dropout = dropout;
+}
+
+torch::Tensor LinearImpl::merged_weight() const {
+  if (!lora_A) return weight;
+  return weight + torch::mm(lora_B->weight, lora_A->weight) * lora_scale;  // [out, in]
+}
+
+void LinearImpl::merge_lora() {
+  if (!lora_A) return;
+  torch::NoGradGuard no_grad;
+  // In float32 (or wider), then one rounding to the stored dtype.
+  const auto wide = torch::promote_types(weight.scalar_type(), torch::kFloat32);
+  weight.copy_(weight.to(wide) + torch::mm(lora_B->weight, lora_A->weight).to(wide) * lora_scale);
+  remove_lora();
+}
+
+void LinearImpl::remove_lora() {
+  if (!lora_A) return;
+  unregister_module("lora_A");
+  unregister_module("lora_B");
+  lora_A = nullptr;
+  lora_B = nullptr;
+  lora_rank = 0;
+  lora_alpha = lora_scale = lora_dropout = 0;
+  lora_rslora = false;
+}
+
+Linear linear(int64_t in, int64_t out, bool bias) { return Linear(torch::nn::LinearOptions(in, out).bias(bias)); }
+
+}  // namespace dsopen::model

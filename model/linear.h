@@ -1,0 +1,41 @@
+// Linear: the projection every layer of the model uses. It is torch::nn::Linear (same parameters, same names:
+// weight, bias) that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+// Models"):
+//   y = x W^T + b + scale * B(A(dropout(x))),   A: [r, in], B: [out, r], scale = alpha / r (rsLoRA: alpha / sqrt(r))
+// A and B are registered as the submodules lora_A and lora_B, so their parameters are named
+// <module>.lora_A.weight / <module>.lora_B.weight, the names PEFT files use. Without an adapter the layer is
+// exactly nn::Linear. The frozen weight may be stored in another dtype than the activations (a bf16 base under
+// fp32 training): outside autocast it is cast to the input's dtype on the fly.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace dsopen::model {
+
+class LinearImpl : public torch::nn::LinearImpl {
+public:
+  using torch::nn::LinearImpl::LinearImpl;
+  torch::Tensor forward(const torch::Tensor& x);  // x: [..., in] -> [..., out]
+
+  // Attaches an adapter of rank r. A is initialised as nn.Linear is (kaiming-uniform, a = sqrt(5)) and B to zero,
+  // as PEFT does, so the output is unchanged until B trains. A and B are float32 on the weight's device.
+  void add_lora(int64_t r, double alpha, bool use_rslora, double dropout);
+  bool has_lora() const { return static_cast<bool>(lora_A); }
+  // The adapter's whole effect as one matrix: weight + scale * B A (promoted to float32 when the adapter is);
+  // the weight itself without an adapter. Used where the weight is applied by other means than forward.
+  torch::Tensor merged_weight() const;
+  // Folds scale * B A into the weight (kept in its dtype) and removes the adapter.
+  void merge_lora();
+  void remove_lora();
+
+  torch::nn::Linear lora_A{nullptr}, lora_B{nullptr};
+  int64_t lora_rank = 0;
+  double lora_alpha = 0, lora_scale = 0, lora_dropout = 0;
+  bool lora_rslora = false;
+};
+TORCH_MODULE(Linear);
+
+// Linear without bias (the common case).
+Linear linear(int64_t in, int64_t out, bool bias = false);
+
+}  // namespace dsopen::model
