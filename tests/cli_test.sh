@@ -116,5 +116,36 @@ check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-
 check "quantize bad group" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int4 --group-size 7 --out "$W/qx"
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl
+# LoRA: configs/lora.yaml on the checkpoint above for a few steps; the checkpoint holds only the adapter; generate
+# and eval take --adapter; the base merged by dsopen-convert --adapter gives the adapter's logits.
+LORA=(--config configs/lora.yaml --set model.pretrained="$CK" --set tokenizer.path="$W/tok.model"
+      --set run.output_dir="$W/lora" --set checkpoint.dir="$W/lora/checkpoints" --set run.threads=1)
+check "lora train" 0 "$BIN/dsopen-train" "${LORA[@]}" --set train.max_steps=3 --set train.eval_every=0
+case "$LAST" in *"trainable parameters"*"saved "*" MB)"*) echo "ok   lora logs trainable parameters and checkpoint size" ;;
+  *) echo "FAIL lora log: $LAST"; fail=1 ;; esac
+LCK="$W/lora/checkpoints/$(cat "$W/lora/checkpoints/latest")"
+if [ -f "$LCK/adapter_config.json" ] && [ -f "$LCK/adapter_model.safetensors" ] && [ ! -e "$LCK/model.safetensors" ]; then
+  echo "ok   lora checkpoint holds the adapter only"; else echo "FAIL lora checkpoint: $(ls "$LCK")"; fail=1; fi
+check "generate with adapter" 0 "$BIN/dsopen-generate" --model "$CK" --adapter "$LCK" --chat --prompt "Hi" --max-new-tokens 4 --temperature 0
+check "eval with adapter" 0 "$BIN/dsopen-eval" --model "$CK" --adapter "$LCK" --tokens "$W/tokens.txt" --dump-logits "$W/adapter.safetensors"
+check "convert merges adapter" 0 "$BIN/dsopen-convert" --model "$CK" --adapter "$LCK" --out "$W/merged"
+check "eval merged" 0 "$BIN/dsopen-eval" --model "$W/merged" --tokens "$W/tokens.txt" --dump-logits "$W/merged.safetensors"
+python3 - "$W" <<'PY' || fail=1
+import sys
+from safetensors.torch import load_file
+w = sys.argv[1]
+a, m, b = (load_file(f"{w}/{n}.safetensors")["logits"] for n in ("adapter", "merged", "ours"))
+err, moved = (a - m).abs().max().item(), (a - b).abs().max().item()
+assert err <= 1e-5 and moved > 1e-4, (err, moved)
+print(f"ok   merged model = base + adapter (max abs {err:.1e}; the adapter moves the logits by {moved:.1e})")
+PY
+check "lora resume" 0 "$BIN/dsopen-train" "${LORA[@]}" --set train.max_steps=4 --set train.eval_every=0
+case "$LAST" in *"resumed from"*) echo "ok   lora run resumed from its adapter checkpoint" ;; *) echo "FAIL lora resume: $LAST"; fail=1 ;; esac
+check "lora rank 0" 2 "$BIN/dsopen-train" "${LORA[@]}" --set lora.r=0
+case "$LAST" in *"lora.r: must be >= 1, got 0"*) ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
+check "lora targets nothing" 2 "$BIN/dsopen-train" "${LORA[@]}" --set 'lora.target_modules=[k_proj]' --set run.output_dir="$W/lora_x"
+case "$LAST" in *"lora.target_modules: selects no projection of this model"*) ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
+check "adapter missing" 1 "$BIN/dsopen-eval" --model "$CK" --adapter "$W/nope" --tokens "$W/tokens.txt" --dump-logits "$W/x.safetensors"
+[ "$(echo "$LAST" | wc -l)" = 1 ] && case "$LAST" in *"adapter directory not found"*) true ;; *) false ;; esac || { echo "FAIL message: $LAST"; fail=1; }
 rm -rf "$W"
 exit $fail

@@ -390,6 +390,15 @@ TEST_CASE("the lora: section decodes strictly", "[lora][config]") {
   CHECK(job.lora.config.alpha_pattern == std::vector<std::pair<std::string, double>>{{"o_proj", 1.5}});
   CHECK(job.lora.config.use_rslora);
   CHECK(job.lora.base_dtype == "bf16");
+  // A checkpoints directory stands for the checkpoint its `latest` file names.
+  model::save_hf_model(base, (tmp.path / "ck" / "step_00000007").string());
+  tmp.write("ck/latest", "step_00000007\n");
+  {
+    auto doc = config::Document::parse("model: {pretrained: " + (tmp.path / "ck").string() +
+                                           "}\ntokenizer: {path: x.model}\ndata: {train: [x]}\nlora: {enabled: true}\n",
+                                       "lora.yaml");
+    CHECK(train::decode_job(doc).model.pretrained == (tmp.path / "ck" / "step_00000007").string());
+  }
   job = decode_in("{enabled: true, target_modules: '.*\\.o_proj'}");
   CHECK(job.lora.config.target_regex == ".*\\.o_proj");
   CHECK(job.lora.config.target_modules.empty());
