@@ -16,24 +16,25 @@ p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--warmup", type=int, default=1)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 a = p.parse_args()
 
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 cfg = transformers.AutoConfig.from_pretrained(a.config)
 model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-model.train()
+model.to(a.device).train()
 decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
 no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                        lr=1e-4, betas=(0.9, 0.95), eps=1e-8, foreach=True)
-ids = torch.randint(3, cfg.vocab_size, (a.batch, a.seq_len))
+                        lr=1e-4, betas=(0.9, 0.95), eps=1e-8, foreach=a.device == "cpu", fused=a.device == "cuda")
+ids = torch.randint(3, cfg.vocab_size, (a.batch, a.seq_len), device=a.device)
 labels = ids.roll(-1, 1)
 
 
 def step():
     opt.zero_grad(set_to_none=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+    with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
         logits = model(ids).logits
     loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1))
     loss.backward()
@@ -41,12 +42,19 @@ def step():
     opt.step()
 
 
+def sync():
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+
+
 for _ in range(a.warmup):
     step()
+sync()
 t0 = time.perf_counter()
 for _ in range(a.steps):
     step()
+sync()
 s = (time.perf_counter() - t0) / a.steps
 print(json.dumps({"impl": "pytorch", "model": type(model).__name__, "batch": a.batch, "seq_len": a.seq_len,
-                  "precision": a.precision, "threads": a.threads, "ms_per_step": s * 1e3,
+                  "precision": a.precision, "device": a.device, "threads": a.threads, "ms_per_step": s * 1e3,
                   "tokens_per_s": a.batch * a.seq_len / s, "torch": torch.__version__}))

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Training throughput, side by side in one run: dsopen (C++) vs the same model in PyTorch (Python, same torch).
 # Usage: scripts/bench_train.sh [CONFIG ...]   (default: configs/bench/dense-125m.yaml configs/bench/moe-small.yaml)
-# Env: BATCH (4), SEQ (256), STEPS (3), THREADS (nproc), PRECISIONS ("fp32 bf16").
+# Env: BATCH (4), SEQ (256), STEPS (3), THREADS (nproc), PRECISIONS ("fp32 bf16"), DEVICE (cpu | cuda).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/build/bin"
 BATCH="${BATCH:-4}" SEQ="${SEQ:-256}" STEPS="${STEPS:-3}" THREADS="${THREADS:-$(nproc)}"
-PRECISIONS="${PRECISIONS:-fp32 bf16}"
+PRECISIONS="${PRECISIONS:-fp32 bf16}" DEVICE="${DEVICE:-cpu}"
 CONFIGS=("$@")
 [ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=("$ROOT/configs/bench/dense-125m.yaml" "$ROOT/configs/bench/moe-small.yaml")
 TMP="$(mktemp -d)"
@@ -16,9 +16,9 @@ for cfg in "${CONFIGS[@]}"; do
   "$BIN/dsopen-model-info" --config "$cfg" --hf-config "$TMP/config.json" >/dev/null
   for prec in $PRECISIONS; do
     ours=$("$BIN/dsopen-bench-model" --config "$cfg" --batch "$BATCH" --seq-len "$SEQ" --steps "$STEPS" \
-      --precision "$prec" --threads "$THREADS" --optimizer --json)
+      --precision "$prec" --threads "$THREADS" --device "$DEVICE" --optimizer --json)
     ref=$(python3 "$ROOT/bench/torch_reference.py" "$TMP" --batch "$BATCH" --seq-len "$SEQ" --steps "$STEPS" \
-      --precision "$prec" --threads "$THREADS" 2>/dev/null | tail -n 1)
+      --precision "$prec" --threads "$THREADS" --device "$DEVICE" 2>/dev/null | tail -n 1)
     python3 - "$cfg" "$prec" "$ours" "$ref" <<'PY'
 import json, os, sys
 cfg, prec, ours, ref = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
