@@ -65,6 +65,12 @@ DeepSeekModelImpl::DeepSeekModelImpl(const ModelConfig& c) {
 
 namespace {
 
+// The generator dropout draws from on `device` (LoRA adapters may drop their input): the recomputation replays the
+// forward pass's state so it draws the same masks.
+at::Generator generator_of(const torch::Device& device) {
+  return device.is_cuda() ? at::globalContext().defaultGenerator(device) : at::detail::getDefaultCPUGenerator();
+}
+
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor h,
                                                 torch::Tensor cos, torch::Tensor sin, torch::Tensor mask,
@@ -72,6 +78,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["layer"] = layer_ptr;
     ctx->saved_data["autocast"] = compat::autocast_enabled(h.device().type());
     ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(h.device().type()));
+    ctx->saved_data["rng"] = generator_of(h.device()).get_state();
     ctx->save_for_backward({h, cos, sin, mask});
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_ptr);
     torch::NoGradGuard no_grad;
@@ -86,6 +93,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     auto saved = ctx->get_saved_variables();
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
     auto h = saved[0].detach().requires_grad_(true);
+    auto gen = generator_of(h.device());
+    const auto rng_now = gen.get_state();
+    gen.set_state(ctx->saved_data["rng"].toTensor());
     LayerOutput out;
     {
       // Recompute under the precision the forward pass ran with.
@@ -94,6 +104,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       torch::AutoGradMode grad_on(true);
       out = layer->forward(h, AttentionInput{saved[1], saved[2], saved[3].numel() ? saved[3] : torch::Tensor(), 0, nullptr});
     }
+    gen.set_state(rng_now);
     std::vector<torch::Tensor> outputs{out.h}, out_grads{grads[0]};
     if (out.aux_loss.requires_grad() && grads[1].defined()) {
       outputs.push_back(out.aux_loss);
@@ -160,7 +171,10 @@ LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor
     return layer.forward(h, in);
   // autograd Functions take defined tensors only: an empty mask stands for "plain causal".
   auto mask = in.mask.defined() ? in.mask : torch::empty({0}, h.options().dtype(torch::kBool));
-  auto outs = CheckpointedLayer::apply(h, in.cos, in.sin, mask, reinterpret_cast<int64_t>(&layer));
+  // The Function's outputs need grad only if an input does: with a frozen embedding (LoRA) the hidden state
+  // entering the first layer must be marked, or the layers' own trainable weights would get no gradient.
+  auto input = h.requires_grad() ? h : h.detach().requires_grad_(true);
+  auto outs = CheckpointedLayer::apply(input, in.cos, in.sin, mask, reinterpret_cast<int64_t>(&layer));
   LayerOutput out;
   out.h = outs[0];
   out.aux_loss = outs[1];

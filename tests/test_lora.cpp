@@ -579,3 +579,32 @@ TEST_CASE("a LoRA run starts from a saved adapter, and mixing run kinds is refus
   });
   CHECK(msg.find("differ from this run's") != std::string::npos);
 }
+
+TEST_CASE("activation checkpointing gives the adapters the same gradients (frozen embedding, dropout)", "[lora][train]") {
+  auto grads = [](bool checkpointing) {
+    auto m = debug_model();
+    model::LoraConfig c;
+    c.dropout = 0.2;
+    c.target_regex = "all-linear";
+    model::inject_lora(*m, c);
+    randomize_b(m);
+    model::freeze_base(*m);
+    m->set_activation_checkpointing(checkpointing);
+    m->train();
+    const auto ids = some_ids();
+    torch::manual_seed(42);
+    m->forward(ids, ids).loss.backward();
+    std::map<std::string, torch::Tensor> out;
+    for (const auto& p : m->named_parameters())
+      if (model::is_lora_parameter(p.key())) out[p.key()] = p.value().grad().defined() ? p.value().grad().clone() : torch::Tensor();
+    return out;
+  };
+  const auto plain = grads(false), checkpointed = grads(true);
+  REQUIRE(plain.size() == checkpointed.size());
+  for (const auto& [name, g] : plain) {
+    INFO(name);
+    REQUIRE(g.defined());
+    REQUIRE(checkpointed.at(name).defined());
+    CHECK(max_abs_diff(checkpointed.at(name), g) <= 1e-6 * std::max(1.0, g.abs().max().item<double>()));
+  }
+}
