@@ -79,7 +79,7 @@ while [[ ${#live[@]} -gt 0 ]]; do
   done_pid=""
   wait -n -p done_pid "${!live[@]}"
   status=$?
-  if [[ -z "$done_pid" ]]; then
+  if [[ -z "${done_pid:-}" ]]; then
     # Interrupted by a trapped signal (the handler ran); escalate if a failure's grace period ran out.
     if [[ $failed_at -gt 0 && $(($(date +%s) - failed_at)) -ge $grace_s ]] && alive; then signal_all KILL; fi
     continue

@@ -129,6 +129,22 @@ if [ -z "$victim" ]; then echo "FAIL kill: rank 1 not found"; fail=1; else
     --set train.max_steps=$(( $(sed 's/step_0*//' "$W/kill/checkpoints/latest") + 2 ))
 fi
 
+# Ctrl-C/SIGTERM to the launcher: every rank checkpoints after the same step and exits 0.
+next_port
+"$LAUNCH" --nproc-per-node 2 --master-port "$port" -- "$BIN/dsopen-train" --config "$W/base.yaml" \
+  --set run.output_dir="$W/term" --set parallel.strategy=zero1 --set train.max_steps=100000 \
+  --set checkpoint.every=0 --set run.log_every=50 > "$W/term.log" 2>&1 &
+launcher=$!
+for _ in $(seq 1 600); do grep -q "step 1/" "$W/term/logs/rank_0.log" 2>/dev/null && break; sleep 0.1; done
+kill -TERM "$launcher"
+wait "$launcher"; rc=$?
+files="$(ls "$W"/term/checkpoints/step_*/optimizer/ 2>/dev/null | tr '\n' ' ')"
+if [ $rc = 0 ] && [ "$files" = "rank_0.safetensors rank_1.safetensors " ] && grep -q "stopping on signal" "$W/term/logs/rank_1.log"; then
+  echo "ok   SIGTERM to the launcher: exit 0, both ranks saved one checkpoint ($files)"
+else
+  echo "FAIL SIGTERM to the launcher: exit $rc, optimizer files '$files'"; tail -n 5 "$W/term.log"; fail=1
+fi
+
 # Launcher usage errors.
 "$LAUNCH" --nproc-per-node 0 -- true 2>/dev/null; [ $? = 2 ] && echo "ok   launcher rejects --nproc-per-node 0" || { echo "FAIL launcher bad arg"; fail=1; }
 "$LAUNCH" --nproc-per-node 2 2>/dev/null; [ $? = 2 ] && echo "ok   launcher needs a command" || { echo "FAIL launcher no command"; fail=1; }
