@@ -52,6 +52,7 @@ public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
   std::string backend() const override { return "none"; }
+  torch::Device device() const override { return torch::kCPU; }
   PendingWork all_reduce_sum(torch::Tensor) override { return {}; }
   PendingWork reduce_scatter_sum(torch::Tensor out, torch::Tensor in) override {
     if (!out.is_same(in)) out.copy_(in.view_as(out));
@@ -75,6 +76,7 @@ public:
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return name_; }
+  torch::Device device() const override { return device_; }
 
   PendingWork all_reduce_sum(torch::Tensor t) override {
     std::vector<at::Tensor> ts{t};
@@ -134,7 +136,7 @@ void PendingWork::wait() {
 
 double ProcessGroup::all_reduce_sum(double value) {
   if (size() == 1) return value;
-  auto t = torch::tensor({value}, torch::kFloat64);
+  auto t = torch::tensor({value}, torch::kFloat64).to(device());
   all_reduce_sum(t).wait();
   return t.item<double>();
 }

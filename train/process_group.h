@@ -46,6 +46,8 @@ public:
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend() const = 0;
+  // Where this group's tensors must live (NCCL: the rank's CUDA device).
+  virtual torch::Device device() const = 0;
 
   // Sum over ranks, in place.
   virtual PendingWork all_reduce_sum(torch::Tensor t) = 0;
