@@ -608,3 +608,17 @@ TEST_CASE("activation checkpointing gives the adapters the same gradients (froze
     CHECK(max_abs_diff(checkpointed.at(name), g) <= 1e-6 * std::max(1.0, g.abs().max().item<double>()));
   }
 }
+
+TEST_CASE("a LoRA run with a bf16 base trains under fp32 and bf16 precision", "[lora][train]") {
+  for (const std::string precision : {"fp32", "bf16"}) {
+    INFO(precision);
+    train::Trainer t(job_of(config_text("bf16_base_" + precision, kLora),
+                            {"lora.base_dtype=bf16", "train.precision=" + precision, "train.max_steps=6", "checkpoint.every=0"}),
+                     "");
+    CHECK(projection(t.model(), "model.layers.0.self_attn.o_proj").weight.scalar_type() == torch::kBFloat16);
+    const auto r = t.run();
+    REQUIRE(r.losses.size() == 6);
+    for (double l : r.losses) CHECK(std::isfinite(l));
+    CHECK(r.losses.back() < r.losses.front());
+  }
+}
