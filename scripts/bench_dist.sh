@@ -25,13 +25,14 @@ for strategy in $STRATEGIES; do
       --set run.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 --set checkpoint.resume=none \
       --set checkpoint.dir="$TMP/ck$strategy$n" > "$TMP/$strategy$n.log" 2>&1 || { tail -n 5 "$TMP/$strategy$n.log"; exit 1; }
     python3 - "$TMP/$strategy$n/metrics.jsonl" "$strategy" "$n" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rows = [r for r in rows if "loss" in r][2:]  # the first steps warm up allocators and connections
-step = sum(r["step_time_s"] for r in rows) / len(rows)
-tok = sum(r["tokens_per_s"] for r in rows) / len(rows)
-comm = sum(r.get("comm_wait_s", 0.0) for r in rows) / len(rows)
-print(f"{sys.argv[2]:8s} {sys.argv[3]:>5s} {1000 * step:12.0f} {tok:10.0f} {100 * comm / step:11.0f}%")
+# Medians: one step disturbed by another process on the machine must not move the figure.
+step = statistics.median(r["step_time_s"] for r in rows)
+tokens = rows[-1]["tokens"] / rows[-1]["step"]
+comm = statistics.median(r.get("comm_wait_s", 0.0) / r["step_time_s"] for r in rows)
+print(f"{sys.argv[2]:8s} {sys.argv[3]:>5s} {1000 * step:12.0f} {tokens / step:10.0f} {100 * comm:11.0f}%")
 PY
   done
 done

@@ -35,12 +35,14 @@ class BatchSource {
 public:
   virtual ~BatchSource() = default;
   virtual data::Batch next(data::DataCursor& cursor, int64_t micro_batch) = 0;
+  virtual int64_t samples_per_rank() const = 0;  // per epoch
 };
 
 class ShardSource : public BatchSource {
 public:
   explicit ShardSource(std::unique_ptr<data::TokenDataset> ds) : ds_(std::move(ds)) {}
   data::Batch next(data::DataCursor& c, int64_t b) override { return ds_->next(c, b); }
+  int64_t samples_per_rank() const override { return ds_->samples_per_rank(); }
 
 private:
   std::unique_ptr<data::TokenDataset> ds_;
@@ -58,6 +60,7 @@ public:
     c.position += b;
     return batch;
   }
+  int64_t samples_per_rank() const override { return ds_->samples_per_rank(); }
 
 private:
   std::unique_ptr<data::SftDataset> ds_;
@@ -254,8 +257,11 @@ TrainResult Trainer::run() {
     s.model->eval();
     data::DataCursor c;
     double ce = 0, n = 0;
-    for (int64_t i = 0; i < t.eval_steps; ++i) {
-      auto b = s.valid_data->next(c, B);
+    // A small validation set split over many ranks may give each fewer samples than a micro-batch; evaluate
+    // it in smaller batches (equal on every rank) rather than refuse.
+    const int64_t eval_batch = std::min(B, s.valid_data->samples_per_rank());
+    for (int64_t i = 0; i < t.eval_steps && eval_batch > 0; ++i) {
+      auto b = s.valid_data->next(c, eval_batch);
       if (c.epoch > 0) break;  // one pass at most
       std::optional<compat::AutocastScope> ac;
       s.precision->autocast(ac);
