@@ -1,9 +1,13 @@
 // dsopen-generate: sample text from a checkpoint or HF model directory with the KV cache, streaming tokens.
 //   dsopen-generate --model runs/tiny/checkpoints/step_00000300 --prompt "Life is" --max-new-tokens 64
 //   dsopen-generate --model BASE --adapter runs/lora/checkpoints/step_00000150 --chat --prompt "Hello"
+//   dsopen-generate --model M --prompt-ids 1,5,9 --max-new-tokens 64 --ignore-eos --temperature 0 --json
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "data/hf_tokenizer.h"
 #include "inference/generator.h"
@@ -17,6 +21,44 @@
 
 using namespace dsopen;
 
+namespace {
+// "1,5,9" or "1 5 9" -> token ids.
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::string spaced = text;
+  std::replace(spaced.begin(), spaced.end(), ',', ' ');
+  std::istringstream in(spaced);
+  std::vector<int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(word, &used);
+    } catch (const std::exception&) {
+    }
+    if (used != word.size() || v < 0 || v > INT32_MAX)
+      throw usage_error("--prompt-ids", "'" + word + "' is not a token id", "give ids as 1,5,9");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  if (ids.empty()) throw usage_error("--prompt-ids", "no token ids in '" + text + "'");
+  return ids;
+}
+
+// Every value of a repeatable option as written: cxxopts would split a vector value at commas, which turned
+// --prompt "Hello, world" into two prompts.
+std::vector<std::string> values_of(int argc, char** argv, const std::string& name) {
+  std::vector<std::string> out;
+  const std::string flag = "--" + name;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") break;
+    if (a == flag && i + 1 < argc) out.push_back(argv[++i]);
+    else if (a.rfind(flag + "=", 0) == 0) out.push_back(a.substr(flag.size() + 1));
+  }
+  return out;
+}
+}  // namespace
+
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-generate", "Generate text with a trained model");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
@@ -25,6 +67,8 @@ static int run(int argc, char** argv) {
       "prompt", "Prompt text; repeat it to generate for several prompts in one batch",
       cxxopts::value<std::vector<std::string>>())("prompt-file", "Read the prompt from a file",
                                                   cxxopts::value<std::string>())(
+      "prompt-ids", "Prompt as token ids ('1 5 9' or 1,5,9; repeatable for a batch): the output is token ids, not text",
+      cxxopts::value<std::vector<std::string>>())(
       "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>)")(
       "max-new-tokens", "Tokens to generate at most", cxxopts::value<int64_t>()->default_value("128"))(
       "temperature", "0: greedy", cxxopts::value<double>()->default_value("0.8"))(
@@ -33,16 +77,28 @@ static int run(int argc, char** argv) {
       "repetition-penalty", "1: off", cxxopts::value<double>()->default_value("1.1"))(
       "seed", "Sampling seed", cxxopts::value<uint64_t>()->default_value("0"))(
       "stop", "Stop string (repeatable)", cxxopts::value<std::vector<std::string>>())(
-      "no-bos", "Do not prepend the BOS token")("threads", "CPU threads (0: all)",
-                                                cxxopts::value<int>()->default_value("0"));
+      "no-bos", "Do not prepend the BOS token")("ignore-eos", "Keep generating after EOS (fixed-length benchmarks)")(
+      "dtype", "fp32 | bf16: the float weights and the KV cache", cxxopts::value<std::string>()->default_value("fp32"))(
+      "json", "Print one JSON object (tokens, texts, timings) instead of the text")(
+      "warmup", "Untimed generations before the timed ones", cxxopts::value<int>()->default_value("0"))(
+      "repeat", "Timed generations; the fastest prefill and decode are reported", cxxopts::value<int>()->default_value("1"))(
+      "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"));
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
-  if ((args.count("prompt") > 0) == (args.count("prompt-file") > 0))
-    throw usage_error("dsopen-generate", "give --prompt (one or more) or --prompt-file");
+  if ((args.count("prompt") > 0) + (args.count("prompt-file") > 0) + (args.count("prompt-ids") > 0) != 1)
+    throw usage_error("dsopen-generate", "give --prompt (one or more), --prompt-file or --prompt-ids");
+  const bool as_ids = args.count("prompt-ids") > 0, json = args.count("json") > 0;
+  if (as_ids && (args.count("chat") || args.count("stop")))
+    throw usage_error("--prompt-ids", "--chat and --stop work on text", "give the prompt as --prompt");
+  const std::string dtype_name = args["dtype"].as<std::string>();
+  if (dtype_name != "fp32" && dtype_name != "bf16")
+    throw usage_error("--dtype", "'" + dtype_name + "' is not fp32 or bf16");
+  const int warmup = args["warmup"].as<int>(), repeat = args["repeat"].as<int>();
+  if (warmup < 0 || repeat < 1) throw usage_error("--warmup/--repeat", "need --warmup >= 0 and --repeat >= 1");
   logging::setup_console("warn");
-  env::configure_threads(args["threads"].as<int>());
+  const int threads = env::configure_threads(args["threads"].as<int>());
   const std::string dir = args["model"].as<std::string>();
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   // Default tokenizer: the model's, else the adapter's (LoRA checkpoints carry the run's tokenizer.model).
@@ -57,15 +113,25 @@ static int run(int argc, char** argv) {
     model::load_adapter(*model, adapter);
     model::merge_lora(*model);  // one matrix per projection: the decode speed of the base
   }
+  if (dtype_name == "bf16") model->to(torch::kBFloat16);
   if (tok->vocab_size() > model->config().vocab_size)
     throw usage_error(tok_path, "tokenizer vocabulary (" + std::to_string(tok->vocab_size()) +
                                     ") exceeds the model's vocab_size (" + std::to_string(model->config().vocab_size) + ")",
                       "use the tokenizer the model was trained with");
 
-  std::vector<std::string> prompts = args.count("prompt") ? args["prompt"].as<std::vector<std::string>>()
-                                                          : std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())};
+  std::vector<std::string> prompts = args.count("prompt")        ? values_of(argc, argv, "prompt")
+                                     : args.count("prompt-ids") ? values_of(argc, argv, "prompt-ids")
+                                                                : std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())};
   std::vector<std::vector<int32_t>> ids;
   for (auto& prompt : prompts) {
+    if (as_ids) {
+      ids.push_back(parse_ids(prompt));
+      for (int32_t t : ids.back())
+        if (t >= model->config().vocab_size)
+          throw usage_error("--prompt-ids", "token id " + std::to_string(t) + " >= vocab_size " +
+                                                std::to_string(model->config().vocab_size));
+      continue;
+    }
     if (args.count("chat")) prompt = "<|User|>" + prompt + "\n<|Assistant|>";
     ids.emplace_back();
     if (!args.count("no-bos") && tok->bos_id() >= 0) ids.back().push_back(tok->bos_id());
@@ -83,24 +149,55 @@ static int run(int argc, char** argv) {
   go.max_new_tokens = args["max-new-tokens"].as<int64_t>();
   if (args.count("stop")) go.stop = args["stop"].as<std::vector<std::string>>();
   if (args.count("chat")) go.stop.push_back("<|end|>");
+  go.stop_at_eos = !args.count("ignore-eos");
+  go.decode_text = !as_ids;
 
-  const bool stream = prompts.size() == 1;  // one prompt streams; a batch prints each text when done
-  if (stream) std::cout << prompts[0] << std::flush;
-  auto results = inference::generate_batch(model, *tok, ids, sampler, go, [&](size_t, const std::string& piece) {
-    if (stream) std::cout << piece << std::flush;
-  });
+  // Warm-up and repeated runs give the same tokens (greedy) or other samples; the last run's output is printed.
+  for (int i = 0; i < warmup; ++i) inference::generate_batch(model, *tok, ids, sampler, go);
+  double prefill_s = 1e300, decode_s = 1e300;
+  std::vector<inference::GenerateResult> results;
+  for (int i = 0; i < repeat; ++i) {
+    const bool stream = !json && as_ids == false && prompts.size() == 1 && i + 1 == repeat;  // one prompt streams
+    if (stream) std::cout << prompts[0] << std::flush;
+    results = inference::generate_batch(model, *tok, ids, sampler, go, [&](size_t, const std::string& piece) {
+      if (stream) std::cout << piece << std::flush;
+    });
+    if (stream) std::cout << std::endl;
+    prefill_s = std::min(prefill_s, results.front().prefill_s);
+    decode_s = std::min(decode_s, results.front().decode_s);
+  }
   int64_t prompt_tokens = 0;
   size_t generated = 0;
-  for (size_t i = 0; i < results.size(); ++i) {
-    if (stream) std::cout << std::endl;
-    else std::cout << "[" << i << "] " << prompts[i] << results[i].text << std::endl;
-    prompt_tokens += results[i].prompt_tokens;
-    generated += results[i].tokens.size();
+  for (const auto& r : results) prompt_tokens += r.prompt_tokens, generated += r.tokens.size();
+  const int64_t B = static_cast<int64_t>(results.size()), forwards = results.front().decode_forwards;
+  if (json) {
+    nlohmann::json out = {{"impl", "dsopen"}, {"model", dir}, {"dtype", dtype_name}, {"threads", threads},
+                          {"batch", B}, {"prompt_tokens", prompt_tokens}, {"generated_tokens", generated},
+                          {"decode_forwards", forwards}, {"prefill_s", prefill_s}, {"decode_s", decode_s},
+                          {"prefill_tokens_per_s", prompt_tokens / std::max(prefill_s, 1e-9)},
+                          // tokens the decode forwards produced: one per sequence and forward
+                          {"decode_tokens_per_s", B * forwards / std::max(decode_s, 1e-9)}};
+    out["tokens"] = nlohmann::json::array();
+    for (const auto& r : results) out["tokens"].push_back(r.tokens);
+    if (!as_ids) {
+      out["texts"] = nlohmann::json::array();
+      for (const auto& r : results) out["texts"].push_back(r.text);
+    }
+    std::cout << out.dump() << std::endl;
+    return 0;
   }
-  const auto& r = results.front();
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (as_ids) {
+      std::cout << "[" << i << "]";
+      for (int32_t t : results[i].tokens) std::cout << " " << t;
+      std::cout << std::endl;
+    } else if (results.size() > 1) {
+      std::cout << "[" << i << "] " << prompts[i] << results[i].text << std::endl;
+    }
+  }
   std::fprintf(stderr, "prompt %lld tokens in %.3f s (%.1f tokens/s) | generated %zu tokens in %.3f s (%.1f tokens/s)\n",
-               static_cast<long long>(prompt_tokens), r.prefill_s, prompt_tokens / std::max(r.prefill_s, 1e-9),
-               generated, r.decode_s, generated / std::max(r.decode_s, 1e-9));
+               static_cast<long long>(prompt_tokens), prefill_s, prompt_tokens / std::max(prefill_s, 1e-9),
+               generated, decode_s, generated / std::max(decode_s, 1e-9));
   return 0;
 }
 

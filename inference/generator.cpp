@@ -45,7 +45,9 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - longest);
   torch::NoGradGuard no_grad;
   const auto device = model->model->embed_tokens->weight.device();
-  model::KVCache cache = model->make_cache(B, longest + budget);
+  auto t0 = std::chrono::steady_clock::now();
+  // The cache keeps the model's dtype: a bf16 model would otherwise convert every cached key at every step.
+  model::KVCache cache = model->make_cache(B, longest + budget, model->model->norm->weight.scalar_type());
 
   // Left-pad to the longest prompt: padding keys are masked out and every sequence counts its own positions.
   const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : 0;
@@ -62,18 +64,20 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     }
     next_position[b] = n;
   }
-  const bool padded = B > 1;  // a single prompt needs no masks
+  // Prompts of one length need no masks (the fast path of SDPA); only padding does.
+  bool padded = false;
+  for (const auto& p : prompts) padded = padded || static_cast<int64_t>(p.size()) != longest;
   std::vector<GenerateResult> results(B);
   std::vector<std::vector<int32_t>> context = prompts;
   std::vector<bool> done(B, false);
   std::vector<std::string> emitted(B);
 
-  auto t0 = std::chrono::steady_clock::now();
   auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device)).logits
                        : model->forward(ids.to(device), {}, &cache).logits;
   logits = logits.select(1, longest - 1);  // [B, V]
   const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   t0 = std::chrono::steady_clock::now();
+  int64_t forwards = 0;
   for (int64_t step = 0; step < budget; ++step) {
     auto next = torch::full({B, 1}, pad, torch::kLong);
     for (int64_t b = 0; b < B; ++b) {
@@ -86,6 +90,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
       results[b].tokens.push_back(token);
       context[b].push_back(token);
       next[b][0] = token;
+      if (!o.decode_text) continue;
       bool stopped = false;
       const bool last = step + 1 == budget;
       const std::string text = visible_text(tok, results[b].tokens, o.stop, last, stopped);
@@ -96,6 +101,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
       if (stopped) done[b] = true;
     }
     if (step + 1 == budget || std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    ++forwards;
     if (padded) {
       auto pos = torch::empty({B, 1}, torch::kLong);
       for (int64_t b = 0; b < B; ++b) pos[b][0] = next_position[b]++;
@@ -111,6 +117,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     results[b].prompt_tokens = static_cast<int64_t>(prompts[b].size());
     results[b].prefill_s = prefill_s;
     results[b].decode_s = decode_s;
+    results[b].decode_forwards = forwards;
   }
   return results;
 }

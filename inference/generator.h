@@ -16,13 +16,15 @@ struct GenerateOptions {
   int64_t max_new_tokens = 128;
   std::vector<std::string> stop;  // stop strings (the text up to them is kept)
   bool stop_at_eos = true;
+  bool decode_text = true;  // false: token ids only (no text, no stop strings, no streaming), e.g. for benchmarks
 };
 
 struct GenerateResult {
   std::vector<int32_t> tokens;  // generated tokens
   std::string text;             // their decoded text (cut at a stop string)
   int64_t prompt_tokens = 0;
-  double prefill_s = 0, decode_s = 0;
+  double prefill_s = 0, decode_s = 0;  // the whole batch's: prompt forward (+ cache allocation), then the token loop
+  int64_t decode_forwards = 0;         // one-token forward passes in decode_s (new tokens - 1 without an early stop)
 };
 
 // Generates for several prompts of different lengths at once: they are left-padded, padding is masked out of

@@ -112,6 +112,22 @@ check "quantize int8" 0 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int8 -
 check "eval quantized" 0 "$BIN/dsopen-eval" --model "$W/q8" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
 case "$LAST" in *perplexity*) echo "ok   quantized $LAST" ;; *) echo "FAIL quantized eval: $LAST"; fail=1 ;; esac
 check "generate quantized" 0 "$BIN/dsopen-generate" --model "$W/q8" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
+# Fixed-length benchmark runs: token-id prompts, EOS ignored, a JSON summary; bf16 weights and cache.
+for dt in fp32 bf16; do
+  check "generate ids json $dt" 0 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7" --prompt-ids 8,9,10 --no-bos \
+    --ignore-eos --max-new-tokens 6 --temperature 0 --dtype "$dt" --warmup 1 --repeat 2 --json
+  python3 - "$LAST" "$dt" <<'PY' || fail=1
+import json, sys
+j = json.loads(sys.argv[1])
+assert j["dtype"] == sys.argv[2] and j["batch"] == 2 and j["prompt_tokens"] == 6, j
+assert j["generated_tokens"] == 12 and j["decode_forwards"] == 5 and [len(t) for t in j["tokens"]] == [6, 6], j
+assert j["prefill_tokens_per_s"] > 0 and j["decode_tokens_per_s"] > 0 and "texts" not in j, j
+print(f"ok   generate --json {sys.argv[2]}: {j['decode_tokens_per_s']:.0f} decode tokens/s")
+PY
+done
+check "generate comma prompt" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "Hello, world" --max-new-tokens 2 --temperature 0
+case "$LAST" in "Hello, world"*) echo "ok   a comma does not split a prompt" ;; *) echo "FAIL comma prompt: $LAST"; fail=1 ;; esac
+check "generate bad ids" 2 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 x"
 check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int3 --out "$W/qx"
 check "quantize bad group" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int4 --group-size 7 --out "$W/qx"
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"
