@@ -42,7 +42,7 @@ done
 
 world=$((nnodes * nproc_per_node))
 pids=()
-declare -A rank_of live
+declare -A rank_of live  # pid -> rank; pids still running
 for ((i = 0; i < nproc_per_node; i++)); do
   rank=$((node_rank * nproc_per_node + i))
   if [[ $prefix == 1 ]]; then
@@ -57,7 +57,6 @@ for ((i = 0; i < nproc_per_node; i++)); do
   live[$!]=1
 done
 
-alive() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 signal_all() { local p; for p in "${pids[@]}"; do kill "-$1" "$p" 2>/dev/null; done; }
 
 signals=0
@@ -74,26 +73,25 @@ trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 
 exit_code=0
-failed_at=0
+# Poll rather than `wait -n`: a rank that exits before the launcher waits must still be seen, and signals must be
+# handled promptly (the trap runs between the short sleeps).
 while [[ ${#live[@]} -gt 0 ]]; do
-  done_pid=""
-  wait -n -p done_pid "${!live[@]}"
-  status=$?
-  if [[ -z "${done_pid:-}" ]]; then
-    # Interrupted by a trapped signal (the handler ran); escalate if a failure's grace period ran out.
-    if [[ $failed_at -gt 0 && $(($(date +%s) - failed_at)) -ge $grace_s ]] && alive; then signal_all KILL; fi
-    continue
-  fi
-  unset "live[$done_pid]"
-  if [[ $status -ne 0 && $exit_code -eq 0 ]]; then
-    exit_code=$status
-    echo "launch.sh: rank ${rank_of[$done_pid]} exited with code $status; stopping the other ranks" >&2
-    signal_all TERM
-    failed_at=$(date +%s)
-    # A watchdog escalates to SIGKILL when ranks hang in a collective with the dead peer.
-    ( sleep "$grace_s"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) &
-    watchdog=$!
-  fi
+  for pid in "${!live[@]}"; do
+    kill -0 "$pid" 2>/dev/null && continue
+    wait "$pid"
+    status=$?
+    unset "live[$pid]"
+    if [[ $status -ne 0 && $exit_code -eq 0 ]]; then
+      exit_code=$status
+      echo "launch.sh: rank ${rank_of[$pid]} exited with code $status; stopping the other ranks" >&2
+      signal_all TERM
+      # A watchdog escalates to SIGKILL when ranks hang in a collective with the dead peer. Its output goes
+      # nowhere so that its sleep cannot keep the launcher's stdout open.
+      ( sleep "$grace_s"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) > /dev/null 2>&1 &
+      watchdog=$!
+    fi
+  done
+  [[ ${#live[@]} -gt 0 ]] && sleep 0.2
 done
 [[ -n "${watchdog:-}" ]] && kill "$watchdog" 2>/dev/null
 wait 2>/dev/null  # the output prefixers
