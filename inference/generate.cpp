@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include <torch/csrc/autograd/profiler_legacy.h>
+
 #include "data/hf_tokenizer.h"
 #include "inference/generator.h"
 #include "inference/loader.h"
@@ -82,6 +84,8 @@ static int run(int argc, char** argv) {
       "json", "Print one JSON object (tokens, texts, timings) instead of the text")(
       "warmup", "Untimed generations before the timed ones", cxxopts::value<int>()->default_value("0"))(
       "repeat", "Timed generations; the fastest prefill and decode are reported", cxxopts::value<int>()->default_value("1"))(
+      "profile", "After timing, profile one more generation into a Chrome trace (bench/top_ops.py summarises it)",
+      cxxopts::value<std::string>())(
       "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"));
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
@@ -165,6 +169,10 @@ static int run(int argc, char** argv) {
     if (stream) std::cout << std::endl;
     prefill_s = std::min(prefill_s, results.front().prefill_s);
     decode_s = std::min(decode_s, results.front().decode_s);
+  }
+  if (args.count("profile")) {
+    torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
+    inference::generate_batch(model, *tok, ids, sampler, go);
   }
   int64_t prompt_tokens = 0;
   size_t generated = 0;

@@ -72,9 +72,10 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   std::vector<bool> done(B, false);
   std::vector<std::string> emitted(B);
 
-  auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device)).logits
-                       : model->forward(ids.to(device), {}, &cache).logits;
-  logits = logits.select(1, longest - 1);  // [B, V]
+  // Only the last position's logits: the head over the whole prompt would be wasted work.
+  auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device), 1).logits
+                       : model->forward(ids.to(device), {}, &cache, {}, {}, 1).logits;
+  logits = logits.select(1, 0);  // [B, V]
   const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   t0 = std::chrono::steady_clock::now();
   int64_t forwards = 0;

@@ -212,8 +212,10 @@ torch::Tensor document_mask(const torch::Tensor& segments) {
 }  // namespace
 
 ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels, KVCache* cache,
-                                    const torch::Tensor& position_ids, const torch::Tensor& segment_ids) {
+                                    const torch::Tensor& position_ids, const torch::Tensor& segment_ids,
+                                    int64_t last_logits) {
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  TORCH_CHECK(last_logits == 0 || !labels.defined(), "forward: last_logits is for inference (no labels)");
   const int64_t start = cache ? cache->length : 0;
   auto [cos, sin] = position_ids.defined() ? rope_.gather(position_ids) : rope_.slice(start, T, input_ids.device());
   torch::Tensor mask;
@@ -244,6 +246,7 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
   }
   if (cache) cache->length = start + T;
   auto main_hidden = h;
+  if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.logits = head(model->norm(h));  // [B, T, V]
 
   const auto zero = torch::zeros({}, out.aux_loss.options());

@@ -93,8 +93,11 @@ public:
   // Packed rows pass position_ids and segment_ids [B, T] (see data::Batch): attention stays inside a document
   // and RoPE positions restart with each one. With a cache, segment_ids mark padding (0) in left-padded batches of
   // prompts: no query attends a padding key, and position_ids give each sequence its own positions.
+  // `last_logits` > 0 (inference, no labels): logits of the last that many positions only, [B, last_logits, V]
+  // (a prompt's prefill needs one; the head is a large share of a small model's FLOPs).
   ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr,
-                        const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
+                        const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {},
+                        int64_t last_logits = 0);
 
   // Allocates caches for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype = torch::kFloat32) const;
