@@ -387,7 +387,30 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
   env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device) {
+bool Int4Linear::supports(const QuantizedWeight& q) {
+  const int64_t g = q.group_size;
+  return q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
+}
+
+Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
+  TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
+  packed = at::_convert_weight_to_int4pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
+  auto scales = q.scales.to(torch::kFloat32), zeros = q.zeros.to(torch::kFloat32);  // [out, in / g]
+  scale_zeros = torch::stack({scales.t(), ((8.0 - zeros) * scales).t()}, -1).to(torch::kBFloat16).contiguous();
+}
+
+torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
+  auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
+  auto sizes = x.sizes().vec();
+  sizes.back() = packed.size(0);
+  if (x2.size(0) > kMaxKernelRows)
+    return torch::nn::functional::linear(x2.to(torch::kFloat32), dequantize(q)).to(x.scalar_type()).view(sizes);
+  return at::_weight_int4pack_mm_for_cpu(x2.to(torch::kBFloat16).contiguous(), packed, q.group_size, scale_zeros)
+      .to(x.scalar_type())
+      .view(sizes);
+}
+
+model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, bool int4_kernels) {
   const auto file_path = (fs::path(dir) / "model.safetensors").string();
   if (!fs::exists(file_path)) return load_model(dir, device);
   model::SafetensorsFile file(file_path);
@@ -410,6 +433,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
   torch::NoGradGuard no_grad;
   std::vector<std::string> problems;
   std::set<std::string> used;
+  std::map<std::string, QuantizedWeight> packed;  // layers that run through Int4Linear
   for (auto& [name, t] : model::hf_state_dict(m)) {
     if (file.contains(name)) {
       if (file.shape(name) != t.sizes().vec()) {
@@ -436,7 +460,10 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
     }
     QuantizedWeight q{file.tensor(base + ".qweight"), file.tensor(base + ".scales"), file.tensor(base + ".zeros"),
                       bits, g, in};
-    t.copy_(dequantize(q));
+    if (int4_kernels && device.is_cpu() && Int4Linear::supports(q) && !ends_with(base, "kv_b_proj"))
+      packed.emplace(base, q);
+    else
+      t.copy_(dequantize(q));
     used.insert({base + ".qweight", base + ".scales", base + ".zeros"});
   }
   const int64_t L = c.num_hidden_layers;
@@ -450,6 +477,15 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
     std::string msg = std::to_string(problems.size()) + " tensor problem(s): " + problems.front();
     for (size_t i = 1; i < std::min<size_t>(problems.size(), 8); ++i) msg += "; " + problems[i];
     throw runtime_error(file_path, msg, "the file does not match config.json");
+  }
+  if (!packed.empty()) {
+    for (const auto& item : m->named_modules("", /*include_self=*/false)) {
+      auto it = packed.find(item.key());
+      auto* lin = item.value()->as<model::Linear>();
+      if (it == packed.end() || !lin) continue;
+      lin->weight_only = Int4Linear(it->second);
+      lin->weight.set_data(torch::empty({0}, lin->weight.options()));  // the packed codes replace it
+    }
   }
   m->to(device);
   m->eval();

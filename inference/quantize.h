@@ -124,7 +124,26 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
 
 // Reads a directory written by save_quantized_model and returns a float32 model holding the dequantized weights
 // (eval mode, on `device`). A directory without quantization metadata is loaded with load_model.
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU);
+// `int4_kernels` (CPU, int4 files): layers whose group size LibTorch's int4 kernel takes (32, 64, 128, 256) keep
+// their weights packed (1 byte per weight instead of 4) and run through Int4Linear; kv_b_proj, whose matrix MLA
+// decoding reads directly, and int8 files are dequantized as without it.
+model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU,
+                                     bool int4_kernels = false);
+
+// x W^T for an int4 weight kept packed. Few rows (decoding): LibTorch's weight-only kernel
+// (_weight_int4pack_mm_for_cpu), which reads 4 bits per weight but takes activations, scales and zeros in bf16
+// (relative output error ~3e-3 against the dequantized float weight). Many rows (a prompt): the weight is
+// dequantized for the call and multiplied in float32, which is faster there (measured on AVX-512 with 2 threads:
+// the kernel is 1.7x faster than a float32 matmul at 1-8 rows, 2.2x slower at 512).
+struct Int4Linear {
+  QuantizedWeight q;          // the file's layout, for the dequantized path
+  torch::Tensor packed;       // the kernel's layout of the same codes
+  torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
+  static constexpr int64_t kMaxKernelRows = 64;
+  static bool supports(const QuantizedWeight& q);
+  explicit Int4Linear(QuantizedWeight q);
+  torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
+};
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ torch::Tensor as_input_dtype(const torch::Tensor& t, const torch::Tensor& x) {
 }  // namespace
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x));
+  auto y = !weight_only ? torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
+                        : bias.defined() ? weight_only(x) + as_input_dtype(bias, x) : weight_only(x);
   if (!lora_A) return y;
   auto h = (lora_dropout > 0 && is_training()) ? torch::dropout(x, lora_dropout, /*train=*/true) : x;
   auto delta = torch::nn::functional::linear(
@@ -44,12 +45,14 @@ void LinearImpl::add_lora(int64_t r, double alpha, bool use_rslora, double dropo
 }
 
 torch::Tensor LinearImpl::merged_weight() const {
+  TORCH_CHECK(!weight_only, "merged_weight: this layer holds a packed quantized weight");
   if (!lora_A) return weight;
   return weight + torch::mm(lora_B->weight, lora_A->weight) * lora_scale;  // [out, in]
 }
 
 void LinearImpl::merge_lora() {
   if (!lora_A) return;
+  if (weight_only) throw usage_error("--adapter", "cannot merge an adapter into a packed quantized weight");
   torch::NoGradGuard no_grad;
   // In float32 (or wider), then one rounding to the stored dtype.
   const auto wide = torch::promote_types(weight.scalar_type(), torch::kFloat32);

@@ -10,6 +10,8 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+
 namespace dsopen::model {
 
 class LinearImpl : public torch::nn::LinearImpl {
@@ -27,6 +29,10 @@ public:
   // Folds scale * B A into the weight (kept in its dtype) and removes the adapter.
   void merge_lora();
   void remove_lora();
+
+  // Weight-only quantized inference: when set, it computes x W^T (without bias) in place of `weight`, which may
+  // then be empty; merging an adapter into such a layer is an error.
+  std::function<torch::Tensor(const torch::Tensor&)> weight_only;
 
   torch::nn::Linear lora_A{nullptr}, lora_B{nullptr};
   int64_t lora_rank = 0;
