@@ -14,6 +14,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
+#include "utils/compat.h"
 #include "utils/errors.h"
 #include "utils/logging.h"
 
@@ -389,14 +390,24 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
 
 bool Int4Linear::supports(const QuantizedWeight& q) {
   const int64_t g = q.group_size;
-  return q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
+  return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
 }
 
 Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
   TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
-  packed = at::_convert_weight_to_int4pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
-  auto scales = q.scales.to(torch::kFloat32), zeros = q.zeros.to(torch::kFloat32);  // [out, in / g]
-  scale_zeros = torch::stack({scales.t(), ((8.0 - zeros) * scales).t()}, -1).to(torch::kBFloat16).contiguous();
+  packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
+  auto s = q.scales.to(torch::kFloat32), z = q.zeros.to(torch::kFloat32);  // [out, in / g]
+  scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
+  scales = s.unsqueeze(2);
+  zero_scales = (z * s).unsqueeze(2);
+}
+
+torch::Tensor Int4Linear::dequantized() const {
+  // The uint8 codes times the float scales (one pass, promoting), minus zero * scale in place: per call this runs
+  // on every prompt, so it avoids dequantize()'s float copy of the codes and separate subtract.
+  const int64_t out = q.qweight.size(0), in = q.in_features;
+  auto codes = torch::stack({q.qweight.bitwise_and(0x0F), q.qweight.bitwise_right_shift(4)}, 2);  // [out, in/2, 2]
+  return codes.view({out, in / q.group_size, q.group_size}).mul(scales).sub_(zero_scales).view({out, in});
 }
 
 torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
@@ -404,8 +415,8 @@ torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
   auto sizes = x.sizes().vec();
   sizes.back() = packed.size(0);
   if (x2.size(0) > kMaxKernelRows)
-    return torch::nn::functional::linear(x2.to(torch::kFloat32), dequantize(q)).to(x.scalar_type()).view(sizes);
-  return at::_weight_int4pack_mm_for_cpu(x2.to(torch::kBFloat16).contiguous(), packed, q.group_size, scale_zeros)
+    return torch::nn::functional::linear(x2.to(torch::kFloat32), dequantized()).to(x.scalar_type()).view(sizes);
+  return compat::int4_mm_for_cpu(x2.to(torch::kBFloat16).contiguous(), packed, q.group_size, scale_zeros)
       .to(x.scalar_type())
       .view(sizes);
 }

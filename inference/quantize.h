@@ -137,12 +137,14 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
 // the kernel is 1.7x faster than a float32 matmul at 1-8 rows, 2.2x slower at 512).
 struct Int4Linear {
   QuantizedWeight q;          // the file's layout, for the dequantized path
+  torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
   torch::Tensor packed;       // the kernel's layout of the same codes
   torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
   static constexpr int64_t kMaxKernelRows = 64;
   static bool supports(const QuantizedWeight& q);
   explicit Int4Linear(QuantizedWeight q);
   torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
+  torch::Tensor dequantized() const;                        // float32 [out, in], two passes over the weight
 };
 
 // ---- sizes ----------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 // Supported: LibTorch 2.4 and newer.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
@@ -39,5 +40,26 @@ private:
   bool was_;
   c10::ScalarType was_dtype_;
 };
+
+// int4 weight-only matmul on the CPU (packed nibbles, bf16 activations). LibTorch 2.6 split these kernels into
+// *_for_cpu variants with an [n, k] int32 weight input; before it, int4 models use the dequantizing path.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+inline constexpr bool kHasInt4CpuKernel = true;
+inline at::Tensor int4_pack_for_cpu(const at::Tensor& weight_int32, int64_t inner_k_tiles) {
+  return at::_convert_weight_to_int4pack_for_cpu(weight_int32, inner_k_tiles);
+}
+inline at::Tensor int4_mm_for_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                                  const at::Tensor& scale_zeros) {
+  return at::_weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros);
+}
+#else
+inline constexpr bool kHasInt4CpuKernel = false;
+inline at::Tensor int4_pack_for_cpu(const at::Tensor&, int64_t) {
+  TORCH_CHECK(false, "int4 CPU kernels need LibTorch 2.6 or newer");
+}
+inline at::Tensor int4_mm_for_cpu(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&) {
+  TORCH_CHECK(false, "int4 CPU kernels need LibTorch 2.6 or newer");
+}
+#endif
 
 }  // namespace dsopen::compat
