@@ -1,10 +1,14 @@
 // dsopen-generate: sample text from a checkpoint or HF model directory with the KV cache, streaming tokens.
 //   dsopen-generate --model runs/tiny/checkpoints/step_00000300 --prompt "Life is" --max-new-tokens 64
 //   dsopen-generate --model BASE --adapter runs/lora/checkpoints/step_00000150 --chat --prompt "Hello"
+//   dsopen-generate --model BASE --adapter ADAPTER --chat          (a conversation: one user turn per stdin line)
 //   dsopen-generate --model M --prompt-ids 1,5,9 --max-new-tokens 64 --ignore-eos --temperature 0 --json
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -12,6 +16,7 @@
 #include <torch/csrc/autograd/profiler_legacy.h>
 
 #include "data/hf_tokenizer.h"
+#include "inference/chat.h"
 #include "inference/generator.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
@@ -46,6 +51,14 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// Resident memory of this process now (MB), from /proc/self/statm; 0 where that does not exist.
+double resident_mb() {
+  std::ifstream statm("/proc/self/statm");
+  long long pages = 0, resident = 0;
+  if (!(statm >> pages >> resident)) return 0;
+  return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1 << 20);
+}
+
 // Every value of a repeatable option as written: cxxopts would split a vector value at commas, which turned
 // --prompt "Hello, world" into two prompts.
 std::vector<std::string> values_of(int argc, char** argv, const std::string& name) {
@@ -71,7 +84,9 @@ static int run(int argc, char** argv) {
                                                   cxxopts::value<std::string>())(
       "prompt-ids", "Prompt as token ids ('1 5 9' or 1,5,9; repeatable for a batch): the output is token ids, not text",
       cxxopts::value<std::vector<std::string>>())(
-      "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>)")(
+      "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>); without a prompt, chat: one user "
+              "turn per line of stdin, the conversation kept (/reset starts over, /exit or EOF ends)")(
+      "system", "System message of --chat", cxxopts::value<std::string>())(
       "max-new-tokens", "Tokens to generate at most", cxxopts::value<int64_t>()->default_value("128"))(
       "temperature", "0: greedy", cxxopts::value<double>()->default_value("0.8"))(
       "top-k", "0: off", cxxopts::value<int64_t>()->default_value("50"))(
@@ -92,9 +107,14 @@ static int run(int argc, char** argv) {
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
-  if ((args.count("prompt") > 0) + (args.count("prompt-file") > 0) + (args.count("prompt-ids") > 0) != 1)
-    throw usage_error("dsopen-generate", "give --prompt (one or more), --prompt-file or --prompt-ids");
+  const int sources = (args.count("prompt") > 0) + (args.count("prompt-file") > 0) + (args.count("prompt-ids") > 0);
+  const bool interactive = args.count("chat") && sources == 0;
+  if (!interactive && sources != 1)
+    throw usage_error("dsopen-generate", "give --prompt (one or more), --prompt-file or --prompt-ids",
+                      "or --chat alone to chat on stdin");
   const bool as_ids = args.count("prompt-ids") > 0, json = args.count("json") > 0;
+  if (interactive && (json || args.count("profile")))
+    throw usage_error("--chat", "--json and --profile need a prompt");
   if (as_ids && (args.count("chat") || args.count("stop")))
     throw usage_error("--prompt-ids", "--chat and --stop work on text", "give the prompt as --prompt");
   const std::string dtype_name = args["dtype"].as<std::string>();
@@ -127,7 +147,11 @@ static int run(int argc, char** argv) {
 
   std::vector<std::string> prompts = args.count("prompt")        ? values_of(argc, argv, "prompt")
                                      : args.count("prompt-ids") ? values_of(argc, argv, "prompt-ids")
-                                                                : std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())};
+                                     : args.count("prompt-file") ? std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())}
+                                                                 : std::vector<std::string>{};
+  data::ChatTemplate chat_template;  // the SFT default, as configs/lora.yaml trains with
+  chat_template.add_bos = !args.count("no-bos") && tok->bos_id() >= 0;
+  const std::string system = args.count("system") ? args["system"].as<std::string>() : "";
   std::vector<std::vector<int32_t>> ids;
   for (auto& prompt : prompts) {
     if (as_ids) {
@@ -138,7 +162,13 @@ static int run(int argc, char** argv) {
                                                 std::to_string(model->config().vocab_size));
       continue;
     }
-    if (args.count("chat")) prompt = "<|User|>" + prompt + "\n<|Assistant|>";
+    if (args.count("chat")) {  // rendered and tokenized piece by piece, as SFT data is
+      data::Conversation conv;
+      if (!system.empty()) conv.messages.push_back({"system", system});
+      conv.messages.push_back({"user", prompt});
+      ids.push_back(inference::chat_prompt(conv, *tok, chat_template));
+      continue;
+    }
     ids.emplace_back();
     if (!args.count("no-bos") && tok->bos_id() >= 0) ids.back().push_back(tok->bos_id());
     for (int32_t t : tok->encode(prompt)) ids.back().push_back(t);
@@ -153,10 +183,19 @@ static int run(int argc, char** argv) {
   inference::Sampler sampler(so);
   inference::GenerateOptions go;
   go.max_new_tokens = args["max-new-tokens"].as<int64_t>();
-  if (args.count("stop")) go.stop = args["stop"].as<std::vector<std::string>>();
-  if (args.count("chat")) go.stop.push_back("<|end|>");
+  if (args.count("stop")) go.stop = values_of(argc, argv, "stop");
   go.stop_at_eos = !args.count("ignore-eos");
   go.decode_text = !as_ids;
+  if (interactive) {
+    inference::ChatOptions co;
+    co.tmpl = chat_template;
+    co.system = system;
+    co.generate = go;
+    co.show_prompt = ::isatty(STDIN_FILENO);
+    inference::chat_loop(model, *tok, sampler, co, std::cin, std::cout);
+    return 0;
+  }
+  if (args.count("chat")) go.stop.push_back(inference::chat_stop(chat_template));
 
   // Warm-up and repeated runs give the same tokens (greedy) or other samples; the last run's output is printed.
   for (int i = 0; i < warmup; ++i) inference::generate_batch(model, *tok, ids, sampler, go);
@@ -186,7 +225,8 @@ static int run(int argc, char** argv) {
                           {"decode_forwards", forwards}, {"prefill_s", prefill_s}, {"decode_s", decode_s},
                           {"prefill_tokens_per_s", prompt_tokens / std::max(prefill_s, 1e-9)},
                           // tokens the decode forwards produced: one per sequence and forward
-                          {"decode_tokens_per_s", B * forwards / std::max(decode_s, 1e-9)}};
+                          {"decode_tokens_per_s", B * forwards / std::max(decode_s, 1e-9)},
+                          {"rss_mb", resident_mb()}};
     out["tokens"] = nlohmann::json::array();
     for (const auto& r : results) out["tokens"].push_back(r.tokens);
     if (!as_ids) {

@@ -395,6 +395,8 @@ bool Int4Linear::supports(const QuantizedWeight& q) {
 
 Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
   TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
+  // Own copies: tensors read from a file view its mapping, which would then stay resident for the process.
+  q.qweight = q.qweight.clone(), q.scales = q.scales.clone(), q.zeros = q.zeros.clone();
   packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
   auto s = q.scales.to(torch::kFloat32), z = q.zeros.to(torch::kFloat32);  // [out, in / g]
   scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();

@@ -128,6 +128,8 @@ done
 check "generate comma prompt" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "Hello, world" --max-new-tokens 2 --temperature 0
 case "$LAST" in "Hello, world"*) echo "ok   a comma does not split a prompt" ;; *) echo "FAIL comma prompt: $LAST"; fail=1 ;; esac
 check "generate bad ids" 2 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 x"
+# --chat without a prompt: one user turn per stdin line, the conversation kept.
+check "chat on stdin" 0 bash -c "printf 'Hello\n/reset\nAgain\n' | '$BIN/dsopen-generate' --model '$CK' --chat --system 'Be brief.' --temperature 0 --max-new-tokens 4"
 check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int3 --out "$W/qx"
 check "quantize bad group" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int4 --group-size 7 --out "$W/qx"
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"

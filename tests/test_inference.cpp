@@ -1,13 +1,15 @@
 // Generation and sampling: cached greedy decoding equals repeated full forwards; the sampler respects top-k and
-// top-p, is greedy at temperature 0, and is reproducible from its seed.
+// top-p, is greedy at temperature 0, and is reproducible from its seed; multi-turn chat keeps the conversation.
 #include <catch2/catch.hpp>
 
 #include <unistd.h>
 
 #include <cstdio>
 #include <set>
+#include <sstream>
 
 #include "data/tokenizer.h"
+#include "inference/chat.h"
 #include "inference/generator.h"
 #include "inference/sampler.h"
 #include "model/registry.h"
@@ -126,4 +128,53 @@ TEST_CASE("sampler: top-k and top-p never emit excluded tokens; seeds reproduce"
   inference::Sampler penal({0.0, 0, 1.0, 2.0, 0});
   CHECK(penal.sample(logits, {0}) == 1);
   CHECK_THROWS(inference::Sampler({1.0, 0, 0.0, 1.0, 0}));
+}
+
+TEST_CASE("chat renders turns as SFT data does and keeps the conversation across turns", "[inference][chat]") {
+  data::ChatTemplate tmpl;
+  CHECK(inference::chat_stop(tmpl) == "<|end|>");
+  data::Conversation conv;
+  conv.messages = {{"system", "Be brief."}, {"user", "Hi"}};
+  auto ids = inference::chat_prompt(conv, tok(), tmpl);
+  REQUIRE(ids.front() == tok().bos_id());
+  CHECK(tok().decode(std::vector<int32_t>(ids.begin() + 1, ids.end())) == "<|System|>Be brief.\n<|User|>Hi\n<|Assistant|>");
+  tmpl.add_eos = false;
+  auto head = data::tokenize_conversation(conv, tok(), tmpl).ids;  // the training tokenization, piece by piece
+  CHECK(std::vector<int32_t>(ids.begin(), ids.begin() + head.size()) == head);
+
+  model::ModelConfig c = *model::find_flavor("debug");
+  c.vocab_size = 400;
+  c.use_mtp = false;
+  c.max_position_embeddings = 96;
+  torch::manual_seed(3);
+  model::CausalLM m(c);
+  m->eval();
+  inference::Sampler greedy({0.0, 0, 1.0, 1.0, 0});
+  inference::ChatOptions o;
+  o.generate.max_new_tokens = 6;
+  std::istringstream in("Hello there\nAnd then?\n");
+  std::ostringstream out;
+  auto end = inference::chat_loop(m, tok(), greedy, o, in, out);
+  REQUIRE(end.messages.size() == 4);
+  CHECK(end.messages[0].content == "Hello there");
+  CHECK(end.messages[1].role == "assistant");
+  CHECK(end.messages[2].content == "And then?");
+  // The second reply is the one generated after the whole conversation, first exchange included.
+  data::Conversation upto(end);
+  upto.messages.pop_back();
+  auto o2 = o.generate;
+  o2.stop.push_back("<|end|>");
+  CHECK(end.messages[3].content == inference::generate(m, tok(), inference::chat_prompt(upto, tok(), o.tmpl), greedy, o2).text);
+  CHECK(out.str() == end.messages[1].content + "\n" + end.messages[3].content + "\n");
+
+  // /reset starts over; a long conversation drops its oldest exchanges instead of overflowing the context.
+  std::string many = "/reset\n";
+  for (int i = 0; i < 8; ++i) many += "Tell me one more thing about the sea, number " + std::to_string(i) + "\n";
+  std::istringstream in2(many);
+  o.system = "Be brief.";
+  auto long_conv = inference::chat_loop(m, tok(), greedy, o, in2, out);
+  REQUIRE(long_conv.messages.size() >= 3);
+  CHECK(long_conv.messages.front().role == "system");
+  CHECK(long_conv.messages.size() < 1 + 2 * 8);
+  CHECK(long_conv.messages.back().role == "assistant");
 }
