@@ -146,4 +146,5 @@ print(json.dumps({"impl": "transformers", "model": a.model, "dtype": a.dtype, "t
                   "prompt_tokens": B * P, "generated_tokens": tokens.numel(), "decode_forwards": forwards,
                   "prefill_s": best_prefill, "decode_s": best_decode,
                   "prefill_tokens_per_s": B * P / best_prefill, "decode_tokens_per_s": B * forwards / best_decode,
-                  "int4_kernel_layers": kernels, "tokens": tokens.tolist(), "torch": torch.__version__, "transformers": transformers.__version__}))
+                  "int4_kernel_layers": kernels,
+                  "rss_mb": int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20, "tokens": tokens.tolist(), "torch": torch.__version__, "transformers": transformers.__version__}))
