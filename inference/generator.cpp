@@ -51,19 +51,21 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
 
   // Left-pad to the longest prompt: padding keys are masked out and every sequence counts its own positions.
   const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : 0;
-  auto ids = torch::full({B, longest}, pad, torch::kLong);
-  auto segments = torch::zeros({B, longest}, torch::kLong);
-  auto positions = torch::zeros({B, longest}, torch::kLong);
+  // Filled as vectors: element-wise tensor indexing costs several dispatches per token.
+  std::vector<int64_t> ids_v(B * longest, pad), segments_v(B * longest, 0), positions_v(B * longest, 0);
   std::vector<int64_t> next_position(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = static_cast<int64_t>(prompts[b].size()), offset = longest - n;
     for (int64_t t = 0; t < n; ++t) {
-      ids[b][offset + t] = prompts[b][t];
-      segments[b][offset + t] = 1;
-      positions[b][offset + t] = t;
+      ids_v[b * longest + offset + t] = prompts[b][t];
+      segments_v[b * longest + offset + t] = 1;
+      positions_v[b * longest + offset + t] = t;
     }
     next_position[b] = n;
   }
+  auto ids = torch::tensor(ids_v, torch::kLong).view({B, longest});
+  auto segments = torch::tensor(segments_v, torch::kLong).view({B, longest});
+  auto positions = torch::tensor(positions_v, torch::kLong).view({B, longest});
   // Prompts of one length need no masks (the fast path of SDPA); only padding does.
   bool padded = false;
   for (const auto& p : prompts) padded = padded || static_cast<int64_t>(p.size()) != longest;
@@ -80,7 +82,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   t0 = std::chrono::steady_clock::now();
   int64_t forwards = 0;
   for (int64_t step = 0; step < budget; ++step) {
-    auto next = torch::full({B, 1}, pad, torch::kLong);
+    std::vector<int64_t> next(B, pad);
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) continue;
       const int32_t token = static_cast<int32_t>(sampler.sample(logits[b], context[b]));
@@ -90,7 +92,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
       }
       results[b].tokens.push_back(token);
       context[b].push_back(token);
-      next[b][0] = token;
+      next[b] = token;
       if (!o.decode_text) continue;
       bool stopped = false;
       const bool last = step + 1 == budget;
@@ -103,13 +105,15 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     }
     if (step + 1 == budget || std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
     ++forwards;
+    auto next_ids = torch::tensor(next, torch::kLong).view({B, 1}).to(device);
     if (padded) {
-      auto pos = torch::empty({B, 1}, torch::kLong);
-      for (int64_t b = 0; b < B; ++b) pos[b][0] = next_position[b]++;
-      logits = model->forward(next.to(device), {}, &cache, pos.to(device), torch::ones({B, 1}, torch::kLong).to(device))
+      std::vector<int64_t> pos(B);
+      for (int64_t b = 0; b < B; ++b) pos[b] = next_position[b]++;
+      logits = model->forward(next_ids, {}, &cache, torch::tensor(pos, torch::kLong).view({B, 1}).to(device),
+                              torch::ones({B, 1}, torch::kLong).to(device))
                    .logits.select(1, 0);
     } else {
-      logits = model->forward(next.to(device), {}, &cache).logits.select(1, 0);
+      logits = model->forward(next_ids, {}, &cache).logits.select(1, 0);
     }
   }
   const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
