@@ -215,6 +215,15 @@ static int run(int argc, char** argv) {
     torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
     inference::generate_batch(model, *tok, ids, sampler, go);
   }
+  // A sequence that ran into the context ends early; say so rather than leave a short answer unexplained.
+  const int64_t ctx = model->config().max_position_embeddings;
+  for (const auto& r : results)
+    if (static_cast<int64_t>(r.tokens.size()) < go.max_new_tokens &&
+        r.prompt_tokens + static_cast<int64_t>(r.tokens.size()) >= ctx) {
+      std::fprintf(stderr, "note: generation stopped at the model's context of %lld tokens (shorten the prompt for more)\n",
+                   static_cast<long long>(ctx));
+      break;
+    }
   int64_t prompt_tokens = 0;
   size_t generated = 0;
   for (const auto& r : results) prompt_tokens += r.prompt_tokens, generated += r.tokens.size();

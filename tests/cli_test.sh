@@ -133,6 +133,15 @@ check "chat on stdin" 0 bash -c "printf 'Hello\n/reset\nAgain\n' | '$BIN/dsopen-
 check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int3 --out "$W/qx"
 check "quantize bad group" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int4 --group-size 7 --out "$W/qx"
 check "generate no prompt" 2 "$BIN/dsopen-generate" --model "$CK"
+# The context bounds prompt + generation: a prompt that fills it is refused, one near it stops early with a note.
+CTX=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['max_position_embeddings'])" "$CK/config.json")
+check "generate prompt beyond context" 2 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "$(yes 5 | head -n "$CTX" | tr '\n' ' ')"
+case "$LAST" in *"context is $CTX"*) echo "ok   over-long prompt named" ;; *) echo "FAIL over-long prompt: $LAST"; fail=1 ;; esac
+check "generate up to context" 0 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "$(yes 5 | head -n $((CTX - 3)) | tr '\n' ' ')" \
+  --max-new-tokens 10 --ignore-eos --temperature 0
+case "$LAST" in *"stopped at the model's context of $CTX"*) echo "ok   stop at the context is reported" ;; *) echo "FAIL no context note: $LAST"; fail=1 ;; esac
+check "generate missing adapter" 1 "$BIN/dsopen-generate" --model "$CK" --adapter "$W/nope" --prompt "The"
+case "$LAST" in *"$W/nope: adapter directory not found"*) echo "ok   missing adapter named" ;; *) echo "FAIL missing adapter: $LAST"; fail=1 ;; esac
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl
 # LoRA: configs/lora.yaml on the checkpoint above for a few steps; the checkpoint holds only the adapter; generate
 # and eval take --adapter; the base merged by dsopen-convert --adapter gives the adapter's logits.
