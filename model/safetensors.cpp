@@ -11,6 +11,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "utils/env.h"
 #include "utils/errors.h"
 
 namespace dsopen::model {
@@ -93,33 +94,10 @@ void save_safetensors(const std::string& path, const std::map<std::string, torch
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned, as the reference writer does
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
-  auto write_all = [&](const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    while (n > 0) {
-      const ssize_t w = ::write(fd, c, n);
-      if (w <= 0) {
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        throw runtime_error(path, "write failed (disk full?)");
-      }
-      c += w, n -= static_cast<size_t>(w);
-    }
-  };
   const uint64_t len = h.size();
-  write_all(&len, 8);
-  write_all(h.data(), h.size());
-  for (const auto& t : data) write_all(t.data_ptr(), t.numel() * t.element_size());
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw runtime_error(path, "fsync failed");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    throw runtime_error(path, "rename into place failed");
-  }
+  std::vector<env::Bytes> pieces{{&len, 8}, {h.data(), h.size()}};
+  for (const auto& t : data) pieces.push_back({t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size())});
+  env::write_file_atomic(path, pieces);
 }
 
 }  // namespace dsopen::model

@@ -43,18 +43,25 @@ int configure_threads(int n) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {
+  write_file_atomic(path, std::vector<Bytes>{{contents.data(), contents.size()}});
+}
+
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces) {
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
-  size_t off = 0;
-  while (off < contents.size()) {
-    ssize_t w = ::write(fd, contents.data() + off, contents.size() - off);
-    if (w <= 0) {
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw runtime_error(path, "write failed (disk full?)");
+  for (const Bytes& piece : pieces) {
+    const char* c = static_cast<const char*>(piece.data);
+    size_t n = piece.size;
+    while (n > 0) {
+      const ssize_t w = ::write(fd, c, n);
+      if (w <= 0) {
+        ::close(fd);
+        ::unlink(tmp.c_str());
+        throw runtime_error(path, "write failed (disk full?)");
+      }
+      c += w, n -= static_cast<size_t>(w);
     }
-    off += static_cast<size_t>(w);
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     ::unlink(tmp.c_str());

@@ -1,7 +1,9 @@
 // Process environment: environment variables, thread count, terminal detection, files written atomically.
 #pragma once
 
+#include <cstddef>
 #include <string>
+#include <vector>
 
 namespace dsopen::env {
 
@@ -18,6 +20,13 @@ int configure_threads(int n);
 
 // Writes `contents` to `path` through a temporary file, fsync and rename, so readers never see half a file.
 void write_file_atomic(const std::string& path, const std::string& contents);
+
+// The same for a file assembled from pieces (a header, then tensor bytes), written in order without a joined copy.
+struct Bytes {
+  const void* data;
+  size_t size;
+};
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces);
 
 // Reads a whole file; a runtime error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
