@@ -1,8 +1,8 @@
 """The transformers side of the generation benchmark: the same model directory (a dsopen checkpoint, an HF
 directory, or a dsopen-quantize output, whose weights are dequantized here exactly as dsopen does on load), the same
-prompt token ids, greedy `generate` with EOS ignored, the same dtype and thread count; int4 files run their
-nn.Linear layers through the same packed kernel dsopen uses (Int4Linear below; transformers' fused MoE expert
-tensors stay dequantized). Prefill and decode are split
+prompt token ids, greedy `generate` with EOS ignored, the same dtype and thread count; int4 files and per-channel
+int8 files run their nn.Linear layers through the same weight-only kernels dsopen uses (Int4Linear and Int8Linear
+below, as in inference/quantized_linear.h; transformers' fused MoE expert tensors stay dequantized). Prefill and decode are split
 by a stopping criterion that timestamps every generated token: the first call comes right after the prompt's
 forward pass, the rest after each one-token decode step. Prints one JSON line (the fields dsopen-generate --json
 prints).
@@ -21,7 +21,7 @@ p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--warmup", type=int, default=1)
 p.add_argument("--repeat", type=int, default=1)
-p.add_argument("--dequantize", action="store_true", help="int4: float weights instead of the int4 kernel")
+p.add_argument("--dequantize", action="store_true", help="float weights instead of the int4 / int8 kernels")
 a = p.parse_args()
 
 torch.set_num_threads(a.threads)
@@ -47,7 +47,7 @@ def dequantized_state_dict(path, bits):
 
 
 class Int4Linear(torch.nn.Module):
-    """The int4 path of dsopen (inference/quantize.h Int4Linear): up to 64 rows through LibTorch's packed int4 CPU
+    """The int4 path of dsopen (inference/quantized_linear.h Int4Linear): up to 64 rows through LibTorch's packed int4 CPU
     kernel (bf16 activations, the kernel torchao's int4 weight-only CPU layout calls), more rows through the
     weight dequantized for the call and a float32 matmul."""
 
@@ -76,16 +76,46 @@ class Int4Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def use_int4_kernels(model, path):
-    """Replaces every nn.Linear whose weight the file holds as int4 codes; returns how many."""
+class Int8Linear(torch.nn.Module):
+    """The per-channel int8 path of dsopen (inference/quantized_linear.h Int8Linear): up to 16 rows through
+    LibTorch's int8 weight-only CPU kernel on codes q - 128 plus the zero-point term, more rows through the weight
+    dequantized for the call and a float32 matmul."""
+
+    def __init__(self, qweight, scales, zeros, bias):
+        super().__init__()
+        self.codes = (qweight.to(torch.int16) - 128).to(torch.int8).contiguous()
+        self.scale = scales.float().flatten()
+        self.offset = (128 - zeros.float().flatten()) * self.scale
+        self.ones = torch.ones(self.codes.shape[0], dtype=torch.bfloat16)
+        self.bias = bias
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > 16:
+            w = self.codes * self.scale.unsqueeze(1) + self.offset.unsqueeze(1)
+            y = torch.nn.functional.linear(x2.float(), w)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16().contiguous(), self.codes, self.ones).float()
+            y = y * self.scale + torch.outer(x2.float().sum(1), self.offset)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def use_packed_kernels(model, path, bits):
+    """Replaces every nn.Linear whose weight the file holds as int4 codes, or as per-channel int8 codes with an
+    input dimension divisible by 16 (what the int8 kernel takes); returns how many."""
     sd = load_file(path)
     n = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name + ".qweight" in sd:
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1],
-                    Int4Linear(sd[name + ".qweight"], sd[name + ".scales"], sd[name + ".zeros"], module.bias))
-            n += 1
+        if not (isinstance(module, torch.nn.Linear) and name + ".qweight" in sd):
+            continue
+        q, scales, zeros = sd[name + ".qweight"], sd[name + ".scales"], sd[name + ".zeros"]
+        if bits == 8 and (scales.shape[1] != 1 or q.shape[1] % 16 != 0):
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        layer = Int4Linear if bits == 4 else Int8Linear
+        setattr(parent, name.rsplit(".", 1)[-1], layer(q, scales, zeros, module.bias))
+        n += 1
     return n
 
 
@@ -103,12 +133,12 @@ if qcfg is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
     finally:
         shutil.rmtree(tmp)
-    if int(qcfg["bits"]) == 4 and not a.dequantize:
-        kernels = use_int4_kernels(model, os.path.join(a.model, "model.safetensors"))
+    if not a.dequantize:
+        kernels = use_packed_kernels(model, os.path.join(a.model, "model.safetensors"), int(qcfg["bits"]))
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
 model.eval()
-if qcfg is None or int(qcfg["bits"]) != 4 or a.dequantize:
+if qcfg is None or a.dequantize:
     kernels = 0
 
 prompts = [[int(x) for x in line.split()] for line in open(a.prompt_ids_file) if line.strip()]
@@ -146,5 +176,5 @@ print(json.dumps({"impl": "transformers", "model": a.model, "dtype": a.dtype, "t
                   "prompt_tokens": B * P, "generated_tokens": tokens.numel(), "decode_forwards": forwards,
                   "prefill_s": best_prefill, "decode_s": best_decode,
                   "prefill_tokens_per_s": B * P / best_prefill, "decode_tokens_per_s": B * forwards / best_decode,
-                  "int4_kernel_layers": kernels,
+                  "kernel_layers": kernels,
                   "rss_mb": int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20, "tokens": tokens.tolist(), "torch": torch.__version__, "transformers": transformers.__version__}))

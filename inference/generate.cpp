@@ -97,7 +97,8 @@ static int run(int argc, char** argv) {
       "no-bos", "Do not prepend the BOS token")("ignore-eos", "Keep generating after EOS (fixed-length benchmarks)")(
       "dtype", "fp32 | bf16: the float weights and the KV cache", cxxopts::value<std::string>()->default_value("fp32"))(
       "json", "Print one JSON object (tokens, texts, timings) instead of the text")(
-      "dequantize", "Dequantize an int4 model on load (float matmuls) instead of running its packed int4 kernels")(
+      "dequantize", "Dequantize a quantized model on load (float matmuls) instead of keeping int4 / per-channel int8 codes "
+                     "for the weight-only kernels")(
       "warmup", "Untimed generations before the timed ones", cxxopts::value<int>()->default_value("0"))(
       "repeat", "Timed generations; the fastest prefill and decode are reported", cxxopts::value<int>()->default_value("1"))(
       "profile", "After timing, profile one more generation into a Chrome trace (bench/top_ops.py summarises it)",
@@ -133,7 +134,8 @@ static int run(int argc, char** argv) {
       std::filesystem::exists(std::filesystem::path(adapter) / "tokenizer.model"))
     tok_path = adapter;
   auto tok = data::load_tokenizer(tok_path);
-  // int4 files keep their weights packed unless an adapter is merged into them (which needs float weights).
+  // Quantized files keep their codes (int4; int8 with --group-size -1) unless an adapter is merged into them (which
+  // needs float weights).
   auto model = inference::load_quantized_model(dir, torch::kCPU, adapter.empty() && !args.count("dequantize"));
   if (!adapter.empty()) {
     model::load_adapter(*model, adapter);

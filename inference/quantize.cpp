@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "inference/loader.h"
+#include "inference/quantized_linear.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
@@ -71,6 +72,7 @@ torch::Tensor unpack_int4(const torch::Tensor& packed) {
 }
 
 void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer) {
+  if (g == kPerChannel) g = in;
   if (g <= 0 || in % g != 0)
     throw usage_error("--group-size", std::to_string(g) + " does not divide the input dimension " + std::to_string(in) +
                                           " of " + layer,
@@ -98,6 +100,7 @@ QuantizedWeight quantize_rtn(const torch::Tensor& W, int bits, int64_t g, const 
   TORCH_CHECK(W.dim() == 2, "quantize_rtn: ", layer, " must be 2-D, got ", W.sizes());
   const int64_t out = W.size(0), in = W.size(1);
   check_group_size(in, g, bits, layer);
+  g = layer_group_size(in, g);
   const int64_t G = in / g;
   auto wg = W.detach().to(torch::kCPU, torch::kFloat64).reshape({out * G, g});  // rows = (o, group)
   auto [scale, zero] = group_params(wg, bits, scale_dtype);
@@ -141,6 +144,7 @@ QuantizedWeight gptq_quantize_layer(const torch::Tensor& W, const torch::Tensor&
   TORCH_CHECK(W.dim() == 2, "gptq: ", layer, " must be 2-D, got ", W.sizes());
   const int64_t out = W.size(0), in = W.size(1);
   check_group_size(in, g, bits, layer);
+  g = layer_group_size(in, g);
   if (H_in.dim() != 2 || H_in.size(0) != in || H_in.size(1) != in)
     throw runtime_error(layer, "Hessian is " + shape_str(H_in.sizes()) + ", expected [" + std::to_string(in) + ", " +
                                    std::to_string(in) + "]");
@@ -388,42 +392,7 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
   env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 
-bool Int4Linear::supports(const QuantizedWeight& q) {
-  const int64_t g = q.group_size;
-  return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
-}
-
-Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
-  TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
-  // Own copies: tensors read from a file view its mapping, which would then stay resident for the process.
-  q.qweight = q.qweight.clone(), q.scales = q.scales.clone(), q.zeros = q.zeros.clone();
-  packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
-  auto s = q.scales.to(torch::kFloat32), z = q.zeros.to(torch::kFloat32);  // [out, in / g]
-  scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
-  scales = s.unsqueeze(2);
-  zero_scales = (z * s).unsqueeze(2);
-}
-
-torch::Tensor Int4Linear::dequantized() const {
-  // The uint8 codes times the float scales (one pass, promoting), minus zero * scale in place: per call this runs
-  // on every prompt, so it avoids dequantize()'s float copy of the codes and separate subtract.
-  const int64_t out = q.qweight.size(0), in = q.in_features;
-  auto codes = torch::stack({q.qweight.bitwise_and(0x0F), q.qweight.bitwise_right_shift(4)}, 2);  // [out, in/2, 2]
-  return codes.view({out, in / q.group_size, q.group_size}).mul(scales).sub_(zero_scales).view({out, in});
-}
-
-torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
-  auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
-  auto sizes = x.sizes().vec();
-  sizes.back() = packed.size(0);
-  if (x2.size(0) > kMaxKernelRows)
-    return torch::nn::functional::linear(x2.to(torch::kFloat32), dequantized()).to(x.scalar_type()).view(sizes);
-  return compat::int4_mm_for_cpu(x2.to(torch::kBFloat16).contiguous(), packed, q.group_size, scale_zeros)
-      .to(x.scalar_type())
-      .view(sizes);
-}
-
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, bool int4_kernels) {
+model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, bool packed_kernels) {
   const auto file_path = (fs::path(dir) / "model.safetensors").string();
   if (!fs::exists(file_path)) return load_model(dir, device);
   model::SafetensorsFile file(file_path);
@@ -437,7 +406,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
   } catch (const std::exception&) {
     throw runtime_error(file_path, "quantization metadata needs integer 'bits' and 'group_size'");
   }
-  if ((bits != 4 && bits != 8) || g <= 0)
+  if ((bits != 4 && bits != 8) || (g <= 0 && g != kPerChannel))
     throw runtime_error(file_path, "unsupported quantization: bits " + std::to_string(bits) + ", group size " +
                                        std::to_string(g));
   model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
@@ -446,7 +415,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
   torch::NoGradGuard no_grad;
   std::vector<std::string> problems;
   std::set<std::string> used;
-  std::map<std::string, QuantizedWeight> packed;  // layers that run through Int4Linear
+  std::map<std::string, QuantizedWeight> packed;  // layers that keep their codes (quantized_linear.h)
   for (auto& [name, t] : model::hf_state_dict(m)) {
     if (file.contains(name)) {
       if (file.shape(name) != t.sizes().vec()) {
@@ -462,9 +431,9 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       problems.push_back("missing " + name + " " + shape_str(t.sizes()));
       continue;
     }
-    const int64_t out = t.size(0), in = t.size(1);
-    const std::vector<int64_t> qshape = {out, bits == 4 ? in / 2 : in}, gshape = {out, in / g};
-    if (in % g != 0 || !file.contains(base + ".scales") || !file.contains(base + ".zeros") ||
+    const int64_t out = t.size(0), in = t.size(1), lg = layer_group_size(in, g);
+    const std::vector<int64_t> qshape = {out, bits == 4 ? in / 2 : in}, gshape = {out, in / lg};
+    if (in % lg != 0 || !file.contains(base + ".scales") || !file.contains(base + ".zeros") ||
         file.shape(base + ".qweight") != qshape || file.shape(base + ".scales") != gshape ||
         file.shape(base + ".zeros") != gshape) {
       problems.push_back(base + ": quantized tensors do not match " + shape_str(t.sizes()) + " (expected qweight " +
@@ -472,8 +441,8 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       continue;
     }
     QuantizedWeight q{file.tensor(base + ".qweight"), file.tensor(base + ".scales"), file.tensor(base + ".zeros"),
-                      bits, g, in};
-    if (int4_kernels && device.is_cpu() && Int4Linear::supports(q) && !ends_with(base, "kv_b_proj"))
+                      bits, lg, in};
+    if (packed_kernels && device.is_cpu() && has_packed_kernel(q) && !ends_with(base, "kv_b_proj"))
       packed.emplace(base, q);
     else
       t.copy_(dequantize(q));
@@ -496,7 +465,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       auto it = packed.find(item.key());
       auto* lin = item.value()->as<model::Linear>();
       if (it == packed.end() || !lin) continue;
-      lin->weight_only = Int4Linear(it->second);
+      lin->weight_only = packed_kernel(it->second);
       lin->weight.set_data(torch::empty({0}, lin->weight.options()));  // the packed codes replace it
     }
   }

@@ -10,6 +10,7 @@
 //   <layer>.bias     unchanged, when the layer has one
 //   dequantized weight: W[o, i] = (q[o, i] - zeros[o, i / g]) * scales[o, i / g]
 //   __metadata__ {"format": "pt", "quant_method": "rtn" | "gptq", "bits": "8" | "4", "group_size": "128"}
+//   group_size -1 (as in GPTQ's configs) is one group per output row: g = in for every layer, scales [out, 1].
 //   config.json additionally carries "quantization_config" {quant_method, bits, group_size} (readers of HF
 //   configs ignore it; ModelConfig does).
 // Group parameters follow GPTQ's quantizer: the range [min(w, 0), max(w, 0)] of the group is split into
@@ -35,12 +36,17 @@
 
 namespace dsopen::inference {
 
+// --group-size -1: one group spanning each layer's whole input dimension (per-channel scales).
+inline constexpr int64_t kPerChannel = -1;
+// The group size of a layer with `in` inputs: g itself, or `in` for kPerChannel.
+inline int64_t layer_group_size(int64_t in, int64_t g) { return g == kPerChannel ? in : g; }
+
 struct QuantizedWeight {
   torch::Tensor qweight;  // uint8 [out, in] (8 bits) or [out, in / 2] (4 bits)
   torch::Tensor scales;   // [out, in / g] float16 or float32
   torch::Tensor zeros;    // [out, in / g] same dtype as scales
   int bits = 8;
-  int64_t group_size = 128;
+  int64_t group_size = 128;  // this layer's (never kPerChannel)
   int64_t in_features = 0;
 };
 
@@ -49,8 +55,8 @@ torch::Tensor pack_int4(const torch::Tensor& codes);
 // Inverse of pack_int4: uint8 [out, in / 2] -> uint8 [out, in].
 torch::Tensor unpack_int4(const torch::Tensor& packed);
 
-// Throws a usage error naming --group-size, `layer` and its dimensions unless g > 0 divides `in` (and, for
-// int4, `in` is even).
+// Throws a usage error naming --group-size, `layer` and its dimensions unless g > 0 divides `in` or g is
+// kPerChannel (and, for int4, `in` is even).
 void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer);
 
 // Group parameters of w [out, g]: scale and zero [out] float64 (the scale rounded up to a value of `dtype`).
@@ -97,14 +103,14 @@ QuantMethod parse_method(const std::string& method);
 
 struct QuantizeOptions {
   std::string method = "rtn-int8";
-  int64_t group_size = 128;
+  int64_t group_size = 128;  // or kPerChannel
   bool quantize_head = false;  // lm_head too (the embedding always stays in float)
   GptqOptions gptq;
 };
 
 struct QuantizedModel {
   QuantMethod method;
-  int64_t group_size = 128;
+  int64_t group_size = 128;  // as requested (kPerChannel stays -1); each layer's own is in its QuantizedWeight
   std::map<std::string, QuantizedWeight> layers;  // HF module name (e.g. model.layers.0.mlp.up_proj) -> weight
   std::map<std::string, int64_t> calibration_rows;  // gptq: rows seen by each layer (0: fell back to RTN)
 };
@@ -124,28 +130,11 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
 
 // Reads a directory written by save_quantized_model and returns a float32 model holding the dequantized weights
 // (eval mode, on `device`). A directory without quantization metadata is loaded with load_model.
-// `int4_kernels` (CPU, int4 files): layers whose group size LibTorch's int4 kernel takes (32, 64, 128, 256) keep
-// their weights packed (1 byte per weight instead of 4) and run through Int4Linear; kv_b_proj, whose matrix MLA
-// decoding reads directly, and int8 files are dequantized as without it.
+// `packed_kernels` (CPU): layers that a weight-only kernel of quantized_linear.h supports (int4 with group 32, 64,
+// 128 or 256; per-channel int8) keep their codes (1 or 0.5 bytes per weight instead of 4) and run through it;
+// kv_b_proj, whose matrix MLA decoding reads directly, and other layers are dequantized as without it.
 model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU,
-                                     bool int4_kernels = false);
-
-// x W^T for an int4 weight kept packed. Few rows (decoding): LibTorch's weight-only kernel
-// (_weight_int4pack_mm_for_cpu), which reads 4 bits per weight but takes activations, scales and zeros in bf16
-// (relative output error ~3e-3 against the dequantized float weight). Many rows (a prompt): the weight is
-// dequantized for the call and multiplied in float32, which is faster there (measured on AVX-512 with 2 threads:
-// the kernel is 1.7x faster than a float32 matmul at 1-8 rows, 2.2x slower at 512).
-struct Int4Linear {
-  QuantizedWeight q;          // the file's layout, for the dequantized path
-  torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
-  torch::Tensor packed;       // the kernel's layout of the same codes
-  torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
-  static constexpr int64_t kMaxKernelRows = 64;
-  static bool supports(const QuantizedWeight& q);
-  explicit Int4Linear(QuantizedWeight q);
-  torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
-  torch::Tensor dequantized() const;                        // float32 [out, in], two passes over the weight
-};
+                                     bool packed_kernels = false);
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 

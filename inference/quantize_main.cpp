@@ -1,5 +1,5 @@
 // dsopen-quantize: weight-only int8 / int4 quantization of a model directory (layout in inference/quantize.h).
-//   dsopen-quantize --model DIR --method rtn-int8|rtn-int4|gptq-int4 [--group-size 128] [--out DIR]
+//   dsopen-quantize --model DIR --method rtn-int8|rtn-int4|gptq-int4 [--group-size 128|-1] [--out DIR]
 //   gptq-int4 also needs --calib-data SHARDS (token shards made by dsopen-preprocess).
 #include <filesystem>
 #include <iostream>
@@ -57,7 +57,8 @@ static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-quantize", "Weight-only int8 / int4 quantization (RTN or GPTQ)");
   options.add_options()("model", "Checkpoint or HF model directory", cxxopts::value<std::string>())(
       "method", "rtn-int8, rtn-int4 or gptq-int4", cxxopts::value<std::string>())(
-      "group-size", "Weights per scale/zero group along the input dimension",
+      "group-size", "Weights per scale/zero group along the input dimension; -1: one group per row (per-channel int8 runs "
+                     "on dsopen-generate's int8 kernel)",
       cxxopts::value<int64_t>()->default_value("128"))(
       "out", "Output directory (without it only the sizes are reported)", cxxopts::value<std::string>())(
       "quantize-head", "Quantize lm_head too (the embedding stays in float)")(
@@ -108,8 +109,9 @@ static int run(int argc, char** argv) {
     }
     std::cout << "wrote " << out << std::endl;
   }
-  std::printf("method %s | group size %lld | quantized layers %zu (%lld of %lld parameters)\n", o.method.c_str(),
-              static_cast<long long>(o.group_size), q.layers.size(), static_cast<long long>(r.quantized_params),
+  const std::string group = o.group_size == inference::kPerChannel ? "per row" : std::to_string(o.group_size);
+  std::printf("method %s | group size %s | quantized layers %zu (%lld of %lld parameters)\n", o.method.c_str(),
+              group.c_str(), q.layers.size(), static_cast<long long>(r.quantized_params),
               static_cast<long long>(r.params));
   std::printf("size before %s (fp32), %s (16-bit) | after %s (rest fp32), %s (rest 16-bit)\n",
               mib(static_cast<double>(r.bytes_before)).c_str(), mib(static_cast<double>(r.bytes_before_16bit)).c_str(),

@@ -2,10 +2,10 @@
 # Generation throughput, side by side in one run: dsopen-generate (C++) vs transformers `generate` (Python, same
 # torch) on the same model directories, the same prompt token ids, greedy, EOS ignored, fixed lengths.
 # Models: the default job's tiny checkpoint (runs/tiny/checkpoints/latest) and a randomly initialised
-# configs/bench/dense-125m.yaml model, each in fp32, bf16, and rtn-int8 / rtn-int4 files from dsopen-quantize.
-# int8 runs dequantized to fp32 on both sides; int4 keeps its weights packed and runs LibTorch's int4 CPU kernel on
-# both sides (bench/generate_reference.py swaps transformers' nn.Linear layers for the same kernel); int4-deq is
-# the int4 file dequantized to fp32 on both sides (dsopen-generate --dequantize).
+# configs/bench/dense-125m.yaml model, each in fp32, bf16, and rtn-int8 (per channel) / rtn-int4 files from
+# dsopen-quantize. int8 and int4 keep their codes and run LibTorch's weight-only CPU kernels on both sides
+# (bench/generate_reference.py swaps transformers' nn.Linear layers for the same kernels); int4-deq is the int4
+# file dequantized to fp32 on both sides (dsopen-generate --dequantize).
 # Usage: scripts/bench_generate.sh        (run it under `flock /tmp/dsopen-build.lock` so no build interferes)
 # Env: PROMPT (64) NEW (64) BATCHES ("1 8") PRECISIONS ("fp32 bf16 int8 int4 int4-deq") MODELS ("tiny dense-125m")
 #      WARMUP (1) REPEAT (3) ROUNDS (2): each side runs ROUNDS processes (alternating with the other side) of WARMUP
@@ -48,6 +48,7 @@ model_dir() {  # MODEL PRECISION -> directory
     fp32 | bf16) echo "$base" ;;
     int8 | int4 | int4-deq)
       local bits="${2%-deq}" out
+      [ "$bits" = int8 ] && group=-1  # per-channel: the int8 kernel's layout
       out="$WORK/$1-rtn-$bits-g$group"
       [ -f "$out/model.safetensors" ] ||
         "$BIN/dsopen-quantize" --model "$base" --method "rtn-$bits" --group-size "$group" --out "$out" >/dev/null

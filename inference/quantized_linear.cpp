@@ -1,0 +1,117 @@
+// Quantized linear layers on LibTorch's weight-only CPU kernels (see quantized_linear.h).
+#include "inference/quantized_linear.h"
+
+#include "utils/compat.h"
+
+namespace dsopen::inference {
+
+namespace {
+
+// [..., in] -> [rows, in] in bf16, contiguous and 64-byte aligned: the kernels use aligned vector loads.
+torch::Tensor kernel_input(const torch::Tensor& x) {
+  auto x2 = x.reshape({-1, x.size(-1)}).to(torch::kBFloat16).contiguous();
+  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 64 != 0) x2 = x2.clone();
+  return x2;
+}
+
+// A float32 [out, in] buffer for a weight dequantized for one call, reused by every layer of this thread. A fresh
+// allocation per call costs more than the dequantization: large blocks come from mmap and are page-faulted in
+// each time. The buffer holds the largest layer's weight in float32, once.
+torch::Tensor dequantize_buffer(int64_t out, int64_t in) {
+  thread_local torch::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < out * in) buffer = torch::empty({out * in}, torch::kFloat32);
+  return buffer.slice(0, 0, out * in).view({out, in});
+}
+
+std::vector<int64_t> output_sizes(const torch::Tensor& x, int64_t out) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  return sizes;
+}
+
+}  // namespace
+
+// ---- int4 -----------------------------------------------------------------------------------------------------
+
+bool Int4Linear::supports(const QuantizedWeight& q) {
+  const int64_t g = q.group_size;
+  return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
+}
+
+Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
+  TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
+  // Own copies: tensors read from a file view its mapping, which would then stay resident for the process.
+  q.qweight = q.qweight.clone(), q.scales = q.scales.clone(), q.zeros = q.zeros.clone();
+  packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
+  auto s = q.scales.to(torch::kFloat32), z = q.zeros.to(torch::kFloat32);  // [out, in / g]
+  scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
+  scales = s.unsqueeze(2);
+  zero_scales = (z * s).unsqueeze(2);
+}
+
+torch::Tensor Int4Linear::dequantized() const { return dequantize_into(torch::empty({q.qweight.size(0), q.in_features})); }
+
+torch::Tensor Int4Linear::dequantize_into(torch::Tensor w) const {
+  // The uint8 codes times the float scales (one pass, promoting), minus zero * scale in place: per call this runs
+  // on every prompt, so it avoids dequantize()'s float copy of the codes and separate subtract.
+  const int64_t out = q.qweight.size(0), in = q.in_features;
+  auto codes = torch::stack({q.qweight.bitwise_and(0x0F), q.qweight.bitwise_right_shift(4)}, 2);  // [out, in/2, 2]
+  auto w3 = w.view({out, in / q.group_size, q.group_size});
+  torch::mul_out(w3, codes.view({out, in / q.group_size, q.group_size}), scales).sub_(zero_scales);
+  return w;
+}
+
+torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
+  const auto sizes = output_sizes(x, packed.size(0));
+  if (x.numel() / x.size(-1) > kMaxKernelRows)
+    return torch::nn::functional::linear(x.reshape({-1, x.size(-1)}).to(torch::kFloat32),
+                                         dequantize_into(dequantize_buffer(packed.size(0), q.in_features)))
+        .to(x.scalar_type())
+        .view(sizes);
+  return compat::int4_mm_for_cpu(kernel_input(x), packed, q.group_size, scale_zeros).to(x.scalar_type()).view(sizes);
+}
+
+// ---- int8 -----------------------------------------------------------------------------------------------------
+
+bool Int8Linear::supports(const QuantizedWeight& q) {
+  return q.bits == 8 && q.group_size == q.in_features && q.in_features % 16 == 0;
+}
+
+Int8Linear::Int8Linear(const QuantizedWeight& q) {
+  TORCH_CHECK(supports(q), "Int8Linear: int8 with one group per row and an input dimension divisible by 16 only");
+  codes = q.qweight.to(torch::kInt16).sub(128).to(torch::kInt8).contiguous();  // a copy, not a view of the file
+  scale = q.scales.to(torch::kFloat32).flatten().contiguous();                  // [out]
+  offset = (128.0 - q.zeros.to(torch::kFloat32).flatten()) * scale;
+  unit_scales = torch::ones({codes.size(0)}, torch::kBFloat16);
+}
+
+torch::Tensor Int8Linear::dequantized() const { return dequantize_into(torch::empty(codes.sizes())); }
+
+torch::Tensor Int8Linear::dequantize_into(torch::Tensor w) const {
+  return torch::mul_out(w, codes, scale.unsqueeze(1)).add_(offset.unsqueeze(1));  // int8 * float promotes
+}
+
+torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
+  const auto sizes = output_sizes(x, codes.size(0));
+  auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
+  if (x2.size(0) > kMaxKernelRows)
+    return torch::nn::functional::linear(x2.to(torch::kFloat32),
+                                         dequantize_into(dequantize_buffer(codes.size(0), codes.size(1))))
+        .to(x.scalar_type())
+        .view(sizes);
+  auto y = at::_weight_int8pack_mm(kernel_input(x2), codes, unit_scales).to(torch::kFloat32);  // [rows, out]
+  y.mul_(scale).addr_(x2.to(torch::kFloat32).sum(1), offset);  // + sum(x) (128 - zero) scale, an outer product
+  return y.to(x.scalar_type()).view(sizes);
+}
+
+// ---- choice ---------------------------------------------------------------------------------------------------
+
+bool has_packed_kernel(const QuantizedWeight& q) { return Int4Linear::supports(q) || Int8Linear::supports(q); }
+
+std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q) {
+  if (Int4Linear::supports(q)) return Int4Linear(q);
+  TORCH_CHECK(Int8Linear::supports(q), "packed_kernel: no kernel takes this quantized weight");
+  return Int8Linear(q);
+}
+
+}  // namespace dsopen::inference

@@ -1,0 +1,58 @@
+// Linear layers that keep their quantized codes in memory and multiply through LibTorch's weight-only CPU kernels,
+// so an int4 or int8 model decodes reading 0.5 or 1 byte per weight instead of the 4 of a dequantized float copy.
+// Decoding is bound by weight traffic, so this is also where the speed comes from (docs/BENCHMARKS.md).
+//
+// Both kernels are made for few rows (GEMV-like loops, activations in bf16, fp32 accumulation). For more than 64
+// rows (a long prompt) each layer dequantizes its weight for the call into a reused buffer and multiplies in
+// float32, which is faster there. Measured on AVX-512 with 2 threads against a float32 matmul: the int4 kernel is
+// 1.7x faster at 1-8 rows and 2.2x slower at 512; the int8 kernel 1.5-2x faster at 1-8 rows, even with
+// dequantize + float32 at 64, 1.5x slower at 512.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+
+#include "inference/quantize.h"
+
+namespace dsopen::inference {
+
+// int4, group size 32, 64, 128 or 256 (_weight_int4pack_mm_for_cpu, LibTorch >= 2.6; see compat.h).
+// The kernel takes activations, scales and zeros in bf16: relative output error ~3e-3 against the dequantized
+// float weight.
+struct Int4Linear {
+  QuantizedWeight q;                  // the file's layout, for the dequantized path
+  torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
+  torch::Tensor packed;               // the kernel's layout of the same codes
+  torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
+  static constexpr int64_t kMaxKernelRows = 64;
+  static bool supports(const QuantizedWeight& q);
+  explicit Int4Linear(QuantizedWeight q);
+  torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
+  torch::Tensor dequantized() const;                        // float32 [out, in], two passes over the weight
+  torch::Tensor dequantize_into(torch::Tensor w) const;     // the same written into w (float32 [out, in])
+};
+
+// int8 with one group per row (dsopen-quantize --group-size -1) through _weight_int8pack_mm, which computes
+// x_bf16 @ (w_int8 * s)^T for symmetric int8 codes. The file's codes are asymmetric (W = (q - zero) * scale with
+// q in 0..255), so the layer stores q - 128 as int8 and adds the rest after the kernel:
+//   x W^T = scale * (x @ (q - 128)^T) + (128 - zero) * scale * sum(x)
+// The kernel's own scale is 1 (scaling in float32 afterwards keeps the scale exact); its output is bf16, so the
+// relative error is ~2e-3. The kernel's vector loads need the input dimension to be a multiple of 16.
+struct Int8Linear {
+  torch::Tensor codes;          // int8 [out, in]: file code - 128
+  torch::Tensor scale, offset;  // float32 [out]: W = codes * scale + offset, offset = (128 - zero) * scale
+  torch::Tensor unit_scales;    // bf16 [out] of ones: the kernel's per-row scale
+  static constexpr int64_t kMaxKernelRows = 64;
+  static bool supports(const QuantizedWeight& q);
+  explicit Int8Linear(const QuantizedWeight& q);
+  torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
+  torch::Tensor dequantized() const;                        // float32 [out, in]
+  torch::Tensor dequantize_into(torch::Tensor w) const;     // the same written into w (float32 [out, in])
+};
+
+// Whether Int4Linear or Int8Linear takes this weight, and the layer function for Linear::weight_only.
+bool has_packed_kernel(const QuantizedWeight& q);
+std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q);
+
+}  // namespace dsopen::inference
