@@ -112,6 +112,11 @@ check "quantize int8" 0 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int8 -
 check "eval quantized" 0 "$BIN/dsopen-eval" --model "$W/q8" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
 case "$LAST" in *perplexity*) echo "ok   quantized $LAST" ;; *) echo "FAIL quantized eval: $LAST"; fail=1 ;; esac
 check "generate quantized" 0 "$BIN/dsopen-generate" --model "$W/q8" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
+# Per-channel int8 (group -1): dsopen-generate keeps the codes and runs the int8 kernel; eval dequantizes.
+check "quantize int8 per channel" 0 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int8 --group-size -1 --out "$W/q8pc"
+case "$LAST" in *"group size per row"*) echo "ok   per-channel groups reported" ;; *) echo "FAIL per-channel: $LAST"; fail=1 ;; esac
+check "generate per-channel int8" 0 "$BIN/dsopen-generate" --model "$W/q8pc" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
+check "eval per-channel int8" 0 "$BIN/dsopen-eval" --model "$W/q8pc" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
 # Fixed-length benchmark runs: token-id prompts, EOS ignored, a JSON summary; bf16 weights and cache.
 for dt in fp32 bf16; do
   check "generate ids json $dt" 0 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7" --prompt-ids 8,9,10 --no-bos \
