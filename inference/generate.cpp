@@ -136,7 +136,10 @@ static int run(int argc, char** argv) {
   auto tok = data::load_tokenizer(tok_path);
   // Quantized files keep their codes (int4; int8 with --group-size -1) unless an adapter is merged into them (which
   // needs float weights).
-  auto model = inference::load_quantized_model(dir, torch::kCPU, adapter.empty() && !args.count("dequantize"));
+  auto model = inference::load_quantized_model(dir, torch::kCPU,
+                                              adapter.empty() && !args.count("dequantize")
+                                                  ? inference::QuantizedLayers::Kernels
+                                                  : inference::QuantizedLayers::Dequantized);
   if (!adapter.empty()) {
     model::load_adapter(*model, adapter);
     model::merge_lora(*model);  // one matrix per projection: the decode speed of the base

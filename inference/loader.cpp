@@ -16,7 +16,10 @@ model::CausalLM load_model(const std::string& dir, torch::Device device, bool ke
   model::WeightFiles weights(dir);
   c.use_mtp = keep_mtp && c.num_nextn_predict_layers > 0 &&
               weights.contains("model.layers." + std::to_string(c.num_hidden_layers) + ".eh_proj.weight");
-  model::CausalLM m(c);
+  model::CausalLM m = [&] {
+    model::SkipWeightInit skip;  // strict loading below writes every weight
+    return model::CausalLM(c);
+  }();
   model::load_hf_state_dict(m, weights, /*strict=*/true);
   m->to(device);
   m->eval();

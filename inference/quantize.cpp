@@ -224,12 +224,12 @@ QuantMethod parse_method(const std::string& method) {
 
 namespace {
 
-std::vector<std::pair<std::string, torch::nn::LinearImpl*>> linears(model::CausalLM& m, bool quantize_head) {
-  std::vector<std::pair<std::string, torch::nn::LinearImpl*>> out;
+std::vector<std::pair<std::string, model::LinearImpl*>> linears(model::CausalLM& m, bool quantize_head) {
+  std::vector<std::pair<std::string, model::LinearImpl*>> out;
   for (const auto& item : m->named_modules("", /*include_self=*/false)) {
     const std::string& name = item.key();
     if (name.rfind("mtp.", 0) == 0) continue;
-    auto* lin = item.value()->as<torch::nn::Linear>();
+    auto* lin = item.value()->as<model::Linear>();
     if (!lin) continue;
     if (ends_with(name, "_proj") || (quantize_head && name == "lm_head")) out.emplace_back(name, lin);
   }
@@ -338,7 +338,7 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
   // Stages in model order: each decoder layer, then the head; each stage is calibrated on the outputs of the
   // already-quantized stages before it.
   std::vector<std::string> stages;
-  std::map<std::string, std::vector<std::pair<std::string, torch::nn::LinearImpl*>>> by_stage;
+  std::map<std::string, std::vector<std::pair<std::string, model::LinearImpl*>>> by_stage;
   for (const auto& t : targets) {
     const auto s = stage_of(t.first);
     if (!by_stage.count(s)) stages.push_back(s);
@@ -392,7 +392,7 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
   env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, bool packed_kernels) {
+model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, QuantizedLayers layers) {
   const auto file_path = (fs::path(dir) / "model.safetensors").string();
   if (!fs::exists(file_path)) return load_model(dir, device);
   model::SafetensorsFile file(file_path);
@@ -411,7 +411,10 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
                                        std::to_string(g));
   model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
   c.use_mtp = false;
-  model::CausalLM m(c);
+  model::CausalLM m = [&] {
+    model::SkipWeightInit skip;  // every weight is read below; packed layers' float weights are never touched
+    return model::CausalLM(c);
+  }();
   torch::NoGradGuard no_grad;
   std::vector<std::string> problems;
   std::set<std::string> used;
@@ -442,7 +445,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
     }
     QuantizedWeight q{file.tensor(base + ".qweight"), file.tensor(base + ".scales"), file.tensor(base + ".zeros"),
                       bits, lg, in};
-    if (packed_kernels && device.is_cpu() && has_packed_kernel(q) && !ends_with(base, "kv_b_proj"))
+    if (layers != QuantizedLayers::Dequantized && device.is_cpu() && has_packed_kernel(q) && !ends_with(base, "kv_b_proj"))
       packed.emplace(base, q);
     else
       t.copy_(dequantize(q));
@@ -465,7 +468,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       auto it = packed.find(item.key());
       auto* lin = item.value()->as<model::Linear>();
       if (it == packed.end() || !lin) continue;
-      lin->weight_only = packed_kernel(it->second);
+      lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
       lin->weight.set_data(torch::empty({0}, lin->weight.options()));  // the packed codes replace it
     }
   }

@@ -128,13 +128,21 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
 // Writes DIR/model.safetensors (layout above) and DIR/config.json.
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir);
 
-// Reads a directory written by save_quantized_model and returns a float32 model holding the dequantized weights
-// (eval mode, on `device`). A directory without quantization metadata is loaded with load_model.
-// `packed_kernels` (CPU): layers that a weight-only kernel of quantized_linear.h supports (int4 with group 32, 64,
-// 128 or 256; per-channel int8) keep their codes (1 or 0.5 bytes per weight instead of 4) and run through it;
-// kv_b_proj, whose matrix MLA decoding reads directly, and other layers are dequantized as without it.
+// How load_quantized_model holds the layers a weight-only kernel of quantized_linear.h takes (int4 with group 32,
+// 64, 128 or 256; per-channel int8 with an input dimension divisible by 16). Other layers, kv_b_proj (whose matrix
+// MLA decoding reads directly) and non-CPU devices are always dequantized.
+enum class QuantizedLayers {
+  Dequantized,  // float32 weights: what LoRA adapters and the reference comparisons need
+  Kernels,      // codes kept (0.5 / 1 byte per weight); up to 64 rows through the kernels (bf16 math), more rows
+                // through the weight dequantized for the call: decoding (dsopen-generate)
+  FloatMath,    // codes kept; every call dequantizes into a reused float32 buffer: the Dequantized results at the
+                // memory of Kernels (dsopen-eval)
+};
+
+// Reads a directory written by save_quantized_model and returns a float32 model (eval mode, on `device`) holding
+// the quantized layers as `layers` says. A directory without quantization metadata is loaded with load_model.
 model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU,
-                                     bool packed_kernels = false);
+                                     QuantizedLayers layers = QuantizedLayers::Dequantized);
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ bool Int4Linear::supports(const QuantizedWeight& q) {
   return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
 }
 
-Int4Linear::Int4Linear(QuantizedWeight qw) : q(std::move(qw)) {
+Int4Linear::Int4Linear(QuantizedWeight qw, int64_t max_rows) : q(std::move(qw)), max_kernel_rows(max_rows) {
   TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
   // Own copies: tensors read from a file view its mapping, which would then stay resident for the process.
   q.qweight = q.qweight.clone(), q.scales = q.scales.clone(), q.zeros = q.zeros.clone();
@@ -63,7 +63,7 @@ torch::Tensor Int4Linear::dequantize_into(torch::Tensor w) const {
 
 torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
   const auto sizes = output_sizes(x, packed.size(0));
-  if (x.numel() / x.size(-1) > kMaxKernelRows)
+  if (x.numel() / x.size(-1) > max_kernel_rows)
     return torch::nn::functional::linear(x.reshape({-1, x.size(-1)}).to(torch::kFloat32),
                                          dequantize_into(dequantize_buffer(packed.size(0), q.in_features)))
         .to(x.scalar_type())
@@ -77,7 +77,7 @@ bool Int8Linear::supports(const QuantizedWeight& q) {
   return q.bits == 8 && q.group_size == q.in_features && q.in_features % 16 == 0;
 }
 
-Int8Linear::Int8Linear(const QuantizedWeight& q) {
+Int8Linear::Int8Linear(const QuantizedWeight& q, int64_t max_rows) : max_kernel_rows(max_rows) {
   TORCH_CHECK(supports(q), "Int8Linear: int8 with one group per row and an input dimension divisible by 16 only");
   codes = q.qweight.to(torch::kInt16).sub(128).to(torch::kInt8).contiguous();  // a copy, not a view of the file
   scale = q.scales.to(torch::kFloat32).flatten().contiguous();                  // [out]
@@ -94,7 +94,7 @@ torch::Tensor Int8Linear::dequantize_into(torch::Tensor w) const {
 torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
   const auto sizes = output_sizes(x, codes.size(0));
   auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
-  if (x2.size(0) > kMaxKernelRows)
+  if (x2.size(0) > max_kernel_rows)
     return torch::nn::functional::linear(x2.to(torch::kFloat32),
                                          dequantize_into(dequantize_buffer(codes.size(0), codes.size(1))))
         .to(x.scalar_type())
@@ -108,10 +108,10 @@ torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
 
 bool has_packed_kernel(const QuantizedWeight& q) { return Int4Linear::supports(q) || Int8Linear::supports(q); }
 
-std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q) {
-  if (Int4Linear::supports(q)) return Int4Linear(q);
+std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q, int64_t max_kernel_rows) {
+  if (Int4Linear::supports(q)) return Int4Linear(q, max_kernel_rows);
   TORCH_CHECK(Int8Linear::supports(q), "packed_kernel: no kernel takes this quantized weight");
-  return Int8Linear(q);
+  return Int8Linear(q, max_kernel_rows);
 }
 
 }  // namespace dsopen::inference

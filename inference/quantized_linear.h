@@ -17,6 +17,9 @@
 
 namespace dsopen::inference {
 
+// Rows up to which the kernels beat dequantize + float32 matmul (measurements above).
+inline constexpr int64_t kMaxKernelRows = 64;
+
 // int4, group size 32, 64, 128 or 256 (_weight_int4pack_mm_for_cpu, LibTorch >= 2.6; see compat.h).
 // The kernel takes activations, scales and zeros in bf16: relative output error ~3e-3 against the dequantized
 // float weight.
@@ -25,9 +28,9 @@ struct Int4Linear {
   torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
   torch::Tensor packed;               // the kernel's layout of the same codes
   torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
-  static constexpr int64_t kMaxKernelRows = 64;
+  int64_t max_kernel_rows = kMaxKernelRows;  // more rows take the dequantized path; 0: always
   static bool supports(const QuantizedWeight& q);
-  explicit Int4Linear(QuantizedWeight q);
+  explicit Int4Linear(QuantizedWeight q, int64_t max_kernel_rows = kMaxKernelRows);
   torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
   torch::Tensor dequantized() const;                        // float32 [out, in], two passes over the weight
   torch::Tensor dequantize_into(torch::Tensor w) const;     // the same written into w (float32 [out, in])
@@ -43,9 +46,9 @@ struct Int8Linear {
   torch::Tensor codes;          // int8 [out, in]: file code - 128
   torch::Tensor scale, offset;  // float32 [out]: W = codes * scale + offset, offset = (128 - zero) * scale
   torch::Tensor unit_scales;    // bf16 [out] of ones: the kernel's per-row scale
-  static constexpr int64_t kMaxKernelRows = 64;
+  int64_t max_kernel_rows = kMaxKernelRows;  // more rows take the dequantized path; 0: always
   static bool supports(const QuantizedWeight& q);
-  explicit Int8Linear(const QuantizedWeight& q);
+  explicit Int8Linear(const QuantizedWeight& q, int64_t max_kernel_rows = kMaxKernelRows);
   torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
   torch::Tensor dequantized() const;                        // float32 [out, in]
   torch::Tensor dequantize_into(torch::Tensor w) const;     // the same written into w (float32 [out, in])
@@ -53,6 +56,7 @@ struct Int8Linear {
 
 // Whether Int4Linear or Int8Linear takes this weight, and the layer function for Linear::weight_only.
 bool has_packed_kernel(const QuantizedWeight& q);
-std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q);
+std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q,
+                                                                 int64_t max_kernel_rows = kMaxKernelRows);
 
 }  // namespace dsopen::inference

@@ -15,6 +15,38 @@ torch::Tensor as_input_dtype(const torch::Tensor& t, const torch::Tensor& x) {
 }
 }  // namespace
 
+namespace {
+thread_local bool tl_skip_weight_init = false;
+}  // namespace
+
+SkipWeightInit::SkipWeightInit() : previous_(tl_skip_weight_init) { tl_skip_weight_init = true; }
+SkipWeightInit::~SkipWeightInit() { tl_skip_weight_init = previous_; }
+bool SkipWeightInit::active() { return tl_skip_weight_init; }
+
+LinearImpl::LinearImpl(const torch::nn::LinearOptions& options_) : options(options_) { reset(); }
+
+void LinearImpl::reset() {
+  // torch::empty reserves the pages without touching them: a weight that is never written costs no memory.
+  weight = register_parameter("weight", torch::empty({options.out_features(), options.in_features()}));
+  bias = options.bias() ? register_parameter("bias", torch::empty({options.out_features()}))
+                        : register_parameter("bias", {}, /*requires_grad=*/false);
+  if (!SkipWeightInit::active()) reset_parameters();
+}
+
+void LinearImpl::reset_parameters() {
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(options.in_features()));
+    bias.uniform_(-bound, bound);
+  }
+}
+
+void LinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "dsopen::model::Linear(in_features=" << options.in_features() << ", out_features=" << options.out_features()
+         << ", bias=" << options.bias() << (lora_A ? ", lora_rank=" + std::to_string(lora_rank) : "") << ")";
+}
+
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   auto y = !weight_only ? torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
                         : bias.defined() ? weight_only(x) + as_input_dtype(bias, x) : weight_only(x);

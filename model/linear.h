@@ -1,5 +1,5 @@
 // Linear: the projection every layer of the model uses. It is torch::nn::Linear (same parameters, same names:
-// weight, bias) that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+// weight, bias, same initialisation) that can carry a LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
 // Models"):
 //   y = x W^T + b + scale * B(A(dropout(x))),   A: [r, in], B: [out, r], scale = alpha / r (rsLoRA: alpha / sqrt(r))
 // A and B are registered as the submodules lora_A and lora_B, so their parameters are named
@@ -14,10 +14,34 @@
 
 namespace dsopen::model {
 
-class LinearImpl : public torch::nn::LinearImpl {
+// While one is alive on this thread, new modules leave their weights uninitialised (Linear, and CausalLM skips
+// init_weights): for loaders, which overwrite every weight from a file. Initialising a 7B model would take a minute
+// and touch all of its float32 pages, including those of layers a quantized model then replaces by their codes.
+class SkipWeightInit {
 public:
-  using torch::nn::LinearImpl::LinearImpl;
+  SkipWeightInit();
+  ~SkipWeightInit();
+  SkipWeightInit(const SkipWeightInit&) = delete;
+  SkipWeightInit& operator=(const SkipWeightInit&) = delete;
+  static bool active();
+
+private:
+  bool previous_;
+};
+
+class LinearImpl : public torch::nn::Cloneable<LinearImpl> {
+public:
+  LinearImpl(int64_t in, int64_t out) : LinearImpl(torch::nn::LinearOptions(in, out)) {}
+  explicit LinearImpl(const torch::nn::LinearOptions& options);
+  void reset() override;
+  // As torch::nn::Linear: kaiming-uniform weight (a = sqrt(5)), bias uniform in +-1/sqrt(in).
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
   torch::Tensor forward(const torch::Tensor& x);  // x: [..., in] -> [..., out]
+
+  torch::nn::LinearOptions options;
+  torch::Tensor weight;  // [out, in]
+  torch::Tensor bias;    // [out], or undefined
 
   // Attaches an adapter of rank r. A is initialised as nn.Linear is (kaiming-uniform, a = sqrt(5)) and B to zero,
   // as PEFT does, so the output is unchanged until B trains. A and B are float32 on the weight's device.

@@ -137,7 +137,7 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c)
       mtp->push_back(mtp_list.back());
     }
   }
-  init_weights();
+  if (!SkipWeightInit::active()) init_weights();
 }
 
 void CausalLMImpl::init_weights() {

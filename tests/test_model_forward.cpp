@@ -81,6 +81,38 @@ TEST_CASE("parameter names are HuggingFace checkpoint names and counts agree", "
   CHECK(!make(small("mha"))->named_parameters().contains("model.layers.0.self_attn.k_proj.bias"));
 }
 
+TEST_CASE("Linear initialises as torch::nn::Linear; SkipWeightInit leaves weights to the loader", "[model][forward]") {
+  for (bool bias : {false, true}) {
+    torch::manual_seed(3);
+    torch::nn::Linear reference(torch::nn::LinearOptions(48, 20).bias(bias));
+    torch::manual_seed(3);
+    Linear ours(torch::nn::LinearOptions(48, 20).bias(bias));
+    CHECK(torch::equal(ours->weight, reference->weight));
+    CHECK(ours->bias.defined() == bias);
+    if (bias) CHECK(torch::equal(ours->bias, reference->bias));
+    CHECK(ours->named_parameters().size() == reference->named_parameters().size());
+  }
+  // Under the guard a Linear does not draw from the generator (nothing is initialised), CausalLM skips
+  // init_weights, and the guard restores the previous state when it ends.
+  torch::manual_seed(9);
+  const auto expected_next = torch::rand({4});
+  torch::manual_seed(9);
+  {
+    SkipWeightInit outer;
+    {
+      SkipWeightInit inner;
+    }
+    CHECK(SkipWeightInit::active());
+    Linear skipped(torch::nn::LinearOptions(48, 20).bias(true));
+    CHECK(skipped->weight.sizes() == torch::IntArrayRef({20, 48}));
+  }
+  CHECK_FALSE(SkipWeightInit::active());
+  CHECK(torch::equal(torch::rand({4}), expected_next));
+  torch::manual_seed(9);
+  Linear initialised(torch::nn::LinearOptions(48, 20));  // draws: the generator moves on
+  CHECK_FALSE(torch::equal(torch::rand({4}), expected_next));
+}
+
 TEST_CASE("causality: changing token t never changes logits before t", "[model][forward]") {
   for (const char* kind : {"mla_v3", "mla_v2", "gqa"}) {
     INFO(kind);

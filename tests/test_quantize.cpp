@@ -221,7 +221,7 @@ TEST_CASE("int4 weights kept packed give the dequantized layer's and model's out
       const double rel = ((got - ref).norm() / ref.norm()).item<double>();
       INFO("group " << g << ", " << rows << " rows: relative error " << rel);
       // The kernel takes bf16 activations, scales and zeros; above 64 rows the float32 path is exact.
-      CHECK(rel < (rows <= inference::Int4Linear::kMaxKernelRows ? 1e-2 : 1e-6));
+      CHECK(rel < (rows <= inference::kMaxKernelRows ? 1e-2 : 1e-6));
     }
   }
   CHECK_FALSE(inference::Int4Linear::supports(inference::quantize_rtn(torch::randn({8, 64}), 4, 16)));
@@ -240,7 +240,7 @@ TEST_CASE("int4 weights kept packed give the dequantized layer's and model's out
   TempDir dir("packed");
   inference::save_quantized_model(m, inference::quantize_model(m, o), dir.path);
   auto plain = inference::load_quantized_model(dir.path);
-  auto packed = inference::load_quantized_model(dir.path, torch::kCPU, /*packed_kernels=*/true);
+  auto packed = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::Kernels);
   auto& attn = packed->model->layer_list[0]->named_modules()["self_attn"];
   auto* q_a = attn->named_modules()["q_a_proj"]->as<model::Linear>();
   auto* kv_b = attn->named_modules()["kv_b_proj"]->as<model::Linear>();
@@ -257,6 +257,13 @@ TEST_CASE("int4 weights kept packed give the dequantized layer's and model's out
     INFO(T << " tokens: relative logit error " << rel);
     CHECK(rel < 1e-2);
   }
+  // FloatMath (dsopen-eval): codes kept, every call dequantized into float32: the dequantized model's logits.
+  auto float_math = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::FloatMath);
+  auto* fm_q_a = float_math->model->layer_list[0]->named_modules()["self_attn"]->named_modules()["q_a_proj"]->as<model::Linear>();
+  REQUIRE(fm_q_a);
+  CHECK(fm_q_a->weight_only);
+  auto ids = torch::randint(1, c.vocab_size, {2, 5}, torch::kLong);
+  CHECK(torch::allclose(float_math->forward(ids).logits, plain->forward(ids).logits, 1e-5, 1e-5));
 }
 
 TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and model's outputs", "[quantize]") {
@@ -300,7 +307,7 @@ TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and mode
   model::SafetensorsFile file(dir.path + "/model.safetensors");
   CHECK(file.metadata().at("group_size") == "-1");
   auto plain = inference::load_quantized_model(dir.path);
-  auto packed = inference::load_quantized_model(dir.path, torch::kCPU, /*packed_kernels=*/true);
+  auto packed = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::Kernels);
   auto& attn = packed->model->layer_list[0]->named_modules()["self_attn"];
   auto* q_a = attn->named_modules()["q_a_proj"]->as<model::Linear>();
   auto* kv_b = attn->named_modules()["kv_b_proj"]->as<model::Linear>();
@@ -324,6 +331,9 @@ TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and mode
     CHECK(rel < 1e-2);
     CHECK(vs_float < 2e-2);
   }
+  auto float_math = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::FloatMath);
+  auto ids = torch::randint(1, c.vocab_size, {2, 5}, torch::kLong);
+  CHECK(torch::allclose(float_math->forward(ids).logits, plain->forward(ids).logits, 1e-5, 1e-5));
 }
 
 namespace {
