@@ -204,6 +204,20 @@ TEST_CASE("gptq-int4 calibrates every decoder layer through captured linear inpu
   CHECK(torch::allclose(g_loaded->forward(calib[0]).logits, m->forward(calib[0]).logits, 1e-4, 1e-5));
 }
 
+namespace {
+// In a debug-flavor model loaded with codes kept: q_a_proj runs on its codes (no float weight), kv_b_proj, whose
+// matrix MLA decoding reads itself, is dequantized.
+void check_codes_kept(model::CausalLM& m) {
+  auto& attn = m->model->layer_list[0]->named_modules()["self_attn"];
+  auto* q_a = attn->named_modules()["q_a_proj"]->as<model::Linear>();
+  auto* kv_b = attn->named_modules()["kv_b_proj"]->as<model::Linear>();
+  REQUIRE((q_a && kv_b));
+  CHECK(q_a->weight_only);
+  CHECK(q_a->weight.numel() == 0);
+  CHECK_FALSE(kv_b->weight_only);
+}
+}  // namespace
+
 TEST_CASE("int4 weights kept packed give the dequantized layer's and model's outputs", "[quantize]") {
   if (!compat::kHasInt4CpuKernel) {
     WARN("this LibTorch has no int4 CPU kernel: int4 models load dequantized");
@@ -241,13 +255,7 @@ TEST_CASE("int4 weights kept packed give the dequantized layer's and model's out
   inference::save_quantized_model(m, inference::quantize_model(m, o), dir.path);
   auto plain = inference::load_quantized_model(dir.path);
   auto packed = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::Kernels);
-  auto& attn = packed->model->layer_list[0]->named_modules()["self_attn"];
-  auto* q_a = attn->named_modules()["q_a_proj"]->as<model::Linear>();
-  auto* kv_b = attn->named_modules()["kv_b_proj"]->as<model::Linear>();
-  REQUIRE((q_a && kv_b));
-  CHECK(q_a->weight_only);
-  CHECK(q_a->weight.numel() == 0);  // the packed codes replace the float weight
-  CHECK_FALSE(kv_b->weight_only);   // MLA decoding reads this matrix itself
+  check_codes_kept(packed);
   torch::NoGradGuard ng;
   // 48 rows through the kernel; 160 through the dequantized path (except expert blocks, which get fewer rows).
   for (int64_t T : {24, 40}) {
@@ -259,9 +267,7 @@ TEST_CASE("int4 weights kept packed give the dequantized layer's and model's out
   }
   // FloatMath (dsopen-eval): codes kept, every call dequantized into float32: the dequantized model's logits.
   auto float_math = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::FloatMath);
-  auto* fm_q_a = float_math->model->layer_list[0]->named_modules()["self_attn"]->named_modules()["q_a_proj"]->as<model::Linear>();
-  REQUIRE(fm_q_a);
-  CHECK(fm_q_a->weight_only);
+  check_codes_kept(float_math);
   auto ids = torch::randint(1, c.vocab_size, {2, 5}, torch::kLong);
   CHECK(torch::allclose(float_math->forward(ids).logits, plain->forward(ids).logits, 1e-5, 1e-5));
 }
@@ -293,12 +299,8 @@ TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and mode
   CHECK_FALSE(inference::Int8Linear::supports(inference::quantize_rtn(torch::randn({8, 40}), 8, -1)));  // 40 % 16
   CHECK_FALSE(inference::Int8Linear::supports(inference::quantize_rtn(W, 4, inference::kPerChannel)));
 
-  model::ModelConfig c = *model::find_flavor("debug");
-  c.use_mtp = false;
-  torch::manual_seed(7);
-  model::CausalLM m(c);
-  m->init_weights();
-  m->eval();
+  auto m = debug_model();
+  const auto c = m->config();
   inference::QuantizeOptions o;
   o.method = "rtn-int8";
   o.group_size = inference::kPerChannel;
@@ -308,13 +310,7 @@ TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and mode
   CHECK(file.metadata().at("group_size") == "-1");
   auto plain = inference::load_quantized_model(dir.path);
   auto packed = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::Kernels);
-  auto& attn = packed->model->layer_list[0]->named_modules()["self_attn"];
-  auto* q_a = attn->named_modules()["q_a_proj"]->as<model::Linear>();
-  auto* kv_b = attn->named_modules()["kv_b_proj"]->as<model::Linear>();
-  REQUIRE((q_a && kv_b));
-  CHECK(q_a->weight_only);
-  CHECK(q_a->weight.numel() == 0);
-  CHECK_FALSE(kv_b->weight_only);
+  check_codes_kept(packed);
   torch::NoGradGuard ng;
   // The dequantized path loads exactly what the per-channel quantizer produced.
   const std::string name = "model.layers.0.self_attn.q_a_proj.weight";
