@@ -14,8 +14,8 @@
 
 namespace dsopen::model {
 
-// While one is alive on this thread, new modules leave their weights uninitialised (Linear, and CausalLM skips
-// init_weights): for loaders, which overwrite every weight from a file. Initialising a 7B model would take a minute
+// While one is alive on this thread, new modules leave their weights uninitialised (Linear, the embedding, and
+// CausalLM skips init_weights): for loaders, which overwrite every weight from a file. Initialising a 7B model would take a minute
 // and touch all of its float32 pages, including those of layers a quantized model then replaces by their codes.
 class SkipWeightInit {
 public:

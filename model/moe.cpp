@@ -47,7 +47,7 @@ torch::Tensor balance_loss(const torch::Tensor& scores, const torch::Tensor& ind
 
 GateImpl::GateImpl(const ModelConfig& c) {
   weight = register_parameter("weight", torch::empty({c.n_routed_experts, c.hidden_size}));
-  torch::nn::init::normal_(weight, 0.0, c.initializer_range);
+  if (!SkipWeightInit::active()) torch::nn::init::normal_(weight, 0.0, c.initializer_range);
   if (c.topk_method == "noaux_tc")
     e_score_correction_bias = register_buffer("e_score_correction_bias", torch::zeros({c.n_routed_experts}));
 }

@@ -49,7 +49,10 @@ MTPLayerImpl::MTPLayerImpl(const ModelConfig& c, int64_t layer_index) : DecoderL
 }
 
 DeepSeekModelImpl::DeepSeekModelImpl(const ModelConfig& c) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  // Under SkipWeightInit the table is handed in uninitialised (nn::Embedding would otherwise draw it normally).
+  auto embedding = torch::nn::EmbeddingOptions(c.vocab_size, c.hidden_size);
+  if (SkipWeightInit::active()) embedding._weight(torch::empty({c.vocab_size, c.hidden_size}));
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(embedding));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     layer_list.push_back(DecoderLayer(c, l));

@@ -92,8 +92,8 @@ TEST_CASE("Linear initialises as torch::nn::Linear; SkipWeightInit leaves weight
     if (bias) CHECK(torch::equal(ours->bias, reference->bias));
     CHECK(ours->named_parameters().size() == reference->named_parameters().size());
   }
-  // Under the guard a Linear does not draw from the generator (nothing is initialised), CausalLM skips
-  // init_weights, and the guard restores the previous state when it ends.
+  // Under the guard no module draws from the generator (nothing is initialised), and the guard restores the
+  // previous state when it ends.
   torch::manual_seed(9);
   const auto expected_next = torch::rand({4});
   torch::manual_seed(9);
@@ -105,6 +105,8 @@ TEST_CASE("Linear initialises as torch::nn::Linear; SkipWeightInit leaves weight
     CHECK(SkipWeightInit::active());
     Linear skipped(torch::nn::LinearOptions(48, 20).bias(true));
     CHECK(skipped->weight.sizes() == torch::IntArrayRef({20, 48}));
+    CausalLM whole(*find_flavor("debug"));  // embedding, MoE, MTP: nothing draws
+    CHECK(whole->model->embed_tokens->weight.requires_grad());
   }
   CHECK_FALSE(SkipWeightInit::active());
   CHECK(torch::equal(torch::rand({4}), expected_next));
