@@ -5,6 +5,9 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <cstring>
 #include <filesystem>
 #include <set>
@@ -474,6 +477,10 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
   }
   m->to(device);
   m->eval();
+#ifdef __GLIBC__
+  // Loading interleaves kept codes with freed temporaries on the heap; hand the freed pages back to the system.
+  ::malloc_trim(0);
+#endif
   return m;
 }
 

@@ -79,7 +79,9 @@ bool Int8Linear::supports(const QuantizedWeight& q) {
 
 Int8Linear::Int8Linear(const QuantizedWeight& q, int64_t max_rows) : max_kernel_rows(max_rows) {
   TORCH_CHECK(supports(q), "Int8Linear: int8 with one group per row and an input dimension divisible by 16 only");
-  codes = q.qweight.to(torch::kInt16).sub(128).to(torch::kInt8).contiguous();  // a copy, not a view of the file
+  // q - 128 in two's complement is q with its top bit flipped: one pass into the final buffer (and a copy, not a
+  // view of the file), no wider temporary.
+  codes = q.qweight.bitwise_xor(0x80).view(torch::kInt8);
   scale = q.scales.to(torch::kFloat32).flatten().contiguous();                  // [out]
   offset = (128.0 - q.zeros.to(torch::kFloat32).flatten()) * scale;
   unit_scales = torch::ones({codes.size(0)}, torch::kBFloat16);
