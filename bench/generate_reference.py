@@ -77,7 +77,7 @@ class Int4Linear(torch.nn.Module):
 
 
 class Int8Linear(torch.nn.Module):
-    """The per-channel int8 path of dsopen (inference/quantized_linear.h Int8Linear): up to 16 rows through
+    """The per-channel int8 path of dsopen (inference/quantized_linear.h Int8Linear): up to 64 rows through
     LibTorch's int8 weight-only CPU kernel on codes q - 128 plus the zero-point term, more rows through the weight
     dequantized for the call and a float32 matmul."""
 
@@ -91,7 +91,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] > 16:
+        if x2.shape[0] > 64:
             w = self.codes * self.scale.unsqueeze(1) + self.offset.unsqueeze(1)
             y = torch.nn.functional.linear(x2.float(), w)
         else:
