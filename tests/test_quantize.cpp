@@ -466,6 +466,60 @@ TEST_CASE("quantization errors name the option and the layer", "[quantize]") {
   CHECK(msg.find("gptq-int4") != std::string::npos);
 }
 
+TEST_CASE("a damaged quantized file is refused with the file and the problem named", "[quantize]") {
+  auto m = debug_model();
+  inference::QuantizeOptions o;
+  o.method = "rtn-int4";
+  o.group_size = 16;
+  TempDir dir("damaged");
+  inference::save_quantized_model(m, inference::quantize_model(m, o), dir.path);
+  const std::string path = dir.path + "/model.safetensors";
+  std::map<std::string, torch::Tensor> tensors;
+  std::map<std::string, std::string> meta;
+  {
+    model::SafetensorsFile file(path);
+    for (const auto& name : file.names()) tensors[name] = file.tensor(name).clone();
+    meta = file.metadata();
+  }
+  auto rewrite = [&](std::map<std::string, torch::Tensor> t, std::map<std::string, std::string> md) {
+    model::save_safetensors(path, t, md);
+  };
+  auto load_error = [&] {
+    ErrorKind kind = ErrorKind::Usage;
+    auto msg = error_text([&] { inference::load_quantized_model(dir.path); }, &kind);
+    CHECK(kind == ErrorKind::Runtime);
+    CHECK(msg.rfind(path, 0) == 0);  // starts with the file
+    return msg;
+  };
+
+  auto md = meta;
+  md["bits"] = "3";
+  rewrite(tensors, md);
+  CHECK(load_error().find("unsupported quantization: bits 3") != std::string::npos);
+
+  md = meta;
+  md["group_size"] = "sixteen";
+  rewrite(tensors, md);
+  CHECK(load_error().find("integer 'bits' and 'group_size'") != std::string::npos);
+
+  auto t = tensors;
+  t.erase("model.layers.0.self_attn.q_a_proj.scales");
+  rewrite(t, meta);
+  auto msg = load_error();
+  CHECK(msg.find("model.layers.0.self_attn.q_a_proj") != std::string::npos);
+  CHECK(msg.find("do not match") != std::string::npos);
+
+  t = tensors;
+  t["model.layers.0.self_attn.q_a_proj.qweight"] = t.at("model.layers.0.self_attn.q_a_proj.qweight").slice(0, 0, 8).clone();
+  rewrite(t, meta);
+  CHECK(load_error().find("model.layers.0.self_attn.q_a_proj") != std::string::npos);
+
+  rewrite(tensors, meta);  // intact again, then cut short: the reader names the file
+  const auto size = std::filesystem::file_size(path);
+  std::filesystem::resize_file(path, size - 100);
+  load_error();
+}
+
 TEST_CASE("int4 with group 128 and fp16 scales costs 4.25 bits per weight", "[quantize]") {
   auto W = torch::randn({256, 1024});
   auto q = inference::quantize_rtn(W, 4, 128);
