@@ -429,6 +429,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
         continue;
       }
       t.copy_(file.tensor(name));
+      file.release(name);
       used.insert(name);
       continue;
     }
@@ -452,7 +453,10 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       packed.emplace(base, q);
     else
       t.copy_(dequantize(q));
-    used.insert({base + ".qweight", base + ".scales", base + ".zeros"});
+    for (const char* part : {".qweight", ".scales", ".zeros"}) {
+      file.release(base + part);  // packed layers read their codes again below, one layer at a time
+      used.insert(base + part);
+    }
   }
   const int64_t L = c.num_hidden_layers;
   for (const auto& name : file.names()) {
@@ -472,6 +476,7 @@ model::CausalLM load_quantized_model(const std::string& dir, torch::Device devic
       auto* lin = item.value()->as<model::Linear>();
       if (it == packed.end() || !lin) continue;
       lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
+      file.release(item.key() + ".qweight");
       lin->weight.set_data(torch::empty({0}, lin->weight.options()));  // the packed codes replace it
     }
   }

@@ -70,6 +70,16 @@ std::vector<int64_t> SafetensorsFile::shape(const std::string& name) const {
   return it->second.shape;
 }
 
+void SafetensorsFile::release(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  // Whole pages inside the tensor's bytes only: a page shared with a neighbour may still be needed.
+  const auto first = (reinterpret_cast<uintptr_t>(data_ + it->second.begin) + page - 1) / page * page;
+  const auto last = reinterpret_cast<uintptr_t>(data_ + it->second.end) / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw runtime_error(path_, "no tensor named '" + name + "'");

@@ -24,6 +24,10 @@ public:
   std::vector<int64_t> shape(const std::string& name) const;
   // A CPU tensor viewing the mapped bytes (valid while any tensor or this object lives); clone to own it.
   torch::Tensor tensor(const std::string& name) const;
+  // Drops the tensor's pages from this process's resident memory. They stay in the page cache, and reading the
+  // tensor again faults them back in. Loaders call it once a tensor is copied, so a load peaks at the model's size
+  // rather than the model's plus the file's.
+  void release(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
 private:

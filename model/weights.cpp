@@ -71,6 +71,7 @@ std::vector<std::string> WeightFiles::names() const {
 }
 std::vector<int64_t> WeightFiles::shape(const std::string& name) const { return files_[where_.at(name)]->shape(name); }
 torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_[where_.at(name)]->tensor(name); }
+void WeightFiles::release(const std::string& name) const { files_[where_.at(name)]->release(name); }
 
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   const int64_t L = model->config().num_hidden_layers;
@@ -112,6 +113,7 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict
       continue;
     }
     t.copy_(file.tensor(name));
+    file.release(name);
   }
   if (strict) {
     for (const auto& name : file.names()) {

@@ -21,6 +21,7 @@ public:
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
   std::vector<int64_t> shape(const std::string& name) const;
   torch::Tensor tensor(const std::string& name) const;  // views the mapped file
+  void release(const std::string& name) const;         // SafetensorsFile::release of the file holding it
   const std::string& path() const { return path_; }     // the index or the single file (for messages)
 
 private:
