@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -49,14 +48,6 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   }
   if (ids.empty()) throw usage_error("--prompt-ids", "no token ids in '" + text + "'");
   return ids;
-}
-
-// Resident memory of this process now (MB), from /proc/self/statm; 0 where that does not exist.
-double resident_mb() {
-  std::ifstream statm("/proc/self/statm");
-  long long pages = 0, resident = 0;
-  if (!(statm >> pages >> resident)) return 0;
-  return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1 << 20);
 }
 
 // Every value of a repeatable option as written: cxxopts would split a vector value at commas, which turned
@@ -240,7 +231,7 @@ static int run(int argc, char** argv) {
                           {"prefill_tokens_per_s", prompt_tokens / std::max(prefill_s, 1e-9)},
                           // tokens the decode forwards produced: one per sequence and forward
                           {"decode_tokens_per_s", B * forwards / std::max(decode_s, 1e-9)},
-                          {"rss_mb", resident_mb()}};
+                          {"rss_mb", env::resident_mb()}};
     out["tokens"] = nlohmann::json::array();
     for (const auto& r : results) out["tokens"].push_back(r.tokens);
     if (!as_ids) {

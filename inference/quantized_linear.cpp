@@ -29,6 +29,15 @@ std::vector<int64_t> output_sizes(const torch::Tensor& x, int64_t out) {
   return sizes;
 }
 
+// The many-rows path both layers share: x [..., in] times the weight dequantized for this call, in float32.
+template <typename Layer>
+torch::Tensor dequantized_linear(const Layer& layer, const torch::Tensor& x, int64_t out, int64_t in) {
+  return torch::nn::functional::linear(x.reshape({-1, in}).to(torch::kFloat32),
+                                       layer.dequantize_into(dequantize_buffer(out, in)))
+      .to(x.scalar_type())
+      .view(output_sizes(x, out));
+}
+
 }  // namespace
 
 // ---- int4 -----------------------------------------------------------------------------------------------------
@@ -40,10 +49,13 @@ bool Int4Linear::supports(const QuantizedWeight& q) {
 
 Int4Linear::Int4Linear(QuantizedWeight qw, int64_t max_rows) : q(std::move(qw)), max_kernel_rows(max_rows) {
   TORCH_CHECK(supports(q), "Int4Linear: int4 with group size 32, 64, 128 or 256 only");
-  // Own copies: tensors read from a file view its mapping, which would then stay resident for the process.
-  q.qweight = q.qweight.clone(), q.scales = q.scales.clone(), q.zeros = q.zeros.clone();
+  // An own copy of the codes: tensors read from a file view its mapping, which would then stay resident. Scales
+  // and zeros live on only in the derived tensors below.
+  q.qweight = q.qweight.clone();
   packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
-  auto s = q.scales.to(torch::kFloat32), z = q.zeros.to(torch::kFloat32);  // [out, in / g]
+  auto s = q.scales.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);  // [out, in / g]
+  auto z = q.zeros.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);
+  q.scales = q.zeros = torch::Tensor();
   scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
   scales = s.unsqueeze(2);
   zero_scales = (z * s).unsqueeze(2);
@@ -62,13 +74,11 @@ torch::Tensor Int4Linear::dequantize_into(torch::Tensor w) const {
 }
 
 torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
-  const auto sizes = output_sizes(x, packed.size(0));
-  if (x.numel() / x.size(-1) > max_kernel_rows)
-    return torch::nn::functional::linear(x.reshape({-1, x.size(-1)}).to(torch::kFloat32),
-                                         dequantize_into(dequantize_buffer(packed.size(0), q.in_features)))
-        .to(x.scalar_type())
-        .view(sizes);
-  return compat::int4_mm_for_cpu(kernel_input(x), packed, q.group_size, scale_zeros).to(x.scalar_type()).view(sizes);
+  const int64_t out = q.qweight.size(0);
+  if (x.numel() / x.size(-1) > max_kernel_rows) return dequantized_linear(*this, x, out, q.in_features);
+  return compat::int4_mm_for_cpu(kernel_input(x), packed, q.group_size, scale_zeros)
+      .to(x.scalar_type())
+      .view(output_sizes(x, out));
 }
 
 // ---- int8 -----------------------------------------------------------------------------------------------------
@@ -94,16 +104,11 @@ torch::Tensor Int8Linear::dequantize_into(torch::Tensor w) const {
 }
 
 torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
-  const auto sizes = output_sizes(x, codes.size(0));
   auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
-  if (x2.size(0) > max_kernel_rows)
-    return torch::nn::functional::linear(x2.to(torch::kFloat32),
-                                         dequantize_into(dequantize_buffer(codes.size(0), codes.size(1))))
-        .to(x.scalar_type())
-        .view(sizes);
+  if (x2.size(0) > max_kernel_rows) return dequantized_linear(*this, x, codes.size(0), codes.size(1));
   auto y = at::_weight_int8pack_mm(kernel_input(x2), codes, unit_scales).to(torch::kFloat32);  // [rows, out]
   y.mul_(scale).addr_(x2.to(torch::kFloat32).sum(1), offset);  // + sum(x) (128 - zero) scale, an outer product
-  return y.to(x.scalar_type()).view(sizes);
+  return y.to(x.scalar_type()).view(output_sizes(x, codes.size(0)));
 }
 
 // ---- choice ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ inline constexpr int64_t kMaxKernelRows = 64;
 // The kernel takes activations, scales and zeros in bf16: relative output error ~3e-3 against the dequantized
 // float weight.
 struct Int4Linear {
-  QuantizedWeight q;                  // the file's layout, for the dequantized path
+  QuantizedWeight q;                  // the file's codes, for the dequantized path (scales and zeros: below)
   torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
   torch::Tensor packed;               // the kernel's layout of the same codes
   torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale

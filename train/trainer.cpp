@@ -1,6 +1,5 @@
 #include "train/trainer.h"
 
-#include <sys/resource.h>
 
 #include <atomic>
 #include <chrono>
@@ -85,12 +84,6 @@ double directory_mb(const std::string& dir) {
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
     if (e.is_regular_file()) bytes += static_cast<int64_t>(e.file_size());
   return bytes / 1e6;
-}
-
-double peak_rss_mb() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_maxrss / 1024.0;  // Linux reports KiB
 }
 
 }  // namespace
@@ -379,7 +372,7 @@ TrainResult Trainer::run() {
       std::string extra;
       nlohmann::json rec = {{"step", s.state.step}, {"loss", loss_value}, {"lr", lr}, {"grad_norm", grad_norm},
                             {"tokens_per_s", tok_s}, {"step_time_s", step_s}, {"tokens", s.state.tokens},
-                            {"peak_rss_mb", peak_rss_mb()}};
+                            {"peak_rss_mb", env::peak_resident_mb()}};
       if (world > 1) {
         rec["world_size"] = world;
         rec["comm_wait_s"] = window_comm_s / window_steps;  // rank 0's time blocked on collectives per step
@@ -402,7 +395,7 @@ TrainResult Trainer::run() {
       spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
                    s.state.step, t.max_steps, loss_value, lr, grad_norm, tok_s,
                    peak > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token / peak) : "", step_s, extra,
-                   peak_rss_mb(), Progress::format_duration(step_s * (t.max_steps - s.state.step)));
+                   env::peak_resident_mb(), Progress::format_duration(step_s * (t.max_steps - s.state.step)));
       window_tokens = window_steps = 0;
       window_comm_s = 0;
     }

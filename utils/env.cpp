@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -71,6 +72,19 @@ void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces
     ::unlink(tmp.c_str());
     throw runtime_error(path, "rename into place failed");
   }
+}
+
+double resident_mb() {
+  std::ifstream statm("/proc/self/statm");
+  long long pages = 0, resident = 0;
+  if (!(statm >> pages >> resident)) return 0;
+  return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1 << 20);
+}
+
+double peak_resident_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024.0;  // Linux reports KiB
 }
 
 std::string read_file(const std::string& path) {

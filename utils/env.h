@@ -28,6 +28,11 @@ struct Bytes {
 };
 void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces);
 
+// Resident memory of this process in MB: now (/proc/self/statm; 0 where that does not exist) and its peak so far
+// (getrusage).
+double resident_mb();
+double peak_resident_mb();
+
 // Reads a whole file; a runtime error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
 
