@@ -7,6 +7,7 @@
 
 #include "data/text.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace fs = std::filesystem;
 
@@ -119,7 +120,7 @@ bool DocumentReader::next(std::string& doc) {
       const std::string where = current_ + ":" + std::to_string(line_no_);
       nlohmann::json j;
       try {
-        j = nlohmann::json::parse(line);
+        j = json::parse(line, where);
       } catch (const nlohmann::json::exception&) {
         throw runtime_error(where, "not valid JSON");
       }

@@ -23,6 +23,7 @@
 #include "data/text.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace dsopen::data {
 
@@ -294,7 +295,7 @@ bool opt_bool(const json& j, const char* key, bool fallback) {
 json parse_json_file(const std::string& path) {
   const std::string text = env::read_file(path);
   try {
-    return json::parse(text);
+    return dsopen::json::parse(text, path);
   } catch (const json::parse_error& e) {
     throw runtime_error(path, std::string("invalid JSON: ") + e.what());
   }
@@ -644,7 +645,7 @@ std::unique_ptr<HfTokenizer> HfTokenizer::load(const std::string& path_or_dir) {
   const std::string bytes = env::read_file(file);
   json root;
   try {
-    root = json::parse(bytes);
+    root = dsopen::json::parse(bytes, file);
   } catch (const json::parse_error& e) {
     throw runtime_error(file, std::string("invalid JSON: ") + e.what());
   }

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace dsopen::data {
 
@@ -42,7 +43,7 @@ std::string json_reason(const std::string& what) {
 Conversation parse_line(const std::string& line, const std::string& where) {
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(line);
+    j = json::parse(line, where);
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(where, "not valid JSON (" + json_reason(e.what()) + ")");
   }

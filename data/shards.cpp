@@ -12,6 +12,7 @@
 
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace dsopen::data {
 
@@ -95,7 +96,7 @@ ShardHeader read_shard_header(const std::string& idx_path) {
     throw runtime_error(idx_path, "shard index not found", "run dsopen-preprocess to build the shards");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(env::read_file(idx_path));
+    j = json::parse(env::read_file(idx_path), idx_path);
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(idx_path, std::string("shard index is not valid JSON: ") + e.what(), "rebuild the shard");
   }

@@ -3,6 +3,7 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <array>
 #include <cstdio>
 #include <fstream>
 #include <thread>
@@ -34,9 +35,55 @@ std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std:
   return out;
 }
 
+// SentencePiece writes spaces as U+2581 ("▁") internally, so a literal ▁ in the text would come back as a space.
+// With byte fallback it can be kept: the text's ▁ is swapped for a private-use character no piece contains (which
+// byte fallback then spells as its three UTF-8 bytes) and those three byte ids are swapped for the bytes of ▁,
+// which decode to ▁ itself. Everything else about the segmentation is unchanged.
+struct MetaSymbolEscape {
+  static constexpr const char* kMeta = "\xE2\x96\x81";  // U+2581
+  std::vector<std::string> sentinels;                     // candidate private-use characters (UTF-8)
+  std::vector<std::array<int, 3>> sentinel_ids;           // their byte-piece ids
+  std::array<int, 3> meta_ids{};                          // byte-piece ids of E2 96 81
+  bool enabled = false;
+};
+
 struct SentencePieceTokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
+  MetaSymbolEscape escape;
 };
+
+namespace {
+
+int byte_piece(const sentencepiece::SentencePieceProcessor& sp, unsigned char byte) {
+  char name[8];
+  std::snprintf(name, sizeof name, "<0x%02X>", byte);
+  const int id = sp.PieceToId(name);
+  return sp.IsByte(id) ? id : -1;
+}
+
+std::array<int, 3> byte_pieces(const sentencepiece::SentencePieceProcessor& sp, const std::string& utf8) {
+  return {byte_piece(sp, utf8[0]), byte_piece(sp, utf8[1]), byte_piece(sp, utf8[2])};
+}
+
+MetaSymbolEscape make_escape(const sentencepiece::SentencePieceProcessor& sp) {
+  MetaSymbolEscape e;
+  e.meta_ids = byte_pieces(sp, MetaSymbolEscape::kMeta);
+  if (e.meta_ids[0] < 0 || e.meta_ids[1] < 0 || e.meta_ids[2] < 0) return e;  // no byte fallback: ▁ reads as a space
+  // Private-use characters U+F8FF downwards that no piece contains (so they can only come out as bytes).
+  for (uint32_t cp = 0xF8FF; cp > 0xF800 && e.sentinels.size() < 8; --cp) {
+    const std::string utf8{static_cast<char>(0xE0 | (cp >> 12)), static_cast<char>(0x80 | ((cp >> 6) & 0x3F)),
+                           static_cast<char>(0x80 | (cp & 0x3F))};
+    bool used = false;
+    for (int id = 0; id < sp.GetPieceSize() && !used; ++id) used = sp.IdToPiece(id).find(utf8) != std::string::npos;
+    if (used) continue;
+    e.sentinels.push_back(utf8);
+    e.sentinel_ids.push_back(byte_pieces(sp, utf8));
+  }
+  e.enabled = !e.sentinels.empty();
+  return e;
+}
+
+}  // namespace
 
 SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 
@@ -50,6 +97,7 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(const std::
   if (!status.ok())
     throw runtime_error(path, "not a SentencePiece model (" + std::string(status.message()) + ")",
                         "point tokenizer.path at a .model file");
+  tok->impl_->escape = make_escape(tok->impl_->sp);
   tok->path_ = path;
   tok->hash_ = fnv1a_hex(bytes);
   return tok;
@@ -136,8 +184,37 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
 }
 
 std::vector<int32_t> SentencePieceTokenizer::encode(const std::string& text) const {
-  const std::vector<int> ids = impl_->sp.EncodeAsIds(text);
-  return {ids.begin(), ids.end()};
+  const MetaSymbolEscape& e = impl_->escape;
+  if (!e.enabled || text.find(MetaSymbolEscape::kMeta) == std::string::npos) {
+    const std::vector<int> ids = impl_->sp.EncodeAsIds(text);
+    return {ids.begin(), ids.end()};
+  }
+  // A sentinel the text itself does not contain, so every sentinel in the escaped text stands for a ▁.
+  size_t s = 0;
+  while (s < e.sentinels.size() && text.find(e.sentinels[s]) != std::string::npos) ++s;
+  if (s == e.sentinels.size()) {
+    const std::vector<int> ids = impl_->sp.EncodeAsIds(text);
+    return {ids.begin(), ids.end()};
+  }
+  std::string escaped;
+  escaped.reserve(text.size());
+  for (size_t i = 0; i < text.size();) {
+    if (text.compare(i, 3, MetaSymbolEscape::kMeta) == 0) {
+      escaped += e.sentinels[s];
+      i += 3;
+    } else {
+      escaped += text[i++];
+    }
+  }
+  const std::vector<int> ids = impl_->sp.EncodeAsIds(escaped);
+  std::vector<int32_t> out(ids.begin(), ids.end());
+  const auto& from = e.sentinel_ids[s];
+  for (size_t i = 0; i + 2 < out.size(); ++i)
+    if (out[i] == from[0] && out[i + 1] == from[1] && out[i + 2] == from[2]) {
+      out[i] = e.meta_ids[0], out[i + 1] = e.meta_ids[1], out[i + 2] = e.meta_ids[2];
+      i += 2;
+    }
+  return out;
 }
 
 std::string SentencePieceTokenizer::decode(const std::vector<int32_t>& ids) const {

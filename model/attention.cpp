@@ -74,7 +74,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInpu
 MLAImpl::MLAImpl(const ModelConfig& c)
     : n_heads_(c.num_attention_heads), q_lora_rank_(c.q_lora_rank), kv_lora_rank_(c.kv_lora_rank),
       nope_dim_(c.qk_nope_head_dim), rope_dim_(c.qk_rope_head_dim), v_dim_(c.v_head_dim),
-      scale_(attention_softmax_scale(c.qk_head_dim(), c.rope_scaling)) {
+      rope_interleave_(c.rope_interleave), scale_(attention_softmax_scale(c.qk_head_dim(), c.rope_scaling)) {
   const int64_t h = c.hidden_size, qk = c.qk_head_dim();
   if (q_lora_rank_ > 0) {
     q_a_proj = register_module("q_a_proj", linear(h, q_lora_rank_));
@@ -94,12 +94,16 @@ void MLAImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, c
   cache.b = torch::zeros({batch, capacity, rope_dim_}, opts);
 }
 
+torch::Tensor MLAImpl::rope(const torch::Tensor& x, const AttentionInput& in) const {
+  return rope_interleave_ ? apply_rope_interleaved(x, in.cos, in.sin) : apply_rope_half(x, in.cos, in.sin);
+}
+
 std::pair<torch::Tensor, torch::Tensor> MLAImpl::queries(const torch::Tensor& x, const AttentionInput& in) {
   const int64_t B = x.size(0), T = x.size(1);
   auto q = q_lora_rank_ > 0 ? q_b_proj(q_a_layernorm(q_a_proj(x))) : q_proj(x);
   // split, not two narrows: the backward of a narrow materialises a zero gradient of the whole input.
   auto parts = q.view({B, T, n_heads_, nope_dim_ + rope_dim_}).split_with_sizes({nope_dim_, rope_dim_}, -1);
-  auto q_pe = apply_rope_interleaved(parts[1], in.cos, in.sin);  // [B, T, H, rope]
+  auto q_pe = rope(parts[1], in);  // [B, T, H, rope]
   return {parts[0], q_pe};                                        // q_nope [B, T, H, nope]
 }
 
@@ -139,7 +143,7 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
   auto [q_nope, q_pe] = queries(x, in);
   auto kv = kv_a_proj_with_mqa(x).split_with_sizes({kv_lora_rank_, rope_dim_}, -1);  // [B, T, kv_lora | rope]
   auto latent = kv_a_layernorm(kv[0]);                                                 // [B, T, kv_lora]
-  auto k_pe = apply_rope_interleaved(kv[1].unsqueeze(2), in.cos, in.sin).squeeze(2);  // [B, T, rope]
+  auto k_pe = rope(kv[1].unsqueeze(2), in).squeeze(2);  // [B, T, rope]
   if (in.cache) {
     auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in.start);
     auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in.start);

@@ -71,7 +71,12 @@ private:
   // Queries split into the no-rope and (rotated) rope parts: [B, T, H, nope], [B, T, H, rope].
   std::pair<torch::Tensor, torch::Tensor> queries(const torch::Tensor& x, const AttentionInput& in);
 
+  // The rope part's layout: DeepSeek's interleaved pairs (2i, 2i+1), or rotate-half (i, i + rope/2) when
+  // the checkpoint's config says rope_interleave: false.
+  torch::Tensor rope(const torch::Tensor& x, const AttentionInput& in) const;
+
   int64_t n_heads_, q_lora_rank_, kv_lora_rank_, nope_dim_, rope_dim_, v_dim_;
+  bool rope_interleave_;
   double scale_;
 };
 TORCH_MODULE(MLA);

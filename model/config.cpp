@@ -7,6 +7,8 @@
 #include "utils/config.h"
 #include "utils/errors.h"
 
+#include <spdlog/spdlog.h>
+
 namespace dsopen::model {
 
 namespace {
@@ -20,6 +22,28 @@ void nullable_int(config::Reader& r, const std::string& key, int64_t& out) {
   long long v = out;
   r.optional(key, v, config::at_least(0));
   out = v;
+}
+
+// HF writes one id, a list of ids (any of them ends generation) or null.
+void token_id_list(config::Reader& r, const std::string& key, std::vector<int64_t>& out) {
+  if (!r.has(key)) return;
+  const YAML::Node node = r.raw(key);
+  out.clear();
+  if (node.IsNull()) return;
+  auto one = [&](const YAML::Node& n) {
+    try {
+      const long long v = n.as<long long>();
+      if (v < 0) throw YAML::Exception(n.Mark(), "negative");
+      out.push_back(v);
+    } catch (const YAML::Exception&) {
+      r.error(key, "expected a token id (an integer >= 0) or a list of them");
+    }
+  };
+  if (node.IsSequence()) {
+    for (const auto& n : node) one(n);
+  } else {
+    one(node);
+  }
 }
 
 void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, bool strict) {
@@ -47,6 +71,69 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
   r.optional("mscale_all_dim", out.mscale_all_dim, config::at_least_f(0));
   r.accept("rope_theta");  // transformers 5 `rope_parameters` carries it; read at the top level
   r.finish(strict);
+}
+
+// HF keys that change the math: each one is implemented for the values real checkpoints use, and any other value
+// is refused by name (accepting it and computing something else would give silently wrong logits).
+void decode_math_keys(config::Reader& r, ModelConfig& c) {
+  const bool mla = c.is_mla();
+  if (r.has("rope_interleave") && !r.raw("rope_interleave").IsNull()) {
+    bool interleave = c.rope_interleave;
+    r.optional("rope_interleave", interleave);
+    if (c.model_type == "deepseek_v3") c.rope_interleave = interleave;
+    else if (c.model_type == "deepseek_v2" && !interleave)
+      r.error("rope_interleave", "deepseek_v2 always uses the interleaved rope layout (transformers ignores this key); "
+                                 "remove it, or use model_type deepseek_v3");
+    else if (!mla && interleave)
+      r.error("rope_interleave", c.model_type + " uses the rotate-half rope layout; remove rope_interleave: true");
+  } else {
+    r.accept("rope_interleave");
+  }
+  bool mlp_bias = false;
+  r.optional("mlp_bias", mlp_bias);
+  if (mlp_bias) r.error("mlp_bias", "biases on gate/up/down projections are not supported; remove the key or set it false");
+  if (mla && c.attention_bias)
+    r.error("attention_bias", "biases on MLA projections (q_a_proj, kv_a_proj_with_mqa, o_proj) are not supported");
+  if (r.has("qk_head_dim") && !r.raw("qk_head_dim").IsNull()) {
+    long long qk = 0;
+    r.optional("qk_head_dim", qk);
+    if (qk != c.qk_head_dim())
+      r.error("qk_head_dim", "is " + std::to_string(qk) + " but qk_nope_head_dim + qk_rope_head_dim = " +
+                                 std::to_string(c.qk_head_dim()));
+  }
+  if (r.has("num_experts_per_token") && !r.raw("num_experts_per_token").IsNull()) {
+    long long k = 0;
+    r.optional("num_experts_per_token", k);
+    if (k != c.num_experts_per_tok)
+      r.error("num_experts_per_token", "is " + std::to_string(k) + " but num_experts_per_tok is " +
+                                           std::to_string(c.num_experts_per_tok) + "; keep one of the two");
+  }
+  // pretraining_tp > 1 split the matmuls of transformers 4.x into slices with the same result; 5.x ignores it.
+  r.accept("pretraining_tp");
+  // Qwen2's sliding-window attention: inert unless switched on.
+  bool sliding = false;
+  r.optional("use_sliding_window", sliding);
+  if (sliding)
+    r.error("use_sliding_window", "sliding-window attention is not supported; set it false (full attention)");
+  if (r.has("layer_types") && r.raw("layer_types").IsSequence())
+    for (const auto& t : r.raw("layer_types"))
+      if (!t.IsScalar() || t.Scalar() != "full_attention")
+        r.error("layer_types", "only full_attention layers are supported, found '" +
+                                   (t.IsScalar() ? t.Scalar() : std::string("?")) + "'");
+  r.accept("layer_types");
+  r.accept("sliding_window");
+  r.accept("max_window_layers");
+  // Quantized weights: dsopen-quantize's own layouts (rtn, gptq) are checked tensor by tensor by the quantized
+  // loader (inference/quantize.h); other methods (fp8 blocks, awq, bitsandbytes, ...) are refused here.
+  if (r.has("quantization_config") && !r.raw("quantization_config").IsNull()) {
+    const YAML::Node q = r.raw("quantization_config");
+    const std::string method = q.IsMap() && q["quant_method"] && q["quant_method"].IsScalar() ? q["quant_method"].Scalar() : "?";
+    if (method != "rtn" && method != "gptq")
+      r.error("quantization_config", "the weights are quantized (quant_method " + method +
+                                         "), which dsopen does not load; convert them to bf16 first, or quantize "
+                                         "with dsopen-quantize");
+  }
+  r.accept("quantization_config");
 }
 
 }  // namespace
@@ -97,7 +184,7 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("tie_word_embeddings", c.tie_word_embeddings);
   r.optional("initializer_range", c.initializer_range, config::greater_than(0));
   nullable_int(r, "bos_token_id", c.bos_token_id);
-  nullable_int(r, "eos_token_id", c.eos_token_id);
+  token_id_list(r, "eos_token_id", c.eos_token_id);
   if (r.has("pad_token_id") && r.raw("pad_token_id").IsNull()) c.pad_token_id = -1;
   else i64("pad_token_id", c.pad_token_id, -1);
 
@@ -141,11 +228,27 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   double dropout = 0.0;
   r.optional("attention_dropout", dropout);
   if (dropout != 0.0) r.error("attention_dropout", "attention dropout is not supported; set it to 0");
-  // HF bookkeeping keys that carry no hyperparameter.
-  for (const char* k : {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
-                        "pretraining_tp", "mlp_bias", "rope_interleave", "qk_head_dim", "_name_or_path", "auto_map",
-                        "ep_size", "num_experts_per_token"})
+  decode_math_keys(r, c);
+  // Keys with no effect on the model: bookkeeping of transformers and of the files' authors, parallel layouts
+  // (ep_size), and generation defaults (read by the generation config, see inference/generation_config.h).
+  for (const char* k : {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache", "_name_or_path",
+                        "auto_map", "ep_size", "output_attentions", "output_hidden_states", "return_dict", "id2label",
+                        "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
+                        "tokenizer_class", "task_specific_params", "torchscript", "output_router_logits",
+                        "router_aux_loss_coef", "max_length", "min_length", "do_sample", "temperature", "top_k", "top_p",
+                        "num_beams", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+                        "early_stopping", "decoder_start_token_id", "sep_token_id", "num_return_sequences"})
     r.accept(k);
+  if (!strict) {
+    // An HF file may carry keys of tools we do not know; say which were not read rather than drop them silently.
+    const auto unread = r.unread();
+    if (!unread.empty()) {
+      std::string names;
+      for (const auto& k : unread) names += (names.empty() ? "" : ", ") + k;
+      spdlog::warn("{}: keys not read (they change nothing in the {} architecture as dsopen implements it): {}",
+                   r.path().empty() ? "config" : r.path(), c.model_type, names);
+    }
+  }
   r.finish(strict);
 }
 
@@ -183,7 +286,8 @@ void ModelConfig::validate(const std::string& where) const {
   if (rope_scaling.type == "yarn" && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");
   if (pad_token_id >= vocab_size) bad("pad_token_id", "must be < vocab_size");
   if (bos_token_id >= vocab_size) bad("bos_token_id", "must be < vocab_size");
-  if (eos_token_id >= vocab_size) bad("eos_token_id", "must be < vocab_size");
+  for (int64_t eos : eos_token_id)
+    if (eos >= vocab_size) bad("eos_token_id", std::to_string(eos) + " must be < vocab_size");
   if (errs.empty()) return;
   std::string msg = errs.front();
   for (size_t i = 1; i < errs.size(); ++i) msg += "\n" + errs[i];
@@ -225,7 +329,10 @@ nlohmann::json ModelConfig::to_hf_json() const {
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["initializer_range"] = initializer_range;
   j["bos_token_id"] = bos_token_id;
-  j["eos_token_id"] = eos_token_id;
+  // One id stays an integer; a list stays a list (what transformers and other readers were given).
+  if (eos_token_id.size() == 1) j["eos_token_id"] = eos_token_id.front();
+  else if (eos_token_id.empty()) j["eos_token_id"] = nullptr;
+  else j["eos_token_id"] = eos_token_id;
   j["pad_token_id"] = pad_token_id >= 0 ? nlohmann::json(pad_token_id) : nlohmann::json(nullptr);
   j["use_cache"] = true;
   j["torch_dtype"] = "float32";
@@ -255,7 +362,10 @@ nlohmann::json ModelConfig::to_hf_json() const {
   j["norm_topk_prob"] = norm_topk_prob;
   j["aux_loss_alpha"] = aux_loss_alpha;
   j["seq_aux"] = seq_aux;
-  if (model_type == "deepseek_v3") j["num_nextn_predict_layers"] = num_nextn_predict_layers;
+  if (model_type == "deepseek_v3") {
+    j["num_nextn_predict_layers"] = num_nextn_predict_layers;
+    j["rope_interleave"] = rope_interleave;
+  }
   return j;
 }
 

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace dsopen::config {
 class Reader;
@@ -50,7 +51,7 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   double initializer_range = 0.02;
   int64_t bos_token_id = 1;
-  int64_t eos_token_id = 2;
+  std::vector<int64_t> eos_token_id = {2};  // HF allows one id or a list (Llama 3.1, DeepSeek); any of them ends a text
   int64_t pad_token_id = -1;  // -1: none
 
   // MLA (deepseek_v2 / deepseek_v3).
@@ -59,6 +60,10 @@ struct ModelConfig {
   int64_t qk_nope_head_dim = 128;
   int64_t qk_rope_head_dim = 64;
   int64_t v_head_dim = 128;
+  // Layout of the rope dimensions: true = interleaved pairs (2i, 2i+1) as DeepSeek's checkpoints store q/k weights;
+  // false = rotate-half pairs (i, i + d/2), for checkpoints whose weights were permuted (transformers
+  // DeepseekV3Config.rope_interleave). deepseek_v3 only; V2 is always interleaved.
+  bool rope_interleave = true;
 
   // DeepSeekMoE.
   int64_t n_routed_experts = 0;  // 0: dense model (HF: null)
@@ -101,7 +106,8 @@ struct ModelConfig {
 
   // HF config.json (architectures, model_type and every key transformers reads for this architecture).
   nlohmann::json to_hf_json() const;
-  // Reads an HF config.json; unknown keys are ignored (they belong to other tools).
+  // Reads an HF config.json. Keys that change the math are read, and values we do not implement are refused by
+  // name; keys we do not know are logged as a warning (they usually belong to other tools).
   static ModelConfig from_hf_json_file(const std::string& path);
 };
 

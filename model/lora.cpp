@@ -13,6 +13,7 @@
 #include "utils/config.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace fs = std::filesystem;
 using ordered_json = nlohmann::ordered_json;
@@ -122,7 +123,7 @@ AdapterFiles read_adapter(const std::string& dir) {
     throw runtime_error(files.config_path, "missing", "not a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)");
   ordered_json j;
   try {
-    j = ordered_json::parse(env::read_file(files.config_path));
+    j = json::parse_ordered(env::read_file(files.config_path), files.config_path);
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(files.config_path, std::string("not valid JSON: ") + e.what());
   }

@@ -31,18 +31,33 @@ Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const Mode
   return {indices, weights, scores};
 }
 
-torch::Tensor balance_loss(const torch::Tensor& scores, const torch::Tensor& indices, int64_t batch,
-                           const ModelConfig& c) {
+torch::Tensor balance_loss_sum(const torch::Tensor& scores, const torch::Tensor& indices, const torch::Tensor& valid,
+                               int64_t batch, const ModelConfig& c) {
   const int64_t E = scores.size(1), K = indices.size(1);
-  const int64_t seqs = c.seq_aux ? batch : 1;
-  const int64_t T = scores.size(0) / seqs;
+  const int64_t units = c.seq_aux ? batch : 1;
+  const int64_t T = scores.size(0) / units;
+  auto w = valid.defined() ? valid.to(scores.scalar_type()).view({units, T})
+                           : torch::ones({units, T}, scores.options());  // [units, T], 1 = counted
+  auto counted = w.sum(1);                                                // T' per unit
+  auto denom = counted.clamp_min(1).unsqueeze(1);                        // [units, 1]
   // Normalized affinities: softmax scores already sum to 1; sigmoid scores are normalized per token (V3 eq. 20).
   auto probs = c.scoring_func == "sigmoid" ? scores / scores.sum(-1, true) : scores;
-  auto P = probs.view({seqs, T, E}).mean(1);  // [seqs, E]
-  auto counts = torch::zeros({seqs, E}, scores.options())
-                    .scatter_add_(1, indices.view({seqs, T * K}), torch::ones({seqs, T * K}, scores.options()));
-  auto f = counts * (static_cast<double>(E) / (K * T));  // [seqs, E]
-  return (f * P).sum(1).mean() * c.aux_loss_alpha;
+  auto P = (probs.view({units, T, E}) * w.unsqueeze(2)).sum(1) / denom;  // [units, E]
+  auto routed = w.unsqueeze(2).expand({units, T, K}).reshape({units, T * K});
+  auto counts = torch::zeros({units, E}, scores.options()).scatter_add_(1, indices.view({units, T * K}), routed);
+  auto f = counts * (static_cast<double>(E) / K) / denom;  // [units, E]
+  return (f * P).sum() * c.aux_loss_alpha;  // units without a counted position contribute 0
+}
+
+int64_t balance_units(const torch::Tensor& valid, const ModelConfig& c) {
+  if (!valid.defined()) return 0;
+  if (!c.seq_aux) return valid.any().item<bool>() ? 1 : 0;
+  return valid.any(1).sum().item<int64_t>();
+}
+
+torch::Tensor balance_loss(const torch::Tensor& scores, const torch::Tensor& indices, int64_t batch,
+                           const ModelConfig& c) {
+  return balance_loss_sum(scores, indices, {}, batch, c) / static_cast<double>(c.seq_aux ? batch : 1);
 }
 
 GateImpl::GateImpl(const ModelConfig& c) {
@@ -63,7 +78,7 @@ MoEImpl::MoEImpl(const ModelConfig& c) : config_(c) {
     shared_experts = register_module("shared_experts", MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts));
 }
 
-MoEOutput MoEImpl::forward(const torch::Tensor& x) {
+MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_mask) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), K = config_.num_experts_per_tok;
   const int64_t E = config_.n_routed_experts;
   auto flat = x.reshape({B * T, D});  // [N, D]
@@ -79,7 +94,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto flat_experts = r.indices.reshape({-1});                      // [N*K]
   auto order = flat_experts.argsort(/*stable=*/true);
   auto token_of = order.div(K, "floor");                            // source token of each sorted pair
-  auto load = torch::bincount(flat_experts, {}, E);                 // [E]
+  auto load = torch::bincount(flat_experts, {}, E);                 // [E], every position: the dispatch sizes
   auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
   const int64_t* counts = load_cpu.data_ptr<int64_t>();
   auto x_sorted = flat.index_select(0, token_of);                   // [N*K, D]
@@ -99,9 +114,12 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
 
   MoEOutput out;
   out.y = y.view({B, T, D}).to(x.scalar_type());
-  out.load = load.detach();
-  out.aux_loss = (is_training() && config_.aux_loss_alpha > 0) ? balance_loss(r.scores, r.indices, B, config_)
-                                                               : torch::zeros({}, x.options().dtype(torch::kFloat32));
+  // Statistics count only the masked-in positions (padding routes somewhere too, but is no one's load).
+  const torch::Tensor valid = token_mask.defined() ? token_mask.reshape({B * T}).to(torch::kBool) : torch::Tensor();
+  out.load = valid.defined() ? torch::bincount(r.indices.masked_select(valid.unsqueeze(1)), {}, E) : load.detach();
+  out.aux_sum = (is_training() && config_.aux_loss_alpha > 0)
+                    ? balance_loss_sum(r.scores, r.indices, valid, B, config_)
+                    : torch::zeros({}, x.options().dtype(torch::kFloat32));
   return out;
 }
 

@@ -6,6 +6,8 @@
 // e_score_correction_bias to the scores for *selection only*; the combine weights are the unbiased scores.
 // The bias is not trained by gradients: after each optimizer step it moves by ±speed towards balanced load
 // (aux-loss-free balancing). A sequence-wise balance loss (coefficient aux_loss_alpha) may be added.
+// Statistics (expert load, balance loss) count only the positions of a `token_mask`: the trainer passes the
+// positions that carry a loss target, so padding and other masked positions never move a bias or a loss term.
 //
 // Dispatch: token-expert pairs are sorted by expert, each expert runs once on its contiguous block, and the
 // results are scattered back weighted — no per-token loops.
@@ -27,9 +29,16 @@ struct Routing {
 // Pure routing function: `logits` [N, E] float32, `bias` [E] or undefined.
 Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const ModelConfig& c);
 
-// Sequence-wise balance loss: alpha * sum_i f_i * P_i averaged over sequences, where f_i = E/(K*T) * (tokens of
-// the sequence routed to i) and P_i = mean over the sequence of the normalized score of i.
-// scores [B*T, E], indices [B*T, K]; with seq_aux false the whole batch counts as one sequence.
+// Sequence-wise balance loss (DeepSeek-V3 eqs. 17-20): for each balance unit (a sequence; with seq_aux false
+// the whole batch) alpha * sum_i f_i * P_i, where over the unit's T' counted positions f_i = E/(K*T') * (positions
+// routed to i) and P_i = mean of the normalized score of i. Returns the *sum* over units that have a counted
+// position, so the trainer can divide by the global number of units (see model/loss.h).
+// scores [B*T, E], indices [B*T, K], valid [B*T] bool (undefined: every position counts).
+torch::Tensor balance_loss_sum(const torch::Tensor& scores, const torch::Tensor& indices, const torch::Tensor& valid,
+                               int64_t batch, const ModelConfig& c);
+// Balance units of a [B, T] mask of counted positions: sequences with one (seq_aux) or 1 for the batch.
+int64_t balance_units(const torch::Tensor& valid, const ModelConfig& c);
+// The mean over units with every position counted (the formula above averaged over sequences).
 torch::Tensor balance_loss(const torch::Tensor& scores, const torch::Tensor& indices, int64_t batch,
                            const ModelConfig& c);
 
@@ -43,14 +52,15 @@ TORCH_MODULE(Gate);
 
 struct MoEOutput {
   torch::Tensor y;         // [B, T, hidden]
-  torch::Tensor aux_loss;  // scalar (zero when alpha == 0 or not training)
-  torch::Tensor load;      // [E] int64, tokens routed to each expert in this call
+  torch::Tensor aux_sum;   // scalar: balance_loss_sum over this call's units (zero when alpha == 0 or not training)
+  torch::Tensor load;      // [E] int64, counted positions routed to each expert in this call
 };
 
 class MoEImpl : public torch::nn::Module {
 public:
   explicit MoEImpl(const ModelConfig& c);
-  MoEOutput forward(const torch::Tensor& x);
+  // x [B, T, hidden]; token_mask [B, T] bool, the positions statistics count (undefined: all).
+  MoEOutput forward(const torch::Tensor& x, const torch::Tensor& token_mask = {});
 
   // Aux-loss-free balancing: bias += speed * sign(mean(load) - load) with `load` the tokens per expert since the
   // last update (the trainer sums it over micro-batches and ranks first). No-op without a correction bias.

@@ -19,7 +19,7 @@ ModelConfig deepseek_llm(int64_t layers, int64_t hidden, int64_t heads, int64_t 
   c.max_position_embeddings = 4096;
   c.rope_theta = 10000.0;
   c.bos_token_id = 100000;
-  c.eos_token_id = 100001;
+  c.eos_token_id = {100001};
   return c;
 }
 
@@ -44,7 +44,7 @@ ModelConfig mla_moe_base() {
   c.qk_rope_head_dim = 64;
   c.v_head_dim = 128;
   c.bos_token_id = 100000;
-  c.eos_token_id = 100001;
+  c.eos_token_id = {100001};
   c.first_k_dense_replace = 1;
   c.moe_layer_freq = 1;
   c.aux_loss_alpha = 0.001;
@@ -117,7 +117,7 @@ ModelConfig v3() {
   c.aux_loss_alpha = 0.0001;
   c.num_nextn_predict_layers = 1;
   c.bos_token_id = 0;
-  c.eos_token_id = 1;
+  c.eos_token_id = {1};
   c.rope_scaling = yarn40(1.0);
   return c;
 }
@@ -154,7 +154,7 @@ ModelConfig tiny() {
   c.num_nextn_predict_layers = 1;
   c.use_mtp = true;
   c.bos_token_id = 1;
-  c.eos_token_id = 2;
+  c.eos_token_id = {2};
   c.pad_token_id = 0;
   return c;
 }
@@ -191,7 +191,7 @@ ModelConfig tiny_dense() {
   c.num_key_value_heads = 4;
   c.max_position_embeddings = 1024;
   c.bos_token_id = 1;
-  c.eos_token_id = 2;
+  c.eos_token_id = {2};
   c.pad_token_id = 0;
   return c;
 }

@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <nlohmann/json.hpp>
 
+#include "utils/compat.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
@@ -18,11 +20,19 @@ namespace dsopen::model {
 
 namespace {
 
+// safetensors dtype names with a LibTorch type. F4 and F6_* (sub-byte) are valid in a file but have no tensor here.
 const std::vector<std::pair<std::string, torch::ScalarType>>& dtype_table() {
-  static const std::vector<std::pair<std::string, torch::ScalarType>> t = {
-      {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16}, {"F64", torch::kFloat64},
-      {"I64", torch::kInt64},   {"I32", torch::kInt32},   {"I16", torch::kInt16},     {"I8", torch::kInt8},
-      {"U8", torch::kUInt8},    {"BOOL", torch::kBool}};
+  static const std::vector<std::pair<std::string, torch::ScalarType>> t = [] {
+    std::vector<std::pair<std::string, torch::ScalarType>> v = {
+        {"F32", torch::kFloat32},  {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16}, {"F64", torch::kFloat64},
+        {"I64", torch::kInt64},    {"I32", torch::kInt32},   {"I16", torch::kInt16},     {"I8", torch::kInt8},
+        {"U8", torch::kUInt8},     {"BOOL", torch::kBool},   {"U16", torch::kUInt16},    {"U32", torch::kUInt32},
+        {"U64", torch::kUInt64},   {"C64", torch::kComplexFloat},
+        {"F8_E4M3", torch::kFloat8_e4m3fn}, {"F8_E5M2", torch::kFloat8_e5m2},
+        {"F8_E4M3FNUZ", torch::kFloat8_e4m3fnuz}, {"F8_E5M2FNUZ", torch::kFloat8_e5m2fnuz}};
+    for (const auto& extra : compat::newer_safetensors_dtypes()) v.push_back(extra);
+    return v;
+  }();
   return t;
 }
 
@@ -54,7 +64,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   metadata_ = std::move(header.metadata);
   for (auto& [name, t] : header.tensors) {
     auto found = std::find_if(dtype_table().begin(), dtype_table().end(), [&](const auto& d) { return d.first == t.dtype; });
-    entries_[name] = Entry{found->second, t.shape, t.begin, t.end};
+    const auto type = found == dtype_table().end() ? std::optional<torch::ScalarType>() : found->second;
+    entries_[name] = Entry{type, t.dtype, t.shape, t.begin, t.end};
   }
 }
 
@@ -68,6 +79,12 @@ std::vector<int64_t> SafetensorsFile::shape(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw runtime_error(path_, "no tensor named '" + name + "'");
   return it->second.shape;
+}
+
+std::string SafetensorsFile::dtype(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw runtime_error(path_, "no tensor named '" + name + "'");
+  return it->second.dtype_name;
 }
 
 void SafetensorsFile::release(const std::string& name) const {
@@ -84,9 +101,12 @@ torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw runtime_error(path_, "no tensor named '" + name + "'");
   const Entry& e = it->second;
+  if (!e.dtype)
+    throw runtime_error(path_, "tensor '" + name + "' has dtype " + e.dtype_name + ", which LibTorch cannot hold",
+                        "convert the file to F32, BF16 or F16 first");
   auto keep = mapping_;  // the tensor keeps the mapping alive
   return torch::from_blob(const_cast<unsigned char*>(data_ + e.begin), e.shape, [keep](void*) {},
-                          torch::TensorOptions().dtype(e.dtype));
+                          torch::TensorOptions().dtype(*e.dtype));
 }
 
 void save_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,

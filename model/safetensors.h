@@ -8,6 +8,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,7 +23,10 @@ public:
   std::vector<std::string> names() const;
   bool contains(const std::string& name) const { return entries_.count(name) > 0; }
   std::vector<int64_t> shape(const std::string& name) const;
-  // A CPU tensor viewing the mapped bytes (valid while any tensor or this object lives); clone to own it.
+  // The file's dtype name of a tensor (F32, BF16, F8_E4M3, ...).
+  std::string dtype(const std::string& name) const;
+  // A CPU tensor viewing the mapped bytes (valid while any tensor or this object lives); clone to own it. A runtime
+  // error for dtypes LibTorch has no type for.
   torch::Tensor tensor(const std::string& name) const;
   // Drops the tensor's pages from this process's resident memory. They stay in the page cache, and reading the
   // tensor again faults them back in. Loaders call it once a tensor is copied, so a load peaks at the model's size
@@ -32,7 +36,8 @@ public:
 
 private:
   struct Entry {
-    torch::ScalarType dtype;
+    std::optional<torch::ScalarType> dtype;  // none for dtypes LibTorch lacks (F4, F6_*): tensor() refuses them
+    std::string dtype_name;
     std::vector<int64_t> shape;
     size_t begin, end;  // relative to the data section
   };

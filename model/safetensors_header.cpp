@@ -3,16 +3,25 @@
 #include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace dsopen::model {
 
-size_t dtype_element_size(const std::string& dtype) {
-  static const std::map<std::string, size_t> sizes = {{"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F64", 8}, {"I64", 8},
-                                                      {"I32", 4}, {"I16", 2}, {"I8", 1},   {"U8", 1},  {"BOOL", 1}};
-  auto it = sizes.find(dtype);
-  return it == sizes.end() ? 0 : it->second;
+namespace {
+constexpr uint64_t kMaxHeaderBytes = 100000000;  // the reference reader's limit
+}
+
+size_t dtype_bits(const std::string& dtype) {
+  static const std::map<std::string, size_t> bits = {
+      {"BOOL", 8},     {"U8", 8},       {"I8", 8},       {"F8_E5M2", 8},      {"F8_E4M3", 8},      {"F8_E8M0", 8},
+      {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}, {"I16", 16}, {"U16", 16},       {"F16", 16},         {"BF16", 16},
+      {"I32", 32},     {"U32", 32},     {"F32", 32},     {"C64", 64},         {"F64", 64},         {"I64", 64},
+      {"U64", 64},     {"F4", 4},       {"F6_E2M3", 6},  {"F6_E3M2", 6}};
+  auto it = bits.find(dtype);
+  return it == bits.end() ? 0 : it->second;
 }
 
 SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t size, const std::string& path) {
@@ -23,9 +32,14 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes, 8);  // little-endian, as the format specifies
   if (header_len > size - 8) throw bad("header length " + std::to_string(header_len) + " runs past the end of the file");
+  if (header_len > kMaxHeaderBytes)
+    throw bad("header length " + std::to_string(header_len) + " exceeds the format's limit of 100 MB");
+  const std::string_view text(reinterpret_cast<const char*>(bytes) + 8, header_len);
+  // nlohmann skips a UTF-8 byte-order mark; the format (and serde) does not.
+  if (text.size() >= 3 && text.compare(0, 3, "\xEF\xBB\xBF") == 0) throw bad("header starts with a byte-order mark");
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
+    header = json::parse(text, path);
   } catch (const nlohmann::json::exception& e) {
     throw bad(std::string("header is not valid JSON: ") + e.what());
   }
@@ -33,12 +47,20 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
   SafetensorsHeader out;
   out.data_offset = 8 + header_len;
   const size_t data_size = size - out.data_offset;
-  std::vector<std::pair<size_t, size_t>> ranges;
+  struct Range {
+    uint64_t begin, end;
+    std::string name;
+  };
+  std::vector<Range> ranges;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
-      if (it.value().is_object())
-        for (auto m = it.value().begin(); m != it.value().end(); ++m)
-          if (m.value().is_string()) out.metadata[m.key()] = m.value().get<std::string>();
+      const auto& m = it.value();
+      if (m.is_null()) continue;
+      if (!m.is_object()) throw bad("__metadata__ is not an object of strings");
+      for (auto kv = m.begin(); kv != m.end(); ++kv) {
+        if (!kv.value().is_string()) throw bad("__metadata__ value '" + kv.key() + "' is not a string");
+        out.metadata[kv.key()] = kv.value().get<std::string>();
+      }
       continue;
     }
     const auto& v = it.value();
@@ -47,14 +69,15 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
       throw bad(where + " lacks dtype, shape or data_offsets");
     TensorEntry e;
     e.dtype = v["dtype"].is_string() ? v["dtype"].get<std::string>() : "?";
-    const size_t elem = dtype_element_size(e.dtype);
-    if (elem == 0) throw bad(where + " has unknown dtype '" + e.dtype + "'");
+    const size_t bits = dtype_bits(e.dtype);
+    if (bits == 0) throw bad(where + " has unknown dtype '" + e.dtype + "'");
     if (!v["shape"].is_array()) throw bad(where + " shape is not a list");
     uint64_t numel = 1;
+    constexpr uint64_t kLimit = uint64_t{1} << 56;  // far beyond any file, small enough that numel * bits cannot wrap
     for (const auto& d : v["shape"]) {
       if (!d.is_number_unsigned()) throw bad(where + " has a negative or non-integer dimension");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > (uint64_t{1} << 48) || (dim > 0 && numel > (uint64_t{1} << 48) / dim)) throw bad(where + " shape is absurdly large");
+      if (dim > kLimit || (dim > 0 && numel > kLimit / dim)) throw bad(where + " shape is absurdly large");
       e.shape.push_back(static_cast<int64_t>(dim));
       numel *= dim;
     }
@@ -65,20 +88,29 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
     if (begin > end || end > data_size)
       throw bad(where + " bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") lie outside the " +
                 std::to_string(data_size) + "-byte data section");
+    if (numel * bits % 8 != 0)
+      throw bad(where + " has " + std::to_string(numel) + " " + e.dtype + " elements, not a whole number of bytes");
     e.begin = static_cast<size_t>(begin);
     e.end = static_cast<size_t>(end);
-    if (e.end - e.begin != numel * elem)
-      throw bad(where + " shape x element size (" + std::to_string(numel * elem) + " bytes) differs from its byte range (" +
+    if (e.end - e.begin != numel * bits / 8)
+      throw bad(where + " shape x element size (" + std::to_string(numel * bits / 8) + " bytes) differs from its byte range (" +
                 std::to_string(e.end - e.begin) + ")");
-    ranges.push_back({e.begin, e.end});
+    ranges.push_back({begin, end, it.key()});
     out.tensors[it.key()] = std::move(e);
   }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second) throw bad("two tensors overlap in the data section");
-  const size_t covered = ranges.empty() ? 0 : ranges.back().second;
-  if (covered != data_size)
-    throw bad("data section is " + std::to_string(data_size) + " bytes but the tensors end at " + std::to_string(covered));
+  // The tensors must tile the data section exactly, as the reference reader demands.
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  uint64_t offset = 0;
+  for (const auto& r : ranges) {
+    if (r.begin < offset) throw bad("tensor '" + r.name + "' overlaps the tensor before it in the data section");
+    if (r.begin > offset)
+      throw bad("tensor '" + r.name + "' starts at byte " + std::to_string(r.begin) + " but the bytes before it end at " +
+                std::to_string(offset) + " (a gap in the data section)");
+    offset = r.end;
+  }
+  if (offset != data_size)
+    throw bad("data section is " + std::to_string(data_size) + " bytes but the tensors end at " + std::to_string(offset));
   return out;
 }
 

@@ -25,18 +25,18 @@ void DecoderLayerImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t ca
   else mha_->init_cache(cache, batch, capacity, opts);
 }
 
-LayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
+LayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInput& in, const torch::Tensor& token_mask) {
   auto normed = input_layernorm(x);
   auto h = x + (mla_ ? mla_->forward(normed, in) : mha_->forward(normed, in));
   LayerOutput out;
   if (moe_) {
-    MoEOutput m = moe_->forward(post_attention_layernorm(h));
+    MoEOutput m = moe_->forward(post_attention_layernorm(h), token_mask);
     out.h = h + m.y;
-    out.aux_loss = m.aux_loss;
+    out.aux_sum = m.aux_sum;
     out.load = m.load;
   } else {
     out.h = h + mlp_->forward(post_attention_layernorm(h));
-    out.aux_loss = torch::zeros({}, x.options().dtype(torch::kFloat32));
+    out.aux_sum = torch::zeros({}, x.options().dtype(torch::kFloat32));
   }
   return out;
 }
@@ -75,20 +75,23 @@ at::Generator generator_of(const torch::Device& device) {
 }
 
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  // Empty tensors stand for undefined ones (Functions take defined tensors only).
+  static torch::Tensor or_none(const torch::Tensor& t) { return t.numel() ? t : torch::Tensor(); }
+
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor h,
                                                 torch::Tensor cos, torch::Tensor sin, torch::Tensor mask,
-                                                int64_t layer_ptr) {
+                                                torch::Tensor token_mask, int64_t layer_ptr) {
     ctx->saved_data["layer"] = layer_ptr;
     ctx->saved_data["autocast"] = compat::autocast_enabled(h.device().type());
     ctx->saved_data["autocast_dtype"] = static_cast<int64_t>(at::autocast::get_autocast_dtype(h.device().type()));
     ctx->saved_data["rng"] = generator_of(h.device()).get_state();
-    ctx->save_for_backward({h, cos, sin, mask});
+    ctx->save_for_backward({h, cos, sin, mask, token_mask});
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(layer_ptr);
     torch::NoGradGuard no_grad;
-    LayerOutput out = layer->forward(h, AttentionInput{cos, sin, mask.numel() ? mask : torch::Tensor(), 0, nullptr});
+    LayerOutput out = layer->forward(h, AttentionInput{cos, sin, or_none(mask), 0, nullptr}, or_none(token_mask));
     auto load = out.load.defined() ? out.load : torch::zeros({0}, h.options().dtype(torch::kLong));
     ctx->mark_non_differentiable({load});
-    return {out.h, out.aux_loss, load};
+    return {out.h, out.aux_sum, load};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -105,16 +108,16 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       compat::AutocastScope replay(h.device().type(), ctx->saved_data["autocast"].toBool(),
                                    static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       torch::AutoGradMode grad_on(true);
-      out = layer->forward(h, AttentionInput{saved[1], saved[2], saved[3].numel() ? saved[3] : torch::Tensor(), 0, nullptr});
+      out = layer->forward(h, AttentionInput{saved[1], saved[2], or_none(saved[3]), 0, nullptr}, or_none(saved[4]));
     }
     gen.set_state(rng_now);
     std::vector<torch::Tensor> outputs{out.h}, out_grads{grads[0]};
-    if (out.aux_loss.requires_grad() && grads[1].defined()) {
-      outputs.push_back(out.aux_loss);
+    if (out.aux_sum.requires_grad() && grads[1].defined()) {
+      outputs.push_back(out.aux_sum);
       out_grads.push_back(grads[1]);
     }
     torch::autograd::backward(outputs, out_grads);  // accumulates into the layer's parameters
-    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // only h has a grad
+    return {h.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // only h
   }
 };
 
@@ -169,18 +172,21 @@ torch::Tensor CausalLMImpl::head(const torch::Tensor& h) {
   return lm_head ? lm_head->forward(h) : torch::nn::functional::linear(h, model->embed_tokens->weight);
 }
 
-LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in) {
+LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in,
+                                    const torch::Tensor& token_mask) {
   if (!checkpointing_ || !is_training() || in.cache || !torch::GradMode::is_enabled())
-    return layer.forward(h, in);
-  // autograd Functions take defined tensors only: an empty mask stands for "plain causal".
-  auto mask = in.mask.defined() ? in.mask : torch::empty({0}, h.options().dtype(torch::kBool));
+    return layer.forward(h, in, token_mask);
+  // autograd Functions take defined tensors only: an empty mask stands for "plain causal" / "every position".
+  const auto none = torch::empty({0}, h.options().dtype(torch::kBool));
+  auto mask = in.mask.defined() ? in.mask : none;
   // The Function's outputs need grad only if an input does: with a frozen embedding (LoRA) the hidden state
   // entering the first layer must be marked, or the layers' own trainable weights would get no gradient.
   auto input = h.requires_grad() ? h : h.detach().requires_grad_(true);
-  auto outs = CheckpointedLayer::apply(input, in.cos, in.sin, mask, reinterpret_cast<int64_t>(&layer));
+  auto outs = CheckpointedLayer::apply(input, in.cos, in.sin, mask, token_mask.defined() ? token_mask : none,
+                                       reinterpret_cast<int64_t>(&layer));
   LayerOutput out;
   out.h = outs[0];
-  out.aux_loss = outs[1];
+  out.aux_sum = outs[1];
   if (layer.is_moe()) out.load = outs[2];
   return out;
 }
@@ -237,14 +243,16 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
   }
 
   ForwardOutput out;
+  // MoE statistics count the positions that carry a loss target (every position without labels).
+  const torch::Tensor main_mask = labels.defined() ? labels.ne(-100) : torch::Tensor();
   auto h = model->embed_tokens(input_ids);  // [B, T, hidden]
-  out.aux_loss = torch::zeros({}, h.options().dtype(torch::kFloat32));
+  const auto zero = torch::zeros({}, h.options().dtype(torch::kFloat32));
+  out.sums.aux = zero;
   for (size_t l = 0; l < model->layer_list.size(); ++l) {
     AttentionInput in{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
-    DecoderLayerImpl& layer = *model->layer_list[l];
-    LayerOutput lo = run_layer(layer, h, in);
+    LayerOutput lo = run_layer(*model->layer_list[l], h, in, main_mask);
     h = lo.h;
-    out.aux_loss = out.aux_loss + lo.aux_loss;
+    out.sums.aux = out.sums.aux + lo.aux_sum;
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
   }
   if (cache) cache->length = start + T;
@@ -252,60 +260,64 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.logits = head(model->norm(h));  // [B, T, V]
 
-  const auto zero = torch::zeros({}, out.aux_loss.options());
-  out.mtp_loss = zero;
-  out.z_loss = zero;
+  out.aux_loss = out.mtp_loss = out.z_loss = zero;
   if (!labels.defined()) return out;
 
   auto [ce_sum, n_targets] = cross_entropy_sum(out.logits.reshape({B * T, -1}), labels.reshape({-1}));
-  out.ce_sum = ce_sum;
-  out.n_targets = n_targets;
+  out.sums.ce = ce_sum;
   if (config_.z_loss_coef > 0) {
     auto lse = out.logits.to(torch::kFloat32).logsumexp(-1);  // [B, T]
-    auto mask = labels.ne(-100).to(torch::kFloat32);
-    out.z_loss = config_.z_loss_coef * (lse.pow(2) * mask).sum() / mask.sum().clamp_min(1);
+    out.sums.z = (lse.pow(2) * main_mask.to(torch::kFloat32)).sum();
   }
 
   // MTP depth k predicts the token k+1 positions ahead of position i from the depth-(k-1) hidden state at i and
   // the embedding of token i+k; sequences shrink by one position per depth.
-  if (!mtp_list.empty() && T > 1) {
-    auto prev = main_hidden;
-    torch::Tensor total = zero;
-    int64_t depths = 0;
-    for (size_t k = 1; k <= mtp_list.size() && static_cast<int64_t>(k) < T; ++k) {
-      const int64_t len = T - static_cast<int64_t>(k);
-      auto& m = *mtp_list[k - 1];
-      auto emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
-      auto merged = m.eh_proj(torch::cat({m.enorm(emb), m.hnorm(prev.narrow(1, 0, len))}, -1));
-      // Positions i of the shortened sequence keep their documents, positions and masks.
-      auto [c2, s2] = position_ids.defined() ? rope_.gather(position_ids.narrow(1, 0, len))
-                                             : rope_.slice(0, len, input_ids.device());
-      auto seg = segment_ids.defined() ? segment_ids.narrow(1, 0, len) : torch::Tensor();
-      LayerOutput lo = m.DecoderLayerImpl::forward(merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr});
-      out.aux_loss = out.aux_loss + lo.aux_loss;
-      prev = lo.h;
-      auto logits_k = head(m.shared_head->norm(lo.h));  // [B, len, V]
-      auto targets = labels.narrow(1, k, len);
-      // A target k positions ahead in another packed document is not this document's future.
-      if (segment_ids.defined())
-        targets = targets.masked_fill(segment_ids.narrow(1, 0, len) != segment_ids.narrow(1, k, len), -100);
-      auto [s, n] = cross_entropy_sum(logits_k.reshape({B * len, -1}), targets.reshape({-1}));
-      total = total + s / n.clamp_min(1);
-      ++depths;
-    }
-    if (depths > 0) out.mtp_loss = total / static_cast<double>(depths);
+  auto prev = main_hidden;
+  for (size_t k = 1; k <= mtp_list.size() && static_cast<int64_t>(k) < T; ++k) {
+    const int64_t len = T - static_cast<int64_t>(k);
+    auto& m = *mtp_list[k - 1];
+    auto emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
+    auto merged = m.eh_proj(torch::cat({m.enorm(emb), m.hnorm(prev.narrow(1, 0, len))}, -1));
+    // Positions i of the shortened sequence keep their documents, positions and masks.
+    auto [c2, s2] = position_ids.defined() ? rope_.gather(position_ids.narrow(1, 0, len))
+                                           : rope_.slice(0, len, input_ids.device());
+    auto seg = segment_ids.defined() ? segment_ids.narrow(1, 0, len) : torch::Tensor();
+    auto targets = mtp_targets(labels, segment_ids, static_cast<int64_t>(k));  // [B, len]
+    LayerOutput lo = m.DecoderLayerImpl::forward(
+        merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr}, targets.ne(-100));
+    if (lo.load.defined()) out.expert_load.push_back(lo.load);
+    out.sums.mtp_aux.push_back(lo.aux_sum);
+    prev = lo.h;
+    auto logits_k = head(m.shared_head->norm(lo.h));  // [B, len, V]
+    out.sums.mtp_ce.push_back(cross_entropy_sum(logits_k.reshape({B * len, -1}), targets.reshape({-1})).first);
   }
-  out.loss = ce_sum / n_targets.clamp_min(1) + out.aux_loss + out.z_loss + config_.mtp_loss_weight * out.mtp_loss;
+  out.counts = count_loss_targets(config_, labels, segment_ids);
+  const Loss loss = compose_loss(out.sums, out.counts, config_);
+  out.loss = loss.total;
+  out.ce_sum = ce_sum;
+  out.n_targets = n_targets;
+  out.aux_loss = loss.aux;
+  out.mtp_loss = loss.mtp;
+  out.z_loss = loss.z;
   return out;
 }
 
+std::vector<MoEBlock> CausalLMImpl::moe_blocks() const {
+  std::vector<MoEBlock> blocks;
+  for (size_t l = 0; l < model->layer_list.size(); ++l)
+    if (model->layer_list[l]->is_moe()) blocks.push_back({"model.layers." + std::to_string(l) + ".mlp", model->layer_list[l]->moe()});
+  for (size_t k = 0; k < mtp_list.size(); ++k)
+    if (mtp_list[k]->is_moe())
+      blocks.push_back({"model.layers." + std::to_string(config_.num_hidden_layers + static_cast<int64_t>(k)) + ".mlp",
+                        mtp_list[k]->moe()});
+  return blocks;
+}
+
 void CausalLMImpl::update_routing_bias(const std::vector<torch::Tensor>& loads) {
-  size_t i = 0;
-  for (auto& layer : model->layer_list) {
-    if (!layer->is_moe()) continue;
-    TORCH_CHECK(i < loads.size(), "update_routing_bias: ", loads.size(), " loads for more MoE layers");
-    layer->moe()->update_bias(loads[i++], config_.bias_update_speed);
-  }
+  auto blocks = moe_blocks();
+  TORCH_CHECK(loads.size() <= blocks.size(), "update_routing_bias: ", loads.size(), " loads for ", blocks.size(),
+              " MoE blocks");
+  for (size_t i = 0; i < loads.size(); ++i) blocks[i].moe->update_bias(loads[i], config_.bias_update_speed);
 }
 
 }  // namespace dsopen::model

@@ -10,20 +10,22 @@
 #include "model/attention.h"
 #include "model/config.h"
 #include "model/layers.h"
+#include "model/loss.h"
 #include "model/moe.h"
 
 namespace dsopen::model {
 
 struct LayerOutput {
   torch::Tensor h;
-  torch::Tensor aux_loss;  // scalar; zero for dense layers
-  torch::Tensor load;      // [E] for MoE layers, undefined for dense ones
+  torch::Tensor aux_sum;  // scalar balance-loss sum over units (model/loss.h); zero for dense layers
+  torch::Tensor load;     // [E] for MoE layers, undefined for dense ones
 };
 
 class DecoderLayerImpl : public torch::nn::Module {
 public:
   DecoderLayerImpl(const ModelConfig& c, int64_t layer_index);
-  LayerOutput forward(const torch::Tensor& x, const AttentionInput& in);
+  // token_mask [B, T] bool: the positions MoE statistics count (undefined: all).
+  LayerOutput forward(const torch::Tensor& x, const AttentionInput& in, const torch::Tensor& token_mask = {});
   bool is_moe() const { return static_cast<bool>(moe_); }
   MoE moe() const { return moe_; }
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
@@ -75,13 +77,25 @@ struct KVCache {
 
 struct ForwardOutput {
   torch::Tensor logits;    // [B, T, V] (float32 under autocast is not forced: the head's dtype)
-  torch::Tensor loss;      // ce_sum / n_targets + aux + mtp_loss_weight * mtp + z (only with labels)
+  // With labels: the terms of model/loss.h composed with this batch's own counts. A trainer that accumulates
+  // micro-batches composes `sums` with the global batch's counts instead.
+  torch::Tensor loss;      // ce + z + aux + mtp_loss_weight * mtp
   torch::Tensor ce_sum;    // sum of next-token cross-entropy over target tokens (float32)
   torch::Tensor n_targets; // number of labels != -100 (int64 scalar)
-  torch::Tensor aux_loss;  // sum over MoE layers of the balance loss
+  torch::Tensor aux_loss;  // balance loss of every MoE block, each averaged over its balance units
   torch::Tensor mtp_loss;  // mean over MTP depths of their mean cross-entropy (0 without MTP)
-  torch::Tensor z_loss;    // z_loss_coef * mean(logsumexp(logits)^2) (0 when the coefficient is 0)
-  std::vector<torch::Tensor> expert_load;  // [E] per MoE layer (main model), tokens routed this call
+  torch::Tensor z_loss;    // z_loss_coef * mean over targets of logsumexp(logits)^2 (0 when the coefficient is 0)
+  LossSums sums;
+  LossCounts counts;
+  // [E] per MoE block that ran, in moe_blocks() order (main stack, then MTP modules): positions with a target
+  // routed to each expert (every position without labels).
+  std::vector<torch::Tensor> expert_load;
+};
+
+// One MoE block of a model, under its HF module name (model.layers.N.mlp; MTP module k: model.layers.{L+k}.mlp).
+struct MoEBlock {
+  std::string name;
+  MoE moe;
 };
 
 class CausalLMImpl : public torch::nn::Module {
@@ -102,7 +116,11 @@ public:
   // Allocates caches for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype = torch::kFloat32) const;
 
-  // Aux-loss-free bias update of every MoE layer (loads in the order of ForwardOutput::expert_load).
+  // Every MoE block, wherever it sits: main-stack layers, then MTP modules. Balancing, metrics and logging iterate
+  // this list, so a block added anywhere takes part in all of them.
+  std::vector<MoEBlock> moe_blocks() const;
+
+  // Aux-loss-free bias update of every MoE block (loads in moe_blocks() order, as ForwardOutput::expert_load).
   void update_routing_bias(const std::vector<torch::Tensor>& loads);
 
   // Initializes weights: normal(0, initializer_range), residual output projections scaled by 1/sqrt(2 L),
@@ -120,7 +138,8 @@ public:
 
 private:
   torch::Tensor head(const torch::Tensor& h);
-  LayerOutput run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in);
+  LayerOutput run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in,
+                        const torch::Tensor& token_mask);
 
   ModelConfig config_;
   RopeTable rope_;

@@ -6,6 +6,7 @@
 #include "model/lora.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace fs = std::filesystem;
 
@@ -41,7 +42,7 @@ WeightFiles::WeightFiles(const std::string& dir) {
   path_ = index.string();
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(env::read_file(path_));
+    j = json::parse(env::read_file(path_), path_);
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(path_, std::string("not valid JSON: ") + e.what());
   }

@@ -5,7 +5,9 @@
 #include <fstream>
 #include <unistd.h>
 
+#include "model/config.h"
 #include "model/info.h"
+#include "utils/json.h"
 #include "utils/config.h"
 #include "tests/test_helpers.h"
 #include "utils/errors.h"
@@ -232,4 +234,78 @@ TEST_CASE("the resolved config is saved into the run directory", "[config]") {
   Train t = decode_train(config::Document::load(path));  // what ran, loadable as a config again
   CHECK(t.lr == 0.25);
   CHECK(t.max_steps == 9);
+}
+
+TEST_CASE("repeated keys are refused: YAML configs, config.json and every JSON file we read", "[config]") {
+  TempDir dir;
+  auto yaml = dir.write("d.yaml", "train:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n");
+  auto msg = error_of([&] { config::Document::load(yaml); });
+  CHECK(msg.find(yaml + ":4: train.lr: duplicate key") != std::string::npos);
+  // JSON read through the same loader (config.json): the value tools disagree on is named.
+  auto hf = dir.write("config.json", R"({"model_type": "llama", "hidden_size": 64, "hidden_size": 128})");
+  msg = error_of([&] { model::ModelConfig::from_hf_json_file(hf); });
+  CHECK(msg.find(hf + ":1: hidden_size: duplicate key") != std::string::npos);
+  // The strict JSON parser names the path of the repeated key.
+  const std::string nested = R"({"a": {"b": 1, "c": {"d": 2, "d": 3}}})";
+  try {
+    json::parse(nested, "x.json");
+    FAIL("a repeated key was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("x.json: duplicate key 'a.c.d'") != std::string::npos);
+  }
+  CHECK(json::parse(R"({"a": {"b": 1}, "c": {"b": 2}})", "y.json")["c"]["b"] == 2);  // same key, other objects
+}
+
+TEST_CASE("HF config.json: keys that change the math are implemented or refused by name", "[config][model]") {
+  TempDir dir;
+  auto load = [&](const std::string& body) {
+    return model::ModelConfig::from_hf_json_file(dir.write("config.json", body));
+  };
+  const std::string v3 = R"("model_type": "deepseek_v3", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+    "v_head_dim": 16, "n_routed_experts": 8, "moe_intermediate_size": 32, "num_experts_per_tok": 2, "n_group": 4,
+    "topk_group": 2, "first_k_dense_replace": 1)";
+  CHECK(load("{" + v3 + "}").rope_interleave);
+  CHECK_FALSE(load("{" + v3 + R"(, "rope_interleave": false})").rope_interleave);
+  CHECK(load("{" + v3 + R"(, "qk_head_dim": 24})").qk_head_dim() == 24);
+  auto msg = error_of([&] { load("{" + v3 + R"(, "qk_head_dim": 32})"); });
+  CHECK(msg.find("qk_head_dim: is 32 but qk_nope_head_dim + qk_rope_head_dim = 24") != std::string::npos);
+  msg = error_of([&] { load("{" + v3 + R"(, "attention_bias": true})"); });
+  CHECK(msg.find("attention_bias: biases on MLA projections") != std::string::npos);
+  msg = error_of([&] {
+    load("{" + v3 + R"(, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})");
+  });
+  CHECK(msg.find("quantization_config: the weights are quantized (quant_method fp8)") != std::string::npos);
+
+  std::string v2 = v3;
+  v2.replace(v2.find("deepseek_v3"), 11, "deepseek_v2");
+  msg = error_of([&] { load("{" + v2 + R"(, "topk_method": "group_limited_greedy", "rope_interleave": false})"); });
+  CHECK(msg.find("rope_interleave: deepseek_v2 always uses the interleaved rope layout") != std::string::npos);
+
+  const std::string llama = R"("model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2)";
+  CHECK_NOTHROW(load("{" + llama + R"(, "mlp_bias": false, "pretraining_tp": 1})"));
+  msg = error_of([&] { load("{" + llama + R"(, "mlp_bias": true})"); });
+  CHECK(msg.find("mlp_bias: biases on gate/up/down projections are not supported") != std::string::npos);
+  msg = error_of([&] { load("{" + llama + R"(, "rope_interleave": true})"); });
+  CHECK(msg.find("rope_interleave: llama uses the rotate-half rope layout") != std::string::npos);
+
+  std::string qwen = llama;
+  qwen.replace(qwen.find("llama"), 5, "qwen2");
+  CHECK_NOTHROW(load("{" + qwen + R"(, "use_sliding_window": false, "sliding_window": 4096, "max_window_layers": 28})"));
+  msg = error_of([&] { load("{" + qwen + R"(, "use_sliding_window": true})"); });
+  CHECK(msg.find("use_sliding_window: sliding-window attention is not supported") != std::string::npos);
+  msg = error_of([&] { load("{" + qwen + R"(, "layer_types": ["full_attention", "sliding_attention"]})"); });
+  CHECK(msg.find("layer_types: only full_attention layers are supported, found 'sliding_attention'") != std::string::npos);
+
+  // eos_token_id: one id, a list (Llama 3.1, DeepSeek), or null; a list is written back as a list.
+  CHECK(load("{" + llama + R"(, "eos_token_id": 7})").eos_token_id == std::vector<int64_t>{7});
+  auto listed = load("{" + llama + R"(, "eos_token_id": [7, 9, 11]})");
+  CHECK(listed.eos_token_id == std::vector<int64_t>{7, 9, 11});
+  CHECK(listed.to_hf_json()["eos_token_id"] == nlohmann::json({7, 9, 11}));
+  CHECK(load("{" + llama + R"(, "eos_token_id": null})").eos_token_id.empty());
+  msg = error_of([&] { load("{" + llama + R"(, "eos_token_id": [7, "x"]})"); });
+  CHECK(msg.find("eos_token_id: expected a token id") != std::string::npos);
+  msg = error_of([&] { load("{" + llama + R"(, "eos_token_id": [7, 300]})"); });
+  CHECK(msg.find("eos_token_id: 300 must be < vocab_size") != std::string::npos);
 }

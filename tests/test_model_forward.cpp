@@ -165,6 +165,50 @@ TEST_CASE("MLA absorbed attention equals the expanded formulation", "[model][for
   CHECK(cache.b.size(2) == c.qk_rope_head_dim);
 }
 
+TEST_CASE("rope_interleave: false is the rotate-half layout of the same model (weights permuted)", "[model][forward][mla]") {
+  // A checkpoint converted to rotate-half stores the rope rows of q_b_proj and kv_a_proj_with_mqa de-interleaved:
+  // row i holds what was row 2i, row rope/2 + i what was row 2i + 1. With rope_interleave: false it must compute
+  // exactly what the interleaved original computes.
+  ModelConfig c = small("mla_v3");
+  c.use_mtp = false;
+  CausalLM a = make(c, 11);
+  ModelConfig half_cfg = c;
+  half_cfg.rope_interleave = false;
+  CausalLM b = make(half_cfg, 12);
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, H = c.num_attention_heads;
+  std::vector<int64_t> perm(rope);
+  for (int64_t i = 0; i < rope / 2; ++i) perm[i] = 2 * i, perm[rope / 2 + i] = 2 * i + 1;
+  auto order = torch::tensor(perm, torch::kLong);
+  {
+    torch::NoGradGuard ng;
+    auto pb = b->named_parameters();
+    for (auto& p : a->named_parameters()) pb[p.key()].copy_(p.value());
+    for (auto& p : b->named_parameters()) {
+      const std::string& n = p.key();
+      auto& w = p.value();
+      if (n.find("q_b_proj.weight") != std::string::npos) {
+        auto heads = w.view({H, nope + rope, -1});
+        heads.narrow(1, nope, rope).copy_(heads.narrow(1, nope, rope).index_select(0 + 1, order));
+      } else if (n.find("kv_a_proj_with_mqa.weight") != std::string::npos) {
+        w.narrow(0, c.kv_lora_rank, rope).copy_(w.narrow(0, c.kv_lora_rank, rope).index_select(0, order));
+      }
+    }
+  }
+  torch::NoGradGuard ng;
+  auto ids = torch::randint(3, 256, {2, 20}, torch::kLong);
+  auto ref = a->forward(ids).logits;
+  CHECK(max_abs_diff(b->forward(ids).logits, ref) < 1e-5);
+  KVCache cache = b->make_cache(2, 32);  // decoding (absorbed attention) uses the same layout
+  std::vector<torch::Tensor> parts{b->forward(ids.narrow(1, 0, 12), {}, &cache).logits};
+  for (int64_t t = 12; t < 20; ++t) parts.push_back(b->forward(ids.narrow(1, t, 1), {}, &cache).logits);
+  CHECK(max_abs_diff(torch::cat(parts, 1), ref) < 1e-5);
+  // Without the permutation the layouts disagree: the key is not inert.
+  ModelConfig again = c;
+  again.rope_interleave = false;
+  CausalLM unpermuted = make(again, 11);
+  CHECK(max_abs_diff(unpermuted->forward(ids).logits, ref) > 1e-4);
+}
+
 TEST_CASE("MoE output equals a slow per-token loop", "[model][moe]") {
   ModelConfig c = small("mla_v3");
   torch::manual_seed(5);
@@ -212,7 +256,7 @@ TEST_CASE("one backward with MoE and MTP on reaches every trainable parameter", 
   auto out = m->forward(ids, labels);
   CHECK(out.mtp_loss.item<double>() > 0);
   CHECK(out.aux_loss.item<double>() > 0);
-  CHECK(out.expert_load.size() == 1);
+  CHECK(out.expert_load.size() == 2);  // the main stack's MoE layer and the MTP module's
   out.loss.backward();
   for (auto& p : m->named_parameters()) {
     INFO(p.key());
@@ -242,7 +286,7 @@ TEST_CASE("activation checkpointing gives the same loss and gradients", "[model]
     std::map<std::string, torch::Tensor> grads;
     for (auto& p : m->named_parameters()) grads[p.key()] = p.value().grad().clone();
     runs.push_back({out.loss.item<double>(), grads});
-    CHECK(out.expert_load.size() == 1);
+    CHECK(out.expert_load.size() == 2);  // the main stack's MoE layer and the MTP module's
   }
   CHECK(runs[0].first == Approx(runs[1].first).epsilon(1e-7));
   for (auto& [name, g] : runs[0].second) {

@@ -13,6 +13,7 @@
 #include "model/weights.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace fs = std::filesystem;
 
@@ -121,7 +122,7 @@ TrainerState read_trainer_state(const std::string& path) {
   if (!fs::exists(file)) throw runtime_error(file, "missing", "not a complete checkpoint; pass another checkpoint.resume");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(env::read_file(file));
+    j = json::parse(env::read_file(file), file);
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(file, std::string("not valid JSON: ") + e.what(), "restore the file or resume from another checkpoint");
   }

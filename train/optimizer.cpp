@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "utils/errors.h"
+#include "utils/json.h"
 
 namespace dsopen::train {
 
@@ -211,7 +212,7 @@ void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards) {
       throw runtime_error(sh.source, "has no optimizer layout metadata", "the file is not a dsopen optimizer shard");
     nlohmann::json theirs;
     try {
-      theirs = nlohmann::json::parse(it->second);
+      theirs = json::parse(it->second, sh.source);
     } catch (const std::exception&) {
       throw runtime_error(sh.source, "optimizer layout metadata is not valid JSON", "restore the file");
     }

@@ -11,6 +11,7 @@
 #include "data/sft.h"
 #include "model/info.h"
 #include "model/lora.h"
+#include "model/moe_balance.h"
 #include "model/weights.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
@@ -243,6 +244,7 @@ TrainResult Trainer::run() {
   int64_t window_tokens = 0, window_steps = 0;
   double window_comm_s = 0;
   s.model->train();
+  model::MoEBalancer balancer(*s.model);
 
   auto evaluate = [&]() -> double {
     if (!s.valid_data) return -1;
@@ -273,20 +275,27 @@ TrainResult Trainer::run() {
 
   while (s.state.step < t.max_steps) {
     const double lr = lr_at(s.state.step, sched);
-    // Fetch the whole global batch first: the loss is normalised by its target-token count.
+    // Fetch the whole global batch first: every loss term is normalised by the global count of its own targets
+    // (model/loss.h), so the step does not depend on how the batch is split over micro-batches and ranks.
     data::DataCursor cursor = s.state.cursor;
     std::vector<data::Batch> micro;
-    double targets = 0;
+    model::LossCounts counts;
     for (int64_t k = 0; k < accum; ++k) {
       micro.push_back(s.train_data->next(cursor, B));
-      targets += micro.back().labels.ne(-100).sum().item<double>();
+      counts += model::count_loss_targets(j.model, micro.back().labels, micro.back().segment_ids);
     }
-    targets = group.all_reduce_sum(targets);  // the loss is normalised by the whole global batch
+    if (world > 1) {
+      auto all = torch::tensor(counts.to_vector(), torch::kFloat64).to(s.device);
+      group.all_reduce_sum(all).wait();
+      all = all.cpu();
+      counts = model::LossCounts::from_vector(std::vector<double>(all.data_ptr<double>(), all.data_ptr<double>() + all.numel()));
+    }
+    const double targets = counts.targets;
     if (targets == 0) throw runtime_error("data", "a global batch has no target tokens", "check the SFT data and template");
 
     dp.zero_grad();
-    double ce_total = 0, aux_total = 0, mtp_total = 0;
-    std::vector<torch::Tensor> loads;
+    balancer.reset();
+    double ce_total = 0, aux_total = 0, mtp_total = 0, z_total = 0;
     for (size_t k = 0; k < micro.size(); ++k) {
       auto& b = micro[k];
       dp.begin_micro_step(k + 1 == micro.size());
@@ -298,39 +307,33 @@ TrainResult Trainer::run() {
                                b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
                                b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
       }
-      // Gradients are summed over ranks: per-micro-batch means are divided by every micro-batch of every rank.
-      auto loss = out.ce_sum / targets + (out.aux_loss + out.z_loss + j.model.mtp_loss_weight * out.mtp_loss) /
-                                             static_cast<double>(accum * world);
-      if (s.precision->scaling()) loss = loss * s.precision->scale();
-      loss.backward();
+      // This micro-batch's share of the global loss: its sums over the global counts. Gradients are summed over
+      // micro-batches and ranks, so the shares add up to the loss of the whole batch.
+      const model::Loss loss = model::compose_loss(out.sums, counts, j.model);
+      auto objective = s.precision->scaling() ? loss.total * s.precision->scale() : loss.total;
+      objective.backward();
       dp.end_micro_step();
-      ce_total += out.ce_sum.item<double>();
-      aux_total += out.aux_loss.item<double>() / (accum * world);
-      mtp_total += out.mtp_loss.item<double>() / (accum * world);
-      for (size_t l = 0; l < out.expert_load.size(); ++l) {
-        if (loads.size() <= l) loads.push_back(torch::zeros_like(out.expert_load[l]));
-        loads[l] += out.expert_load[l];
-      }
+      ce_total += loss.ce.item<double>();
+      aux_total += loss.aux.item<double>();
+      mtp_total += loss.mtp.item<double>();
+      z_total += loss.z.item<double>();
+      balancer.add(out.expert_load);
     }
     if (world > 1) {
       // One all-reduce for the logged losses and the expert loads (every rank must update the routing biases alike).
-      std::vector<torch::Tensor> parts{torch::tensor({ce_total, aux_total, mtp_total}, torch::kFloat64)};
-      for (auto& l : loads) parts.push_back(l.to(torch::kCPU, torch::kFloat64).reshape({-1}));
-      auto all = torch::cat(parts).to(s.device);
+      auto all = torch::cat({torch::tensor({ce_total, aux_total, mtp_total, z_total}, torch::kFloat64), balancer.packed()})
+                     .to(s.device);
       group.all_reduce_sum(all).wait();
       all = all.cpu();
       ce_total = all[0].item<double>();
       aux_total = all[1].item<double>();
       mtp_total = all[2].item<double>();
-      int64_t off = 3;
-      for (auto& l : loads) {
-        l = all.narrow(0, off, l.numel()).view(l.sizes()).to(l.device(), l.scalar_type());
-        off += l.numel();
-      }
+      z_total = all[3].item<double>();
+      balancer.unpack(all.narrow(0, 4, all.numel() - 4));
     }
     if (s.precision->scaling()) dp.scale_grads(1.0 / s.precision->scale());
     double grad_norm = dp.grad_norm();
-    const double loss_value = ce_total / targets;
+    const double loss_value = ce_total;
     const bool finite = std::isfinite(grad_norm) && std::isfinite(loss_value);
     s.precision->update(finite);
     if (!finite) {
@@ -347,14 +350,16 @@ TrainResult Trainer::run() {
     bad_steps = 0;
     if (t.grad_clip > 0 && grad_norm > t.grad_clip) dp.scale_grads(t.grad_clip / (grad_norm + 1e-6));
     dp.step(lr);
-    if (!loads.empty() && !j.lora.enabled) s.model->update_routing_bias(loads);  // LoRA: the routing is base state
+    if (!j.lora.enabled) balancer.update_biases(j.model.bias_update_speed);  // LoRA: the routing is base state
     s.state.step += 1;
     s.state.cursor = cursor;
-    s.state.tokens += B * accum * T * world;
+    // Tokens are the positions trained on (with a target): padding and masked prompt positions do not count.
+    const auto step_tokens = static_cast<int64_t>(targets);
+    s.state.tokens += step_tokens;
     s.state.loss_scale = s.precision->scale();
     s.state.loss_scale_good_steps = s.precision->good_steps();
     result.losses.push_back(loss_value);
-    window_tokens += B * accum * T * world;
+    window_tokens += step_tokens;
     ++window_steps;
     window_comm_s += dp.take_comm_wait_seconds();
     if (s.state.step == 1 || s.state.step == t.max_steps)
@@ -379,13 +384,19 @@ TrainResult Trainer::run() {
         extra += fmt::format(" | comm {:.0f}%", 100 * window_comm_s / secs);
       }
       rec["mfu"] = peak > 0 ? nlohmann::json(tok_s * flops_per_token / peak) : nlohmann::json(nullptr);
-      if (!loads.empty()) {
-        double imb = 0;
-        for (auto& l : loads) imb += (l.max().item<double>() / std::max(1e-9, l.to(torch::kFloat64).mean().item<double>()));
-        imb /= loads.size();
+      if (!balancer.empty()) {
+        const double imb = balancer.imbalance();
         rec["moe_aux_loss"] = aux_total;
         rec["moe_imbalance"] = imb;
+        nlohmann::json per_block = nlohmann::json::object();
+        const auto per = balancer.imbalance_per_block();
+        for (size_t i = 0; i < per.size(); ++i) per_block[balancer.name(i)] = per[i];
+        rec["moe_imbalance_per_block"] = per_block;
         extra += fmt::format(" | aux {:.4f} | imbalance {:.2f}", aux_total, imb);
+      }
+      if (j.model.z_loss_coef > 0) {
+        rec["z_loss"] = z_total;
+        extra += fmt::format(" | z {:.4f}", z_total);
       }
       if (!s.model->mtp_list.empty()) {
         rec["mtp_loss"] = mtp_total;

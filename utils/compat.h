@@ -6,6 +6,10 @@
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 static_assert(TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4),
               "DeepSeek-Open needs LibTorch 2.4 or newer");
 
@@ -61,5 +65,14 @@ inline at::Tensor int4_mm_for_cpu(const at::Tensor&, const at::Tensor&, int64_t,
   TORCH_CHECK(false, "int4 CPU kernels need LibTorch 2.6 or newer");
 }
 #endif
+
+// safetensors dtypes whose LibTorch scalar type appeared after 2.4 (name, type); the others are mapped directly.
+inline std::vector<std::pair<std::string, c10::ScalarType>> newer_safetensors_dtypes() {
+  std::vector<std::pair<std::string, c10::ScalarType>> out;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7)
+  out.push_back({"F8_E8M0", c10::ScalarType::Float8_e8m0fnu});
+#endif
+  return out;
+}
 
 }  // namespace dsopen::compat

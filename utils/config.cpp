@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 #include "utils/env.h"
@@ -23,9 +24,28 @@ std::string where_of(const Origin& o) {
   return o.line > 0 ? o.file + ":" + std::to_string(o.line) : o.file;
 }
 
+// YAML (like JSON) asks for unique keys, but yaml-cpp keeps both entries of a repeated key and lookups see the
+// first, while Python's yaml and json keep the last: a repeated key would mean different models to different tools.
+void reject_duplicate_keys(const YAML::Node& node, const std::string& file, const std::string& prefix) {
+  if (node.IsSequence())
+    for (const auto& item : node) reject_duplicate_keys(item, file, prefix);
+  if (!node.IsMap()) return;
+  std::set<std::string> seen;
+  for (const auto& kv : node) {
+    const std::string key = kv.first.IsScalar() ? kv.first.Scalar() : "?";
+    const std::string path = prefix.empty() ? key : prefix + "." + key;
+    if (!seen.insert(key).second)
+      throw usage_error(file + ":" + std::to_string(kv.first.Mark().line + 1), path + ": duplicate key",
+                        "remove one of the two entries");
+    reject_duplicate_keys(kv.second, file, path);
+  }
+}
+
 YAML::Node load_yaml_file(const std::string& path) {
   try {
-    return YAML::LoadFile(path);
+    YAML::Node node = YAML::LoadFile(path);
+    reject_duplicate_keys(node, path, "");
+    return node;
   } catch (const YAML::ParserException& e) {
     throw usage_error(path + ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1),
                       "YAML syntax error: " + e.msg, "fix the YAML syntax at that line");
@@ -63,6 +83,7 @@ Document Document::parse(const std::string& text, const std::string& name) {
   } catch (const YAML::ParserException& e) {
     throw usage_error(name + ":" + std::to_string(e.mark.line + 1), "YAML syntax error: " + e.msg);
   }
+  reject_duplicate_keys(node, name, "");
   if (!node.IsNull() && !node.IsMap()) throw usage_error(name, "a config must be a mapping of sections");
   if (node.IsMap()) doc.merge_node(doc.root_, node, "", name);
   return doc;
@@ -452,6 +473,16 @@ YAML::Node Reader::raw(const std::string& key) {
   YAML::Node n;
   fetch(key, n, false);
   return n;
+}
+
+std::vector<std::string> Reader::unread() const {
+  std::vector<std::string> out;
+  if (!node_ || !node_.IsMap()) return out;
+  for (const auto& kv : node_) {
+    const std::string key = kv.first.as<std::string>();
+    if (std::find(known_.begin(), known_.end(), key) == known_.end()) out.push_back(key);
+  }
+  return out;
 }
 
 void Reader::finish(bool strict) {

@@ -111,6 +111,8 @@ public:
 
   // Reports an error against `key` (use "" for the section itself).
   void error(const std::string& key, const std::string& message);
+  // Keys of this mapping nothing has read or accepted so far.
+  std::vector<std::string> unread() const;
   // Reports every key that was not read, suggesting the closest known one. When `strict` is false, unknown keys
   // are ignored (HuggingFace config.json files carry many keys we do not use).
   void finish(bool strict = true);

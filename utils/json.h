@@ -1,0 +1,20 @@
+// Strict JSON parsing for files other programs wrote (safetensors headers, config.json, tokenizer.json, index and
+// adapter files, JSONL data): nlohmann::json, like Python's json, keeps the *last* of two equal keys in an object,
+// so a crafted file can carry one value for a reader that checks and another for one that loads. Refusing
+// duplicates (as safetensors' Rust reader does) gives every reader the same document.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <string_view>
+
+namespace dsopen::json {
+
+// Parses `text`. An object that repeats a key throws dsopen::Error (runtime) naming `where` and the key's path
+// ("duplicate key 'a.b'"); syntax errors throw nlohmann::json::parse_error as nlohmann::json::parse does, so callers
+// word those messages themselves.
+nlohmann::json parse(std::string_view text, const std::string& where);
+nlohmann::ordered_json parse_ordered(std::string_view text, const std::string& where);
+
+}  // namespace dsopen::json
