@@ -1,14 +1,55 @@
-// dsopen-model-info: parameter counts, FLOPs, KV-cache size and per-rank training memory of a model config.
+// dsopen-model-info: parameter counts, FLOPs, KV-cache size and per-rank training memory of a model config; with
+// --safetensors, the checked header of a weights file (what every dsopen loader accepts).
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 
 #include "model/info.h"
+#include "model/safetensors.h"
 #include "utils/cli.h"
 #include "utils/config.h"
+#include "utils/env.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
+
+namespace {
+
+// One file's header as JSON ({"file", "tensors", "metadata"}), or {"file", "error"} when it is refused.
+nlohmann::json safetensors_json(const std::string& path) {
+  try {
+    const model::SafetensorsFile file(path);
+    nlohmann::json tensors = nlohmann::json::object();
+    for (const auto& name : file.names())
+      tensors[name] = {{"dtype", file.dtype(name)}, {"shape", file.shape(name)}, {"bytes", file.byte_size(name)}};
+    return {{"file", path}, {"tensors", tensors}, {"metadata", file.metadata()}};
+  } catch (const Error& e) {
+    return {{"file", path}, {"error", e.what()}};
+  }
+}
+
+// Checks every file; prints a table (or one JSON object per line) and throws the first file's error, if any.
+void print_safetensors(const std::vector<std::string>& paths, bool json) {
+  std::string first_error;
+  for (const auto& path : paths) {
+    const nlohmann::json j = safetensors_json(path);
+    if (json) {
+      std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+    } else if (!j.contains("error")) {
+      int64_t bytes = 0;
+      for (const auto& [name, t] : j["tensors"].items()) {
+        std::printf("%-60s %-8s %-20s %lld bytes\n", name.c_str(), t["dtype"].get<std::string>().c_str(),
+                    t["shape"].dump().c_str(), static_cast<long long>(t["bytes"].get<int64_t>()));
+        bytes += t["bytes"].get<int64_t>();
+      }
+      for (const auto& [k, v] : j["metadata"].items()) std::printf("metadata %s = %s\n", k.c_str(), v.get<std::string>().c_str());
+      std::printf("%s: %zu tensors, %.2f MB of data\n", path.c_str(), j["tensors"].size(), bytes / 1e6);
+    }
+    if (j.contains("error") && first_error.empty()) first_error = j["error"].get<std::string>();
+  }
+  if (!first_error.empty()) throw runtime_error("", first_error);
+}
+
+}  // namespace
 
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-model-info", "Parameter counts, FLOPs, KV cache and training memory of a model");
@@ -18,10 +59,18 @@ static int run(int argc, char** argv) {
       "world-size", "Ranks for the memory estimate", cxxopts::value<int64_t>()->default_value("1"))(
       "seq-len", "Sequence length for the attention FLOPs (default: data.seq_len or 4096)",
       cxxopts::value<int64_t>())("json", "Print one JSON object")(
-      "hf-config", "Also write the model's HuggingFace config.json to this path", cxxopts::value<std::string>());
+      "hf-config", "Also write the model's HuggingFace config.json to this path", cxxopts::value<std::string>())(
+      "safetensors", "Check .safetensors files (repeatable) and list their tensors (name, dtype, shape, bytes) instead; "
+                     "with --json one object per file, {\"file\", \"error\"} for a refused one",
+      cxxopts::value<std::vector<std::string>>());
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
+  if (args.count("safetensors")) {
+    if (args.count("config")) throw usage_error("--safetensors", "give --config or --safetensors, not both");
+    print_safetensors(args["safetensors"].as<std::vector<std::string>>(), args.count("json") > 0);
+    return 0;
+  }
   if (!args.count("config")) throw usage_error("dsopen-model-info", "--config is required", "see --help");
   const std::string path = args["config"].as<std::string>();
   const int64_t world = args["world-size"].as<int64_t>();
@@ -41,10 +90,7 @@ static int run(int argc, char** argv) {
   if (args.count("seq-len")) seq_len = args["seq-len"].as<int64_t>();
   if (args.count("hf-config")) {
     c.validate();
-    const std::string out = args["hf-config"].as<std::string>();
-    std::ofstream f(out);
-    f << c.to_hf_json().dump(2) << "\n";
-    if (!f.good()) throw runtime_error(out, "cannot write config.json", "check that the directory exists");
+    env::write_file_atomic(args["hf-config"].as<std::string>(), c.to_hf_json().dump(2) + "\n");
   }
   if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len).dump() << std::endl;
   else std::cout << model::model_info_text(c, world, seq_len);

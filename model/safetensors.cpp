@@ -87,6 +87,12 @@ std::string SafetensorsFile::dtype(const std::string& name) const {
   return it->second.dtype_name;
 }
 
+size_t SafetensorsFile::byte_size(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw runtime_error(path_, "no tensor named '" + name + "'");
+  return it->second.end - it->second.begin;
+}
+
 void SafetensorsFile::release(const std::string& name) const {
   auto it = entries_.find(name);
   if (it == entries_.end()) return;

@@ -23,8 +23,9 @@ public:
   std::vector<std::string> names() const;
   bool contains(const std::string& name) const { return entries_.count(name) > 0; }
   std::vector<int64_t> shape(const std::string& name) const;
-  // The file's dtype name of a tensor (F32, BF16, F8_E4M3, ...).
+  // The file's dtype name of a tensor (F32, BF16, F8_E4M3, ...) and its size in bytes.
   std::string dtype(const std::string& name) const;
+  size_t byte_size(const std::string& name) const;
   // A CPU tensor viewing the mapped bytes (valid while any tensor or this object lives); clone to own it. A runtime
   // error for dtypes LibTorch has no type for.
   torch::Tensor tensor(const std::string& name) const;

@@ -86,6 +86,31 @@ TEST_CASE("corrupt safetensors files are clear errors", "[model][safetensors]") 
          "negative or non-integer dimension");
   expect(write_raw(dir / "gap.safetensors", R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 16),
          "tensors end at 8");
+  // What every other reader refuses: bytes before the first tensor, a hole between two, a repeated name (whose
+  // last copy a lenient reader would load: a norm of 2.0 instead of 1.0), a NUL byte in the header.
+  expect(write_raw(dir / "lead.safetensors", R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+         "tensor 'w' starts at byte 4 but the bytes before it end at 0");
+  expect(write_raw(dir / "hole.safetensors",
+                   R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}})", 16),
+         "tensor 'b' starts at byte 12 but the bytes before it end at 8");
+  expect(write_raw(dir / "dup.safetensors",
+                   R"({"model.norm.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                   R"("model.norm.weight":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8),
+         "duplicate key 'model.norm.weight'");
+  expect(write_raw(dir / "nul.safetensors", std::string(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})") + '\0', 8),
+         "a NUL byte");
+  expect(write_raw(dir / "meta.safetensors", R"({"__metadata__":{"a":1},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
+         "__metadata__ value 'a' is not a string");
+  // ... and what they accept: zero-size tensors anywhere, dtypes LibTorch has no type for (refused only when read).
+  write_raw(dir / "zero.safetensors",
+            R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"z":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},)"
+            R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"f":{"dtype":"F4","shape":[4],"data_offsets":[8,10]}})", 10);
+  SafetensorsFile zero(dir / "zero.safetensors");
+  CHECK(zero.names().size() == 4);
+  CHECK(zero.tensor("z").numel() == 0);
+  CHECK(zero.dtype("f") == "F4");
+  const std::string f4 = error_of([&] { zero.tensor("f"); });
+  CHECK(f4.find("tensor 'f' has dtype F4, which LibTorch cannot hold") != std::string::npos);
 }
 
 TEST_CASE("HF directories: sharded round trip, missing shard, shape mismatch with config", "[model][safetensors]") {

@@ -175,6 +175,8 @@ TEST_CASE("job config: every section validated, errors together", "[train][confi
   CHECK(msg.find("train.lrr: unknown key (did you mean 'lr'?)") != std::string::npos);
   CHECK(msg.find("train.precision: 'fp8' is not one of fp32 | bf16 | fp16") != std::string::npos);
   CHECK(msg.find("checkpoint.keep_last: must be >= 1, got 0") != std::string::npos);
+  msg = error_of([&] { job_of(config_text("cfg"), {"data.seq_len=512"}); });  // debug: 256 positions
+  CHECK(msg.find("data.seq_len: 512 exceeds model.max_position_embeddings (256)") != std::string::npos);
   msg = error_of([&] { job_of("run: {name: x}\n", {}); });
   CHECK(msg.find("model: missing required section") != std::string::npos);
   CHECK(msg.find("tokenizer: missing required section") != std::string::npos);
@@ -252,4 +254,101 @@ TEST_CASE("model.pretrained fine-tunes from a model directory's weights", "[trai
   CHECK(tuned.losses[0] == Approx(base.losses.back()).margin(0.5));
   auto msg = error_of([&] { run(config_text("pre_bad"), {"model.pretrained=/nonexistent"}); });
   CHECK(msg.find("/nonexistent/config.json: config.json not found") == 0);
+}
+
+namespace {
+
+// metrics.jsonl rows of a run that carry a training loss, by step.
+std::map<int64_t, nlohmann::json> step_metrics(const std::string& run) {
+  std::map<int64_t, nlohmann::json> rows;
+  std::ifstream in(workdir() / run / "metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) rows[j["step"].get<int64_t>()] = j;
+  }
+  return rows;
+}
+
+double max_weight_diff(const std::string& a, const std::string& b) {
+  model::SafetensorsFile fa(a + "/model.safetensors"), fb(b + "/model.safetensors");
+  REQUIRE(fa.names() == fb.names());
+  double worst = 0;
+  for (const auto& name : fa.names()) worst = std::max(worst, (fa.tensor(name) - fb.tensor(name)).abs().max().item<double>());
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("the MTP module's MoE gate balances like the main stack's", "[train][moe]") {
+  const auto r = run(config_text("mtp_bias"), {"model.use_mtp=true", "model.bias_update_speed=0.01",
+                                               "train.max_steps=3", "checkpoint.every=0", "run.log_every=1"});
+  model::SafetensorsFile f(r.last_checkpoint + "/model.safetensors");
+  // debug flavor: layer 0 dense, layer 1 MoE, the MTP module stored as layer 2 (MoE).
+  for (const std::string layer : {"1", "2"}) {
+    INFO("layer " << layer);
+    auto bias = f.tensor("model.layers." + layer + ".mlp.gate.e_score_correction_bias").to(torch::kFloat64);
+    CHECK(bias.abs().max().item<double>() > 0);
+    CHECK(bias.abs().max().item<double>() <= 0.03 + 1e-6);  // three steps of 0.01 at most
+    CHECK(((bias / 0.01).round() * 0.01 - bias).abs().max().item<double>() < 1e-6);  // whole steps only
+  }
+  const auto rows = step_metrics("mtp_bias");
+  REQUIRE(rows.count(1));
+  const auto& per_block = rows.at(1)["moe_imbalance_per_block"];
+  CHECK(per_block.contains("model.layers.1.mlp"));
+  CHECK(per_block.contains("model.layers.2.mlp"));
+}
+
+TEST_CASE("padding changes nothing: SFT at seq_len 256 and 512 balance and train alike", "[train][moe][sft]") {
+  const std::string chat = (workdir() / "chat.jsonl").string();
+  std::vector<std::string> last;
+  for (const char* len : {"256", "512"}) {
+    run(config_text(std::string("pad_") + len),
+        {"data.format=sft", "data.train=[" + chat + "]", "data.valid_fraction=0", std::string("data.seq_len=") + len,
+         "model.aux_loss_alpha=0.01", "model.bias_update_speed=0.01", "model.max_position_embeddings=512",
+         "train.max_steps=3", "checkpoint.every=0", "run.log_every=1"});
+    last.push_back(train::find_latest_checkpoint((workdir() / (std::string("pad_") + len) / "checkpoints").string()));
+  }
+  const auto a = step_metrics("pad_256"), b = step_metrics("pad_512");
+  REQUIRE(a.size() == 3);
+  for (const auto& [step, row] : a) {
+    INFO("step " << step);
+    for (const char* key : {"loss", "moe_aux_loss", "moe_imbalance", "mtp_loss", "grad_norm"})
+      CHECK(row[key].get<double>() == Approx(b.at(step)[key].get<double>()).epsilon(1e-5));
+    CHECK(row["tokens"] == b.at(step)["tokens"]);  // tokens trained on, not padded positions
+  }
+  model::SafetensorsFile fa(last[0] + "/model.safetensors"), fb(last[1] + "/model.safetensors");
+  for (const std::string layer : {"1", "2"}) {
+    const std::string name = "model.layers." + layer + ".mlp.gate.e_score_correction_bias";
+    CHECK(torch::equal(fa.tensor(name), fb.tensor(name)));
+  }
+}
+
+TEST_CASE("any split of the global batch into micro-batches gives the same steps (MTP, z-loss, aux, bias)",
+          "[train][accum]") {
+  // SFT rows hold different numbers of targets (and MTP targets): per-micro-batch means would weigh them unevenly.
+  const std::string chat = (workdir() / "chat.jsonl").string();
+  const std::vector<std::string> common = {
+      "data.format=sft",          "data.train=[" + chat + "]",   "data.valid_fraction=0",      "data.seq_len=48",
+      "model.use_mtp=true",       "model.z_loss_coef=1.0e-3",    "model.aux_loss_alpha=0.01", "model.bias_update_speed=0.01",
+      "train.max_steps=3",        "train.warmup_steps=0",        "checkpoint.every=0",         "run.log_every=1"};
+  std::vector<std::string> names, checkpoints;
+  for (auto [micro, accum] : {std::make_pair(4, 1), std::make_pair(2, 2), std::make_pair(1, 4)}) {
+    auto sets = common;
+    sets.push_back("train.micro_batch_size=" + std::to_string(micro));
+    sets.push_back("train.grad_accum_steps=" + std::to_string(accum));
+    names.push_back("split_" + std::to_string(micro) + "x" + std::to_string(accum));
+    checkpoints.push_back(run(config_text(names.back()), sets).last_checkpoint);
+  }
+  const auto ref = step_metrics(names[0]);
+  REQUIRE(ref.size() == 3);
+  for (size_t i = 1; i < names.size(); ++i) {
+    INFO(names[i]);
+    const auto got = step_metrics(names[i]);
+    for (const auto& [step, row] : ref)
+      for (const char* key : {"loss", "moe_aux_loss", "mtp_loss", "z_loss", "grad_norm"}) {
+        INFO("step " << step << " " << key);
+        CHECK(got.at(step)[key].get<double>() == Approx(row[key].get<double>()).margin(1e-6).epsilon(1e-6));
+      }
+    CHECK(max_weight_diff(checkpoints[0], checkpoints[i]) < 1e-6);
+  }
 }

@@ -118,10 +118,14 @@ void FlatAdamW::zero_grad() {
 }
 
 double FlatAdamW::grad_norm() const {
-  // One fused norm kernel per group (pairwise-summed in fp32), combined in double.
+  // Accumulated in float64: a float32 reduction over millions of values is off by ~1e-6 relative, and by a
+  // different amount for every partition of the buffer, so ranks holding slices (ZeRO-2) and one rank holding
+  // everything would clip differently.
   double sq = 0;
   for (const auto& g : groups_) {
-    const double n = (sharding_.whole_grads ? g.grads : g.shard_grads).norm().item<double>();
+    const double n = torch::linalg_vector_norm(sharding_.whole_grads ? g.grads : g.shard_grads, 2, c10::nullopt,
+                                               false, torch::kFloat64)
+                         .item<double>();
     sq += n * n;
   }
   return std::sqrt(sq);

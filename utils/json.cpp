@@ -46,6 +46,9 @@ private:
 
 template <class Json>
 Json parse_strict(std::string_view text, const std::string& where) {
+  // nlohmann stops reading at a NUL byte as if the input ended there; raw NUL is never valid JSON.
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+    throw runtime_error(where, "not valid JSON: a NUL byte at offset " + std::to_string(nul));
   try {
     return Json::parse(text.begin(), text.end(), DuplicateGuard<Json>());
   } catch (const DuplicateKey& d) {

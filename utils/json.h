@@ -12,7 +12,7 @@
 namespace dsopen::json {
 
 // Parses `text`. An object that repeats a key throws dsopen::Error (runtime) naming `where` and the key's path
-// ("duplicate key 'a.b'"); syntax errors throw nlohmann::json::parse_error as nlohmann::json::parse does, so callers
+// ("duplicate key 'a.b'"), as does a NUL byte anywhere (nlohmann would stop reading there); syntax errors throw nlohmann::json::parse_error as nlohmann::json::parse does, so callers
 // word those messages themselves.
 nlohmann::json parse(std::string_view text, const std::string& where);
 nlohmann::ordered_json parse_ordered(std::string_view text, const std::string& where);
