@@ -177,9 +177,15 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   if (lines.done()) throw runtime_error(o.inputs.front(), "no usable text in the input files (all empty or invalid UTF-8)");
   std::string model;
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines, &model);
-  if (!status.ok())
-    throw runtime_error(o.output, "tokenizer training failed: " + std::string(status.message()),
-                        "a smaller --vocab-size often helps on small corpora");
+  if (!status.ok()) {
+    const std::string why = status.message();
+    // SentencePiece fails both when the vocabulary cannot hold every required character and when the corpus is
+    // too small for it: the fix goes in opposite directions.
+    const bool too_small = why.find("smaller than required_chars") != std::string::npos;
+    throw runtime_error(o.output, "tokenizer training failed: " + why,
+                        too_small ? "raise --vocab-size or lower --character-coverage"
+                                  : "a smaller --vocab-size often helps on small corpora");
+  }
   env::write_file_atomic(o.output, model);
 }
 

@@ -2,11 +2,13 @@
 //   dsopen-tokenizer train --input a.txt b.txt --vocab-size 8000 --model-type bpe --output tok.model
 //   echo "你好 world" | dsopen-tokenizer encode --model tok.model
 //   dsopen-tokenizer decode --model tok.model --ids "1 2 3"
+//   dsopen-tokenizer encode --model tok.model --jsonl < texts.jsonl    (a JSON string per line -> a JSON id list)
 #include <iostream>
 #include <iterator>
 #include <sstream>
 
 #include "data/hf_tokenizer.h"
+#include "utils/json.h"
 #include "utils/cli.h"
 #include "utils/errors.h"
 #include "utils/logging.h"
@@ -28,7 +30,9 @@ static int run(int argc, char** argv) {
       "model", "Tokenizer .model file (encode/decode)", cxxopts::value<std::string>())(
       "text", "Text to encode (default: standard input)", cxxopts::value<std::string>())(
       "ids", "Whitespace-separated ids to decode (default: standard input)", cxxopts::value<std::string>())(
-      "pieces", "encode: also print the pieces");
+      "pieces", "encode: also print the pieces")(
+      "jsonl", "Many at once: encode reads a JSON string per line of standard input and prints a JSON list of ids "
+               "per line; decode reads id lists and prints JSON strings");
   options.parse_positional({"command", "input"});
   options.positional_help("train|encode|decode");
   cli::add_common(options);
@@ -58,6 +62,34 @@ static int run(int argc, char** argv) {
     throw usage_error("dsopen-tokenizer", "unknown command '" + cmd + "'", "use train, encode or decode");
   if (!args.count("model")) throw usage_error("--model", cmd + " needs --model PATH.model");
   auto tok = data::load_tokenizer(args["model"].as<std::string>());
+  if (args.count("jsonl")) {
+    std::string line;
+    for (int64_t n = 1; std::getline(std::cin, line); ++n) {
+      if (line.empty()) continue;
+      const std::string where = "stdin:" + std::to_string(n);
+      nlohmann::json j;
+      try {
+        j = json::parse(line, where);
+      } catch (const nlohmann::json::exception& e) {
+        throw usage_error(where, std::string("not valid JSON: ") + e.what());
+      }
+      if (cmd == "encode") {
+        if (!j.is_string()) throw usage_error(where, "expected a JSON string");
+        std::cout << nlohmann::json(tok->encode(j.get<std::string>())).dump() << "\n";
+      } else {
+        if (!j.is_array()) throw usage_error(where, "expected a JSON list of token ids");
+        std::vector<int32_t> ids;
+        for (const auto& v : j) {
+          if (!v.is_number_integer()) throw usage_error(where, "expected a JSON list of token ids");
+          ids.push_back(v.get<int32_t>());
+        }
+        // Decoded bytes that are not UTF-8 (a character cut between tokens) become U+FFFD in JSON.
+        std::cout << nlohmann::json(tok->decode(ids)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      }
+    }
+    std::cout << std::flush;
+    return 0;
+  }
   if (cmd == "encode") {
     const std::string text = args.count("text") ? args["text"].as<std::string>() : read_all();
     auto ids = tok->encode(text);

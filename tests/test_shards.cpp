@@ -244,6 +244,32 @@ TEST_CASE("preprocess: separators, ANSI stripping, gzip and JSONL inputs round-t
   CHECK(build_shards(d, tok).documents == 3);
 }
 
+TEST_CASE("preprocess keeps text verbatim into the shards, a literal U+2581 included", "[data][preprocess]") {
+  TempDir dir;
+  const std::vector<std::string> docs = {"x\u2581y", "\u2581\u2581a b", "  two spaces\u2581 and\ttab", "\u2581"};
+  {
+    std::ofstream f(dir / "m.txt");
+    for (size_t i = 0; i < docs.size(); ++i) f << (i ? "\n%\n" : "") << docs[i];
+    f << "\n";
+  }
+  PreprocessOptions o;
+  o.inputs = {dir / "m.txt"};
+  o.output = dir / "out/train";
+  o.corpus.doc_separator = "%";
+  const auto& tok = tokenizer(0);
+  auto stats = build_shards(o, tok);
+  MappedShard shard(stats.shard_prefixes[0]);
+  std::vector<int64_t> all(shard.size());
+  shard.read(0, shard.size(), all.data());
+  std::vector<std::string> got;
+  std::vector<int32_t> cur;
+  for (auto id : all) {
+    if (id == tok.eos_id()) got.push_back(tok.decode(cur)), cur.clear();
+    else cur.push_back(static_cast<int32_t>(id));
+  }
+  CHECK(got == docs);
+}
+
 TEST_CASE("preprocess bad input: file:line errors, counted skips, no half-written output", "[data][preprocess]") {
   TempDir dir;
   const auto& tok = tokenizer(0);

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "data/text.h"
 #include "data/tokenizer.h"
@@ -58,6 +59,31 @@ TEST_CASE("mixed Chinese/English text round-trips exactly, rare characters throu
   // A character outside the vocabulary becomes its UTF-8 bytes (4 byte tokens for U+2070E).
   auto ids = tok.encode("𠜎");
   CHECK(ids.size() == 4);
+}
+
+TEST_CASE("a literal U+2581 (SentencePiece's space symbol) survives encode -> decode", "[data][tokenizer]") {
+  const auto& tok = shared_tokenizer();
+  const std::string meta = "\u2581";
+  const std::vector<std::string> texts = {"x" + meta + "y", meta + meta + "a b", meta, "a" + meta, meta + " " + meta,
+                                          "\uf8ff" + meta + "\uf8fe", "床" + meta + "前 🚀" + meta};
+  for (const auto& t : texts) {
+    INFO(t);
+    CHECK(tok.decode(tok.encode(t)) == t);
+  }
+  // A literal ▁ is not a space: the two texts get different ids.
+  CHECK(tok.encode("x" + meta + "y") != tok.encode("x y"));
+  CHECK(tok.encode("x y") == tok.encode("x y"));
+  // Text without ▁ is encoded exactly as before (the escape only touches the ▁ itself).
+  CHECK(tok.encode("a b  c") == tok.encode("a b  c"));
+  // Random strings over an alphabet rich in spaces, ▁ and private-use characters.
+  std::mt19937 rng(5);
+  const std::vector<std::string> alphabet = {"a", "b", " ", "  ", "\t", "\n", meta, meta, "\uf8ff", "\uf8fe", "你", "🚀"};
+  for (int i = 0; i < 300; ++i) {
+    std::string t;
+    for (int n = static_cast<int>(rng() % 20) + 1; n > 0; --n) t += alphabet[rng() % alphabet.size()];
+    INFO(t);
+    CHECK(tok.decode(tok.encode(t)) == t);
+  }
 }
 
 TEST_CASE("special tokens have fixed ids and user symbols are never split", "[data][tokenizer]") {
