@@ -7,6 +7,7 @@
 #include <iostream>
 
 #include "inference/loader.h"
+#include "model/generation_config.h"
 #include "model/lora.h"
 #include "model/weights.h"
 #include "utils/cli.h"
@@ -50,6 +51,10 @@ static int run(int argc, char** argv) {
     const auto src = fs::path(tok_dir) / name;
     if (fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
   }
+  // Generation defaults travel too (end-of-text ids as a list where the source had one); without them, dsopen's.
+  const auto gen = model::read_generation_config(args["model"].as<std::string>());
+  const nlohmann::json gen_json = gen ? gen->json : model::default_generation_json(m->config());
+  env::write_file_atomic((fs::path(out) / "generation_config.json").string(), gen_json.dump(2) + "\n");
   std::cout << "wrote " << out << std::endl;
   return 0;
 }

@@ -19,6 +19,7 @@
 #include "inference/generator.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
+#include "model/generation_config.h"
 #include "model/lora.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -78,11 +79,13 @@ static int run(int argc, char** argv) {
       "chat", "Wrap the prompt in the chat template (<|User|>...<|Assistant|>); without a prompt, chat: one user "
               "turn per line of stdin, the conversation kept (/reset starts over, /exit or EOF ends)")(
       "system", "System message of --chat", cxxopts::value<std::string>())(
-      "max-new-tokens", "Tokens to generate at most", cxxopts::value<int64_t>()->default_value("128"))(
-      "temperature", "0: greedy", cxxopts::value<double>()->default_value("0.8"))(
-      "top-k", "0: off", cxxopts::value<int64_t>()->default_value("50"))(
-      "top-p", "1: off", cxxopts::value<double>()->default_value("0.95"))(
-      "repetition-penalty", "1: off", cxxopts::value<double>()->default_value("1.1"))(
+      "max-new-tokens", "Tokens to generate at most (default: generation_config.json's max_new_tokens, else 128)",
+      cxxopts::value<int64_t>()->default_value("128"))(
+      "temperature", "0: greedy (default: generation_config.json's, else 0.8)", cxxopts::value<double>()->default_value("0.8"))(
+      "top-k", "0: off (default: generation_config.json's, else 50)", cxxopts::value<int64_t>()->default_value("50"))(
+      "top-p", "1: off (default: generation_config.json's, else 0.95)", cxxopts::value<double>()->default_value("0.95"))(
+      "repetition-penalty", "1: off (default: generation_config.json's, else 1.1)",
+      cxxopts::value<double>()->default_value("1.1"))(
       "seed", "Sampling seed", cxxopts::value<uint64_t>()->default_value("0"))(
       "stop", "Stop string (repeatable)", cxxopts::value<std::vector<std::string>>())(
       "no-bos", "Do not prepend the BOS token")("ignore-eos", "Keep generating after EOS (fixed-length benchmarks)")(
@@ -170,15 +173,27 @@ static int run(int argc, char** argv) {
     for (int32_t t : tok->encode(prompt)) ids.back().push_back(t);
   }
 
+  // Defaults: the model directory's generation_config.json (as transformers reads it), else dsopen's; flags win.
+  const auto gen = model::read_generation_config(dir);
   inference::SamplingOptions so;
   so.temperature = args["temperature"].as<double>();
   so.top_k = args["top-k"].as<int64_t>();
   so.top_p = args["top-p"].as<double>();
   so.repetition_penalty = args["repetition-penalty"].as<double>();
+  if (gen) {
+    if (!args.count("temperature")) so.temperature = gen->do_sample ? gen->temperature : 0.0;
+    if (!args.count("top-k")) so.top_k = gen->top_k;
+    if (!args.count("top-p")) so.top_p = gen->top_p;
+    if (!args.count("repetition-penalty")) so.repetition_penalty = gen->repetition_penalty;
+  }
   so.seed = args["seed"].as<uint64_t>();
   inference::Sampler sampler(so);
   inference::GenerateOptions go;
   go.max_new_tokens = args["max-new-tokens"].as<int64_t>();
+  if (gen && gen->max_new_tokens && !args.count("max-new-tokens")) go.max_new_tokens = *gen->max_new_tokens;
+  // End-of-text ids: generation_config.json's, else config.json's (one id or a list), else the tokenizer's.
+  const std::vector<int64_t> eos = gen && gen->eos_token_id ? *gen->eos_token_id : model->config().eos_token_id;
+  for (int64_t id : eos) go.eos_ids.push_back(static_cast<int32_t>(id));
   if (args.count("stop")) go.stop = values_of(argc, argv, "stop");
   go.stop_at_eos = !args.count("ignore-eos");
   go.decode_text = !as_ids;
@@ -232,6 +247,10 @@ static int run(int argc, char** argv) {
                           // tokens the decode forwards produced: one per sequence and forward
                           {"decode_tokens_per_s", B * forwards / std::max(decode_s, 1e-9)},
                           {"rss_mb", env::resident_mb()}};
+    out["sampling"] = {{"temperature", so.temperature}, {"top_k", so.top_k}, {"top_p", so.top_p},
+                       {"repetition_penalty", so.repetition_penalty}, {"seed", so.seed},
+                       {"eos_token_ids", go.eos_ids}, {"defaults_from", gen ? gen->source : "dsopen"}};
+    out["prompt_ids"] = ids;
     out["tokens"] = nlohmann::json::array();
     for (const auto& r : results) out["tokens"].push_back(r.tokens);
     if (!as_ids) {

@@ -1,26 +1,40 @@
 #include "inference/generator.h"
 
+#include <algorithm>
 #include <chrono>
 
+#include "inference/text_stream.h"
 #include "utils/errors.h"
 
 namespace dsopen::inference {
 
 namespace {
 
-// Decoded text of a sequence's new tokens, cut at a stop string; `stopped` tells whether one was found.
-// A trailing replacement character is held back unless `final`: it is a multi-byte character still arriving.
-std::string visible_text(const data::Tokenizer& tok, const std::vector<int32_t>& tokens,
+// The visible text of a sequence's new tokens, cut at a stop string; `stopped` tells whether one was found.
+// Unless `final`, what may still change is held back: a trailing replacement character (a multi-byte character
+// still arriving) and an end that begins a stop string.
+std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
                          const std::vector<std::string>& stops, bool final, bool& stopped) {
-  std::string text = tok.decode(tokens);
+  std::string text = stream.text(tokens);
   stopped = false;
+  size_t cut = std::string::npos;
   for (const auto& s : stops) {
-    const auto at = text.find(s);
-    if (!s.empty() && at != std::string::npos) text = text.substr(0, at), stopped = true;
+    const auto at = s.empty() ? std::string::npos : text.find(s);
+    if (at != std::string::npos) cut = std::min(cut, at), stopped = true;
   }
+  if (stopped) text.resize(cut);
+  if (final || stopped) return text;
   const std::string replacement = "\xEF\xBF\xBD";
-  while (!final && !stopped && text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0)
-    text.resize(text.size() - 3);
+  while (text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0) text.resize(text.size() - 3);
+  // Hold back an end of the text that may be the start of a stop string: once shown it could not be taken back.
+  size_t hold = 0;
+  for (const auto& s : stops)
+    for (size_t n = std::min(s.size() - (s.empty() ? 0 : 1), text.size()); n > hold; --n)
+      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
+        hold = n;
+        break;
+      }
+  text.resize(text.size() - hold);
   return text;
 }
 
@@ -73,6 +87,11 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   std::vector<std::vector<int32_t>> context = prompts;
   std::vector<bool> done(B, false);
   std::vector<std::string> emitted(B);
+  std::vector<TextStream> streams;
+  if (o.decode_text)
+    for (const auto& p : prompts) streams.emplace_back(tok, p);
+  std::vector<int32_t> eos_ids = o.eos_ids;
+  if (eos_ids.empty() && tok.eos_id() >= 0) eos_ids.push_back(tok.eos_id());
 
   // Only the last position's logits: the head over the whole prompt would be wasted work.
   auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device), 1).logits
@@ -86,7 +105,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) continue;
       const int32_t token = static_cast<int32_t>(sampler.sample(logits[b], context[b]));
-      if (o.stop_at_eos && token == tok.eos_id()) {
+      if (o.stop_at_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end()) {
         done[b] = true;
         continue;
       }
@@ -96,7 +115,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
       if (!o.decode_text) continue;
       bool stopped = false;
       const bool last = step + 1 == budget;
-      const std::string text = visible_text(tok, results[b].tokens, o.stop, last, stopped);
+      const std::string text = visible_text(streams[b], results[b].tokens, o.stop, last, stopped);
       if (text.size() > emitted[b].size() && text.compare(0, emitted[b].size(), emitted[b]) == 0) {
         if (on_text) on_text(static_cast<size_t>(b), text.substr(emitted[b].size()));
         emitted[b] = text;
@@ -117,6 +136,15 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     }
   }
   const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Flush what was held back (a trailing U+FFFD that no later token completed: a sequence ended at EOS or the limit).
+  for (int64_t b = 0; b < B && o.decode_text; ++b) {
+    bool stopped = false;
+    const std::string text = visible_text(streams[b], results[b].tokens, o.stop, /*final=*/true, stopped);
+    if (text.size() > emitted[b].size() && text.compare(0, emitted[b].size(), emitted[b]) == 0) {
+      if (on_text) on_text(static_cast<size_t>(b), text.substr(emitted[b].size()));
+      emitted[b] = text;
+    }
+  }
   for (int64_t b = 0; b < B; ++b) {
     results[b].text = emitted[b];
     results[b].prompt_tokens = static_cast<int64_t>(prompts[b].size());

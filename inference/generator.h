@@ -14,14 +14,15 @@ namespace dsopen::inference {
 
 struct GenerateOptions {
   int64_t max_new_tokens = 128;
-  std::vector<std::string> stop;  // stop strings (the text up to them is kept)
+  std::vector<std::string> stop;  // stop strings in the generated text (the text up to them is kept)
   bool stop_at_eos = true;
+  std::vector<int32_t> eos_ids;   // any of them ends a sequence (not part of its tokens); empty: the tokenizer's EOS
   bool decode_text = true;  // false: token ids only (no text, no stop strings, no streaming), e.g. for benchmarks
 };
 
 struct GenerateResult {
-  std::vector<int32_t> tokens;  // generated tokens
-  std::string text;             // their decoded text (cut at a stop string)
+  std::vector<int32_t> tokens;  // generated tokens (an ending EOS excluded)
+  std::string text;             // decode(prompt + tokens) - decode(prompt), cut at a stop string
   int64_t prompt_tokens = 0;
   double prefill_s = 0, decode_s = 0;  // the whole batch's: prompt forward (+ cache allocation), then the token loop
   int64_t decode_forwards = 0;         // one-token forward passes in decode_s (new tokens - 1 without an early stop)
@@ -29,7 +30,8 @@ struct GenerateResult {
 
 // Generates for several prompts of different lengths at once: they are left-padded, padding is masked out of
 // attention and each sequence keeps its own positions, so every result equals generating that prompt alone
-// (greedy; a sampler draws from one generator, so sampled text depends on the batch). `on_text(i, piece)` streams.
+// (greedy; a sampler draws from one generator, so sampled text depends on the batch). `on_text(i, piece)` streams:
+// the pieces of sequence i add up to its result's text.
 std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::Tokenizer& tok,
                                            const std::vector<std::vector<int32_t>>& prompts, Sampler& sampler,
                                            const GenerateOptions& options,

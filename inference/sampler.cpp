@@ -19,10 +19,15 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
                                                             const std::vector<int32_t>& context) const {
   auto l = logits.to(torch::kCPU, torch::kFloat64).contiguous();
   std::vector<double> v(l.data_ptr<double>(), l.data_ptr<double>() + l.numel());
-  if (opts_.repetition_penalty != 1.0)
+  // CTRL's rule, once per distinct token of the context however often it occurs (as transformers applies it).
+  if (opts_.repetition_penalty != 1.0) {
+    std::vector<char> penalized(v.size(), 0);
     for (int32_t t : context)
-      if (t >= 0 && t < static_cast<int32_t>(v.size()))
+      if (t >= 0 && t < static_cast<int32_t>(v.size()) && !penalized[t]) {
+        penalized[t] = 1;
         v[t] = v[t] > 0 ? v[t] / opts_.repetition_penalty : v[t] * opts_.repetition_penalty;
+      }
+  }
   std::vector<int64_t> order(v.size());
   std::iota(order.begin(), order.end(), 0);
   // Greedy is the limit of temperature -> 0: one candidate, the arg max (lowest id on ties).

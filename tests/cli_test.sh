@@ -147,6 +147,33 @@ check "generate up to context" 0 "$BIN/dsopen-generate" --model "$CK" --prompt-i
 case "$LAST" in *"stopped at the model's context of $CTX"*) echo "ok   stop at the context is reported" ;; *) echo "FAIL no context note: $LAST"; fail=1 ;; esac
 check "generate missing adapter" 1 "$BIN/dsopen-generate" --model "$CK" --adapter "$W/nope" --prompt "The"
 case "$LAST" in *"$W/nope: adapter directory not found"*) echo "ok   missing adapter named" ;; *) echo "FAIL missing adapter: $LAST"; fail=1 ;; esac
+# An EOS list (config.json or generation_config.json) and generation defaults: read by generate, kept by convert.
+mkdir -p "$W/eoslist" && cp "$CK"/* "$W/eoslist/" 2>/dev/null
+python3 - "$W/eoslist" <<'PY'
+import json, sys
+d = sys.argv[1]
+c = json.load(open(f"{d}/config.json")); c["eos_token_id"] = [2, 7]; json.dump(c, open(f"{d}/config.json", "w"))
+json.dump({"do_sample": False, "eos_token_id": [2, 7, 9], "max_new_tokens": 3}, open(f"{d}/generation_config.json", "w"))
+PY
+check "generate eos list" 0 "$BIN/dsopen-generate" --model "$W/eoslist" --prompt "The" --json
+python3 - "$LAST" <<'PY' || fail=1
+import json, sys
+s = json.loads(sys.argv[1].splitlines()[-1])["sampling"]
+assert s["eos_token_ids"] == [2, 7, 9] and s["temperature"] == 0 and s["defaults_from"].endswith("generation_config.json"), s
+print("ok   generate takes its defaults and EOS list from generation_config.json")
+PY
+check "convert keeps eos list" 0 "$BIN/dsopen-convert" --model "$W/eoslist" --out "$W/eoslist_out"
+python3 - "$W/eoslist_out" <<'PY' || fail=1
+import json, sys
+d = sys.argv[1]
+assert json.load(open(f"{d}/config.json"))["eos_token_id"] == [2, 7], "config.json"
+assert json.load(open(f"{d}/generation_config.json"))["eos_token_id"] == [2, 7, 9], "generation_config.json"
+print("ok   convert keeps the EOS lists of config.json and generation_config.json")
+PY
+echo '{"do_sample": "yes"}' > "$W/eoslist/generation_config.json"
+check "generate bad generation_config" 1 "$BIN/dsopen-generate" --model "$W/eoslist" --prompt "The"
+case "$LAST" in *"generation_config.json: do_sample: expected true or false"*) echo "ok   bad generation_config.json named" ;;
+  *) echo "FAIL bad generation_config: $LAST"; fail=1 ;; esac
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl
 # LoRA: configs/lora.yaml on the checkpoint above for a few steps; the checkpoint holds only the adapter; generate
 # and eval take --adapter; the base merged by dsopen-convert --adapter gives the adapter's logits.

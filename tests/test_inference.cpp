@@ -130,6 +130,25 @@ TEST_CASE("sampler: top-k and top-p never emit excluded tokens; seeds reproduce"
   CHECK_THROWS(inference::Sampler({1.0, 0, 0.0, 1.0, 0}));
 }
 
+TEST_CASE("sampler: the repetition penalty applies once per distinct context token", "[inference][sampler]") {
+  // transformers' RepetitionPenaltyLogitsProcessor gathers the context's tokens and scatters one penalized value:
+  // a token seen three times is divided by the penalty once, not cubed.
+  auto logits = torch::tensor({4.0, 3.0, -1.0});
+  inference::Sampler s({1.0, 0, 1.0, 2.0, 0});
+  const auto once = s.candidates(logits, {0});
+  const auto thrice = s.candidates(logits, {0, 0, 0, 2, 2});
+  auto prob = [](const std::vector<std::pair<int64_t, double>>& c, int64_t id) {
+    for (const auto& [t, p] : c)
+      if (t == id) return p;
+    return 0.0;
+  };
+  // logits after the penalty: {2, 3, -2} (token 2 is negative: multiplied).
+  const double z = std::exp(2.0) + std::exp(3.0) + std::exp(-2.0);
+  CHECK(prob(thrice, 0) == Approx(std::exp(2.0) / z));
+  CHECK(prob(thrice, 2) == Approx(std::exp(-2.0) / z));
+  CHECK(prob(once, 0) == Approx(std::exp(2.0) / (std::exp(2.0) + std::exp(3.0) + std::exp(-1.0))));
+}
+
 TEST_CASE("chat renders turns as SFT data does and keeps the conversation across turns", "[inference][chat]") {
   data::ChatTemplate tmpl;
   CHECK(inference::chat_stop(tmpl) == "<|end|>");

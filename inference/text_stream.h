@@ -1,0 +1,30 @@
+// The text a user sees of a generated sequence: decode(prompt + new) minus decode(prompt). Decoding the new tokens
+// alone is not that text: SentencePiece drops the leading space of a text's first piece (dummy prefix), and a
+// character whose UTF-8 bytes are split between the prompt's last token and the first new one decodes to U+FFFD
+// on either side. The stream decodes a short tail of the prompt with the new tokens and drops the tail's own text,
+// so each step costs a decode of the tail and the new tokens, not of the whole prompt.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "data/tokenizer.h"
+
+namespace dsopen::inference {
+
+class TextStream {
+public:
+  TextStream(const data::Tokenizer& tok, const std::vector<int32_t>& prompt);
+
+  // The visible text after the new tokens `generated` (all of them so far): decode(prompt + generated) minus
+  // decode(prompt). Where the prompt's own text changes with what follows (its last character still incomplete),
+  // the part after the longest common prefix.
+  std::string text(const std::vector<int32_t>& generated) const;
+
+private:
+  const data::Tokenizer& tok_;
+  std::vector<int32_t> tail_;  // the last prompt tokens, enough that decode(prompt) ends with decode(tail)
+  std::string tail_text_;
+};
+
+}  // namespace dsopen::inference
