@@ -117,9 +117,11 @@ void decode_math_keys(config::Reader& r, ModelConfig& c) {
     r.error("use_sliding_window", "sliding-window attention is not supported; set it false (full attention)");
   if (r.has("layer_types") && r.raw("layer_types").IsSequence())
     for (const auto& t : r.raw("layer_types"))
-      if (!t.IsScalar() || t.Scalar() != "full_attention")
+      if (!t.IsScalar() || t.Scalar() != "full_attention") {
         r.error("layer_types", "only full_attention layers are supported, found '" +
                                    (t.IsScalar() ? t.Scalar() : std::string("?")) + "'");
+        break;
+      }
   r.accept("layer_types");
   r.accept("sliding_window");
   r.accept("max_window_layers");

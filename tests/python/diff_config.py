@@ -1,0 +1,102 @@
+"""Differential test of config.json parsing against transformers: no key that changes the math may be accepted
+and ignored. For each variant of a Llama, Qwen2, DeepSeek-V2 and DeepSeek-V3 config (keys real checkpoints carry,
+set to values that change the computation), transformers builds and saves a random model; dsopen-eval must then
+either refuse the directory with an error naming the key, or give transformers' logits (relative error < 1e-4).
+Usage: diff_config.py BIN_DIR"""
+import json, os, subprocess, sys, tempfile
+
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+BIN = sys.argv[1]
+torch.manual_seed(0)
+
+DENSE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+           max_position_embeddings=256, initializer_range=0.1, n_group=4, topk_group=2)
+LLAMA, QWEN, V2, V3 = ((tf.LlamaConfig, tf.LlamaForCausalLM), (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                       (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM), (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM))
+
+# (name, family, config kwargs, rope parameters or None, key dsopen may refuse it by (None: must load and match))
+CASES = [
+    ("llama plain", LLAMA, DENSE, None, None),
+    ("llama mlp_bias", LLAMA, dict(DENSE, mlp_bias=True), None, "mlp_bias"),
+    ("llama attention_bias", LLAMA, dict(DENSE, attention_bias=True), None, None),
+    ("llama head_dim 32", LLAMA, dict(DENSE, head_dim=32), None, None),
+    ("llama pretraining_tp 2", LLAMA, dict(DENSE, pretraining_tp=2), None, None),
+    ("llama tied embeddings", LLAMA, dict(DENSE, tie_word_embeddings=True), None, None),
+    ("llama rope_theta 5e5, eps 1e-5", LLAMA, dict(DENSE, rms_norm_eps=1e-5), {"rope_type": "default", "rope_theta": 5e5}, None),
+    ("llama eos list", LLAMA, dict(DENSE, eos_token_id=[2, 3]), None, None),
+    ("llama rope linear", LLAMA, DENSE, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope"),
+    ("llama rope llama3", LLAMA, DENSE, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                         "rope_theta": 1e4}, "rope"),
+    ("llama rope dynamic", LLAMA, DENSE, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "rope"),
+    ("qwen2 plain", QWEN, DENSE, None, None),
+    ("qwen2 sliding window on", QWEN, dict(DENSE, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+     None, "sliding"),
+    ("qwen2 sliding window off", QWEN, dict(DENSE, use_sliding_window=False, sliding_window=8, max_window_layers=0),
+     None, None),
+    ("v2 group_limited_greedy", V2, dict(MLA, q_lora_rank=None, topk_method="group_limited_greedy"), None, None),
+    ("v2 greedy scaled", V2, dict(MLA, q_lora_rank=24, topk_method="greedy", n_group=1, topk_group=1,
+                                  routed_scaling_factor=2.0), None, None),
+    ("v2 attention_bias", V2, dict(MLA, q_lora_rank=24, attention_bias=True), None, "attention_bias"),
+    ("v2 mlp_bias", V2, dict(MLA, q_lora_rank=24, mlp_bias=True), None, "mlp_bias"),
+    ("v3 plain", V3, dict(MLA, q_lora_rank=24, norm_topk_prob=True, routed_scaling_factor=2.5), None, None),
+    ("v3 rope_interleave false", V3, dict(MLA, q_lora_rank=24, norm_topk_prob=True, rope_interleave=False), None, None),
+    ("v3 attention_bias", V3, dict(MLA, q_lora_rank=24, attention_bias=True), None, "attention_bias"),
+    ("v3 no norm_topk_prob", V3, dict(MLA, q_lora_rank=None, norm_topk_prob=False), None, None),
+    ("v3 all dense", V3, dict(MLA, q_lora_rank=24, first_k_dense_replace=3), None, None),
+    ("v3 yarn", V3, dict(MLA, q_lora_rank=24, norm_topk_prob=True),
+     {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1e4}, None),
+]
+
+
+def main():
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = torch.randint(0, 256, (2, 40))
+        tokens = os.path.join(tmp, "tokens.txt")
+        with open(tokens, "w") as f:
+            for row in ids.tolist():
+                f.write(" ".join(map(str, row)) + "\n")
+        for i, (name, (cfg_cls, model_cls), kw, rope, refuse_key) in enumerate(CASES):
+            cfg = cfg_cls(**kw)
+            if rope is not None:
+                cfg.rope_parameters = rope
+            model = model_cls(cfg).eval()
+            with torch.no_grad():
+                for n, b in list(model.named_buffers()) + list(model.named_parameters()):
+                    if n.endswith("e_score_correction_bias"):
+                        b.copy_(torch.randn_like(b) * 0.05)
+                    elif n.endswith(".bias"):
+                        b.copy_(torch.randn_like(b) * 0.1)  # make biases matter
+                ref = model(ids).logits
+            d = os.path.join(tmp, f"case{i}")
+            model.save_pretrained(d, safe_serialization=True)
+            out = os.path.join(tmp, f"case{i}.safetensors")
+            r = subprocess.run([os.path.join(BIN, "dsopen-eval"), "--model", d, "--tokens", tokens, "--dump-logits", out],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                msg = r.stderr.strip()
+                # Config errors come together, one per line, each naming file:line and key.
+                ok = refuse_key is not None and refuse_key in msg.splitlines()[0] and "config.json:" in msg
+                ok = ok and len(set(msg.splitlines())) == len(msg.splitlines())
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {name}: refused: {msg}")
+                continue
+            ours = load_file(out)["logits"]
+            rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+            ok = rel < 1e-4 and bool((ours.argmax(-1) == ref.argmax(-1)).all())
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: loaded, max relative error {rel:.1e}")
+    print(f"{len(CASES) - failures} of {len(CASES)} agree")
+    sys.exit(1 if failures else 0)
+
+
+main()
