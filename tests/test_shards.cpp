@@ -64,6 +64,19 @@ const SentencePieceTokenizer& tokenizer(int which) {
   return *toks[which];
 }
 
+// A shard's token stream cut at every EOS and decoded: its documents, in order.
+std::vector<std::string> decode_documents(const MappedShard& shard, const data::Tokenizer& tok) {
+  std::vector<int64_t> all(shard.size());
+  shard.read(0, shard.size(), all.data());
+  std::vector<std::string> docs;
+  std::vector<int32_t> cur;
+  for (auto id : all) {
+    if (id == tok.eos_id()) docs.push_back(tok.decode(cur)), cur.clear();
+    else cur.push_back(static_cast<int32_t>(id));
+  }
+  return docs;
+}
+
 }  // namespace
 
 TEST_CASE("shards -> dataset yield exactly the tokens written, in order, across shard boundaries", "[data][shards]") {
@@ -216,14 +229,7 @@ TEST_CASE("preprocess: separators, ANSI stripping, gzip and JSONL inputs round-t
   REQUIRE(stats.shards == 1);
   // Decode the stream back, document by document.
   MappedShard shard(stats.shard_prefixes[0]);
-  std::vector<int64_t> all(shard.size());
-  shard.read(0, shard.size(), all.data());
-  std::vector<std::string> docs;
-  std::vector<int32_t> cur;
-  for (auto id : all) {
-    if (id == tok.eos_id()) docs.push_back(tok.decode(cur)), cur.clear();
-    else cur.push_back(static_cast<int32_t>(id));
-  }
+  const auto docs = decode_documents(shard, tok);
   CHECK(docs == std::vector<std::string>{"first fortune\nline two", "second one", "third", "zipped doc",
                                          "another zipped", "json doc one", "json doc two"});
   CHECK(shard.header().tokenizer_hash == tok.hash());
@@ -258,16 +264,7 @@ TEST_CASE("preprocess keeps text verbatim into the shards, a literal U+2581 incl
   o.corpus.doc_separator = "%";
   const auto& tok = tokenizer(0);
   auto stats = build_shards(o, tok);
-  MappedShard shard(stats.shard_prefixes[0]);
-  std::vector<int64_t> all(shard.size());
-  shard.read(0, shard.size(), all.data());
-  std::vector<std::string> got;
-  std::vector<int32_t> cur;
-  for (auto id : all) {
-    if (id == tok.eos_id()) got.push_back(tok.decode(cur)), cur.clear();
-    else cur.push_back(static_cast<int32_t>(id));
-  }
-  CHECK(got == docs);
+  CHECK(decode_documents(MappedShard(stats.shard_prefixes[0]), tok) == docs);
 }
 
 TEST_CASE("preprocess bad input: file:line errors, counted skips, no half-written output", "[data][preprocess]") {

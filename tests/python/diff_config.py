@@ -9,6 +9,9 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import randomize_extras, write_token_rows  # noqa: E402
+
 BIN = sys.argv[1]
 torch.manual_seed(0)
 
@@ -62,20 +65,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ids = torch.randint(0, 256, (2, 40))
         tokens = os.path.join(tmp, "tokens.txt")
-        with open(tokens, "w") as f:
-            for row in ids.tolist():
-                f.write(" ".join(map(str, row)) + "\n")
+        write_token_rows(tokens, ids)
         for i, (name, (cfg_cls, model_cls), kw, rope, refuse_key) in enumerate(CASES):
             cfg = cfg_cls(**kw)
             if rope is not None:
                 cfg.rope_parameters = rope
             model = model_cls(cfg).eval()
+            randomize_extras(model, bias_std=0.1)  # biases that matter
             with torch.no_grad():
-                for n, b in list(model.named_buffers()) + list(model.named_parameters()):
-                    if n.endswith("e_score_correction_bias"):
-                        b.copy_(torch.randn_like(b) * 0.05)
-                    elif n.endswith(".bias"):
-                        b.copy_(torch.randn_like(b) * 0.1)  # make biases matter
                 ref = model(ids).logits
             d = os.path.join(tmp, f"case{i}")
             model.save_pretrained(d, safe_serialization=True)

@@ -7,6 +7,9 @@ import torch
 from safetensors.torch import load_file
 import transformers as tf
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import randomize_extras, write_token_rows  # noqa: E402
+
 BIN = sys.argv[1]
 torch.manual_seed(0)
 
@@ -39,9 +42,7 @@ failures = 0
 with tempfile.TemporaryDirectory() as tmp:
     ids = torch.randint(0, 256, (2, 40))
     tokens = os.path.join(tmp, "tokens.txt")
-    with open(tokens, "w") as f:
-        for row in ids.tolist():
-            f.write(" ".join(map(str, row)) + "\n")
+    write_token_rows(tokens, ids)
     for name, (cfg_cls, model_cls, kw) in CASES.items():
         kw = dict(kw)
         rope = kw.pop("rope_scaling", None)
@@ -49,13 +50,8 @@ with tempfile.TemporaryDirectory() as tmp:
         if rope is not None:  # transformers 5 keeps rope settings in rope_parameters
             cfg.rope_parameters = dict(rope, rope_theta=10000.0)
         model = model_cls(cfg).eval()
+        randomize_extras(model)
         with torch.no_grad():
-            for n, b in model.named_buffers():  # a non-zero correction bias exercises noaux_tc selection
-                if n.endswith("e_score_correction_bias"):
-                    b.copy_(torch.randn_like(b) * 0.05)
-            for n, p in model.named_parameters():
-                if n.endswith("e_score_correction_bias"):
-                    p.copy_(torch.randn_like(p) * 0.05)
             ref = model(ids).logits
         d = os.path.join(tmp, name)
         model.save_pretrained(d, safe_serialization=True)
