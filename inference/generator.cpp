@@ -94,8 +94,8 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   if (eos_ids.empty() && tok.eos_id() >= 0) eos_ids.push_back(tok.eos_id());
 
   // Only the last position's logits: the head over the whole prompt would be wasted work.
-  auto logits = padded ? model->forward(ids.to(device), {}, &cache, positions.to(device), segments.to(device), 1).logits
-                       : model->forward(ids.to(device), {}, &cache, {}, {}, 1).logits;
+  auto logits = padded ? model->forward({ids.to(device), {}, &cache, positions.to(device), segments.to(device), 1}).logits
+                       : model->forward({ids.to(device), {}, &cache, {}, {}, 1}).logits;
   logits = logits.select(1, 0);  // [B, V]
   const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   t0 = std::chrono::steady_clock::now();
@@ -128,11 +128,11 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
     if (padded) {
       std::vector<int64_t> pos(B);
       for (int64_t b = 0; b < B; ++b) pos[b] = next_position[b]++;
-      logits = model->forward(next_ids, {}, &cache, torch::tensor(pos, torch::kLong).view({B, 1}).to(device),
-                              torch::ones({B, 1}, torch::kLong).to(device))
+      logits = model->forward({next_ids, {}, &cache, torch::tensor(pos, torch::kLong).view({B, 1}).to(device),
+                               torch::ones({B, 1}, torch::kLong).to(device)})
                    .logits.select(1, 0);
     } else {
-      logits = model->forward(next_ids, {}, &cache).logits.select(1, 0);
+      logits = model->forward({next_ids, {}, &cache}).logits.select(1, 0);
     }
   }
   const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -220,9 +220,13 @@ torch::Tensor document_mask(const torch::Tensor& segments) {
 }
 }  // namespace
 
-ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch::Tensor& labels, KVCache* cache,
-                                    const torch::Tensor& position_ids, const torch::Tensor& segment_ids,
-                                    int64_t last_logits) {
+ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
+  const torch::Tensor& input_ids = in.input_ids;
+  const torch::Tensor& labels = in.labels;
+  const torch::Tensor& position_ids = in.position_ids;
+  const torch::Tensor& segment_ids = in.segment_ids;
+  KVCache* cache = in.cache;
+  const int64_t last_logits = in.last_logits;
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   TORCH_CHECK(last_logits == 0 || !labels.defined(), "forward: last_logits is for inference (no labels)");
   const int64_t start = cache ? cache->length : 0;
@@ -249,8 +253,8 @@ ForwardOutput CausalLMImpl::forward(const torch::Tensor& input_ids, const torch:
   const auto zero = torch::zeros({}, h.options().dtype(torch::kFloat32));
   out.sums.aux = zero;
   for (size_t l = 0; l < model->layer_list.size(); ++l) {
-    AttentionInput in{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
-    LayerOutput lo = run_layer(*model->layer_list[l], h, in, main_mask);
+    AttentionInput attention{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
+    LayerOutput lo = run_layer(*model->layer_list[l], h, attention, main_mask);
     h = lo.h;
     out.sums.aux = out.sums.aux + lo.aux_sum;
     if (lo.load.defined()) out.expert_load.push_back(lo.load);

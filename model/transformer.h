@@ -75,6 +75,23 @@ struct KVCache {
   torch::Tensor key_valid;   // bool [B, capacity]: false for padding (batched prompts of different lengths)
 };
 
+// What one forward pass reads. Fields keep the order of their use, so `forward({ids, {}, &cache})` reads as "decode
+// these ids against the cache".
+struct ForwardInput {
+  torch::Tensor input_ids;  // [B, T] int64
+  torch::Tensor labels;     // [B, T] next-token targets (-100 = ignore), or undefined (inference: no loss)
+  // With a cache, positions start at cache->length and the cache is extended (inference; no MTP, no loss).
+  KVCache* cache = nullptr;
+  // Packed rows pass position_ids and segment_ids [B, T] (see data::Batch): attention stays inside a document and
+  // RoPE positions restart with each one. With a cache, segment_ids mark padding (0) in left-padded batches of
+  // prompts: no query attends a padding key, and position_ids give each sequence its own positions.
+  torch::Tensor position_ids;
+  torch::Tensor segment_ids;
+  // > 0 (inference, no labels): logits of the last that many positions only, [B, last_logits, V] (a prompt's
+  // prefill needs one; the head is a large share of a small model's FLOPs).
+  int64_t last_logits = 0;
+};
+
 struct ForwardOutput {
   torch::Tensor logits;    // [B, T, V] (float32 under autocast is not forced: the head's dtype)
   // With labels: the terms of model/loss.h composed with this batch's own counts. A trainer that accumulates
@@ -102,16 +119,11 @@ class CausalLMImpl : public torch::nn::Module {
 public:
   explicit CausalLMImpl(const ModelConfig& c);
 
-  // input_ids [B, T] int64; labels [B, T] (next-token targets, -100 = ignore) or undefined.
-  // With `cache`, positions start at cache->length and the cache is extended (inference; no MTP, no loss).
-  // Packed rows pass position_ids and segment_ids [B, T] (see data::Batch): attention stays inside a document
-  // and RoPE positions restart with each one. With a cache, segment_ids mark padding (0) in left-padded batches of
-  // prompts: no query attends a padding key, and position_ids give each sequence its own positions.
-  // `last_logits` > 0 (inference, no labels): logits of the last that many positions only, [B, last_logits, V]
-  // (a prompt's prefill needs one; the head is a large share of a small model's FLOPs).
-  ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}, KVCache* cache = nullptr,
-                        const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {},
-                        int64_t last_logits = 0);
+  ForwardOutput forward(const ForwardInput& in);
+  // Training and evaluation without packing: forward({input_ids, labels}).
+  ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}) {
+    return forward(ForwardInput{input_ids, labels});
+  }
 
   // Allocates caches for `batch` sequences of up to `capacity` positions.
   KVCache make_cache(int64_t batch, int64_t capacity, torch::Dtype dtype = torch::kFloat32) const;

@@ -65,8 +65,8 @@ TEST_CASE("CUDA cached decoding equals the full forward", "[cuda]") {
   auto full = m->forward(ids).logits;
   model::KVCache cache = m->make_cache(2, 24);
   std::vector<torch::Tensor> parts;
-  parts.push_back(m->forward(ids.narrow(1, 0, 10), {}, &cache).logits);
-  for (int64_t t = 10; t < 24; ++t) parts.push_back(m->forward(ids.narrow(1, t, 1), {}, &cache).logits);
+  parts.push_back(m->forward({ids.narrow(1, 0, 10), {}, &cache}).logits);
+  for (int64_t t = 10; t < 24; ++t) parts.push_back(m->forward({ids.narrow(1, t, 1), {}, &cache}).logits);
   CHECK(rel(torch::cat(parts, 1), full) < 1e-4);
 }
 

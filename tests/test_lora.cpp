@@ -181,8 +181,8 @@ TEST_CASE("decoding with the KV cache (absorbed MLA) sees the kv_b_proj adapter"
   const auto full = logits(m, ids);
   torch::NoGradGuard no_grad;
   auto cache = m->make_cache(ids.size(0), ids.size(1));
-  auto prefix = m->forward(ids.narrow(1, 0, 8), {}, &cache).logits;
-  auto step = m->forward(ids.narrow(1, 8, 4), {}, &cache).logits;
+  auto prefix = m->forward({ids.narrow(1, 0, 8), {}, &cache}).logits;
+  auto step = m->forward({ids.narrow(1, 8, 4), {}, &cache}).logits;
   CHECK(max_abs_diff(torch::cat({prefix, step}, 1), full) < 1e-5);
 }
 

@@ -139,9 +139,9 @@ TEST_CASE("cached incremental decoding equals the full forward (MHA, GQA, qwen2,
     auto full = m->forward(ids).logits;  // [2, 20, V]
     KVCache cache = m->make_cache(2, 32);
     std::vector<torch::Tensor> parts;
-    parts.push_back(m->forward(ids.narrow(1, 0, 7), {}, &cache).logits);   // prefill
-    parts.push_back(m->forward(ids.narrow(1, 7, 3), {}, &cache).logits);   // a chunk with a prefix
-    for (int64_t t = 10; t < 20; ++t) parts.push_back(m->forward(ids.narrow(1, t, 1), {}, &cache).logits);
+    parts.push_back(m->forward({ids.narrow(1, 0, 7), {}, &cache}).logits);   // prefill
+    parts.push_back(m->forward({ids.narrow(1, 7, 3), {}, &cache}).logits);   // a chunk with a prefix
+    for (int64_t t = 10; t < 20; ++t) parts.push_back(m->forward({ids.narrow(1, t, 1), {}, &cache}).logits);
     CHECK(cache.length == 20);
     CHECK(max_abs_diff(torch::cat(parts, 1), full) < 1e-5);
   }
@@ -199,8 +199,8 @@ TEST_CASE("rope_interleave: false is the rotate-half layout of the same model (w
   auto ref = a->forward(ids).logits;
   CHECK(max_abs_diff(b->forward(ids).logits, ref) < 1e-5);
   KVCache cache = b->make_cache(2, 32);  // decoding (absorbed attention) uses the same layout
-  std::vector<torch::Tensor> parts{b->forward(ids.narrow(1, 0, 12), {}, &cache).logits};
-  for (int64_t t = 12; t < 20; ++t) parts.push_back(b->forward(ids.narrow(1, t, 1), {}, &cache).logits);
+  std::vector<torch::Tensor> parts{b->forward({ids.narrow(1, 0, 12), {}, &cache}).logits};
+  for (int64_t t = 12; t < 20; ++t) parts.push_back(b->forward({ids.narrow(1, t, 1), {}, &cache}).logits);
   CHECK(max_abs_diff(torch::cat(parts, 1), ref) < 1e-5);
   // Without the permutation the layouts disagree: the key is not inert.
   ModelConfig again = c;
@@ -336,7 +336,7 @@ TEST_CASE("packed documents: each document's logits equal running it alone", "[m
     auto packed = torch::cat({a, b}, 1);  // [1, 16]
     auto segments = torch::cat({torch::full({1, 10}, 1, torch::kLong), torch::full({1, 6}, 2, torch::kLong)}, 1);
     auto positions = torch::cat({torch::arange(10).unsqueeze(0), torch::arange(6).unsqueeze(0)}, 1);
-    auto out = m->forward(packed, {}, nullptr, positions, segments).logits;
+    auto out = m->forward({packed, {}, nullptr, positions, segments}).logits;
     CHECK(max_abs_diff(out.narrow(1, 0, 10), m->forward(a).logits) < 1e-5);
     CHECK(max_abs_diff(out.narrow(1, 10, 6), m->forward(b).logits) < 1e-5);
     // Without the layout the second document would see the first.

@@ -260,9 +260,9 @@ TrainResult Trainer::run() {
       if (c.epoch > 0) break;  // one pass at most
       std::optional<compat::AutocastScope> ac;
       s.precision->autocast(ac);
-      auto out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
-                                  b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
-                                  b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
+      auto out = s.model->forward({b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
+                                   b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
+                                   b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor()});
       ce += out.ce_sum.item<double>();
       n += out.n_targets.item<double>();
     }
@@ -303,9 +303,9 @@ TrainResult Trainer::run() {
       {
         std::optional<compat::AutocastScope> ac;
         s.precision->autocast(ac);
-        out = s.model->forward(b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
-                               b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
-                               b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor());
+        out = s.model->forward({b.input_ids.to(s.device), b.labels.to(s.device), nullptr,
+                                b.position_ids.defined() ? b.position_ids.to(s.device) : torch::Tensor(),
+                                b.segment_ids.defined() ? b.segment_ids.to(s.device) : torch::Tensor()});
       }
       // This micro-batch's share of the global loss: its sums over the global counts. Gradients are summed over
       // micro-batches and ranks, so the shares add up to the loss of the whole batch.
