@@ -43,13 +43,13 @@ void decode(config::Reader& r, DataOptions& o) {
   long long seq_len = o.seq_len;
   r.optional("seq_len", seq_len, config::at_least(1));
   o.seq_len = seq_len;
-  r.choice("format", o.format, {"pretrain", "sft"});
+  r.choice<DataOptions::Format>("format", o.format, {{"pretrain", DataOptions::Format::Pretrain}, {"sft", DataOptions::Format::Sft}});
   if (r.has("chat_template")) {
     config::Reader t = r.child("chat_template");
     decode(t, o.chat_template);
   }
   r.optional("pack", o.pack);
-  r.choice("truncation", o.truncation, {"right", "drop"});
+  r.choice<Truncation>("truncation", o.truncation, {{"right", Truncation::Right}, {"drop", Truncation::Drop}});
   if (r.has("build")) {
     o.has_build = true;
     config::Reader b = r.child("build");
@@ -86,7 +86,7 @@ std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
 }
 
 bool prepare_shards(const DataOptions& o, const Tokenizer& tok) {
-  if (o.format != "pretrain" || !o.has_build) return false;
+  if (o.format != DataOptions::Format::Pretrain || !o.has_build) return false;
   for (const auto& pattern : o.train)
     for (const auto& prefix : expand_shards(pattern))
       if (std::filesystem::exists(prefix + ".idx")) return false;  // already built

@@ -30,11 +30,12 @@ struct DataOptions {
   std::vector<std::string> valid;  // held-out shards / JSONL; empty: use valid_fraction of train
   double valid_fraction = 0.0;
   int64_t seq_len = 256;
-  std::string format = "pretrain";  // pretrain | sft
+  enum class Format { Pretrain, Sft };
+  Format format = Format::Pretrain;  // "pretrain" | "sft"
   // sft only
   ChatTemplate chat_template;
   bool pack = false;
-  std::string truncation = "right";  // right | drop
+  Truncation truncation = Truncation::Right;  // "right" | "drop"
   // Building shards on first use (pretrain): inputs and corpus options as dsopen-preprocess takes them.
   bool has_build = false;
   std::vector<std::string> build_inputs;

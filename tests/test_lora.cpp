@@ -389,7 +389,7 @@ TEST_CASE("the lora: section decodes strictly", "[lora][config]") {
   CHECK(job.lora.config.rank_pattern == std::vector<std::pair<std::string, int64_t>>{{"o_proj", 2}});
   CHECK(job.lora.config.alpha_pattern == std::vector<std::pair<std::string, double>>{{"o_proj", 1.5}});
   CHECK(job.lora.config.use_rslora);
-  CHECK(job.lora.base_dtype == "bf16");
+  CHECK(job.lora.base_dtype == torch::kBFloat16);  // decoded once into a dtype
   // A checkpoints directory stands for the checkpoint its `latest` file names.
   model::save_hf_model(base, (tmp.path / "ck" / "step_00000007").string());
   tmp.write("ck/latest", "step_00000007\n");

@@ -10,6 +10,7 @@
 #include "model/safetensors.h"
 #include "train/checkpoint.h"
 #include "train/options.h"
+#include "train/schedule.h"
 #include "train/precision.h"
 #include "train/trainer.h"
 #include "utils/config.h"
@@ -211,17 +212,17 @@ TEST_CASE("flat AdamW equals LibTorch's AdamW (decay and no-decay groups)", "[tr
 }
 
 TEST_CASE("LR schedules: warmup, cosine, linear, constant and WSD endpoints", "[train][schedule]") {
-  train::ScheduleOptions s{"cosine", 1.0, 0.1, 10, 110, 0.2};
+  train::ScheduleOptions s{train::Schedule::Cosine, 1.0, 0.1, 10, 110, 0.2};
   CHECK(train::lr_at(0, s) == Approx(0.1));    // warmup: (step+1)/warmup * lr
   CHECK(train::lr_at(9, s) == Approx(1.0));
   CHECK(train::lr_at(10, s) == Approx(1.0));   // cosine starts at lr ...
   CHECK(train::lr_at(60, s) == Approx(0.55).epsilon(0.02));
   CHECK(train::lr_at(109, s) == Approx(0.1));  // ... and ends at min_lr on the last step
-  s.kind = "linear";
+  s.kind = train::Schedule::Linear;
   CHECK(train::lr_at(109, s) == Approx(0.1));
-  s.kind = "constant";
+  s.kind = train::Schedule::Constant;
   CHECK(train::lr_at(109, s) == Approx(1.0));
-  s.kind = "wsd";  // stable until the last 20% of the steps, then linear to min_lr
+  s.kind = train::Schedule::Wsd;  // stable until the last 20% of the steps, then linear to min_lr
   CHECK(train::lr_at(80, s) == Approx(1.0));
   CHECK(train::lr_at(109, s) == Approx(0.1));
   CHECK(train::lr_at(100, s) < 1.0);

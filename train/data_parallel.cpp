@@ -9,6 +9,18 @@
 
 namespace dsopen::train {
 
+const std::vector<std::pair<std::string, Strategy>>& strategy_names() {
+  static const std::vector<std::pair<std::string, Strategy>> names = {
+      {"none", Strategy::None}, {"ddp", Strategy::Ddp}, {"zero1", Strategy::Zero1}, {"zero2", Strategy::Zero2}};
+  return names;
+}
+
+std::string to_string(Strategy s) {
+  for (const auto& [name, v] : strategy_names())
+    if (v == s) return name;
+  return "?";
+}
+
 namespace {
 
 // Runs after AccumulateGrad has added a parameter's gradient: the moment its bucket may be complete.
@@ -45,22 +57,20 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
                            const AdamWOptions& adamw, const DataParallelOptions& options,
                            std::shared_ptr<ProcessGroup> group)
     : options_(options), group_(std::move(group)) {
-  const std::string& s = options_.strategy;
-  if (s != "none" && s != "ddp" && s != "zero1" && s != "zero2")
-    throw usage_error("parallel.strategy", "unknown strategy '" + s + "'", "use none, ddp, zero1 or zero2");
-  if (s == "none" && group_->size() > 1)
+  const Strategy s = options_.strategy;
+  if (s == Strategy::None && group_->size() > 1)
     throw usage_error("parallel.strategy", "is none but " + std::to_string(group_->size()) + " ranks were started",
                       "set parallel.strategy to ddp, zero1 or zero2");
   ShardingOptions sh;
   sh.rank = group_->rank();
   sh.world_size = group_->size();
-  sh.shard_state = s == "zero1" || s == "zero2";
-  sh.whole_grads = s != "zero2";
+  sh.shard_state = s == Strategy::Zero1 || s == Strategy::Zero2;
+  sh.whole_grads = s != Strategy::Zero2;
   sh.bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * 1e6 / 4));
-  if (s == "none") sh.bucket_numel = 0;
+  if (s == Strategy::None) sh.bucket_numel = 0;
   sh.offload = options_.offload_optimizer;
   opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);
-  if (s == "none") return;
+  if (s == Strategy::None) return;
 
   for (auto& g : opt_->groups()) {
     for (const auto& b : g.buckets) {
@@ -109,7 +119,7 @@ void DataParallel::begin_micro_step(bool last) {
 void DataParallel::on_grad_ready(size_t index) {
   const auto [bi, k] = param_slot_[index];
   BucketState& b = *buckets_[bi];
-  const bool zero2 = options_.strategy == "zero2";
+  const bool zero2 = options_.strategy == Strategy::Zero2;
   if (!zero2 && !last_micro_step_) return;  // ddp/zero1 accumulate locally until the last micro-step
   if (b.launched)
     throw runtime_error("parallel", "a gradient arrived after its bucket was reduced (parameter " +
@@ -147,7 +157,7 @@ void DataParallel::launch(size_t bi) {
   while (pending_.size() >= 2) complete_oldest();
   auto p = std::make_unique<Pending>();
   p->bucket = bi;
-  if (options_.strategy == "zero2") {
+  if (options_.strategy == Strategy::Zero2) {
     if (!b.scratch.defined()) b.scratch = torch::zeros({b.bucket->numel}, b.group->params.options());  // no grads came
     p->scratch = b.scratch;
     b.scratch = torch::Tensor();
@@ -175,7 +185,7 @@ void DataParallel::complete_oldest() {
 
 void DataParallel::end_micro_step() {
   if (buckets_.empty()) return;
-  const bool communicate = options_.strategy == "zero2" || last_micro_step_;
+  const bool communicate = options_.strategy == Strategy::Zero2 || last_micro_step_;
   // Buckets some of whose parameters got no gradient (unused experts, frozen paths) go now, in order.
   if (communicate)
     while (next_launch_ < buckets_.size()) launch(next_launch_++);

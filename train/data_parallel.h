@@ -24,8 +24,12 @@
 
 namespace dsopen::train {
 
+enum class Strategy { None, Ddp, Zero1, Zero2 };
+const std::vector<std::pair<std::string, Strategy>>& strategy_names();  // "none", "ddp", "zero1", "zero2"
+std::string to_string(Strategy s);
+
 struct DataParallelOptions {
-  std::string strategy = "none";  // none | ddp | zero1 | zero2
+  Strategy strategy = Strategy::None;
   double bucket_mb = 25;
   bool offload_optimizer = false;  // moments and the step on the CPU (ZeRO-Offload)
 };
@@ -51,7 +55,7 @@ public:
   FlatAdamW& optimizer() { return *opt_; }
   const FlatAdamW& optimizer() const { return *opt_; }
   ProcessGroup& group() { return *group_; }
-  const std::string& strategy() const { return options_.strategy; }
+  Strategy strategy() const { return options_.strategy; }
 
   int64_t state_bytes() const { return opt_->state_bytes(); }
   // Gradient memory of this rank: the gradient buffer plus (zero2) the peak of buckets in flight.

@@ -279,18 +279,4 @@ void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards) {
       for (const auto& pc : pieces(g)) g.master.narrow(0, pc.state_offset, pc.numel).copy_(g.params.narrow(0, pc.offset, pc.numel));
 }
 
-double lr_at(int64_t step, const ScheduleOptions& s) {
-  if (step < s.warmup_steps) return s.lr * static_cast<double>(step + 1) / static_cast<double>(s.warmup_steps);
-  const double span = std::max<int64_t>(1, s.max_steps - 1 - s.warmup_steps);
-  const double t = std::min(1.0, static_cast<double>(step - s.warmup_steps) / span);  // 0 -> 1 after warmup
-  if (s.kind == "constant") return s.lr;
-  if (s.kind == "linear") return s.lr + (s.min_lr - s.lr) * t;
-  if (s.kind == "cosine") return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + std::cos(M_PI * t));
-  // wsd: hold lr, then decay linearly over the last decay_fraction of all steps.
-  const double decay_start = (1.0 - s.decay_fraction) * static_cast<double>(s.max_steps - 1);
-  if (step <= decay_start) return s.lr;
-  const double u = (step - decay_start) / std::max(1e-9, static_cast<double>(s.max_steps - 1) - decay_start);
-  return s.lr + (s.min_lr - s.lr) * std::min(1.0, u);
-}
-
 }  // namespace dsopen::train

@@ -1,4 +1,4 @@
-// AdamW over flat buffers, and the learning-rate schedules.
+// AdamW over flat buffers.
 //
 // Every trainable parameter of a group (decay / no decay) is re-pointed into one contiguous fp32 buffer, so an
 // optimizer step is a handful of vectorized ops per group instead of a loop over hundreds of tensors (what
@@ -107,15 +107,5 @@ private:
   std::vector<Group> groups_;
   int64_t step_ = 0;
 };
-
-struct ScheduleOptions {
-  std::string kind = "cosine";  // cosine | linear | constant | wsd
-  double lr = 3e-4, min_lr = 3e-5;
-  int64_t warmup_steps = 0, max_steps = 1;
-  double decay_fraction = 0.1;  // wsd
-};
-// Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then the schedule
-// from lr to min_lr at the last step.
-double lr_at(int64_t step, const ScheduleOptions& s);
 
 }  // namespace dsopen::train

@@ -36,7 +36,7 @@ void decode(config::Reader& r, TrainOptions& o) {
   r.optional("lr", o.lr, config::greater_than(0));
   r.optional("min_lr", o.min_lr, config::at_least_f(0));
   r.optional("warmup_steps", o.warmup_steps, config::at_least(0));
-  r.choice("schedule", o.schedule, {"cosine", "linear", "constant", "wsd"});
+  r.choice("schedule", o.schedule, schedule_names());
   r.optional("decay_fraction", o.decay_fraction, config::in_range(0.0, 1.0));
   r.optional("weight_decay", o.weight_decay, config::at_least_f(0));
   r.optional("decay_embeddings", o.decay_embeddings);
@@ -45,7 +45,7 @@ void decode(config::Reader& r, TrainOptions& o) {
     if (b < 0 || b >= 1) r.error("betas", "each beta must be in [0, 1)");
   r.optional("eps", o.eps, config::greater_than(0));
   r.optional("grad_clip", o.grad_clip, config::at_least_f(0));
-  r.choice("precision", o.precision, {"fp32", "bf16", "fp16"});
+  r.choice("precision", o.precision, precision_names());
   r.optional("activation_checkpointing", o.activation_checkpointing);
   r.optional("eval_every", o.eval_every, config::at_least(0));
   r.optional("eval_steps", o.eval_steps, config::at_least(1));
@@ -56,18 +56,18 @@ void decode(config::Reader& r, TrainOptions& o) {
 }
 
 void decode(config::Reader& r, ParallelOptions& o) {
-  r.choice("strategy", o.strategy, {"none", "ddp", "zero1", "zero2"});
+  r.choice("strategy", o.strategy, strategy_names());
   r.choice("backend", o.backend, {"auto", "nccl", "gloo"});
   r.optional("bucket_mb", o.bucket_mb, config::greater_than(0));
   r.optional("timeout_s", o.timeout_s, config::at_least(1));
-  r.choice("offload_optimizer", o.offload_optimizer, {"none", "cpu"});
+  r.choice<bool>("offload_optimizer", o.offload_optimizer, {{"none", false}, {"cpu", true}});
   r.finish();
 }
 
 void decode(config::Reader& r, LoraOptions& o) {
   r.optional("enabled", o.enabled);
   r.optional("adapter", o.adapter);
-  r.choice("base_dtype", o.base_dtype, {"fp32", "bf16"});
+  r.choice<torch::Dtype>("base_dtype", o.base_dtype, {{"fp32", torch::kFloat32}, {"bf16", torch::kBFloat16}});
   model::decode_lora_keys(r, o.config);
   r.finish();
 }

@@ -9,6 +9,9 @@
 #include "data/options.h"
 #include "model/config.h"
 #include "model/lora.h"
+#include "train/data_parallel.h"
+#include "train/precision.h"
+#include "train/schedule.h"
 #include "utils/config.h"
 
 namespace dsopen::train {
@@ -29,14 +32,14 @@ struct TrainOptions {
   int64_t grad_accum_steps = 1;
   double lr = 3e-4, min_lr = 3e-5;
   int64_t warmup_steps = 0;
-  std::string schedule = "cosine";  // cosine | linear | constant | wsd
+  Schedule schedule = Schedule::Cosine;
   double decay_fraction = 0.1;      // wsd: the final fraction of steps that decays
   double weight_decay = 0.1;
   bool decay_embeddings = false;
   std::vector<double> betas{0.9, 0.95};
   double eps = 1e-8;
   double grad_clip = 1.0;  // 0: off
-  std::string precision = "fp32";  // fp32 | bf16 | fp16
+  PrecisionMode precision = PrecisionMode::Fp32;
   bool activation_checkpointing = false;
   int64_t eval_every = 0;  // 0: only at the end
   int64_t eval_steps = 10;
@@ -45,11 +48,11 @@ struct TrainOptions {
 };
 
 struct ParallelOptions {
-  std::string strategy = "none";  // none | ddp | zero1 | zero2
+  Strategy strategy = Strategy::None;
   std::string backend = "auto";   // auto | nccl | gloo
   double bucket_mb = 25;
   int64_t timeout_s = 300;
-  std::string offload_optimizer = "none";  // none | cpu
+  bool offload_optimizer = false;  // "cpu": moments and the AdamW step in host memory (ZeRO-Offload)
 };
 
 // LoRA fine-tuning: the base (model.pretrained) is frozen, only the adapters train, checkpoints hold the adapter.
@@ -57,7 +60,7 @@ struct LoraOptions {
   bool enabled = false;
   model::LoraConfig config;          // r, alpha, dropout, target_modules, ... (model/lora.h)
   std::string adapter;               // start from this adapter directory (PEFT layout) instead of fresh adapters
-  std::string base_dtype = "fp32";   // fp32 | bf16: storage of the frozen projection weights
+  torch::Dtype base_dtype = torch::kFloat32;  // "fp32" | "bf16": storage of the frozen projection weights
 };
 
 struct CheckpointOptions {

@@ -4,14 +4,36 @@
 
 namespace dsopen::train {
 
-Precision::Precision(const std::string& mode, torch::Device device) : mode_(mode), device_(device) {
-  if (mode == "fp16" && !device.is_cuda())
+const std::vector<std::pair<std::string, PrecisionMode>>& precision_names() {
+  static const std::vector<std::pair<std::string, PrecisionMode>> names = {
+      {"fp32", PrecisionMode::Fp32}, {"bf16", PrecisionMode::Bf16}, {"fp16", PrecisionMode::Fp16}};
+  return names;
+}
+
+std::string to_string(PrecisionMode mode) {
+  for (const auto& [name, m] : precision_names())
+    if (m == mode) return name;
+  return "?";
+}
+
+namespace {
+PrecisionMode parse_precision(const std::string& name) {
+  for (const auto& [n, m] : precision_names())
+    if (n == name) return m;
+  throw usage_error("train.precision", "'" + name + "' is not one of fp32 | bf16 | fp16");
+}
+}  // namespace
+
+Precision::Precision(PrecisionMode mode, torch::Device device) : mode_(mode), device_(device) {
+  if (mode == PrecisionMode::Fp16 && !device.is_cuda())
     throw usage_error("train.precision", "fp16 needs a CUDA device", "use bf16 or fp32 on the CPU");
 }
 
+Precision::Precision(const std::string& mode, torch::Device device) : Precision(parse_precision(mode), device) {}
+
 void Precision::autocast(std::optional<compat::AutocastScope>& guard) const {
-  if (mode_ == "bf16") guard.emplace(device_.type(), true, torch::kBFloat16);
-  else if (mode_ == "fp16") guard.emplace(device_.type(), true, torch::kFloat16);
+  if (mode_ == PrecisionMode::Bf16) guard.emplace(device_.type(), true, torch::kBFloat16);
+  else if (mode_ == PrecisionMode::Fp16) guard.emplace(device_.type(), true, torch::kFloat16);
 }
 
 void LossScaler::update(bool finite) {

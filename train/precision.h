@@ -6,6 +6,8 @@
 
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "utils/compat.h"
 
@@ -28,16 +30,23 @@ private:
   int64_t growth_interval_, good_steps_ = 0;
 };
 
+enum class PrecisionMode { Fp32, Bf16, Fp16 };
+const std::vector<std::pair<std::string, PrecisionMode>>& precision_names();  // "fp32", "bf16", "fp16"
+std::string to_string(PrecisionMode mode);
+
 class Precision {
 public:
   // Usage error when the mode cannot run on `device` (fp16 on CPU).
+  Precision(PrecisionMode mode, torch::Device device);
+  // The same from a name of precision_names() (a usage error for any other).
   Precision(const std::string& mode, torch::Device device);
 
   // Enters autocast for the forward pass into `guard` (left empty for fp32); leaving the scope restores.
   void autocast(std::optional<compat::AutocastScope>& guard) const;
 
   // Loss scaling is on for fp16 only; otherwise scale() is 1 and update() does nothing.
-  bool scaling() const { return mode_ == "fp16"; }
+  bool scaling() const { return mode_ == PrecisionMode::Fp16; }
+  PrecisionMode mode() const { return mode_; }
   double scale() const { return scaling() ? scaler_.scale() : 1.0; }
   void update(bool finite) {
     if (scaling()) scaler_.update(finite);
@@ -46,7 +55,7 @@ public:
   int64_t good_steps() const { return scaler_.good_steps(); }
 
 private:
-  std::string mode_;
+  PrecisionMode mode_;
   torch::Device device_;
   LossScaler scaler_;
 };

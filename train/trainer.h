@@ -1,5 +1,6 @@
-// The training loop: accumulate micro-batches, clip, step, update MoE routing biases, evaluate, log, checkpoint.
-// Precision, the optimizer, data and checkpoints live in their own files; this one only orders them.
+// The training loop of dsopen-train: builds a run (process group, tokenizer and data, model, optimizer, resume) and
+// repeats step -> log -> evaluate -> checkpoint until max_steps or a signal. What each of those does lives in its
+// own file (train/step.h, step_log.h, evaluator.h, checkpoint.h; data/batch_source.h); this one only orders them.
 #pragma once
 
 #include <memory>

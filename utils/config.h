@@ -101,6 +101,20 @@ public:
 
   // A string that must be one of `choices`; `out` is left unchanged when absent.
   void choice(const std::string& key, std::string& out, const std::vector<std::string>& choices);
+  // The same for an enum: the string names one of `choices` (name, value), decoded once here so that the code
+  // using the value never compares strings.
+  template <class E>
+  void choice(const std::string& key, E& out, const std::vector<std::pair<std::string, E>>& choices) {
+    std::vector<std::string> names;
+    std::string name;
+    for (const auto& [n, v] : choices) {
+      names.push_back(n);
+      if (v == out) name = n;
+    }
+    choice(key, name, names);
+    for (const auto& [n, v] : choices)
+      if (n == name) out = v;
+  }
 
   // A sub-mapping; absent keys give an empty reader (so its defaults stay), a non-mapping is an error.
   Reader child(const std::string& key);

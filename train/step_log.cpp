@@ -1,0 +1,106 @@
+#include "train/step_log.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+
+#include "model/info.h"
+#include "utils/env.h"
+#include "utils/progress.h"
+
+#ifdef DSOPEN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace dsopen::train {
+
+double peak_flops(torch::Device device, double configured_tflops) {
+  if (configured_tflops > 0) return configured_tflops * 1e12;
+#ifdef DSOPEN_WITH_CUDA
+  if (device.is_cuda()) {
+    const std::string name = at::cuda::getDeviceProperties(device.index())->name;
+    // Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity).
+    static const std::vector<std::pair<std::string, double>> peaks = {
+        {"H100", 989e12}, {"H200", 989e12}, {"H800", 989e12}, {"H20", 148e12}, {"A100", 312e12},
+        {"A800", 312e12}, {"L40S", 362e12}, {"L40", 181e12},  {"L4", 121e12},  {"A10", 125e12}};
+    for (const auto& [model, flops] : peaks)
+      if (name.find(model) != std::string::npos) return flops;
+    spdlog::warn("no bf16 peak known for {}: MFU is not reported (set train.peak_tflops)", name);
+  }
+#else
+  (void)device;
+#endif
+  return 0;
+}
+
+StepLogger::StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
+                       double peak, const std::string& metrics_path)
+    : flops_per_token_(model::training_flops_per_token(model, seq_len)), peak_(peak), max_steps_(max_steps),
+      log_every_(log_every) {
+  if (!metrics_path.empty()) metrics_ = std::make_unique<MetricsWriter>(metrics_path);
+}
+
+nlohmann::json StepLogger::record(int64_t step, double lr, const StepStats& st, int64_t tokens, DataParallel& dp,
+                                  const model::MoEBalancer& balancer, bool mtp, std::string& extra) const {
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start_).count();
+  const double tok_s = window_tokens_ / secs;
+  nlohmann::json rec = {{"step", step}, {"loss", st.loss}, {"lr", lr}, {"grad_norm", st.grad_norm},
+                        {"tokens_per_s", tok_s}, {"step_time_s", secs / window_steps_}, {"tokens", tokens},
+                        {"peak_rss_mb", env::peak_resident_mb()}};
+  const int world = dp.group().size();
+  if (world > 1) {
+    rec["world_size"] = world;
+    rec["comm_wait_s"] = window_comm_s_ / window_steps_;  // rank 0's time blocked on collectives per step
+    extra += fmt::format(" | comm {:.0f}%", 100 * window_comm_s_ / secs);
+  }
+  rec["mfu"] = peak_ > 0 ? nlohmann::json(tok_s * flops_per_token_ / peak_) : nlohmann::json(nullptr);
+  if (!balancer.empty()) {
+    rec["moe_aux_loss"] = st.aux_loss;
+    rec["moe_imbalance"] = balancer.imbalance();
+    nlohmann::json per_block = nlohmann::json::object();
+    const auto per = balancer.imbalance_per_block();
+    for (size_t i = 0; i < per.size(); ++i) per_block[balancer.name(i)] = per[i];
+    rec["moe_imbalance_per_block"] = per_block;
+    extra += fmt::format(" | aux {:.4f} | imbalance {:.2f}", st.aux_loss, balancer.imbalance());
+  }
+  if (st.z_loss != 0) {
+    rec["z_loss"] = st.z_loss;
+    extra += fmt::format(" | z {:.4f}", st.z_loss);
+  }
+  if (mtp) {
+    rec["mtp_loss"] = st.mtp_loss;
+    extra += fmt::format(" | mtp {:.4f}", st.mtp_loss);
+  }
+  return rec;
+}
+
+bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t tokens, DataParallel& dp,
+                           const model::MoEBalancer& balancer, bool mtp) {
+  window_tokens_ += static_cast<int64_t>(st.targets);
+  ++window_steps_;
+  window_comm_s_ += dp.take_comm_wait_seconds();
+  if (step == 1 || step == max_steps_)
+    spdlog::info("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
+                 "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={}",
+                 dp.group().rank(), dp.state_bytes(), dp.grad_bytes(), dp.predicted_state_bytes(),
+                 dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes());
+  if (step % log_every_ != 0 && step != max_steps_ && step != 1) return false;
+  std::string extra;
+  const nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
+  if (metrics_) metrics_->write(rec);
+  const double tok_s = rec["tokens_per_s"].get<double>(), step_s = rec["step_time_s"].get<double>();
+  spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
+               step, max_steps_, st.loss, lr, st.grad_norm, tok_s,
+               peak_ > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token_ / peak_) : "", step_s, extra,
+               env::peak_resident_mb(), Progress::format_duration(step_s * (max_steps_ - step)));
+  window_tokens_ = window_steps_ = 0;
+  window_comm_s_ = 0;
+  return true;
+}
+
+void StepLogger::eval_done(int64_t step, double eval_loss) {
+  if (metrics_) metrics_->write({{"step", step}, {"eval_loss", eval_loss}, {"eval_ppl", std::exp(eval_loss)}});
+  spdlog::info("eval step {} | loss {:.4f} | ppl {:.2f}", step, eval_loss, std::exp(eval_loss));
+}
+
+}  // namespace dsopen::train

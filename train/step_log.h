@@ -1,0 +1,49 @@
+// What a run reports as it goes (docs/CONFIG.md §5.8): tokens/s and seconds per step over the steps since the
+// last record, MFU against the device's peak FLOP/s, the one-line log, the metrics.jsonl record (rank 0), and the
+// memory of the data-parallel buffers at the first and last step.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "model/config.h"
+#include "model/moe_balance.h"
+#include "train/data_parallel.h"
+#include "train/step.h"
+#include "utils/metrics.h"
+
+namespace dsopen::train {
+
+// Peak dense bf16 FLOP/s of `device` for MFU: `configured_tflops` when > 0; on CUDA the datasheet figure of the
+// GPU model (H100/H200/H800 989 TFLOP/s, A100/A800 312, L40S 362, L4 121, ...); 0 (no MFU) when unknown.
+double peak_flops(torch::Device device, double configured_tflops);
+
+class StepLogger {
+public:
+  // `metrics_path` empty: no metrics.jsonl (ranks other than 0).
+  StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
+             double peak_flops, const std::string& metrics_path);
+
+  // Counts a finished step into the throughput window; logs and records it when it is due. Returns whether it did.
+  bool step_done(int64_t step, double lr, const StepStats& stats, int64_t tokens, DataParallel& dp,
+                 const model::MoEBalancer& balancer, bool mtp);
+  void eval_done(int64_t step, double eval_loss);
+  // Starts a new throughput window (after logging, evaluation and checkpointing, which are not steps).
+  void restart_window() { window_start_ = std::chrono::steady_clock::now(); }
+
+private:
+  nlohmann::json record(int64_t step, double lr, const StepStats& stats, int64_t tokens, DataParallel& dp,
+                        const model::MoEBalancer& balancer, bool mtp, std::string& extra) const;
+
+  double flops_per_token_, peak_;
+  int64_t max_steps_, log_every_;
+  std::unique_ptr<MetricsWriter> metrics_;
+  std::chrono::steady_clock::time_point window_start_ = std::chrono::steady_clock::now();
+  int64_t window_tokens_ = 0, window_steps_ = 0;
+  double window_comm_s_ = 0;
+};
+
+}  // namespace dsopen::train
