@@ -90,20 +90,22 @@ TEST_CASE("optimizer state saved by 4 ranks re-slices onto 2 ranks, 1 rank and o
   for (int r = 0; r < 4; ++r) {
     auto params = make_params(2);
     train::FlatAdamW opt(params, {}, sharding(r, 4, true, 16));
+    const auto state = opt.state_dict();  // the moments themselves (the optimizer keeps them private)
     for (auto& g : opt.groups())
       for (const auto& range : opt.owned_ranges(g)) {
         auto idx = torch::arange(range.unpadded_offset, range.unpadded_offset + range.numel).to(torch::kFloat);
-        g.m.narrow(0, range.state_offset, range.numel).copy_(idx + 0.5);
-        g.v.narrow(0, range.state_offset, range.numel).copy_(idx * 2);
+        state.at(g.name + ".exp_avg").narrow(0, range.state_offset, range.numel).copy_(idx + 0.5);
+        state.at(g.name + ".exp_avg_sq").narrow(0, range.state_offset, range.numel).copy_(idx * 2);
       }
     saved.push_back({"rank_" + std::to_string(r), opt.state_dict(), opt.state_metadata()});
   }
   auto check_loaded = [&](const train::FlatAdamW& opt) {
+    const auto state = opt.state_dict();
     for (const auto& g : opt.groups())
       for (const auto& range : opt.owned_ranges(g)) {
         auto idx = torch::arange(range.unpadded_offset, range.unpadded_offset + range.numel).to(torch::kFloat);
-        CHECK(torch::equal(g.m.narrow(0, range.state_offset, range.numel), idx + 0.5));
-        CHECK(torch::equal(g.v.narrow(0, range.state_offset, range.numel), idx * 2));
+        CHECK(torch::equal(state.at(g.name + ".exp_avg").narrow(0, range.state_offset, range.numel), idx + 0.5));
+        CHECK(torch::equal(state.at(g.name + ".exp_avg_sq").narrow(0, range.state_offset, range.numel), idx * 2));
       }
   };
   for (int r = 0; r < 2; ++r) {

@@ -38,8 +38,8 @@ struct GradReadyHook final : torch::autograd::FunctionPostHook {
 }  // namespace
 
 struct DataParallel::BucketState {
-  FlatAdamW::Group* group;
-  const FlatAdamW::Bucket* bucket;
+  FlatGroup* group;
+  const FlatBucket* bucket;
   size_t remaining = 0;    // parameters whose gradient has not arrived in this micro-step
   bool ready = false;     // every parameter's gradient arrived
   bool launched = false;
@@ -72,7 +72,7 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
   opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);
   if (s == Strategy::None) return;
 
-  for (auto& g : opt_->groups()) {
+  for (auto& g : opt_->params().groups()) {
     for (const auto& b : g.buckets) {
       auto st = std::make_unique<BucketState>();
       st->group = &g;
@@ -97,11 +97,8 @@ DataParallel::~DataParallel() {
 void DataParallel::broadcast_parameters() {
   if (group_->size() == 1) return;
   torch::NoGradGuard no_grad;
-  for (auto& g : opt_->groups()) group_->broadcast(g.params, 0).wait();
-  // The offloaded master copy must follow.
-  for (auto& g : opt_->groups())
-    if (g.master.defined())
-      for (const auto& pc : opt_->pieces(g)) g.master.narrow(0, pc.state_offset, pc.numel).copy_(g.params.narrow(0, pc.offset, pc.numel));
+  for (auto& g : opt_->params().groups()) group_->broadcast(g.params, 0).wait();
+  opt_->params().refresh_master();  // the offloaded master copy must follow
 }
 
 void DataParallel::zero_grad() { opt_->zero_grad(); }
@@ -206,8 +203,9 @@ void DataParallel::step(double lr) {
   torch::NoGradGuard no_grad;
   std::vector<PendingWork> works;
   std::vector<torch::Tensor> inputs;
-  for (auto& g : opt_->groups())
-    for (const auto& pc : opt_->pieces(g)) {
+  FlatParams& flat = opt_->params();
+  for (auto& g : flat.groups())
+    for (const auto& pc : flat.pieces(g)) {
       inputs.push_back(g.params.narrow(0, pc.offset, pc.numel).clone());  // all_gather input must not alias output
       works.push_back(group_->all_gather(g.params.narrow(0, pc.bucket->offset, pc.bucket->numel), inputs.back()));
     }

@@ -1,4 +1,4 @@
-// Data parallelism over FlatAdamW's flat, bucketed buffers (DESIGN §6). LibTorch has no C++ DDP or FSDP, so the
+// Data parallelism over the flat, bucketed parameter layout of train/flat_params.h (docs/ARCHITECTURE.md). LibTorch has no C++ DDP or FSDP, so the
 // strategies are written here on three c10d collectives:
 //
 //   ddp    gradients all-reduced bucket by bucket as backward finishes each bucket; every rank steps everything.
