@@ -9,6 +9,7 @@
 #include "inference/loader.h"
 #include "model/generation_config.h"
 #include "model/lora.h"
+#include "model/model_dir.h"
 #include "model/weights.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -44,12 +45,10 @@ static int run(int argc, char** argv) {
   model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
   // The tokenizer travels with the weights, whichever kind it is (the adapter's when the model has none).
   namespace fs = std::filesystem;
-  std::string tok_dir = args["model"].as<std::string>();
-  auto has_tokenizer = [](const fs::path& d) { return fs::exists(d / "tokenizer.model") || fs::exists(d / "tokenizer.json"); };
-  if (!has_tokenizer(tok_dir) && !adapter.empty() && has_tokenizer(adapter)) tok_dir = adapter;
+  const std::string tok_dir = model::ModelDir(args["model"].as<std::string>()).tokenizer_path(adapter);
   for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
     const auto src = fs::path(tok_dir) / name;
-    if (fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
+    if (!tok_dir.empty() && fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
   }
   // Generation defaults travel too (end-of-text ids as a list where the source had one); without them, dsopen's.
   const auto gen = model::read_generation_config(args["model"].as<std::string>());

@@ -20,6 +20,7 @@
 #include "inference/loader.h"
 #include "inference/quantize.h"
 #include "model/generation_config.h"
+#include "model/model_dir.h"
 #include "model/lora.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -122,11 +123,8 @@ static int run(int argc, char** argv) {
   const std::string dir = args["model"].as<std::string>();
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   // Default tokenizer: the model's, else the adapter's (LoRA checkpoints carry the run's tokenizer.model).
-  std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : dir;
-  if (!args.count("tokenizer") && !adapter.empty() && !std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.model") &&
-      !std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json") &&
-      std::filesystem::exists(std::filesystem::path(adapter) / "tokenizer.model"))
-    tok_path = adapter;
+  std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : model::ModelDir(dir).tokenizer_path(adapter);
+  if (tok_path.empty()) tok_path = dir;  // load_tokenizer names what is missing
   auto tok = data::load_tokenizer(tok_path);
   // Quantized files keep their codes (int4; int8 with --group-size -1) unless an adapter is merged into them (which
   // needs float weights).

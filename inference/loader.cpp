@@ -1,28 +1,84 @@
 #include "inference/loader.h"
 
-#include <filesystem>
+#include <map>
 
-#include "model/safetensors.h"
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include "inference/quantized_format.h"
+#include "inference/quantized_linear.h"
+#include "model/model_dir.h"
 #include "model/weights.h"
 #include "utils/errors.h"
 
-namespace fs = std::filesystem;
-
 namespace dsopen::inference {
 
-model::CausalLM load_model(const std::string& dir, torch::Device device, bool keep_mtp) {
-  if (!fs::is_directory(dir)) throw runtime_error(dir, "model directory not found", "pass a checkpoint or HF model directory");
-  model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
-  model::WeightFiles weights(dir);
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The weight loader's hook for quantized layers: <layer>.weight comes from <layer>.qweight/scales/zeros, either
+// dequantized into the model now or (layers a kernel takes) kept in `packed` for the Linear to hold.
+model::AlternateTensorHook quantized_hook(const QuantizationMeta& meta, torch::Device device, QuantizedLayers layers,
+                                          std::map<std::string, QuantizedWeight>& packed) {
+  return [&meta, device, layers, &packed](const std::string& name, torch::Tensor& t, const model::WeightFiles& files) {
+    model::AlternateTensor alt;
+    if (!ends_with(name, ".weight") || t.dim() != 2) return alt;
+    const std::string base = name.substr(0, name.size() - 7);
+    auto q = read_quantized_weight(files, base, t.size(0), t.size(1), meta, alt.problem);
+    if (!q) return alt;
+    alt.found = true;
+    alt.consumed = quantized_tensor_names(base);
+    if (layers != QuantizedLayers::Dequantized && device.is_cpu() && has_packed_kernel(*q) && !ends_with(base, "kv_b_proj"))
+      packed.emplace(base, *q);
+    else
+      t.copy_(dequantize(*q));
+    for (const auto& part : alt.consumed) files.release(part);  // packed layers read their codes again below
+    return alt;
+  };
+}
+
+// Hands the kept codes to their Linear layers, whose float weights they replace.
+void attach_packed(model::CausalLM& m, const std::map<std::string, QuantizedWeight>& packed, QuantizedLayers layers,
+                   const model::WeightFiles& files) {
+  for (const auto& item : m->named_modules("", /*include_self=*/false)) {
+    auto it = packed.find(item.key());
+    auto* lin = item.value()->as<model::Linear>();
+    if (it == packed.end() || !lin) continue;
+    lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
+    files.release(item.key() + ".qweight");
+    lin->weight.set_data(torch::empty({0}, lin->weight.options()));
+  }
+}
+
+}  // namespace
+
+model::CausalLM load_model(const std::string& dir, torch::Device device, bool keep_mtp, QuantizedLayers layers) {
+  const model::ModelDir md(dir);
+  model::ModelConfig c = md.config();
+  const model::WeightFiles weights = md.weights();
   c.use_mtp = keep_mtp && c.num_nextn_predict_layers > 0 &&
               weights.contains("model.layers." + std::to_string(c.num_hidden_layers) + ".eh_proj.weight");
   model::CausalLM m = [&] {
-    model::SkipWeightInit skip;  // strict loading below writes every weight
+    model::SkipWeightInit skip;  // every weight is read below; packed layers' float weights are never touched
     return model::CausalLM(c);
   }();
-  model::load_hf_state_dict(m, weights, /*strict=*/true);
+  torch::NoGradGuard no_grad;
+  const auto meta = read_quantization_meta(weights);
+  std::map<std::string, QuantizedWeight> packed;
+  model::LoadOptions options;
+  if (meta) options.alternate = quantized_hook(*meta, device, layers, packed);
+  model::load_hf_state_dict(m, weights, options);
+  if (!packed.empty()) attach_packed(m, packed, layers, weights);
   m->to(device);
   m->eval();
+#ifdef __GLIBC__
+  // Loading interleaves kept codes with freed temporaries on the heap; hand the freed pages back to the system.
+  if (meta) ::malloc_trim(0);
+#endif
   return m;
 }
 

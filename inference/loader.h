@@ -1,5 +1,6 @@
-// Loading a model for inference from a directory: a dsopen checkpoint (step_*/) or a HuggingFace model directory
-// (config.json + model.safetensors).
+// Loading a model for inference from a directory (model/model_dir.h: a dsopen checkpoint, a checkpoints directory
+// or a HuggingFace model directory, single or sharded weights), float or quantized (inference/quantized_format.h),
+// through the one weight loader of model/weights.h.
 #pragma once
 
 #include <string>
@@ -8,9 +9,27 @@
 
 namespace dsopen::inference {
 
-// Builds the model from DIR/config.json and loads DIR/model.safetensors (strict). MTP layers in the file are
-// ignored (inference does not use them). Runtime errors name the file at fault.
-// `keep_mtp` builds and loads the MTP modules when the file has them (for exporting); inference leaves them out.
-model::CausalLM load_model(const std::string& dir, torch::Device device = torch::kCPU, bool keep_mtp = false);
+// How load_quantized_model holds the layers a weight-only kernel of quantized_linear.h takes (int4 with group 32,
+// 64, 128 or 256; per-channel int8 with an input dimension divisible by 16). Other layers, kv_b_proj (whose matrix
+// MLA decoding reads directly) and non-CPU devices are always dequantized.
+enum class QuantizedLayers {
+  Dequantized,  // float32 weights: what LoRA adapters and the reference comparisons need
+  Kernels,      // codes kept (0.5 / 1 byte per weight); up to 64 rows through the kernels (bf16 math), more rows
+                // through the weight dequantized for the call: decoding (dsopen-generate)
+  FloatMath,    // codes kept; every call dequantizes into a reused float32 buffer: the Dequantized results at the
+                // memory of Kernels (dsopen-eval)
+};
+
+// Builds the model from config.json and loads its weights (strict), float or quantized; eval mode, on `device`.
+// MTP layers in the file are ignored (inference does not use them) unless `keep_mtp` (exporting). Runtime errors
+// name the file at fault.
+model::CausalLM load_model(const std::string& dir, torch::Device device = torch::kCPU, bool keep_mtp = false,
+                           QuantizedLayers layers = QuantizedLayers::Dequantized);
+
+// The same, spelled for quantized directories (a float directory loads as with load_model).
+inline model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU,
+                                            QuantizedLayers layers = QuantizedLayers::Dequantized) {
+  return load_model(dir, device, false, layers);
+}
 
 }  // namespace dsopen::inference

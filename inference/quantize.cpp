@@ -5,16 +5,11 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #include <cstring>
 #include <filesystem>
 #include <set>
 #include <unordered_map>
 
-#include "inference/loader.h"
-#include "inference/quantized_linear.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
@@ -56,34 +51,7 @@ torch::Tensor quantize_codes(const torch::Tensor& w, const torch::Tensor& scale,
 
 }  // namespace
 
-// ---- packing and groups ---------------------------------------------------------------------------------------
-
-torch::Tensor pack_int4(const torch::Tensor& codes) {
-  TORCH_CHECK(codes.dim() == 2 && codes.size(1) % 2 == 0, "pack_int4: codes must be [out, even in], got ",
-              codes.sizes());
-  auto c = codes.to(torch::kUInt8);
-  auto even = c.slice(1, 0, c.size(1), 2).bitwise_and(0x0F);
-  auto odd = c.slice(1, 1, c.size(1), 2).bitwise_and(0x0F);
-  return even.bitwise_or(odd.bitwise_left_shift(4)).contiguous();
-}
-
-torch::Tensor unpack_int4(const torch::Tensor& packed) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == torch::kUInt8, "unpack_int4: expected uint8 [out, in/2]");
-  auto low = packed.bitwise_and(0x0F);
-  auto high = packed.bitwise_right_shift(4).bitwise_and(0x0F);
-  return torch::stack({low, high}, 2).reshape({packed.size(0), packed.size(1) * 2});  // [out, in]
-}
-
-void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer) {
-  if (g == kPerChannel) g = in;
-  if (g <= 0 || in % g != 0)
-    throw usage_error("--group-size", std::to_string(g) + " does not divide the input dimension " + std::to_string(in) +
-                                          " of " + layer,
-                      "pick a group size that divides the input dimension of every quantized layer");
-  if (bits == 4 && in % 2 != 0)
-    throw usage_error(layer, "int4 packing needs an even input dimension, got " + std::to_string(in));
-  if (bits != 4 && bits != 8) throw usage_error(layer, "bits must be 4 or 8, got " + std::to_string(bits));
-}
+// ---- groups --------------------------------------------------------------------------------------------------
 
 std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype) {
   const double maxq = (1 << bits) - 1;
@@ -116,17 +84,6 @@ QuantizedWeight quantize_rtn(const torch::Tensor& W, int bits, int64_t g, const 
   q.group_size = g;
   q.in_features = in;
   return q;
-}
-
-torch::Tensor dequantize(const QuantizedWeight& q) {
-  auto codes = q.bits == 4 ? unpack_int4(q.qweight) : q.qweight;  // [out, in]
-  const int64_t out = codes.size(0), in = codes.size(1);
-  TORCH_CHECK(in == q.in_features || q.in_features == 0, "dequantize: qweight holds ", in, " columns, expected ",
-              q.in_features);
-  const int64_t G = in / q.group_size;
-  auto c = codes.to(torch::kFloat32).reshape({out, G, q.group_size});
-  auto s = q.scales.to(torch::kFloat32).unsqueeze(2), z = q.zeros.to(torch::kFloat32).unsqueeze(2);
-  return ((c - z) * s).reshape({out, in});
 }
 
 // ---- GPTQ -----------------------------------------------------------------------------------------------------
@@ -379,114 +336,18 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
   auto tensors = model::hf_state_dict(m);
   for (const auto& [name, w] : q.layers) {
     tensors.erase(name + ".weight");
-    tensors[name + ".qweight"] = w.qweight;
-    tensors[name + ".scales"] = w.scales;
-    tensors[name + ".zeros"] = w.zeros;
+    const auto names = quantized_tensor_names(name);  // qweight, scales, zeros
+    tensors[names[0]] = w.qweight;
+    tensors[names[1]] = w.scales;
+    tensors[names[2]] = w.zeros;
   }
-  const std::map<std::string, std::string> meta = {{"format", "pt"},
-                                                   {"quant_method", q.method.quant_method},
-                                                   {"bits", std::to_string(q.method.bits)},
-                                                   {"group_size", std::to_string(q.group_size)}};
+  const auto meta = quantization_metadata({q.method.quant_method, q.method.bits, q.group_size});
   model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, meta);
   auto config = m->config().to_hf_json();
   config["torch_dtype"] = "float32";
   config["quantization_config"] = {
       {"quant_method", q.method.quant_method}, {"bits", q.method.bits}, {"group_size", q.group_size}};
   env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-}
-
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device, QuantizedLayers layers) {
-  const auto file_path = (fs::path(dir) / "model.safetensors").string();
-  if (!fs::exists(file_path)) return load_model(dir, device);
-  model::SafetensorsFile file(file_path);
-  const auto& meta = file.metadata();
-  if (!meta.count("quant_method")) return load_model(dir, device);
-  int bits = 0;
-  int64_t g = 0;
-  try {
-    bits = std::stoi(meta.at("bits"));
-    g = std::stoll(meta.at("group_size"));
-  } catch (const std::exception&) {
-    throw runtime_error(file_path, "quantization metadata needs integer 'bits' and 'group_size'");
-  }
-  if ((bits != 4 && bits != 8) || (g <= 0 && g != kPerChannel))
-    throw runtime_error(file_path, "unsupported quantization: bits " + std::to_string(bits) + ", group size " +
-                                       std::to_string(g));
-  model::ModelConfig c = model::ModelConfig::from_hf_json_file((fs::path(dir) / "config.json").string());
-  c.use_mtp = false;
-  model::CausalLM m = [&] {
-    model::SkipWeightInit skip;  // every weight is read below; packed layers' float weights are never touched
-    return model::CausalLM(c);
-  }();
-  torch::NoGradGuard no_grad;
-  std::vector<std::string> problems;
-  std::set<std::string> used;
-  std::map<std::string, QuantizedWeight> packed;  // layers that keep their codes (quantized_linear.h)
-  for (auto& [name, t] : model::hf_state_dict(m)) {
-    if (file.contains(name)) {
-      if (file.shape(name) != t.sizes().vec()) {
-        problems.push_back(name + ": expected " + shape_str(t.sizes()) + ", found " + shape_str(file.shape(name)));
-        continue;
-      }
-      t.copy_(file.tensor(name));
-      file.release(name);
-      used.insert(name);
-      continue;
-    }
-    const std::string base = ends_with(name, ".weight") ? name.substr(0, name.size() - 7) : "";
-    if (base.empty() || !file.contains(base + ".qweight")) {
-      problems.push_back("missing " + name + " " + shape_str(t.sizes()));
-      continue;
-    }
-    const int64_t out = t.size(0), in = t.size(1), lg = layer_group_size(in, g);
-    const std::vector<int64_t> qshape = {out, bits == 4 ? in / 2 : in}, gshape = {out, in / lg};
-    if (in % lg != 0 || !file.contains(base + ".scales") || !file.contains(base + ".zeros") ||
-        file.shape(base + ".qweight") != qshape || file.shape(base + ".scales") != gshape ||
-        file.shape(base + ".zeros") != gshape) {
-      problems.push_back(base + ": quantized tensors do not match " + shape_str(t.sizes()) + " (expected qweight " +
-                         shape_str(qshape) + ", scales/zeros " + shape_str(gshape) + ")");
-      continue;
-    }
-    QuantizedWeight q{file.tensor(base + ".qweight"), file.tensor(base + ".scales"), file.tensor(base + ".zeros"),
-                      bits, lg, in};
-    if (layers != QuantizedLayers::Dequantized && device.is_cpu() && has_packed_kernel(q) && !ends_with(base, "kv_b_proj"))
-      packed.emplace(base, q);
-    else
-      t.copy_(dequantize(q));
-    for (const char* part : {".qweight", ".scales", ".zeros"}) {
-      file.release(base + part);  // packed layers read their codes again below, one layer at a time
-      used.insert(base + part);
-    }
-  }
-  const int64_t L = c.num_hidden_layers;
-  for (const auto& name : file.names()) {
-    if (used.count(name)) continue;
-    const int64_t layer = name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : -1;
-    if (layer >= L && layer < L + c.num_nextn_predict_layers) continue;  // MTP layers: not used for inference
-    problems.push_back("unexpected " + name + " " + shape_str(file.shape(name)));
-  }
-  if (!problems.empty()) {
-    std::string msg = std::to_string(problems.size()) + " tensor problem(s): " + problems.front();
-    for (size_t i = 1; i < std::min<size_t>(problems.size(), 8); ++i) msg += "; " + problems[i];
-    throw runtime_error(file_path, msg, "the file does not match config.json");
-  }
-  if (!packed.empty()) {
-    for (const auto& item : m->named_modules("", /*include_self=*/false)) {
-      auto it = packed.find(item.key());
-      auto* lin = item.value()->as<model::Linear>();
-      if (it == packed.end() || !lin) continue;
-      lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
-      file.release(item.key() + ".qweight");
-      lin->weight.set_data(torch::empty({0}, lin->weight.options()));  // the packed codes replace it
-    }
-  }
-  m->to(device);
-  m->eval();
-#ifdef __GLIBC__
-  // Loading interleaves kept codes with freed temporaries on the heap; hand the freed pages back to the system.
-  ::malloc_trim(0);
-#endif
-  return m;
 }
 
 // ---- sizes ----------------------------------------------------------------------------------------------------

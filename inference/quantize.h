@@ -1,18 +1,6 @@
-// Weight-only quantization: group-wise asymmetric int8 / int4 (round-to-nearest and GPTQ), the quantized
-// safetensors layout, and loading such a file back into a float model (dequantize on load).
+// Weight-only quantization: group-wise asymmetric int8 / int4 by round-to-nearest and GPTQ, and writing a
+// quantized model in the layout of inference/quantized_format.h.
 //
-// Quantized layout (one model.safetensors, every other tensor keeps its HF name and float dtype):
-//   <layer>.qweight  uint8 [out, in]       int8: code q in 0..255 per weight
-//                    uint8 [out, in / 2]   int4: codes 0..15 packed two per byte, low nibble = even column,
-//                                          high nibble = odd column
-//   <layer>.scales   float16 [out, in / g] per-group step (float32 when quantized with --scale-dtype fp32)
-//   <layer>.zeros    float16 [out, in / g] per-group zero point in code units (an integer 0..2^bits-1)
-//   <layer>.bias     unchanged, when the layer has one
-//   dequantized weight: W[o, i] = (q[o, i] - zeros[o, i / g]) * scales[o, i / g]
-//   __metadata__ {"format": "pt", "quant_method": "rtn" | "gptq", "bits": "8" | "4", "group_size": "128"}
-//   group_size -1 (as in GPTQ's configs) is one group per output row: g = in for every layer, scales [out, 1].
-//   config.json additionally carries "quantization_config" {quant_method, bits, group_size} (readers of HF
-//   configs ignore it; ModelConfig does).
 // Group parameters follow GPTQ's quantizer: the range [min(w, 0), max(w, 0)] of the group is split into
 // 2^bits - 1 steps, zero = round(-min / scale). The scale is rounded *up* to its stored dtype before coding, so
 // dequantization with the stored values reproduces exactly what was coded and |W - deq(W)| <= scale / 2.
@@ -32,32 +20,11 @@
 #include <string>
 #include <vector>
 
+#include "inference/quantized_format.h"
 #include "model/transformer.h"
 
 namespace dsopen::inference {
 
-// --group-size -1: one group spanning each layer's whole input dimension (per-channel scales).
-inline constexpr int64_t kPerChannel = -1;
-// The group size of a layer with `in` inputs: g itself, or `in` for kPerChannel.
-inline int64_t layer_group_size(int64_t in, int64_t g) { return g == kPerChannel ? in : g; }
-
-struct QuantizedWeight {
-  torch::Tensor qweight;  // uint8 [out, in] (8 bits) or [out, in / 2] (4 bits)
-  torch::Tensor scales;   // [out, in / g] float16 or float32
-  torch::Tensor zeros;    // [out, in / g] same dtype as scales
-  int bits = 8;
-  int64_t group_size = 128;  // this layer's (never kPerChannel)
-  int64_t in_features = 0;
-};
-
-// Packs codes 0..15 [out, in] (in even) into uint8 [out, in / 2]: low nibble = even column, high = odd column.
-torch::Tensor pack_int4(const torch::Tensor& codes);
-// Inverse of pack_int4: uint8 [out, in / 2] -> uint8 [out, in].
-torch::Tensor unpack_int4(const torch::Tensor& packed);
-
-// Throws a usage error naming --group-size, `layer` and its dimensions unless g > 0 divides `in` or g is
-// kPerChannel (and, for int4, `in` is even).
-void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer);
 
 // Group parameters of w [out, g]: scale and zero [out] float64 (the scale rounded up to a value of `dtype`).
 std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype);
@@ -66,8 +33,6 @@ std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int
 QuantizedWeight quantize_rtn(const torch::Tensor& W, int bits, int64_t g, const std::string& layer = "weight",
                              torch::Dtype scale_dtype = torch::kFloat16);
 
-// Float32 [out, in] weight the quantized layer stands for.
-torch::Tensor dequantize(const QuantizedWeight& q);
 
 // Running H = 2 / n * sum X^T X over calibration rows (float64 [in, in]), the form GPTQ uses.
 struct HessianAccumulator {
@@ -127,22 +92,6 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
 
 // Writes DIR/model.safetensors (layout above) and DIR/config.json.
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir);
-
-// How load_quantized_model holds the layers a weight-only kernel of quantized_linear.h takes (int4 with group 32,
-// 64, 128 or 256; per-channel int8 with an input dimension divisible by 16). Other layers, kv_b_proj (whose matrix
-// MLA decoding reads directly) and non-CPU devices are always dequantized.
-enum class QuantizedLayers {
-  Dequantized,  // float32 weights: what LoRA adapters and the reference comparisons need
-  Kernels,      // codes kept (0.5 / 1 byte per weight); up to 64 rows through the kernels (bf16 math), more rows
-                // through the weight dequantized for the call: decoding (dsopen-generate)
-  FloatMath,    // codes kept; every call dequantizes into a reused float32 buffer: the Dequantized results at the
-                // memory of Kernels (dsopen-eval)
-};
-
-// Reads a directory written by save_quantized_model and returns a float32 model (eval mode, on `device`) holding
-// the quantized layers as `layers` says. A directory without quantization metadata is loaded with load_model.
-model::CausalLM load_quantized_model(const std::string& dir, torch::Device device = torch::kCPU,
-                                     QuantizedLayers layers = QuantizedLayers::Dequantized);
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@
 
 #include <functional>
 
-#include "inference/quantize.h"
+#include "inference/quantized_format.h"
 
 namespace dsopen::inference {
 

@@ -1,6 +1,7 @@
 #include "model/weights.h"
 
 #include <filesystem>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "model/lora.h"
@@ -89,23 +90,29 @@ std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   return out;
 }
 
-int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict, bool fresh_mtp) {
+int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadOptions& o) {
   auto targets = hf_state_dict(model);
   std::vector<std::string> problems;
+  std::set<std::string> consumed;
   const int64_t L = model->config().num_hidden_layers;
+  auto layer_of = [](const std::string& name) {
+    return name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : int64_t{-1};
+  };
   torch::NoGradGuard no_grad;
   int64_t fresh = 0;
   for (auto& [name, t] : targets) {
     const bool mtp_copy = name.find("embed_tokens") != std::string::npos && name.rfind("model.layers.", 0) == 0;
     const bool head_copy = name.find("shared_head.head") != std::string::npos;
     if (mtp_copy || head_copy) continue;  // copies of the shared tensors; the originals are loaded
-    if (!file.contains(name) && fresh_mtp && name.rfind("model.layers.", 0) == 0 &&
-        std::stoll(name.substr(13, name.find('.', 13) - 13)) >= L) {
-      ++fresh;
-      continue;
-    }
     if (!file.contains(name)) {
-      problems.push_back("missing " + name + " " + shape_str(t.sizes()));
+      if (o.fresh_mtp && layer_of(name) >= L) {
+        ++fresh;
+        continue;
+      }
+      const AlternateTensor alt = o.alternate ? o.alternate(name, t, file) : AlternateTensor{};
+      consumed.insert(alt.consumed.begin(), alt.consumed.end());
+      if (!alt.problem.empty()) problems.push_back(alt.problem);
+      else if (!alt.found) problems.push_back("missing " + name + " " + shape_str(t.sizes()));
       continue;
     }
     const auto shape = file.shape(name);
@@ -116,12 +123,12 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, bool strict
     t.copy_(file.tensor(name));
     file.release(name);
   }
-  if (strict) {
+  if (o.strict) {
     for (const auto& name : file.names()) {
-      if (targets.count(name)) continue;
+      if (targets.count(name) || consumed.count(name)) continue;
       // MTP layers (the num_nextn_predict_layers after the decoder layers) of a model run without MTP are
       // expected, not errors.
-      const int64_t layer = name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : -1;
+      const int64_t layer = layer_of(name);
       const bool mtp_layer = layer >= L && layer < L + model->config().num_nextn_predict_layers;
       if (!mtp_layer) problems.push_back("unexpected " + name + " " + shape_str(file.shape(name)));
     }

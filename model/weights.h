@@ -4,8 +4,10 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "model/safetensors.h"
 #include "model/transformer.h"
@@ -23,6 +25,8 @@ public:
   torch::Tensor tensor(const std::string& name) const;  // views the mapped file
   void release(const std::string& name) const;         // SafetensorsFile::release of the file holding it
   const std::string& path() const { return path_; }     // the index or the single file (for messages)
+  // The __metadata__ of the (first) file: every shard dsopen writes carries the same.
+  const std::map<std::string, std::string>& metadata() const { return files_.front()->metadata(); }
 
 private:
   std::string path_;
@@ -33,12 +37,30 @@ private:
 // name -> tensor (parameters and persistent buffers), HF names. LoRA adapters are not part of it (see model/lora.h).
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model);
 
-// Copies the weights into the model (converting F32/F16/BF16 to the model's dtype). Missing, unexpected or
-// mis-shaped tensors are reported together (name, expected and found shape); `strict` = false tolerates unexpected
-// ones. MTP layers of the file are skipped when the model runs without MTP.
-// With `fresh_mtp`, MTP modules the file lacks keep their initialization (fine-tuning with MTP from a checkpoint
-// that has none); the number of such tensors is returned.
-int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, bool strict = true, bool fresh_mtp = false);
+// What a hook says about a model tensor the files do not hold under its own name (e.g. a quantized weight stored as
+// qweight / scales / zeros, inference/quantized_format.h).
+struct AlternateTensor {
+  bool found = false;                 // the hook filled the tensor, or took charge of it
+  std::vector<std::string> consumed;  // file tensors it read (so they are not "unexpected")
+  std::string problem;                // set: reported with the loader's other problems
+};
+using AlternateTensorHook = std::function<AlternateTensor(const std::string& name, torch::Tensor& target,
+                                                          const WeightFiles& files)>;
+
+struct LoadOptions {
+  bool strict = true;      // tensors of the files the model does not have are errors (MTP layers excepted)
+  bool fresh_mtp = false;  // MTP modules the files lack keep their initialization (fine-tuning with MTP added)
+  AlternateTensorHook alternate;
+};
+
+// The one weight loader (training, evaluation, generation, conversion, quantization): copies the weights into
+// the model, converting F32/F16/BF16 to the model's dtype. Missing, unexpected and mis-shaped tensors are
+// reported together (name, expected and found shape) in one runtime error naming the file. MTP layers of the
+// file are skipped when the model runs without MTP. Returns the number of MTP tensors left fresh.
+int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, const LoadOptions& options);
+inline int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, bool strict = true, bool fresh_mtp = false) {
+  return load_hf_state_dict(model, weights, LoadOptions{strict, fresh_mtp, nullptr});
+}
 
 // Writes an HF model directory: config.json and model.safetensors, or shards of at most `max_shard_bytes` with
 // model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them).

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "data/dataset.h"
+#include "inference/loader.h"
 #include "inference/quantize.h"
 #include "inference/quantized_linear.h"
 #include "model/registry.h"

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/lora.h"
+#include "model/model_dir.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
@@ -100,7 +101,7 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     fs::remove_all(final_dir);  // a re-save of the same step (after a resume) replaces it
     fs::rename(tmp, final_dir);
     fsync_dir(dir);
-    env::write_file_atomic((fs::path(dir) / "latest").string(), final_dir.filename().string() + "\n");
+    model::write_latest(dir, final_dir.filename().string());
 
     // Retention: newest keep_last complete checkpoints stay; leftovers of interrupted writes go too.
     const auto all = complete_checkpoints(dir);

@@ -2,21 +2,13 @@
 
 #include <filesystem>
 
+#include "model/model_dir.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
 namespace dsopen::train {
 
 namespace {
-
-// model.pretrained may name a checkpoints directory (runs/tiny/checkpoints): its `latest` file says which one.
-std::string resolve_pretrained(const std::string& dir) {
-  const std::filesystem::path d(dir), latest = d / "latest";
-  if (std::filesystem::exists(d / "config.json") || !std::filesystem::exists(latest)) return dir;
-  std::string name = env::read_file(latest.string());
-  name.erase(name.find_last_not_of(" \t\r\n") + 1);
-  return (d / name).string();
-}
 
 void decode(config::Reader& r, RunOptions& o) {
   r.optional("name", o.name);
@@ -95,10 +87,12 @@ JobConfig decode_job(const config::Document& doc) {
     if (m.has("pretrained")) {
       std::string dir;
       m.optional("pretrained", dir);
-      job.model = model::ModelConfig::from_hf_json_file((std::filesystem::path(resolve_pretrained(dir)) / "config.json").string());
+      // (config.json is what is missing when the directory is: the error names the file to look for)
+      job.model = model::ModelConfig::from_hf_json_file(
+          (std::filesystem::path(model::resolve_latest(dir)) / model::kConfigFile).string());
     }
     model::decode(m, job.model, true);
-    if (!job.model.pretrained.empty()) job.model.pretrained = resolve_pretrained(job.model.pretrained);
+    if (!job.model.pretrained.empty()) job.model.pretrained = model::resolve_latest(job.model.pretrained);
   }
   if (root.has("tokenizer")) {
     auto t = root.child("tokenizer");
