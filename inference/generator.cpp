@@ -40,94 +40,155 @@ std::string visible_text(const TextStream& stream, const std::vector<int32_t>& t
 
 }  // namespace
 
+namespace {
+
+// The longest prompt; usage errors for no prompt, an empty one, or one that leaves no room in the context.
+int64_t check_prompts(const std::vector<std::vector<int32_t>>& prompts, int64_t context) {
+  if (prompts.empty()) throw usage_error("--prompt", "no prompts");
+  int64_t longest = 0;
+  for (const auto& p : prompts) {
+    if (p.empty()) throw usage_error("--prompt", "a prompt is empty");
+    if (static_cast<int64_t>(p.size()) >= context)
+      throw usage_error("--prompt", "a prompt has " + std::to_string(p.size()) + " tokens; the model's context is " +
+                                        std::to_string(context),
+                        "shorten the prompt");
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
+  }
+  return longest;
+}
+
+// Prompts left-padded to the longest: padding keys are masked out and every sequence counts its own positions.
+struct PaddedBatch {
+  torch::Tensor ids, segments, positions;  // [B, longest]
+  std::vector<int64_t> next_position;      // per sequence
+  bool padded = false;                     // prompts of one length need no masks (the fast path of SDPA)
+};
+
+PaddedBatch left_pad(const std::vector<std::vector<int32_t>>& prompts, int64_t longest, int32_t pad) {
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  // Filled as vectors: element-wise tensor indexing costs several dispatches per token.
+  std::vector<int64_t> ids(B * longest, pad), segments(B * longest, 0), positions(B * longest, 0);
+  PaddedBatch out;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = static_cast<int64_t>(prompts[b].size()), offset = longest - n;
+    for (int64_t t = 0; t < n; ++t) {
+      ids[b * longest + offset + t] = prompts[b][t];
+      segments[b * longest + offset + t] = 1;
+      positions[b * longest + offset + t] = t;
+    }
+    out.next_position.push_back(n);
+    out.padded = out.padded || n != longest;
+  }
+  out.ids = torch::tensor(ids, torch::kLong).view({B, longest});
+  out.segments = torch::tensor(segments, torch::kLong).view({B, longest});
+  out.positions = torch::tensor(positions, torch::kLong).view({B, longest});
+  return out;
+}
+
+// What each sequence has produced: its tokens, whether it ended, and the text already handed to `on_text`.
+class Sequences {
+public:
+  Sequences(const data::Tokenizer& tok, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o,
+            const std::function<void(size_t, const std::string&)>& on_text)
+      : o_(o), on_text_(on_text), context_(prompts), results_(prompts.size()), done_(prompts.size(), false),
+        emitted_(prompts.size()), eos_ids_(o.eos_ids) {
+    if (o.decode_text)
+      for (const auto& p : prompts) streams_.emplace_back(tok, p);
+    if (eos_ids_.empty() && tok.eos_id() >= 0) eos_ids_.push_back(tok.eos_id());
+  }
+
+  // Samples sequence b's next token from its logits [V]; returns it, or -1 when the sequence has ended.
+  int64_t advance(size_t b, const torch::Tensor& logits, Sampler& sampler) {
+    if (done_[b]) return -1;
+    const int32_t token = static_cast<int32_t>(sampler.sample(logits, context_[b]));
+    if (o_.stop_at_eos && std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end()) {
+      done_[b] = true;
+      return -1;
+    }
+    results_[b].tokens.push_back(token);
+    context_[b].push_back(token);
+    if (o_.decode_text && emit(b, /*final=*/false)) done_[b] = true;
+    return token;
+  }
+
+  // Hands the newly visible text to on_text; true when a stop string ended the sequence.
+  bool emit(size_t b, bool final) {
+    bool stopped = false;
+    const std::string text = visible_text(streams_[b], results_[b].tokens, o_.stop, final, stopped);
+    if (text.size() > emitted_[b].size() && text.compare(0, emitted_[b].size(), emitted_[b]) == 0) {
+      if (on_text_) on_text_(b, text.substr(emitted_[b].size()));
+      emitted_[b] = text;
+    }
+    return stopped;
+  }
+
+  bool all_done() const { return std::all_of(done_.begin(), done_.end(), [](bool d) { return d; }); }
+
+  // Flushes what was held back (a trailing U+FFFD no later token completed) and returns the results.
+  std::vector<GenerateResult> finish(double prefill_s, double decode_s, int64_t forwards) {
+    for (size_t b = 0; b < results_.size(); ++b) {
+      if (o_.decode_text) emit(b, /*final=*/true);
+      results_[b].text = emitted_[b];
+      results_[b].prompt_tokens = static_cast<int64_t>(context_[b].size() - results_[b].tokens.size());
+      results_[b].prefill_s = prefill_s;
+      results_[b].decode_s = decode_s;
+      results_[b].decode_forwards = forwards;
+    }
+    return results_;
+  }
+
+private:
+  const GenerateOptions& o_;
+  const std::function<void(size_t, const std::string&)>& on_text_;
+  std::vector<std::vector<int32_t>> context_;  // prompt + generated, for the repetition penalty
+  std::vector<GenerateResult> results_;
+  std::vector<bool> done_;
+  std::vector<std::string> emitted_;
+  std::vector<TextStream> streams_;
+  std::vector<int32_t> eos_ids_;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
 std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::Tokenizer& tok,
                                            const std::vector<std::vector<int32_t>>& prompts, Sampler& sampler,
                                            const GenerateOptions& o,
                                            const std::function<void(size_t, const std::string&)>& on_text) {
   const int64_t ctx = model->config().max_position_embeddings;
-  const int64_t B = static_cast<int64_t>(prompts.size());
-  if (B == 0) throw usage_error("--prompt", "no prompts");
-  int64_t longest = 0;
-  for (const auto& p : prompts) {
-    if (p.empty()) throw usage_error("--prompt", "a prompt is empty");
-    if (static_cast<int64_t>(p.size()) >= ctx)
-      throw usage_error("--prompt", "a prompt has " + std::to_string(p.size()) + " tokens; the model's context is " +
-                                        std::to_string(ctx),
-                        "shorten the prompt");
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(p.size()));
-  }
+  const int64_t longest = check_prompts(prompts, ctx), B = static_cast<int64_t>(prompts.size());
   const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - longest);
   torch::NoGradGuard no_grad;
   const auto device = model->model->embed_tokens->weight.device();
   auto t0 = std::chrono::steady_clock::now();
   // The cache keeps the model's dtype: a bf16 model would otherwise convert every cached key at every step.
   model::KVCache cache = model->make_cache(B, longest + budget, model->model->norm->weight.scalar_type());
-
-  // Left-pad to the longest prompt: padding keys are masked out and every sequence counts its own positions.
   const int32_t pad = tok.pad_id() >= 0 ? tok.pad_id() : 0;
-  // Filled as vectors: element-wise tensor indexing costs several dispatches per token.
-  std::vector<int64_t> ids_v(B * longest, pad), segments_v(B * longest, 0), positions_v(B * longest, 0);
-  std::vector<int64_t> next_position(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = static_cast<int64_t>(prompts[b].size()), offset = longest - n;
-    for (int64_t t = 0; t < n; ++t) {
-      ids_v[b * longest + offset + t] = prompts[b][t];
-      segments_v[b * longest + offset + t] = 1;
-      positions_v[b * longest + offset + t] = t;
-    }
-    next_position[b] = n;
-  }
-  auto ids = torch::tensor(ids_v, torch::kLong).view({B, longest});
-  auto segments = torch::tensor(segments_v, torch::kLong).view({B, longest});
-  auto positions = torch::tensor(positions_v, torch::kLong).view({B, longest});
-  // Prompts of one length need no masks (the fast path of SDPA); only padding does.
-  bool padded = false;
-  for (const auto& p : prompts) padded = padded || static_cast<int64_t>(p.size()) != longest;
-  std::vector<GenerateResult> results(B);
-  std::vector<std::vector<int32_t>> context = prompts;
-  std::vector<bool> done(B, false);
-  std::vector<std::string> emitted(B);
-  std::vector<TextStream> streams;
-  if (o.decode_text)
-    for (const auto& p : prompts) streams.emplace_back(tok, p);
-  std::vector<int32_t> eos_ids = o.eos_ids;
-  if (eos_ids.empty() && tok.eos_id() >= 0) eos_ids.push_back(tok.eos_id());
-
+  PaddedBatch batch = left_pad(prompts, longest, pad);
+  Sequences seqs(tok, prompts, o, on_text);
   // Only the last position's logits: the head over the whole prompt would be wasted work.
-  auto logits = padded ? model->forward({ids.to(device), {}, &cache, positions.to(device), segments.to(device), 1}).logits
-                       : model->forward({ids.to(device), {}, &cache, {}, {}, 1}).logits;
-  logits = logits.select(1, 0);  // [B, V]
-  const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto logits = (batch.padded ? model->forward({batch.ids.to(device), {}, &cache, batch.positions.to(device),
+                                                batch.segments.to(device), 1})
+                              : model->forward({batch.ids.to(device), {}, &cache, {}, {}, 1}))
+                    .logits.select(1, 0);  // [B, V]
+  const double prefill_s = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   int64_t forwards = 0;
   for (int64_t step = 0; step < budget; ++step) {
     std::vector<int64_t> next(B, pad);
     for (int64_t b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      const int32_t token = static_cast<int32_t>(sampler.sample(logits[b], context[b]));
-      if (o.stop_at_eos && std::find(eos_ids.begin(), eos_ids.end(), token) != eos_ids.end()) {
-        done[b] = true;
-        continue;
-      }
-      results[b].tokens.push_back(token);
-      context[b].push_back(token);
-      next[b] = token;
-      if (!o.decode_text) continue;
-      bool stopped = false;
-      const bool last = step + 1 == budget;
-      const std::string text = visible_text(streams[b], results[b].tokens, o.stop, last, stopped);
-      if (text.size() > emitted[b].size() && text.compare(0, emitted[b].size(), emitted[b]) == 0) {
-        if (on_text) on_text(static_cast<size_t>(b), text.substr(emitted[b].size()));
-        emitted[b] = text;
-      }
-      if (stopped) done[b] = true;
+      const int64_t token = seqs.advance(static_cast<size_t>(b), logits[b], sampler);
+      if (token >= 0) next[b] = token;
     }
-    if (step + 1 == budget || std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    if (step + 1 == budget || seqs.all_done()) break;
     ++forwards;
     auto next_ids = torch::tensor(next, torch::kLong).view({B, 1}).to(device);
-    if (padded) {
+    if (batch.padded) {
       std::vector<int64_t> pos(B);
-      for (int64_t b = 0; b < B; ++b) pos[b] = next_position[b]++;
+      for (int64_t b = 0; b < B; ++b) pos[b] = batch.next_position[b]++;
       logits = model->forward({next_ids, {}, &cache, torch::tensor(pos, torch::kLong).view({B, 1}).to(device),
                                torch::ones({B, 1}, torch::kLong).to(device)})
                    .logits.select(1, 0);
@@ -135,24 +196,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
       logits = model->forward({next_ids, {}, &cache}).logits.select(1, 0);
     }
   }
-  const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  // Flush what was held back (a trailing U+FFFD that no later token completed: a sequence ended at EOS or the limit).
-  for (int64_t b = 0; b < B && o.decode_text; ++b) {
-    bool stopped = false;
-    const std::string text = visible_text(streams[b], results[b].tokens, o.stop, /*final=*/true, stopped);
-    if (text.size() > emitted[b].size() && text.compare(0, emitted[b].size(), emitted[b]) == 0) {
-      if (on_text) on_text(static_cast<size_t>(b), text.substr(emitted[b].size()));
-      emitted[b] = text;
-    }
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    results[b].text = emitted[b];
-    results[b].prompt_tokens = static_cast<int64_t>(prompts[b].size());
-    results[b].prefill_s = prefill_s;
-    results[b].decode_s = decode_s;
-    results[b].decode_forwards = forwards;
-  }
-  return results;
+  return seqs.finish(prefill_s, seconds_since(t0), forwards);
 }
 
 GenerateResult generate(model::CausalLM& model, const data::Tokenizer& tok, const std::vector<int32_t>& prompt,

@@ -10,6 +10,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "data/dataset.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "utils/env.h"
@@ -329,6 +330,26 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
     spdlog::info("gptq: {} ({} layers) done", stage, layers.size());
   }
   return result;
+}
+
+std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
+                                               int64_t vocab) {
+  data::TokenDatasetOptions o;
+  o.shards = shards;
+  o.seq_len = seq_len;
+  o.model_vocab_size = vocab;
+  data::TokenDataset ds(o, data::Split::All);
+  const int64_t n = std::min(samples, ds.num_samples());
+  if (n <= 0) throw runtime_error("--calib-data", "no sequence of --calib-seq-len tokens in the shards");
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = i * ds.num_samples() / n;
+  std::vector<torch::Tensor> batches;
+  for (size_t i = 0; i < ids.size(); i += 8) {
+    std::vector<int64_t> chunk(ids.begin() + static_cast<std::ptrdiff_t>(i),
+                               ids.begin() + static_cast<std::ptrdiff_t>(std::min(ids.size(), i + 8)));
+    batches.push_back(ds.make_batch(chunk).input_ids);
+  }
+  return batches;
 }
 
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir) {

@@ -90,7 +90,12 @@ std::vector<std::string> quantizable_linears(model::CausalLM& m, bool quantize_h
 QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
                               const std::vector<torch::Tensor>& calibration = {});
 
-// Writes DIR/model.safetensors (layout above) and DIR/config.json.
+// Up to `samples` sequences of `seq_len` tokens spread evenly over token shards, in batches of 8 ([B, T] int64):
+// GPTQ's calibration data. A runtime error naming --calib-data when the shards hold no such sequence.
+std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
+                                               int64_t vocab);
+
+// Writes DIR/model.safetensors (layout of inference/quantized_format.h) and DIR/config.json.
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir);
 
 // ---- sizes ----------------------------------------------------------------------------------------------------

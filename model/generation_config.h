@@ -34,6 +34,9 @@ struct GenerationConfig {
 // file and the key (a wrong type, a negative id, a repeated key).
 std::optional<GenerationConfig> read_generation_config(const std::string& dir);
 
+// Writes DIR/generation_config.json (atomically).
+void write_generation_config(const std::string& dir, const nlohmann::json& j);
+
 // The file dsopen writes next to exported weights when the source had none: the model's token ids and the
 // sampling defaults of dsopen-generate, so transformers' generate() samples the same way.
 nlohmann::json default_generation_json(const ModelConfig& c);

@@ -27,6 +27,14 @@ std::string resolve_latest(const std::string& dir) {
   return name.empty() ? dir : (fs::path(dir) / name).string();
 }
 
+void copy_tokenizer_files(const std::string& from, const std::string& to) {
+  if (from.empty()) return;
+  for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
+    const auto src = fs::path(from) / name;
+    if (fs::exists(src)) env::write_file_atomic((fs::path(to) / name).string(), env::read_file(src.string()));
+  }
+}
+
 ModelDir::ModelDir(const std::string& path) : path_(resolve_latest(path)) {
   if (!fs::is_directory(path_)) throw runtime_error(path, "model directory not found", "pass a checkpoint or HF model directory");
 }

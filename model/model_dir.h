@@ -25,6 +25,10 @@ std::string read_latest(const std::string& checkpoints_dir);
 // Points `latest` at `step_dir_name` (atomically).
 void write_latest(const std::string& checkpoints_dir, const std::string& step_dir_name);
 
+// Copies the tokenizer files of directory `from` (tokenizer.model, tokenizer.json, tokenizer_config.json, those
+// present) into `to`, atomically each: a converted or quantized model directory keeps its tokenizer.
+void copy_tokenizer_files(const std::string& from, const std::string& to);
+
 class ModelDir {
 public:
   // Resolves `latest`; a runtime error naming the path when it is not a directory.

@@ -20,6 +20,18 @@ cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
   }
 }
 
+std::vector<std::string> values_of(int argc, char** argv, const std::string& name) {
+  std::vector<std::string> out;
+  const std::string flag = "--" + name;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") break;
+    if (a == flag && i + 1 < argc) out.push_back(argv[++i]);
+    else if (a.rfind(flag + "=", 0) == 0) out.push_back(a.substr(flag.size() + 1));
+  }
+  return out;
+}
+
 std::string version_string(const std::string& program) {
   std::string s = program + " " + DSOPEN_VERSION + " (LibTorch " + TORCH_VERSION;
 #ifdef DSOPEN_WITH_CUDA

@@ -4,6 +4,7 @@
 #include <cxxopts.hpp>
 
 #include <string>
+#include <vector>
 
 namespace dsopen::cli {
 
@@ -15,6 +16,10 @@ cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv);
 
 // Prints help or version when asked; returns true when the program should exit 0 right away.
 bool handle_common(const cxxopts::Options& options, const cxxopts::ParseResult& result);
+
+// Every value of a repeatable option as written: cxxopts splits a vector value at commas, which would turn
+// --prompt "Hello, world" into two prompts.
+std::vector<std::string> values_of(int argc, char** argv, const std::string& name);
 
 // "dsopen-train 0.1.0 (LibTorch 2.11.0, CUDA)".
 std::string version_string(const std::string& program);

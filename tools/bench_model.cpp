@@ -18,7 +18,9 @@
 
 using namespace dsopen;
 
-static int run(int argc, char** argv) {
+namespace {
+
+cxxopts::Options make_options() {
   cxxopts::Options options("dsopen-bench-model", "Forward+backward timing of a model config");
   options.add_options()("c,config", "Config with a model: section", cxxopts::value<std::string>())(
       "batch", "Sequences per step", cxxopts::value<int64_t>()->default_value("4"))(
@@ -34,6 +36,60 @@ static int run(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "json", "Print one JSON object");
   cli::add_common(options);
+  return options;
+}
+
+// One benchmark step on random tokens: forward (under bf16 autocast when asked) and backward, plus clipping and
+// the AdamW update with an optimizer; gradients are dropped otherwise.
+struct BenchStep {
+  model::CausalLM model{nullptr};
+  torch::Tensor ids, labels;
+  bool bf16 = false;
+  torch::Device device{torch::kCPU};
+  std::unique_ptr<train::FlatAdamW> optimizer;
+
+  void operator()() {
+    if (optimizer) optimizer->zero_grad();
+    std::optional<compat::AutocastScope> autocast;
+    if (bf16) autocast.emplace(device.type(), true, torch::kBFloat16);
+    auto out = model->forward(ids, labels);
+    autocast.reset();
+    out.loss.backward();
+    if (optimizer) {
+      const double norm = optimizer->grad_norm();
+      if (norm > 1.0) optimizer->scale_grads(1.0 / norm);
+      optimizer->step(1e-4);
+    } else {
+      for (auto& p : model->parameters()) p.mutable_grad() = torch::Tensor();
+    }
+    if (device.is_cuda()) torch::cuda::synchronize();
+  }
+};
+
+BenchStep make_step(const model::ModelConfig& c, int64_t B, int64_t T, torch::Device device, bool bf16,
+                    bool checkpointing, bool with_optimizer) {
+  BenchStep step;
+  torch::manual_seed(0);
+  step.model = model::CausalLM(c);
+  step.model->to(device);
+  step.model->train();
+  step.model->set_activation_checkpointing(checkpointing);
+  step.ids = torch::randint(3, c.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  step.labels = step.ids.roll(-1, 1);
+  step.bf16 = bf16;
+  step.device = device;
+  if (with_optimizer) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (auto& p : step.model->named_parameters()) named.push_back({p.key(), p.value()});
+    step.optimizer = std::make_unique<train::FlatAdamW>(named, train::AdamWOptions{});
+  }
+  return step;
+}
+
+}  // namespace
+
+static int run(int argc, char** argv) {
+  auto options = make_options();
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("config")) throw usage_error("dsopen-bench-model", "--config is required");
@@ -48,36 +104,8 @@ static int run(int argc, char** argv) {
   torch::Device device(args["device"].as<std::string>() == "cuda" ? torch::kCUDA : torch::kCPU);
   if (device.is_cuda() && !torch::cuda::is_available()) throw usage_error("--device", "CUDA is not available");
 
-  torch::manual_seed(0);
-  model::CausalLM m(c);
-  m->to(device);
-  m->train();
-  m->set_activation_checkpointing(args.count("checkpointing") > 0);
-  auto ids = torch::randint(3, c.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kLong).device(device));
-  auto labels = ids.roll(-1, 1);
-
-  std::unique_ptr<train::FlatAdamW> optimizer;
-  if (args.count("optimizer")) {
-    std::vector<std::pair<std::string, torch::Tensor>> named;
-    for (auto& p : m->named_parameters()) named.push_back({p.key(), p.value()});
-    optimizer = std::make_unique<train::FlatAdamW>(named, train::AdamWOptions{});
-  }
-  auto step = [&] {
-    if (optimizer) optimizer->zero_grad();
-    std::optional<compat::AutocastScope> autocast;
-    if (precision == "bf16") autocast.emplace(device.type(), true, torch::kBFloat16);
-    auto out = m->forward(ids, labels);
-    autocast.reset();
-    out.loss.backward();
-    if (optimizer) {
-      const double norm = optimizer->grad_norm();
-      if (norm > 1.0) optimizer->scale_grads(1.0 / norm);
-      optimizer->step(1e-4);
-    } else {
-      for (auto& p : m->parameters()) p.mutable_grad() = torch::Tensor();
-    }
-    if (device.is_cuda()) torch::cuda::synchronize();
-  };
+  BenchStep step = make_step(c, B, T, device, precision == "bf16", args.count("checkpointing") > 0,
+                             args.count("optimizer") > 0);
   for (int i = 0; i < args["warmup"].as<int>(); ++i) step();
   const int steps = args["steps"].as<int>();
   const auto t0 = std::chrono::steady_clock::now();
@@ -94,8 +122,9 @@ static int run(int argc, char** argv) {
   if (args.count("json")) {
     std::cout << nlohmann::json{{"config", args["config"].as<std::string>()}, {"params", counts.total},
                                 {"batch", B}, {"seq_len", T}, {"precision", precision}, {"threads", threads},
-                                {"device", device.str()}, {"optimizer", optimizer != nullptr}, {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s},
-                                {"model_tflops", tflops}}.dump()
+                                {"device", device.str()}, {"optimizer", step.optimizer != nullptr},
+                                {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s}, {"model_tflops", tflops}}
+                     .dump()
               << std::endl;
   } else {
     std::printf("%s  params %.1fM  B=%lld T=%lld  %s  %d threads: %.1f ms/step, %.0f tokens/s, %.3f TFLOP/s\n",

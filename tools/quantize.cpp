@@ -1,43 +1,20 @@
-// dsopen-quantize: weight-only int8 / int4 quantization of a model directory (layout in inference/quantize.h).
+// dsopen-quantize: weight-only int8 / int4 quantization of a model directory (layout in inference/quantized_format.h).
 //   dsopen-quantize --model DIR --method rtn-int8|rtn-int4|gptq-int4 [--group-size 128|-1] [--out DIR]
 //   gptq-int4 also needs --calib-data SHARDS (token shards made by dsopen-preprocess).
-#include <filesystem>
 #include <iostream>
 #include <numeric>
 
-#include "data/dataset.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
+#include "model/model_dir.h"
 #include "utils/cli.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 #include "utils/logging.h"
 
 using namespace dsopen;
-namespace fs = std::filesystem;
 
 namespace {
-
-// Up to `samples` sequences of `seq_len` tokens spread evenly over the shards, in batches of 8.
-std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
-                                               int64_t vocab) {
-  data::TokenDatasetOptions o;
-  o.shards = shards;
-  o.seq_len = seq_len;
-  o.model_vocab_size = vocab;
-  data::TokenDataset ds(o, data::Split::All);
-  const int64_t n = std::min(samples, ds.num_samples());
-  if (n <= 0) throw runtime_error("--calib-data", "no sequence of --calib-seq-len tokens in the shards");
-  std::vector<int64_t> ids(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = i * ds.num_samples() / n;
-  std::vector<torch::Tensor> batches;
-  for (size_t i = 0; i < ids.size(); i += 8) {
-    std::vector<int64_t> chunk(ids.begin() + static_cast<std::ptrdiff_t>(i),
-                               ids.begin() + static_cast<std::ptrdiff_t>(std::min(ids.size(), i + 8)));
-    batches.push_back(ds.make_batch(chunk).input_ids);
-  }
-  return batches;
-}
 
 std::string gib(double bytes) {
   char buf[64];
@@ -95,7 +72,7 @@ static int run(int argc, char** argv) {
   auto m = inference::load_model(model_dir);
   std::vector<torch::Tensor> calib;
   if (method.quant_method == "gptq")
-    calib = calibration_batches(args["calib-data"].as<std::vector<std::string>>(), args["calib-samples"].as<int64_t>(),
+    calib = inference::calibration_batches(args["calib-data"].as<std::vector<std::string>>(), args["calib-samples"].as<int64_t>(),
                                 args["calib-seq-len"].as<int64_t>(), m->config().vocab_size);
   auto q = inference::quantize_model(m, o, calib);
   auto r = inference::size_report(m, q);
@@ -103,10 +80,7 @@ static int run(int argc, char** argv) {
   if (args.count("out")) {
     const std::string out = args["out"].as<std::string>();
     inference::save_quantized_model(m, q, out);
-    for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
-      const auto src = fs::path(model_dir) / name;
-      if (fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
-    }
+    model::copy_tokenizer_files(model::ModelDir(model_dir).path(), out);
     std::cout << "wrote " << out << std::endl;
   }
   const std::string group = o.group_size == inference::kPerChannel ? "per row" : std::to_string(o.group_size);

@@ -3,7 +3,6 @@
 // layout) is merged into the weights first.
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --out exported/tiny --dtype bf16
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --adapter runs/lora/checkpoints/step_00000150 --out merged
-#include <filesystem>
 #include <iostream>
 
 #include "inference/loader.h"
@@ -44,16 +43,12 @@ static int run(int argc, char** argv) {
   const std::string out = args["out"].as<std::string>();
   model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
   // The tokenizer travels with the weights, whichever kind it is (the adapter's when the model has none).
-  namespace fs = std::filesystem;
-  const std::string tok_dir = model::ModelDir(args["model"].as<std::string>()).tokenizer_path(adapter);
-  for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
-    const auto src = fs::path(tok_dir) / name;
-    if (!tok_dir.empty() && fs::exists(src)) env::write_file_atomic((fs::path(out) / name).string(), env::read_file(src.string()));
-  }
+  const model::ModelDir source(args["model"].as<std::string>());
+  model::copy_tokenizer_files(source.tokenizer_path(adapter), out);
   // Generation defaults travel too (end-of-text ids as a list where the source had one); without them, dsopen's.
-  const auto gen = model::read_generation_config(args["model"].as<std::string>());
+  const auto gen = source.generation_config();
   const nlohmann::json gen_json = gen ? gen->json : model::default_generation_json(m->config());
-  env::write_file_atomic((fs::path(out) / "generation_config.json").string(), gen_json.dump(2) + "\n");
+  model::write_generation_config(out, gen_json);
   std::cout << "wrote " << out << std::endl;
   return 0;
 }

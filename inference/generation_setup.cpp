@@ -1,0 +1,85 @@
+#include "inference/generation_setup.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "inference/chat.h"
+#include "utils/errors.h"
+
+namespace dsopen::inference {
+
+std::vector<int32_t> parse_token_ids(const std::string& text) {
+  std::string spaced = text;
+  std::replace(spaced.begin(), spaced.end(), ',', ' ');
+  std::istringstream in(spaced);
+  std::vector<int32_t> ids;
+  std::string word;
+  while (in >> word) {
+    size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(word, &used);
+    } catch (const std::exception&) {
+    }
+    if (used != word.size() || v < 0 || v > INT32_MAX)
+      throw usage_error("--prompt-ids", "'" + word + "' is not a token id", "give ids as 1,5,9");
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  if (ids.empty()) throw usage_error("--prompt-ids", "no token ids in '" + text + "'");
+  return ids;
+}
+
+void check_ids_fit(const std::vector<int32_t>& ids, int64_t vocab_size) {
+  for (int32_t t : ids)
+    if (t >= vocab_size)
+      throw usage_error("--prompt-ids", "token id " + std::to_string(t) + " >= vocab_size " + std::to_string(vocab_size));
+}
+
+void check_tokenizer_fits(const data::Tokenizer& tok, const model::ModelConfig& c, const std::string& where) {
+  if (tok.vocab_size() > c.vocab_size)
+    throw usage_error(where, "tokenizer vocabulary (" + std::to_string(tok.vocab_size()) +
+                                 ") exceeds the model's vocab_size (" + std::to_string(c.vocab_size) + ")",
+                      "use the tokenizer the model was trained with");
+}
+
+std::vector<int32_t> prompt_ids(const std::string& prompt, const data::Tokenizer& tok, const PromptOptions& o) {
+  if (o.chat) {  // rendered and tokenized piece by piece, as SFT data is
+    data::Conversation conv;
+    if (!o.system.empty()) conv.messages.push_back({"system", o.system});
+    conv.messages.push_back({"user", prompt});
+    data::ChatTemplate tmpl = o.tmpl;
+    tmpl.add_bos = o.bos && tok.bos_id() >= 0;
+    return chat_prompt(conv, tok, tmpl);
+  }
+  std::vector<int32_t> ids;
+  if (o.bos && tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  for (int32_t t : tok.encode(prompt)) ids.push_back(t);
+  return ids;
+}
+
+SamplingOptions resolve_sampling(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& r) {
+  SamplingOptions so{0.8, 50, 0.95, 1.1, r.seed};
+  if (gen) {
+    so.temperature = gen->do_sample ? gen->temperature : 0.0;  // transformers: do_sample false is greedy
+    so.top_k = gen->top_k;
+    so.top_p = gen->top_p;
+    so.repetition_penalty = gen->repetition_penalty;
+  }
+  if (r.temperature) so.temperature = *r.temperature;
+  if (r.top_k) so.top_k = *r.top_k;
+  if (r.top_p) so.top_p = *r.top_p;
+  if (r.repetition_penalty) so.repetition_penalty = *r.repetition_penalty;
+  return so;
+}
+
+int64_t resolve_max_new_tokens(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& r) {
+  if (r.max_new_tokens) return *r.max_new_tokens;
+  return gen && gen->max_new_tokens ? *gen->max_new_tokens : 128;
+}
+
+std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig>& gen, const model::ModelConfig& c) {
+  const std::vector<int64_t> eos = gen && gen->eos_token_id ? *gen->eos_token_id : c.eos_token_id;
+  return std::vector<int32_t>(eos.begin(), eos.end());
+}
+
+}  // namespace dsopen::inference

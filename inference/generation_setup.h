@@ -1,0 +1,46 @@
+// Turning a user's request into generation inputs: prompt text or ids into token ids (with BOS, or in the chat
+// template), and the sampling values and end-of-text ids from the model directory's generation_config.json
+// (model/generation_config.h) with the user's explicit values on top. dsopen-generate and a server share these.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "data/sft.h"
+#include "data/tokenizer.h"
+#include "inference/sampler.h"
+#include "model/config.h"
+#include "model/generation_config.h"
+
+namespace dsopen::inference {
+
+// "1,5,9" or "1 5 9" -> ids; a usage error naming --prompt-ids for anything else or an empty list.
+std::vector<int32_t> parse_token_ids(const std::string& text);
+// A usage error naming --prompt-ids when an id is outside the model's vocabulary.
+void check_ids_fit(const std::vector<int32_t>& ids, int64_t vocab_size);
+// A usage error naming the tokenizer when its vocabulary exceeds the model's.
+void check_tokenizer_fits(const data::Tokenizer& tok, const model::ModelConfig& c, const std::string& where);
+
+struct PromptOptions {
+  bool bos = true;           // prepend the tokenizer's BOS (when it has one)
+  bool chat = false;         // render as one user turn of the chat template, then the assistant prefix
+  std::string system;        // chat: an optional system message
+  data::ChatTemplate tmpl;   // chat: the SFT default unless set
+};
+std::vector<int32_t> prompt_ids(const std::string& prompt, const data::Tokenizer& tok, const PromptOptions& o);
+
+// Values the user gave explicitly (unset: the model directory's default, else dsopen's).
+struct SamplingRequest {
+  std::optional<double> temperature, top_p, repetition_penalty;
+  std::optional<int64_t> top_k, max_new_tokens;
+  uint64_t seed = 0;
+};
+// dsopen's defaults where a model directory has no generation_config.json: sampling at temperature 0.8, top-k 50,
+// top-p 0.95, repetition penalty 1.1, 128 new tokens.
+SamplingOptions resolve_sampling(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& request);
+int64_t resolve_max_new_tokens(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& request);
+// generation_config.json's eos_token_id, else config.json's (one id or a list).
+std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig>& gen, const model::ModelConfig& c);
+
+}  // namespace dsopen::inference
