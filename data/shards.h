@@ -1,4 +1,4 @@
-// Token shards (DESIGN §5): `name.bin` holds token ids back to back (uint16 when the vocabulary has fewer than
+// Token shards (docs/CHECKPOINTS.md "Token shards"): `name.bin` holds token ids back to back (uint16 when the vocabulary has fewer than
 // 65536 entries, else uint32), documents separated by the EOS id; `name.idx` is a JSON header with the dtype,
 // token count, document start offsets, vocabulary size, EOS id and the tokenizer's hash. Shards are written to
 // temporary files and renamed, so a reader never sees half a shard; a reader memory-maps the .bin and checks its

@@ -1,5 +1,6 @@
 // Model facts for planning: parameter counts, training FLOPs per token, KV-cache size, and the memory that
-// mixed-precision AdamW training needs per rank under ddp / zero1 / zero2 (ZeRO paper accounting, DESIGN §6).
+// mixed-precision AdamW training needs per rank under ddp / zero1 / zero2 (ZeRO paper accounting;
+// docs/ARCHITECTURE.md "Data parallelism").
 #pragma once
 
 #include <nlohmann/json.hpp>

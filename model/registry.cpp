@@ -1,4 +1,4 @@
-// Flavors with the published hyperparameters of the DeepSeek family (DESIGN §7), plus small ones for CPU work.
+// Flavors with the published hyperparameters of the DeepSeek family (docs/ARCHITECTURE.md "Published model sizes"), plus small ones for CPU work.
 #include "model/registry.h"
 
 #include <map>

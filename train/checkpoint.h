@@ -1,4 +1,4 @@
-// Checkpoints (DESIGN §5). A checkpoint directory step_00001000/ holds
+// Checkpoints (docs/CHECKPOINTS.md). A checkpoint directory step_00001000/ holds
 //   model.safetensors     HF names (loads in transformers), config.json, tokenizer.model, dsopen.yaml
 //                         (a LoRA run: adapter_config.json + adapter_model.safetensors instead, PEFT layout)
 //   optimizer/rank_R.safetensors   rank R's slices of the flat AdamW moments, the unpadded ranges they cover, the

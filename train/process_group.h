@@ -1,6 +1,6 @@
-// Process groups for data parallelism (DESIGN §6): where this process sits (rank, world size, local rank) from the
-// variables torchrun/scripts/launch.sh or Slurm's srun set, a TCPStore rendezvous, and c10d's Gloo (CPU) or NCCL
-// (CUDA) backend behind a small interface. The c10d and gloo headers stay inside process_group.cpp.
+// Process groups for data parallelism (docs/ARCHITECTURE.md "Data parallelism"): where this process sits (rank,
+// world size, local rank) from the variables torchrun/scripts/launch.sh or Slurm's srun set, a TCPStore
+// rendezvous, and c10d's Gloo (CPU) or NCCL (CUDA) backend behind a small interface. The c10d and gloo headers stay inside process_group.cpp.
 //
 // A world of one process needs no backend: every collective is then the identity, so single-process training
 // runs the same code without a store or sockets.
