@@ -5,6 +5,7 @@
 
 #include <chrono>
 
+#include "utils/config.h"
 #include "utils/errors.h"
 
 namespace dsopen::train {
@@ -15,11 +16,7 @@ const std::vector<std::pair<std::string, Strategy>>& strategy_names() {
   return names;
 }
 
-std::string to_string(Strategy s) {
-  for (const auto& [name, v] : strategy_names())
-    if (v == s) return name;
-  return "?";
-}
+std::string to_string(Strategy s) { return config::name_of(s, strategy_names()); }
 
 namespace {
 

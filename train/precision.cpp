@@ -1,5 +1,6 @@
 #include "train/precision.h"
 
+#include "utils/config.h"
 #include "utils/errors.h"
 
 namespace dsopen::train {
@@ -10,11 +11,7 @@ const std::vector<std::pair<std::string, PrecisionMode>>& precision_names() {
   return names;
 }
 
-std::string to_string(PrecisionMode mode) {
-  for (const auto& [name, m] : precision_names())
-    if (m == mode) return name;
-  return "?";
-}
+std::string to_string(PrecisionMode mode) { return config::name_of(mode, precision_names()); }
 
 namespace {
 PrecisionMode parse_precision(const std::string& name) {

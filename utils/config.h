@@ -145,6 +145,14 @@ private:
   std::vector<std::string> known_;
 };
 
+// The name of an enum value in a (name, value) table as Reader::choice takes it; "?" when absent.
+template <class E>
+std::string name_of(E value, const std::vector<std::pair<std::string, E>>& names) {
+  for (const auto& [n, v] : names)
+    if (v == value) return n;
+  return "?";
+}
+
 // The closest of `candidates` to `word` when it is a plausible typo, else "".
 std::string closest_match(const std::string& word, const std::vector<std::string>& candidates);
 
