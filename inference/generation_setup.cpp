@@ -78,7 +78,13 @@ int64_t resolve_max_new_tokens(const std::optional<model::GenerationConfig>& gen
 }
 
 std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig>& gen, const model::ModelConfig& c) {
-  const std::vector<int64_t> eos = gen && gen->eos_token_id ? *gen->eos_token_id : c.eos_token_id;
+  const bool from_gen = gen && gen->eos_token_id;
+  const std::vector<int64_t> eos = from_gen ? *gen->eos_token_id : c.eos_token_id;
+  for (int64_t id : eos)  // config.json's were checked when it was read
+    if (id >= c.vocab_size)
+      throw usage_error(from_gen ? gen->source : "config.json", "eos_token_id: " + std::to_string(id) +
+                                                                    " is outside the vocabulary (vocab_size " +
+                                                                    std::to_string(c.vocab_size) + ")");
   return std::vector<int32_t>(eos.begin(), eos.end());
 }
 

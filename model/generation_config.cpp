@@ -20,7 +20,7 @@ GenerationConfig decode_generation(const nlohmann::json& j, const std::string& f
   g.source = file;
   g.json = j;
   auto bad = [&](const std::string& key, const std::string& what) {
-    return runtime_error(file, key + ": " + what, "fix or remove the key");
+    return usage_error(file, key + ": " + what, "fix or remove the key");
   };
   auto id = [&](const nlohmann::json& v, const std::string& key) {
     if (!v.is_number_integer() || v.get<int64_t>() < 0) throw bad(key, "expected a token id (an integer >= 0), got " + v.dump());

@@ -30,8 +30,8 @@ struct GenerationConfig {
   nlohmann::json json;  // the object as read; written back unchanged on export
 };
 
-// DIR/generation_config.json, else the generation keys of DIR/config.json, else nothing. Runtime errors name the
-// file and the key (a wrong type, a negative id, a repeated key).
+// DIR/generation_config.json, else the generation keys of DIR/config.json, else nothing. Errors name the file and
+// the key (a wrong type, a negative id: usage errors, as for config.json; a repeated key, invalid JSON).
 std::optional<GenerationConfig> read_generation_config(const std::string& dir);
 
 // Writes DIR/generation_config.json (atomically).

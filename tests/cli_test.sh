@@ -171,7 +171,7 @@ assert json.load(open(f"{d}/generation_config.json"))["eos_token_id"] == [2, 7, 
 print("ok   convert keeps the EOS lists of config.json and generation_config.json")
 PY
 echo '{"do_sample": "yes"}' > "$W/eoslist/generation_config.json"
-check "generate bad generation_config" 1 "$BIN/dsopen-generate" --model "$W/eoslist" --prompt "The"
+check "generate bad generation_config" 2 "$BIN/dsopen-generate" --model "$W/eoslist" --prompt "The"
 case "$LAST" in *"generation_config.json: do_sample: expected true or false"*) echo "ok   bad generation_config.json named" ;;
   *) echo "FAIL bad generation_config: $LAST"; fail=1 ;; esac
 check "eval missing model" 1 "$BIN/dsopen-eval" --model "$W/nope" --data x --ppl

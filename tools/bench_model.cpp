@@ -92,7 +92,7 @@ static int run(int argc, char** argv) {
   auto options = make_options();
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
-  if (!args.count("config")) throw usage_error("dsopen-bench-model", "--config is required");
+  if (!args.count("config")) throw usage_error("--config", "is required", "see --help");
   config::Document doc = config::Document::load(args["config"].as<std::string>());
   model::ModelConfig c = model::model_config_from_document(doc);
   int64_t T = model::seq_len_from_document(doc, 512);

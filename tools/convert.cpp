@@ -27,7 +27,7 @@ static int run(int argc, char** argv) {
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
-  if (!args.count("model") || !args.count("out")) throw usage_error("dsopen-convert", "--model and --out are required");
+  if (!args.count("model") || !args.count("out")) throw usage_error("--model/--out", "both are required", "see --help");
   const std::string d = args["dtype"].as<std::string>();
   if (d != "fp32" && d != "bf16" && d != "fp16") throw usage_error("--dtype", "'" + d + "' is not fp32, bf16 or fp16");
   const auto dtype = d == "bf16" ? torch::kBFloat16 : d == "fp16" ? torch::kFloat16 : torch::kFloat32;

@@ -51,7 +51,7 @@ static int run(int argc, char** argv) {
     std::cout << "wrote logits " << logits.sizes() << " to " << args["dump-logits"].as<std::string>() << std::endl;
     return 0;
   }
-  if (!args.count("ppl")) throw usage_error("dsopen-eval", "nothing to do", "use --tokens with --dump-logits, or --data with --ppl");
+  if (!args.count("ppl")) throw usage_error("command line", "nothing to do", "use --tokens with --dump-logits, or --data with --ppl");
   if (!args.count("data")) throw usage_error("--ppl", "needs --data SHARDS");
   const auto p = inference::perplexity(m, args["data"].as<std::vector<std::string>>(), args["seq-len"].as<int64_t>(),
                                        args["batches"].as<int64_t>());

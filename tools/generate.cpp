@@ -42,12 +42,11 @@ cxxopts::Options make_options() {
               "turn per line of stdin, the conversation kept (/reset starts over, /exit or EOF ends)")(
       "system", "System message of --chat", cxxopts::value<std::string>())(
       "max-new-tokens", "Tokens to generate at most (default: generation_config.json's max_new_tokens, else 128)",
-      cxxopts::value<int64_t>()->default_value("128"))(
-      "temperature", "0: greedy (default: generation_config.json's, else 0.8)", cxxopts::value<double>()->default_value("0.8"))(
-      "top-k", "0: off (default: generation_config.json's, else 50)", cxxopts::value<int64_t>()->default_value("50"))(
-      "top-p", "1: off (default: generation_config.json's, else 0.95)", cxxopts::value<double>()->default_value("0.95"))(
-      "repetition-penalty", "1: off (default: generation_config.json's, else 1.1)",
-      cxxopts::value<double>()->default_value("1.1"))(
+      cxxopts::value<int64_t>())(
+      "temperature", "0: greedy (default: generation_config.json's, else 0.8)", cxxopts::value<double>())(
+      "top-k", "0: off (default: generation_config.json's, else 50)", cxxopts::value<int64_t>())(
+      "top-p", "1: off (default: generation_config.json's, else 0.95)", cxxopts::value<double>())(
+      "repetition-penalty", "1: off (default: generation_config.json's, else 1.1)", cxxopts::value<double>())(
       "seed", "Sampling seed", cxxopts::value<uint64_t>()->default_value("0"))(
       "stop", "Stop string (repeatable)", cxxopts::value<std::vector<std::string>>())(
       "no-bos", "Do not prepend the BOS token")("ignore-eos", "Keep generating after EOS (fixed-length benchmarks)")(
@@ -70,7 +69,7 @@ void check_args(const cxxopts::ParseResult& args) {
   const int sources = (args.count("prompt") > 0) + (args.count("prompt-file") > 0) + (args.count("prompt-ids") > 0);
   const bool interactive = args.count("chat") && sources == 0;
   if (!interactive && sources != 1)
-    throw usage_error("dsopen-generate", "give --prompt (one or more), --prompt-file or --prompt-ids",
+    throw usage_error("command line", "give --prompt (one or more), --prompt-file or --prompt-ids",
                       "or --chat alone to chat on stdin");
   if (interactive && (args.count("json") || args.count("profile")))
     throw usage_error("--chat", "--json and --profile need a prompt");

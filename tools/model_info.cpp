@@ -63,6 +63,8 @@ static int run(int argc, char** argv) {
       "safetensors", "Check .safetensors files (repeatable) and list their tensors (name, dtype, shape, bytes) instead; "
                      "with --json one object per file, {\"file\", \"error\"} for a refused one",
       cxxopts::value<std::vector<std::string>>());
+  options.parse_positional({"safetensors"});  // --safetensors A B C: every file after the flag
+  options.positional_help("[FILE.safetensors ...]");
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
@@ -71,7 +73,7 @@ static int run(int argc, char** argv) {
     print_safetensors(args["safetensors"].as<std::vector<std::string>>(), args.count("json") > 0);
     return 0;
   }
-  if (!args.count("config")) throw usage_error("dsopen-model-info", "--config is required", "see --help");
+  if (!args.count("config")) throw usage_error("--config", "is required", "or --safetensors FILE...; see --help");
   const std::string path = args["config"].as<std::string>();
   const int64_t world = args["world-size"].as<int64_t>();
   if (world < 1) throw usage_error("--world-size", "must be >= 1");

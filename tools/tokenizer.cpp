@@ -36,7 +36,8 @@ cxxopts::Options make_options() {
       "jsonl", "Many at once: encode reads a JSON string per line of standard input and prints a JSON list of ids "
                "per line; decode reads id lists and prints JSON strings");
   options.parse_positional({"command", "input"});
-  options.positional_help("train|encode|decode");
+  options.positional_help("train|encode|decode [INPUT ...]");
+  options.show_positional_help();
   cli::add_common(options);
   return options;
 }
@@ -120,7 +121,7 @@ static int run(int argc, char** argv) {
   auto options = make_options();
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
-  if (!args.count("command")) throw usage_error("dsopen-tokenizer", "missing command", "use train, encode or decode");
+  if (!args.count("command")) throw usage_error("command", "missing", "use train, encode or decode");
   logging::setup_console("info");
   const std::string cmd = args["command"].as<std::string>();
   if (cmd == "train") {
@@ -128,7 +129,7 @@ static int run(int argc, char** argv) {
     return 0;
   }
   if (cmd != "encode" && cmd != "decode")
-    throw usage_error("dsopen-tokenizer", "unknown command '" + cmd + "'", "use train, encode or decode");
+    throw usage_error("command", "unknown command '" + cmd + "'", "use train, encode or decode");
   if (!args.count("model")) throw usage_error("--model", cmd + " needs --model PATH.model");
   auto tok = data::load_tokenizer(args["model"].as<std::string>());
   if (args.count("jsonl")) encode_decode_jsonl(*tok, cmd == "encode");

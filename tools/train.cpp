@@ -18,7 +18,7 @@ static int run(int argc, char** argv) {
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
-  if (!args.count("config")) throw usage_error("dsopen-train", "--config is required", "see --help");
+  if (!args.count("config")) throw usage_error("--config", "is required", "see --help");
   config::Document doc = config::Document::load(args["config"].as<std::string>());
   if (args.count("set"))
     for (const auto& s : args["set"].as<std::vector<std::string>>()) doc.apply_set(s);

@@ -13,11 +13,17 @@ void add_common(cxxopts::Options& options) {
 }
 
 cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
+  cxxopts::ParseResult result;
   try {
-    return options.parse(argc, argv);
+    result = options.parse(argc, argv);
   } catch (const cxxopts::exceptions::exception& e) {
-    throw usage_error(options.program(), e.what(), "see --help");
+    throw usage_error("command line", e.what(), "see --help");
   }
+  // A word no option takes (`--prompt A fool` leaves "fool") would otherwise be dropped without a word.
+  if (!result.unmatched().empty())
+    throw usage_error("command line", "unexpected argument '" + result.unmatched().front() + "'",
+                      "quote values that contain spaces; see --help");
+  return result;
 }
 
 std::vector<std::string> values_of(int argc, char** argv, const std::string& name) {

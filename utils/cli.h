@@ -11,7 +11,7 @@ namespace dsopen::cli {
 // Adds -h/--help and --version to `options`.
 void add_common(cxxopts::Options& options);
 
-// Parses argv; a cxxopts error becomes a usage error (exit 2) naming the option.
+// Parses argv; a cxxopts error, or an argument no option takes, becomes a usage error (exit 2) naming it.
 cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv);
 
 // Prints help or version when asked; returns true when the program should exit 0 right away.
