@@ -364,6 +364,7 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
   }
   const auto meta = quantization_metadata({q.method.quant_method, q.method.bits, q.group_size});
   model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, meta);
+  model::remove_stale_weights(dir, {"model.safetensors"});
   auto config = m->config().to_hf_json();
   config["torch_dtype"] = "float32";
   config["quantization_config"] = {

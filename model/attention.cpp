@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include <cmath>
+
 namespace dsopen::model {
 
 torch::Tensor causal_mask(int64_t T, int64_t start, const torch::TensorOptions& options) {
@@ -27,7 +29,7 @@ torch::Tensor append(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t 
 
 AttentionImpl::AttentionImpl(const ModelConfig& c)
     : n_heads_(c.num_attention_heads), n_kv_heads_(c.num_key_value_heads), head_dim_(c.attn_head_dim()),
-      scale_(attention_softmax_scale(c.attn_head_dim(), c.rope_scaling)) {
+      scale_(1.0 / std::sqrt(static_cast<double>(c.attn_head_dim()))) {  // no YaRN mscale: only MLA has it
   const bool qkv_bias = c.qkv_bias();
   const bool o_bias = c.model_type == "llama" && c.attention_bias;
   q_proj = register_module("q_proj", linear(c.hidden_size, n_heads_ * head_dim_, qkv_bias));

@@ -6,6 +6,8 @@
 #include "model/registry.h"
 #include "utils/config.h"
 #include "utils/errors.h"
+#include "utils/json.h"
+#include "utils/env.h"
 
 #include <spdlog/spdlog.h>
 
@@ -46,20 +48,32 @@ void token_id_list(config::Reader& r, const std::string& key, std::vector<int64_
   }
 }
 
-void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, bool strict) {
+// rope_scaling (transformers 4) or rope_parameters (transformers 5): the rope type and its YaRN parameters, read as
+// transformers' _compute_yarn_parameters reads them. `theta` receives a rope_theta given inside.
+void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, double& theta, bool strict) {
   if (!parent.has(key)) return;
-  if (parent.raw(key).IsNull()) {
+  const YAML::Node node = parent.raw(key);
+  if (node.IsNull()) {
     out = RopeScaling{};
+    return;
+  }
+  if (!node.IsMap()) {
+    parent.error(key, "expected a mapping of rope parameters (or null)");
     return;
   }
   config::Reader r = parent.child(key);
   std::string type = out.type.empty() ? "default" : out.type;
-  if (r.has("rope_type")) r.optional("rope_type", type);
-  if (r.has("type")) r.optional("type", type);
-  else r.accept("type");
-  if (type != "yarn" && type != "default" && type != "none") {
-    r.error("type", "rope scaling '" + type + "' is not supported (use yarn, or remove rope_scaling)");
-  }
+  // transformers reads rope_type; `type` is its older spelling. Two different values would mean two models.
+  std::string rope_type, legacy;
+  r.optional("rope_type", rope_type);
+  r.optional("type", legacy);
+  if (!rope_type.empty() && !legacy.empty() && rope_type != legacy)
+    r.error("type", "is '" + legacy + "' but rope_type is '" + rope_type + "'; keep one");
+  if (!rope_type.empty()) type = rope_type;
+  else if (!legacy.empty()) type = legacy;
+  if (type != "yarn" && type != "default" && type != "none")
+    r.error(r.has("rope_type") ? "rope_type" : "type",
+            "rope scaling '" + type + "' is not supported (use yarn, or remove " + key + ")");
   out.type = (type == "yarn") ? "yarn" : "";
   r.optional("factor", out.factor, config::at_least_f(1.0));
   long long orig = out.original_max_position_embeddings;
@@ -69,7 +83,12 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
   r.optional("beta_slow", out.beta_slow, config::greater_than(0));
   r.optional("mscale", out.mscale, config::at_least_f(0));
   r.optional("mscale_all_dim", out.mscale_all_dim, config::at_least_f(0));
-  r.accept("rope_theta");  // transformers 5 `rope_parameters` carries it; read at the top level
+  r.optional("attention_factor", out.attention_factor, config::greater_than(0));
+  r.optional("truncate", out.truncate);
+  r.optional("rope_theta", theta, config::greater_than(0));
+  double partial = 1.0;
+  r.optional("partial_rotary_factor", partial);
+  if (partial != 1.0) r.error("partial_rotary_factor", "rope on part of the head dimensions is not supported");
   r.finish(strict);
 }
 
@@ -176,12 +195,12 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   i64("max_position_embeddings", c.max_position_embeddings, 1);
   r.optional("rms_norm_eps", c.rms_norm_eps, config::greater_than(0));
   r.optional("rope_theta", c.rope_theta, config::greater_than(0));
-  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, strict);
-  if (r.has("rope_parameters") && r.raw("rope_parameters").IsMap()) {  // transformers >= 5
-    config::Reader rp = r.child("rope_parameters");
-    rp.optional("rope_theta", c.rope_theta, config::greater_than(0));
-    decode_rope_scaling(r, "rope_parameters", c.rope_scaling, false);
-  }
+  // Two rope sections would be read differently by different transformers versions: one is the model's.
+  const bool has_rs = r.has("rope_scaling") && !r.raw("rope_scaling").IsNull();
+  const bool has_rp = r.has("rope_parameters") && !r.raw("rope_parameters").IsNull();
+  if (has_rs && has_rp) r.error("rope_parameters", "given together with rope_scaling; keep one of the two");
+  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, c.rope_theta, strict);
+  decode_rope_scaling(r, "rope_parameters", c.rope_scaling, c.rope_theta, strict);  // transformers >= 5
   r.optional("attention_bias", c.attention_bias);
   r.optional("tie_word_embeddings", c.tie_word_embeddings);
   r.optional("initializer_range", c.initializer_range, config::greater_than(0));
@@ -231,6 +250,17 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("attention_dropout", dropout);
   if (dropout != 0.0) r.error("attention_dropout", "attention dropout is not supported; set it to 0");
   decode_math_keys(r, c);
+  if (!strict && c.model_type == "deepseek_v3") {
+    // An HF file is read as transformers reads it: DeepseekV3 always routes with sigmoid scores and the
+    // bias-corrected, group-limited selection (DeepSeek's own code refuses anything else). A YAML config may
+    // combine them freely.
+    if (c.scoring_func != "sigmoid")
+      r.error("scoring_func", "deepseek_v3 checkpoints route with sigmoid scores; '" + c.scoring_func +
+                                  "' would give other logits than transformers and DeepSeek's code");
+    if (c.topk_method != "noaux_tc")
+      r.error("topk_method", "deepseek_v3 checkpoints select experts with noaux_tc; '" + c.topk_method +
+                                 "' would give other logits than transformers and DeepSeek's code");
+  }
   // Keys with no effect on the model: bookkeeping of transformers and of the files' authors, parallel layouts
   // (ep_size), and generation defaults (read by the generation config, see inference/generation_config.h).
   for (const char* k : {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache", "_name_or_path",
@@ -322,6 +352,8 @@ nlohmann::json ModelConfig::to_hf_json() const {
                          {"beta_slow", rope_scaling.beta_slow},
                          {"mscale", rope_scaling.mscale}};
     if (rope_scaling.mscale_all_dim > 0) rs["mscale_all_dim"] = rope_scaling.mscale_all_dim;
+    if (rope_scaling.attention_factor > 0) rs["attention_factor"] = rope_scaling.attention_factor;
+    if (!rope_scaling.truncate) rs["truncate"] = false;
     j["rope_scaling"] = rs;
   } else {
     j["rope_scaling"] = nullptr;
@@ -373,8 +405,23 @@ nlohmann::json ModelConfig::to_hf_json() const {
 
 ModelConfig ModelConfig::from_hf_json_file(const std::string& path) {
   if (!std::filesystem::exists(path)) throw runtime_error(path, "config.json not found", "is this a model directory?");
-  // JSON is YAML, so the strict YAML machinery (with line numbers) reads config.json too.
-  const config::Document doc = config::Document::load(path);
+  // JSON is YAML, so the strict YAML machinery (with line numbers) reads config.json too; but YAML also takes what
+  // JSON readers refuse (comments, trailing commas, 0512 read as octal, a `base:` include), so the text must first
+  // be JSON.
+  const std::string text = env::read_file(path);
+  const config::Document doc = config::Document::parse(text, path);  // YAML errors and repeated keys, with lines
+  bool object = false;
+  try {
+    object = json::parse(text, path).is_object();
+  } catch (const nlohmann::json::exception& e) {
+    const std::string what = e.what();  // "[json.exception.parse_error.101] parse error at line 3, ..."
+    const auto p = what.find("] ");
+    throw usage_error(path, "not valid JSON (" + (p == std::string::npos ? what : what.substr(p + 2)) + ")",
+                      "restore the model's config.json");
+  } catch (const Error& e) {  // a NUL byte
+    throw usage_error("", e.what(), "restore the model's config.json");
+  }
+  if (!object) throw usage_error(path, "not a JSON object", "restore the model's config.json");
   config::ErrorList errors;
   config::Reader reader(doc, doc.root(), "", errors);
   ModelConfig c;

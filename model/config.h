@@ -27,7 +27,9 @@ struct RopeScaling {
   double beta_fast = 32.0;
   double beta_slow = 1.0;
   double mscale = 1.0;
-  double mscale_all_dim = 0.0;  // 0: absent
+  double mscale_all_dim = 0.0;    // 0: absent
+  double attention_factor = 0.0;  // cos/sin scale given explicitly; 0: derived from factor (and mscale)
+  bool truncate = true;           // round the correction range to whole dimensions (transformers' default)
 };
 
 struct ModelConfig {

@@ -26,8 +26,10 @@ torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& s) {
   auto correction_dim = [&](double rotations) {
     return dim * std::log(s.original_max_position_embeddings / (rotations * 2.0 * M_PI)) / (2.0 * std::log(theta));
   };
-  double low = std::max(std::floor(correction_dim(s.beta_fast)), 0.0);
-  double high = std::min(std::ceil(correction_dim(s.beta_slow)), static_cast<double>(dim - 1));
+  double low = correction_dim(s.beta_fast), high = correction_dim(s.beta_slow);
+  if (s.truncate) low = std::floor(low), high = std::ceil(high);
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(dim - 1));
   if (low == high) high += 0.001;  // avoid a division by zero in the ramp
   auto ramp = ((torch::arange(dim / 2, torch::kFloat64) - low) / (high - low)).clamp(0.0, 1.0);
   auto keep = 1.0 - ramp;  // 1: extrapolate (high-frequency dims), 0: interpolate by 1/factor
@@ -37,8 +39,10 @@ torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& s) {
 
 double rope_cos_sin_scale(const RopeScaling& s) {
   if (s.type != "yarn") return 1.0;
-  const double all = s.mscale_all_dim > 0 ? s.mscale_all_dim : 0.0;
-  return yarn_get_mscale(s.factor, s.mscale) / yarn_get_mscale(s.factor, all);
+  if (s.attention_factor > 0) return s.attention_factor;
+  // DeepSeek's reference: mscale(factor, mscale) / mscale(factor, mscale_all_dim), the latter 1 when absent.
+  // (transformers ignores mscale without mscale_all_dim; DeepSeek's files always give both, and then all agree.)
+  return yarn_get_mscale(s.factor, s.mscale) / yarn_get_mscale(s.factor, s.mscale_all_dim);
 }
 
 double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& s) {

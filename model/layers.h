@@ -31,10 +31,13 @@ double yarn_get_mscale(double scale, double mscale);
 // rotating more than beta_fast times are kept, a linear ramp blends between (DeepSeek-V3 `precompute_freqs_cis`).
 torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& scaling);
 
-// Scale applied to cos/sin (HF DeepSeek: mscale(factor, mscale) / mscale(factor, mscale_all_dim); 1 without YaRN).
+// Scale applied to cos/sin under YaRN: attention_factor when given, else (DeepSeek's reference)
+// mscale(factor, mscale) / mscale(factor, mscale_all_dim), the denominator 1 when mscale_all_dim is absent;
+// 1 without YaRN.
 double rope_cos_sin_scale(const RopeScaling& scaling);
 
-// Softmax scale of attention: head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN.
+// Softmax scale of MLA attention: head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2/V3;
+// MHA/GQA models use head_dim^-0.5 alone).
 double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& scaling);
 
 // Precomputed cos/sin tables for positions [0, max_positions), each [max_positions, dim/2] float32.

@@ -1,5 +1,6 @@
 #include "model/weights.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -48,6 +49,7 @@ WeightFiles::WeightFiles(const std::string& dir) {
     throw runtime_error(path_, std::string("not valid JSON: ") + e.what());
   }
   if (!j.contains("weight_map") || !j["weight_map"].is_object()) throw runtime_error(path_, "no weight_map object");
+  if (j["weight_map"].empty()) throw runtime_error(path_, "weight_map names no tensor", "restore the index of the shards");
   std::map<std::string, size_t> file_index;
   for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
     if (!it.value().is_string()) throw runtime_error(path_, "weight_map entry '" + it.key() + "' is not a file name");
@@ -156,6 +158,7 @@ void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, 
   env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
   if (shards.size() == 1) {
     save_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0], {{"format", "pt"}});
+    remove_stale_weights(dir, {"model.safetensors"});
     return;
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
@@ -171,6 +174,24 @@ void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, 
   }
   index["metadata"]["total_size"] = total;
   env::write_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+  std::vector<std::string> written{"model.safetensors.index.json"};
+  for (const auto& [t, shard] : index["weight_map"].items()) written.push_back(shard.get<std::string>());
+  remove_stale_weights(dir, written);
+}
+
+void remove_stale_weights(const std::string& dir, const std::vector<std::string>& written) {
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    const bool weights = name == "model.safetensors.index.json" ||
+                         (name.rfind("model", 0) == 0 && name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0);
+    if (weights && std::find(written.begin(), written.end(), name) == written.end()) fs::remove(e.path());
+  }
+}
+
+std::vector<std::string> WeightFiles::files() const {
+  std::vector<std::string> out;
+  for (const auto& f : files_) out.push_back(f->path());
+  return out;
 }
 
 }  // namespace dsopen::model

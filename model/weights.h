@@ -25,7 +25,9 @@ public:
   torch::Tensor tensor(const std::string& name) const;  // views the mapped file
   void release(const std::string& name) const;         // SafetensorsFile::release of the file holding it
   const std::string& path() const { return path_; }     // the index or the single file (for messages)
-  // The __metadata__ of the (first) file: every shard dsopen writes carries the same.
+  std::vector<std::string> files() const;              // the safetensors files, as opened
+  // The __metadata__ of the (first) file: every shard dsopen writes carries the same. (A WeightFiles always holds
+  // at least one file: an index naming none is refused.)
   const std::map<std::string, std::string>& metadata() const { return files_.front()->metadata(); }
 
 private:
@@ -63,8 +65,12 @@ inline int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, b
 }
 
 // Writes an HF model directory: config.json and model.safetensors, or shards of at most `max_shard_bytes` with
-// model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them).
+// model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them). Weight files an
+// earlier save left there (other shards, an index of the other layout) are removed once the new ones are written,
+// as transformers' save_pretrained does: a stale index would otherwise be what loaders read.
 void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype = torch::kFloat32,
                    int64_t max_shard_bytes = int64_t{5} << 30);
+// Removes model*.safetensors files and model.safetensors.index.json of `dir` that are not in `written` (names).
+void remove_stale_weights(const std::string& dir, const std::vector<std::string>& written);
 
 }  // namespace dsopen::model

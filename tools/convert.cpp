@@ -33,7 +33,9 @@ static int run(int argc, char** argv) {
   const auto dtype = d == "bf16" ? torch::kBFloat16 : d == "fp16" ? torch::kFloat16 : torch::kFloat32;
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
-  auto m = inference::load_model(args["model"].as<std::string>(), torch::kCPU, /*keep_mtp=*/true);
+  const model::ModelDir source(args["model"].as<std::string>());
+  source.check_not_overwritten(args["out"].as<std::string>(), "--out");
+  auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   if (!adapter.empty()) {
     const auto adapted = model::load_adapter(*m, adapter);
@@ -43,7 +45,6 @@ static int run(int argc, char** argv) {
   const std::string out = args["out"].as<std::string>();
   model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
   // The tokenizer travels with the weights, whichever kind it is (the adapter's when the model has none).
-  const model::ModelDir source(args["model"].as<std::string>());
   model::copy_tokenizer_files(source.tokenizer_path(adapter), out);
   // Generation defaults travel too (end-of-text ids as a list where the source had one); without them, dsopen's.
   const auto gen = source.generation_config();

@@ -7,6 +7,7 @@
 #include "inference/evaluation.h"
 #include "inference/loader.h"
 #include "model/lora.h"
+#include "model/model_dir.h"
 #include "model/safetensors.h"
 #include "utils/cli.h"
 #include "utils/env.h"
@@ -33,6 +34,9 @@ static int run(int argc, char** argv) {
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
   logging::setup_console("warn");
   env::configure_threads(args["threads"].as<int>());
+  if (args.count("dump-logits"))
+    model::ModelDir(args["model"].as<std::string>()).check_not_overwritten(args["dump-logits"].as<std::string>(),
+                                                                           "--dump-logits");
   // Without an adapter (which needs float weights) quantized layers keep their codes and dequantize per call:
   // float32 results while the quantized layers take 0.5 or 1 byte per weight instead of 4.
   auto m = inference::load_model(args["model"].as<std::string>(), torch::kCPU, false,

@@ -69,6 +69,7 @@ static int run(int argc, char** argv) {
     throw usage_error("--calib-data", "gptq-int4 needs calibration token shards", "pass shards made by dsopen-preprocess");
 
   const std::string model_dir = args["model"].as<std::string>();
+  if (args.count("out")) model::ModelDir(model_dir).check_not_overwritten(args["out"].as<std::string>(), "--out");
   auto m = inference::load_model(model_dir);
   std::vector<torch::Tensor> calib;
   if (method.quant_method == "gptq")

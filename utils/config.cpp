@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "utils/env.h"
 #include "utils/errors.h"
@@ -330,6 +331,13 @@ bool Reader::scalar(const std::string& key, const YAML::Node& node, T& out, cons
   if (!node.IsScalar()) {
     error(key, std::string("expected ") + type_name + ", got " + node_kind(node));
     return false;
+  }
+  // A quoted scalar is a string in YAML and in JSON: "512" is not a number, "false" not a boolean.
+  if constexpr (!std::is_same_v<T, std::string>) {
+    if (node.Tag() == "!") {
+      error(key, std::string("expected ") + type_name + ", got the string \"" + node.Scalar() + "\"");
+      return false;
+    }
   }
   try {
     out = node.as<T>();
