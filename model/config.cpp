@@ -313,6 +313,27 @@ void ModelConfig::validate(const std::string& where) const {
     if (topk_method == "noaux_tc" && model_type != "deepseek_v3")
       bad("topk_method", "noaux_tc needs model_type deepseek_v3 (it uses e_score_correction_bias)");
   }
+  // Sizes far beyond any real model are typos (or hostile files); refuse them before anything is allocated.
+  auto at_most = [&](const char* key, int64_t value, int64_t limit) {
+    if (value > limit) bad(key, std::to_string(value) + " is beyond any model this can build (at most " + std::to_string(limit) + ")");
+  };
+  at_most("vocab_size", vocab_size, int64_t{1} << 24);
+  at_most("hidden_size", hidden_size, int64_t{1} << 17);
+  at_most("intermediate_size", intermediate_size, int64_t{1} << 20);
+  at_most("moe_intermediate_size", moe_intermediate_size, int64_t{1} << 20);
+  at_most("num_hidden_layers", num_hidden_layers, 4096);
+  at_most("num_attention_heads", num_attention_heads, 4096);
+  at_most("num_key_value_heads", num_key_value_heads, 4096);
+  at_most("head_dim", head_dim, 8192);
+  at_most("n_routed_experts", n_routed_experts, 1 << 16);
+  at_most("n_shared_experts", n_shared_experts, 1 << 10);
+  at_most("num_nextn_predict_layers", num_nextn_predict_layers, 64);
+  at_most("max_position_embeddings", max_position_embeddings, int64_t{1} << 24);
+  at_most("q_lora_rank", q_lora_rank, int64_t{1} << 17);
+  at_most("kv_lora_rank", kv_lora_rank, int64_t{1} << 17);
+  at_most("qk_nope_head_dim", qk_nope_head_dim, 8192);
+  at_most("qk_rope_head_dim", qk_rope_head_dim, 8192);
+  at_most("v_head_dim", v_head_dim, 8192);
   if (use_mtp && num_nextn_predict_layers < 1) bad("num_nextn_predict_layers", "must be >= 1 when use_mtp is true");
   if (use_mtp && model_type != "deepseek_v3") bad("use_mtp", "multi-token prediction needs model_type deepseek_v3");
   if (rope_scaling.type == "yarn" && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");

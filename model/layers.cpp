@@ -54,30 +54,44 @@ double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& s) {
   return scale;
 }
 
-RopeTable::RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling) {
-  auto inv_freq = rope_inv_freq(dim, theta, scaling).to(torch::kFloat64);
-  auto angles = torch::outer(torch::arange(max_positions, torch::kFloat64), inv_freq);  // [P, dim/2]
-  const double m = rope_cos_sin_scale(scaling);
-  cos = (angles.cos() * m).to(torch::kFloat32);
-  sin = (angles.sin() * m).to(torch::kFloat32);
+RopeTable::RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling)
+    : max_positions_(max_positions), scale_(rope_cos_sin_scale(scaling)),
+      inv_freq_(rope_inv_freq(dim, theta, scaling).to(torch::kFloat64)) {
+  std::lock_guard<std::mutex> lock(*mutex_);
+  ensure(std::min<int64_t>(max_positions, 4096));
+}
+
+void RopeTable::ensure(int64_t positions) const {  // the caller holds mutex_
+  const int64_t have = cos_.defined() ? cos_.size(0) : 0;
+  if (positions <= have) return;
+  const int64_t want = std::min(max_positions_, std::max(positions, 2 * have));
+  auto angles = torch::outer(torch::arange(have, want, torch::kFloat64), inv_freq_);  // [new rows, dim/2]
+  auto c = (angles.cos() * scale_).to(torch::kFloat32), s = (angles.sin() * scale_).to(torch::kFloat32);
+  cos_ = have ? torch::cat({cos_, c}) : c;
+  sin_ = have ? torch::cat({sin_, s}) : s;
 }
 
 std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t len,
                                                          const torch::Device& device) const {
-  TORCH_CHECK(start + len <= cos.size(0), "position ", start + len, " exceeds max_position_embeddings (",
-              cos.size(0), "); shorten the input or raise max_position_embeddings");
-  auto c = cos.narrow(0, start, len), s = sin.narrow(0, start, len);
+  TORCH_CHECK(start + len <= max_positions_, "position ", start + len, " exceeds max_position_embeddings (",
+              max_positions_, "); shorten the input or raise max_position_embeddings");
+  std::lock_guard<std::mutex> lock(*mutex_);
+  ensure(start + len);
+  auto c = cos_.narrow(0, start, len), s = sin_.narrow(0, start, len);
   if (c.device() != device) c = c.to(device), s = s.to(device);
   return {c, s};
 }
 
 std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& positions) const {
-  TORCH_CHECK(positions.max().item<int64_t>() < cos.size(0), "position exceeds max_position_embeddings (", cos.size(0), ")");
+  const int64_t highest = positions.max().item<int64_t>();
+  TORCH_CHECK(highest < max_positions_, "position exceeds max_position_embeddings (", max_positions_, ")");
+  std::lock_guard<std::mutex> lock(*mutex_);
+  ensure(highest + 1);
   auto flat = positions.reshape({-1}).to(torch::kCPU);
   auto sizes = positions.sizes().vec();
-  sizes.push_back(cos.size(1));
-  return {cos.index_select(0, flat).view(sizes).to(positions.device()),
-          sin.index_select(0, flat).view(sizes).to(positions.device())};
+  sizes.push_back(cos_.size(1));
+  return {cos_.index_select(0, flat).view(sizes).to(positions.device()),
+          sin_.index_select(0, flat).view(sizes).to(positions.device())};
 }
 
 torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {

@@ -4,6 +4,9 @@
 
 #include <torch/torch.h>
 
+#include <memory>
+#include <mutex>
+
 #include "model/config.h"
 #include "model/linear.h"
 
@@ -40,15 +43,25 @@ double rope_cos_sin_scale(const RopeScaling& scaling);
 // MHA/GQA models use head_dim^-0.5 alone).
 double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& scaling);
 
-// Precomputed cos/sin tables for positions [0, max_positions), each [max_positions, dim/2] float32.
-struct RopeTable {
-  torch::Tensor cos, sin;
+// cos/sin rows for positions [0, max_positions), each row [dim/2] float32, computed as far as positions are used
+// (growing by doubling): a model that allows a million positions does not hold a million rows until it sees them.
+class RopeTable {
+public:
   RopeTable() = default;
   RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling);
-  // Rows for positions [start, start + len) on x's device.
+  // Rows for positions [start, start + len) on `device`: [len, dim/2] each.
   std::pair<torch::Tensor, torch::Tensor> slice(int64_t start, int64_t len, const torch::Device& device) const;
   // Rows for explicit positions [B, T] -> [B, T, dim/2] each (packed documents restart at 0).
   std::pair<torch::Tensor, torch::Tensor> gather(const torch::Tensor& positions) const;
+
+private:
+  void ensure(int64_t positions) const;  // rows [0, positions) computed; called with mutex_ held
+
+  int64_t max_positions_ = 0;
+  double scale_ = 1.0;
+  torch::Tensor inv_freq_;               // [dim/2] float64
+  mutable std::shared_ptr<std::mutex> mutex_ = std::make_shared<std::mutex>();
+  mutable torch::Tensor cos_, sin_;      // [computed, dim/2] float32
 };
 
 // x: [B, T, H, dim]; cos/sin: [T, dim/2] or [B, T, dim/2].
