@@ -63,6 +63,10 @@ std::regex compile(const std::string& pattern, const std::string& where) {
   }
 }
 
+bool ends_with_str(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 bool is_all_linear(const std::string& s) {
   std::string lower = s;
   std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -143,6 +147,17 @@ AdapterFiles read_adapter(const std::string& dir) {
     }
   if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() && !j["modules_to_save"].empty())
     unsupported("modules_to_save");
+  // PEFT keys that change which layers are adapted or what an adapter computes: loading the tensors while
+  // ignoring them would compute something else than peft does. (Initialization keys such as init_lora_weights,
+  // loftq_config or eva_config do not matter once the weights exist.)
+  for (const char* key : {"exclude_modules", "layers_to_transform", "layers_pattern", "trainable_token_indices",
+                          "layer_replication", "alora_invocation_tokens", "velora_config", "monteclora_config",
+                          "arrow_config", "kasa_config", "use_bdlora", "use_qalora", "lora_bias"}) {
+    if (!j.contains(key)) continue;
+    const auto& v = j[key];
+    const bool inert = v.is_null() || (v.is_boolean() && !v.get<bool>()) || ((v.is_array() || v.is_object() || v.is_string()) && v.empty());
+    if (!inert) unsupported(std::string(key) + " " + v.dump());
+  }
   LoraConfig& c = files.config;
   try {
     c.r = j.at("r").get<int64_t>();
@@ -187,6 +202,22 @@ AdapterFiles read_adapter(const std::string& dir) {
     (m[2] == "A" ? by_module[module].A : by_module[module].B) = t;
   }
   if (order.empty()) throw runtime_error(files.weights_path, "holds no LoRA weights");
+  // peft adapts the modules target_modules names and ignores other tensors of the file: refuse those rather than
+  // apply adapters peft would not.
+  const LoraConfig& tc = files.config;
+  const bool all_linear = !tc.target_regex.empty() && is_all_linear(tc.target_regex);
+  if (!all_linear && (!tc.target_regex.empty() || !tc.target_modules.empty()))
+    for (const auto& module : order) {
+      if (ends_with_str(module, ".experts") || ends_with_str(module, ".experts.base_layer")) continue;  // target_parameters
+      const bool targeted = !tc.target_regex.empty()
+                                ? std::regex_match(module, compile(tc.target_regex, cp + ": target_modules"))
+                                : std::any_of(tc.target_modules.begin(), tc.target_modules.end(),
+                                              [&](const std::string& n) { return names_match(module, n); });
+      if (!targeted)
+        throw runtime_error(files.weights_path, "holds an adapter for " + module + ", which target_modules in " + cp +
+                                                    " does not name (peft would not apply it)",
+                            "fix target_modules or remove the tensors");
+    }
   for (const auto& module : order) {
     const auto& w = by_module[module];
     if (!w.A.defined() || !w.B.defined())

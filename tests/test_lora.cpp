@@ -370,6 +370,39 @@ TEST_CASE("bad input gives one-line errors", "[lora][errors]") {
   CHECK(msg.find("DoRA (use_dora: true) is not supported") != std::string::npos);
 }
 
+TEST_CASE("adapter_config.json keys that change what peft computes are implemented or refused", "[lora][errors]") {
+  TempDir tmp;
+  auto m = debug_model();
+  model::LoraConfig c;
+  c.target_modules = {"q_a_proj", "o_proj"};
+  model::inject_lora(*m, c);
+  model::save_adapter(*m, tmp / "a");
+  const auto original = nlohmann::json::parse(std::ifstream(tmp / "a/adapter_config.json"));
+  auto with = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = original;
+    j[key] = value;
+    std::ofstream(tmp / "a/adapter_config.json") << j.dump();
+    auto fresh = debug_model();
+    return error_of([&] { model::load_adapter(*fresh, tmp / "a"); });
+  };
+  CHECK(with("layers_to_transform", {0}).find("layers_to_transform [0] is not supported") != std::string::npos);
+  CHECK(with("exclude_modules", {"o_proj"}).find("exclude_modules") != std::string::npos);
+  CHECK(with("layer_replication", {{0, 1}}).find("layer_replication") != std::string::npos);
+  CHECK(with("alora_invocation_tokens", {5}).find("alora_invocation_tokens") != std::string::npos);
+  CHECK(with("lora_bias", true).find("lora_bias true is not supported") != std::string::npos);
+  // peft adapts only what target_modules names: an adapter for another module is not silently applied.
+  const std::string msg = with("target_modules", {"q_a_proj"});
+  CHECK(msg.find("holds an adapter for model.layers.0.self_attn.o_proj, which target_modules") != std::string::npos);
+  // Inert values load.
+  auto j = original;
+  j["layers_to_transform"] = nullptr;
+  j["exclude_modules"] = nlohmann::json::array();
+  j["init_lora_weights"] = "gaussian";
+  std::ofstream(tmp / "a/adapter_config.json") << j.dump();
+  auto fresh = debug_model();
+  CHECK(model::load_adapter(*fresh, tmp / "a").size() == 4);
+}
+
 TEST_CASE("the lora: section decodes strictly", "[lora][config]") {
   // model.pretrained must hold a config.json; write one.
   TempDir tmp;
