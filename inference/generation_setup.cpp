@@ -77,6 +77,11 @@ int64_t resolve_max_new_tokens(const std::optional<model::GenerationConfig>& gen
   return gen && gen->max_new_tokens ? *gen->max_new_tokens : 128;
 }
 
+int64_t resolve_max_length(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& r) {
+  if (r.max_new_tokens || !gen || gen->max_new_tokens || !gen->max_length) return 0;
+  return *gen->max_length;
+}
+
 std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig>& gen, const model::ModelConfig& c) {
   const bool from_gen = gen && gen->eos_token_id;
   const std::vector<int64_t> eos = from_gen ? *gen->eos_token_id : c.eos_token_id;

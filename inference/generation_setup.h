@@ -40,6 +40,9 @@ struct SamplingRequest {
 // top-p 0.95, repetition penalty 1.1, 128 new tokens.
 SamplingOptions resolve_sampling(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& request);
 int64_t resolve_max_new_tokens(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& request);
+// generation_config.json's max_length (prompt + new tokens) when neither the request nor the file gives
+// max_new_tokens; 0: none.
+int64_t resolve_max_length(const std::optional<model::GenerationConfig>& gen, const SamplingRequest& request);
 // generation_config.json's eos_token_id, else config.json's (one id or a list).
 std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig>& gen, const model::ModelConfig& c);
 

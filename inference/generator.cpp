@@ -91,7 +91,9 @@ public:
   Sequences(const data::Tokenizer& tok, const std::vector<std::vector<int32_t>>& prompts, const GenerateOptions& o,
             const std::function<void(size_t, const std::string&)>& on_text)
       : o_(o), on_text_(on_text), context_(prompts), results_(prompts.size()), done_(prompts.size(), false),
-        emitted_(prompts.size()), eos_ids_(o.eos_ids) {
+        emitted_(prompts.size()), eos_ids_(o.eos_ids), vocab_(o.decode_text ? tok.vocab_size() : 0) {
+    for (size_t b = 0; b < prompts.size(); ++b)
+      if (o.max_length > 0 && static_cast<int64_t>(prompts[b].size()) >= o.max_length) done_[b] = true;
     if (o.decode_text)
       for (const auto& p : prompts) streams_.emplace_back(tok, p);
     if (eos_ids_.empty() && tok.eos_id() >= 0) eos_ids_.push_back(tok.eos_id());
@@ -100,7 +102,9 @@ public:
   // Samples sequence b's next token from its logits [V]; returns it, or -1 when the sequence has ended.
   int64_t advance(size_t b, const torch::Tensor& logits, Sampler& sampler) {
     if (done_[b]) return -1;
-    const int32_t token = static_cast<int32_t>(sampler.sample(logits, context_[b]));
+    // Rows of a vocabulary padded beyond the tokenizer's (common in checkpoints) decode to nothing: never sample them.
+    const int64_t usable = vocab_ > 0 ? std::min<int64_t>(vocab_, logits.size(0)) : logits.size(0);
+    const int32_t token = static_cast<int32_t>(sampler.sample(logits.narrow(0, 0, usable), context_[b]));
     if (o_.stop_at_eos && std::find(eos_ids_.begin(), eos_ids_.end(), token) != eos_ids_.end()) {
       done_[b] = true;
       return -1;
@@ -108,6 +112,7 @@ public:
     results_[b].tokens.push_back(token);
     context_[b].push_back(token);
     if (o_.decode_text && emit(b, /*final=*/false)) done_[b] = true;
+    if (o_.max_length > 0 && static_cast<int64_t>(context_[b].size()) >= o_.max_length) done_[b] = true;
     return token;
   }
 
@@ -146,6 +151,7 @@ private:
   std::vector<std::string> emitted_;
   std::vector<TextStream> streams_;
   std::vector<int32_t> eos_ids_;
+  int64_t vocab_;  // ids the tokenizer decodes (0: no limit, token-id mode)
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -159,6 +165,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
                                            const GenerateOptions& o,
                                            const std::function<void(size_t, const std::string&)>& on_text) {
   const int64_t ctx = model->config().max_position_embeddings;
+  if (o.max_new_tokens < 1) throw usage_error("max_new_tokens", "must be >= 1, got " + std::to_string(o.max_new_tokens));
   const int64_t longest = check_prompts(prompts, ctx), B = static_cast<int64_t>(prompts.size());
   const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - longest);
   torch::NoGradGuard no_grad;

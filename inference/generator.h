@@ -17,6 +17,7 @@ struct GenerateOptions {
   std::vector<std::string> stop;  // stop strings in the generated text (the text up to them is kept)
   bool stop_at_eos = true;
   std::vector<int32_t> eos_ids;   // any of them ends a sequence (not part of its tokens); empty: the tokenizer's EOS
+  int64_t max_length = 0;         // > 0: a sequence also ends when prompt + generated reaches it (transformers' max_length)
   bool decode_text = true;  // false: token ids only (no text, no stop strings, no streaming), e.g. for benchmarks
 };
 

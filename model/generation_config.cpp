@@ -13,7 +13,8 @@ namespace dsopen::model {
 namespace {
 
 // Generation keys an older config.json may carry instead of a generation_config.json.
-const char* const kLegacyKeys[] = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"};
+const char* const kLegacyKeys[] = {"do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens",
+                                   "max_length", "num_beams", "no_repeat_ngram_size", "min_length"};
 
 GenerationConfig decode_generation(const nlohmann::json& j, const std::string& file) {
   GenerationConfig g;
@@ -53,6 +54,39 @@ GenerationConfig decode_generation(const nlohmann::json& j, const std::string& f
   if (j.contains("top_k") && !j["top_k"].is_null()) {
     if (!j["top_k"].is_number_integer() || j["top_k"].get<int64_t>() < 0) throw bad("top_k", "expected an integer >= 0");
     g.top_k = j["top_k"].get<int64_t>();
+  }
+  // Controls that would change the output: refused unless they hold their no-op value.
+  const std::vector<std::pair<const char*, nlohmann::json>> unsupported = {
+      {"num_beams", 1}, {"num_beam_groups", 1}, {"penalty_alpha", nullptr}, {"no_repeat_ngram_size", 0},
+      {"encoder_no_repeat_ngram_size", 0}, {"bad_words_ids", nullptr}, {"suppress_tokens", nullptr},
+      {"begin_suppress_tokens", nullptr}, {"forced_bos_token_id", nullptr}, {"forced_eos_token_id", nullptr},
+      {"min_new_tokens", nullptr}, {"min_length", 0}, {"typical_p", 1.0}, {"min_p", nullptr}, {"epsilon_cutoff", 0.0},
+      {"eta_cutoff", 0.0}, {"diversity_penalty", 0.0}, {"encoder_repetition_penalty", 1.0}, {"guidance_scale", nullptr},
+      {"sequence_bias", nullptr}, {"exponential_decay_length_penalty", nullptr}, {"constraints", nullptr},
+      {"force_words_ids", nullptr}, {"watermarking_config", nullptr}};
+  for (const auto& [key, noop] : unsupported) {
+    if (!j.contains(key)) continue;
+    const auto& v = j[key];
+    const bool inert = v.is_null() || v == noop || ((v.is_array() || v.is_object()) && v.empty()) ||
+                       (v.is_number() && noop.is_number() && v.get<double>() == noop.get<double>());
+    if (!inert)
+      throw usage_error(file, std::string(key) + ": " + v.dump() + " is not supported by dsopen's generation",
+                        "remove the key or set it to " + (noop.is_null() ? std::string("null") : noop.dump()));
+  }
+  if (j.contains("stop_strings") && !j["stop_strings"].is_null()) {
+    const auto& v = j["stop_strings"];
+    if (v.is_string()) g.stop_strings.push_back(v.get<std::string>());
+    else if (v.is_array())
+      for (const auto& s : v) {
+        if (!s.is_string() || s.get<std::string>().empty()) throw bad("stop_strings", "expected non-empty strings, got " + s.dump());
+        g.stop_strings.push_back(s.get<std::string>());
+      }
+    else throw bad("stop_strings", "expected a string or a list of strings");
+  }
+  if (j.contains("max_length") && !j["max_length"].is_null()) {
+    if (!j["max_length"].is_number_integer() || j["max_length"].get<int64_t>() < 1)
+      throw bad("max_length", "expected an integer >= 1");
+    g.max_length = j["max_length"].get<int64_t>();
   }
   if (j.contains("max_new_tokens") && !j["max_new_tokens"].is_null()) {
     if (!j["max_new_tokens"].is_number_integer() || j["max_new_tokens"].get<int64_t>() < 1)

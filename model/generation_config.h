@@ -4,6 +4,8 @@
 // Read as transformers reads it: keys absent from the file take transformers' defaults (do_sample false = greedy,
 // temperature 1, top_k 50, top_p 1, repetition_penalty 1); eos_token_id may be one id or a list. A directory
 // without the file falls back, as transformers does, to the generation keys an older config.json carries.
+// Controls dsopen does not implement (beam search, n-gram blocking, suppressed or forced tokens, min_p, typical_p,
+// ...) are refused by name when set to anything but their no-op value, rather than generate something else.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -26,6 +28,8 @@ struct GenerationConfig {
   double top_p = 1.0;
   double repetition_penalty = 1.0;
   std::optional<int64_t> max_new_tokens;
+  std::optional<int64_t> max_length;  // prompt + new tokens (used when max_new_tokens is not given)
+  std::vector<std::string> stop_strings;  // a generated text ends before the first of them
   std::string source;  // the file it came from (for messages)
   nlohmann::json json;  // the object as read; written back unchanged on export
 };

@@ -75,13 +75,23 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
     if (bits == 0) throw bad(where + " has unknown dtype '" + e.dtype + "'");
     if (!v["shape"].is_array()) throw bad(where + " shape is not a list");
     uint64_t numel = 1;
-    constexpr uint64_t kLimit = uint64_t{1} << 56;  // far beyond any file, small enough that numel * bits cannot wrap
+    bool empty = false;  // a zero dimension: no element, whatever the others (the reference accepts [0, 2^62])
     for (const auto& d : v["shape"]) {
       if (!d.is_number_unsigned()) throw bad(where + " has a negative or non-integer dimension");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > kLimit || (dim > 0 && numel > kLimit / dim)) throw bad(where + " shape is absurdly large");
+      if (dim > uint64_t{INT64_MAX}) throw bad(where + " shape is absurdly large");
       e.shape.push_back(static_cast<int64_t>(dim));
-      numel *= dim;
+      empty = empty || dim == 0;
+    }
+    constexpr uint64_t kLimit = uint64_t{1} << 56;  // far beyond any file, small enough that numel * bits cannot wrap
+    for (int64_t dim : e.shape) {
+      if (empty) {
+        numel = 0;
+        break;
+      }
+      if (static_cast<uint64_t>(dim) > kLimit || numel > kLimit / static_cast<uint64_t>(dim))
+        throw bad(where + " shape is absurdly large");
+      numel *= static_cast<uint64_t>(dim);
     }
     const auto& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())

@@ -5,14 +5,19 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <set>
 #include <sstream>
 
 #include "data/tokenizer.h"
 #include "inference/chat.h"
+#include "inference/generation_setup.h"
 #include "inference/generator.h"
 #include "inference/sampler.h"
+#include "model/generation_config.h"
 #include "model/registry.h"
+#include "utils/errors.h"
 
 using namespace dsopen;
 
@@ -196,4 +201,53 @@ TEST_CASE("chat renders turns as SFT data does and keeps the conversation across
   CHECK(long_conv.messages.front().role == "system");
   CHECK(long_conv.messages.size() < 1 + 2 * 8);
   CHECK(long_conv.messages.back().role == "assistant");
+}
+
+TEST_CASE("generation_config.json: max_length and stop_strings apply, controls we lack are refused", "[inference]") {
+  const auto dir = std::filesystem::temp_directory_path() / ("dsopen_gencfg_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto write = [&](const std::string& text) { std::ofstream(dir / "generation_config.json") << text; };
+  write(R"({"do_sample": false, "max_length": 9, "stop_strings": ["xyz"], "num_beams": 1, "min_length": 0})");
+  auto gen = model::read_generation_config(dir.string());
+  REQUIRE(gen);
+  CHECK(gen->max_length == 9);
+  CHECK(gen->stop_strings == std::vector<std::string>{"xyz"});
+  inference::SamplingRequest request;
+  CHECK(inference::resolve_max_length(gen, request) == 9);  // no max_new_tokens anywhere: max_length caps
+  request.max_new_tokens = 4;
+  CHECK(inference::resolve_max_length(gen, request) == 0);  // an explicit count wins, as in transformers
+  for (const char* bad : {R"({"num_beams": 4})", R"({"no_repeat_ngram_size": 3})", R"({"suppress_tokens": [5]})",
+                          R"({"min_new_tokens": 2})", R"({"typical_p": 0.9})", R"({"min_p": 0.1})"}) {
+    INFO(bad);
+    write(bad);
+    try {
+      model::read_generation_config(dir.string());
+      FAIL("accepted");
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("is not supported by dsopen's generation") != std::string::npos);
+      CHECK(e.exit_code() == 2);
+    }
+  }
+  std::filesystem::remove_all(dir);
+
+  // max_length ends each sequence at prompt + generated = max_length; ids past the tokenizer's vocabulary (a
+  // padded embedding) are never sampled.
+  model::ModelConfig c = *model::find_flavor("debug");
+  c.vocab_size = 512;  // the tokenizer has 400
+  c.use_mtp = false;
+  torch::manual_seed(3);
+  model::CausalLM m(c);
+  m->eval();
+  inference::Sampler sampler({1.5, 0, 1.0, 1.0, 9});
+  inference::GenerateOptions o;
+  o.max_new_tokens = 20;
+  o.stop_at_eos = false;
+  o.max_length = 8;
+  auto results = inference::generate_batch(m, tok(), {{1, 2, 3}, {1, 2, 3, 4, 5}}, sampler, o);
+  CHECK(results[0].tokens.size() == 5);
+  CHECK(results[1].tokens.size() == 3);
+  o.max_length = 0;
+  o.max_new_tokens = 200;
+  for (const auto& r : inference::generate_batch(m, tok(), {{1, 2, 3}}, sampler, o))
+    for (int32_t t : r.tokens) CHECK(t < tok().vocab_size());
 }

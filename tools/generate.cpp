@@ -77,6 +77,8 @@ void check_args(const cxxopts::ParseResult& args) {
     throw usage_error("--prompt-ids", "--chat and --stop work on text", "give the prompt as --prompt");
   const std::string dtype = args["dtype"].as<std::string>();
   if (dtype != "fp32" && dtype != "bf16") throw usage_error("--dtype", "'" + dtype + "' is not fp32 or bf16");
+  if (args.count("max-new-tokens") && args["max-new-tokens"].as<int64_t>() < 1)
+    throw usage_error("--max-new-tokens", "must be >= 1");
   if (args["warmup"].as<int>() < 0 || args["repeat"].as<int>() < 1)
     throw usage_error("--warmup/--repeat", "need --warmup >= 0 and --repeat >= 1");
 }
@@ -232,7 +234,9 @@ static int run(int argc, char** argv) {
   inference::Sampler sampler(so);
   inference::GenerateOptions go;
   go.max_new_tokens = inference::resolve_max_new_tokens(gen, request);
+  go.max_length = inference::resolve_max_length(gen, request);
   go.eos_ids = inference::resolve_eos_ids(gen, model->config());
+  if (gen) go.stop = gen->stop_strings;
   if (args.count("stop")) go.stop = cli::values_of(argc, argv, "stop");
   go.stop_at_eos = !args.count("ignore-eos");
   const bool as_ids = args.count("prompt-ids") > 0, json = args.count("json") > 0;

@@ -63,8 +63,9 @@ void train(const cxxopts::ParseResult& args) {
 void encode_decode_jsonl(const data::Tokenizer& tok, bool encode) {
   std::string line;
   for (int64_t n = 1; std::getline(std::cin, line); ++n) {
-    if (line.empty()) continue;
     const std::string where = "stdin:" + std::to_string(n);
+    // One output line per input line: an empty line would silently shift every later answer.
+    if (line.empty()) throw usage_error(where, "empty line", encode ? "give \"\" for the empty text" : "give [] for no ids");
     nlohmann::json j;
     try {
       j = json::parse(line, where);
@@ -79,8 +80,10 @@ void encode_decode_jsonl(const data::Tokenizer& tok, bool encode) {
     if (!j.is_array()) throw usage_error(where, "expected a JSON list of token ids");
     std::vector<int32_t> ids;
     for (const auto& v : j) {
-      if (!v.is_number_integer()) throw usage_error(where, "expected a JSON list of token ids");
-      ids.push_back(v.get<int32_t>());
+      const bool fits = v.is_number_unsigned() ? v.get<uint64_t>() <= INT32_MAX
+                                               : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+      if (!fits) throw usage_error(where, "expected a JSON list of token ids, got " + v.dump());
+      ids.push_back(static_cast<int32_t>(v.get<int64_t>()));
     }
     // Decoded bytes that are not UTF-8 (a character cut between tokens) become U+FFFD in JSON.
     std::cout << nlohmann::json(tok.decode(ids)).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";

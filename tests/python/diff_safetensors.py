@@ -68,6 +68,7 @@ CASES = {
     "negative_dim": file_bytes({"a": T("F32", [-2], 0, 8)}, bytes(8)),
     "huge_offset": file_bytes(raw=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551616]}}', data=bytes(8)),
     "shape_overflow": file_bytes({"a": T("F32", [2 ** 62, 4], 0, 8)}, bytes(8)),
+    "huge_dim_but_empty": file_bytes({"a": A, "z": T("F32", [0, 2 ** 62], 8, 8)}, bytes(8)),
     "three_offsets": file_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, bytes(8)),
     "string_offsets": file_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, bytes(8)),
     "lowercase_dtype": file_bytes({"a": T("f32", [2], 0, 8)}, bytes(8)),
