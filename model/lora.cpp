@@ -150,7 +150,7 @@ AdapterFiles read_adapter(const std::string& dir) {
   // PEFT keys that change which layers are adapted or what an adapter computes: loading the tensors while
   // ignoring them would compute something else than peft does. (Initialization keys such as init_lora_weights,
   // loftq_config or eva_config do not matter once the weights exist.)
-  for (const char* key : {"exclude_modules", "layers_to_transform", "layers_pattern", "trainable_token_indices",
+  for (const char* key : {"layers_to_transform", "layers_pattern", "trainable_token_indices",
                           "layer_replication", "alora_invocation_tokens", "velora_config", "monteclora_config",
                           "arrow_config", "kasa_config", "use_bdlora", "use_qalora", "lora_bias"}) {
     if (!j.contains(key)) continue;
@@ -202,8 +202,23 @@ AdapterFiles read_adapter(const std::string& dir) {
     (m[2] == "A" ? by_module[module].A : by_module[module].B) = t;
   }
   if (order.empty()) throw runtime_error(files.weights_path, "holds no LoRA weights");
-  // peft adapts the modules target_modules names and ignores other tensors of the file: refuse those rather than
-  // apply adapters peft would not.
+  // peft adapts the modules target_modules names and exclude_modules does not (a regex: full match; a list:
+  // names), and ignores other tensors of the file: refuse those rather than apply adapters peft would not.
+  if (j.contains("exclude_modules") && !j["exclude_modules"].is_null()) {
+    const auto& ex = j["exclude_modules"];
+    if (!ex.is_string() && !ex.is_array()) unsupported("exclude_modules " + ex.dump());
+    for (const auto& module : order) {
+      const bool excluded = ex.is_string()
+                                ? std::regex_match(module, compile(ex.get<std::string>(), cp + ": exclude_modules"))
+                                : std::any_of(ex.begin(), ex.end(), [&](const ordered_json& n) {
+                                    return n.is_string() && names_match(module, n.get<std::string>());
+                                  });
+      if (excluded)
+        throw runtime_error(files.weights_path, "holds an adapter for " + module + ", which exclude_modules in " + cp +
+                                                    " leaves out (peft would not apply it)",
+                            "fix exclude_modules or remove the tensors");
+    }
+  }
   const LoraConfig& tc = files.config;
   const bool all_linear = !tc.target_regex.empty() && is_all_linear(tc.target_regex);
   if (!all_linear && (!tc.target_regex.empty() || !tc.target_modules.empty()))
