@@ -81,6 +81,8 @@ static int run(int argc, char** argv) {
   model::ModelConfig c;
   int64_t seq_len = 4096;
   if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
+    if (args.count("set"))
+      throw usage_error("--set", "applies to dsopen YAML configs only", "edit " + path + " instead");
     c = model::ModelConfig::from_hf_json_file(path);
   } else {
     config::Document doc = config::Document::load(path);
@@ -89,7 +91,10 @@ static int run(int argc, char** argv) {
     c = model::model_config_from_document(doc);
     seq_len = model::seq_len_from_document(doc, seq_len);
   }
-  if (args.count("seq-len")) seq_len = args["seq-len"].as<int64_t>();
+  if (args.count("seq-len")) {
+    seq_len = args["seq-len"].as<int64_t>();
+    if (seq_len < 1) throw usage_error("--seq-len", "must be >= 1");
+  }
   if (args.count("hf-config")) {
     c.validate();
     env::write_file_atomic(args["hf-config"].as<std::string>(), c.to_hf_json().dump(2) + "\n");
