@@ -25,7 +25,7 @@ data::Conversation chat_loop(model::CausalLM& model, const data::Tokenizer& tok,
                              const ChatOptions& o, std::istream& in, std::ostream& out) {
   GenerateOptions go = o.generate;
   if (const auto stop = chat_stop(o.tmpl); !stop.empty()) go.stop.push_back(stop);
-  const int64_t ctx = model->config().max_position_embeddings;
+  const int64_t ctx = model->config().context_length();
   auto fresh = [&] {
     data::Conversation c;
     if (!o.system.empty()) c.messages.push_back({"system", o.system});

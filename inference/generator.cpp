@@ -164,7 +164,7 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
                                            const std::vector<std::vector<int32_t>>& prompts, Sampler& sampler,
                                            const GenerateOptions& o,
                                            const std::function<void(size_t, const std::string&)>& on_text) {
-  const int64_t ctx = model->config().max_position_embeddings;
+  const int64_t ctx = model->config().context_length();
   if (o.max_new_tokens < 1) throw usage_error("max_new_tokens", "must be >= 1, got " + std::to_string(o.max_new_tokens));
   const int64_t longest = check_prompts(prompts, ctx), B = static_cast<int64_t>(prompts.size());
   const int64_t budget = std::min<int64_t>(o.max_new_tokens, ctx - longest);

@@ -192,7 +192,11 @@ std::vector<std::pair<std::string, model::LinearImpl*>> linears(model::CausalLM&
     if (name.rfind("mtp.", 0) == 0) continue;
     auto* lin = item.value()->as<model::Linear>();
     if (!lin) continue;
-    if (ends_with(name, "_proj") || (quantize_head && name == "lm_head")) out.emplace_back(name, lin);
+    // The *_proj projections and Mixtral's experts (w1/w2/w3); the head when asked. Gates (the router, Qwen2-MoE's
+    // [1, hidden] shared_expert_gate) and MLA's kv_a_proj_with_mqa stay in full precision.
+    const bool projection = ends_with(name, "_proj") || ends_with(name, ".w1") || ends_with(name, ".w2") ||
+                            ends_with(name, ".w3");
+    if (name == "lm_head" ? quantize_head : projection) out.emplace_back(name, lin);
   }
   return out;
 }

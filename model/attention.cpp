@@ -29,13 +29,17 @@ torch::Tensor append(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t 
 
 AttentionImpl::AttentionImpl(const ModelConfig& c)
     : n_heads_(c.num_attention_heads), n_kv_heads_(c.num_key_value_heads), head_dim_(c.attn_head_dim()),
+      rope_dim_(c.rope_dim()), rope_layout_(c.arch().rope_layout),
       scale_(1.0 / std::sqrt(static_cast<double>(c.attn_head_dim()))) {  // no YaRN mscale: only MLA has it
   const bool qkv_bias = c.qkv_bias();
-  const bool o_bias = c.model_type == "llama" && c.attention_bias;
   q_proj = register_module("q_proj", linear(c.hidden_size, n_heads_ * head_dim_, qkv_bias));
   k_proj = register_module("k_proj", linear(c.hidden_size, n_kv_heads_ * head_dim_, qkv_bias));
   v_proj = register_module("v_proj", linear(c.hidden_size, n_kv_heads_ * head_dim_, qkv_bias));
-  o_proj = register_module("o_proj", linear(n_heads_ * head_dim_, c.hidden_size, o_bias));
+  o_proj = register_module("o_proj", linear(n_heads_ * head_dim_, c.hidden_size, c.o_bias()));
+  if (c.arch().qk_norm) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim_, c.rms_norm_eps));
+    k_norm = register_module("k_norm", RMSNorm(head_dim_, c.rms_norm_eps));
+  }
 }
 
 void AttentionImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity,
@@ -46,8 +50,11 @@ void AttentionImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capac
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInput& in) {
   const int64_t B = x.size(0), T = x.size(1);
-  auto q = apply_rope_half(q_proj(x).view({B, T, n_heads_, head_dim_}), in.cos, in.sin).transpose(1, 2);
-  auto k = apply_rope_half(k_proj(x).view({B, T, n_kv_heads_, head_dim_}), in.cos, in.sin).transpose(1, 2);
+  auto q = q_proj(x).view({B, T, n_heads_, head_dim_});
+  auto k = k_proj(x).view({B, T, n_kv_heads_, head_dim_});
+  if (q_norm) q = q_norm(q), k = k_norm(k);  // per head, over head_dim
+  q = apply_rope(q, in.cos, in.sin, rope_layout_, rope_dim_).transpose(1, 2);  // [B, H, T, d]
+  k = apply_rope(k, in.cos, in.sin, rope_layout_, rope_dim_).transpose(1, 2);  // [B, KV, T, d]
   auto v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // [B, KV, T, d]
   if (in.cache) {
     k = append(in.cache->a, k.to(in.cache->a.scalar_type()), 2, in.start).to(q.scalar_type());

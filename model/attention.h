@@ -1,4 +1,4 @@
-// Attention: MHA/GQA (DeepSeek-LLM, Qwen2) and MLA (multi-head latent attention, DeepSeek-V2/V3), each with a
+// Attention: MHA/GQA (DeepSeek-LLM, Llama, Qwen, GLM, Mixtral) and MLA (multi-head latent attention, DeepSeek-V2/V3), each with a
 // KV cache for incremental decoding.
 //
 // MLA (DeepSeek-V2 paper §2.1): queries optionally go through a low-rank bottleneck (q_a_proj -> norm ->
@@ -35,6 +35,8 @@ struct AttentionInput {
 // Additive causal mask [T, start + T] for a chunk that starts at `start` (0 where key <= query position).
 torch::Tensor causal_mask(int64_t T, int64_t start, const torch::TensorOptions& options);
 
+// MHA/GQA: q/k/v projections (biased per the architecture), optional per-head q/k RMSNorm (Qwen3) before rope,
+// rope on the first rope_dim dimensions of each head in the architecture's layout, SDPA, o_proj.
 class AttentionImpl : public torch::nn::Module {
 public:
   explicit AttentionImpl(const ModelConfig& c);
@@ -42,9 +44,11 @@ public:
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
 
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  // qk_norm architectures only
 
 private:
-  int64_t n_heads_, n_kv_heads_, head_dim_;
+  int64_t n_heads_, n_kv_heads_, head_dim_, rope_dim_;
+  RopeLayout rope_layout_;
   double scale_;
 };
 TORCH_MODULE(Attention);

@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 
@@ -48,9 +49,17 @@ void token_id_list(config::Reader& r, const std::string& key, std::vector<int64_
   }
 }
 
-// rope_scaling (transformers 4) or rope_parameters (transformers 5): the rope type and its YaRN parameters, read as
-// transformers' _compute_yarn_parameters reads them. `theta` receives a rope_theta given inside.
-void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, double& theta, bool strict) {
+// Families whose modeling code rotates whole heads (transformers ignores the key for them, or fails on it).
+void refuse_partial_rotary(config::Reader& r, const ArchTraits& arch) {
+  r.error("partial_rotary_factor", arch.model_type + " rotates whole heads (its transformers model does not apply "
+                                       "partial_rotary_factor); remove the key");
+}
+
+// rope_scaling (transformers 4) or rope_parameters (transformers 5): the rope type and its parameters, read as
+// transformers' modeling_rope_utils reads them. `theta` and `partial` receive a rope_theta and a
+// partial_rotary_factor given inside.
+void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, double& theta,
+                         double& partial, const ArchTraits& arch, bool strict) {
   if (!parent.has(key)) return;
   const YAML::Node node = parent.raw(key);
   if (node.IsNull()) {
@@ -71,10 +80,11 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
     r.error("type", "is '" + legacy + "' but rope_type is '" + rope_type + "'; keep one");
   if (!rope_type.empty()) type = rope_type;
   else if (!legacy.empty()) type = legacy;
-  if (type != "yarn" && type != "default" && type != "none")
+  static const std::vector<std::string> known = {"default", "none", "linear", "dynamic", "yarn", "llama3"};
+  if (std::find(known.begin(), known.end(), type) == known.end())
     r.error(r.has("rope_type") ? "rope_type" : "type",
-            "rope scaling '" + type + "' is not supported (use yarn, or remove " + key + ")");
-  out.type = (type == "yarn") ? "yarn" : "";
+            "rope scaling '" + type + "' is not supported (use linear, dynamic, yarn or llama3, or remove " + key + ")");
+  out.type = (type == "default" || type == "none") ? "" : type;
   r.optional("factor", out.factor, config::at_least_f(1.0));
   long long orig = out.original_max_position_embeddings;
   r.optional("original_max_position_embeddings", orig, config::at_least(1));
@@ -85,33 +95,48 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
   r.optional("mscale_all_dim", out.mscale_all_dim, config::at_least_f(0));
   r.optional("attention_factor", out.attention_factor, config::greater_than(0));
   r.optional("truncate", out.truncate);
+  r.optional("low_freq_factor", out.low_freq_factor, config::greater_than(0));
+  r.optional("high_freq_factor", out.high_freq_factor, config::greater_than(0));
   r.optional("rope_theta", theta, config::greater_than(0));
-  double partial = 1.0;
-  r.optional("partial_rotary_factor", partial);
-  if (partial != 1.0) r.error("partial_rotary_factor", "rope on part of the head dimensions is not supported");
+  r.optional("partial_rotary_factor", partial, config::greater_than(0));
+  if (partial != 1.0 && !arch.partial_rotary) refuse_partial_rotary(r, arch);
   r.finish(strict);
+}
+
+// A key that transformers spells differently per family (the routed expert count): every spelling given must agree.
+void aliased_int(config::Reader& r, const std::vector<const char*>& keys, int64_t& out) {
+  const char* first = nullptr;
+  for (const char* k : keys) {
+    if (!r.has(k)) continue;
+    int64_t v = out;
+    nullable_int(r, k, v);
+    if (first && v != out)
+      r.error(k, "is " + std::to_string(v) + " but " + first + " is " + std::to_string(out) + "; keep one of the two");
+    if (!first) first = k;
+    out = v;
+  }
 }
 
 // HF keys that change the math: each one is implemented for the values real checkpoints use, and any other value
 // is refused by name (accepting it and computing something else would give silently wrong logits).
 void decode_math_keys(config::Reader& r, ModelConfig& c) {
-  const bool mla = c.is_mla();
+  const ArchTraits& a = c.arch();
+  const bool interleaved = a.rope_layout == RopeLayout::kInterleaved;
   if (r.has("rope_interleave") && !r.raw("rope_interleave").IsNull()) {
     bool interleave = c.rope_interleave;
     r.optional("rope_interleave", interleave);
-    if (c.model_type == "deepseek_v3") c.rope_interleave = interleave;
-    else if (c.model_type == "deepseek_v2" && !interleave)
-      r.error("rope_interleave", "deepseek_v2 always uses the interleaved rope layout (transformers ignores this key); "
-                                 "remove it, or use model_type deepseek_v3");
-    else if (!mla && interleave)
-      r.error("rope_interleave", c.model_type + " uses the rotate-half rope layout; remove rope_interleave: true");
+    if (a.rope_interleave_key) c.rope_interleave = interleave;
+    else if (interleave != interleaved)
+      r.error("rope_interleave", interleaved ? c.model_type + " always uses the interleaved rope layout (transformers "
+                                                              "ignores this key); remove it"
+                                             : c.model_type + " uses the rotate-half rope layout; remove rope_interleave: true");
   } else {
     r.accept("rope_interleave");
   }
   bool mlp_bias = false;
   r.optional("mlp_bias", mlp_bias);
   if (mlp_bias) r.error("mlp_bias", "biases on gate/up/down projections are not supported; remove the key or set it false");
-  if (mla && c.attention_bias)
+  if (c.is_mla() && c.attention_bias)
     r.error("attention_bias", "biases on MLA projections (q_a_proj, kv_a_proj_with_mqa, o_proj) are not supported");
   if (r.has("qk_head_dim") && !r.raw("qk_head_dim").IsNull()) {
     long long qk = 0;
@@ -142,6 +167,14 @@ void decode_math_keys(config::Reader& r, ModelConfig& c) {
         break;
       }
   r.accept("layer_types");
+  // Mixtral windows attention whenever sliding_window is set; a window covering the whole context changes nothing.
+  if (a.sliding_window_key && r.has("sliding_window") && !r.raw("sliding_window").IsNull()) {
+    long long window = 0;
+    r.optional("sliding_window", window);
+    if (window < c.context_length())
+      r.error("sliding_window", "sliding-window attention (" + std::to_string(window) +
+                                    " positions) is not supported; set it to null (full attention)");
+  }
   r.accept("sliding_window");
   r.accept("max_window_layers");
   // Quantized weights: dsopen-quantize's own layouts (rtn, gptq) are checked tensor by tensor by the quantized
@@ -174,9 +207,14 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
                             (guess.empty() ? "" : " (did you mean '" + guess + "'?)"));
     }
   }
-  static const std::vector<std::string> types = {"llama", "qwen2", "deepseek_v2", "deepseek_v3"};
-  r.choice("architecture", c.model_type, types);
-  r.choice("model_type", c.model_type, types);
+  const std::vector<std::string> types = model_types();
+  std::string type = c.model_type;
+  r.choice("architecture", type, types);
+  r.choice("model_type", type, types);
+  c.model_type = type;
+  // A config built from scratch (or an HF file) starts from the defaults transformers' config class gives the
+  // family; one built on a flavor or on a pretrained directory's config keeps those.
+  if (flavor.empty() && !r.has("pretrained") && c.arch().defaults) c.arch().defaults(c);
   r.optional("pretrained", c.pretrained);
   r.optional("strict", c.strict);
 
@@ -199,9 +237,15 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   const bool has_rs = r.has("rope_scaling") && !r.raw("rope_scaling").IsNull();
   const bool has_rp = r.has("rope_parameters") && !r.raw("rope_parameters").IsNull();
   if (has_rs && has_rp) r.error("rope_parameters", "given together with rope_scaling; keep one of the two");
-  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, c.rope_theta, strict);
-  decode_rope_scaling(r, "rope_parameters", c.rope_scaling, c.rope_theta, strict);  // transformers >= 5
+  r.optional("partial_rotary_factor", c.partial_rotary_factor, config::greater_than(0));
+  if (r.has("partial_rotary_factor") && c.partial_rotary_factor != 1.0 && !c.arch().partial_rotary)
+    refuse_partial_rotary(r, c.arch());
+  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, c.rope_theta, c.partial_rotary_factor, c.arch(), strict);
+  decode_rope_scaling(r, "rope_parameters", c.rope_scaling, c.rope_theta, c.partial_rotary_factor, c.arch(),
+                      strict);  // transformers >= 5
+  // The family's key for its attention biases (Qwen2-MoE: qkv_bias); attention_bias is always ours in YAML.
   r.optional("attention_bias", c.attention_bias);
+  if (!c.arch().bias_key.empty() && c.arch().bias_key != "attention_bias") r.optional(c.arch().bias_key, c.attention_bias);
   r.optional("tie_word_embeddings", c.tie_word_embeddings);
   r.optional("initializer_range", c.initializer_range, config::greater_than(0));
   nullable_int(r, "bos_token_id", c.bos_token_id);
@@ -215,18 +259,13 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   i64("qk_rope_head_dim", c.qk_rope_head_dim, 2);
   i64("v_head_dim", c.v_head_dim, 1);
 
-  nullable_int(r, "n_routed_experts", c.n_routed_experts);
+  aliased_int(r, {"n_routed_experts", "num_experts", "num_local_experts"}, c.n_routed_experts);
   nullable_int(r, "n_shared_experts", c.n_shared_experts);
   nullable_int(r, "moe_intermediate_size", c.moe_intermediate_size);
   nullable_int(r, "num_experts_per_tok", c.num_experts_per_tok);
   i64("first_k_dense_replace", c.first_k_dense_replace, 0);
   i64("moe_layer_freq", c.moe_layer_freq, 1);
   r.optional("routed_scaling_factor", c.routed_scaling_factor, config::greater_than(0));
-  // DeepSeek-V3 config.json files (and transformers' DeepseekV3Config) leave these out: V3 routing is implied.
-  if (c.model_type == "deepseek_v3" && flavor.empty()) {
-    if (!r.has("scoring_func")) c.scoring_func = "sigmoid";
-    if (!r.has("topk_method")) c.topk_method = "noaux_tc";
-  }
   r.choice("scoring_func", c.scoring_func, {"softmax", "sigmoid"});
   r.choice("topk_method", c.topk_method, {"greedy", "group_limited_greedy", "noaux_tc"});
   nullable_int(r, "n_group", c.n_group);
@@ -235,6 +274,31 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("aux_loss_alpha", c.aux_loss_alpha, config::at_least_f(0));
   r.optional("seq_aux", c.seq_aux);
   nullable_int(r, "num_nextn_predict_layers", c.num_nextn_predict_layers);
+  nullable_int(r, "shared_expert_intermediate_size", c.shared_expert_intermediate_size);
+  i64("decoder_sparse_step", c.decoder_sparse_step, 1);
+  if (r.has("mlp_only_layers") && !r.raw("mlp_only_layers").IsNull()) {
+    const YAML::Node list = r.raw("mlp_only_layers");
+    c.mlp_only_layers.clear();
+    try {
+      if (!list.IsSequence()) throw YAML::Exception(list.Mark(), "not a list");
+      for (const auto& n : list) c.mlp_only_layers.push_back(n.as<long long>());
+    } catch (const YAML::Exception&) {
+      r.error("mlp_only_layers", "expected a list of layer indices");
+    }
+  }
+  r.accept("mlp_only_layers");
+  r.optional("router_jitter_noise", c.router_jitter_noise, config::at_least_f(0));
+  if (c.arch().expert_width_is_intermediate_size) c.moe_intermediate_size = c.intermediate_size;
+  // transformers' Switch-style balance loss (Qwen-MoE, Mixtral): added when output_router_logits is set, as
+  // router_aux_loss_coef * E * sum_e (fraction routed to e) * (mean probability of e). Ours over the batch
+  // (seq_aux false) is aux_loss_alpha * E/K * the same sum, so alpha = coef * K.
+  if (!c.arch().deepseek_router && (r.has("router_aux_loss_coef") || r.has("output_router_logits"))) {
+    double coef = 0.0;
+    bool on = false;
+    r.optional("router_aux_loss_coef", coef, config::at_least_f(0));
+    r.optional("output_router_logits", on);
+    c.aux_loss_alpha = on ? coef * static_cast<double>(std::max<int64_t>(c.num_experts_per_tok, 1)) : 0.0;
+  }
 
   r.optional("use_mtp", c.use_mtp);
   r.optional("mtp_loss_weight", c.mtp_loss_weight, config::at_least_f(0));
@@ -250,7 +314,7 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("attention_dropout", dropout);
   if (dropout != 0.0) r.error("attention_dropout", "attention dropout is not supported; set it to 0");
   decode_math_keys(r, c);
-  if (!strict && c.model_type == "deepseek_v3") {
+  if (!strict && c.arch().correction_bias) {
     // An HF file is read as transformers reads it: DeepseekV3 always routes with sigmoid scores and the
     // bias-corrected, group-limited selection (DeepSeek's own code refuses anything else). A YAML config may
     // combine them freely.
@@ -287,17 +351,31 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
 void ModelConfig::validate(const std::string& where) const {
   std::vector<std::string> errs;
   auto bad = [&](const std::string& key, const std::string& msg) { errs.push_back(where + "." + key + ": " + msg); };
+  const ArchTraits& a = arch();
   if (!is_mla()) {
     if (head_dim == 0 && hidden_size % num_attention_heads != 0)
       bad("num_attention_heads", "must divide hidden_size (" + std::to_string(hidden_size) + ")");
     if (num_attention_heads % num_key_value_heads != 0)
       bad("num_key_value_heads", "must divide num_attention_heads (" + std::to_string(num_attention_heads) + ")");
-    if (attn_head_dim() % 2 != 0) bad("head_dim", "must be even for rotary embeddings");
-    if (n_routed_experts > 0) bad("n_routed_experts", "MoE layers need model_type deepseek_v2 or deepseek_v3");
+    if (partial_rotary_factor > 1.0) bad("partial_rotary_factor", "must be in (0, 1]");
+    else if (partial_rotary_factor != 1.0 && !a.partial_rotary)
+      bad("partial_rotary_factor", model_type + " rotates whole heads; remove the key");
+    else if (rope_dim() < 2 || rope_dim() % 2 != 0)
+      bad(partial_rotary_factor < 1.0 ? "partial_rotary_factor" : "head_dim",
+          "gives " + std::to_string(rope_dim()) + " rotary dimensions; they must be even and >= 2");
   } else {
     if (qk_rope_head_dim % 2 != 0) bad("qk_rope_head_dim", "must be even for rotary embeddings");
     if (q_lora_rank < 0) bad("q_lora_rank", "must be >= 0");
+    if (partial_rotary_factor != 1.0)
+      bad("partial_rotary_factor", "MLA rotates its own qk_rope_head_dim dimensions; remove the key");
   }
+  std::string moe_families;
+  for (const auto& t : model_types())
+    if (arch_traits(t).has_moe) moe_families += (moe_families.empty() ? "" : ", ") + t;
+  if (n_routed_experts > 0 && !a.has_moe)
+    bad("n_routed_experts", model_type + " has no MoE layers (MoE architectures: " + moe_families + ")");
+  if (a.moe_layers == MoELayers::kAll && n_routed_experts < 1)
+    bad(a.experts_key, model_type + " has MoE layers only: need at least one expert");
   if (n_routed_experts > 0) {
     if (num_experts_per_tok < 1 || num_experts_per_tok > n_routed_experts)
       bad("num_experts_per_tok", "must be in [1, n_routed_experts=" + std::to_string(n_routed_experts) + "]");
@@ -310,9 +388,27 @@ void ModelConfig::validate(const std::string& where) const {
       bad("num_experts_per_tok", "exceeds the experts in the top groups (topk_group * experts per group)");
     if (topk_method == "noaux_tc" && n_routed_experts / std::max<int64_t>(n_group, 1) < 2)
       bad("n_group", "noaux_tc ranks groups by their two best experts: need >= 2 experts per group");
-    if (topk_method == "noaux_tc" && model_type != "deepseek_v3")
-      bad("topk_method", "noaux_tc needs model_type deepseek_v3 (it uses e_score_correction_bias)");
+    if (topk_method == "noaux_tc" && !a.correction_bias)
+      bad("topk_method", "noaux_tc needs e_score_correction_bias, which " + model_type + " does not have");
+    // The HF formats of these families have no keys for other routers: a checkpoint could not say what we trained.
+    if (!a.deepseek_router) {
+      if (scoring_func != "softmax") bad("scoring_func", model_type + " routes with softmax scores");
+      if (topk_method != "greedy" || n_group != 1) bad("topk_method", model_type + " selects experts greedily (no groups)");
+      if (routed_scaling_factor != 1.0) bad("routed_scaling_factor", model_type + " does not scale routing weights");
+    }
+    if (a.always_normalize && !norm_topk_prob)
+      bad("norm_topk_prob", model_type + " always normalises the top-k weights; remove the key");
+    if (a.shared == SharedExperts::kGated && shared_expert_intermediate_size < 1)
+      bad("shared_expert_intermediate_size", "must be >= 1 (" + model_type + " has a gated shared expert)");
+    if (a.shared != SharedExperts::kPlain && n_shared_experts > 0)
+      bad("n_shared_experts", model_type + " has " +
+                                  (a.shared == SharedExperts::kGated ? "one gated shared expert (shared_expert_intermediate_size)"
+                                                                     : "no shared experts"));
   }
+  if (attention_bias && !is_mla() && a.qkv_bias == BiasRule::kNever && a.o_bias == BiasRule::kNever)
+    bad("attention_bias", model_type + " has no attention biases; remove the key");
+  if (router_jitter_noise >= 1.0) bad("router_jitter_noise", "must be < 1");
+  if (router_jitter_noise > 0.0 && !a.has_moe) bad("router_jitter_noise", model_type + " has no router");
   // Sizes far beyond any real model are typos (or hostile files); refuse them before anything is allocated.
   auto at_most = [&](const char* key, int64_t value, int64_t limit) {
     if (value > limit) bad(key, std::to_string(value) + " is beyond any model this can build (at most " + std::to_string(limit) + ")");
@@ -335,8 +431,12 @@ void ModelConfig::validate(const std::string& where) const {
   at_most("qk_rope_head_dim", qk_rope_head_dim, 8192);
   at_most("v_head_dim", v_head_dim, 8192);
   if (use_mtp && num_nextn_predict_layers < 1) bad("num_nextn_predict_layers", "must be >= 1 when use_mtp is true");
-  if (use_mtp && model_type != "deepseek_v3") bad("use_mtp", "multi-token prediction needs model_type deepseek_v3");
-  if (rope_scaling.type == "yarn" && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");
+  if (use_mtp && !a.mtp) bad("use_mtp", "multi-token prediction needs model_type deepseek_v3");
+  if (!rope_scaling.type.empty() && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");
+  if (rope_scaling.type == "llama3" && rope_scaling.low_freq_factor >= rope_scaling.high_freq_factor)
+    bad("rope_scaling.low_freq_factor", "must be below high_freq_factor");
+  if (rope_scaling.type == "dynamic" && rope_dim() <= 2)
+    bad("rope_scaling", "dynamic NTK scaling needs more than 2 rotary dimensions");
   if (pad_token_id >= vocab_size) bad("pad_token_id", "must be < vocab_size");
   if (bos_token_id >= vocab_size) bad("bos_token_id", "must be < vocab_size");
   for (int64_t eos : eos_token_id)
@@ -347,37 +447,72 @@ void ModelConfig::validate(const std::string& where) const {
   throw usage_error("", msg);
 }
 
+bool ModelConfig::is_moe_layer(int64_t layer) const {
+  if (n_routed_experts <= 0) return false;
+  switch (arch().moe_layers) {
+    case MoELayers::kDeepSeek:
+      return layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
+    case MoELayers::kQwen:
+      return (layer + 1) % decoder_sparse_step == 0 &&
+             std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) == mlp_only_layers.end();
+    case MoELayers::kAll:
+      return true;
+  }
+  return false;
+}
+
+int64_t ModelConfig::rope_dim() const {
+  if (is_mla()) return qk_rope_head_dim;
+  return static_cast<int64_t>(static_cast<double>(attn_head_dim()) * partial_rotary_factor);
+}
+
+namespace {
+bool follows(BiasRule rule, bool attention_bias) {
+  return rule == BiasRule::kAlways || (rule == BiasRule::kConfig && attention_bias);
+}
+}  // namespace
+
+bool ModelConfig::qkv_bias() const { return follows(arch().qkv_bias, attention_bias); }
+bool ModelConfig::o_bias() const { return follows(arch().o_bias, attention_bias); }
+
+int64_t ModelConfig::context_length() const {
+  if (rope_scaling.type != "dynamic") return max_position_embeddings;
+  return static_cast<int64_t>(static_cast<double>(max_position_embeddings) * rope_scaling.factor);
+}
+
 nlohmann::json ModelConfig::to_hf_json() const {
-  static const std::map<std::string, std::string> arch = {{"llama", "LlamaForCausalLM"},
-                                                           {"qwen2", "Qwen2ForCausalLM"},
-                                                           {"deepseek_v2", "DeepseekV2ForCausalLM"},
-                                                           {"deepseek_v3", "DeepseekV3ForCausalLM"}};
+  const ArchTraits& a = arch();
   nlohmann::json j;
-  j["architectures"] = {arch.at(model_type)};
+  j["architectures"] = {a.hf_architecture};
   j["model_type"] = model_type;
   j["vocab_size"] = vocab_size;
   j["hidden_size"] = hidden_size;
-  j["intermediate_size"] = intermediate_size;
+  j["intermediate_size"] = a.expert_width_is_intermediate_size ? moe_intermediate_size : intermediate_size;
   j["num_hidden_layers"] = num_hidden_layers;
   j["num_attention_heads"] = num_attention_heads;
   j["num_key_value_heads"] = is_mla() ? num_attention_heads : num_key_value_heads;
   j["max_position_embeddings"] = max_position_embeddings;
   j["rms_norm_eps"] = rms_norm_eps;
   j["rope_theta"] = rope_theta;
-  if (rope_scaling.type == "yarn") {
-    nlohmann::json rs = {{"type", "yarn"},
-                         {"rope_type", "yarn"},
-                         {"factor", rope_scaling.factor},
-                         {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings},
-                         {"beta_fast", rope_scaling.beta_fast},
-                         {"beta_slow", rope_scaling.beta_slow},
-                         {"mscale", rope_scaling.mscale}};
-    if (rope_scaling.mscale_all_dim > 0) rs["mscale_all_dim"] = rope_scaling.mscale_all_dim;
-    if (rope_scaling.attention_factor > 0) rs["attention_factor"] = rope_scaling.attention_factor;
-    if (!rope_scaling.truncate) rs["truncate"] = false;
-    j["rope_scaling"] = rs;
-  } else {
+  const RopeScaling& rs = rope_scaling;
+  if (rs.type.empty()) {
     j["rope_scaling"] = nullptr;
+  } else {
+    nlohmann::json r = {{"type", rs.type}, {"rope_type", rs.type}, {"factor", rs.factor}};
+    if (rs.type == "yarn") {
+      r["original_max_position_embeddings"] = rs.original_max_position_embeddings;
+      r["beta_fast"] = rs.beta_fast;
+      r["beta_slow"] = rs.beta_slow;
+      r["mscale"] = rs.mscale;
+      if (rs.mscale_all_dim > 0) r["mscale_all_dim"] = rs.mscale_all_dim;
+      if (rs.attention_factor > 0) r["attention_factor"] = rs.attention_factor;
+      if (!rs.truncate) r["truncate"] = false;
+    } else if (rs.type == "llama3") {
+      r["original_max_position_embeddings"] = rs.original_max_position_embeddings;
+      r["low_freq_factor"] = rs.low_freq_factor;
+      r["high_freq_factor"] = rs.high_freq_factor;
+    }
+    j["rope_scaling"] = r;
   }
   j["hidden_act"] = "silu";
   j["attention_dropout"] = 0.0;
@@ -392,8 +527,30 @@ nlohmann::json ModelConfig::to_hf_json() const {
   j["use_cache"] = true;
   j["torch_dtype"] = "float32";
   if (!is_mla()) {
-    j["attention_bias"] = model_type == "llama" ? attention_bias : true;
+    if (!a.bias_key.empty()) j[a.bias_key] = a.qkv_bias == BiasRule::kAlways ? true : attention_bias;
     if (head_dim > 0) j["head_dim"] = head_dim;
+    // Families whose config class defaults it (GLM: 0.5) get it always, the others when it is not 1.
+    ModelConfig family;
+    family.model_type = model_type;
+    if (a.defaults) a.defaults(family);
+    if (partial_rotary_factor != 1.0 || family.partial_rotary_factor != 1.0)
+      j["partial_rotary_factor"] = partial_rotary_factor;
+    if (a.has_moe) {
+      j[a.experts_key] = n_routed_experts;
+      j["num_experts_per_tok"] = num_experts_per_tok;
+      if (!a.expert_width_is_intermediate_size) j["moe_intermediate_size"] = moe_intermediate_size;
+      if (a.moe_layers == MoELayers::kQwen) {
+        j["decoder_sparse_step"] = decoder_sparse_step;
+        j["mlp_only_layers"] = mlp_only_layers;
+        j["norm_topk_prob"] = norm_topk_prob;
+      }
+      if (a.shared == SharedExperts::kGated) j["shared_expert_intermediate_size"] = shared_expert_intermediate_size;
+      if (a.sliding_window_key) j["sliding_window"] = nullptr;
+      j["router_jitter_noise"] = router_jitter_noise;
+      // The inverse of the mapping in decode(): alpha = router_aux_loss_coef * K.
+      j["output_router_logits"] = aux_loss_alpha > 0;
+      j["router_aux_loss_coef"] = aux_loss_alpha / static_cast<double>(std::max<int64_t>(num_experts_per_tok, 1));
+    }
     return j;
   }
   j["attention_bias"] = false;
@@ -417,10 +574,8 @@ nlohmann::json ModelConfig::to_hf_json() const {
   j["norm_topk_prob"] = norm_topk_prob;
   j["aux_loss_alpha"] = aux_loss_alpha;
   j["seq_aux"] = seq_aux;
-  if (model_type == "deepseek_v3") {
-    j["num_nextn_predict_layers"] = num_nextn_predict_layers;
-    j["rope_interleave"] = rope_interleave;
-  }
+  if (a.mtp) j["num_nextn_predict_layers"] = num_nextn_predict_layers;
+  if (a.rope_interleave_key) j["rope_interleave"] = rope_interleave;
   return j;
 }
 
@@ -464,7 +619,8 @@ int64_t attention_params(const ModelConfig& c) {
     const int64_t d = c.attn_head_dim(), kv = c.num_key_value_heads;
     int64_t p = h * H * d + 2 * h * kv * d + H * d * h;
     if (c.qkv_bias()) p += H * d + 2 * kv * d;
-    if (c.attention_bias && c.model_type == "llama") p += h;
+    if (c.o_bias()) p += h;
+    if (c.arch().qk_norm) p += 2 * d;
     return p;
   }
   int64_t p = 0;
@@ -482,11 +638,12 @@ struct LayerCount {
 
 LayerCount layer_params(const ModelConfig& c, int64_t layer) {
   const int64_t h = c.hidden_size;
-  const int64_t attn = attention_params(c) + 2 * h;  // + two RMSNorms
+  const int64_t attn = attention_params(c) + (c.arch().post_norms ? 4 : 2) * h;  // + the RMSNorms
   if (!c.is_moe_layer(layer)) return {attn + 3 * h * c.intermediate_size, attn + 3 * h * c.intermediate_size};
   const int64_t expert = 3 * h * c.moe_intermediate_size;
   const int64_t gate = c.n_routed_experts * h;  // the correction bias is a buffer, not a parameter
-  const int64_t shared = c.n_shared_experts * expert;
+  const int64_t shared = c.arch().shared == SharedExperts::kGated ? 3 * h * c.shared_expert_intermediate_size + h
+                                                                  : c.n_shared_experts * expert;
   return {attn + gate + shared + c.n_routed_experts * expert,
           attn + gate + shared + c.num_experts_per_tok * expert};
 }

@@ -1,14 +1,22 @@
 // ModelConfig: the hyperparameters of a DeepSeek-family model, with HuggingFace config.json key names, so a
 // YAML `model:` section and an HF config.json are the same schema. Also validation, parameter and FLOP counts.
 //
-// Architectures (`model_type`, alias `architecture`):
-//   llama        DeepSeek-LLM 7B/67B: MHA or GQA, SwiGLU, RoPE (rotate-half layout)
+// Architectures (`model_type`, alias `architecture`; their features are in the table of model/arch.h):
+//   llama        DeepSeek-LLM 7B/67B, Llama 2/3.x: MHA or GQA, SwiGLU, RoPE (rotate-half layout)
 //   qwen2        as llama plus q/k/v biases
+//   qwen3        as llama plus per-head q/k RMSNorm
+//   glm, glm4    GLM-4: interleaved rope on half of each head, fused gate_up_proj, q/k/v biases; glm4 adds
+//                post-norms on the attention and MLP outputs
 //   deepseek_v2  MLA attention + DeepSeekMoE (softmax routing, greedy or group-limited greedy)
 //   deepseek_v3  MLA + DeepSeekMoE with sigmoid routing, e_score_correction_bias (noaux_tc) and MTP
+//   qwen2_moe    Qwen2 attention + softmax top-k MoE with a sigmoid-gated shared expert
+//   qwen3_moe    Qwen3 attention + softmax top-k MoE
+//   mixtral      Llama attention + softmax top-2 MoE in every layer (block_sparse_moe, experts w1/w3/w2)
 #pragma once
 
 #include <nlohmann/json.hpp>
+
+#include "model/arch.h"
 
 #include <cstdint>
 #include <string>
@@ -20,9 +28,19 @@ class Reader;
 
 namespace dsopen::model {
 
+// rope_scaling / rope_parameters, as transformers' modeling_rope_utils reads them:
+//   linear   inv_freq / factor (position interpolation)
+//   dynamic  NTK-aware: for a forward pass reaching S > max_position_embeddings positions, the base becomes
+//            theta * (factor * S / max_position_embeddings - (factor - 1))^(d / (d - 2)); positions reach
+//            factor * max_position_embeddings
+//   yarn     YaRN (Peng et al. 2023): per-dimension blend of interpolation and extrapolation, cos/sin scaled
+//   llama3   Llama 3.1: wavelengths above original/low_freq_factor divided by factor, below
+//            original/high_freq_factor kept, a smooth blend between
 struct RopeScaling {
-  std::string type;  // "" (none) or "yarn"
+  std::string type;  // "" (none), "linear", "dynamic", "yarn" or "llama3"
   double factor = 1.0;
+  double low_freq_factor = 1.0;   // llama3
+  double high_freq_factor = 4.0;  // llama3
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
@@ -49,7 +67,8 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
-  bool attention_bias = false;  // q/k/v/o bias (llama); qwen2 always has q/k/v bias
+  double partial_rotary_factor = 1.0;  // MHA/GQA: rope on the first head_dim * factor dimensions (GLM: 0.5)
+  bool attention_bias = false;  // which projections it biases is the architecture's (arch().qkv_bias / o_bias)
   bool tie_word_embeddings = false;
   double initializer_range = 0.02;
   int64_t bos_token_id = 1;
@@ -82,6 +101,11 @@ struct ModelConfig {
   bool norm_topk_prob = false;
   double aux_loss_alpha = 0.0;  // sequence-wise balance loss coefficient (0 allowed)
   bool seq_aux = true;
+  // Qwen-MoE / Mixtral.
+  int64_t shared_expert_intermediate_size = 0;  // width of Qwen2-MoE's gated shared expert
+  int64_t decoder_sparse_step = 1;              // Qwen-MoE: layer l is MoE when (l + 1) % step == 0 ...
+  std::vector<int64_t> mlp_only_layers;         // ... and l is not listed here
+  double router_jitter_noise = 0.0;             // Mixtral: training multiplies MoE inputs by U(1 - j, 1 + j)
 
   // Multi-token prediction (V3). The modules exist only when use_mtp is true.
   int64_t num_nextn_predict_layers = 0;
@@ -94,13 +118,18 @@ struct ModelConfig {
   bool scaled_residual_init = true;   // o_proj/down_proj std divided by sqrt(2 * layers)
 
   // ---- derived ----
-  bool is_mla() const { return model_type == "deepseek_v2" || model_type == "deepseek_v3"; }
-  bool is_moe_layer(int64_t layer) const {
-    return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
-  }
+  const ArchTraits& arch() const { return arch_traits(model_type); }
+  bool is_mla() const { return arch().attention == AttentionKind::kMLA; }
+  bool is_moe_layer(int64_t layer) const;
   int64_t attn_head_dim() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
-  bool qkv_bias() const { return model_type == "qwen2" || attention_bias; }
+  // Rotary dimensions per head: MLA's decoupled rope key, else the first partial_rotary_factor of the head
+  // (truncated, as transformers' int(head_dim * factor)).
+  int64_t rope_dim() const;
+  bool qkv_bias() const;
+  bool o_bias() const;
+  // Positions a sequence may reach: max_position_embeddings, times the factor under dynamic NTK scaling.
+  int64_t context_length() const;
   int64_t mtp_depth() const { return use_mtp ? num_nextn_predict_layers : 0; }
 
   // Throws a usage error listing every inconsistency, each naming its key (`where` prefixes the messages).

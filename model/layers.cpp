@@ -21,6 +21,17 @@ double yarn_get_mscale(double scale, double mscale) {
 torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& s) {
   auto exponents = torch::arange(0, dim, 2, torch::kFloat64) / static_cast<double>(dim);
   auto freq = 1.0 / torch::pow(theta, exponents);  // [dim/2]
+  if (s.type == "linear") return (freq / s.factor).to(torch::kFloat32);
+  if (s.type == "llama3") {
+    const double orig = static_cast<double>(s.original_max_position_embeddings);
+    const double low_wavelen = orig / s.low_freq_factor, high_wavelen = orig / s.high_freq_factor;
+    auto wavelen = 2.0 * M_PI / freq;
+    auto scaled = torch::where(wavelen > low_wavelen, freq / s.factor, freq);
+    auto smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+    auto blended = (1.0 - smooth) * scaled / s.factor + smooth * scaled;
+    auto medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+    return torch::where(medium, blended, scaled).to(torch::kFloat32);
+  }
   if (s.type != "yarn") return freq.to(torch::kFloat32);
   // The dimension whose wavelength fits `rotations` times into the original context (YaRN paper, eq. 17).
   auto correction_dim = [&](double rotations) {
@@ -54,11 +65,22 @@ double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& s) {
   return scale;
 }
 
-RopeTable::RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling)
-    : max_positions_(max_positions), scale_(rope_cos_sin_scale(scaling)),
-      inv_freq_(rope_inv_freq(dim, theta, scaling).to(torch::kFloat64)) {
+RopeTable::RopeTable(int64_t dim, int64_t max_positions, double theta, const RopeScaling& scaling,
+                     int64_t trained_positions)
+    : dim_(dim), trained_positions_(trained_positions > 0 ? trained_positions : max_positions), theta_(theta),
+      dynamic_factor_(scaling.type == "dynamic" ? scaling.factor : 0.0), max_positions_(max_positions),
+      scale_(rope_cos_sin_scale(scaling)), inv_freq_(rope_inv_freq(dim, theta, scaling).to(torch::kFloat64)) {
   std::lock_guard<std::mutex> lock(*mutex_);
-  ensure(std::min<int64_t>(max_positions, 4096));
+  ensure(std::min<int64_t>(std::min(max_positions, trained_positions_), 4096));
+}
+
+std::pair<torch::Tensor, torch::Tensor> RopeTable::dynamic_rows(const torch::Tensor& positions, int64_t reach) const {
+  const double L = static_cast<double>(trained_positions_), f = dynamic_factor_;
+  const double base = theta_ * std::pow(f * static_cast<double>(reach) / L - (f - 1.0),
+                                        static_cast<double>(dim_) / static_cast<double>(dim_ - 2));
+  auto inv_freq = rope_inv_freq(dim_, base, RopeScaling{}).to(torch::kFloat64);
+  auto angles = positions.to(torch::kCPU, torch::kFloat64).unsqueeze(-1) * inv_freq;  // [..., dim/2]
+  return {angles.cos().to(torch::kFloat32), angles.sin().to(torch::kFloat32)};
 }
 
 void RopeTable::ensure(int64_t positions) const {  // the caller holds mutex_
@@ -75,6 +97,10 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t 
                                                          const torch::Device& device) const {
   TORCH_CHECK(start + len <= max_positions_, "position ", start + len, " exceeds max_position_embeddings (",
               max_positions_, "); shorten the input or raise max_position_embeddings");
+  if (dynamic_factor_ > 0 && start + len > trained_positions_) {
+    auto [c, s] = dynamic_rows(torch::arange(start, start + len, torch::kLong), start + len);
+    return {c.to(device), s.to(device)};
+  }
   std::lock_guard<std::mutex> lock(*mutex_);
   ensure(start + len);
   auto c = cos_.narrow(0, start, len), s = sin_.narrow(0, start, len);
@@ -85,6 +111,10 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t 
 std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& positions) const {
   const int64_t highest = positions.max().item<int64_t>();
   TORCH_CHECK(highest < max_positions_, "position exceeds max_position_embeddings (", max_positions_, ")");
+  if (dynamic_factor_ > 0 && highest + 1 > trained_positions_) {
+    auto [c, s] = dynamic_rows(positions, highest + 1);
+    return {c.to(positions.device()), s.to(positions.device())};
+  }
   std::lock_guard<std::mutex> lock(*mutex_);
   ensure(highest + 1);
   auto flat = positions.reshape({-1}).to(torch::kCPU);
@@ -117,13 +147,32 @@ torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor
   return torch::stack({x1 * c - x2 * s, x2 * c + x1 * s}, -1).flatten(-2).to(x.scalar_type());
 }
 
-MLPImpl::MLPImpl(int64_t hidden, int64_t intermediate) {
-  gate_proj = register_module("gate_proj", linear(hidden, intermediate));
-  up_proj = register_module("up_proj", linear(hidden, intermediate));
-  down_proj = register_module("down_proj", linear(intermediate, hidden));
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                         RopeLayout layout, int64_t rope_dim) {
+  auto rotate = [&](const torch::Tensor& part) {
+    return layout == RopeLayout::kInterleaved ? apply_rope_interleaved(part, cos, sin) : apply_rope_half(part, cos, sin);
+  };
+  const int64_t d = x.size(-1);
+  if (rope_dim == d) return rotate(x);
+  auto parts = x.split_with_sizes({rope_dim, d - rope_dim}, -1);
+  return torch::cat({rotate(parts[0]), parts[1]}, -1);
+}
+
+MLPImpl::MLPImpl(int64_t hidden, int64_t intermediate, MLPKind kind, const std::array<std::string, 3>& names) {
+  if (kind == MLPKind::kFusedGateUp) {
+    gate_up_proj = register_module("gate_up_proj", linear(hidden, 2 * intermediate));
+  } else {
+    gate_proj = register_module(names[0], linear(hidden, intermediate));
+    up_proj = register_module(names[1], linear(hidden, intermediate));
+  }
+  down_proj = register_module(names[2], linear(intermediate, hidden));
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+  if (gate_up_proj) {
+    auto gate_up = gate_up_proj(x).chunk(2, -1);  // [.., I] gate, [.., I] up
+    return down_proj(torch::silu(gate_up[0]) * gate_up[1]);
+  }
   return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
 }
 

@@ -26,9 +26,10 @@ const std::string kPrefix = "base_model.model.";  // PEFT's prefix of a causal L
 
 // Projection names of every supported architecture (for suggestions when a target name is mistyped).
 const std::vector<std::string>& known_names() {
-  static const std::vector<std::string> names = {"q_proj",   "k_proj",   "v_proj",    "o_proj",  "q_a_proj",
-                                                 "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj",
-                                                 "up_proj",  "down_proj", "lm_head"};
+  static const std::vector<std::string> names = {
+      "q_proj",   "k_proj",  "v_proj",       "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+      "gate_proj", "up_proj", "gate_up_proj", "down_proj", "w1",    "w2",       "w3",                 "shared_expert_gate",
+      "lm_head"};
   return names;
 }
 

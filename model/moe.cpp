@@ -20,9 +20,9 @@ Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const Mode
   }
   auto indices = std::get<1>(choice.topk(K, -1));  // [N, K]
   auto weights = scores.gather(1, indices);         // unbiased scores combine
-  if (c.model_type == "deepseek_v3") {
+  if (c.arch().routing_weights == RoutingWeights::kNormalizeThenScale) {
     if (c.norm_topk_prob) weights = weights / (weights.sum(-1, true) + 1e-20);
-    weights = weights * c.routed_scaling_factor;
+    if (c.routed_scaling_factor != 1.0) weights = weights * c.routed_scaling_factor;
   } else if (K > 1 && c.norm_topk_prob) {  // DeepSeek-V2 normalizes *or* scales
     weights = weights / (weights.sum(-1, true) + 1e-20);
   } else {
@@ -68,20 +68,29 @@ GateImpl::GateImpl(const ModelConfig& c) {
 }
 
 MoEImpl::MoEImpl(const ModelConfig& c) : config_(c) {
+  const ArchTraits& a = c.arch();
   gate = register_module("gate", Gate(c));
   experts = register_module("experts", torch::nn::ModuleList());
   for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-    expert_list_.push_back(MLP(c.hidden_size, c.moe_intermediate_size));
+    expert_list_.push_back(MLP(c.hidden_size, c.moe_intermediate_size, MLPKind::kSeparate, a.expert_proj));
     experts->push_back(expert_list_.back());
   }
-  if (c.n_shared_experts > 0)
+  if (a.shared == SharedExperts::kPlain && c.n_shared_experts > 0)
     shared_experts = register_module("shared_experts", MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts));
+  if (a.shared == SharedExperts::kGated) {
+    shared_expert = register_module("shared_expert", MLP(c.hidden_size, c.shared_expert_intermediate_size));
+    shared_expert_gate = register_module("shared_expert_gate", linear(c.hidden_size, 1));
+  }
 }
 
 MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_mask) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2), K = config_.num_experts_per_tok;
   const int64_t E = config_.n_routed_experts;
   auto flat = x.reshape({B * T, D});  // [N, D]
+  if (is_training() && config_.router_jitter_noise > 0) {  // Mixtral: multiplicative noise on what gate and experts see
+    const double j = config_.router_jitter_noise;
+    flat = flat * torch::empty_like(flat).uniform_(1.0 - j, 1.0 + j);
+  }
   Routing r;
   {
     // Routing decisions in full precision, as the reference does, whatever the surrounding autocast.
@@ -111,6 +120,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_ma
   auto w_sorted = r.weights.reshape({-1}).index_select(0, order).unsqueeze(1).to(y_sorted.scalar_type());
   auto y = torch::zeros({B * T, D}, y_sorted.options()).index_add(0, token_of, y_sorted * w_sorted);
   if (shared_experts) y = y + shared_experts(flat).to(y.scalar_type());
+  if (shared_expert) y = y + (torch::sigmoid(shared_expert_gate(flat)) * shared_expert(flat)).to(y.scalar_type());
 
   MoEOutput out;
   out.y = y.view({B, T, D}).to(x.scalar_type());

@@ -1,4 +1,6 @@
-// DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2): fine-grained routed experts plus always-on shared experts.
+// Mixture-of-experts blocks: DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2: fine-grained routed experts plus always-on
+// shared experts), Qwen-MoE (softmax top-k; Qwen2-MoE adds one shared expert scaled by sigmoid(shared_expert_gate(x)))
+// and Mixtral (softmax top-2, always normalised). The architecture traits (model/arch.h) name the modules.
 //
 // Routing: scores = softmax or sigmoid of the gate logits (float32). Selection may be group-limited: the experts
 // are split into n_group groups, each group ranked (V2 `group_limited_greedy`: by its best score; V3 `noaux_tc`:
@@ -68,7 +70,9 @@ public:
 
   Gate gate{nullptr};
   torch::nn::ModuleList experts{nullptr};
-  MLP shared_experts{nullptr};
+  MLP shared_experts{nullptr};   // DeepSeek: n_shared_experts * moe_intermediate_size wide, always on
+  MLP shared_expert{nullptr};    // Qwen2-MoE: shared_expert_intermediate_size wide, scaled by ...
+  Linear shared_expert_gate{nullptr};  // ... sigmoid(shared_expert_gate(x)), [1, hidden]
 
 private:
   ModelConfig config_;

@@ -7,7 +7,8 @@
 namespace dsopen::model {
 
 // ---------------------------------------------------------------------------------------------------------------
-// Decoder layer: h = x + attn(norm(x)); out = h + mlp(norm(h))
+// Decoder layer: h = x + attn(norm(x)); out = h + mlp(norm(h)). GLM-4 normalises each sub-block's output too:
+// h = x + norm(attn(norm(x))); out = h + norm(mlp(norm(h))).
 // ---------------------------------------------------------------------------------------------------------------
 
 DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer_index) {
@@ -15,8 +16,13 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& c, int64_t layer_index) {
   if (c.is_mla()) mla_ = register_module("self_attn", MLA(c));
   else mha_ = register_module("self_attn", Attention(c));
   post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-  if (c.is_moe_layer(layer_index)) moe_ = register_module("mlp", MoE(c));
-  else mlp_ = register_module("mlp", MLP(c.hidden_size, c.intermediate_size));
+  const ArchTraits& a = c.arch();
+  if (a.post_norms) {
+    post_self_attn_layernorm = register_module("post_self_attn_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    post_mlp_layernorm = register_module("post_mlp_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  }
+  if (c.is_moe_layer(layer_index)) moe_ = register_module(a.moe_block, MoE(c));
+  else mlp_ = register_module("mlp", MLP(c.hidden_size, c.intermediate_size, a.mlp));
 }
 
 void DecoderLayerImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity,
@@ -27,17 +33,20 @@ void DecoderLayerImpl::init_cache(LayerKVCache& cache, int64_t batch, int64_t ca
 
 LayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInput& in, const torch::Tensor& token_mask) {
   auto normed = input_layernorm(x);
-  auto h = x + (mla_ ? mla_->forward(normed, in) : mha_->forward(normed, in));
+  auto attn = mla_ ? mla_->forward(normed, in) : mha_->forward(normed, in);
+  auto h = x + (post_self_attn_layernorm ? post_self_attn_layernorm(attn) : attn);
   LayerOutput out;
+  torch::Tensor y;
   if (moe_) {
     MoEOutput m = moe_->forward(post_attention_layernorm(h), token_mask);
-    out.h = h + m.y;
+    y = m.y;
     out.aux_sum = m.aux_sum;
     out.load = m.load;
   } else {
-    out.h = h + mlp_->forward(post_attention_layernorm(h));
+    y = mlp_->forward(post_attention_layernorm(h));
     out.aux_sum = torch::zeros({}, x.options().dtype(torch::kFloat32));
   }
+  out.h = h + (post_mlp_layernorm ? post_mlp_layernorm(y) : y);
   return out;
 }
 
@@ -129,8 +138,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
 
 CausalLMImpl::CausalLMImpl(const ModelConfig& c)
     : config_(c),
-      rope_(c.is_mla() ? c.qk_rope_head_dim : c.attn_head_dim(), c.max_position_embeddings, c.rope_theta,
-            c.rope_scaling) {
+      rope_(c.rope_dim(), c.context_length(), c.rope_theta, c.rope_scaling, c.max_position_embeddings) {
   c.validate();
   model = register_module("model", DeepSeekModel(c));
   // Tied models have no lm_head of their own (HF omits lm_head.weight from such checkpoints too).
@@ -159,8 +167,11 @@ void CausalLMImpl::init_weights() {
     } else if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
       p.zero_();
     } else {
+      const std::string& down = config_.arch().expert_proj[2];  // Mixtral's experts: w2
       const bool residual_out = name.find("o_proj.weight") != std::string::npos ||
-                                name.find("down_proj.weight") != std::string::npos;
+                                name.find("down_proj.weight") != std::string::npos ||
+                                (name.size() > down.size() + 8 &&
+                                 name.compare(name.size() - down.size() - 8, down.size() + 8, "." + down + ".weight") == 0);
       p.normal_(0.0, residual_out ? residual_std : std);
     }
   }
@@ -309,7 +320,8 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
 std::vector<MoEBlock> CausalLMImpl::moe_blocks() const {
   std::vector<MoEBlock> blocks;
   for (size_t l = 0; l < model->layer_list.size(); ++l)
-    if (model->layer_list[l]->is_moe()) blocks.push_back({"model.layers." + std::to_string(l) + ".mlp", model->layer_list[l]->moe()});
+    if (model->layer_list[l]->is_moe())
+      blocks.push_back({"model.layers." + std::to_string(l) + "." + config_.arch().moe_block, model->layer_list[l]->moe()});
   for (size_t k = 0; k < mtp_list.size(); ++k)
     if (mtp_list[k]->is_moe())
       blocks.push_back({"model.layers." + std::to_string(config_.num_hidden_layers + static_cast<int64_t>(k)) + ".mlp",

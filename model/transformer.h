@@ -31,6 +31,8 @@ public:
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  // GLM-4: norms on the attention and MLP outputs before each residual add (null elsewhere).
+  RMSNorm post_self_attn_layernorm{nullptr}, post_mlp_layernorm{nullptr};
 
 private:
   Attention mha_{nullptr};
@@ -109,7 +111,8 @@ struct ForwardOutput {
   std::vector<torch::Tensor> expert_load;
 };
 
-// One MoE block of a model, under its HF module name (model.layers.N.mlp; MTP module k: model.layers.{L+k}.mlp).
+// One MoE block of a model, under its HF module name (model.layers.N.mlp, Mixtral model.layers.N.block_sparse_moe;
+// MTP module k: model.layers.{L+k}.mlp).
 struct MoEBlock {
   std::string name;
   MoE moe;

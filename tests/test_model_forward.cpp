@@ -33,9 +33,39 @@ ModelConfig small(const std::string& kind) {
     c.num_key_value_heads = kind == "gqa" ? 2 : 4;
     c.max_position_embeddings = 128;
     if (kind == "qwen2") c.model_type = "qwen2";
+  } else if (kind != "mla_v3") {
+    // The other families on the same small dense base; each one's own components switched on.
+    c = small("gqa");
+    c.model_type = kind;
+    if (kind == "glm4" || kind == "glm") {
+      c.attention_bias = true;
+      c.partial_rotary_factor = 0.5;
+    } else if (kind == "qwen3") {
+      c.head_dim = 24;
+      c.attention_bias = true;
+    } else if (kind == "qwen2_moe" || kind == "qwen3_moe" || kind == "mixtral") {
+      c.num_hidden_layers = 3;
+      c.n_routed_experts = 4;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = kind == "mixtral" ? c.intermediate_size : 32;
+      c.shared_expert_intermediate_size = kind == "qwen2_moe" ? 40 : 0;
+      c.attention_bias = kind == "qwen2_moe";
+      c.norm_topk_prob = kind != "qwen2_moe";
+      if (kind == "qwen3_moe") c.decoder_sparse_step = 2;  // layer 1 MoE, 0 and 2 dense
+      if (kind == "qwen2_moe") c.mlp_only_layers = {2};
+    } else if (kind == "llama3") {
+      c.model_type = "llama";
+      c.rope_scaling.type = "llama3";
+      c.rope_scaling.factor = 8;
+      c.rope_scaling.original_max_position_embeddings = 16;
+    }
   }
   return c;
 }
+
+// Every family the architecture table knows, on small shapes.
+const std::vector<const char*> kFamilies = {"mha",  "gqa", "qwen2", "qwen3", "glm", "glm4", "mla_v2", "mla_v3",
+                                            "qwen2_moe", "qwen3_moe", "mixtral", "llama3"};
 
 CausalLM make(const ModelConfig& c, uint64_t seed = 0) {
   torch::manual_seed(seed);
@@ -69,7 +99,7 @@ TEST_CASE("parameter names are HuggingFace checkpoint names and counts agree", "
   for (auto& p : m->parameters()) total += p.numel();
   CHECK(total == count_parameters(c).total);  // the formula and the built module agree
 
-  for (const char* kind : {"mha", "gqa", "qwen2", "mla_v2"}) {
+  for (const char* kind : kFamilies) {
     ModelConfig ck = small(kind);
     CausalLM mk = make(ck);
     int64_t n = 0;
@@ -79,6 +109,28 @@ TEST_CASE("parameter names are HuggingFace checkpoint names and counts agree", "
   }
   CHECK(make(small("qwen2"))->named_parameters().contains("model.layers.0.self_attn.k_proj.bias"));
   CHECK(!make(small("mha"))->named_parameters().contains("model.layers.0.self_attn.k_proj.bias"));
+  // Each family's HF names (transformers' save_pretrained spelling).
+  const std::vector<std::pair<const char*, std::vector<const char*>>> names = {
+      {"qwen3", {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight",
+                 "model.layers.0.self_attn.o_proj.bias"}},
+      {"glm", {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.self_attn.q_proj.bias"}},
+      {"glm4", {"model.layers.0.post_self_attn_layernorm.weight", "model.layers.0.post_mlp_layernorm.weight"}},
+      {"qwen2_moe", {"model.layers.0.mlp.shared_expert.gate_proj.weight", "model.layers.0.mlp.shared_expert_gate.weight",
+                     "model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.2.mlp.up_proj.weight",
+                     "model.layers.0.mlp.gate.weight"}},
+      {"qwen3_moe", {"model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight"}},
+      {"mixtral", {"model.layers.0.block_sparse_moe.gate.weight", "model.layers.2.block_sparse_moe.experts.3.w1.weight",
+                   "model.layers.0.block_sparse_moe.experts.0.w2.weight", "model.layers.0.block_sparse_moe.experts.0.w3.weight"}},
+  };
+  for (const auto& [kind, list] : names) {
+    auto params = make(small(kind))->named_parameters();
+    for (const char* n : list) {
+      INFO(kind << " " << n);
+      CHECK(params.contains(n));
+    }
+  }
+  CHECK(!make(small("glm"))->named_parameters().contains("model.layers.0.self_attn.o_proj.bias"));
+  CHECK(!make(small("glm"))->named_parameters().contains("model.layers.0.post_mlp_layernorm.weight"));
 }
 
 TEST_CASE("Linear initialises as torch::nn::Linear; SkipWeightInit leaves weights to the loader", "[model][forward]") {
@@ -116,7 +168,7 @@ TEST_CASE("Linear initialises as torch::nn::Linear; SkipWeightInit leaves weight
 }
 
 TEST_CASE("causality: changing token t never changes logits before t", "[model][forward]") {
-  for (const char* kind : {"mla_v3", "mla_v2", "gqa"}) {
+  for (const char* kind : kFamilies) {
     INFO(kind);
     CausalLM m = make(small(kind));
     torch::NoGradGuard ng;
@@ -130,8 +182,8 @@ TEST_CASE("causality: changing token t never changes logits before t", "[model][
   }
 }
 
-TEST_CASE("cached incremental decoding equals the full forward (MHA, GQA, qwen2, MLA)", "[model][forward][cache]") {
-  for (const char* kind : {"mha", "gqa", "qwen2", "mla_v3", "mla_v2"}) {
+TEST_CASE("cached incremental decoding equals the full forward (every family)", "[model][forward][cache]") {
+  for (const char* kind : kFamilies) {
     INFO(kind);
     CausalLM m = make(small(kind), 3);
     torch::NoGradGuard ng;
@@ -269,6 +321,33 @@ TEST_CASE("one backward with MoE and MTP on reaches every trainable parameter", 
   CHECK(out.loss.item<double>() == Approx(expect).epsilon(1e-6));
   // Untrained model: cross-entropy near ln(vocab).
   CHECK(out.ce_sum.item<double>() / out.n_targets.item<double>() == Approx(std::log(256.0)).epsilon(0.05));
+}
+
+TEST_CASE("every family: one backward reaches every trainable parameter, jitter moves only training", "[model][forward][grad]") {
+  for (const char* kind : kFamilies) {
+    INFO(kind);
+    ModelConfig c = small(kind);
+    if (c.is_mla()) continue;  // the MLA families: the test above (group-limited routing leaves experts idle here)
+    if (c.n_routed_experts > 0) c.num_experts_per_tok = c.n_routed_experts;  // every expert gets tokens
+    if (std::string(kind) == "mixtral") c.router_jitter_noise = 0.1;
+    CausalLM m = make(c, 6);
+    m->train();
+    auto ids = torch::randint(3, 256, {2, 16}, torch::kLong);
+    auto labels = torch::cat({ids.narrow(1, 1, 15), torch::full({2, 1}, -100, torch::kLong)}, 1);
+    m->forward(ids, labels).loss.backward();
+    for (auto& p : m->named_parameters()) {
+      INFO(p.key());
+      REQUIRE(p.value().grad().defined());
+      CHECK(p.value().grad().abs().sum().item<double>() > 0);
+    }
+    if (c.router_jitter_noise > 0) {
+      torch::NoGradGuard ng;
+      auto train_a = m->forward(ids).logits, train_b = m->forward(ids).logits;
+      CHECK(max_abs_diff(train_a, train_b) > 1e-6);  // noise in training ...
+      m->eval();
+      CHECK(max_abs_diff(m->forward(ids).logits, m->forward(ids).logits) == 0.0);  // ... none in evaluation
+    }
+  }
 }
 
 TEST_CASE("activation checkpointing gives the same loss and gradients", "[model][forward][grad]") {

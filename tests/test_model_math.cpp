@@ -36,6 +36,25 @@ TEST_CASE("published parameter counts", "[model][counts]") {
   CHECK(rel(count_parameters(flavor("67b")).total, 67e9) < 0.02);
 }
 
+TEST_CASE("published parameter counts of the other families", "[model][counts]") {
+  // Totals from the models' cards and safetensors indexes; within 0.5%.
+  CHECK(count_parameters(flavor("llama3-8b")).total == 8030261248);    // Llama 3.1 8B, exact
+  CHECK(count_parameters(flavor("llama3.2-1b")).total == 1235814400);  // Llama 3.2 1B (tied), exact
+  CHECK(rel(count_parameters(flavor("qwen3-8b")).total, 8.19e9) < 0.005);       // "8.2B, non-embedding 6.95B"
+  const int64_t q8_embed = 151936LL * 4096 * 2;
+  CHECK(rel(count_parameters(flavor("qwen3-8b")).total - q8_embed, 6.95e9) < 0.005);
+  auto a3b = count_parameters(flavor("qwen3-30b-a3b"));
+  CHECK(rel(a3b.total, 30.5e9) < 0.005);                                // "30.5B in total, 3.3B activated"
+  CHECK(rel(a3b.active + a3b.embedding, 3.3e9) < 0.02);                 // 3.35B: the card rounds to 0.1B
+  auto q15 = count_parameters(flavor("qwen1.5-moe-a2.7b"));
+  CHECK(rel(q15.total, 14.3e9) < 0.005);                                // "14.3B total, 2.7B activated"
+  CHECK(rel(q15.active + q15.embedding, 2.7e9) < 0.005);
+  CHECK(rel(count_parameters(flavor("glm4-9b")).total, 9.4e9) < 0.005);             // "9.4B params"
+  auto mixtral = count_parameters(flavor("mixtral-8x7b"));
+  CHECK(rel(mixtral.total, 46.7e9) < 0.005);                            // "46.7B total, 12.9B per token"
+  CHECK(rel(mixtral.active + mixtral.embedding, 12.9e9) < 0.005);
+}
+
 TEST_CASE("KV cache bytes: MLA caches the latent and the rope key only", "[model][counts]") {
   // V3: (512 + 64) * 61 layers * 2 bytes.
   CHECK(kv_cache_bytes_per_token(flavor("v3"), 2) == (512 + 64) * 61 * 2);
@@ -68,6 +87,45 @@ TEST_CASE("YaRN inverse frequencies match hand-computed values", "[model][rope]"
   // Without scaling: plain RoPE.
   auto plain = rope_inv_freq(64, 10000.0, RopeScaling{});
   CHECK(plain[30].item<double>() == Approx(base(30)).epsilon(1e-6));
+}
+
+TEST_CASE("llama3, linear and dynamic rope scaling follow transformers' formulas", "[model][rope]") {
+  auto base = [](int i, double theta = 10000.0) { return std::pow(theta, -2.0 * i / 16.0); };
+  RopeScaling s;
+  s.type = "llama3";
+  s.factor = 8;
+  s.low_freq_factor = 1;
+  s.high_freq_factor = 4;
+  s.original_max_position_embeddings = 64;  // wavelengths: below 16 kept, above 64 divided by 8, a blend between
+  auto f = rope_inv_freq(16, 10000.0, s);
+  CHECK(f[0].item<double>() == Approx(base(0)).epsilon(1e-6));  // wavelength 6.3: kept
+  for (int i : {1, 2}) {                                         // 19.9 and 62.8: blended
+    const double smooth = (64.0 / (2 * M_PI / base(i)) - 1.0) / 3.0;
+    CHECK(f[i].item<double>() == Approx((1 - smooth) * base(i) / 8 + smooth * base(i)).epsilon(1e-6));
+  }
+  CHECK(f[3].item<double>() == Approx(base(3) / 8).epsilon(1e-6));  // 198.7: interpolated
+  CHECK(f[7].item<double>() == Approx(base(7) / 8).epsilon(1e-6));
+
+  s = RopeScaling{};
+  s.type = "linear";
+  s.factor = 4;
+  CHECK(rope_inv_freq(16, 10000.0, s)[5].item<double>() == Approx(base(5) / 4).epsilon(1e-6));
+
+  // Dynamic NTK: within the trained 32 positions the plain rope; a call reaching 40 positions rotates all of them
+  // with the base 10000 * (2 * 40 / 32 - 1)^(16 / 14).
+  s = RopeScaling{};
+  s.type = "dynamic";
+  s.factor = 2;
+  RopeTable table(16, 64, 10000.0, s, 32);
+  auto [c_short, s_short] = table.slice(0, 20, torch::kCPU);
+  CHECK(c_short[19][3].item<double>() == Approx(std::cos(19 * base(3))).epsilon(1e-5));
+  auto [c_long, s_long] = table.slice(0, 40, torch::kCPU);
+  const double grown = 10000.0 * std::pow(2.0 * 40 / 32 - 1.0, 16.0 / 14.0);
+  CHECK(c_long[19][3].item<double>() == Approx(std::cos(19 * base(3, grown))).epsilon(1e-5));
+  CHECK(s_long[39][1].item<double>() == Approx(std::sin(39 * base(1, grown))).epsilon(1e-5));
+  auto [c_gather, s_gather] = table.gather(torch::arange(40, torch::kLong).view({1, 40}));
+  CHECK(torch::allclose(c_gather[0], c_long));
+  CHECK_THROWS(table.slice(60, 5, torch::kCPU));  // beyond max_position_embeddings * factor
 }
 
 TEST_CASE("YaRN mscale and softmax scale", "[model][rope]") {

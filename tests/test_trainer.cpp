@@ -95,6 +95,34 @@ TEST_CASE("resume is exact for SFT data, padded and packed", "[train][resume][sf
   }
 }
 
+TEST_CASE("every family trains from a model: section spelled in its HF keys, and resumes exactly", "[train][resume][families]") {
+  const std::string base = "vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, "
+                           "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64";
+  const std::vector<std::pair<std::string, std::string>> families = {
+      {"glm4", "model_type: glm4, head_dim: 16"},
+      {"qwen3", "model_type: qwen3, head_dim: 24"},
+      {"qwen2_moe", "model_type: qwen2_moe, num_experts: 4, num_experts_per_tok: 2, moe_intermediate_size: 32, "
+                    "shared_expert_intermediate_size: 48, output_router_logits: true, router_aux_loss_coef: 0.01"},
+      {"mixtral", "model_type: mixtral, num_local_experts: 4, num_experts_per_tok: 2, router_jitter_noise: 0.05"},
+  };
+  for (const auto& [name, keys] : families) {
+    INFO(name);
+    auto text_for = [&](const std::string& run_name) {
+      std::string text = config_text(run_name);
+      const std::string debug_model = "model: {flavor: debug, vocab_size: 512}";
+      text.replace(text.find(debug_model), debug_model.size(), "model: {" + keys + ", " + base + "}");
+      return text;
+    };
+    const auto straight = run(text_for("family_" + name));
+    REQUIRE(straight.losses.size() == 8);
+    CHECK(straight.losses.back() < straight.losses.front());
+    const std::string mid = (workdir() / ("family_" + name) / "checkpoints/step_00000004").string();
+    const auto resumed = run(text_for("family_resumed_" + name), {"checkpoint.resume=" + mid});
+    REQUIRE(resumed.losses.size() == 4);
+    for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);
+  }
+}
+
 TEST_CASE("micro_batch 4 x accum 1 and micro_batch 1 x accum 4 make the same update", "[train][accum]") {
   const std::vector<std::string> one_step = {"train.max_steps=1", "train.warmup_steps=0"};
   auto a_sets = one_step, b_sets = one_step;

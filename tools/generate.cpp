@@ -257,7 +257,7 @@ static int run(int argc, char** argv) {
     torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
     inference::generate_batch(model, *tok, ids, sampler, go);
   }
-  note_context_stop(t, go.max_new_tokens, model->config().max_position_embeddings);
+  note_context_stop(t, go.max_new_tokens, model->config().context_length());
   if (json) {
     auto out = report_json(t, ids, !as_ids, so, go, gen);
     out["model"] = dir;

@@ -102,9 +102,12 @@ JobConfig decode_job(const config::Document& doc) {
     auto d = root.child("data");
     data::decode(d, job.data);
     // Known before any work: rows longer than the model's positions would fail at the first forward pass.
-    if (root.has("model") && job.data.seq_len > job.model.max_position_embeddings)
+    if (root.has("model") && job.data.seq_len > job.model.context_length())
       d.error("seq_len", std::to_string(job.data.seq_len) + " exceeds model.max_position_embeddings (" +
-                             std::to_string(job.model.max_position_embeddings) + "); lower it or raise the model's");
+                             std::to_string(job.model.context_length()) +
+                             (job.model.context_length() != job.model.max_position_embeddings
+                                  ? " with dynamic rope scaling" : "") +
+                             "); lower it or raise the model's");
   }
   auto tr = root.child("train");
   decode(tr, job.train);

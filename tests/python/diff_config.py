@@ -1,5 +1,5 @@
 """Differential test of config.json parsing against transformers: no key that changes the math may be accepted
-and ignored. For each variant of a Llama, Qwen2, DeepSeek-V2 and DeepSeek-V3 config (keys real checkpoints carry,
+and ignored. For each variant of a Llama, Qwen2, DeepSeek-V2, DeepSeek-V3, GLM-4, Qwen-MoE and Mixtral config (keys real checkpoints carry,
 set to values that change the computation), transformers builds and saves a random model; dsopen-eval must then
 either refuse the directory with an error naming the key, or give transformers' logits (relative error < 1e-4).
 Usage: diff_config.py BIN_DIR"""
@@ -23,6 +23,11 @@ MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermedia
            max_position_embeddings=256, initializer_range=0.1, n_group=4, topk_group=2)
 LLAMA, QWEN, V2, V3 = ((tf.LlamaConfig, tf.LlamaForCausalLM), (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                        (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM), (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM))
+GLM4, QWEN2_MOE, QWEN3_MOE, MIXTRAL = ((tf.Glm4Config, tf.Glm4ForCausalLM), (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+                                       (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+                                       (tf.MixtralConfig, tf.MixtralForCausalLM))
+QMOE = dict(DENSE, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=48)
 
 # (name, family, config kwargs, rope parameters or None, key dsopen may refuse it by (None: must load and match))
 CASES = [
@@ -34,11 +39,14 @@ CASES = [
     ("llama tied embeddings", LLAMA, dict(DENSE, tie_word_embeddings=True), None, None),
     ("llama rope_theta 5e5, eps 1e-5", LLAMA, dict(DENSE, rms_norm_eps=1e-5), {"rope_type": "default", "rope_theta": 5e5}, None),
     ("llama eos list", LLAMA, dict(DENSE, eos_token_id=[2, 3]), None, None),
-    ("llama rope linear", LLAMA, DENSE, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope"),
+    ("llama rope linear", LLAMA, DENSE, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, None),
     ("llama rope llama3", LLAMA, DENSE, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-                                         "rope_theta": 1e4}, "rope"),
-    ("llama rope dynamic", LLAMA, DENSE, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, "rope"),
+                                         "rope_theta": 1e4}, None),
+    ("llama rope dynamic", LLAMA, DENSE, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, None),
+    ("llama rope longrope", LLAMA, DENSE, {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4,
+                                           "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                           "original_max_position_embeddings": 64}, "rope_type"),
     ("qwen2 plain", QWEN, DENSE, None, None),
     ("qwen2 sliding window on", QWEN, dict(DENSE, use_sliding_window=True, sliding_window=8, max_window_layers=0),
      None, "sliding"),
@@ -66,6 +74,19 @@ CASES = [
                                                          "original_max_position_embeddings": 64, "rope_theta": 1e4}, "type"),
     ("llama partial rotary", LLAMA, DENSE, {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
      "partial_rotary_factor"),
+    ("glm4 partial rotary 0.25", GLM4, dict(DENSE, head_dim=32, pad_token_id=0, eos_token_id=1),
+     {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}, None),
+    ("glm4 no attention bias", GLM4, dict(DENSE, head_dim=16, pad_token_id=0, eos_token_id=1, attention_bias=False),
+     None, None),
+    ("qwen2_moe norm_topk_prob, dense layer 1", QWEN2_MOE, dict(QMOE, norm_topk_prob=True, mlp_only_layers=[1]),
+     None, None),
+    ("qwen2_moe qkv_bias false", QWEN2_MOE, dict(QMOE, qkv_bias=False), None, None),
+    ("qwen2_moe sliding window on", QWEN2_MOE, dict(QMOE, use_sliding_window=True, sliding_window=8), None, "sliding"),
+    ("qwen3_moe sparse step 2", QWEN3_MOE, dict(QMOE, head_dim=16, decoder_sparse_step=2, norm_topk_prob=True),
+     None, None),
+    ("mixtral sliding window 8", MIXTRAL, dict(DENSE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+     None, "sliding_window"),
+    ("mixtral top-1", MIXTRAL, dict(DENSE, num_local_experts=4, num_experts_per_tok=1), None, None),
     ("v3 softmax scoring", V3, dict(MLA, q_lora_rank=24, scoring_func="softmax"), None, "scoring_func"),
     ("v3 yarn", V3, dict(MLA, q_lora_rank=24, norm_topk_prob=True),
      {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,

@@ -215,9 +215,50 @@ def sampling_cases(model, d, backend, prompt_ids):
               f"outside the reference support: {outside[:5]}")
 
 
+# Other families: greedy decoding of a batch of prompts of different lengths (left-padded, KV cache) must give the
+# tokens transformers' generate gives each prompt alone.
+FAMILIES = {
+    "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, dict(head_dim=16, pad_token_id=0, attention_bias=True)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=16)),
+    "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "llama3 rope": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+}
+
+
+def family_greedy(tmp, backend):
+    for name, (cfg_cls, model_cls, kw) in FAMILIES.items():
+        torch.manual_seed(1)
+        cfg = cfg_cls(**dict(dict(vocab_size=backend.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  initializer_range=0.2, bos_token_id=1, eos_token_id=2), **kw))
+        model = model_cls(cfg).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(5.0)
+        d = os.path.join(tmp, "family_" + name.replace(" ", "_"))
+        model.save_pretrained(d, safe_serialization=True)
+        for f in backend.files:
+            shutil.copy(f, os.path.join(d, "tokenizer.model" if f.endswith(".model") else os.path.basename(f)))
+        if os.path.exists(os.path.join(d, "generation_config.json")):
+            os.remove(os.path.join(d, "generation_config.json"))
+        g = generate(d, PROMPTS, "--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1",
+                     "--max-new-tokens", "16", "--ignore-eos")
+        hf = [hf_new_tokens(model, p, do_sample=False, max_new_tokens=16, min_new_tokens=16, eos_token_id=None)
+              for p in g["prompt_ids"]]
+        check(f"{name}: batched greedy tokens equal transformers' per prompt", g["tokens"] == hf,
+              f"{g['tokens'][0][:8]} vs {hf[0][:8]}")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in backends(tmp):
+        for i, backend in enumerate(backends(tmp)):
+            if i == 0:
+                family_greedy(tmp, backend)
             run_backend(tmp, backend)
     print(f"{failures} failed")
     sys.exit(1 if failures else 0)

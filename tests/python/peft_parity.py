@@ -1,6 +1,7 @@
 """Parity with HuggingFace peft: LoRA adapters move between dsopen and peft with the same logits.
 
-For random tiny transformers models (DeepSeek-V3 with and without q_lora, Llama with GQA), saved with
+For random tiny transformers models (DeepSeek-V3 with and without q_lora, Llama with GQA, GLM-4, Qwen3,
+Qwen2-MoE, Mixtral), saved with
 save_pretrained as the base:
   ours -> peft   dsopen-train fine-tunes LoRA adapters on the shipped chat set for a few steps; peft loads the
                  checkpoint directory (adapter_config.json + adapter_model.safetensors) onto the transformers base
@@ -8,7 +9,7 @@ save_pretrained as the base:
                  in transformers, must give them too.
   peft -> ours   peft creates and saves an adapter (per-module ranks and alphas, rsLoRA, LoRA on fused routed
                  experts); dsopen-eval --adapter must give peft's logits.
-Tolerance: max |ours - peft| / max |peft| < 1e-4 and the same argmax. Usage: peft_parity.py BIN_DIR"""
+Tolerance: max |ours - peft| / max |peft| < 1e-4 and the same argmax. Usage: peft_parity.py BIN_DIR [CASE ...]"""
 import json, os, subprocess, sys, tempfile
 
 import torch
@@ -28,6 +29,10 @@ DENSE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
 V3_ATTN = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GLM_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QWEN_MOE = dict(DENSE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48)
 
 # name: (config class, model class, kwargs, our lora: section, peft LoraConfig kwargs)
 CASES = {
@@ -51,7 +56,22 @@ CASES = {
     "llama_gqa_all_projections": (tf.LlamaConfig, tf.LlamaForCausalLM, DENSE,
                                   {"r": 4, "alpha": 16, "target_modules": LLAMA_ALL},
                                   dict(r=4, lora_alpha=16, target_modules=LLAMA_ALL)),
+    "glm4_fused_gate_up": (tf.Glm4Config, tf.Glm4ForCausalLM, dict(DENSE, head_dim=16, pad_token_id=0, eos_token_id=[1, 2]),
+                           {"r": 4, "alpha": 8, "target_modules": GLM_ALL},
+                           dict(r=4, lora_alpha=8, target_modules=GLM_ALL)),
+    "qwen3_qk_norm": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(DENSE, head_dim=16),
+                      {"r": 4, "alpha": 8, "target_modules": LLAMA_ALL},
+                      dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL)),
+    # Routed experts left out on our side; the shared expert and its gate are ordinary projections.
+    "qwen2_moe_shared_expert": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, QWEN_MOE,
+                                {"r": 4, "alpha": 8, "target_modules": ATTN + ["shared_expert_gate", "down_proj"]},
+                                dict(r=4, lora_alpha=8, target_modules=ATTN + ["shared_expert_gate"])),
+    "mixtral_attention": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(DENSE, num_local_experts=4, num_experts_per_tok=2),
+                          {"r": 4, "alpha": 8, "target_modules": ATTN},
+                          dict(r=4, lora_alpha=8, target_modules=ATTN)),
 }
+if len(sys.argv) > 2:
+    CASES = {k: v for k, v in CASES.items() if k in sys.argv[2:]}
 
 
 def run(args):
