@@ -1,5 +1,9 @@
 #include "inference/loader.h"
 
+#include <cstdio>
+
+#include "utils/env.h"
+
 #include <map>
 
 #ifdef __GLIBC__
@@ -62,12 +66,22 @@ model::CausalLM load_model(const std::string& dir, torch::Device device, bool ke
   const model::WeightFiles weights = md.weights();
   c.use_mtp = keep_mtp && c.num_nextn_predict_layers > 0 &&
               weights.contains("model.layers." + std::to_string(c.num_hidden_layers) + ".eh_proj.weight");
+  const auto meta = read_quantization_meta(weights);
+  // A float model is built in fp32 on the host: refuse what cannot fit before allocating it. (Quantized layers'
+  // float buffers are never touched, so their size says nothing.)
+  const double need = 4.0 * static_cast<double>(model::count_parameters(c).total);
+  const env::MemoryBudget host = env::host_memory_budget();
+  if (!meta && host.bytes > 0 && need > static_cast<double>(host.bytes)) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "the model needs %.1f GiB in fp32 but %.1f GiB of memory is available (%s)",
+                  need / (1 << 30), static_cast<double>(host.bytes) / (1 << 30), host.source.c_str());
+    throw runtime_error(dir, msg, "quantize it with dsopen-quantize on a larger machine, or use a smaller model");
+  }
   model::CausalLM m = [&] {
     model::SkipWeightInit skip;  // every weight is read below; packed layers' float weights are never touched
     return model::CausalLM(c);
   }();
   torch::NoGradGuard no_grad;
-  const auto meta = read_quantization_meta(weights);
   std::map<std::string, QuantizedWeight> packed;
   model::LoadOptions options;
   if (meta) options.alternate = quantized_hook(*meta, device, layers, packed);

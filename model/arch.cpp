@@ -45,6 +45,7 @@ std::vector<ArchTraits> build_table() {
   qwen3.model_type = "qwen3";
   qwen3.hf_architecture = "Qwen3ForCausalLM";
   qwen3.qk_norm = true;
+  qwen3.defaults = [](ModelConfig& c) { c.head_dim = 128; };
   t.push_back(qwen3);
 
   // GLM (GLM-4 0414's predecessor in transformers, `glm`): interleaved rope on half of each head, fused gate_up_proj,
@@ -59,6 +60,7 @@ std::vector<ArchTraits> build_table() {
   glm.defaults = [](ModelConfig& c) {
     c.attention_bias = true;
     c.partial_rotary_factor = 0.5;
+    c.head_dim = 128;
   };
   t.push_back(glm);
 
@@ -142,6 +144,8 @@ std::vector<ArchTraits> build_table() {
   mixtral.defaults = [](ModelConfig& c) {
     moe_defaults(c);
     c.norm_topk_prob = true;
+    c.n_routed_experts = 8;
+    c.num_experts_per_tok = 2;
   };
   t.push_back(mixtral);
   return t;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <filesystem>
 
 #include "model/registry.h"
@@ -59,7 +60,7 @@ void refuse_partial_rotary(config::Reader& r, const ArchTraits& arch) {
 // transformers' modeling_rope_utils reads them. `theta` and `partial` receive a rope_theta and a
 // partial_rotary_factor given inside.
 void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeScaling& out, double& theta,
-                         double& partial, const ArchTraits& arch, bool strict) {
+                         double& partial, const ArchTraits& arch, int64_t max_positions, bool strict) {
   if (!parent.has(key)) return;
   const YAML::Node node = parent.raw(key);
   if (node.IsNull()) {
@@ -85,10 +86,25 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
     r.error(r.has("rope_type") ? "rope_type" : "type",
             "rope scaling '" + type + "' is not supported (use linear, dynamic, yarn or llama3, or remove " + key + ")");
   out.type = (type == "default" || type == "none") ? "" : type;
+  const bool typed = r.has("rope_type") || r.has("type");
+  if (typed && !out.type.empty()) {
+    // transformers fails (KeyError) when these keys are absent: refuse rather than assume a value.
+    std::vector<std::string> required;
+    if (out.type != "yarn") required.push_back("factor");
+    if (out.type == "llama3") required.insert(required.end(), {"low_freq_factor", "high_freq_factor"});
+    for (const auto& k : required)
+      if (!r.has(k)) r.error(k, "is required by rope type " + out.type + " (transformers reads it)");
+  }
+  // An HF file's mapping is read as transformers reads it: the original context defaults to max_position_embeddings
+  // and YaRN's factor to their ratio (a YAML mapping keeps what it does not mention).
+  const bool fill = typed && !strict && (out.type == "yarn" || out.type == "llama3");
+  if (fill && !r.has("original_max_position_embeddings")) out.original_max_position_embeddings = max_positions;
   r.optional("factor", out.factor, config::at_least_f(1.0));
   long long orig = out.original_max_position_embeddings;
   r.optional("original_max_position_embeddings", orig, config::at_least(1));
   out.original_max_position_embeddings = orig;
+  if (fill && out.type == "yarn" && !r.has("factor"))
+    out.factor = static_cast<double>(max_positions) / static_cast<double>(out.original_max_position_embeddings);
   r.optional("beta_fast", out.beta_fast, config::greater_than(0));
   r.optional("beta_slow", out.beta_slow, config::greater_than(0));
   r.optional("mscale", out.mscale, config::at_least_f(0));
@@ -100,6 +116,9 @@ void decode_rope_scaling(config::Reader& parent, const std::string& key, RopeSca
   r.optional("rope_theta", theta, config::greater_than(0));
   r.optional("partial_rotary_factor", partial, config::greater_than(0));
   if (partial != 1.0 && !arch.partial_rotary) refuse_partial_rotary(r, arch);
+  if (arch.attention != AttentionKind::kMLA && out.type == "yarn" && (out.mscale > 0) != (out.mscale_all_dim > 0))
+    r.error(out.mscale > 0 ? "mscale" : "mscale_all_dim",
+            "transformers uses mscale only together with mscale_all_dim (one alone is ignored); give both or neither");
   r.finish(strict);
 }
 
@@ -169,7 +188,7 @@ void decode_math_keys(config::Reader& r, ModelConfig& c) {
   r.accept("layer_types");
   // Mixtral windows attention whenever sliding_window is set; a window covering the whole context changes nothing.
   if (a.sliding_window_key && r.has("sliding_window") && !r.raw("sliding_window").IsNull()) {
-    long long window = 0;
+    long long window = std::numeric_limits<long long>::max();  // kept when the value is not a number (reported)
     r.optional("sliding_window", window);
     if (window < c.context_length())
       r.error("sliding_window", "sliding-window attention (" + std::to_string(window) +
@@ -240,9 +259,10 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("partial_rotary_factor", c.partial_rotary_factor, config::greater_than(0));
   if (r.has("partial_rotary_factor") && c.partial_rotary_factor != 1.0 && !c.arch().partial_rotary)
     refuse_partial_rotary(r, c.arch());
-  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, c.rope_theta, c.partial_rotary_factor, c.arch(), strict);
+  decode_rope_scaling(r, "rope_scaling", c.rope_scaling, c.rope_theta, c.partial_rotary_factor, c.arch(),
+                      c.max_position_embeddings, strict);
   decode_rope_scaling(r, "rope_parameters", c.rope_scaling, c.rope_theta, c.partial_rotary_factor, c.arch(),
-                      strict);  // transformers >= 5
+                      c.max_position_embeddings, strict);  // transformers >= 5
   // The family's key for its attention biases (Qwen2-MoE: qkv_bias); attention_bias is always ours in YAML.
   r.optional("attention_bias", c.attention_bias);
   if (!c.arch().bias_key.empty() && c.arch().bias_key != "attention_bias") r.optional(c.arch().bias_key, c.attention_bias);
@@ -281,7 +301,10 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
     c.mlp_only_layers.clear();
     try {
       if (!list.IsSequence()) throw YAML::Exception(list.Mark(), "not a list");
-      for (const auto& n : list) c.mlp_only_layers.push_back(n.as<long long>());
+      for (const auto& n : list) {
+        if (n.Tag() == "!") throw YAML::Exception(n.Mark(), "quoted");  // "0" is a string, as transformers sees it
+        c.mlp_only_layers.push_back(n.as<long long>());
+      }
     } catch (const YAML::Exception&) {
       r.error("mlp_only_layers", "expected a list of layer indices");
     }
@@ -293,11 +316,10 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   // router_aux_loss_coef * E * sum_e (fraction routed to e) * (mean probability of e). Ours over the batch
   // (seq_aux false) is aux_loss_alpha * E/K * the same sum, so alpha = coef * K.
   if (!c.arch().deepseek_router && (r.has("router_aux_loss_coef") || r.has("output_router_logits"))) {
-    double coef = 0.0;
     bool on = false;
-    r.optional("router_aux_loss_coef", coef, config::at_least_f(0));
+    r.optional("router_aux_loss_coef", c.router_aux_loss_coef, config::at_least_f(0));
     r.optional("output_router_logits", on);
-    c.aux_loss_alpha = on ? coef * static_cast<double>(std::max<int64_t>(c.num_experts_per_tok, 1)) : 0.0;
+    c.aux_loss_alpha = on ? c.router_aux_loss_coef * static_cast<double>(std::max<int64_t>(c.num_experts_per_tok, 1)) : 0.0;
   }
 
   r.optional("use_mtp", c.use_mtp);
@@ -417,6 +439,7 @@ void ModelConfig::validate(const std::string& where) const {
   at_most("hidden_size", hidden_size, int64_t{1} << 17);
   at_most("intermediate_size", intermediate_size, int64_t{1} << 20);
   at_most("moe_intermediate_size", moe_intermediate_size, int64_t{1} << 20);
+  at_most("shared_expert_intermediate_size", shared_expert_intermediate_size, int64_t{1} << 20);
   at_most("num_hidden_layers", num_hidden_layers, 4096);
   at_most("num_attention_heads", num_attention_heads, 4096);
   at_most("num_key_value_heads", num_key_value_heads, 4096);
@@ -433,6 +456,13 @@ void ModelConfig::validate(const std::string& where) const {
   if (use_mtp && num_nextn_predict_layers < 1) bad("num_nextn_predict_layers", "must be >= 1 when use_mtp is true");
   if (use_mtp && !a.mtp) bad("use_mtp", "multi-token prediction needs model_type deepseek_v3");
   if (!rope_scaling.type.empty() && rope_scaling.factor < 1.0) bad("rope_scaling.factor", "must be >= 1");
+  if (rope_scaling.factor > 65536.0) bad("rope_scaling.factor", "is beyond any context this can build (at most 65536)");
+  else if (static_cast<double>(max_position_embeddings) * rope_scaling.factor > static_cast<double>(int64_t{1} << 24) &&
+           rope_scaling.type == "dynamic")
+    bad("rope_scaling.factor", "max_position_embeddings * factor is beyond any context this can build (at most 16777216)");
+  if (!is_mla() && rope_scaling.type == "yarn" && (rope_scaling.mscale > 0) != (rope_scaling.mscale_all_dim > 0))
+    bad(rope_scaling.mscale > 0 ? "rope_scaling.mscale" : "rope_scaling.mscale_all_dim",
+        "transformers uses mscale only together with mscale_all_dim (one alone is ignored); give both or neither");
   if (rope_scaling.type == "llama3" && rope_scaling.low_freq_factor >= rope_scaling.high_freq_factor)
     bad("rope_scaling.low_freq_factor", "must be below high_freq_factor");
   if (rope_scaling.type == "dynamic" && rope_dim() <= 2)
@@ -477,7 +507,8 @@ bool ModelConfig::o_bias() const { return follows(arch().o_bias, attention_bias)
 
 int64_t ModelConfig::context_length() const {
   if (rope_scaling.type != "dynamic") return max_position_embeddings;
-  return static_cast<int64_t>(static_cast<double>(max_position_embeddings) * rope_scaling.factor);
+  // Clamped so that an absurd factor reaches validate() as a number, not an overflow.
+  return static_cast<int64_t>(std::min(static_cast<double>(max_position_embeddings) * rope_scaling.factor, 1e15));
 }
 
 nlohmann::json ModelConfig::to_hf_json() const {
@@ -503,7 +534,7 @@ nlohmann::json ModelConfig::to_hf_json() const {
       r["original_max_position_embeddings"] = rs.original_max_position_embeddings;
       r["beta_fast"] = rs.beta_fast;
       r["beta_slow"] = rs.beta_slow;
-      r["mscale"] = rs.mscale;
+      if (rs.mscale > 0) r["mscale"] = rs.mscale;
       if (rs.mscale_all_dim > 0) r["mscale_all_dim"] = rs.mscale_all_dim;
       if (rs.attention_factor > 0) r["attention_factor"] = rs.attention_factor;
       if (!rs.truncate) r["truncate"] = false;
@@ -528,7 +559,7 @@ nlohmann::json ModelConfig::to_hf_json() const {
   j["torch_dtype"] = "float32";
   if (!is_mla()) {
     if (!a.bias_key.empty()) j[a.bias_key] = a.qkv_bias == BiasRule::kAlways ? true : attention_bias;
-    if (head_dim > 0) j["head_dim"] = head_dim;
+    j["head_dim"] = attn_head_dim();  // always: some families' config classes default it to 128
     // Families whose config class defaults it (GLM: 0.5) get it always, the others when it is not 1.
     ModelConfig family;
     family.model_type = model_type;
@@ -549,7 +580,9 @@ nlohmann::json ModelConfig::to_hf_json() const {
       j["router_jitter_noise"] = router_jitter_noise;
       // The inverse of the mapping in decode(): alpha = router_aux_loss_coef * K.
       j["output_router_logits"] = aux_loss_alpha > 0;
-      j["router_aux_loss_coef"] = aux_loss_alpha / static_cast<double>(std::max<int64_t>(num_experts_per_tok, 1));
+      j["router_aux_loss_coef"] = aux_loss_alpha > 0
+                                      ? aux_loss_alpha / static_cast<double>(std::max<int64_t>(num_experts_per_tok, 1))
+                                      : router_aux_loss_coef;
     }
     return j;
   }

@@ -44,7 +44,7 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;
   double beta_slow = 1.0;
-  double mscale = 1.0;
+  double mscale = 0.0;            // 0: absent (DeepSeek's reference then uses 1)
   double mscale_all_dim = 0.0;    // 0: absent
   double attention_factor = 0.0;  // cos/sin scale given explicitly; 0: derived from factor (and mscale)
   bool truncate = true;           // round the correction range to whole dimensions (transformers' default)
@@ -106,6 +106,8 @@ struct ModelConfig {
   int64_t decoder_sparse_step = 1;              // Qwen-MoE: layer l is MoE when (l + 1) % step == 0 ...
   std::vector<int64_t> mlp_only_layers;         // ... and l is not listed here
   double router_jitter_noise = 0.0;             // Mixtral: training multiplies MoE inputs by U(1 - j, 1 + j)
+  // transformers' balance-loss coefficient, kept for export while output_router_logits is off (aux_loss_alpha 0).
+  double router_aux_loss_coef = 0.001;
 
   // Multi-token prediction (V3). The modules exist only when use_mtp is true.
   int64_t num_nextn_predict_layers = 0;

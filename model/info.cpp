@@ -1,5 +1,6 @@
 #include "model/info.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -10,7 +11,35 @@ namespace dsopen::model {
 
 TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size) {
   const double P = static_cast<double>(params), N = static_cast<double>(world_size);
-  return {16.0 * P, 4.0 * P + 12.0 * P / N, 2.0 * P + 14.0 * P / N};
+  return {16.0 * P, 8.0 * P + 8.0 * P / N, 4.0 * P + 12.0 * P / N};
+}
+
+TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
+  const ParamCounts counts = count_parameters(c);
+  const double P = static_cast<double>(counts.total);
+  const double T = in.trainable_params >= 0 ? static_cast<double>(in.trainable_params) : P;
+  const double N = static_cast<double>(std::max<int64_t>(in.world_size, 1));
+  TrainingPlan plan;
+  plan.weights = 4.0 * P;
+  plan.grads = 4.0 * T / (in.zero_stage >= 2 ? N : 1.0);
+  const double moments = 8.0 * T / (in.zero_stage >= 1 ? N : 1.0);
+  if (in.offload_optimizer) plan.optimizer_host = moments * 1.5;  // + the fp32 master copy of the shard
+  else plan.optimizer = moments;
+
+  const double s = static_cast<double>(in.seq_len), b = static_cast<double>(in.micro_batch_size);
+  const double h = static_cast<double>(c.hidden_size), a = static_cast<double>(c.num_attention_heads);
+  const double half = static_cast<double>(in.activation_bytes) / 2.0;
+  double mlp_width = static_cast<double>(c.intermediate_size);
+  if (c.n_routed_experts > 0) {
+    const double shared = c.arch().shared == SharedExperts::kGated ? static_cast<double>(c.shared_expert_intermediate_size)
+                                                                   : static_cast<double>(c.n_shared_experts * c.moe_intermediate_size);
+    mlp_width = static_cast<double>(c.num_experts_per_tok * c.moe_intermediate_size) + shared;
+  }
+  const double per_layer = (s * b * (15.0 * h + 19.0 * mlp_width / 4.0) + 5.0 * a * s * s * b) * half;
+  const double layers = static_cast<double>(c.num_hidden_layers + c.mtp_depth());
+  const double logits = s * b * static_cast<double>(c.vocab_size) * 4.0 * 2.0;  // fp32 logits and their gradient
+  plan.activations = (in.activation_checkpointing ? layers * s * b * h * 2.0 * half + per_layer : layers * per_layer) + logits;
+  return plan;
 }
 
 nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len) {

@@ -15,12 +15,36 @@ class Document;
 
 namespace dsopen::model {
 
-// Bytes per rank of parameters + gradients + optimizer state for P parameters on N ranks:
-// ddp 16P (2 bf16 weights + 2 bf16 grads + 12 fp32 master/m/v); zero1 4P + 12P/N; zero2 2P + 14P/N.
+// Bytes per rank of parameters + gradients + AdamW state for P parameters on N ranks, as dsopen-train holds them
+// (fp32 weights, fp32 gradients, fp32 first and second moments; bf16 runs autocast from the fp32 weights):
+// ddp 16P; zero1 (moments sharded) 8P + 8P/N; zero2 (gradients too) 4P + 12P/N.
 struct TrainingMemory {
   double ddp, zero1, zero2;
 };
 TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size);
+
+// What one rank of a training job holds, in bytes, before anything is allocated.
+struct TrainingPlanInput {
+  int64_t world_size = 1;
+  int zero_stage = 0;              // 0: ddp (or one rank), 1: moments sharded, 2: gradients too
+  bool offload_optimizer = false;  // moments (and an fp32 master copy) in host memory
+  int64_t micro_batch_size = 1;
+  int64_t seq_len = 4096;
+  bool activation_checkpointing = false;
+  int64_t activation_bytes = 4;    // 4: fp32, 2: bf16/fp16 autocast
+  int64_t trainable_params = -1;   // -1: every parameter (LoRA: the adapters only)
+};
+struct TrainingPlan {
+  double weights = 0, grads = 0, optimizer = 0, activations = 0;
+  double optimizer_host = 0;  // offloaded moments + master copy (host memory)
+  double device_total() const { return weights + grads + optimizer + activations; }
+};
+// Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+// §4.1: 34·s·b·h + 5·a·s²·b two-byte units per layer for a 4h-wide MLP), with the MLP's 19·s·b·h scaled to the
+// width I' a token goes through (dense, or K experts + shared): s·b·(15h + 19·I'/4) + 5·a·s²·b, times bytes/2.
+// Checkpointing keeps each layer's input plus one layer's activations; the fp32 logits and their gradient are
+// added. An estimate (allocator slack and library workspaces come on top).
+TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in);
 
 nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len);
 std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len);

@@ -51,9 +51,10 @@ torch::Tensor rope_inv_freq(int64_t dim, double theta, const RopeScaling& s) {
 double rope_cos_sin_scale(const RopeScaling& s) {
   if (s.type != "yarn") return 1.0;
   if (s.attention_factor > 0) return s.attention_factor;
-  // DeepSeek's reference: mscale(factor, mscale) / mscale(factor, mscale_all_dim), the latter 1 when absent.
-  // (transformers ignores mscale without mscale_all_dim; DeepSeek's files always give both, and then all agree.)
-  return yarn_get_mscale(s.factor, s.mscale) / yarn_get_mscale(s.factor, s.mscale_all_dim);
+  // DeepSeek's reference: mscale(factor, mscale) / mscale(factor, mscale_all_dim), mscale 1 and the denominator 1
+  // when absent. (transformers ignores one of the two without the other; ModelConfig::validate refuses that for the
+  // families transformers is the reference of, and with both or neither all agree.)
+  return yarn_get_mscale(s.factor, s.mscale > 0 ? s.mscale : 1.0) / yarn_get_mscale(s.factor, s.mscale_all_dim);
 }
 
 double attention_softmax_scale(int64_t qk_head_dim, const RopeScaling& s) {

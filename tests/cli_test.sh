@@ -59,6 +59,18 @@ data:
 train: {max_steps: 100000, micro_batch_size: 2, lr: 1.0e-3, min_lr: 1.0e-4}
 checkpoint: {every: 0}
 YAML
+# A job that cannot fit is refused from its config in seconds, before any allocation or output (exit 2, the plan
+# on stderr, the error line naming the need, the memory and layouts that fit); --plan prints the plan anywhere.
+check "train plan" 0 "$BIN/dsopen-train" --config "$W/run.yaml" --plan
+case "$LAST" in *"memory plan per rank (1 rank, strategy none, fp32, micro-batch 2 x 32 tokens"*": fits"*) echo "ok   plan printed" ;; *) echo "FAIL plan: $LAST"; fail=1 ;; esac
+start=$(date +%s)
+check "train cannot fit" 2 timeout 60 "$BIN/dsopen-train" --config "$W/run.yaml" --set model.hidden_size=100000 --set model.intermediate_size=300000
+case "$LAST" in *"error: model: the job needs "*" per rank but "*" is available"*) echo "ok   refusal names need and memory" ;; *) echo "FAIL refusal: $LAST"; fail=1 ;; esac
+[ $(( $(date +%s) - start )) -le 10 ] || { echo "FAIL refusal took more than 10 s"; fail=1; }
+[ ! -e "$W/run" ] || { echo "FAIL a refused job left $W/run behind"; fail=1; }
+check "train plan that cannot fit" 0 "$BIN/dsopen-train" --config "$W/run.yaml" --plan --set model.num_hidden_layers=200 \
+  --set model.hidden_size=8192 --set model.intermediate_size=22016 --set model.moe_intermediate_size=2048
+case "$LAST" in *"does not fit"*) echo "ok   plan says it does not fit" ;; *) echo "FAIL plan: $LAST"; fail=1 ;; esac
 printf 'base: run.yaml\ntrain:\n  lrr: 1\n' > "$W/bad.yaml"
 check "train config error" 2 "$BIN/dsopen-train" --config "$W/bad.yaml"
 case "$LAST" in *"bad.yaml:3: train.lrr: unknown key (did you mean 'lr'?)"*) echo "ok   names file:line:key" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac

@@ -8,7 +8,9 @@
 #include <fstream>
 
 #include "model/safetensors.h"
+#include "model/info.h"
 #include "train/checkpoint.h"
+#include "train/memory_plan.h"
 #include "train/options.h"
 #include "train/schedule.h"
 #include "train/precision.h"
@@ -121,6 +123,30 @@ TEST_CASE("every family trains from a model: section spelled in its HF keys, and
     REQUIRE(resumed.losses.size() == 4);
     for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);
   }
+}
+
+TEST_CASE("the memory plan's weights, gradients and moments are the bytes the trainer holds", "[train][plan]") {
+  for (const bool mtp : {false, true}) {
+    INFO("use_mtp " << mtp);
+    auto job = job_of(config_text("plan"), {"model.use_mtp=" + std::string(mtp ? "true" : "false")});
+    const auto plan = train::plan_job(job, 1, 1);
+    train::Trainer t(job, "# test\n");
+    double n = 0;
+    for (auto& p : t.model()->parameters()) n += static_cast<double>(p.numel());
+    CHECK(plan.plan.weights == 4 * n);
+    CHECK(plan.plan.grads == 4 * n);
+    CHECK(plan.plan.optimizer == 8 * n);
+    CHECK(plan.plan.weights + plan.plan.grads + plan.plan.optimizer == model::training_memory_per_rank(n, 1).ddp);
+    CHECK(plan.plan.activations > 0);
+    CHECK(plan.fits());
+  }
+  // Sharding divides what the plan says it divides.
+  auto job = job_of(config_text("plan"));
+  job.parallel.strategy = train::Strategy::Zero2;
+  const auto one = train::plan_job(job, 1, 1), four = train::plan_job(job, 4, 1);
+  CHECK(four.plan.weights == one.plan.weights);
+  CHECK(four.plan.grads == Approx(one.plan.grads / 4));
+  CHECK(four.plan.optimizer == Approx(one.plan.optimizer / 4));
 }
 
 TEST_CASE("micro_batch 4 x accum 1 and micro_batch 1 x accum 4 make the same update", "[train][accum]") {

@@ -1,5 +1,11 @@
 // dsopen-train: pretraining or SFT of a model described by a YAML config.
-//   dsopen-train --config configs/tiny.yaml [--set train.max_steps=100 ...]
+//   dsopen-train --config configs/tiny.yaml [--set train.max_steps=100 ...] [--check | --plan]
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+#include <sstream>
+
+#include "train/memory_plan.h"
 #include "train/options.h"
 #include "train/process_group.h"
 #include "train/trainer.h"
@@ -14,7 +20,8 @@ static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-train", "Train a DeepSeek-family model from a YAML config");
   options.add_options()("c,config", "Run config (YAML)", cxxopts::value<std::string>())(
       "set", "Override a config key: --set train.lr=1e-3 (repeatable)", cxxopts::value<std::vector<std::string>>())(
-      "check", "Validate the config, print the resolved YAML and exit");
+      "check", "Validate the config, print the resolved YAML and exit")(
+      "plan", "Print the memory plan per rank (and layouts that fit when it does not) and exit");
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
@@ -28,7 +35,21 @@ static int run(int argc, char** argv) {
     return 0;
   }
   const train::DistEnv dist = train::read_dist_env();  // RANK/WORLD_SIZE from scripts/launch.sh or Slurm
+  if (args.count("plan")) {
+    const auto plan = train::plan_job(job, dist.world_size, dist.local_world_size);
+    std::cout << train::plan_text(plan);
+    if (!plan.fits())
+      for (const auto& fix : train::layouts_that_fit(job, dist.world_size, dist.local_world_size))
+        std::cout << "  fits with: --set " << fix << "\n";
+    return 0;
+  }
+  // Before any allocation or output: a job that cannot fit is refused with its plan.
+  train::refuse_if_it_cannot_fit(job, dist.world_size, dist.local_world_size);
   logging::setup_run(job.run.output_dir, dist.rank, job.run.log_level);
+  {
+    std::istringstream plan(train::plan_text(train::plan_job(job, dist.world_size, dist.local_world_size)));
+    for (std::string line; std::getline(plan, line);) spdlog::info("{}", line);
+  }
   if (dist.rank == 0) doc.save_resolved(job.run.output_dir);
   train::install_stop_handlers();
   train::Trainer trainer(job, doc.dump());

@@ -1,5 +1,7 @@
 #include "utils/env.h"
 
+#include <algorithm>
+
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/resource.h>
@@ -72,6 +74,46 @@ void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces
     ::unlink(tmp.c_str());
     throw runtime_error(path, "rename into place failed");
   }
+}
+
+namespace {
+// The first number in a file (cgroup files hold one; "max" means no limit): -1 when absent or not a number.
+int64_t number_in(const std::string& path) {
+  std::ifstream f(path);
+  std::string word;
+  if (!(f >> word)) return -1;
+  try {
+    size_t used = 0;
+    const long long v = std::stoll(word, &used);
+    return used == word.size() ? v : -1;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+}  // namespace
+
+MemoryBudget host_memory_budget() {
+  MemoryBudget b;
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  long long kb = 0;
+  std::string unit;
+  while (meminfo >> key >> kb >> unit)
+    if (key == "MemAvailable:") {
+      b.bytes = static_cast<int64_t>(kb) * 1024;
+      b.source = "MemAvailable";
+      break;
+    }
+  auto bound = [&](int64_t limit, int64_t usage, const char* source) {
+    // Limits near 2^63 mean "none" (cgroup v1 writes the page-rounded maximum).
+    if (limit <= 0 || limit > (int64_t{1} << 60) || usage < 0) return;
+    const int64_t left = std::max<int64_t>(limit - usage, 0);
+    if (b.bytes == 0 || left < b.bytes) b.bytes = left, b.source = source;
+  };
+  bound(number_in("/sys/fs/cgroup/memory.max"), number_in("/sys/fs/cgroup/memory.current"), "cgroup memory.max");
+  bound(number_in("/sys/fs/cgroup/memory/memory.limit_in_bytes"), number_in("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        "cgroup memory.limit_in_bytes");
+  return b;
 }
 
 double resident_mb() {

@@ -33,6 +33,15 @@ void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces
 double resident_mb();
 double peak_resident_mb();
 
+// Host memory this process can still allocate: the smaller of /proc/meminfo's MemAvailable and the cgroup's limit
+// minus its usage (cgroup v2 memory.max - memory.current; v1 memory.limit_in_bytes - memory.usage_in_bytes).
+// bytes 0: unknown (no /proc); `source` says which bound applied.
+struct MemoryBudget {
+  int64_t bytes = 0;
+  std::string source;
+};
+MemoryBudget host_memory_budget();
+
 // Reads a whole file; a runtime error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
 

@@ -1,6 +1,7 @@
 #include "utils/errors.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 
 namespace dsopen {
@@ -59,7 +60,18 @@ int run_main(const char* program, int (*body)(int, char**), int argc, char** arg
     std::fprintf(stderr, "%s: error: %s\n", program, printable(e.what()).c_str());
     return e.exit_code();
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", program, printable(first_line(e.what())).c_str());
+    // An allocation the machine could not serve (LibTorch's CPU or CUDA allocator): say so in words.
+    const std::string what = e.what();
+    const auto at = what.find("tried to allocate ");
+    if (what.find("can't allocate memory") != std::string::npos || what.find("out of memory") != std::string::npos) {
+      const double bytes = at == std::string::npos ? 0 : std::atof(what.c_str() + at + 18);
+      std::fprintf(stderr, "%s: error: out of memory%s (lower the sizes in the config; dsopen-train --plan and "
+                   "dsopen-model-info show what a job needs)\n",
+                   program, bytes > 0 ? (": an allocation of " + std::to_string(static_cast<long long>(bytes / (1 << 20))) +
+                                         " MiB failed").c_str() : "");
+      return 1;
+    }
+    std::fprintf(stderr, "%s: error: %s\n", program, printable(first_line(what)).c_str());
     return 1;
   }
 }

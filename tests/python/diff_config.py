@@ -23,13 +23,18 @@ MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermedia
            max_position_embeddings=256, initializer_range=0.1, n_group=4, topk_group=2)
 LLAMA, QWEN, V2, V3 = ((tf.LlamaConfig, tf.LlamaForCausalLM), (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                        (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM), (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM))
+QWEN3 = (tf.Qwen3Config, tf.Qwen3ForCausalLM)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256, "rope_theta": 1e4}
 GLM4, QWEN2_MOE, QWEN3_MOE, MIXTRAL = ((tf.Glm4Config, tf.Glm4ForCausalLM), (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
                                        (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
                                        (tf.MixtralConfig, tf.MixtralForCausalLM))
 QMOE = dict(DENSE, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=48)
 
-# (name, family, config kwargs, rope parameters or None, key dsopen may refuse it by (None: must load and match))
+# (name, family, config kwargs, rope parameters or None, key dsopen may refuse it by (None: must load and match)).
+# Keys config.json files leave out are dropped after saving (`_drop`, dotted for rope_parameters), values transformers
+# would refuse at construction are written after saving (`_set`).
 CASES = [
     ("llama plain", LLAMA, DENSE, None, None),
     ("llama mlp_bias", LLAMA, dict(DENSE, mlp_bias=True), None, "mlp_bias"),
@@ -87,6 +92,22 @@ CASES = [
     ("mixtral sliding window 8", MIXTRAL, dict(DENSE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
      None, "sliding_window"),
     ("mixtral top-1", MIXTRAL, dict(DENSE, num_local_experts=4, num_experts_per_tok=1), None, None),
+    ("qwen3 head_dim absent: 128, as transformers' default", QWEN3, dict(DENSE, head_dim=128, _drop=["head_dim"]),
+     None, None),
+    ("glm4 head_dim absent: 128", GLM4, dict(DENSE, head_dim=128, pad_token_id=0, eos_token_id=1, _drop=["head_dim"]),
+     None, None),
+    ("qwen3 llama3 rope without original_max_position_embeddings", QWEN3,
+     dict(DENSE, head_dim=16, _drop=["rope_parameters.original_max_position_embeddings"]), LLAMA3_ROPE, None),
+    ("qwen3 yarn without original_max_position_embeddings", QWEN3,
+     dict(DENSE, head_dim=16, max_position_embeddings=64, _drop=["rope_parameters.original_max_position_embeddings"]),
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4}, None),
+    ("qwen3 yarn mscale without mscale_all_dim", QWEN3, dict(DENSE, head_dim=16),
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707, "rope_theta": 1e4},
+     "mscale"),
+    ("llama rope llama3 without low_freq_factor", LLAMA, dict(DENSE, _drop=["rope_parameters.low_freq_factor"]),
+     LLAMA3_ROPE, "low_freq_factor"),
+    ("qwen3_moe mlp_only_layers as strings", QWEN3_MOE,
+     dict(QMOE, head_dim=16, mlp_only_layers=[0], _set={"mlp_only_layers": ["0"]}), None, "mlp_only_layers"),
     ("v3 softmax scoring", V3, dict(MLA, q_lora_rank=24, scoring_func="softmax"), None, "scoring_func"),
     ("v3 yarn", V3, dict(MLA, q_lora_rank=24, norm_topk_prob=True),
      {"rope_type": "yarn", "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
@@ -101,6 +122,8 @@ def main():
         tokens = os.path.join(tmp, "tokens.txt")
         write_token_rows(tokens, ids)
         for i, (name, (cfg_cls, model_cls), kw, rope, refuse_key) in enumerate(CASES):
+            kw = dict(kw)
+            drop, overwrite = kw.pop("_drop", []), kw.pop("_set", {})
             cfg = cfg_cls(**kw)
             if rope is not None:
                 cfg.rope_parameters = rope
@@ -110,6 +133,16 @@ def main():
                 ref = model(ids).logits
             d = os.path.join(tmp, f"case{i}")
             model.save_pretrained(d, safe_serialization=True)
+            if drop or overwrite:
+                path = os.path.join(d, "config.json")
+                with open(path) as f:
+                    j = json.load(f)
+                for key in drop:
+                    parent, _, leaf = key.rpartition(".")
+                    (j[parent] if parent else j).pop(leaf, None)
+                j.update(overwrite)
+                with open(path, "w") as f:
+                    json.dump(j, f)
             out = os.path.join(tmp, f"case{i}.safetensors")
             r = subprocess.run([os.path.join(BIN, "dsopen-eval"), "--model", d, "--tokens", tokens, "--dump-logits", out],
                                capture_output=True, text=True)

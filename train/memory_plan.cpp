@@ -1,0 +1,152 @@
+#include "train/memory_plan.h"
+
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "utils/env.h"
+#include "utils/errors.h"
+
+#ifdef DSOPEN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace dsopen::train {
+
+namespace {
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+int zero_stage(Strategy s) { return s == Strategy::Zero2 ? 2 : s == Strategy::Zero1 ? 1 : 0; }
+
+const char* strategy_name(Strategy s) {
+  switch (s) {
+    case Strategy::Ddp: return "ddp";
+    case Strategy::Zero1: return "zero1";
+    case Strategy::Zero2: return "zero2";
+    default: return "none";
+  }
+}
+
+bool runs_on_gpu(const JobConfig& job) {
+  return job.run.device == "cuda" || (job.run.device == "auto" && torch::cuda::is_available());
+}
+
+}  // namespace
+
+bool JobMemoryPlan::fits() const {
+  if (device_budget <= 0) return true;  // unknown: nothing to compare with
+  if (on_gpu) return plan.device_total() <= device_budget && (plan.optimizer_host <= host_budget || host_budget <= 0);
+  return plan.device_total() + plan.optimizer_host <= device_budget;
+}
+
+JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_world_size) {
+  JobMemoryPlan out;
+  out.world_size = world_size;
+  out.on_gpu = runs_on_gpu(job);
+  model::TrainingPlanInput in;
+  in.world_size = world_size;
+  in.zero_stage = world_size > 1 ? zero_stage(job.parallel.strategy) : 0;
+  in.offload_optimizer = job.parallel.offload_optimizer;
+  in.micro_batch_size = job.train.micro_batch_size;
+  in.seq_len = job.data.seq_len;
+  in.activation_checkpointing = job.train.activation_checkpointing;
+  in.activation_bytes = job.train.precision == PrecisionMode::Fp32 ? 4 : 2;
+  if (job.lora.enabled) in.trainable_params = 0;  // adapters: megabytes beside the frozen base
+  out.plan = model::plan_training(job.model, in);
+  if (job.lora.enabled && job.lora.base_dtype == torch::kBFloat16) out.plan.weights /= 2;
+
+  const env::MemoryBudget host = env::host_memory_budget();
+  const double ranks_here = static_cast<double>(std::max<int64_t>(local_world_size, 1));
+  out.host_budget = static_cast<double>(host.bytes) / ranks_here;
+  out.device_budget = out.host_budget;
+  out.budget_source = "host, " + host.source + (ranks_here > 1 ? ", shared by " + std::to_string(local_world_size) + " ranks" : "");
+#ifdef DSOPEN_WITH_CUDA
+  if (out.on_gpu) {
+    const int index = 0;  // ranks of a machine hold one GPU each, all of one kind
+    out.device_budget = static_cast<double>(at::cuda::getDeviceProperties(index)->totalGlobalMem);
+    out.budget_source = std::string("GPU memory of ") + at::cuda::getDeviceProperties(index)->name;
+  }
+#endif
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%lld rank%s, strategy %s%s, %s, micro-batch %lld x %lld tokens, %s",
+                static_cast<long long>(world_size), world_size == 1 ? "" : "s", strategy_name(job.parallel.strategy),
+                job.parallel.offload_optimizer ? " + optimizer offload" : "",
+                job.train.precision == PrecisionMode::Fp32 ? "fp32" : job.train.precision == PrecisionMode::Bf16 ? "bf16" : "fp16",
+                static_cast<long long>(job.train.micro_batch_size), static_cast<long long>(job.data.seq_len),
+                job.train.activation_checkpointing ? "activation checkpointing" : "no activation checkpointing");
+  out.layout = buf;
+  return out;
+}
+
+std::string plan_text(const JobMemoryPlan& p) {
+  std::string s = "memory plan per rank (" + p.layout + "):\n";
+  s += "  weights " + gib(p.plan.weights) + " | gradients " + gib(p.plan.grads) + " | AdamW moments " +
+       gib(p.plan.optimizer) + (p.plan.optimizer_host > 0 ? " (+ " + gib(p.plan.optimizer_host) + " offloaded)" : "") +
+       " | activations ~" + gib(p.plan.activations) + " | total " + gib(p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host)) + "\n";
+  s += "  available " + (p.device_budget > 0 ? gib(p.device_budget) + " (" + p.budget_source + ")" : std::string("unknown")) +
+       (p.fits() ? ": fits" : ": does not fit") + "\n";
+  return s;
+}
+
+std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_size, int64_t local_world_size) {
+  struct Candidate {
+    std::string sets;
+    JobConfig job;
+    int64_t world;
+  };
+  std::vector<Candidate> candidates;
+  auto add = [&](const std::string& sets, JobConfig j, int64_t world) { candidates.push_back({sets, std::move(j), world}); };
+  JobConfig j = job;
+  if (!j.train.activation_checkpointing) {
+    j.train.activation_checkpointing = true;
+    add("train.activation_checkpointing=true", j, world_size);
+  }
+  for (int64_t mb = job.train.micro_batch_size / 2; mb >= 1; mb /= 2) {
+    JobConfig k = j;
+    k.train.micro_batch_size = mb;
+    k.train.grad_accum_steps = job.train.grad_accum_steps * (job.train.micro_batch_size / mb);
+    add("train.activation_checkpointing=true train.micro_batch_size=" + std::to_string(mb) +
+            " train.grad_accum_steps=" + std::to_string(k.train.grad_accum_steps),
+        k, world_size);
+  }
+  // More ranks shard the moments and gradients (zero2); the weights stay whole on every rank.
+  for (int64_t n = std::max<int64_t>(2, world_size); n <= 1024; n *= 2) {
+    JobConfig k = j;
+    k.parallel.strategy = Strategy::Zero2;
+    add("parallel.strategy=zero2 train.activation_checkpointing=true on " + std::to_string(n) + " ranks (one per " +
+            (runs_on_gpu(job) ? "GPU" : "machine") + ")",
+        k, n);
+  }
+  std::vector<std::string> out;
+  for (const auto& c : candidates) {
+    // Extra ranks of the suggestions run one per machine (CPU) or GPU: the memory of one is what they get.
+    const int64_t local = c.world == world_size ? local_world_size : 1;
+    if (plan_job(c.job, c.world, local).fits()) out.push_back(c.sets);
+    if (out.size() == 3) break;
+  }
+  return out;
+}
+
+void refuse_if_it_cannot_fit(const JobConfig& job, int64_t world_size, int64_t local_world_size) {
+  const JobMemoryPlan p = plan_job(job, world_size, local_world_size);
+  if (p.fits()) return;
+  std::cerr << plan_text(p);
+  const auto fixes = layouts_that_fit(job, world_size, local_world_size);
+  std::string hint;
+  for (const auto& f : fixes) hint += (hint.empty() ? "layouts that fit: --set " : "; or --set ") + f;
+  if (hint.empty())
+    hint = "the weights alone (" + gib(p.plan.weights) + ") leave too little room on one rank: use a smaller model "
+           "(dsopen-train --plan shows the terms)";
+  const double total = p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host);
+  throw usage_error("model", "the job needs " + gib(total) + " per rank but " + gib(p.device_budget) + " is available (" +
+                                 p.budget_source + ")",
+                    hint);
+}
+
+}  // namespace dsopen::train
