@@ -14,6 +14,7 @@ namespace dsopen::data {
 
 void decode(config::Reader& r, TokenizerOptions& o) {
   r.required("path", o.path);
+  r.optional("hf_repo", o.hf_repo);
   if (r.has("train")) {
     o.has_train = true;
     config::Reader t = r.child("train");
@@ -68,6 +69,9 @@ void decode(config::Reader& r, DataOptions& o) {
 
 std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
   if (!std::filesystem::exists(o.path)) {
+    if (!o.has_train && !o.hf_repo.empty())
+      throw runtime_error(o.path, "tokenizer not found",
+                          "put the model's tokenizer.json there: it is in the HuggingFace repository " + o.hf_repo);
     if (!o.has_train)
       throw runtime_error(o.path, "tokenizer model not found",
                           "set tokenizer.path to an existing .model or add tokenizer.train to build one");

@@ -18,7 +18,9 @@ class Reader;
 namespace dsopen::data {
 
 struct TokenizerOptions {
-  std::string path;  // .model file
+  std::string path;  // SentencePiece .model, or an HF tokenizer.json (file or its directory)
+  // The HuggingFace repository whose tokenizer.json belongs at `path` (named when the file is missing).
+  std::string hf_repo;
   // Training recipe, used when `path` does not exist yet.
   bool has_train = false;
   SentencePieceTrainOptions train;

@@ -40,6 +40,10 @@ int64_t first_free_index(const std::string& prefix, const Tokenizer& tok) {
 PreprocessStats build_shards(const PreprocessOptions& o, const Tokenizer& tok) {
   if (o.output.empty()) throw usage_error("--output", "missing output prefix");
   if (o.shard_tokens < 1) throw usage_error("--shard-tokens", "must be >= 1");
+  // Documents are separated by the end-of-text token: without one the shards could not say where a document ends.
+  if (tok.eos_id() < 0)
+    throw runtime_error(tok.source(), "the tokenizer has no end-of-text token, which separates documents in shards",
+                        "put the model's tokenizer_config.json (its eos_token) next to tokenizer.json");
   const fs::path dir = fs::path(o.output).parent_path();
   if (!dir.empty()) fs::create_directories(dir);
   const auto files = expand_inputs(o.inputs, o.corpus);

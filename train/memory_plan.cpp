@@ -141,8 +141,8 @@ void refuse_if_it_cannot_fit(const JobConfig& job, int64_t world_size, int64_t l
   std::string hint;
   for (const auto& f : fixes) hint += (hint.empty() ? "layouts that fit: --set " : "; or --set ") + f;
   if (hint.empty())
-    hint = "the weights alone (" + gib(p.plan.weights) + ") leave too little room on one rank: use a smaller model "
-           "(dsopen-train --plan shows the terms)";
+    hint = "the weights alone take " + gib(p.plan.weights) + " on every rank (no layout here shards them): use a "
+           "smaller model or a machine with more memory; dsopen-train --plan shows each term";
   const double total = p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host);
   throw usage_error("model", "the job needs " + gib(total) + " per rank but " + gib(p.device_budget) + " is available (" +
                                  p.budget_source + ")",

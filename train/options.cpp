@@ -30,6 +30,17 @@ void decode(config::Reader& r, TrainOptions& o) {
   r.optional("warmup_steps", o.warmup_steps, config::at_least(0));
   r.choice("schedule", o.schedule, schedule_names());
   r.optional("decay_fraction", o.decay_fraction, config::in_range(0.0, 1.0));
+  r.optional("milestones", o.milestones);
+  r.optional("milestone_factors", o.milestone_factors);
+  for (size_t i = 0; i < o.milestones.size(); ++i)
+    if (!(o.milestones[i] > 0 && o.milestones[i] < 1) || (i > 0 && o.milestones[i] <= o.milestones[i - 1])) {
+      r.error("milestones", "must be increasing fractions of max_steps in (0, 1)");
+      break;
+    }
+  if (o.milestone_factors.size() != o.milestones.size())
+    r.error("milestone_factors", "needs one factor per milestone (" + std::to_string(o.milestones.size()) + ")");
+  for (double f : o.milestone_factors)
+    if (!(f > 0)) r.error("milestone_factors", "each factor must be > 0");
   r.optional("weight_decay", o.weight_decay, config::at_least_f(0));
   r.optional("decay_embeddings", o.decay_embeddings);
   r.optional("betas", o.betas, 2);

@@ -34,6 +34,8 @@ struct TrainOptions {
   int64_t warmup_steps = 0;
   Schedule schedule = Schedule::Cosine;
   double decay_fraction = 0.1;      // wsd: the final fraction of steps that decays
+  std::vector<double> milestones{0.8, 0.9};          // multistep: fractions of max_steps ...
+  std::vector<double> milestone_factors{0.316, 0.1};  // ... from which lr is multiplied by these
   double weight_decay = 0.1;
   bool decay_embeddings = false;
   std::vector<double> betas{0.9, 0.95};

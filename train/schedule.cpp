@@ -7,7 +7,8 @@ namespace dsopen::train {
 
 const std::vector<std::pair<std::string, Schedule>>& schedule_names() {
   static const std::vector<std::pair<std::string, Schedule>> names = {
-      {"cosine", Schedule::Cosine}, {"linear", Schedule::Linear}, {"constant", Schedule::Constant}, {"wsd", Schedule::Wsd}};
+      {"cosine", Schedule::Cosine}, {"linear", Schedule::Linear}, {"constant", Schedule::Constant}, {"wsd", Schedule::Wsd},
+      {"multistep", Schedule::MultiStep}};
   return names;
 }
 
@@ -22,6 +23,12 @@ double lr_at(int64_t step, const ScheduleOptions& s) {
       return s.lr + (s.min_lr - s.lr) * t;
     case Schedule::Cosine:
       return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + std::cos(M_PI * t));
+    case Schedule::MultiStep: {
+      double lr = s.lr;
+      for (size_t i = 0; i < s.milestones.size() && i < s.milestone_factors.size(); ++i)
+        if (static_cast<double>(step) >= s.milestones[i] * static_cast<double>(s.max_steps)) lr = s.lr * s.milestone_factors[i];
+      return lr;
+    }
     case Schedule::Wsd:
       break;
   }

@@ -100,6 +100,10 @@ void Trainer::State::prepare_data() {
   if (rank == 0) tokenizer = data::prepare_tokenizer(j.tokenizer);
   group->barrier();
   if (rank != 0) tokenizer = data::prepare_tokenizer(j.tokenizer);
+  if (tokenizer->vocab_size() < j.model.vocab_size)
+    spdlog::warn("the tokenizer has {} tokens and the model {} embeddings: rows {}.. are never used (fine for a "
+                 "pretrained model's padded vocabulary; otherwise set model.vocab_size)",
+                 tokenizer->vocab_size(), j.model.vocab_size, tokenizer->vocab_size());
   if (tokenizer->vocab_size() > j.model.vocab_size)
     throw usage_error("model.vocab_size", "the tokenizer has " + std::to_string(tokenizer->vocab_size()) +
                                               " tokens but the model only " + std::to_string(j.model.vocab_size),
@@ -183,7 +187,8 @@ TrainResult Trainer::run() {
   const JobConfig& j = s.job;
   const TrainOptions& t = j.train;
   ProcessGroup& group = *s.group;
-  const ScheduleOptions schedule{t.schedule, t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.decay_fraction};
+  const ScheduleOptions schedule{t.schedule,       t.lr,          t.min_lr,         t.warmup_steps,
+                                 t.max_steps,      t.decay_fraction, t.milestones, t.milestone_factors};
   StepLogger log(j.model, j.data.seq_len, t.max_steps, j.run.log_every, peak_flops(s.device, t.peak_tflops),
                  group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "");
   TrainResult result;
