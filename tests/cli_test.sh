@@ -17,6 +17,12 @@ for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess
   check "$b --no-such-flag" 2 "$BIN/$b" --no-such-flag
 done
 check "model-info missing config" 2 "$BIN/dsopen-model-info" --config /nonexistent.yaml
+check "train config is a directory" 2 "$BIN/dsopen-train" --config /tmp
+case "$LAST" in *"error: /tmp: is a directory, not a config file"*) echo "ok   names the directory" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
+check "generate bad number" 2 "$BIN/dsopen-generate" --model /nonexistent --prompt x --max-new-tokens abc
+case "$LAST" in *"error: --max-new-tokens: 'abc' is not a valid value"*) echo "ok   names the flag" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
+check "generate bad number (=)" 2 "$BIN/dsopen-generate" --model /nonexistent --prompt x --max-new-tokens=1e9x
+case "$LAST" in *"error: --max-new-tokens: '1e9x' is not a valid value"*) echo "ok   names the flag (=)" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 [ "$(echo "$LAST" | wc -l)" = 1 ] || { echo "FAIL error is not one line: $LAST"; fail=1; }
 check "model-info 7b json" 0 "$BIN/dsopen-model-info" --config configs/7b.yaml --json
 python3 - "$LAST" <<'PY' || fail=1

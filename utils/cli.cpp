@@ -16,6 +16,20 @@ cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
   cxxopts::ParseResult result;
   try {
     result = options.parse(argc, argv);
+  } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
+    // cxxopts names the value, not the flag: find the flag that was given it.
+    const std::string what = e.what();
+    const auto open = what.find("\xe2\x80\x98"), close = what.find("\xe2\x80\x99");
+    const std::string value = open != std::string::npos && close > open ? what.substr(open + 3, close - open - 3) : "";
+    for (int i = 1; i < argc && !value.empty(); ++i) {
+      const std::string a = argv[i];
+      const auto eq = a.find('=');
+      if (a.rfind("--", 0) == 0 && eq != std::string::npos && a.substr(eq + 1) == value)
+        throw usage_error(a.substr(0, eq), "'" + value + "' is not a valid value", "see --help");
+      if (a == value && i > 1 && argv[i - 1][0] == '-')
+        throw usage_error(argv[i - 1], "'" + value + "' is not a valid value", "see --help");
+    }
+    throw usage_error("command line", what, "see --help");
   } catch (const cxxopts::exceptions::exception& e) {
     throw usage_error("command line", e.what(), "see --help");
   }

@@ -68,6 +68,7 @@ std::string resolve_base(const std::string& base, const std::string& including_f
 
 Document Document::load(const std::string& path) {
   if (!fs::exists(path)) throw usage_error(path, "config file not found", "check the --config path");
+  if (fs::is_directory(path)) throw usage_error(path, "is a directory, not a config file", "give the YAML file's path");
   Document doc;
   doc.name_ = path;
   std::vector<std::string> chain;

@@ -130,6 +130,8 @@ double peak_resident_mb() {
 }
 
 std::string read_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw runtime_error(path, "is a directory, not a file", "give the file's path");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw runtime_error(path, "cannot open file", "check the path");
   std::ostringstream ss;
