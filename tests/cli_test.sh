@@ -77,6 +77,15 @@ case "$LAST" in *"error: model: the job needs "*" per rank but "*" is available"
 check "train plan that cannot fit" 0 "$BIN/dsopen-train" --config "$W/run.yaml" --plan --set model.num_hidden_layers=200 \
   --set model.hidden_size=8192 --set model.intermediate_size=22016 --set model.moe_intermediate_size=2048
 case "$LAST" in *"does not fit"*) echo "ok   plan says it does not fit" ;; *) echo "FAIL plan: $LAST"; fail=1 ;; esac
+# SIGTERM during setup (here: training a tokenizer on the whole corpus) exits at once with 143, saving nothing.
+"$BIN/dsopen-train" --config "$W/run.yaml" --set "tokenizer.path=$W/slow/tok.model" --set tokenizer.train.vocab_size=16000 \
+  --set 'tokenizer.train.inputs=[/usr/share/games/fortunes]' --set "run.output_dir=$W/slow" > "$W/slow.log" 2>&1 &
+pid=$!
+sleep 1  # tokenizer training on the whole corpus takes far longer
+kill -TERM "$pid"
+t0=$(date +%s)
+wait "$pid"; rc=$?
+[ "$rc" = 143 ] && [ $(( $(date +%s) - t0 )) -le 3 ] && echo "ok   SIGTERM during setup exits at once (143)" || { echo "FAIL SIGTERM during setup: exit $rc after $(( $(date +%s) - t0 ))s: $(tail -2 "$W/slow.log")"; fail=1; }
 printf 'base: run.yaml\ntrain:\n  lrr: 1\n' > "$W/bad.yaml"
 check "train config error" 2 "$BIN/dsopen-train" --config "$W/bad.yaml"
 case "$LAST" in *"bad.yaml:3: train.lrr: unknown key (did you mean 'lr'?)"*) echo "ok   names file:line:key" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac

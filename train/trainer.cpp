@@ -1,5 +1,7 @@
 #include "train/trainer.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <filesystem>
@@ -23,7 +25,20 @@ namespace dsopen::train {
 namespace {
 
 std::atomic<int> g_stop_signal{0};
-extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+std::atomic<bool> g_training{false};  // inside Trainer::run's loop: a signal there is answered by a checkpoint
+
+// In the training loop the first signal asks for a checkpoint at the end of the step. Anywhere else (building the
+// tokenizer, shards, the model, loading weights) there is nothing to save: exit at once, as on a second signal.
+extern "C" void on_stop_signal(int sig) {
+  if (g_training.load() && g_stop_signal.load() == 0) {
+    g_stop_signal.store(sig);
+    return;
+  }
+  static const char msg[] = "dsopen-train: stopped by signal (nothing to save outside a training step)\n";
+  const ssize_t ignored = ::write(2, msg, sizeof msg - 1);
+  (void)ignored;
+  ::_exit(128 + sig);
+}
 
 double directory_mb(const std::string& dir) {
   int64_t bytes = 0;
@@ -194,6 +209,7 @@ TrainResult Trainer::run() {
   TrainResult result;
   int64_t bad_steps = 0;
   s.model->train();
+  g_training.store(true);
   while (s.state.step < t.max_steps) {
     data::DataCursor cursor = s.state.cursor;
     std::vector<data::Batch> batches;
@@ -238,6 +254,7 @@ TrainResult Trainer::run() {
       break;
     }
   }
+  g_training.store(false);
   result.final_step = s.state.step;
   return result;
 }

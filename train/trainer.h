@@ -20,7 +20,9 @@ struct TrainResult {
   double eval_loss = -1;     // last evaluation, -1 when none ran
 };
 
-// Installs SIGINT/SIGTERM handlers that ask a running Trainer to save a checkpoint and stop.
+// Installs SIGINT/SIGTERM handlers: inside the training loop the first signal makes the Trainer finish its step,
+// save a checkpoint and stop; outside it (setup: tokenizer, shards, model, weights) and on a second signal the
+// process exits at once with 128 + the signal number.
 void install_stop_handlers();
 
 class Trainer {
