@@ -115,6 +115,20 @@ ShardHeader read_shard_header(const std::string& idx_path) {
   if (h.dtype != "uint16" && h.dtype != "uint32")
     throw runtime_error(idx_path, "unknown dtype '" + h.dtype + "'", "rebuild the shard");
   if (h.tokens < 0 || h.vocab_size <= 0) throw runtime_error(idx_path, "negative token count or vocabulary size");
+  if (h.eos_id < 0 || h.eos_id >= h.vocab_size)
+    throw runtime_error(idx_path, "eos_id " + std::to_string(h.eos_id) + " outside the vocabulary (" +
+                                      std::to_string(h.vocab_size) + ")", "rebuild the shard with dsopen-preprocess");
+  // Documents start at 0, each after the previous one's first token, all before the end: a document table that runs
+  // past the tokens (or backwards) would hand out samples that are not documents.
+  for (size_t d = 0; d < h.doc_offsets.size(); ++d) {
+    const int64_t at = h.doc_offsets[d];
+    const bool ok = d == 0 ? at == 0 : at > h.doc_offsets[d - 1];
+    if (!ok || at >= h.tokens)
+      throw runtime_error(idx_path, "document " + std::to_string(d) + " starts at token " + std::to_string(at) +
+                                        (at >= h.tokens ? ", past the shard's " + std::to_string(h.tokens) + " tokens"
+                                                        : ", not after the previous document"),
+                          "the index is corrupt; rebuild the shard with dsopen-preprocess");
+  }
   return h;
 }
 
@@ -143,6 +157,26 @@ MappedShard::MappedShard(const std::string& path) : prefix_(shard_prefix(path)) 
     data_ = static_cast<const unsigned char*>(p);
   }
   ::close(fd);
+  // Every id within the vocabulary, checked once at open (a memory-mapped pass) rather than when a bad sample is
+  // drawn hours into a run.
+  const int64_t vocab = header_.vocab_size;
+  auto first_bad = [&](const auto* p) -> int64_t {
+    for (int64_t i = 0; i < header_.tokens; ++i)
+      if (static_cast<int64_t>(p[i]) >= vocab) return i;
+    return -1;
+  };
+  const int64_t bad = header_.dtype == "uint16" ? first_bad(reinterpret_cast<const uint16_t*>(data_))
+                                                : first_bad(reinterpret_cast<const uint32_t*>(data_));
+  if (bad >= 0) {
+    int64_t id = 0;
+    if (header_.dtype == "uint16") id = reinterpret_cast<const uint16_t*>(data_)[bad];
+    else id = reinterpret_cast<const uint32_t*>(data_)[bad];
+    if (data_) ::munmap(const_cast<unsigned char*>(data_), bytes_);
+    data_ = nullptr;
+    throw runtime_error(bin, "token id " + std::to_string(id) + " at position " + std::to_string(bad) +
+                                 " is outside the vocabulary (" + std::to_string(vocab) + ")",
+                        "the shard is corrupt or from another tokenizer; rebuild it with dsopen-preprocess");
+  }
 }
 
 MappedShard::~MappedShard() {

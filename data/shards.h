@@ -48,8 +48,10 @@ private:
 // A read-only, memory-mapped shard.
 class MappedShard {
 public:
-  // Opens `path` (.bin, .idx or the prefix). Runtime errors name the file: missing, unreadable index, or a .bin
-  // whose size disagrees with the index (truncated or overwritten).
+  // Opens `path` (.bin, .idx or the prefix) and validates it whole in one pass over the mapping. Runtime errors name
+  // the file: missing, unreadable index, a document table that is not increasing or runs past the tokens, an EOS
+  // outside the vocabulary, a .bin whose size disagrees with the index (truncated or overwritten), or the first
+  // token id outside the vocabulary (with its position).
   explicit MappedShard(const std::string& path);
   ~MappedShard();
   MappedShard(const MappedShard&) = delete;

@@ -10,6 +10,8 @@
 #include <numeric>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "data/dataset.h"
 #include "data/shard_builder.h"
 #include "data/shards.h"
@@ -180,9 +182,27 @@ TEST_CASE("bad shards: truncated, id out of vocabulary, too short, mixed tokeniz
   TokenDatasetOptions o;
   o.shards = {dir / "b_00000"};
   o.seq_len = 8;
-  TokenDataset bad(o, Split::All);
-  CHECK(error_of([&] { bad.sample_tokens(0); }).find("token id 65535 at offset 3 >= vocab_size 1000") != std::string::npos);
+  // Found when the shard is opened, not when the sample is drawn.
+  CHECK(error_of([&] { TokenDataset bad(o, Split::All); })
+            .find(dir / "b_00000.bin: token id 65535 at position 3 is outside the vocabulary (1000)") == 0);
 
+  // A document table that runs past the tokens, or backwards, is refused at open too.
+  write_shard(dir / "d_00000", synthetic_docs(20, 6));
+  {
+    auto j = nlohmann::json::parse(std::ifstream(dir / "d_00000.idx"));
+    j["doc_offsets"].back() = j["tokens"].get<int64_t>() + 5;
+    std::ofstream(dir / "d_00000.idx") << j.dump();
+  }
+  CHECK(error_of([&] { MappedShard s(dir / "d_00000"); }).find("past the shard's") != std::string::npos);
+  {
+    auto j = nlohmann::json::parse(std::ifstream(dir / "d_00000.idx"));
+    j["doc_offsets"].back() = 0;
+    std::ofstream(dir / "d_00000.idx") << j.dump();
+  }
+  CHECK(error_of([&] { MappedShard s(dir / "d_00000"); }).find("not after the previous document") != std::string::npos);
+
+  write_shard(dir / "e_00000", synthetic_docs(20, 7));
+  o.shards = {dir / "e_00000"};
   o.seq_len = 100000;
   CHECK(error_of([&] { TokenDataset ds(o, Split::All); }).find("lower data.seq_len") != std::string::npos);
 
