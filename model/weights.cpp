@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <set>
@@ -142,8 +144,10 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
   throw runtime_error(file.path(), msg, "the file does not match the model config");
 }
 
-void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
-  fs::create_directories(dir);
+namespace {
+
+// Writes config.json and the weight files (one, or shards with their index) into `dir`; returns their names.
+std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
   std::vector<std::map<std::string, torch::Tensor>> shards(1);
   int64_t bytes = 0;
   for (auto& [name, t] : hf_state_dict(model)) {
@@ -155,28 +159,53 @@ void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, 
   }
   auto config = model->config().to_hf_json();
   config["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kFloat16 ? "float16" : "float32";
-  env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  env::write_file_atomic((dir / "config.json").string(), config.dump(2) + "\n");
   if (shards.size() == 1) {
-    save_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0], {{"format", "pt"}});
-    remove_stale_weights(dir, {"model.safetensors"});
-    return;
+    save_safetensors((dir / "model.safetensors").string(), shards[0], {{"format", "pt"}});
+    return {"config.json", "model.safetensors"};
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+  std::vector<std::string> written{"config.json", "model.safetensors.index.json"};
   int64_t total = 0;
   for (size_t k = 0; k < shards.size(); ++k) {
     char name[64];
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, shards.size());
-    save_safetensors((fs::path(dir) / name).string(), shards[k], {{"format", "pt"}});
+    save_safetensors((dir / name).string(), shards[k], {{"format", "pt"}});
+    written.push_back(name);
     for (const auto& [t, v] : shards[k]) {
       index["weight_map"][t] = name;
       total += v.numel() * v.element_size();
     }
   }
   index["metadata"]["total_size"] = total;
-  env::write_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2) + "\n");
-  std::vector<std::string> written{"model.safetensors.index.json"};
-  for (const auto& [t, shard] : index["weight_map"].items()) written.push_back(shard.get<std::string>());
-  remove_stale_weights(dir, written);
+  env::write_file_atomic((dir / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+  return written;
+}
+
+}  // namespace
+
+void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
+  // Everything is written into a staging sibling first and moved in only when whole: a failure (a full disk) leaves
+  // an earlier export in `dir` as it was, never new config beside old weights.
+  fs::path target = fs::path(dir).lexically_normal();
+  if (target.filename().empty()) target = target.parent_path();
+  const fs::path stage = target.parent_path() / ("." + target.filename().string() + ".partial-" + std::to_string(::getpid()));
+  std::vector<std::string> written;
+  try {
+    fs::remove_all(stage);
+    fs::create_directories(stage);
+    written = write_hf_files(model, stage, dtype, max_shard_bytes);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(stage, ec);
+    throw;
+  }
+  fs::create_directories(target);
+  // Weights first, config.json last: a reader never sees the new config with the old weights.
+  std::stable_partition(written.begin(), written.end(), [](const std::string& n) { return n != "config.json"; });
+  for (const auto& name : written) fs::rename(stage / name, target / name);
+  fs::remove_all(stage);
+  remove_stale_weights(target.string(), written);
 }
 
 void remove_stale_weights(const std::string& dir, const std::vector<std::string>& written) {

@@ -65,9 +65,11 @@ inline int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, b
 }
 
 // Writes an HF model directory: config.json and model.safetensors, or shards of at most `max_shard_bytes` with
-// model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them). Weight files an
-// earlier save left there (other shards, an index of the other layout) are removed once the new ones are written,
-// as transformers' save_pretrained does: a stale index would otherwise be what loaders read.
+// model.safetensors.index.json; `dtype` converts floating-point tensors (kFloat32 keeps them). The files are built
+// in a staging sibling (.<name>.partial-<pid>) and moved in only when all were written, so a failure leaves the
+// directory as it was. Weight files an earlier save left there (other shards, an index of the other layout) are
+// removed once the new ones are in, as transformers' save_pretrained does: a stale index would otherwise be what
+// loaders read. Other files in the directory (tokenizer, README) are kept.
 void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype = torch::kFloat32,
                    int64_t max_shard_bytes = int64_t{5} << 30);
 // Removes model*.safetensors files and model.safetensors.index.json of `dir` that are not in `written` (names).

@@ -2,7 +2,10 @@
 // the file — never an out-of-bounds read.
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstring>
 #include <filesystem>
@@ -12,6 +15,7 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "tests/test_helpers.h"
+#include "utils/env.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
@@ -111,6 +115,41 @@ TEST_CASE("corrupt safetensors files are clear errors", "[model][safetensors]") 
   CHECK(zero.dtype("f") == "F4");
   const std::string f4 = error_of([&] { zero.tensor("f"); });
   CHECK(f4.find("tensor 'f' has dtype F4, which LibTorch cannot hold") != std::string::npos);
+}
+
+TEST_CASE("an export that fails part-way (a full disk) leaves the earlier export as it was", "[model][safetensors]") {
+  TempDir dir;
+  ModelConfig c = *find_flavor("debug");
+  c.use_mtp = false;
+  torch::manual_seed(3);
+  CausalLM a(c), b(c);
+  const std::string out = dir / "export";
+  save_hf_model(a, out, torch::kFloat32, 64 << 10);  // sharded fp32
+  std::ofstream(out + "/README.md") << "kept\n";
+  // A file-size limit stands in for a full disk: writes past 16 KiB fail with EFBIG.
+  std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit old{};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  struct rlimit small = old;
+  small.rlim_cur = 16 << 10;
+  ::setrlimit(RLIMIT_FSIZE, &small);
+  const std::string msg = error_of([&] { save_hf_model(b, out, torch::kBFloat16); });
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  CHECK(!msg.empty());
+  // The earlier export is whole: fp32 config, its shards and index, the user's file; no staging directory left.
+  CHECK(env::read_file(out + "/config.json").find("\"torch_dtype\": \"float32\"") != std::string::npos);
+  CHECK(fs::exists(out + "/model.safetensors.index.json"));
+  CHECK_FALSE(fs::exists(out + "/model.safetensors"));
+  CHECK(fs::exists(out + "/README.md"));
+  for (auto& e : fs::directory_iterator(dir.path)) CHECK(e.path().filename().string().find(".partial-") == std::string::npos);
+  CausalLM again(c);
+  load_hf_state_dict(again, WeightFiles(out));
+  CHECK(torch::equal(again->lm_head->weight, a->lm_head->weight));
+  // A save that succeeds replaces the weights (the stale shards go) and keeps the user's file.
+  save_hf_model(b, out, torch::kBFloat16);
+  CHECK(fs::exists(out + "/model.safetensors"));
+  CHECK_FALSE(fs::exists(out + "/model.safetensors.index.json"));
+  CHECK(fs::exists(out + "/README.md"));
 }
 
 TEST_CASE("HF directories: sharded round trip, missing shard, shape mismatch with config", "[model][safetensors]") {
