@@ -356,24 +356,26 @@ std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& s
   return batches;
 }
 
-void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir) {
-  fs::create_directories(dir);
-  auto tensors = model::hf_state_dict(m);
-  for (const auto& [name, w] : q.layers) {
-    tensors.erase(name + ".weight");
-    const auto names = quantized_tensor_names(name);  // qweight, scales, zeros
-    tensors[names[0]] = w.qweight;
-    tensors[names[1]] = w.scales;
-    tensors[names[2]] = w.zeros;
-  }
-  const auto meta = quantization_metadata({q.method.quant_method, q.method.bits, q.group_size});
-  model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, meta);
-  model::remove_stale_weights(dir, {"model.safetensors"});
-  auto config = m->config().to_hf_json();
-  config["torch_dtype"] = "float32";
-  config["quantization_config"] = {
-      {"quant_method", q.method.quant_method}, {"bits", q.method.bits}, {"group_size", q.group_size}};
-  env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& out) {
+  // Staged like an HF export: a failed save leaves an earlier directory at `out` as it was.
+  model::write_staged(out, [&](const std::string& dir) -> std::vector<std::string> {
+    auto tensors = model::hf_state_dict(m);
+    for (const auto& [name, w] : q.layers) {
+      tensors.erase(name + ".weight");
+      const auto names = quantized_tensor_names(name);  // qweight, scales, zeros
+      tensors[names[0]] = w.qweight;
+      tensors[names[1]] = w.scales;
+      tensors[names[2]] = w.zeros;
+    }
+    const auto meta = quantization_metadata({q.method.quant_method, q.method.bits, q.group_size});
+    model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, meta);
+    auto config = m->config().to_hf_json();
+    config["torch_dtype"] = "float32";
+    config["quantization_config"] = {
+        {"quant_method", q.method.quant_method}, {"bits", q.method.bits}, {"group_size", q.group_size}};
+    env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+    return {"model.safetensors", "config.json"};
+  });
 }
 
 // ---- sizes ----------------------------------------------------------------------------------------------------

@@ -185,6 +185,10 @@ std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, to
 }  // namespace
 
 void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
+  write_staged(dir, [&](const std::string& stage) { return write_hf_files(model, stage, dtype, max_shard_bytes); });
+}
+
+void write_staged(const std::string& dir, const std::function<std::vector<std::string>(const std::string&)>& write) {
   // Everything is written into a staging sibling first and moved in only when whole: a failure (a full disk) leaves
   // an earlier export in `dir` as it was, never new config beside old weights.
   fs::path target = fs::path(dir).lexically_normal();
@@ -194,7 +198,7 @@ void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, 
   try {
     fs::remove_all(stage);
     fs::create_directories(stage);
-    written = write_hf_files(model, stage, dtype, max_shard_bytes);
+    written = write(stage.string());
   } catch (...) {
     std::error_code ec;
     fs::remove_all(stage, ec);

@@ -72,6 +72,12 @@ inline int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, b
 // loaders read. Other files in the directory (tokenizer, README) are kept.
 void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype = torch::kFloat32,
                    int64_t max_shard_bytes = int64_t{5} << 30);
+// The staging behind save_hf_model, for any writer of a model directory: `write` fills the staging directory it is
+// given and returns the names it wrote; they are moved into `dir` (created if needed) when it returns, weights
+// before config.json, and stale weight files are removed. When `write` throws, the staging directory is removed and
+// `dir` is untouched.
+void write_staged(const std::string& dir, const std::function<std::vector<std::string>(const std::string&)>& write);
+
 // Removes model*.safetensors files and model.safetensors.index.json of `dir` that are not in `written` (names).
 void remove_stale_weights(const std::string& dir, const std::vector<std::string>& written);
 
