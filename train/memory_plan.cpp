@@ -24,19 +24,6 @@ std::string gib(double bytes) {
 
 int zero_stage(Strategy s) { return s == Strategy::Zero2 ? 2 : s == Strategy::Zero1 ? 1 : 0; }
 
-const char* strategy_name(Strategy s) {
-  switch (s) {
-    case Strategy::Ddp: return "ddp";
-    case Strategy::Zero1: return "zero1";
-    case Strategy::Zero2: return "zero2";
-    default: return "none";
-  }
-}
-
-bool runs_on_gpu(const JobConfig& job) {
-  return job.run.device == "cuda" || (job.run.device == "auto" && torch::cuda::is_available());
-}
-
 }  // namespace
 
 bool JobMemoryPlan::fits() const {
@@ -48,7 +35,7 @@ bool JobMemoryPlan::fits() const {
 JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_world_size) {
   JobMemoryPlan out;
   out.world_size = world_size;
-  out.on_gpu = runs_on_gpu(job);
+  out.on_gpu = runs_on_cuda(job.run);
   model::TrainingPlanInput in;
   in.world_size = world_size;
   in.zero_stage = world_size > 1 ? zero_stage(job.parallel.strategy) : 0;
@@ -75,9 +62,8 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
 #endif
   char buf[256];
   std::snprintf(buf, sizeof buf, "%lld rank%s, strategy %s%s, %s, micro-batch %lld x %lld tokens, %s",
-                static_cast<long long>(world_size), world_size == 1 ? "" : "s", strategy_name(job.parallel.strategy),
-                job.parallel.offload_optimizer ? " + optimizer offload" : "",
-                job.train.precision == PrecisionMode::Fp32 ? "fp32" : job.train.precision == PrecisionMode::Bf16 ? "bf16" : "fp16",
+                static_cast<long long>(world_size), world_size == 1 ? "" : "s", to_string(job.parallel.strategy).c_str(),
+                job.parallel.offload_optimizer ? " + optimizer offload" : "", to_string(job.train.precision).c_str(),
                 static_cast<long long>(job.train.micro_batch_size), static_cast<long long>(job.data.seq_len),
                 job.train.activation_checkpointing ? "activation checkpointing" : "no activation checkpointing");
   out.layout = buf;
@@ -120,7 +106,7 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
     JobConfig k = j;
     k.parallel.strategy = Strategy::Zero2;
     add("parallel.strategy=zero2 train.activation_checkpointing=true on " + std::to_string(n) + " ranks (one per " +
-            (runs_on_gpu(job) ? "GPU" : "machine") + ")",
+            (runs_on_cuda(job.run) ? "GPU" : "machine") + ")",
         k, n);
   }
   std::vector<std::string> out;

@@ -137,4 +137,8 @@ JobConfig decode_job(const config::Document& doc) {
   return job;
 }
 
+bool runs_on_cuda(const RunOptions& run) {
+  return run.device == "cuda" || (run.device == "auto" && torch::cuda::is_available());
+}
+
 }  // namespace dsopen::train

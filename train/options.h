@@ -83,6 +83,9 @@ struct JobConfig {
   LoraOptions lora;
 };
 
+// Whether a run with these options trains on CUDA (run.device cuda, or auto with a CUDA device present).
+bool runs_on_cuda(const RunOptions& run);
+
 // Decodes and validates every section; throws one usage error listing all problems with file:line.
 JobConfig decode_job(const config::Document& doc);
 

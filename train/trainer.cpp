@@ -98,7 +98,7 @@ void Trainer::State::start_processes() {
   env::configure_threads(j.run.threads > 0 ? j.run.threads : std::max(1, env::available_cpus() / dist.local_world_size));
   if (j.run.device == "cuda" && !torch::cuda::is_available())
     throw usage_error("run.device", "cuda requested but no CUDA device is available", "use auto or cpu");
-  const bool cuda = j.run.device == "cuda" || (j.run.device == "auto" && torch::cuda::is_available());
+  const bool cuda = runs_on_cuda(j.run);
   device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank)) : torch::Device(torch::kCPU);
   precision = std::make_unique<Precision>(j.train.precision, device);
   group = create_process_group(dist, device, {j.parallel.backend, std::chrono::seconds(j.parallel.timeout_s)});
