@@ -208,10 +208,16 @@ TEST_CASE("partial checkpoints are skipped; corrupt files are named", "[train][c
   fs::create_directories(ckpts / "step_00000006.tmp");
   std::ofstream(ckpts / "step_00000006.tmp/model.safetensors") << "partial";
   fs::create_directories(ckpts / "step_00000005");
+  // A kill while pruning: the doomed checkpoint was renamed aside first, so its trainer_state.json no longer makes it
+  // look complete although its optimizer shards are gone.
+  fs::create_directories(ckpts / "step_00000009.deleting.tmp");
+  fs::copy_file(ckpts / "step_00000004/trainer_state.json", ckpts / "step_00000009.deleting.tmp/trainer_state.json");
   CHECK(train::find_latest_checkpoint(ckpts.string()) == (ckpts / "step_00000004").string());
-  // resume: auto picks step 4 and runs on to 6.
+  // resume: auto picks step 4 and runs on to 6; its save sweeps every leftover.
   const auto resumed = run(config_text("partial"), {"train.max_steps=6", "checkpoint.every=2"});
   CHECK(resumed.losses.size() == 2);
+  CHECK_FALSE(fs::exists(ckpts / "step_00000009.deleting.tmp"));
+  CHECK_FALSE(fs::exists(ckpts / "step_00000006.tmp"));
 
   // A truncated model file.
   const fs::path step = ckpts / "step_00000006";

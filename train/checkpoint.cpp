@@ -33,6 +33,17 @@ void fsync_dir(const fs::path& dir) {
   if (fd >= 0) ::fsync(fd), ::close(fd);
 }
 
+// Deleting a checkpoint takes many unlinks; a kill among them would leave a directory that still holds
+// trainer_state.json (so it looks complete) without its optimizer shards. One rename first takes it out of the set of
+// complete checkpoints atomically; the name it gets ends in ".tmp", so a later save sweeps it if the delete is cut.
+void remove_checkpoint(const fs::path& step_dir) {
+  const fs::path doomed = step_dir.parent_path() / (step_dir.filename().string() + ".deleting.tmp");
+  fs::remove_all(doomed);
+  fs::rename(step_dir, doomed);
+  fsync_dir(step_dir.parent_path());
+  fs::remove_all(doomed);
+}
+
 // Complete checkpoints under `dir`, newest first.
 std::vector<fs::path> complete_checkpoints(const std::string& dir) {
   std::vector<fs::path> out;
@@ -98,14 +109,14 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     fsync_dir(tmp / "optimizer");
     fsync_dir(tmp);
 
-    fs::remove_all(final_dir);  // a re-save of the same step (after a resume) replaces it
+    if (fs::exists(final_dir)) remove_checkpoint(final_dir);  // a re-save of the same step (after a resume) replaces it
     fs::rename(tmp, final_dir);
     fsync_dir(dir);
     model::write_latest(dir, final_dir.filename().string());
 
     // Retention: newest keep_last complete checkpoints stay; leftovers of interrupted writes go too.
     const auto all = complete_checkpoints(dir);
-    for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i) fs::remove_all(all[i]);
+    for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i) remove_checkpoint(all[i]);
     for (const auto& e : fs::directory_iterator(dir))
       if (e.path().filename().string().find(".tmp") != std::string::npos) fs::remove_all(e.path());
   }
@@ -125,7 +136,7 @@ TrainerState read_trainer_state(const std::string& path) {
   try {
     j = json::parse(env::read_file(file), file);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(file, std::string("not valid JSON: ") + e.what(), "restore the file or resume from another checkpoint");
+    throw runtime_error(file, std::string("not valid JSON: ") + json::reason(e), "restore the file or resume from another checkpoint");
   }
   TrainerState s;
   try {
@@ -137,7 +148,7 @@ TrainerState read_trainer_state(const std::string& path) {
     s.loss_scale_good_steps = j.at("loss_scale_good_steps").get<int64_t>();
     s.world_size = j.at("world_size").get<int64_t>();
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(file, std::string("bad field: ") + e.what(), "restore the file or resume from another checkpoint");
+    throw runtime_error(file, std::string("bad field: ") + json::reason(e), "restore the file or resume from another checkpoint");
   }
   if (s.step < 0 || s.tokens < 0 || s.cursor.epoch < 0 || s.cursor.position < 0 || s.world_size < 1 || !(s.loss_scale > 0))
     throw runtime_error(file, "a field is out of range", "restore the file or resume from another checkpoint");
