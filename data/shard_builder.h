@@ -13,6 +13,7 @@ namespace dsopen::data {
 struct PreprocessOptions {
   std::vector<std::string> inputs;
   std::string output;                  // shard prefix: OUTPUT_00000.bin/.idx, OUTPUT_00001 ...
+  std::string output_name = "--output";  // how errors name `output` (a flag, or a config key)
   int64_t shard_tokens = 100'000'000;  // tokens per shard (a document never straddles two shards)
   int threads = 0;                     // encoding threads; 0: all CPUs
   int64_t chunk_documents = 4096;      // documents encoded per parallel batch

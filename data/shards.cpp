@@ -41,9 +41,10 @@ ShardWriter::ShardWriter(std::string prefix, int64_t vocab_size, int32_t eos_id,
 }
 
 ShardWriter::~ShardWriter() {
-  if (fd_ >= 0) {
-    ::close(fd_);
+  if (fd_ >= 0) ::close(fd_);
+  if (!published_) {
     ::unlink(tmp_bin_.c_str());
+    if (!tmp_idx_.empty()) ::unlink(tmp_idx_.c_str());
   }
 }
 
@@ -72,19 +73,31 @@ void ShardWriter::flush() {
   buffer_.clear();
 }
 
-void ShardWriter::finish() {
+void ShardWriter::seal() {
   flush();
-  if (::fsync(fd_) != 0 || ::close(fd_) != 0) throw runtime_error(tmp_bin_, "fsync failed");
+  if (::fsync(fd_) != 0 || ::close(fd_) != 0) throw runtime_error(tmp_bin_, "fsync failed (disk full?)");
   fd_ = -1;
   nlohmann::json idx = {{"format", "dsopen-shard"},      {"version", 1},
                         {"dtype", header_.dtype},        {"tokens", header_.tokens},
                         {"documents", header_.doc_offsets.size()}, {"doc_offsets", header_.doc_offsets},
                         {"vocab_size", header_.vocab_size}, {"eos_id", header_.eos_id},
                         {"tokenizer_hash", header_.tokenizer_hash}};
+  tmp_idx_ = prefix_ + ".idx.tmp." + std::to_string(::getpid());
+  env::write_file_atomic(tmp_idx_, idx.dump() + "\n");
+}
+
+void ShardWriter::publish() {
   // The .bin goes into place first: an .idx never points at a missing or partial .bin.
   if (std::rename(tmp_bin_.c_str(), (prefix_ + ".bin").c_str()) != 0)
     throw runtime_error(prefix_ + ".bin", "rename into place failed");
-  env::write_file_atomic(prefix_ + ".idx", idx.dump() + "\n");
+  if (std::rename(tmp_idx_.c_str(), (prefix_ + ".idx").c_str()) != 0)
+    throw runtime_error(prefix_ + ".idx", "rename into place failed");
+  published_ = true;
+}
+
+void ShardWriter::finish() {
+  seal();
+  publish();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +111,7 @@ ShardHeader read_shard_header(const std::string& idx_path) {
   try {
     j = json::parse(env::read_file(idx_path), idx_path);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(idx_path, std::string("shard index is not valid JSON: ") + e.what(), "rebuild the shard");
+    throw runtime_error(idx_path, std::string("shard index is not valid JSON: ") + json::reason(e), "rebuild the shard");
   }
   ShardHeader h;
   try {

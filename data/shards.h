@@ -27,17 +27,22 @@ std::string shard_prefix(const std::string& path);
 class ShardWriter {
 public:
   ShardWriter(std::string prefix, int64_t vocab_size, int32_t eos_id, std::string tokenizer_hash);
-  ~ShardWriter();  // removes the temporary files when finish() was not reached
+  ~ShardWriter();  // removes the temporary files unless published
   ShardWriter(const ShardWriter&) = delete;
   ShardWriter& operator=(const ShardWriter&) = delete;
 
   // Appends a document followed by EOS.
   void add_document(const std::vector<int32_t>& ids);
   int64_t tokens() const { return header_.tokens; }
-  void finish();
+  // seal() makes the shard durable in temporary files (the step that can fail: a full disk); publish() renames them
+  // into place. A set of shards is sealed whole before any is published, so a failure publishes none.
+  void seal();
+  void publish();
+  void finish();  // seal() + publish()
 
 private:
-  std::string prefix_, tmp_bin_;
+  std::string prefix_, tmp_bin_, tmp_idx_;
+  bool published_ = false;
   ShardHeader header_;
   int elem_size_;
   int fd_ = -1;

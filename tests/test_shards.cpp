@@ -265,9 +265,32 @@ TEST_CASE("preprocess: separators, ANSI stripping, gzip and JSONL inputs round-t
   std::ofstream(dir / "j.jsonl", std::ios::trunc);  // empty it: directory mode reads only .txt here
   PreprocessOptions d = o;
   d.inputs = {dir.path.string()};
-  d.output = dir / "dirout/train";
+  TempDir elsewhere;  // an output inside the input directory is refused (it would be read back as input)
+  d.output = elsewhere / "dirout/train";
+  PreprocessOptions inside = d;
+  inside.output = dir / "dirout/train";
+  CHECK(error_of([&] { build_shards(inside, tok); })
+            .find("--output: " + (dir / "dirout/train") + " is inside the input directory") == 0);
   d.corpus.exclude_ext = {".dat", ".jsonl", ".gz"};
   CHECK(build_shards(d, tok).documents == 3);
+}
+
+TEST_CASE("preprocess removes the temporaries of a killed run, not those of a live one", "[data][preprocess]") {
+  TempDir dir;
+  std::ofstream(dir / "a.txt") << "one\ntwo\n";
+  fs::create_directories(dir / "out");
+  const std::string dead = dir / "out/train_00000.bin.tmp.2147483646";  // beyond any pid_max: no such process
+  const std::string live = dir / "out/train_00000.bin.tmp.1";            // init runs in every container
+  const std::string other = dir / "out/other_00000.bin.tmp.2147483646";  // another prefix: not ours to remove
+  for (const auto& f : {dead, live, other}) std::ofstream(f) << "partial";
+  PreprocessOptions o;
+  o.inputs = {dir / "a.txt"};
+  o.output = dir / "out/train";
+  build_shards(o, tokenizer(0));
+  CHECK_FALSE(fs::exists(dead));
+  CHECK(fs::exists(live));
+  CHECK(fs::exists(other));
+  CHECK(fs::exists(dir / "out/train_00000.bin"));
 }
 
 TEST_CASE("preprocess keeps text verbatim into the shards, a literal U+2581 included", "[data][preprocess]") {
@@ -292,7 +315,8 @@ TEST_CASE("preprocess bad input: file:line errors, counted skips, no half-writte
   const auto& tok = tokenizer(0);
   PreprocessOptions o;
   o.output = dir / "out/x";
-  auto no_output = [&] {
+  auto no_output = [&] {  // a failed run removes the directory it created, too
+    if (!fs::exists(dir / "out")) return true;
     for (auto& e : fs::directory_iterator(dir / "out"))
       if (e.path().extension() == ".bin" || e.path().extension() == ".idx") return false;
     return true;
@@ -302,6 +326,7 @@ TEST_CASE("preprocess bad input: file:line errors, counted skips, no half-writte
   o.inputs = {dir / "bad.jsonl"};
   CHECK(error_of([&] { build_shards(o, tok); }) == dir / "bad.jsonl" + ":2: not valid JSON");
   CHECK(no_output());
+  CHECK_FALSE(fs::exists(dir / "out"));  // the directory this run created went with it
   std::ofstream(dir / "nofield.jsonl") << "{\"text\": \"ok\"}\n{\"other\": 1}\n";
   o.inputs = {dir / "nofield.jsonl"};
   CHECK(error_of([&] { build_shards(o, tok); }).find(dir / "nofield.jsonl" + ":2: missing string field \"text\"") == 0);
