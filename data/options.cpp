@@ -8,6 +8,7 @@
 #include "data/shard_builder.h"
 #include "data/shards.h"
 #include "utils/config.h"
+#include "utils/env.h"
 #include "utils/errors.h"
 
 namespace dsopen::data {
@@ -59,6 +60,7 @@ void decode(config::Reader& r, DataOptions& o) {
     b.required("output", o.build_output);
     b.optional("doc_separator", o.build_corpus.doc_separator);
     b.optional("jsonl_field", o.build_corpus.jsonl_field);
+    if (o.build_corpus.jsonl_field.empty()) b.error("jsonl_field", "must not be empty");
     b.optional("strip_ansi", o.build_corpus.strip_ansi);
     b.choice("invalid_utf8", o.build_corpus.invalid_utf8, {"skip", "fail"});
     b.optional("exclude_ext", o.build_corpus.exclude_ext);
@@ -75,11 +77,13 @@ std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
     if (!o.has_train)
       throw runtime_error(o.path, "tokenizer model not found",
                           "set tokenizer.path to an existing .model or add tokenizer.train to build one");
+    env::check_output_outside_inputs(o.path, o.train.inputs, "tokenizer.path");
     const auto dir = std::filesystem::path(o.path).parent_path();
     if (!dir.empty()) std::filesystem::create_directories(dir);
     spdlog::info("training tokenizer {} (vocab {}, {}) from {} input file(s)", o.path, o.train.vocab_size,
                  o.train.model_type, o.train.inputs.size());
     SentencePieceTrainOptions recipe = o.train;
+    recipe.output_name = "tokenizer.path";
     CorpusOptions corpus;  // directories expand as for preprocessing (index files skipped, links read once)
     recipe.inputs = expand_inputs(o.train.inputs, corpus);
     SentencePieceTokenizer::train(recipe);
@@ -97,6 +101,7 @@ bool prepare_shards(const DataOptions& o, const Tokenizer& tok) {
   PreprocessOptions p;
   p.inputs = o.build_inputs;
   p.output = o.build_output;
+  p.output_name = "data.build.output";
   p.corpus = o.build_corpus;
   spdlog::info("building shards {} from {} input(s)", p.output, p.inputs.size());
   const auto s = build_shards(p, tok);

@@ -87,6 +87,19 @@ MetaSymbolEscape make_escape(const sentencepiece::SentencePieceProcessor& sp) {
 
 SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 
+namespace {
+// SentencePiece statuses start with the failing check: "./src/x.cc(232) [expression] Human text". Keep the text.
+std::string spm_reason(const sentencepiece::util::Status& status) {
+  std::string why = status.message();
+  if (why.find(".cc(") != std::string::npos) {
+    const auto close = why.find("] ");
+    why = close == std::string::npos ? "" : why.substr(close + 2);
+  }
+  while (!why.empty() && (why.back() == ' ' || why.back() == '\n')) why.pop_back();
+  return why;
+}
+}  // namespace
+
 std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(const std::string& path) {
   std::ifstream probe(path, std::ios::binary);
   if (!probe) throw runtime_error(path, "tokenizer model not found", "train one with dsopen-tokenizer train or fix tokenizer.path");
@@ -94,9 +107,11 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(const std::
   std::unique_ptr<SentencePieceTokenizer> tok(new SentencePieceTokenizer());
   tok->impl_ = std::make_unique<Impl>();
   const auto status = tok->impl_->sp.LoadFromSerializedProto(bytes);
-  if (!status.ok())
-    throw runtime_error(path, "not a SentencePiece model (" + std::string(status.message()) + ")",
+  if (!status.ok()) {
+    const std::string why = spm_reason(status);
+    throw runtime_error(path, "not a SentencePiece model" + (why.empty() ? std::string(" (corrupt or another format)") : " (" + why + ")"),
                         "point tokenizer.path at a .model file");
+  }
   tok->impl_->escape = make_escape(tok->impl_->sp);
   tok->path_ = path;
   tok->hash_ = fnv1a_hex(bytes);
@@ -145,10 +160,14 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   if (o.inputs.empty()) throw usage_error("--input", "no input files", "give one or more text files");
   for (const auto& f : o.inputs)
     if (!std::ifstream(f)) throw runtime_error(f, "input file not found or unreadable");
+  env::check_output_outside_inputs(o.output, o.inputs, o.output_name);
   if (o.model_type != "bpe" && o.model_type != "unigram")
     throw usage_error("--model-type", "'" + o.model_type + "' is not bpe or unigram");
   if (o.vocab_size < 260) throw usage_error("--vocab-size", "must be >= 260 (256 byte-fallback pieces + specials)");
-  if (o.output.empty()) throw usage_error("--output", "missing output path");
+  if (o.output.empty()) throw usage_error(o.output_name, "missing output path");
+  std::error_code ec;
+  if (std::filesystem::is_directory(o.output, ec))
+    throw usage_error(o.output_name, o.output + " is a directory", "give the path of the .model file to write");
   if (!(o.character_coverage > 0.9 && o.character_coverage <= 1.0))
     throw usage_error("--character-coverage", "must be in (0.9, 1]");
 
@@ -178,7 +197,7 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   std::string model;
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines, &model);
   if (!status.ok()) {
-    const std::string why = status.message();
+    const std::string why = spm_reason(status);
     // SentencePiece fails both when the vocabulary cannot hold every required character and when the corpus is
     // too small for it: the fix goes in opposite directions.
     const bool too_small = why.find("smaller than required_chars") != std::string::npos;

@@ -32,6 +32,7 @@ public:
 struct SentencePieceTrainOptions {
   std::vector<std::string> inputs;  // text files, one sentence per line
   std::string output;               // path of the .model file to write
+  std::string output_name = "--output";  // how errors name `output` (a flag, or a config key)
   int64_t vocab_size = 8000;
   std::string model_type = "bpe";   // bpe | unigram
   std::vector<std::string> user_symbols;  // extra special tokens (chat markers), never split

@@ -134,6 +134,12 @@ JobConfig decode_job(const config::Document& doc) {
   errors.throw_if_any();
   job.model.validate("model");
   if (job.checkpoint.dir.empty()) job.checkpoint.dir = job.run.output_dir + "/checkpoints";
+  // The base of a fine-tune must not sit among this run's checkpoints: their `latest` pointer and pruning
+  // (checkpoint.keep_last) would replace or delete it.
+  if (!job.model.pretrained.empty() && env::path_within(job.model.pretrained, job.checkpoint.dir))
+    throw usage_error("checkpoint.dir", job.checkpoint.dir + " holds model.pretrained " + job.model.pretrained +
+                                            ", which this run's checkpoints and their pruning would replace",
+                      "give this run its own run.output_dir (or checkpoint.dir)");
   return job;
 }
 

@@ -50,6 +50,9 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 }
 
 void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw runtime_error(path, "is a directory, not a file", "give the path of the file to write");
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
@@ -137,6 +140,30 @@ std::string read_file(const std::string& path) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+bool path_within(const std::string& inner, const std::string& outer) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  // weakly_canonical resolves the existing part of the path, so a not-yet-written output compares too.
+  const fs::path in = fs::weakly_canonical(fs::absolute(inner), ec);
+  if (ec) return false;
+  const fs::path out = fs::weakly_canonical(fs::absolute(outer), ec);
+  if (ec) return false;
+  const auto rel = in.lexically_relative(out);
+  return !rel.empty() && *rel.begin() != "..";
+}
+
+void check_output_outside_inputs(const std::string& output, const std::vector<std::string>& inputs,
+                                 const std::string& flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (const auto& input : inputs) {
+    if (!fs::exists(input, ec) || !path_within(output, input)) continue;
+    const bool same = fs::weakly_canonical(fs::absolute(output), ec) == fs::weakly_canonical(fs::absolute(input), ec);
+    throw usage_error(flag, output + (same ? " is the input " : " is inside the input directory ") + input,
+                      "write the output somewhere outside the inputs");
+  }
 }
 
 }  // namespace dsopen::env

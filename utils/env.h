@@ -45,4 +45,14 @@ MemoryBudget host_memory_budget();
 // Reads a whole file; a runtime error naming the file when it cannot be read.
 std::string read_file(const std::string& path);
 
+// True when `inner` is `outer` or lies inside the directory `outer`, after resolving symlinks and `..` (the
+// existing part of each path; the rest compares as written).
+bool path_within(const std::string& inner, const std::string& outer);
+
+// Refuses (usage error naming `flag`) an output path that is one of `inputs` or lies inside an input directory:
+// writing there would overwrite what is being read, or feed the output back in as input on the next run. Paths are
+// compared after resolving symlinks and `..`; inputs that do not exist are ignored (their own error comes later).
+void check_output_outside_inputs(const std::string& output, const std::vector<std::string>& inputs,
+                                 const std::string& flag);
+
 }  // namespace dsopen::env
