@@ -297,7 +297,7 @@ json parse_json_file(const std::string& path) {
   try {
     return dsopen::json::parse(text, path);
   } catch (const json::parse_error& e) {
-    throw runtime_error(path, std::string("invalid JSON: ") + e.what());
+    throw runtime_error(path, std::string("invalid JSON: ") + dsopen::json::reason(e));
   }
 }
 
@@ -647,7 +647,7 @@ std::unique_ptr<HfTokenizer> HfTokenizer::load(const std::string& path_or_dir) {
   try {
     root = dsopen::json::parse(bytes, file);
   } catch (const json::parse_error& e) {
-    throw runtime_error(file, std::string("invalid JSON: ") + e.what());
+    throw runtime_error(file, std::string("invalid JSON: ") + dsopen::json::reason(e));
   }
   if (!root.is_object()) throw runtime_error(file, "not a tokenizer.json (top level is not an object)");
 
@@ -702,7 +702,7 @@ std::unique_ptr<HfTokenizer> HfTokenizer::load(const std::string& path_or_dir) {
       }
     }
   } catch (const json::exception& e) {  // a field of the wrong JSON type
-    throw runtime_error(file, std::string("malformed tokenizer.json: ") + e.what());
+    throw runtime_error(file, std::string("malformed tokenizer.json: ") + dsopen::json::reason(e));
   }
 
   // Decode table: vocab pieces through the byte map; added tokens override their ids.
@@ -747,7 +747,7 @@ std::unique_ptr<HfTokenizer> HfTokenizer::load(const std::string& path_or_dir) {
         }
       }
     } catch (const json::exception& e) {
-      throw runtime_error(config.string(), std::string("malformed tokenizer_config.json: ") + e.what());
+      throw runtime_error(config.string(), std::string("malformed tokenizer_config.json: ") + dsopen::json::reason(e));
     }
   }
   return tok;

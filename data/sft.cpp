@@ -34,18 +34,12 @@ std::vector<int64_t> iota(size_t n) {
   return v;
 }
 
-// nlohmann messages start with "[json.exception.parse_error.101] "; keep what follows.
-std::string json_reason(const std::string& what) {
-  const auto p = what.find("] ");
-  return p == std::string::npos ? what : what.substr(p + 2);
-}
-
 Conversation parse_line(const std::string& line, const std::string& where) {
   nlohmann::json j;
   try {
     j = json::parse(line, where);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(where, "not valid JSON (" + json_reason(e.what()) + ")");
+    throw runtime_error(where, "not valid JSON (" + json::reason(e) + ")");
   }
   if (!j.is_object()) throw runtime_error(where, "expected a JSON object, got " + std::string(j.type_name()));
   Conversation c;

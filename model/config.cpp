@@ -372,7 +372,11 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
 
 void ModelConfig::validate(const std::string& where) const {
   std::vector<std::string> errs;
-  auto bad = [&](const std::string& key, const std::string& msg) { errs.push_back(where + "." + key + ": " + msg); };
+  // `where` is a config section ("model" -> model.hidden_size) or a file (config.json: hidden_size).
+  const bool file = where.size() > 5 && where.compare(where.size() - 5, 5, ".json") == 0;
+  auto bad = [&](const std::string& key, const std::string& msg) {
+    errs.push_back(where + (file ? ": " : ".") + key + ": " + msg);
+  };
   const ArchTraits& a = arch();
   if (!is_mla()) {
     if (head_dim == 0 && hidden_size % num_attention_heads != 0)
@@ -618,19 +622,17 @@ ModelConfig ModelConfig::from_hf_json_file(const std::string& path) {
   // JSON readers refuse (comments, trailing commas, 0512 read as octal, a `base:` include), so the text must first
   // be JSON.
   const std::string text = env::read_file(path);
-  const config::Document doc = config::Document::parse(text, path);  // YAML errors and repeated keys, with lines
   bool object = false;
   try {
     object = json::parse(text, path).is_object();
   } catch (const nlohmann::json::exception& e) {
-    const std::string what = e.what();  // "[json.exception.parse_error.101] parse error at line 3, ..."
-    const auto p = what.find("] ");
-    throw usage_error(path, "not valid JSON (" + (p == std::string::npos ? what : what.substr(p + 2)) + ")",
-                      "restore the model's config.json");
-  } catch (const Error& e) {  // a NUL byte
+    throw usage_error(path, "not valid JSON (" + json::reason(e) + ")", "restore the model's config.json");
+  } catch (const Error& e) {  // a NUL byte, a repeated key
+    config::Document::parse(text, path);  // names a repeated key with its line
     throw usage_error("", e.what(), "restore the model's config.json");
   }
   if (!object) throw usage_error(path, "not a JSON object", "restore the model's config.json");
+  const config::Document doc = config::Document::parse(text, path);  // for the line numbers of field errors
   config::ErrorList errors;
   config::Reader reader(doc, doc.root(), "", errors);
   ModelConfig c;

@@ -101,7 +101,7 @@ nlohmann::json read_object(const std::string& path) {
   try {
     j = json::parse(env::read_file(path), path);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(path, std::string("not valid JSON: ") + e.what());
+    throw runtime_error(path, std::string("not valid JSON: ") + json::reason(e));
   }
   if (!j.is_object()) throw runtime_error(path, "expected a JSON object");
   return j;

@@ -108,6 +108,8 @@ ModelConfig model_config_from_document(const config::Document& doc) {
     c = ModelConfig::from_hf_json_file((std::filesystem::path(dir) / "config.json").string());
   }
   decode(section, c, /*strict=*/true);
+  for (const char* name : config::kRunSections) root.accept(name);
+  root.finish();  // a misspelled section would otherwise be ignored here and refused only by dsopen-train
   errors.throw_if_any();
   c.validate("model");
   return c;

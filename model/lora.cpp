@@ -130,7 +130,7 @@ AdapterFiles read_adapter(const std::string& dir) {
   try {
     j = json::parse_ordered(env::read_file(files.config_path), files.config_path);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(files.config_path, std::string("not valid JSON: ") + e.what());
+    throw runtime_error(files.config_path, std::string("not valid JSON: ") + json::reason(e));
   }
   const std::string& cp = files.config_path;
   auto unsupported = [&](const std::string& what) {
@@ -176,7 +176,7 @@ AdapterFiles read_adapter(const std::string& dir) {
       for (auto it = j["alpha_pattern"].begin(); it != j["alpha_pattern"].end(); ++it)
         c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(cp, std::string("bad field: ") + e.what(), "fix adapter_config.json");
+    throw runtime_error(cp, std::string("bad field: ") + json::reason(e), "fix adapter_config.json");
   }
   if (c.r <= 0) throw runtime_error(cp, "r must be >= 1, got " + std::to_string(c.r));
 

@@ -41,9 +41,7 @@ SafetensorsHeader parse_safetensors_header(const unsigned char* bytes, size_t si
   try {
     header = json::parse(text, path);
   } catch (const nlohmann::json::exception& e) {
-    const std::string what = e.what();  // "[json.exception.parse_error.101] parse error at ..."
-    const auto p = what.find("] ");
-    throw bad("header is not valid JSON: " + (p == std::string::npos ? what : what.substr(p + 2)));
+    throw bad("header is not valid JSON: " + json::reason(e));
   }
   if (!header.is_object()) throw bad("header is not a JSON object");
   SafetensorsHeader out;

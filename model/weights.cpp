@@ -48,7 +48,7 @@ WeightFiles::WeightFiles(const std::string& dir) {
   try {
     j = json::parse(env::read_file(path_), path_);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(path_, std::string("not valid JSON: ") + e.what());
+    throw runtime_error(path_, std::string("not valid JSON: ") + json::reason(e));
   }
   if (!j.contains("weight_map") || !j["weight_map"].is_object()) throw runtime_error(path_, "no weight_map object");
   if (j["weight_map"].empty()) throw runtime_error(path_, "weight_map names no tensor", "restore the index of the shards");

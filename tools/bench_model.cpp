@@ -98,10 +98,18 @@ static int run(int argc, char** argv) {
   int64_t T = model::seq_len_from_document(doc, 512);
   if (args.count("seq-len")) T = args["seq-len"].as<int64_t>();
   const int64_t B = args["batch"].as<int64_t>();
+  if (B < 1) throw usage_error("--batch", "must be >= 1, got " + std::to_string(B));
+  if (T < 1 || T > c.context_length())
+    throw usage_error("--seq-len", std::to_string(T) + " is outside 1.." + std::to_string(c.context_length()),
+                      "the model's max_position_embeddings bounds it");
+  if (args["steps"].as<int>() < 1) throw usage_error("--steps", "must be >= 1");
+  if (args["warmup"].as<int>() < 0) throw usage_error("--warmup", "must be >= 0");
   const std::string precision = args["precision"].as<std::string>();
   if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "use fp32 or bf16");
+  const std::string device_name = args["device"].as<std::string>();
+  if (device_name != "cpu" && device_name != "cuda") throw usage_error("--device", "'" + device_name + "': use cpu or cuda");
   const int threads = env::configure_threads(args["threads"].as<int>());
-  torch::Device device(args["device"].as<std::string>() == "cuda" ? torch::kCUDA : torch::kCPU);
+  torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
   if (device.is_cuda() && !torch::cuda::is_available()) throw usage_error("--device", "CUDA is not available");
 
   BenchStep step = make_step(c, B, T, device, precision == "bf16", args.count("checkpointing") > 0,

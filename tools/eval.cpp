@@ -33,6 +33,14 @@ static int run(int argc, char** argv) {
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
   logging::setup_console("warn");
+  // What the flags ask is checked before the model is loaded.
+  if (args.count("tokens") && !args.count("dump-logits")) throw usage_error("--tokens", "needs --dump-logits OUT.safetensors");
+  if (!args.count("tokens")) {
+    if (!args.count("ppl")) throw usage_error("command line", "nothing to do", "use --tokens with --dump-logits, or --data with --ppl");
+    if (!args.count("data")) throw usage_error("--ppl", "needs --data SHARDS");
+    if (args["seq-len"].as<int64_t>() < 1) throw usage_error("--seq-len", "must be >= 1");
+    if (args["batches"].as<int64_t>() < 0) throw usage_error("--batches", "must be >= 0 (0: all)");
+  }
   env::configure_threads(args["threads"].as<int>());
   if (args.count("dump-logits"))
     model::ModelDir(args["model"].as<std::string>()).check_not_overwritten(args["dump-logits"].as<std::string>(),
@@ -48,15 +56,12 @@ static int run(int argc, char** argv) {
   }
   torch::NoGradGuard no_grad;
   if (args.count("tokens")) {
-    if (!args.count("dump-logits")) throw usage_error("--tokens", "needs --dump-logits OUT.safetensors");
     auto ids = inference::read_token_file(args["tokens"].as<std::string>(), m->config().vocab_size);
     auto logits = m->forward(ids).logits.to(torch::kFloat32);
     model::save_safetensors(args["dump-logits"].as<std::string>(), {{"logits", logits}});
     std::cout << "wrote logits " << logits.sizes() << " to " << args["dump-logits"].as<std::string>() << std::endl;
     return 0;
   }
-  if (!args.count("ppl")) throw usage_error("command line", "nothing to do", "use --tokens with --dump-logits, or --data with --ppl");
-  if (!args.count("data")) throw usage_error("--ppl", "needs --data SHARDS");
   const auto p = inference::perplexity(m, args["data"].as<std::vector<std::string>>(), args["seq-len"].as<int64_t>(),
                                        args["batches"].as<int64_t>());
   std::printf("tokens %.0f | loss %.4f | perplexity %.3f\n", p.tokens, p.loss, p.ppl);

@@ -40,6 +40,7 @@ static int run(int argc, char** argv) {
   o.threads = args["threads"].as<int>();
   o.corpus.doc_separator = args["doc-separator"].as<std::string>();
   o.corpus.jsonl_field = args["jsonl-field"].as<std::string>();
+  if (o.corpus.jsonl_field.empty()) throw usage_error("--jsonl-field", "must not be empty", "name the field holding the text");
   o.corpus.strip_ansi = args.count("strip-ansi") > 0;
   o.corpus.invalid_utf8 = args["invalid-utf8"].as<std::string>();
   o.corpus.exclude_ext = args["exclude-ext"].as<std::vector<std::string>>();

@@ -70,7 +70,7 @@ void encode_decode_jsonl(const data::Tokenizer& tok, bool encode) {
     try {
       j = json::parse(line, where);
     } catch (const nlohmann::json::exception& e) {
-      throw usage_error(where, std::string("not valid JSON: ") + e.what());
+      throw usage_error(where, std::string("not valid JSON: ") + json::reason(e));
     }
     if (encode) {
       if (!j.is_string()) throw usage_error(where, "expected a JSON string");

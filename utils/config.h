@@ -75,6 +75,10 @@ Check<double> in_range(double lo, double hi);  // inclusive
 Check<long long> at_least(long long lo);
 Check<long long> in_range_i(long long lo, long long hi);
 
+// The top-level sections of a run config (docs/CONFIG.md; train::decode_job reads each). Tools that read only some
+// of them (dsopen-model-info, dsopen-bench-model) still refuse a misspelled section with this list.
+inline constexpr const char* kRunSections[] = {"run", "model", "tokenizer", "data", "train", "parallel", "checkpoint", "lora"};
+
 // Decodes one mapping. Every key read is remembered; finish() reports the others as unknown.
 class Reader {
 public:

@@ -65,4 +65,11 @@ nlohmann::ordered_json parse_ordered(std::string_view text, const std::string& w
   return parse_strict<nlohmann::ordered_json>(text, where);
 }
 
+std::string reason(const std::exception& e) {
+  const std::string what = e.what();
+  if (what.rfind("[json.exception.", 0) != 0) return what;
+  const auto p = what.find("] ");
+  return p == std::string::npos ? what : what.substr(p + 2);
+}
+
 }  // namespace dsopen::json

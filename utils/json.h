@@ -17,4 +17,8 @@ namespace dsopen::json {
 nlohmann::json parse(std::string_view text, const std::string& where);
 nlohmann::ordered_json parse_ordered(std::string_view text, const std::string& where);
 
+// The readable part of a nlohmann exception: its message without the "[json.exception.parse_error.101] " tag, so
+// errors say "parse error at line 3, column 7: ..." and nothing of the library.
+std::string reason(const std::exception& e);
+
 }  // namespace dsopen::json
