@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Every binary on a table of bad inputs.
+
+For each row the binary must: exit 1 (runtime) or 2 (usage), never by a signal or an abort; print exactly one
+`error:` line on stderr, naming the input at fault (a file, key, flag or field) with no library internals; and leave
+no output behind (the output paths the row names do not exist afterwards, and inputs are unchanged).
+
+Usage: bad_inputs.py BIN_DIR
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+BIN = sys.argv[1]
+FORTUNES = "/usr/share/games/fortunes/fortunes"
+W = tempfile.mkdtemp(prefix="dsopen-bad-")
+INTERNALS = ("terminate called", "what():", "Exception raised from", "c10::", "basic_filebuf", "std::", "Traceback",
+             "nlohmann", "YAML::", "cxxopts", "json.exception", ".cc(", "rename into place")
+
+
+def run(args, stdin=None, timeout=120):
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, errors="replace", timeout=timeout)
+
+
+def must(args):
+    r = run(args, timeout=600)
+    if r.returncode != 0:
+        sys.exit(f"fixture failed: {' '.join(args)}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def write(name, data, mode="w"):
+    path = os.path.join(W, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, mode) as f:
+        f.write(data)
+    return path
+
+
+def digest(path):
+    if os.path.isdir(path):
+        return {n: digest(os.path.join(path, n)) for n in sorted(os.listdir(path))}
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures: a tokenizer, shards and a small trained model (real files made by the binaries themselves).
+# ---------------------------------------------------------------------------------------------------------------
+b = lambda name: os.path.join(BIN, "dsopen-" + name)
+TOK = os.path.join(W, "tok.model")
+must([b("tokenizer"), "train", "--input", FORTUNES, "--vocab-size", "400", "--character-coverage", "0.999",
+      "--output", TOK])
+must([b("preprocess"), "--tokenizer", TOK, "--input", FORTUNES, "--doc-separator", "%", "--output",
+      os.path.join(W, "shards/f")])
+RUN_YAML = write("run.yaml", f"""run: {{name: bad, output_dir: {W}/run, seed: 3, log_every: 1, threads: 1}}
+model: {{flavor: debug, vocab_size: 400}}
+tokenizer: {{path: {TOK}}}
+data: {{train: [{W}/shards/f_*.bin], seq_len: 16}}
+train: {{max_steps: 2, micro_batch_size: 2, lr: 1.0e-3}}
+checkpoint: {{every: 2}}
+""")
+must([b("train"), "--config", RUN_YAML])
+MODEL = os.path.join(W, "run/checkpoints/step_00000002")
+assert os.path.exists(os.path.join(MODEL, "config.json")), os.listdir(os.path.join(W, "run/checkpoints"))
+SHARD = os.path.join(W, "shards/f_00000")
+
+
+def broken_model(name, edit):
+    """A copy of the model directory with one file edited by `edit(dir)`."""
+    d = os.path.join(W, name)
+    shutil.copytree(MODEL, d)
+    edit(d)
+    return d
+
+
+def truncate(path, frac=0.5):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * frac))
+
+
+def overwrite(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def broken_shard(name, edit):
+    prefix = os.path.join(W, "badshards", name)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    shutil.copy(SHARD + ".bin", prefix + ".bin")
+    shutil.copy(SHARD + ".idx", prefix + ".idx")
+    edit(prefix)
+    return prefix
+
+
+M_TRUNC_WEIGHTS = broken_model("m_trunc", lambda d: truncate(os.path.join(d, "model.safetensors")))
+M_GARBAGE_WEIGHTS = broken_model("m_garbage", lambda d: overwrite(os.path.join(d, "model.safetensors"), os.urandom(4096)))
+M_NO_WEIGHTS = broken_model("m_noweights", lambda d: os.remove(os.path.join(d, "model.safetensors")))
+M_BAD_JSON = broken_model("m_badjson", lambda d: overwrite(os.path.join(d, "config.json"), b'{"hidden_size": 64,'))
+M_EMPTY_JSON = broken_model("m_emptyjson", lambda d: overwrite(os.path.join(d, "config.json"), b""))
+M_LATIN1_JSON = broken_model("m_latin1", lambda d: overwrite(os.path.join(d, "config.json"), b'{"model_type": "caf\xe9"}'))
+M_ABSURD = broken_model("m_absurd", lambda d: overwrite(
+    os.path.join(d, "config.json"),
+    open(os.path.join(MODEL, "config.json")).read().replace('"vocab_size": 400', '"vocab_size": 1000000000000').encode()))
+M_WRONG_TYPE = broken_model("m_wrongtype", lambda d: overwrite(
+    os.path.join(d, "config.json"),
+    open(os.path.join(MODEL, "config.json")).read().replace('"vocab_size": 400', '"vocab_size": "400"').encode()))
+M_DIR_JSON = broken_model("m_dirjson", lambda d: (os.remove(os.path.join(d, "config.json")),
+                                                   os.mkdir(os.path.join(d, "config.json"))))
+M_BAD_TOK = broken_model("m_badtok", lambda d: overwrite(os.path.join(d, "tokenizer.model"), b"not a sentencepiece model"))
+EMPTY_DIR = os.path.join(W, "emptydir")
+os.makedirs(EMPTY_DIR)
+S_TRUNC = broken_shard("trunc", lambda p: truncate(p + ".bin", 0.7))
+S_BAD_IDX = broken_shard("badidx", lambda p: overwrite(p + ".idx", b'{"format": "dsopen-shard", "tokens": '))
+S_HIGH_ID = broken_shard("highid", lambda p: overwrite(p + ".bin", b"\xff\xff" * (os.path.getsize(SHARD + ".bin") // 2)))
+CORRUPT_TOK = write("corrupt.model", os.urandom(512), "wb")
+EMPTY_FILE = write("empty.txt", "")
+NON_UTF8 = write("latin1.txt", b"caf\xe9 cr\xe8me\n" * 50, "wb")
+TOKENS_BAD = write("tokens_bad.txt", "1 2 x\n")
+TOKENS_HIGH = write("tokens_high.txt", "1 2 99999\n")
+
+
+def config(name, text):
+    return write(name, text)
+
+
+def cfg_with(extra):
+    return open(RUN_YAML).read() + extra
+
+
+CFG_DUP_KEY = config("dup_key.yaml", cfg_with("train: {max_steps: 1}\n").replace(
+    "train: {max_steps: 2", "train: {max_steps: 2, max_steps: 3", 1))
+CFG_DUP_SECTION = config("dup_section.yaml", cfg_with("train: {max_steps: 1}\n"))
+CFG_TRUNC = config("trunc.yaml", open(RUN_YAML).read()[:-40])
+CFG_NON_UTF8 = write("latin1.yaml", b"run: {name: caf\xe9}\n", "wb")
+CFG_TAB = config("tab.yaml", "model:\n\tflavor: debug\n")
+CFG_LIST_ROOT = config("list.yaml", "- a\n- b\n")
+OUT = lambda name: os.path.join(W, "out", name)  # outputs that must not exist after a failure
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table: (binary, arguments, what the error line must name, outputs that must not exist afterwards[, stdin])
+# ---------------------------------------------------------------------------------------------------------------
+CASES = []
+
+
+def case(binary, args, names, outputs=(), stdin=None):
+    CASES.append((binary, [str(a) for a in args], names, list(outputs), stdin))
+
+
+# Configs (dsopen-train and dsopen-model-info read the same files)
+for binary in ("train", "model-info", "bench-model"):
+    case(binary, ["--config", "/nonexistent.yaml"], "/nonexistent.yaml")
+    case(binary, ["--config", EMPTY_DIR], EMPTY_DIR)
+    case(binary, ["--config", EMPTY_FILE], EMPTY_FILE)
+    case(binary, ["--config", CFG_TRUNC], CFG_TRUNC)
+    case(binary, ["--config", CFG_NON_UTF8], CFG_NON_UTF8)
+    case(binary, ["--config", CFG_TAB], CFG_TAB)
+    case(binary, ["--config", CFG_LIST_ROOT], CFG_LIST_ROOT)
+    case(binary, ["--config", CFG_DUP_KEY], "max_steps")
+    case(binary, ["--config", CFG_DUP_SECTION], "train")
+    case(binary, ["--config", CORRUPT_TOK], CORRUPT_TOK)
+for binary in ("train", "model-info"):
+    for key, value in (("model.hidden_size", "2147483648"), ("model.vocab_size", "1000000000000"),
+                       ("model.num_hidden_layers", "1000000000"), ("model.hidden_size", "-64"),
+                       ("model.hidden_size", "abc"), ("model.hidden_size", "6.5"), ("model.rms_norm_eps", "-1"),
+                       ("model.num_attention_heads", "0"), ("model.flavor", "nosuch")):
+        case(binary, ["--config", RUN_YAML, "--set", f"{key}={value}"], key.split(".")[1], [os.path.join(W, "run2")])
+    case(binary, ["--config", RUN_YAML, "--set", "nosuchsection.x=1"], "nosuchsection")
+    case(binary, ["--config", RUN_YAML, "--set", "model.hidden_size"], "model.hidden_size")
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.lr=-1"], "train.lr", [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.max_steps=-5"], "train.max_steps",
+     [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "data.seq_len=100000"], "data.seq_len",
+     [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.precision=fp8"],
+     "train.precision", [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{W}/nosuch_*.bin]"],
+     "nosuch_", [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_TRUNC}.bin]"],
+     S_TRUNC, [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_BAD_IDX}.bin]"],
+     S_BAD_IDX, [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_HIGH_ID}.bin]"],
+     S_HIGH_ID, [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"tokenizer.path={CORRUPT_TOK}"],
+     CORRUPT_TOK, [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"checkpoint.resume={M_TRUNC_WEIGHTS}"],
+     M_TRUNC_WEIGHTS, [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"model.pretrained={M_BAD_JSON}"],
+     M_BAD_JSON, [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"model.pretrained={MODEL}"], "checkpoint.dir")
+case("model-info", ["--config", RUN_YAML, "--world-size", "0"], "--world-size")
+case("model-info", ["--config", RUN_YAML, "--world-size", "two"], "--world-size")
+case("model-info", ["--config", RUN_YAML, "--seq-len", "-5"], "--seq-len")
+case("model-info", ["--config", os.path.join(M_BAD_JSON, "config.json")], M_BAD_JSON)
+case("model-info", ["--config", os.path.join(M_ABSURD, "config.json")], "vocab_size")
+case("model-info", ["--config", RUN_YAML, "--hf-config", EMPTY_DIR], EMPTY_DIR)
+for flag, value in (("--batch", "0"), ("--batch", "x"), ("--steps", "-1"), ("--precision", "fp8"), ("--device", "tpu"),
+                    ("--seq-len", "0"), ("--warmup", "-2")):
+    case("bench-model", ["--config", RUN_YAML, flag, value], flag)
+
+# Model directories (everything that loads a model)
+LOADERS = {
+    "generate": ["--prompt", "hi", "--max-new-tokens", "2"],
+    "eval": ["--tokens", TOKENS_HIGH.replace("high", "ok"), "--dump-logits", OUT("logits.safetensors")],
+    "convert": ["--out", OUT("convert")],
+    "quantize": ["--method", "rtn-int8", "--out", OUT("quantize")],
+}
+write("tokens_ok.txt", "1 2 3 4\n")
+for binary, extra in LOADERS.items():
+    outs = [OUT(binary), OUT("logits.safetensors")]
+    case(binary, ["--model", "/nonexistent/model", *extra], "/nonexistent/model", outs)
+    case(binary, ["--model", EMPTY_DIR, *extra], EMPTY_DIR, outs)
+    case(binary, ["--model", EMPTY_FILE, *extra], EMPTY_FILE, outs)
+    case(binary, ["--model", M_BAD_JSON, *extra], M_BAD_JSON, outs)
+    case(binary, ["--model", M_EMPTY_JSON, *extra], M_EMPTY_JSON, outs)
+    case(binary, ["--model", M_LATIN1_JSON, *extra], M_LATIN1_JSON, outs)
+    case(binary, ["--model", M_DIR_JSON, *extra], M_DIR_JSON, outs)
+    case(binary, ["--model", M_WRONG_TYPE, *extra], "vocab_size", outs)
+    case(binary, ["--model", M_ABSURD, *extra], "vocab_size", outs)
+    case(binary, ["--model", M_TRUNC_WEIGHTS, *extra], M_TRUNC_WEIGHTS, outs)
+    case(binary, ["--model", M_GARBAGE_WEIGHTS, *extra], M_GARBAGE_WEIGHTS, outs)
+    case(binary, ["--model", M_NO_WEIGHTS, *extra], M_NO_WEIGHTS, outs)
+    if binary != "quantize":
+        case(binary, ["--model", MODEL, "--adapter", EMPTY_DIR, *extra], EMPTY_DIR, outs)
+    case(binary, ["--model", MODEL, "--threads", "abc", *extra], "--threads", outs) if binary != "convert" else None
+case("generate", ["--model", M_BAD_TOK, "--prompt", "hi"], M_BAD_TOK)
+case("generate", ["--model", MODEL, "--tokenizer", CORRUPT_TOK, "--prompt", "hi"], CORRUPT_TOK)
+case("generate", ["--model", MODEL, "--prompt-file", "/nonexistent.txt"], "/nonexistent.txt")
+case("generate", ["--model", MODEL, "--prompt-file", EMPTY_DIR], EMPTY_DIR)
+case("generate", ["--model", MODEL, "--prompt-ids", "1 x 3"], "--prompt-ids")
+case("generate", ["--model", MODEL, "--prompt-ids", "1 99999"], "99999")
+for flag, value in (("--max-new-tokens", "-1"), ("--max-new-tokens", "abc"), ("--temperature", "-1"),
+                    ("--temperature", "nan"), ("--top-p", "2"), ("--top-k", "-1"), ("--repetition-penalty", "0"),
+                    ("--dtype", "fp8"), ("--repeat", "0")):
+    case("generate", ["--model", MODEL, "--prompt", "hi", flag, value], flag)
+case("eval", ["--model", MODEL, "--tokens", TOKENS_BAD, "--dump-logits", OUT("logits.safetensors")], TOKENS_BAD,
+     [OUT("logits.safetensors")])
+case("eval", ["--model", MODEL, "--tokens", TOKENS_HIGH, "--dump-logits", OUT("logits.safetensors")], TOKENS_HIGH,
+     [OUT("logits.safetensors")])
+case("eval", ["--model", MODEL, "--tokens", EMPTY_FILE, "--dump-logits", OUT("logits.safetensors")], EMPTY_FILE,
+     [OUT("logits.safetensors")])
+case("eval", ["--model", MODEL, "--tokens", NON_UTF8, "--dump-logits", OUT("logits.safetensors")], NON_UTF8,
+     [OUT("logits.safetensors")])
+case("eval", ["--model", MODEL, "--tokens", "/nonexistent.txt", "--dump-logits", OUT("logits.safetensors")], "/nonexistent.txt",
+     [OUT("logits.safetensors")])
+case("eval", ["--model", MODEL, "--ppl", "--data", f"{S_TRUNC}.bin"], S_TRUNC)
+case("eval", ["--model", MODEL, "--ppl", "--data", f"{W}/nosuch_*.bin"], "nosuch_")
+case("eval", ["--model", MODEL, "--ppl", "--data", f"{SHARD}.bin", "--seq-len", "0"], "--seq-len")
+case("eval", ["--model", MODEL, "--tokens", os.path.join(W, "tokens_ok.txt"), "--dump-logits",
+              os.path.join(MODEL, "model.safetensors")], "--dump-logits")
+case("convert", ["--model", MODEL, "--out", MODEL], "--out")
+case("convert", ["--model", MODEL, "--out", OUT("convert"), "--dtype", "int3"], "--dtype", [OUT("convert")])
+case("convert", ["--model", MODEL, "--out", OUT("convert"), "--max-shard-mb", "0"], "--max-shard-mb", [OUT("convert")])
+case("quantize", ["--model", MODEL, "--method", "int7", "--out", OUT("quantize")], "--method", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "rtn-int4", "--group-size", "7", "--out", OUT("quantize")],
+     "--group-size", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "rtn-int4", "--group-size", "0", "--out", OUT("quantize")],
+     "--group-size", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "gptq-int4", "--calib-data", f"{W}/nosuch_*.bin", "--out",
+                  OUT("quantize")], "nosuch_", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "gptq-int4", "--calib-data", f"{SHARD}.bin", "--damp", "-1", "--out",
+                  OUT("quantize")], "--damp", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "rtn-int8", "--scale-dtype", "int8", "--out", OUT("quantize")],
+     "--scale-dtype", [OUT("quantize")])
+case("quantize", ["--model", MODEL, "--method", "rtn-int8", "--out", MODEL], "--out")
+
+# Tokenizers and corpora
+case("tokenizer", ["encode", "--model", CORRUPT_TOK, "--text", "hi"], CORRUPT_TOK)
+case("tokenizer", ["encode", "--model", EMPTY_FILE, "--text", "hi"], EMPTY_FILE)
+case("tokenizer", ["encode", "--model", EMPTY_DIR, "--text", "hi"], EMPTY_DIR)
+case("tokenizer", ["decode", "--model", TOK, "--ids", "1 x"], "--ids")
+case("tokenizer", ["decode", "--model", TOK, "--jsonl"], "stdin:1", stdin='"not a list"\n')
+case("tokenizer", ["encode", "--model", TOK, "--jsonl"], "stdin:2", stdin='"ok"\n{not json\n')
+case("tokenizer", ["train", "--input", "/nonexistent.txt", "--output", OUT("t.model")], "/nonexistent.txt", [OUT("t.model")])
+case("tokenizer", ["train", "--input", EMPTY_FILE, "--output", OUT("t.model")], EMPTY_FILE, [OUT("t.model")])
+case("tokenizer", ["train", "--input", NON_UTF8, "--output", OUT("t.model")], NON_UTF8, [OUT("t.model")])
+case("tokenizer", ["train", "--input", FORTUNES, "--vocab-size", "10", "--output", OUT("t.model")], "--vocab-size",
+     [OUT("t.model")])
+case("tokenizer", ["train", "--input", FORTUNES, "--model-type", "wordpiece", "--output", OUT("t.model")],
+     "--model-type", [OUT("t.model")])
+case("tokenizer", ["train", "--input", FORTUNES, "--output", EMPTY_DIR], EMPTY_DIR)
+case("tokenizer", ["train", "--input", NON_UTF8, "--output", NON_UTF8], "--output")
+case("preprocess", ["--tokenizer", TOK, "--input", "/nonexistent.txt", "--output", OUT("pp/x")], "/nonexistent.txt",
+     [OUT("pp")])
+case("preprocess", ["--tokenizer", TOK, "--input", EMPTY_FILE, "--output", OUT("pp/x")], EMPTY_FILE, [OUT("pp")])
+case("preprocess", ["--tokenizer", TOK, "--input", NON_UTF8, "--invalid-utf8", "fail", "--output", OUT("pp/x")],
+     NON_UTF8, [OUT("pp")])
+case("preprocess", ["--tokenizer", CORRUPT_TOK, "--input", FORTUNES, "--output", OUT("pp/x")], CORRUPT_TOK, [OUT("pp")])
+case("preprocess", ["--tokenizer", TOK, "--input", FORTUNES, "--shard-tokens", "0", "--output", OUT("pp/x")],
+     "--shard-tokens", [OUT("pp")])
+case("preprocess", ["--tokenizer", TOK, "--input", FORTUNES, "--invalid-utf8", "maybe", "--output", OUT("pp/x")],
+     "--invalid-utf8", [OUT("pp")])
+case("preprocess", ["--tokenizer", TOK, "--input", os.path.dirname(NON_UTF8), "--output", os.path.join(W, "inside/x")],
+     "--output", [os.path.join(W, "inside")])
+case("preprocess", ["--tokenizer", TOK, "--input", FORTUNES, "--jsonl-field", "", "--output", OUT("pp/x")],
+     "--jsonl-field", [OUT("pp")])
+
+# ---------------------------------------------------------------------------------------------------------------
+inputs_before = {p: digest(p) for p in (MODEL, TOK, SHARD + ".bin", SHARD + ".idx", NON_UTF8, RUN_YAML)}
+failures = []
+for binary, args, names, outputs, stdin in CASES:
+    label = f"dsopen-{binary} {' '.join(args)}".replace(W, "$W")
+    shutil.rmtree(os.path.join(W, "run2"), ignore_errors=True)  # a failed run keeps its logs; each case starts clean
+    try:
+        r = run([b(binary), *args], stdin=stdin)
+    except subprocess.TimeoutExpired:
+        failures.append(f"{label}: did not finish in 120 s")
+        continue
+    problems = []
+    if r.returncode < 0 or r.returncode >= 128:
+        problems.append(f"killed by a signal or abort (exit {r.returncode})")
+    elif r.returncode not in (1, 2):
+        problems.append(f"exit {r.returncode}, want 1 or 2")
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    if len(errors) != 1:
+        problems.append(f"{len(errors)} error: lines")
+    elif names not in errors[0]:
+        problems.append(f"the error does not name {names!r}")
+    elif any(s in errors[0] for s in INTERNALS):
+        problems.append("library internals in the error")
+    for o in outputs:
+        if os.path.exists(o):
+            problems.append(f"left {o.replace(W, '$W')} behind")
+            shutil.rmtree(o, ignore_errors=True) if os.path.isdir(o) else os.remove(o)
+    if problems:
+        failures.append(f"{label}: {'; '.join(problems)}\n    stderr: {(errors or r.stderr.splitlines()[-1:] or [''])[0]}")
+    else:
+        print(f"ok   {label[:150]}\n       {errors[0].replace(W, '$W')[:200]}")
+for p, d in inputs_before.items():
+    if digest(p) != d:
+        failures.append(f"input {p} was changed")
+
+print(f"\n{len(CASES)} bad inputs, {len(failures)} failures")
+for f in failures:
+    print("FAIL", f)
+if not failures:
+    shutil.rmtree(W)
+sys.exit(1 if failures else 0)
