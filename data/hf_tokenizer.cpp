@@ -803,9 +803,11 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   std::error_code ec;
   const fs::path p(path);
   if (fs::is_directory(p, ec)) {
-    if (fs::is_regular_file(p / "tokenizer.json", ec)) return HfTokenizer::load(path);
+    // Both: a SentencePiece model with its HF conversion beside it (Llama-2, Mistral, dsopen exports); the .model
+    // is the original, and SentencePiece applies its own normalization exactly.
     if (fs::is_regular_file(p / "tokenizer.model", ec))
       return SentencePieceTokenizer::load((p / "tokenizer.model").string());
+    if (fs::is_regular_file(p / "tokenizer.json", ec)) return HfTokenizer::load(path);
     throw runtime_error(path, "no tokenizer.json or tokenizer.model in this directory",
                         "point tokenizer.path at a tokenizer file or a model directory");
   }

@@ -53,8 +53,9 @@ private:
   std::string path_, hash_, chat_template_;
 };
 
-// Opens a tokenizer by path: a directory holding tokenizer.json, or a *.json file -> HfTokenizer; a directory
-// holding tokenizer.model, or any other file -> SentencePieceTokenizer. A runtime error when nothing is there.
+// Opens a tokenizer by path: a directory holding tokenizer.model (with or without a tokenizer.json converted from
+// it), or any file but *.json -> SentencePieceTokenizer; a directory holding only tokenizer.json, or a *.json file
+// -> HfTokenizer. A runtime error when nothing is there.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
 }  // namespace dsopen::data

@@ -3,6 +3,9 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <fstream>
@@ -208,6 +211,89 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   env::write_file_atomic(o.output, model);
 }
 
+std::string SentencePieceTokenizer::hf_tokenizer_json() const {
+  const auto& sp = impl_->sp;
+  const int n = sp.GetPieceSize();
+  // SentencePiece numbers its pieces: control and unknown, user-defined symbols, byte pieces, then the learned ones.
+  // The headers give no "is user-defined" test, so those are the non-control pieces before the first byte piece.
+  int first_byte = n;
+  for (int id = 0; id < n; ++id)
+    if (sp.IsByte(id)) {
+      first_byte = id;
+      break;
+    }
+  auto normal = [&](int id) {
+    return id >= first_byte && !sp.IsControl(id) && !sp.IsUnknown(id) && !sp.IsByte(id) && !sp.IsUnused(id);
+  };
+  std::unordered_map<std::string, int> normal_ids;
+  nlohmann::ordered_json vocab = nlohmann::ordered_json::object();
+  nlohmann::ordered_json added = nlohmann::ordered_json::array();
+  for (int id = 0; id < n; ++id) {
+    const std::string piece = sp.IdToPiece(id);
+    vocab[piece] = id;
+    if (normal(id)) normal_ids.emplace(piece, id);
+    else if (id < first_byte)
+      added.push_back({{"id", id}, {"content", piece}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
+                       {"normalized", false}, {"special", sp.IsControl(id) || sp.IsUnknown(id)}});
+  }
+  // Merges by the merged piece's score, highest first (ties by id); within one piece by the ids of its halves —
+  // transformers' SentencePieceExtractor.
+  std::vector<int> by_score;
+  for (int id = first_byte; id < n; ++id)
+    if (normal(id)) by_score.push_back(id);
+  std::stable_sort(by_score.begin(), by_score.end(), [&](int a, int b) { return sp.GetScore(a) > sp.GetScore(b); });
+  nlohmann::ordered_json merges = nlohmann::ordered_json::array();
+  for (int id : by_score) {
+    const std::string piece = sp.IdToPiece(id);
+    std::vector<std::pair<int, int>> splits;
+    for (size_t k = 1; k < piece.size(); ++k) {
+      if ((static_cast<unsigned char>(piece[k]) & 0xC0) == 0x80) continue;  // inside a UTF-8 character
+      const auto l = normal_ids.find(piece.substr(0, k)), r = normal_ids.find(piece.substr(k));
+      if (l != normal_ids.end() && r != normal_ids.end()) splits.emplace_back(l->second, r->second);
+    }
+    std::sort(splits.begin(), splits.end());
+    for (const auto& [l, r] : splits) merges.push_back({sp.IdToPiece(l), sp.IdToPiece(r)});
+  }
+  const int bos = sp.bos_id();
+  nlohmann::ordered_json post = nullptr;
+  if (bos >= 0) {
+    const std::string b = sp.IdToPiece(bos);
+    post = {{"type", "TemplateProcessing"},
+            {"single", {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+            {"pair",
+             {{{"SpecialToken", {{"id", b}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+              {{"SpecialToken", {{"id", b}, {"type_id", 1}}}}, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+            {"special_tokens", {{b, {{"id", b}, {"ids", {bos}}, {"tokens", {b}}}}}}};
+  }
+  const std::string meta = "\xE2\x96\x81";  // U+2581
+  const int unk = sp.unk_id();
+  nlohmann::ordered_json j = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", meta}}},
+      {"pre_tokenizer", nullptr},
+      {"post_processor", post},
+      {"decoder",
+       {{"type", "Sequence"},
+        {"decoders",
+         {{{"type", "Replace"}, {"pattern", {{"String", meta}}}, {"content", " "}}, {{"type", "ByteFallback"}},
+          {{"type", "Fuse"}}}}}},
+      {"model",
+       {{"type", "BPE"},
+        {"dropout", nullptr},
+        {"unk_token", unk >= 0 ? nlohmann::ordered_json(sp.IdToPiece(unk)) : nlohmann::ordered_json(nullptr)},
+        {"continuing_subword_prefix", nullptr},
+        {"end_of_word_suffix", nullptr},
+        {"fuse_unk", true},
+        {"byte_fallback", true},
+        {"ignore_merges", false},
+        {"vocab", vocab},
+        {"merges", merges}}}};
+  return j.dump(1, ' ', false) + "\n";
+}
+
 std::vector<int32_t> SentencePieceTokenizer::encode(const std::string& text) const {
   const MetaSymbolEscape& e = impl_->escape;
   if (!e.enabled || text.find(MetaSymbolEscape::kMeta) == std::string::npos) {
@@ -255,6 +341,8 @@ int64_t SentencePieceTokenizer::vocab_size() const { return impl_->sp.GetPieceSi
 int32_t SentencePieceTokenizer::bos_id() const { return impl_->sp.bos_id(); }
 int32_t SentencePieceTokenizer::eos_id() const { return impl_->sp.eos_id(); }
 int32_t SentencePieceTokenizer::pad_id() const { return impl_->sp.pad_id(); }
+int32_t SentencePieceTokenizer::unk_id() const { return impl_->sp.unk_id(); }
+std::string SentencePieceTokenizer::piece(int32_t id) const { return impl_->sp.IdToPiece(id); }
 int32_t SentencePieceTokenizer::token_id(const std::string& piece) const {
   const int id = impl_->sp.PieceToId(piece);
   return (id == impl_->sp.unk_id() && piece != impl_->sp.IdToPiece(id)) ? -1 : id;

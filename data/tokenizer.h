@@ -64,6 +64,16 @@ public:
   std::string hash() const override { return hash_; }
   std::string source() const override { return path_; }
 
+  // The same tokenizer as a HuggingFace tokenizer.json, as transformers' LlamaConverter builds one from a
+  // SentencePiece BPE model: normalizer " " -> "▁", no pre-tokenizer, a BPE model with byte fallback whose merges
+  // are every split of a normal piece into two normal pieces, ranked by the merged piece's score (SentencePiece
+  // merges the highest-scoring pair first), control and user-defined pieces as added tokens, and a post-processor
+  // that prepends BOS (as dsopen-generate does). `tokenizers` then encodes text to the ids encode() gives, except
+  // for a literal "▁" in the text (kept as itself here, read as a space there).
+  std::string hf_tokenizer_json() const;
+  int32_t unk_id() const;
+  std::string piece(int32_t id) const;  // the vocabulary entry of `id` ("<s>", "▁the", "<0x0A>")
+
 private:
   SentencePieceTokenizer() = default;
   struct Impl;

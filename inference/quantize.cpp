@@ -356,7 +356,8 @@ std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& s
   return batches;
 }
 
-void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& out) {
+void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& out,
+                          const std::map<std::string, std::string>& files) {
   // Staged like an HF export: a failed save leaves an earlier directory at `out` as it was.
   model::write_staged(out, [&](const std::string& dir) -> std::vector<std::string> {
     auto tensors = model::hf_state_dict(m);
@@ -374,7 +375,12 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
     config["quantization_config"] = {
         {"quant_method", q.method.quant_method}, {"bits", q.method.bits}, {"group_size", q.group_size}};
     env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-    return {"model.safetensors", "config.json"};
+    std::vector<std::string> written{"model.safetensors", "config.json"};
+    for (const auto& [name, contents] : files) {
+      env::write_file_atomic((fs::path(dir) / name).string(), contents);
+      written.push_back(name);
+    }
+    return written;
   });
 }
 

@@ -96,7 +96,8 @@ std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& s
                                                int64_t vocab);
 
 // Writes DIR/model.safetensors (layout of inference/quantized_format.h) and DIR/config.json.
-void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir);
+void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir,
+                          const std::map<std::string, std::string>& files = {});
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 

@@ -122,10 +122,6 @@ std::optional<GenerationConfig> read_generation_config(const std::string& dir) {
   return decode_generation(legacy, config);
 }
 
-void write_generation_config(const std::string& dir, const nlohmann::json& j) {
-  env::write_file_atomic((fs::path(dir) / "generation_config.json").string(), j.dump(2) + "\n");
-}
-
 nlohmann::json default_generation_json(const ModelConfig& c) {
   nlohmann::json j = {{"do_sample", true}, {"temperature", 0.8}, {"top_k", 50}, {"top_p", 0.95},
                       {"repetition_penalty", 1.1}};

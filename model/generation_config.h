@@ -38,8 +38,6 @@ struct GenerationConfig {
 // the key (a wrong type, a negative id: usage errors, as for config.json; a repeated key, invalid JSON).
 std::optional<GenerationConfig> read_generation_config(const std::string& dir);
 
-// Writes DIR/generation_config.json (atomically).
-void write_generation_config(const std::string& dir, const nlohmann::json& j);
 
 // The file dsopen writes next to exported weights when the source had none: the model's token ids and the
 // sampling defaults of dsopen-generate, so transformers' generate() samples the same way.

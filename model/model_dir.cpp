@@ -24,15 +24,11 @@ void write_latest(const std::string& checkpoints_dir, const std::string& step_di
 std::string resolve_latest(const std::string& dir) {
   if (fs::exists(fs::path(dir) / kConfigFile)) return dir;
   const std::string name = read_latest(dir);
-  return name.empty() ? dir : (fs::path(dir) / name).string();
-}
-
-void copy_tokenizer_files(const std::string& from, const std::string& to) {
-  if (from.empty()) return;
-  for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"}) {
-    const auto src = fs::path(from) / name;
-    if (fs::exists(src)) env::write_file_atomic((fs::path(to) / name).string(), env::read_file(src.string()));
-  }
+  if (!name.empty()) return (fs::path(dir) / name).string();
+  // A run directory (run.output_dir): its checkpoints/ directory's latest.
+  const fs::path checkpoints = fs::path(dir) / "checkpoints";
+  const std::string in_run = read_latest(checkpoints.string());
+  return in_run.empty() ? dir : (checkpoints / in_run).string();
 }
 
 ModelDir::ModelDir(const std::string& path) : path_(resolve_latest(path)) {

@@ -18,16 +18,13 @@ namespace dsopen::model {
 inline constexpr const char* kLatestFile = "latest";
 inline constexpr const char* kConfigFile = "config.json";
 
-// `dir` itself when it holds a config.json or has no `latest` file; else the checkpoint `latest` names.
+// `dir` itself when it holds a config.json; else the checkpoint its `latest` file names (a checkpoints directory),
+// or that of its checkpoints/latest (a run directory, run.output_dir); else `dir`.
 std::string resolve_latest(const std::string& dir);
 // The step directory name a checkpoints directory's `latest` file holds, "" when there is none.
 std::string read_latest(const std::string& checkpoints_dir);
 // Points `latest` at `step_dir_name` (atomically).
 void write_latest(const std::string& checkpoints_dir, const std::string& step_dir_name);
-
-// Copies the tokenizer files of directory `from` (tokenizer.model, tokenizer.json, tokenizer_config.json, those
-// present) into `to`, atomically each: a converted or quantized model directory keeps its tokenizer.
-void copy_tokenizer_files(const std::string& from, const std::string& to);
 
 class ModelDir {
 public:

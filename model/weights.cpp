@@ -79,6 +79,14 @@ std::vector<int64_t> WeightFiles::shape(const std::string& name) const { return 
 torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_[where_.at(name)]->tensor(name); }
 void WeightFiles::release(const std::string& name) const { files_[where_.at(name)]->release(name); }
 
+namespace {
+// The decoder layer an HF tensor name belongs to (model.layers.N.*); -1 for embeddings, norm and head. Layers from
+// num_hidden_layers on are the MTP modules.
+int64_t layer_of(const std::string& name) {
+  return name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : int64_t{-1};
+}
+}  // namespace
+
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   const int64_t L = model->config().num_hidden_layers;
   std::map<std::string, torch::Tensor> out;
@@ -99,9 +107,6 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
   std::vector<std::string> problems;
   std::set<std::string> consumed;
   const int64_t L = model->config().num_hidden_layers;
-  auto layer_of = [](const std::string& name) {
-    return name.rfind("model.layers.", 0) == 0 ? std::stoll(name.substr(13, name.find('.', 13) - 13)) : int64_t{-1};
-  };
   torch::NoGradGuard no_grad;
   int64_t fresh = 0;
   for (auto& [name, t] : targets) {
@@ -147,10 +152,14 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
 namespace {
 
 // Writes config.json and the weight files (one, or shards with their index) into `dir`; returns their names.
-std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
+std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, const HfExportOptions& o) {
+  const torch::Dtype dtype = o.dtype;
+  const int64_t max_shard_bytes = o.max_shard_bytes;
+  const int64_t L = model->config().num_hidden_layers;
   std::vector<std::map<std::string, torch::Tensor>> shards(1);
   int64_t bytes = 0;
   for (auto& [name, t] : hf_state_dict(model)) {
+    if (!o.keep_mtp && layer_of(name) >= L) continue;
     auto out = t.is_floating_point() ? t.to(dtype) : t;
     const int64_t n = out.numel() * out.element_size();
     if (bytes > 0 && bytes + n > max_shard_bytes) shards.emplace_back(), bytes = 0;
@@ -184,8 +193,15 @@ std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, to
 
 }  // namespace
 
-void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype, int64_t max_shard_bytes) {
-  write_staged(dir, [&](const std::string& stage) { return write_hf_files(model, stage, dtype, max_shard_bytes); });
+void save_hf_model(CausalLM& model, const std::string& dir, const HfExportOptions& options) {
+  write_staged(dir, [&](const std::string& stage) {
+    auto written = write_hf_files(model, stage, options);
+    for (const auto& [name, contents] : options.files) {
+      env::write_file_atomic((fs::path(stage) / name).string(), contents);
+      written.push_back(name);
+    }
+    return written;
+  });
 }
 
 void write_staged(const std::string& dir, const std::function<std::vector<std::string>(const std::string&)>& write) {

@@ -70,8 +70,19 @@ inline int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& weights, b
 // directory as it was. Weight files an earlier save left there (other shards, an index of the other layout) are
 // removed once the new ones are in, as transformers' save_pretrained does: a stale index would otherwise be what
 // loaders read. Other files in the directory (tokenizer, README) are kept.
-void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype = torch::kFloat32,
-                   int64_t max_shard_bytes = int64_t{5} << 30);
+struct HfExportOptions {
+  torch::Dtype dtype = torch::kFloat32;
+  int64_t max_shard_bytes = int64_t{5} << 30;
+  // The MTP module (DeepSeek-V3) is stored as model.layers.{num_hidden_layers}.*, as DeepSeek's files do; transformers
+  // does not build it and reports those tensors as unexpected, so it is left out unless asked for.
+  bool keep_mtp = false;
+  std::map<std::string, std::string> files;  // more files for the directory (tokenizer, generation_config.json)
+};
+void save_hf_model(CausalLM& model, const std::string& dir, const HfExportOptions& options);
+inline void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype dtype = torch::kFloat32,
+                          int64_t max_shard_bytes = int64_t{5} << 30) {
+  save_hf_model(model, dir, HfExportOptions{dtype, max_shard_bytes, false, {}});
+}
 // The staging behind save_hf_model, for any writer of a model directory: `write` fills the staging directory it is
 // given and returns the names it wrote; they are moved into `dir` (created if needed) when it returns, weights
 // before config.json, and stale weight files are removed. When `write` throws, the staging directory is removed and

@@ -5,6 +5,7 @@
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --adapter runs/lora/checkpoints/step_00000150 --out merged
 #include <iostream>
 
+#include "inference/export_files.h"
 #include "inference/loader.h"
 #include "model/generation_config.h"
 #include "model/lora.h"
@@ -23,7 +24,9 @@ static int run(int argc, char** argv) {
       "adapter", "LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge into the weights",
       cxxopts::value<std::string>())(
       "dtype", "fp32 | bf16 | fp16", cxxopts::value<std::string>()->default_value("fp32"))(
-      "max-shard-mb", "Split into shards of at most this many MB", cxxopts::value<double>()->default_value("5000"));
+      "max-shard-mb", "Split into shards of at most this many MB", cxxopts::value<double>()->default_value("5000"))(
+      "keep-mtp", "Keep the multi-token-prediction module as model.layers.{num_hidden_layers}.* (as DeepSeek-V3's "
+                  "files); transformers does not use it");
   cli::add_common(options);
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
@@ -43,13 +46,13 @@ static int run(int argc, char** argv) {
     std::cout << "merged the adapter of " << adapted.size() << " projections from " << adapter << std::endl;
   }
   const std::string out = args["out"].as<std::string>();
-  model::save_hf_model(m, out, dtype, static_cast<int64_t>(shard_mb * (1 << 20)));
-  // The tokenizer travels with the weights, whichever kind it is (the adapter's when the model has none).
-  model::copy_tokenizer_files(source.tokenizer_path(adapter), out);
-  // Generation defaults travel too (end-of-text ids as a list where the source had one); without them, dsopen's.
-  const auto gen = source.generation_config();
-  const nlohmann::json gen_json = gen ? gen->json : model::default_generation_json(m->config());
-  model::write_generation_config(out, gen_json);
+  model::HfExportOptions o;
+  o.dtype = dtype;
+  o.max_shard_bytes = static_cast<int64_t>(shard_mb * (1 << 20));
+  o.keep_mtp = args.count("keep-mtp") > 0;
+  // Tokenizer files (with their HF configs and chat template) and generation defaults go in with the weights.
+  o.files = inference::export_companion_files(source, m->config(), adapter);
+  model::save_hf_model(m, out, o);
   std::cout << "wrote " << out << std::endl;
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <iostream>
 #include <numeric>
 
+#include "inference/export_files.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
 #include "model/model_dir.h"
@@ -80,8 +81,8 @@ static int run(int argc, char** argv) {
 
   if (args.count("out")) {
     const std::string out = args["out"].as<std::string>();
-    inference::save_quantized_model(m, q, out);
-    model::copy_tokenizer_files(model::ModelDir(model_dir).path(), out);
+    const model::ModelDir source(model_dir);
+    inference::save_quantized_model(m, q, out, inference::export_companion_files(source, m->config()));
     std::cout << "wrote " << out << std::endl;
   }
   const std::string group = o.group_size == inference::kPerChannel ? "per row" : std::to_string(o.group_size);

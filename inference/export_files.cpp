@@ -1,0 +1,17 @@
+#include "inference/export_files.h"
+
+#include "data/hf_tokenizer_files.h"
+#include "model/generation_config.h"
+
+namespace dsopen::inference {
+
+std::map<std::string, std::string> export_companion_files(const model::ModelDir& source, const model::ModelConfig& config,
+                                                          const std::string& adapter) {
+  const data::ChatTemplate tmpl = data::chat_template_of(adapter.empty() ? source.path() : adapter);
+  auto files = data::hf_tokenizer_files(source.tokenizer_path(adapter), tmpl, config.context_length());
+  const auto gen = source.generation_config();
+  files["generation_config.json"] = (gen ? gen->json : model::default_generation_json(config)).dump(2) + "\n";
+  return files;
+}
+
+}  // namespace dsopen::inference
