@@ -40,6 +40,8 @@ void decode(config::Reader& r, TokenizerOptions& o) {
 void decode(config::Reader& r, DataOptions& o) {
   r.optional("train", o.train);
   if (o.train.empty()) r.error("train", "missing required key (shard paths or globs, or JSONL files for sft)");
+  for (const auto& path : o.train)
+    if (path.empty()) r.error("train", "an empty path in the list");
   r.optional("valid", o.valid);
   r.optional("valid_fraction", o.valid_fraction, config::in_range(0.0, 0.5));
   long long seq_len = o.seq_len;
@@ -77,7 +79,7 @@ std::unique_ptr<Tokenizer> prepare_tokenizer(const TokenizerOptions& o) {
     if (!o.has_train)
       throw runtime_error(o.path, "tokenizer model not found",
                           "set tokenizer.path to an existing .model or add tokenizer.train to build one");
-    env::check_output_outside_inputs(o.path, o.train.inputs, "tokenizer.path");
+    env::check_output_path(o.path, env::OutputKind::File, o.train.inputs, "tokenizer.path");
     const auto dir = std::filesystem::path(o.path).parent_path();
     if (!dir.empty()) std::filesystem::create_directories(dir);
     spdlog::info("training tokenizer {} (vocab {}, {}) from {} input file(s)", o.path, o.train.vocab_size,

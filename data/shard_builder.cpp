@@ -118,7 +118,7 @@ PreprocessStats build_shards(const PreprocessOptions& o, const Tokenizer& tok) {
   if (tok.eos_id() < 0)
     throw runtime_error(tok.source(), "the tokenizer has no end-of-text token, which separates documents in shards",
                         "put the model's tokenizer_config.json (its eos_token) next to tokenizer.json");
-  env::check_output_outside_inputs(o.output, o.inputs, o.output_name);
+  env::check_output_path(o.output, env::OutputKind::Prefix, o.inputs, o.output_name);
   // Directories this run creates go again when it fails (only while empty: nothing of anyone else's is removed).
   std::vector<fs::path> made;
   std::error_code ec;

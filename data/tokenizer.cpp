@@ -163,14 +163,19 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   if (o.inputs.empty()) throw usage_error("--input", "no input files", "give one or more text files");
   for (const auto& f : o.inputs)
     if (!std::ifstream(f)) throw runtime_error(f, "input file not found or unreadable");
-  env::check_output_outside_inputs(o.output, o.inputs, o.output_name);
+  env::check_output_path(o.output, env::OutputKind::File, o.inputs, o.output_name);
   if (o.model_type != "bpe" && o.model_type != "unigram")
     throw usage_error("--model-type", "'" + o.model_type + "' is not bpe or unigram");
   if (o.vocab_size < 260) throw usage_error("--vocab-size", "must be >= 260 (256 byte-fallback pieces + specials)");
+  for (size_t i = 0; i < o.user_symbols.size(); ++i) {
+    const std::string& s = o.user_symbols[i];
+    if (s.empty() || s == "<pad>" || s == "<s>" || s == "</s>" || s == "<unk>" ||
+        std::find(o.user_symbols.begin(), o.user_symbols.begin() + static_cast<std::ptrdiff_t>(i), s) !=
+            o.user_symbols.begin() + static_cast<std::ptrdiff_t>(i))
+      throw usage_error("--user-symbols", "'" + s + "' is empty, repeated or one of <pad> <s> </s> <unk>",
+                        "give each extra token once");
+  }
   if (o.output.empty()) throw usage_error(o.output_name, "missing output path");
-  std::error_code ec;
-  if (std::filesystem::is_directory(o.output, ec))
-    throw usage_error(o.output_name, o.output + " is a directory", "give the path of the .model file to write");
   if (!(o.character_coverage > 0.9 && o.character_coverage <= 1.0))
     throw usage_error("--character-coverage", "must be in (0.9, 1]");
 

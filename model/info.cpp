@@ -97,7 +97,7 @@ ModelConfig model_config_from_document(const config::Document& doc) {
   config::ErrorList errors;
   config::Reader root(doc, doc.root(), "", errors);
   ModelConfig c;
-  if (!root.has("model")) {
+  if (!root.has("model") || doc.root()["model"].IsNull()) {
     errors.add(doc.origin("model"), "model", "missing required section (give flavor:, pretrained: or the keys)");
     errors.throw_if_any();
   }

@@ -43,20 +43,6 @@ ModelConfig ModelDir::config() const { return ModelConfig::from_hf_json_file(fil
 
 WeightFiles ModelDir::weights() const { return WeightFiles(path_); }
 
-void ModelDir::check_not_overwritten(const std::string& output, const std::string& flag) const {
-  std::error_code ec;
-  if (!fs::exists(output, ec)) return;
-  const bool same_dir = fs::equivalent(output, path_, ec);
-  const std::string name = fs::path(output).filename().string();
-  const bool model_file = name == kConfigFile || name == "generation_config.json" || name.rfind("tokenizer", 0) == 0 ||
-                          (name.rfind("model", 0) == 0 && name.find(".safetensors") != std::string::npos);
-  const bool inside = model_file && fs::equivalent(fs::absolute(output).parent_path(), path_, ec);
-  if (same_dir || inside)
-    throw usage_error(flag, output + (same_dir ? " is the model directory " : " is a file of the model directory ") +
-                                path_ + " being read",
-                      "write to another path");
-}
-
 std::string ModelDir::tokenizer_path(const std::string& fallback) const {
   for (const std::string& dir : {path_, fallback}) {
     if (dir.empty()) continue;

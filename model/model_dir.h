@@ -41,9 +41,6 @@ public:
   WeightFiles weights() const;
   bool is_adapter() const { return has("adapter_config.json"); }
   std::optional<GenerationConfig> generation_config() const { return read_generation_config(path_); }
-  // A usage error naming `flag` when `output` is this directory or one of its files: writing there would replace
-  // what is being read (dsopen-convert --out X --model X, dsopen-eval --dump-logits X/model.safetensors).
-  void check_not_overwritten(const std::string& output, const std::string& flag) const;
 
   // The directory whose tokenizer.json or tokenizer.model data::load_tokenizer reads: this one, else `fallback`
   // (a LoRA checkpoint carries its run's tokenizer), else "".

@@ -37,7 +37,8 @@ static int run(int argc, char** argv) {
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
   const model::ModelDir source(args["model"].as<std::string>());
-  source.check_not_overwritten(args["out"].as<std::string>(), "--out");
+  env::check_output_path(args["out"].as<std::string>(), env::OutputKind::Directory,
+                         {source.path(), args.count("adapter") ? args["adapter"].as<std::string>() : ""}, "--out");
   auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   if (!adapter.empty()) {

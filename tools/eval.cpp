@@ -42,9 +42,12 @@ static int run(int argc, char** argv) {
     if (args["batches"].as<int64_t>() < 0) throw usage_error("--batches", "must be >= 0 (0: all)");
   }
   env::configure_threads(args["threads"].as<int>());
-  if (args.count("dump-logits"))
-    model::ModelDir(args["model"].as<std::string>()).check_not_overwritten(args["dump-logits"].as<std::string>(),
-                                                                           "--dump-logits");
+  if (args.count("dump-logits")) {
+    std::vector<std::string> inputs{model::resolve_latest(args["model"].as<std::string>())};
+    for (const char* name : {"tokens", "adapter"})
+      if (args.count(name)) inputs.push_back(args[name].as<std::string>());
+    env::check_output_path(args["dump-logits"].as<std::string>(), env::OutputKind::File, inputs, "--dump-logits");
+  }
   // Without an adapter (which needs float weights) quantized layers keep their codes and dequantize per call:
   // float32 results while the quantized layers take 0.5 or 1 byte per weight instead of 4.
   auto m = inference::load_model(args["model"].as<std::string>(), torch::kCPU, false,

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -81,6 +82,15 @@ void check_args(const cxxopts::ParseResult& args) {
     throw usage_error("--max-new-tokens", "must be >= 1");
   if (args["warmup"].as<int>() < 0 || args["repeat"].as<int>() < 1)
     throw usage_error("--warmup/--repeat", "need --warmup >= 0 and --repeat >= 1");
+  if (args.count("profile")) {
+    std::vector<std::string> inputs{model::resolve_latest(args["model"].as<std::string>())};
+    for (const char* name : {"adapter", "tokenizer", "prompt-file"})
+      if (args.count(name)) inputs.push_back(args[name].as<std::string>());
+    env::check_output_path(args["profile"].as<std::string>(), env::OutputKind::File, inputs, "--profile");
+    // LibTorch's profiler only warns when it cannot write its trace: give it its directory.
+    const auto parent = std::filesystem::absolute(args["profile"].as<std::string>()).parent_path();
+    std::filesystem::create_directories(parent);
+  }
 }
 
 template <class T>

@@ -1,6 +1,7 @@
 // dsopen-model-info: parameter counts, FLOPs, KV-cache size and per-rank training memory of a model config; with
 // --safetensors, the checked header of a weights file (what every dsopen loader accepts).
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "model/info.h"
@@ -87,15 +88,21 @@ static int run(int argc, char** argv) {
   } else {
     config::Document doc = config::Document::load(path);
     if (args.count("set"))
-      for (const auto& s : args["set"].as<std::vector<std::string>>()) doc.apply_set(s);
+      for (const auto& s : cli::values_of(argc, argv, "set")) doc.apply_set(s);  // unsplit: {a: 1, b: 2} has commas
     c = model::model_config_from_document(doc);
     seq_len = model::seq_len_from_document(doc, seq_len);
   }
   if (args.count("seq-len")) {
     seq_len = args["seq-len"].as<int64_t>();
-    if (seq_len < 1) throw usage_error("--seq-len", "must be >= 1");
+    if (seq_len < 1 || seq_len > (int64_t{1} << 24)) throw usage_error("--seq-len", "must be in 1..16777216");
   }
   if (args.count("hf-config")) {
+    const std::string out = args["hf-config"].as<std::string>();
+    env::check_output_path(out, env::OutputKind::File, {path}, "--hf-config");
+    // Into a directory that holds weights it would replace that model's own config.json.
+    const auto dir = std::filesystem::absolute(out).parent_path();
+    if (std::filesystem::exists(dir / "model.safetensors") || std::filesystem::exists(dir / "model.safetensors.index.json"))
+      throw usage_error("--hf-config", out + " is in the model directory " + dir.string(), "write it somewhere else");
     c.validate();
     env::write_file_atomic(args["hf-config"].as<std::string>(), c.to_hf_json().dump(2) + "\n");
   }

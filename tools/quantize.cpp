@@ -66,11 +66,15 @@ static int run(int argc, char** argv) {
   o.gptq.act_order = args.count("no-act-order") == 0;
   o.gptq.percdamp = args["damp"].as<double>();
   if (!(o.gptq.percdamp > 0)) throw usage_error("--damp", "must be > 0");
+  if (args["calib-samples"].as<int64_t>() < 1) throw usage_error("--calib-samples", "must be >= 1");
+  if (args["calib-seq-len"].as<int64_t>() < 1) throw usage_error("--calib-seq-len", "must be >= 1");
   if (method.quant_method == "gptq" && !args.count("calib-data"))
     throw usage_error("--calib-data", "gptq-int4 needs calibration token shards", "pass shards made by dsopen-preprocess");
 
   const std::string model_dir = args["model"].as<std::string>();
-  if (args.count("out")) model::ModelDir(model_dir).check_not_overwritten(args["out"].as<std::string>(), "--out");
+  if (args.count("out"))
+    env::check_output_path(args["out"].as<std::string>(), env::OutputKind::Directory, {model::resolve_latest(model_dir)},
+                           "--out");
   auto m = inference::load_model(model_dir);
   std::vector<torch::Tensor> calib;
   if (method.quant_method == "gptq")

@@ -83,6 +83,9 @@ void encode_decode_jsonl(const data::Tokenizer& tok, bool encode) {
       const bool fits = v.is_number_unsigned() ? v.get<uint64_t>() <= INT32_MAX
                                                : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
       if (!fits) throw usage_error(where, "expected a JSON list of token ids, got " + v.dump());
+      if (v.get<int64_t>() >= tok.vocab_size())
+        throw usage_error(where, "token id " + v.dump() + " is outside the vocabulary (size " +
+                                     std::to_string(tok.vocab_size()) + ")");
       ids.push_back(static_cast<int32_t>(v.get<int64_t>()));
     }
     // Decoded bytes that are not UTF-8 (a character cut between tokens) become U+FFFD in JSON.

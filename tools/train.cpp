@@ -28,7 +28,7 @@ static int run(int argc, char** argv) {
   if (!args.count("config")) throw usage_error("--config", "is required", "see --help");
   config::Document doc = config::Document::load(args["config"].as<std::string>());
   if (args.count("set"))
-    for (const auto& s : args["set"].as<std::vector<std::string>>()) doc.apply_set(s);
+    for (const auto& s : cli::values_of(argc, argv, "set")) doc.apply_set(s);  // unsplit: {a: 1, b: 2} has commas
   train::JobConfig job = train::decode_job(doc);
   if (args.count("check")) {
     std::cout << doc.dump();

@@ -16,15 +16,17 @@ void decode(config::Reader& r, RunOptions& o) {
   r.optional("seed", o.seed, config::at_least(0));
   r.optional("log_every", o.log_every, config::at_least(1));
   r.choice("log_level", o.log_level, {"trace", "debug", "info", "warn", "error", "off"});
-  r.optional("threads", o.threads, config::at_least(0));
+  r.optional("threads", o.threads, config::in_range_i(0, env::kMaxThreads));
   r.choice("device", o.device, {"auto", "cpu", "cuda"});
+  if (o.device == "cuda" && !torch::cuda::is_available())
+    r.error("device", "cuda, but LibTorch sees no CUDA device here; set auto or cpu");
   r.finish();
 }
 
 void decode(config::Reader& r, TrainOptions& o) {
   r.optional("max_steps", o.max_steps, config::at_least(1));
   r.optional("micro_batch_size", o.micro_batch_size, config::at_least(1));
-  r.optional("grad_accum_steps", o.grad_accum_steps, config::at_least(1));
+  r.optional("grad_accum_steps", o.grad_accum_steps, config::in_range_i(1, 65536));
   r.optional("lr", o.lr, config::greater_than(0));
   r.optional("min_lr", o.min_lr, config::at_least_f(0));
   r.optional("warmup_steps", o.warmup_steps, config::at_least(0));
@@ -89,8 +91,11 @@ JobConfig decode_job(const config::Document& doc) {
   config::ErrorList errors;
   config::Reader root(doc, doc.root(), "", errors);
   JobConfig job;
-  for (const char* required : {"model", "tokenizer", "data"})
+  for (const char* required : {"model", "tokenizer", "data"}) {
     if (!root.has(required)) root.error(required, "missing required section");
+    else if (doc.root()[required].IsNull())  // `model:` alone would silently build every default
+      root.error(required, "empty section; give its keys (see docs/CONFIG.md)");
+  }
   auto run = root.child("run");
   decode(run, job.run);
   if (root.has("model")) {

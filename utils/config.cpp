@@ -1,6 +1,7 @@
 #include "utils/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <set>
 #include <sstream>
@@ -27,33 +28,54 @@ std::string where_of(const Origin& o) {
 
 // YAML (like JSON) asks for unique keys, but yaml-cpp keeps both entries of a repeated key and lookups see the
 // first, while Python's yaml and json keep the last: a repeated key would mean different models to different tools.
-void reject_duplicate_keys(const YAML::Node& node, const std::string& file, const std::string& prefix) {
+// Also refuses what a config never needs and the tools could not survive: keys that are not plain names ([a, b]: 1)
+// and nesting deeper than any config (an alias that contains itself, `&m {x: *m}`, would recurse forever).
+void reject_duplicate_keys(const YAML::Node& node, const std::string& file, const std::string& prefix, int depth = 0) {
+  const auto line = [&](const YAML::Node& n) { return file + ":" + std::to_string(n.Mark().line + 1); };
+  if (depth > 64) {
+    const auto second_dot = prefix.find('.', prefix.find('.') + 1);  // the first two keys say where
+    throw usage_error(line(node), prefix.substr(0, second_dot) + ": nested more than 64 levels (or an alias that contains itself)",
+                      "write the values out");
+  }
   if (node.IsSequence())
-    for (const auto& item : node) reject_duplicate_keys(item, file, prefix);
+    for (const auto& item : node) reject_duplicate_keys(item, file, prefix, depth + 1);
   if (!node.IsMap()) return;
   std::set<std::string> seen;
   for (const auto& kv : node) {
-    const std::string key = kv.first.IsScalar() ? kv.first.Scalar() : "?";
+    if (!kv.first.IsScalar())
+      throw usage_error(line(kv.first), (prefix.empty() ? std::string("config") : prefix) + ": a key must be a plain name",
+                        "write the key as text");
+    const std::string key = kv.first.Scalar();
     const std::string path = prefix.empty() ? key : prefix + "." + key;
     if (!seen.insert(key).second)
-      throw usage_error(file + ":" + std::to_string(kv.first.Mark().line + 1), path + ": duplicate key",
-                        "remove one of the two entries");
-    reject_duplicate_keys(kv.second, file, path);
+      throw usage_error(line(kv.first), path + ": duplicate key", "remove one of the two entries");
+    reject_duplicate_keys(kv.second, file, path, depth + 1);
   }
 }
 
-YAML::Node load_yaml_file(const std::string& path) {
+// Parses one YAML document from `text` (named `name` in errors): a NUL byte (a binary file), a second document
+// after `---` (which every tool would silently ignore) and syntax errors are usage errors with the line.
+YAML::Node parse_yaml(const std::string& text, const std::string& name) {
+  const auto nul = text.find('\0');
+  if (nul != std::string::npos)
+    throw usage_error(name + ":" + std::to_string(1 + std::count(text.begin(), text.begin() + nul, '\n')),
+                      "contains a NUL byte: not a text file", "give a YAML config file");
+  std::vector<YAML::Node> docs;
   try {
-    YAML::Node node = YAML::LoadFile(path);
-    reject_duplicate_keys(node, path, "");
-    return node;
+    docs = YAML::LoadAll(text);
   } catch (const YAML::ParserException& e) {
-    throw usage_error(path + ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1),
+    throw usage_error(name + ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1),
                       "YAML syntax error: " + e.msg, "fix the YAML syntax at that line");
-  } catch (const YAML::BadFile&) {
-    throw usage_error(path, "cannot read config file", "check the path and permissions");
   }
+  if (docs.size() > 1)
+    throw usage_error(name + ":" + std::to_string(docs[1].Mark().line + 1),
+                      "a second YAML document (after ---); a config is one document", "merge them or use base:");
+  YAML::Node node = docs.empty() ? YAML::Node() : docs.front();
+  reject_duplicate_keys(node, name, "");
+  return node;
 }
+
+YAML::Node load_yaml_file(const std::string& path) { return parse_yaml(env::read_file(path), path); }
 
 // Resolves a `base:` path: first relative to the including file's directory, then to the current directory.
 std::string resolve_base(const std::string& base, const std::string& including_file) {
@@ -79,13 +101,7 @@ Document Document::load(const std::string& path) {
 Document Document::parse(const std::string& text, const std::string& name) {
   Document doc;
   doc.name_ = name;
-  YAML::Node node;
-  try {
-    node = YAML::Load(text);
-  } catch (const YAML::ParserException& e) {
-    throw usage_error(name + ":" + std::to_string(e.mark.line + 1), "YAML syntax error: " + e.msg);
-  }
-  reject_duplicate_keys(node, name, "");
+  YAML::Node node = parse_yaml(text, name);
   if (!node.IsNull() && !node.IsMap()) throw usage_error(name, "a config must be a mapping of sections");
   if (node.IsMap()) doc.merge_node(doc.root_, node, "", name);
   return doc;
@@ -389,6 +405,8 @@ void Reader::optional(const std::string& key, double& out, const Check<double>& 
   YAML::Node n;
   double v = out;
   if (fetch(key, n, false) && scalar(key, n, v, "a number")) {
+    // .inf and .nan are YAML numbers, but no setting means anything with them (and .inf passes "> 0" checks).
+    if (!std::isfinite(v)) return error(key, "must be a finite number, got " + n.Scalar());
     out = v;
     run_check(*this, key, v, check);
   }

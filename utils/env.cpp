@@ -39,8 +39,10 @@ int available_cpus() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-int configure_threads(int n) {
-  if (n <= 0) n = available_cpus();
+int configure_threads(int n, const std::string& flag) {
+  if (n < 0 || n > kMaxThreads)
+    throw usage_error(flag, std::to_string(n) + " is outside 0.." + std::to_string(kMaxThreads), "0 means every CPU");
+  if (n == 0) n = available_cpus();
   torch::set_num_threads(n);
   return n;
 }
@@ -51,8 +53,12 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 
 void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec))
+  const auto status = std::filesystem::status(path, ec);
+  if (status.type() == std::filesystem::file_type::directory)
     throw runtime_error(path, "is a directory, not a file", "give the path of the file to write");
+  // Renaming over a device or pipe would replace it (a /dev node among them).
+  if (std::filesystem::exists(status) && status.type() != std::filesystem::file_type::regular)
+    throw runtime_error(path, "is not a regular file (a device, pipe or socket)", "give the path of a file");
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
@@ -133,12 +139,22 @@ double peak_resident_mb() {
 }
 
 std::string read_file(const std::string& path) {
+  namespace fs = std::filesystem;
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) throw runtime_error(path, "is a directory, not a file", "give the file's path");
+  const auto status = fs::status(path, ec);
+  if (status.type() == fs::file_type::directory) throw runtime_error(path, "is a directory, not a file", "give the file's path");
+  // A pipe or device would block or never end: inputs are files.
+  if (fs::exists(status) && status.type() != fs::file_type::regular)
+    throw runtime_error(path, "is not a regular file (a pipe, device or socket)", "give the path of a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw runtime_error(path, "cannot open file", "check the path");
   std::ostringstream ss;
-  ss << in.rdbuf();
+  try {
+    ss << in.rdbuf();
+  } catch (const std::exception&) {
+    in.setstate(std::ios::badbit);
+  }
+  if (in.bad() || ss.bad()) throw runtime_error(path, "read failed", "check the file and the disk");
   return ss.str();
 }
 
@@ -154,16 +170,36 @@ bool path_within(const std::string& inner, const std::string& outer) {
   return !rel.empty() && *rel.begin() != "..";
 }
 
-void check_output_outside_inputs(const std::string& output, const std::vector<std::string>& inputs,
-                                 const std::string& flag) {
+void check_output_path(const std::string& output, OutputKind kind, const std::vector<std::string>& inputs,
+                       const std::string& flag) {
   namespace fs = std::filesystem;
+  if (output.empty()) throw usage_error(flag, "is empty", "give a path");
   std::error_code ec;
+  const auto canonical = [&](const std::string& p) { return fs::weakly_canonical(fs::absolute(p), ec); };
   for (const auto& input : inputs) {
-    if (!fs::exists(input, ec) || !path_within(output, input)) continue;
-    const bool same = fs::weakly_canonical(fs::absolute(output), ec) == fs::weakly_canonical(fs::absolute(input), ec);
-    throw usage_error(flag, output + (same ? " is the input " : " is inside the input directory ") + input,
-                      "write the output somewhere outside the inputs");
+    if (input.empty() || !fs::exists(input, ec)) continue;
+    if (path_within(output, input)) {
+      const bool same = canonical(output) == canonical(input);
+      throw usage_error(flag, output + (same ? " is the input " : " is inside the input directory ") + input,
+                        "write the output somewhere outside the inputs");
+    }
+    if (kind == OutputKind::Directory && path_within(input, output))
+      throw usage_error(flag, output + " contains the input " + input, "write the output somewhere outside the inputs");
   }
+  const auto status = fs::status(output, ec);
+  if (!fs::exists(status)) return;
+  if (kind == OutputKind::Directory) {
+    if (status.type() != fs::file_type::directory)
+      throw usage_error(flag, output + " exists and is not a directory", "give a new directory");
+    if (!fs::is_empty(output, ec) && !fs::exists(fs::path(output) / "config.json", ec))
+      throw usage_error(flag, output + " already holds other files and is not a model directory",
+                        "give a new or empty directory (an earlier export there is replaced)");
+    return;
+  }
+  if (status.type() == fs::file_type::directory)
+    throw usage_error(flag, output + " is a directory", "give the path of the file to write");
+  if (status.type() != fs::file_type::regular)
+    throw usage_error(flag, output + " is not a regular file (a device, pipe or socket)", "give the path of a file");
 }
 
 }  // namespace dsopen::env

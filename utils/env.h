@@ -16,7 +16,9 @@ int available_cpus();
 
 // Sets LibTorch's intra-op thread count; `n <= 0` means all available CPUs. LibTorch counts physical cores by
 // default, which leaves half of a hyper-threaded machine idle. Returns the count set.
-int configure_threads(int n);
+// More threads than kMaxThreads, or a negative count, is a usage error naming `flag`.
+inline constexpr int kMaxThreads = 1024;
+int configure_threads(int n, const std::string& flag = "--threads");
 
 // Writes `contents` to `path` through a temporary file, fsync and rename, so readers never see half a file.
 void write_file_atomic(const std::string& path, const std::string& contents);
@@ -49,10 +51,18 @@ std::string read_file(const std::string& path);
 // existing part of each path; the rest compares as written).
 bool path_within(const std::string& inner, const std::string& outer);
 
-// Refuses (usage error naming `flag`) an output path that is one of `inputs` or lies inside an input directory:
-// writing there would overwrite what is being read, or feed the output back in as input on the next run. Paths are
-// compared after resolving symlinks and `..`; inputs that do not exist are ignored (their own error comes later).
-void check_output_outside_inputs(const std::string& output, const std::vector<std::string>& inputs,
-                                 const std::string& flag);
+// What an output path names: one file, a directory of files (a model export), or the prefix of a file set
+// (token shards PREFIX_00000.bin ...).
+enum class OutputKind { File, Directory, Prefix };
+
+// Refuses, before any work, an output path (usage error naming `flag`) that would damage what is read or what is
+// there: an empty path; one that is one of `inputs` or lies inside an input directory (it would overwrite what is
+// being read, or be read back as input by the next run); for a File, an existing directory or a non-regular file (a
+// device, pipe or socket); for a Directory, an existing file, a directory that contains an input, or a non-empty
+// directory that is not a model directory (no config.json: an earlier export is replaced, anything else is not
+// written into). Paths are compared after resolving symlinks and `..`; inputs that do not exist are ignored (their
+// own error comes later).
+void check_output_path(const std::string& output, OutputKind kind, const std::vector<std::string>& inputs,
+                       const std::string& flag);
 
 }  // namespace dsopen::env

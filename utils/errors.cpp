@@ -1,5 +1,7 @@
 #include "utils/errors.h"
 
+#include <filesystem>
+
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -59,6 +61,13 @@ int run_main(const char* program, int (*body)(int, char**), int argc, char** arg
   } catch (const Error& e) {
     std::fprintf(stderr, "%s: error: %s\n", program, printable(e.what()).c_str());
     return e.exit_code();
+  } catch (const std::filesystem::filesystem_error& e) {
+    // A path the operating system refused (a symlink loop, a file where a directory should be, no permission):
+    // the path and the system's reason, not the library's wording.
+    const std::string path = e.path1().empty() ? "(empty path)" : e.path1().string();
+    std::fprintf(stderr, "%s: error: %s: %s (check the path)\n", program, printable(path).c_str(),
+                 e.code().message().c_str());
+    return 1;
   } catch (const std::exception& e) {
     // An allocation the machine could not serve (LibTorch's CPU or CUDA allocator): say so in words.
     const std::string what = e.what();

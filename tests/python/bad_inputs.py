@@ -300,6 +300,82 @@ case("preprocess", ["--tokenizer", TOK, "--input", os.path.dirname(NON_UTF8), "-
 case("preprocess", ["--tokenizer", TOK, "--input", FORTUNES, "--jsonl-field", "", "--output", OUT("pp/x")],
      "--jsonl-field", [OUT("pp")])
 
+# Outputs that would damage an input, the model or a system file; paths the OS refuses.
+FIFO = os.path.join(W, "fifo")
+os.mkfifo(FIFO)
+LOOP = os.path.join(W, "loop")
+os.symlink(LOOP, LOOP)
+RUN_DIR = os.path.join(W, "run")
+TOKENS_OK = os.path.join(W, "tokens_ok.txt")
+OTHER_DIR = os.path.join(W, "other")
+os.makedirs(OTHER_DIR)
+write("other/notes.txt", "not a model")
+M_LINK = os.path.join(W, "m_link")
+os.symlink(MODEL, M_LINK)
+for target in (TOKENS_OK, os.path.join(MODEL, "logits.safetensors"), os.path.join(M_LINK, "logits.safetensors"),
+               "/dev/full", "", EMPTY_DIR):
+    case("eval", ["--model", MODEL, "--tokens", TOKENS_OK, "--dump-logits", target], "--dump-logits",
+         [os.path.join(MODEL, "logits.safetensors")])
+for target in ("/dev/full", os.path.join(MODEL, "config.json"), RUN_YAML, EMPTY_DIR):
+    case("model-info", ["--config", RUN_YAML, "--hf-config", target], "--hf-config")
+for target in (os.path.join(MODEL, "model.safetensors"), os.path.join(MODEL, "tokenizer.model"), os.path.join(MODEL, "trace.json"),
+               EMPTY_DIR):
+    case("generate", ["--model", MODEL, "--prompt", "hi", "--max-new-tokens", "1", "--profile", target], "--profile",
+         [os.path.join(MODEL, "trace.json")])
+for target in (RUN_YAML, EMPTY_DIR, "/dev/full"):
+    case("bench-model", ["--config", RUN_YAML, "--steps", "1", "--warmup", "0", "--batch", "1", "--profile", target],
+         "--profile")
+for binary, extra in (("convert", []), ("quantize", ["--method", "rtn-int8", "--group-size", "-1"])):
+    for target in (RUN_DIR, os.path.join(RUN_DIR, "checkpoints"), os.path.join(MODEL, "sub"),
+                   os.path.join(M_LINK, "sub"), OTHER_DIR, TOKENS_OK, "", "/"):
+        case(binary, ["--model", MODEL, *extra, "--out", target], "--out", [os.path.join(MODEL, "sub"),
+                                                                             os.path.join(RUN_DIR, "config.json"),
+                                                                             os.path.join(OTHER_DIR, "config.json"),
+                                                                             "/config.json"])
+case("tokenizer", ["train", "--input", FORTUNES, "--vocab-size", "400", "--output", ""], "--output")
+case("tokenizer", ["train", "--input", FORTUNES, "--vocab-size", "400", "--user-symbols", "<s>", "--output",
+                   OUT("t.model")], "--user-symbols", [OUT("t.model")])
+case("tokenizer", ["train", "--input", FORTUNES, "--vocab-size", "400", "--user-symbols", "<|a|>,<|a|>", "--output",
+                   OUT("t.model")], "--user-symbols", [OUT("t.model")])
+case("tokenizer", ["decode", "--model", TOK, "--jsonl"], "stdin:1", stdin="[1, 2, 99999]\n")
+case("quantize", ["--model", MODEL, "--method", "gptq-int4", "--group-size", "16", "--calib-data", f"{SHARD}.bin",
+                  "--calib-seq-len", "0", "--out", OUT("quantize")], "--calib-seq-len", [OUT("quantize")])
+
+# Config files and values no tool could mean
+CFG_ALIAS = config("alias.yaml", "model: &m {flavor: debug, x: *m}\n")
+CFG_KEY = config("key.yaml", "model: {flavor: debug, [a, b]: 3}\n")
+CFG_BASE_DIR = config("basedir.yaml", f"base: {EMPTY_DIR}\n")
+CFG_NUL = write("nul.yaml", b"model: {flavor: debug}\n\x00\x01\n", "wb")
+CFG_TWO_DOCS = config("two_docs.yaml", open(RUN_YAML).read() + "---\nmodel: {flavor: tiny}\n")
+CFG_NULL_MODEL = config("null_model.yaml", open(RUN_YAML).read().replace("model: {flavor: debug, vocab_size: 400}", "model:"))
+for binary in ("train", "model-info", "bench-model"):
+    for cfg, names in ((FIFO, FIFO), (LOOP, LOOP), (CFG_ALIAS, "alias.yaml"), (CFG_KEY, "key.yaml"),
+                       (CFG_BASE_DIR, EMPTY_DIR), (CFG_NUL, "nul.yaml"), (CFG_TWO_DOCS, "two_docs.yaml"),
+                       (CFG_NULL_MODEL, "model")):
+        case(binary, ["--config", cfg], names, [os.path.join(W, "run2")])
+for binary in ("train", "model-info"):
+    case(binary, ["--config", RUN_YAML, "--set", "model.rope_theta=.inf"], "model.rope_theta")
+    case(binary, ["--config", RUN_YAML, "--set", "model=null"], "model")
+case("model-info", ["--config", RUN_YAML, "--seq-len", "2000000000000"], "--seq-len")
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.grad_accum_steps=1000000000000"],
+     "train.grad_accum_steps", [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "run.threads=100000"], "run.threads",
+     [f"{W}/run2"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", 'data.train=[""]'], "data.train",
+     [f"{W}/run2"])
+try:
+    import torch
+    cuda = torch.cuda.is_available()
+except ImportError:
+    cuda = False
+if not cuda:
+    case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "run.device=cuda"], "run.device",
+         [f"{W}/run2"])
+for value in ("100000", "-3"):
+    case("bench-model", ["--config", RUN_YAML, "--threads", value], "--threads")
+for binary, extra in LOADERS.items():
+    case(binary, ["--model", LOOP, *extra], LOOP, [OUT(binary), OUT("logits.safetensors")])
+
 # ---------------------------------------------------------------------------------------------------------------
 inputs_before = {p: digest(p) for p in (MODEL, TOK, SHARD + ".bin", SHARD + ".idx", NON_UTF8, RUN_YAML)}
 failures = []
@@ -334,6 +410,13 @@ for binary, args, names, outputs, stdin in CASES:
 for p, d in inputs_before.items():
     if digest(p) != d:
         failures.append(f"input {p} was changed")
+
+# Values with commas pass through --set whole (cxxopts would split them into two assignments).
+r = run([b("model-info"), "--config", RUN_YAML, "--set", "model.rope_scaling={type: yarn, factor: 4}", "--json"])
+if r.returncode != 0:
+    failures.append(f"--set with a flow mapping: exit {r.returncode}: {r.stderr.strip()[-200:]}")
+if not os.path.exists("/dev/full") or not os.path.stat.S_ISCHR(os.stat("/dev/full").st_mode):
+    failures.append("/dev/full is no longer a character device")
 
 print(f"\n{len(CASES)} bad inputs, {len(failures)} failures")
 for f in failures:
