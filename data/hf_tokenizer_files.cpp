@@ -59,6 +59,16 @@ std::map<std::string, std::string> hf_tokenizer_files(const std::string& tokeniz
   if (fs::exists(dir / "tokenizer.json", ec)) {
     for (const char* name : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"})
       if (fs::exists(dir / name, ec)) files[name] = env::read_file((dir / name).string());
+    // A file dsopen itself would refuse (a repeated key, not JSON) is refused here too, not handed on.
+    for (const char* name : {"tokenizer.json", "special_tokens_map.json"}) {
+      if (!files.count(name)) continue;
+      const std::string where = (dir / name).string();
+      try {
+        json::parse(files[name], where);
+      } catch (const nlohmann::json::exception& e) {
+        throw runtime_error(where, "not valid JSON (" + json::reason(e) + ")", "restore the model's " + std::string(name));
+      }
+    }
     nlohmann::ordered_json config = nlohmann::ordered_json::object();
     if (files.count("tokenizer_config.json")) {
       const std::string where = (dir / "tokenizer_config.json").string();

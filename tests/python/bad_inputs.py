@@ -375,6 +375,14 @@ for value in ("100000", "-3"):
     case("bench-model", ["--config", RUN_YAML, "--threads", value], "--threads")
 for binary, extra in LOADERS.items():
     case(binary, ["--model", LOOP, *extra], LOOP, [OUT(binary), OUT("logits.safetensors")])
+# Exports refuse files that dsopen itself (or transformers) would refuse later, instead of copying them on.
+M_GEN_EOS = broken_model("m_gen_eos", lambda d: overwrite(os.path.join(d, "generation_config.json"),
+                                                          b'{"eos_token_id": 99999}'))
+M_TOK_DUP = broken_model("m_tok_dup", lambda d: (os.remove(os.path.join(d, "tokenizer.model")),
+                                                 overwrite(os.path.join(d, "tokenizer.json"), b'{"a": 1, "a": 2}')))
+for binary, extra in (("convert", []), ("quantize", ["--method", "rtn-int8", "--group-size", "-1"])):
+    case(binary, ["--model", M_GEN_EOS, *extra, "--out", OUT(binary)], "generation_config.json", [OUT(binary)])
+    case(binary, ["--model", M_TOK_DUP, *extra, "--out", OUT(binary)], "tokenizer.json", [OUT(binary)])
 
 # ---------------------------------------------------------------------------------------------------------------
 inputs_before = {p: digest(p) for p in (MODEL, TOK, SHARD + ".bin", SHARD + ".idx", NON_UTF8, RUN_YAML)}
