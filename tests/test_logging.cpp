@@ -19,10 +19,12 @@ TEST_CASE("each rank logs to <output_dir>/logs/rank_N.log", "[utils][logging]") 
   fs::remove_all(dir);
   logging::setup_run(dir.string(), 1, "info");
   spdlog::info("hello from rank one");
-  spdlog::debug("not shown at info level");
+  spdlog::debug("details kept in the file");  // the rank log keeps debug whatever the console's level
+  spdlog::trace("not shown below debug");
   spdlog::default_logger()->flush();
   const std::string text = env::read_file((dir / "logs" / "rank_1.log").string());
   CHECK(text.find("[rank 1] info hello from rank one") != std::string::npos);
+  CHECK(text.find("[rank 1] debug details kept in the file") != std::string::npos);
   CHECK(text.find("not shown") == std::string::npos);
   logging::setup_console("warn");
   fs::remove_all(dir);

@@ -313,8 +313,13 @@ TEST_CASE("model.pretrained fine-tunes from a model directory's weights", "[trai
   // Starting from the trained weights, the first loss is where the base run ended, far below a fresh start.
   CHECK(tuned.losses[0] < fresh.losses[0] - 1.0);
   CHECK(tuned.losses[0] == Approx(base.losses.back()).margin(0.5));
+  // A base that is not there yet (a fine-tune before its base run) says so, naming the key.
   auto msg = error_of([&] { run(config_text("pre_bad"), {"model.pretrained=/nonexistent"}); });
-  CHECK(msg.find("/nonexistent/config.json: config.json not found") == 0);
+  CHECK(msg.find("model.pretrained: /nonexistent does not exist yet; run the training that writes it first") !=
+        std::string::npos);
+  // A directory that is not a model names the file it lacks.
+  msg = error_of([&] { run(config_text("pre_bad"), {"model.pretrained=" + workdir().string()}); });
+  CHECK(msg.find((workdir() / "config.json").string() + ": config.json not found") == 0);
 }
 
 namespace {

@@ -261,8 +261,12 @@ static int run(int argc, char** argv) {
   }
   if (args.count("chat")) go.stop.push_back(inference::chat_stop(chat_template));
   const bool stream = !json && !as_ids && prompts.size() == 1;  // one prompt streams
+  // A completion continues its prompt; a chat reply is an answer to it, so the user turn gets a line of its own.
+  std::vector<std::string> echoes = prompts;
+  if (args.count("chat"))
+    for (auto& e : echoes) e = "> " + e + "\n";
   const Timed t = generate_timed(model, *tok, ids, sampler, go, args["warmup"].as<int>(), args["repeat"].as<int>(),
-                                 stream ? &prompts[0] : nullptr);
+                                 stream ? &echoes[0] : nullptr);
   if (args.count("profile")) {
     torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
     inference::generate_batch(model, *tok, ids, sampler, go);
@@ -276,7 +280,7 @@ static int run(int argc, char** argv) {
     std::cout << out.dump() << std::endl;
     return 0;
   }
-  report_text(t, prompts, as_ids);
+  report_text(t, echoes, as_ids);
   return 0;
 }
 

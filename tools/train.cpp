@@ -16,6 +16,35 @@
 
 using namespace dsopen;
 
+namespace {
+// What the run did and what to do with it next: the user should not have to read the docs to find the checkpoint
+// and the commands that take it.
+void print_closing(const train::JobConfig& job, const train::TrainResult& r) {
+  if (r.losses.empty()) {
+    if (!r.interrupted)
+      spdlog::info("nothing to do: the run already finished at step {} (train.max_steps {}); raise train.max_steps "
+                   "to train further, or give another run.output_dir to start afresh",
+                   r.final_step, job.train.max_steps);
+    return;
+  }
+  const std::string ckpt = r.last_checkpoint;
+  std::string head = fmt::format("{} at step {}/{} | loss {:.4f} -> {:.4f}", r.interrupted ? "stopped" : "done",
+                                 r.final_step, job.train.max_steps, r.losses.front(), r.losses.back());
+  if (r.eval_loss >= 0) head += fmt::format(" | eval loss {:.4f}", r.eval_loss);
+  spdlog::info("{}", head);
+  if (ckpt.empty()) return;
+  spdlog::info("checkpoint {}{}", ckpt, r.interrupted ? " (run the same command again to resume)" : "");
+  const bool adapter = job.lora.enabled;
+  const std::string model = adapter ? job.model.pretrained + " --adapter " + ckpt : ckpt;
+  spdlog::info("next: dsopen-generate --model {} --prompt \"...\"{}", model,
+               job.data.format == data::DataOptions::Format::Sft ? " --chat" : "");
+  if (job.data.format == data::DataOptions::Format::Pretrain && !job.data.train.empty())
+    spdlog::info("      dsopen-eval --model {} --data '{}' --ppl", model, job.data.train.front());
+  spdlog::info("      dsopen-convert --model {} --out exported/{}   (a HuggingFace directory)", model, job.run.name);
+  if (!adapter) spdlog::info("      lora: model.pretrained: {}   (fine-tune it with LoRA, configs/lora.yaml)", ckpt);
+}
+}  // namespace
+
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-train", "Train a DeepSeek-family model from a YAML config");
   options.add_options()("c,config", "Run config (YAML)", cxxopts::value<std::string>())(
@@ -54,9 +83,7 @@ static int run(int argc, char** argv) {
   train::install_stop_handlers();
   train::Trainer trainer(job, doc.dump());
   const auto result = trainer.run();
-  if (!result.losses.empty())
-    spdlog::info("done: step {} | first loss {:.4f} | last loss {:.4f}{}", result.final_step, result.losses.front(),
-                 result.losses.back(), result.last_checkpoint.empty() ? "" : " | checkpoint " + result.last_checkpoint);
+  if (dist.rank == 0) print_closing(job, result);
   return 0;
 }
 

@@ -100,13 +100,23 @@ JobConfig decode_job(const config::Document& doc) {
   decode(run, job.run);
   if (root.has("model")) {
     auto m = root.child("model");
+    bool base_missing = false;
     if (m.has("pretrained")) {
       std::string dir;
       m.optional("pretrained", dir);
-      // (config.json is what is missing when the directory is: the error names the file to look for)
-      job.model = model::ModelConfig::from_hf_json_file(
-          (std::filesystem::path(model::resolve_latest(dir)) / model::kConfigFile).string());
+      std::error_code ec;
+      if (!dir.empty() && !std::filesystem::exists(dir, ec)) {
+        // Typically a fine-tune run before the run that writes its base (configs/lora.yaml before configs/tiny.yaml).
+        m.error("pretrained", dir + " does not exist yet; run the training that writes it first, or point it at a "
+                                    "model directory");
+        base_missing = true;
+      } else {
+        // (config.json is what is missing when the directory is: the error names the file to look for)
+        job.model = model::ModelConfig::from_hf_json_file(
+            (std::filesystem::path(model::resolve_latest(dir)) / model::kConfigFile).string());
+      }
     }
+    if (base_missing) errors.throw_if_any();
     model::decode(m, job.model, true);
     if (!job.model.pretrained.empty()) job.model.pretrained = model::resolve_latest(job.model.pretrained);
   }

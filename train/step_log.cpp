@@ -78,9 +78,11 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                            const model::MoEBalancer& balancer, bool mtp) {
   window_tokens_ += static_cast<int64_t>(st.targets);
   ++window_steps_;
+  const auto now = std::chrono::steady_clock::now();
+  if (run_start_step_ < 0) run_start_step_ = step, run_start_ = now;
   window_comm_s_ += dp.take_comm_wait_seconds();
   if (step == 1 || step == max_steps_)
-    spdlog::info("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
+    spdlog::debug("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
                  "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={}",
                  dp.group().rank(), dp.state_bytes(), dp.grad_bytes(), dp.predicted_state_bytes(),
                  dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes());
@@ -89,10 +91,13 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
   const nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
   if (metrics_) metrics_->write(rec);
   const double tok_s = rec["tokens_per_s"].get<double>(), step_s = rec["step_time_s"].get<double>();
+  const double run_step_s = step > run_start_step_
+                                ? std::chrono::duration<double>(now - run_start_).count() / (step - run_start_step_)
+                                : step_s;
   spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
                step, max_steps_, st.loss, lr, st.grad_norm, tok_s,
                peak_ > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token_ / peak_) : "", step_s, extra,
-               env::peak_resident_mb(), Progress::format_duration(step_s * (max_steps_ - step)));
+               env::peak_resident_mb(), Progress::format_duration(run_step_s * (max_steps_ - step)));
   window_tokens_ = window_steps_ = 0;
   window_comm_s_ = 0;
   return true;

@@ -44,6 +44,10 @@ private:
   std::chrono::steady_clock::time_point window_start_ = std::chrono::steady_clock::now();
   int64_t window_tokens_ = 0, window_steps_ = 0;
   double window_comm_s_ = 0;
+  // The ETA averages from the end of the first step of this process to now (evaluation and checkpoints included,
+  // as they recur): a window of a few steps swings with every checkpoint and evaluation.
+  std::chrono::steady_clock::time_point run_start_;
+  int64_t run_start_step_ = -1;
 };
 
 }  // namespace dsopen::train

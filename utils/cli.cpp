@@ -4,6 +4,7 @@
 
 #include <iostream>
 
+#include "utils/config.h"
 #include "utils/errors.h"
 
 namespace dsopen::cli {
@@ -30,6 +31,18 @@ cxxopts::ParseResult parse(cxxopts::Options& options, int argc, char** argv) {
         throw usage_error(argv[i - 1], "'" + value + "' is not a valid value", "see --help");
     }
     throw usage_error("command line", what, "see --help");
+  } catch (const cxxopts::exceptions::no_such_option& e) {
+    // "Option ‘temprature’ does not exist": name the flag and suggest the nearest one this program has.
+    const std::string what = e.what();
+    const auto open = what.find("\xe2\x80\x98"), close = what.find("\xe2\x80\x99");
+    const std::string name = open != std::string::npos && close > open ? what.substr(open + 3, close - open - 3) : "";
+    std::vector<std::string> flags;
+    for (const auto& group : options.groups())
+      for (const auto& o : options.group_help(group).options)
+        for (const auto& l : o.l) flags.push_back(l);
+    const std::string guess = config::closest_match(name, flags);
+    throw usage_error(name.empty() ? "command line" : "--" + name, "no such flag",
+                      guess.empty() ? "see --help" : "did you mean --" + guess + "?");
   } catch (const cxxopts::exceptions::exception& e) {
     throw usage_error("command line", e.what(), "see --help");
   }

@@ -230,7 +230,8 @@ std::string Document::save_resolved(const std::string& output_dir) const {
   if (ec) throw runtime_error(output_dir, "cannot create output directory: " + ec.message(), "check run.output_dir");
   const std::string path = (fs::path(output_dir) / "config.resolved.yaml").string();
   const std::string text = dump();
-  spdlog::info("resolved config ({}):\n{}", name_, text);
+  spdlog::info("config {} resolved into {} (run.log_level: debug prints it here)", name_, path);
+  spdlog::debug("resolved config ({}):\n{}", name_, text);
   env::write_file_atomic(path, "# resolved from " + name_ + "\n" + text);
   return path;
 }
@@ -517,7 +518,22 @@ void Reader::finish(bool strict) {
   for (const auto& kv : node_) {
     const std::string key = kv.first.as<std::string>();
     if (std::find(known_.begin(), known_.end(), key) != known_.end()) continue;
-    const std::string guess = closest_match(key, known_);
+    // Names other trainers use (transformers' TrainingArguments, torchtitan) for keys spelled differently here.
+    static const std::pair<const char*, const char*> aliases[] = {
+        {"learning_rate", "lr"},          {"warmup", "warmup_steps"},
+        {"warmup_iters", "warmup_steps"}, {"batch_size", "micro_batch_size"},
+        {"per_device_train_batch_size", "micro_batch_size"},
+        {"gradient_accumulation_steps", "grad_accum_steps"},
+        {"max_grad_norm", "grad_clip"},   {"steps", "max_steps"},
+        {"num_steps", "max_steps"},       {"training_steps", "max_steps"},
+        {"save_steps", "every"},          {"save_total_limit", "keep_last"},
+        {"logging_steps", "log_every"},   {"seed_value", "seed"},
+        {"sequence_length", "seq_len"},   {"max_seq_len", "seq_len"},
+        {"block_size", "seq_len"}};
+    std::string guess;
+    for (const auto& [alias, name] : aliases)
+      if (key == alias && std::find(known_.begin(), known_.end(), name) != known_.end()) guess = name;
+    if (guess.empty()) guess = closest_match(key, known_);
     error(key, "unknown key" + (guess.empty() ? std::string() : " (did you mean '" + guess + "'?)"));
   }
 }

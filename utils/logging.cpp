@@ -42,11 +42,17 @@ void setup_run(const std::string& output_dir, int rank, const std::string& level
   std::filesystem::create_directories(dir, ec);
   if (ec) throw runtime_error(dir, "cannot create log directory: " + ec.message(), "check run.output_dir");
   std::vector<spdlog::sink_ptr> sinks;
-  if (rank == 0) sinks.push_back(console_sink());
+  if (rank == 0) {
+    sinks.push_back(console_sink());
+    sinks.back()->set_level(lvl);
+  }
+  // The rank logs also keep the details (debug: the resolved config, memory counters) the console leaves out.
+  const auto file_level = std::min(lvl, spdlog::level::debug);
   auto file = std::make_shared<spdlog::sinks::basic_file_sink_mt>(dir + "/rank_" + std::to_string(rank) + ".log");
   file->set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] %l %v");
+  file->set_level(file_level);
   sinks.push_back(file);
-  install(sinks, lvl);
+  install(sinks, file_level);
 }
 
 }  // namespace dsopen::logging

@@ -14,7 +14,8 @@ spdlog::level::level_enum parse_level(const std::string& level, const std::strin
 // Console-only logging for tools that have no run directory.
 void setup_console(const std::string& level = "info");
 
-// Console (rank 0 only) plus a per-rank file under `output_dir`/logs/. Creates the directory.
+// Console (rank 0 only, at `level`) plus a per-rank file under `output_dir`/logs/ that also keeps debug messages
+// (the resolved config, internal counters). Creates the directory.
 void setup_run(const std::string& output_dir, int rank, const std::string& level);
 
 }  // namespace dsopen::logging
