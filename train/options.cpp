@@ -15,6 +15,7 @@ void decode(config::Reader& r, RunOptions& o) {
   r.optional("output_dir", o.output_dir);
   r.optional("seed", o.seed, config::at_least(0));
   r.optional("log_every", o.log_every, config::at_least(1));
+  r.optional("tensorboard", o.tensorboard);
   r.choice("log_level", o.log_level, {"trace", "debug", "info", "warn", "error", "off"});
   r.optional("threads", o.threads, config::in_range_i(0, env::kMaxThreads));
   r.choice("device", o.device, {"auto", "cpu", "cuda"});

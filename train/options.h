@@ -21,6 +21,7 @@ struct RunOptions {
   std::string output_dir = "runs/run";
   int64_t seed = 1234;
   int64_t log_every = 10;
+  bool tensorboard = true;  // event files under <output_dir>/tb/ (rank 0)
   std::string log_level = "info";
   int threads = 0;               // CPU intra-op threads; 0: all available
   std::string device = "auto";   // auto | cpu | cuda

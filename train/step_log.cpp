@@ -34,10 +34,17 @@ double peak_flops(torch::Device device, double configured_tflops) {
 }
 
 StepLogger::StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
-                       double peak, const std::string& metrics_path)
+                       double peak, const std::string& metrics_path, const std::string& tensorboard_dir)
     : flops_per_token_(model::training_flops_per_token(model, seq_len)), peak_(peak), max_steps_(max_steps),
       log_every_(log_every) {
   if (!metrics_path.empty()) metrics_ = std::make_unique<MetricsWriter>(metrics_path);
+  if (!tensorboard_dir.empty()) tensorboard_ = std::make_unique<tensorboard::EventWriter>(tensorboard_dir);
+}
+
+StepLogger::~StepLogger() = default;
+
+void StepLogger::config_text(const std::string& yaml) {
+  if (tensorboard_) tensorboard_->add_text("config", 0, "```yaml\n" + yaml + "```");
 }
 
 nlohmann::json StepLogger::record(int64_t step, double lr, const StepStats& st, int64_t tokens, DataParallel& dp,
@@ -90,6 +97,20 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
   std::string extra;
   const nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
   if (metrics_) metrics_->write(rec);
+  if (tensorboard_) {
+    for (const auto& [key, value] : rec.items()) {
+      if (key == "step") continue;
+      if (value.is_number()) tensorboard_->add_scalar("train/" + key, step, value.get<double>());
+      if (value.is_object())  // per MoE block
+        for (const auto& [block, v] : value.items())
+          if (v.is_number()) tensorboard_->add_scalar("moe/imbalance/" + block, step, v.get<double>());
+    }
+    for (size_t b = 0; b < balancer.size(); ++b) {
+      const torch::Tensor load = balancer.load(b).to(torch::kFloat64).contiguous();
+      const double* p = load.data_ptr<double>();
+      tensorboard_->add_histogram("moe/expert_load/" + balancer.name(b), step, std::vector<double>(p, p + load.numel()));
+    }
+  }
   const double tok_s = rec["tokens_per_s"].get<double>(), step_s = rec["step_time_s"].get<double>();
   const double run_step_s = step > run_start_step_
                                 ? std::chrono::duration<double>(now - run_start_).count() / (step - run_start_step_)
@@ -105,6 +126,10 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
 
 void StepLogger::eval_done(int64_t step, double eval_loss) {
   if (metrics_) metrics_->write({{"step", step}, {"eval_loss", eval_loss}, {"eval_ppl", std::exp(eval_loss)}});
+  if (tensorboard_) {
+    tensorboard_->add_scalar("eval/loss", step, eval_loss);
+    tensorboard_->add_scalar("eval/ppl", step, std::exp(eval_loss));
+  }
   spdlog::info("eval step {} | loss {:.4f} | ppl {:.2f}", step, eval_loss, std::exp(eval_loss));
 }
 

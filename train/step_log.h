@@ -14,6 +14,7 @@
 #include "train/data_parallel.h"
 #include "train/step.h"
 #include "utils/metrics.h"
+#include "utils/tensorboard.h"
 
 namespace dsopen::train {
 
@@ -23,9 +24,14 @@ double peak_flops(torch::Device device, double configured_tflops);
 
 class StepLogger {
 public:
-  // `metrics_path` empty: no metrics.jsonl (ranks other than 0).
+  // `metrics_path` empty: no metrics.jsonl (ranks other than 0); `tensorboard_dir` empty: no event files. Every
+  // metrics.jsonl number is also a TensorBoard scalar (train/<key>, eval/loss, eval/ppl, moe/imbalance/<block>), and
+  // each MoE block's tokens per expert a histogram (moe/expert_load/<block>).
   StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
-             double peak_flops, const std::string& metrics_path);
+             double peak_flops, const std::string& metrics_path, const std::string& tensorboard_dir = "");
+  ~StepLogger();
+  // The run's resolved config, as text in TensorBoard.
+  void config_text(const std::string& yaml);
 
   // Counts a finished step into the throughput window; logs and records it when it is due. Returns whether it did.
   bool step_done(int64_t step, double lr, const StepStats& stats, int64_t tokens, DataParallel& dp,
@@ -41,6 +47,7 @@ private:
   double flops_per_token_, peak_;
   int64_t max_steps_, log_every_;
   std::unique_ptr<MetricsWriter> metrics_;
+  std::unique_ptr<tensorboard::EventWriter> tensorboard_;
   std::chrono::steady_clock::time_point window_start_ = std::chrono::steady_clock::now();
   int64_t window_tokens_ = 0, window_steps_ = 0;
   double window_comm_s_ = 0;

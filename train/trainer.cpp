@@ -205,7 +205,9 @@ TrainResult Trainer::run() {
   const ScheduleOptions schedule{t.schedule,       t.lr,          t.min_lr,         t.warmup_steps,
                                  t.max_steps,      t.decay_fraction, t.milestones, t.milestone_factors};
   StepLogger log(j.model, j.data.seq_len, t.max_steps, j.run.log_every, peak_flops(s.device, t.peak_tflops),
-                 group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "");
+                 group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "",
+                 group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "");
+  log.config_text(s.resolved_config);
   TrainResult result;
   int64_t bad_steps = 0;
   s.model->train();
