@@ -10,7 +10,7 @@ check() {  # check NAME EXPECTED_RC COMMAND...
   if [ "$rc" != "$want" ]; then echo "FAIL $name: exit $rc, want $want; output: $out"; fail=1; else echo "ok   $name"; fi
   LAST="$out"
 }
-for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert dsopen-quantize; do
+for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert dsopen-quantize dsopen-plot; do
   check "$b --help" 0 "$BIN/$b" --help
   check "$b --version" 0 "$BIN/$b" --version
   case "$LAST" in *"0.1.0"*) ;; *) echo "FAIL $b --version does not print 0.1.0: $LAST"; fail=1 ;; esac

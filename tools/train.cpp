@@ -34,6 +34,8 @@ void print_closing(const train::JobConfig& job, const train::TrainResult& r) {
   spdlog::info("{}", head);
   if (ckpt.empty()) return;
   spdlog::info("checkpoint {}{}", ckpt, r.interrupted ? " (run the same command again to resume)" : "");
+  spdlog::info("curves: {}/loss.png{}", job.run.output_dir,
+               job.run.tensorboard ? " | tensorboard --logdir " + job.run.output_dir + "/tb" : "");
   const bool adapter = job.lora.enabled;
   const std::string model = adapter ? job.model.pretrained + " --adapter " + ckpt : ckpt;
   spdlog::info("next: dsopen-generate --model {} --prompt \"...\"{}", model,

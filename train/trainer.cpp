@@ -13,6 +13,7 @@
 #include "train/checkpoint.h"
 #include "train/data_parallel.h"
 #include "train/evaluator.h"
+#include "train/plot.h"
 #include "train/precision.h"
 #include "train/schedule.h"
 #include "train/step.h"
@@ -38,6 +39,18 @@ extern "C" void on_stop_signal(int sig) {
   const ssize_t ignored = ::write(2, msg, sizeof msg - 1);
   (void)ignored;
   ::_exit(128 + sig);
+}
+
+// <output_dir>/loss.png with the curves so far; a picture never stops training (a warning at most, once).
+void draw_loss_png(const std::string& output_dir) {
+  static bool warned = false;
+  try {
+    if (!gnuplot_available()) throw runtime_error("gnuplot", "not found", "apt-get install gnuplot-nox");
+    plot_runs({output_dir}, output_dir + "/loss.png");
+  } catch (const std::exception& e) {
+    if (!warned) spdlog::warn("no loss.png: {}", e.what());
+    warned = true;
+  }
 }
 
 double directory_mb(const std::string& dir) {
@@ -248,6 +261,7 @@ TrainResult Trainer::run() {
       result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, s.dp->optimizer(), s.state,
                                                {s.resolved_config, j.tokenizer.path}, j.checkpoint.keep_last, &group);
       spdlog::info("saved {} ({:.2f} MB)", result.last_checkpoint, directory_mb(result.last_checkpoint));
+      if (group.rank() == 0) draw_loss_png(j.run.output_dir);
     }
     if (logged) log.restart_window();
     if (stop) {

@@ -357,6 +357,11 @@ for binary in ("train", "model-info"):
     case(binary, ["--config", RUN_YAML, "--set", "model.rope_theta=.inf"], "model.rope_theta")
     case(binary, ["--config", RUN_YAML, "--set", "model=null"], "model")
 case("model-info", ["--config", RUN_YAML, "--seq-len", "2000000000000"], "--seq-len")
+for args, names in (([EMPTY_DIR], "metrics.jsonl"), (["/nonexistent"], "/nonexistent"), ([], "RUN_DIR"),
+                    ([RUN_DIR, "--out", EMPTY_DIR], "--out"), ([RUN_DIR, "--out", "/dev/full"], "--out"),
+                    ([RUN_DIR, "--out", os.path.join(RUN_DIR, "metrics.jsonl")], "--out"),
+                    ([RUN_DIR, "--width", "5"], "--width"), ([RUN_DIR, "--height", "x"], "--height")):
+    case("plot", [*args] if "--out" in args else [*args, "--out", OUT("p.png")], names, [OUT("p.png")])
 case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.grad_accum_steps=1000000000000"],
      "train.grad_accum_steps", [f"{W}/run2"])
 case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "run.threads=100000"], "run.threads",

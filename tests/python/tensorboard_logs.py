@@ -123,6 +123,32 @@ cut = sum(len(ea2.Scalars(t)) for t in ea2.Tags()["scalars"]) + \
     sum(len(ea2.Histograms(t)) for t in ea2.Tags()["histograms"])
 check(cut == full - 1, f"a file cut inside its last record loads the {full - 1} complete ones (got {cut})")
 
+# --- pictures: the trainer's loss.png and dsopen-plot over two runs -------------------------------------------------
+def png_size(path):
+    data = open(path, "rb").read(24)
+    ok = data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if ok else None
+
+
+def colours(path):
+    from PIL import Image
+    return len(Image.open(path).convert("RGB").getcolors(maxcolors=1 << 24) or [])
+
+
+own = os.path.join(W, "run/loss.png")
+check(os.path.exists(own) and png_size(own) == (1400, 1000) and colours(own) > 50,
+      "the trainer drew <output_dir>/loss.png (1400x1000, curves on it)")
+must([os.path.join(BIN, "dsopen-train"), "--config", os.path.join(W, "run.yaml"), "--set", f"run.output_dir={W}/run2",
+      "--set", "train.max_steps=3", "--set", "train.lr=3e-3"])
+two = os.path.join(W, "two.png")
+must([os.path.join(BIN, "dsopen-plot"), os.path.join(W, "run"), os.path.join(W, "run2"), "--out", two,
+      "--width", "900", "--height", "600"])
+check(png_size(two) == (900, 600) and colours(two) > 50, f"dsopen-plot on two runs writes a 900x600 PNG ({png_size(two)})")
+r = subprocess.run([os.path.join(BIN, "dsopen-plot"), W, "--out", os.path.join(W, "none.png")], capture_output=True, text=True)
+errors = [l for l in r.stderr.splitlines() if "error:" in l]
+check(r.returncode == 1 and len(errors) == 1 and "metrics.jsonl: not found" in errors[0] and
+      not os.path.exists(os.path.join(W, "none.png")), f"a directory without metrics is one error line: {errors}")
+
 print(f"\n{len(failures)} failures")
 if not failures:
     shutil.rmtree(W)
