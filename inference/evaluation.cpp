@@ -7,6 +7,7 @@
 
 #include "data/dataset.h"
 #include "utils/errors.h"
+#include "utils/progress.h"
 
 namespace dsopen::inference {
 
@@ -60,6 +61,8 @@ Perplexity perplexity(model::CausalLM& m, const std::vector<std::string>& shards
   data::TokenDataset ds(o, data::Split::All);
   torch::NoGradGuard no_grad;
   double ce = 0, n = 0;
+  const int64_t batches = max_batches == 0 ? ds.num_samples() / 8 : std::min(max_batches, ds.num_samples() / 8);
+  Progress progress("perplexity", batches, "batches");
   for (int64_t start = 0, b = 0; start + 8 <= ds.num_samples() && (max_batches == 0 || b < max_batches); start += 8, ++b) {
     std::vector<int64_t> samples(8);
     std::iota(samples.begin(), samples.end(), start);
@@ -67,7 +70,9 @@ Perplexity perplexity(model::CausalLM& m, const std::vector<std::string>& shards
     auto out = m->forward(batch.input_ids, batch.labels);
     ce += out.ce_sum.item<double>();
     n += out.n_targets.item<double>();
+    progress.update(b + 1);
   }
+  progress.finish();
   if (n == 0) throw runtime_error("--data", "fewer than 8 sequences of --seq-len tokens");
   return {n, ce / n, std::exp(ce / n)};
 }

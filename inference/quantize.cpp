@@ -16,6 +16,7 @@
 #include "utils/env.h"
 #include "utils/compat.h"
 #include "utils/errors.h"
+#include "utils/progress.h"
 #include "utils/logging.h"
 
 namespace fs = std::filesystem;
@@ -291,9 +292,13 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
   for (const auto& [name, lin] : targets) check_group_size(lin->weight.size(1), o.group_size, bits, name);
   torch::NoGradGuard no_grad;
 
+  Progress progress("quantize", static_cast<int64_t>(targets.size()), "layers");
   if (result.method.quant_method == "rtn") {
-    for (const auto& [name, lin] : targets)
+    for (const auto& [name, lin] : targets) {
       result.layers[name] = quantize_rtn(lin->weight, bits, o.group_size, name, o.gptq.scale_dtype);
+      progress.update(static_cast<int64_t>(result.layers.size()));
+    }
+    progress.finish();
     return result;
   }
 
@@ -330,9 +335,11 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
       }
       lin->weight.copy_(dequantize(q).to(lin->weight.options()));
       result.layers[name] = std::move(q);
+      progress.update(static_cast<int64_t>(result.layers.size()));
     }
     spdlog::info("gptq: {} ({} layers) done", stage, layers.size());
   }
+  progress.finish();
   return result;
 }
 

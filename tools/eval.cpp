@@ -32,7 +32,7 @@ static int run(int argc, char** argv) {
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model")) throw usage_error("--model", "is required", "see --help");
-  logging::setup_console("warn");
+  logging::setup_console("info");  // --ppl over many shards reports its progress
   // What the flags ask is checked before the model is loaded.
   if (args.count("tokens") && !args.count("dump-logits")) throw usage_error("--tokens", "needs --dump-logits OUT.safetensors");
   if (!args.count("tokens")) {
