@@ -2,7 +2,6 @@
 // Reports ms per step, tokens/s and achieved model TFLOP/s (training FLOPs per token from model/config).
 //   dsopen-bench-model --config configs/bench/dense-125m.yaml --batch 4 --seq-len 512 --precision bf16
 #include <chrono>
-#include <filesystem>
 #include <cstdio>
 #include <iostream>
 
@@ -109,12 +108,7 @@ static int run(int argc, char** argv) {
   if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "use fp32 or bf16");
   const std::string device_name = args["device"].as<std::string>();
   if (device_name != "cpu" && device_name != "cuda") throw usage_error("--device", "'" + device_name + "': use cpu or cuda");
-  if (args.count("profile")) {
-    env::check_output_path(args["profile"].as<std::string>(), env::OutputKind::File, {args["config"].as<std::string>()},
-                           "--profile");
-    // LibTorch's profiler only warns when it cannot write its trace: give it its directory.
-    std::filesystem::create_directories(std::filesystem::absolute(args["profile"].as<std::string>()).parent_path());
-  }
+  if (args.count("profile")) cli::prepare_profile_output(args["profile"].as<std::string>(), {args["config"].as<std::string>()});
   const int threads = env::configure_threads(args["threads"].as<int>());
   torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
   if (device.is_cuda() && !torch::cuda::is_available()) throw usage_error("--device", "CUDA is not available");

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
@@ -86,10 +85,7 @@ void check_args(const cxxopts::ParseResult& args) {
     std::vector<std::string> inputs{model::resolve_latest(args["model"].as<std::string>())};
     for (const char* name : {"adapter", "tokenizer", "prompt-file"})
       if (args.count(name)) inputs.push_back(args[name].as<std::string>());
-    env::check_output_path(args["profile"].as<std::string>(), env::OutputKind::File, inputs, "--profile");
-    // LibTorch's profiler only warns when it cannot write its trace: give it its directory.
-    const auto parent = std::filesystem::absolute(args["profile"].as<std::string>()).parent_path();
-    std::filesystem::create_directories(parent);
+    cli::prepare_profile_output(args["profile"].as<std::string>(), inputs);
   }
 }
 

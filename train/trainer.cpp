@@ -44,12 +44,15 @@ extern "C" void on_stop_signal(int sig) {
 // <output_dir>/loss.png with the curves so far; a picture never stops training (a warning at most, once).
 void draw_loss_png(const std::string& output_dir) {
   static bool warned = false;
+  const auto warn_once = [](const std::string& why) {
+    if (!warned) spdlog::warn("no loss.png: {}", why);
+    warned = true;
+  };
+  if (!gnuplot_available()) return warn_once("gnuplot not found (apt-get install gnuplot-nox)");
   try {
-    if (!gnuplot_available()) throw runtime_error("gnuplot", "not found", "apt-get install gnuplot-nox");
     plot_runs({output_dir}, output_dir + "/loss.png");
   } catch (const std::exception& e) {
-    if (!warned) spdlog::warn("no loss.png: {}", e.what());
-    warned = true;
+    warn_once(e.what());
   }
 }
 

@@ -2,9 +2,11 @@
 
 #include <torch/version.h>
 
+#include <filesystem>
 #include <iostream>
 
 #include "utils/config.h"
+#include "utils/env.h"
 #include "utils/errors.h"
 
 namespace dsopen::cli {
@@ -63,6 +65,11 @@ std::vector<std::string> values_of(int argc, char** argv, const std::string& nam
     else if (a.rfind(flag + "=", 0) == 0) out.push_back(a.substr(flag.size() + 1));
   }
   return out;
+}
+
+void prepare_profile_output(const std::string& path, const std::vector<std::string>& inputs) {
+  env::check_output_path(path, env::OutputKind::File, inputs, "--profile");
+  std::filesystem::create_directories(std::filesystem::absolute(path).parent_path());
 }
 
 std::string version_string(const std::string& program) {

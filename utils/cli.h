@@ -21,6 +21,10 @@ bool handle_common(const cxxopts::Options& options, const cxxopts::ParseResult& 
 // --prompt "Hello, world" into two prompts.
 std::vector<std::string> values_of(int argc, char** argv, const std::string& name);
 
+// --profile PATH (a Chrome trace from LibTorch's profiler): refused like any output file (env::check_output_path
+// against `inputs`), and its directory created, since the profiler only warns when it cannot write.
+void prepare_profile_output(const std::string& path, const std::vector<std::string>& inputs);
+
 // "dsopen-train 0.1.0 (LibTorch 2.11.0, CUDA)".
 std::string version_string(const std::string& program);
 

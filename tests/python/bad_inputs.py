@@ -171,27 +171,21 @@ for binary in ("train", "model-info"):
         case(binary, ["--config", RUN_YAML, "--set", f"{key}={value}"], key.split(".")[1], [os.path.join(W, "run2")])
     case(binary, ["--config", RUN_YAML, "--set", "nosuchsection.x=1"], "nosuchsection")
     case(binary, ["--config", RUN_YAML, "--set", "model.hidden_size"], "model.hidden_size")
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.lr=-1"], "train.lr", [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.max_steps=-5"], "train.max_steps",
-     [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "data.seq_len=100000"], "data.seq_len",
-     [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.precision=fp8"],
-     "train.precision", [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{W}/nosuch_*.bin]"],
-     "nosuch_", [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_TRUNC}.bin]"],
-     S_TRUNC, [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_BAD_IDX}.bin]"],
-     S_BAD_IDX, [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"data.train=[{S_HIGH_ID}.bin]"],
-     S_HIGH_ID, [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"tokenizer.path={CORRUPT_TOK}"],
-     CORRUPT_TOK, [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"checkpoint.resume={M_TRUNC_WEIGHTS}"],
-     M_TRUNC_WEIGHTS, [f"{W}/run2/checkpoints"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", f"model.pretrained={M_BAD_JSON}"],
-     M_BAD_JSON, [f"{W}/run2"])
+def train_case(setting, names, outputs):
+    """dsopen-train on the fixture config with its output in $W/run2 and one --set."""
+    case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", setting], names, outputs)
+
+train_case("train.lr=-1", "train.lr", [f"{W}/run2"])
+train_case("train.max_steps=-5", "train.max_steps", [f"{W}/run2"])
+train_case("data.seq_len=100000", "data.seq_len", [f"{W}/run2"])
+train_case("train.precision=fp8", "train.precision", [f"{W}/run2"])
+train_case(f"data.train=[{W}/nosuch_*.bin]", "nosuch_", [f"{W}/run2/checkpoints"])
+train_case(f"data.train=[{S_TRUNC}.bin]", S_TRUNC, [f"{W}/run2/checkpoints"])
+train_case(f"data.train=[{S_BAD_IDX}.bin]", S_BAD_IDX, [f"{W}/run2/checkpoints"])
+train_case(f"data.train=[{S_HIGH_ID}.bin]", S_HIGH_ID, [f"{W}/run2/checkpoints"])
+train_case(f"tokenizer.path={CORRUPT_TOK}", CORRUPT_TOK, [f"{W}/run2/checkpoints"])
+train_case(f"checkpoint.resume={M_TRUNC_WEIGHTS}", M_TRUNC_WEIGHTS, [f"{W}/run2/checkpoints"])
+train_case(f"model.pretrained={M_BAD_JSON}", M_BAD_JSON, [f"{W}/run2"])
 case("train", ["--config", RUN_YAML, "--set", f"model.pretrained={MODEL}"], "checkpoint.dir")
 case("model-info", ["--config", RUN_YAML, "--world-size", "0"], "--world-size")
 case("model-info", ["--config", RUN_YAML, "--world-size", "two"], "--world-size")
@@ -362,20 +356,16 @@ for args, names in (([EMPTY_DIR], "metrics.jsonl"), (["/nonexistent"], "/nonexis
                     ([RUN_DIR, "--out", os.path.join(RUN_DIR, "metrics.jsonl")], "--out"),
                     ([RUN_DIR, "--width", "5"], "--width"), ([RUN_DIR, "--height", "x"], "--height")):
     case("plot", [*args] if "--out" in args else [*args, "--out", OUT("p.png")], names, [OUT("p.png")])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "train.grad_accum_steps=1000000000000"],
-     "train.grad_accum_steps", [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "run.threads=100000"], "run.threads",
-     [f"{W}/run2"])
-case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", 'data.train=[""]'], "data.train",
-     [f"{W}/run2"])
+train_case("train.grad_accum_steps=1000000000000", "train.grad_accum_steps", [f"{W}/run2"])
+train_case("run.threads=100000", "run.threads", [f"{W}/run2"])
+train_case('data.train=[""]', "data.train", [f"{W}/run2"])
 try:
     import torch
     cuda = torch.cuda.is_available()
 except ImportError:
     cuda = False
 if not cuda:
-    case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "run.device=cuda"], "run.device",
-         [f"{W}/run2"])
+    train_case("run.device=cuda", "run.device", [f"{W}/run2"])
 for value in ("100000", "-3"):
     case("bench-model", ["--config", RUN_YAML, "--threads", value], "--threads")
 for binary, extra in LOADERS.items():
