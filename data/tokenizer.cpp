@@ -5,16 +5,22 @@
 
 #include <nlohmann/json.hpp>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 #include <unordered_map>
 
 #include "data/text.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/progress.h"
 
 namespace dsopen::data {
 
@@ -125,7 +131,12 @@ namespace {
 // Feeds cleaned, non-empty lines of the input files to the trainer.
 class LineIterator : public sentencepiece::SentenceIterator {
 public:
-  LineIterator(const std::vector<std::string>& files, bool strip) : files_(files), strip_(strip) { advance(); }
+  // `progress` (optional) hears the bytes read so far; `at_end` (optional) the number of lines, once, at the end.
+  LineIterator(const std::vector<std::string>& files, bool strip, Progress* progress = nullptr,
+               std::function<void(int64_t lines)> at_end = {})
+      : files_(files), strip_(strip), progress_(progress), at_end_(std::move(at_end)) {
+    advance();
+  }
   bool done() const override { return done_; }
   void Next() override { advance(); }
   const std::string& value() const override { return line_; }
@@ -135,9 +146,13 @@ public:
 private:
   void advance() {
     while (true) {
-      if (!in_.is_open() || !std::getline(in_, line_)) {
+      if (in_.is_open() && std::getline(in_, line_)) {
+        bytes_ += static_cast<int64_t>(line_.size()) + 1;
+        if (progress_) progress_->update(bytes_);
+      } else {
         if (in_.is_open()) in_.close();
         if (next_file_ >= files_.size()) {
+          if (!done_ && at_end_ && count_ > 0) at_end_(count_);
           done_ = true;
           return;
         }
@@ -155,7 +170,9 @@ private:
   bool strip_, done_ = false;
   std::ifstream in_;
   std::string line_;
-  int64_t count_ = 0;
+  int64_t count_ = 0, bytes_ = 0;
+  Progress* progress_;
+  std::function<void(int64_t)> at_end_;
 };
 }  // namespace
 
@@ -200,7 +217,22 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
       {"minloglevel", "1"},
   };
   if (!symbols.empty()) args["user_defined_symbols"] = symbols;
-  LineIterator lines(o.inputs, o.strip_ansi);
+  // Phases: reading the text (bytes, with progress), learning the pieces (SentencePiece reports nothing inside),
+  // writing the model.
+  int64_t input_bytes = 0;
+  for (const auto& f : o.inputs) {
+    std::error_code ec;
+    const auto n = std::filesystem::file_size(f, ec);
+    if (!ec) input_bytes += static_cast<int64_t>(n);
+  }
+  Progress reading("tokenizer 1/3: reading text", input_bytes, "B");
+  auto learn_start = std::chrono::steady_clock::now();
+  LineIterator lines(o.inputs, o.strip_ansi, &reading, [&](int64_t n_lines) {
+    reading.finish();
+    spdlog::info("tokenizer 2/3: learning {} {} pieces from {} lines (SentencePiece reports no progress here)",
+                 o.vocab_size, o.model_type, n_lines);
+    learn_start = std::chrono::steady_clock::now();
+  });
   if (lines.done()) throw runtime_error(o.inputs.front(), "no usable text in the input files (all empty or invalid UTF-8)");
   std::string model;
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines, &model);
@@ -213,6 +245,9 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
                         too_small ? "raise --vocab-size or lower --character-coverage"
                                   : "a smaller --vocab-size often helps on small corpora");
   }
+  spdlog::info("tokenizer 3/3: learned in {}, writing {}",
+               Progress::format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - learn_start).count()),
+               o.output);
   env::write_file_atomic(o.output, model);
 }
 
@@ -348,6 +383,81 @@ int32_t SentencePieceTokenizer::eos_id() const { return impl_->sp.eos_id(); }
 int32_t SentencePieceTokenizer::pad_id() const { return impl_->sp.pad_id(); }
 int32_t SentencePieceTokenizer::unk_id() const { return impl_->sp.unk_id(); }
 std::string SentencePieceTokenizer::piece(int32_t id) const { return impl_->sp.IdToPiece(id); }
+
+std::vector<SentencePieceTokenizer::PieceInfo> SentencePieceTokenizer::pieces() const {
+  const auto& sp = impl_->sp;
+  const int n = sp.GetPieceSize();
+  // User-defined pieces have no test of their own in the headers: they are the non-control pieces before the first
+  // byte piece (SentencePiece numbers control/unknown, user-defined, bytes, then learned pieces).
+  int first_byte = n;
+  for (int id = 0; id < n; ++id)
+    if (sp.IsByte(id)) {
+      first_byte = id;
+      break;
+    }
+  std::vector<PieceInfo> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int id = 0; id < n; ++id) {
+    int32_t type = 1;
+    if (sp.IsUnknown(id)) type = 2;
+    else if (sp.IsControl(id)) type = 3;
+    else if (sp.IsByte(id)) type = 6;
+    else if (sp.IsUnused(id)) type = 5;
+    else if (id < first_byte) type = 4;
+    out.push_back({sp.IdToPiece(id), sp.GetScore(id), type});
+  }
+  return out;
+}
+
+std::string SentencePieceTokenizer::model_type() const {
+  // ModelProto.trainer_spec (field 2) . model_type (field 3; UNIGRAM 1 is the default), read from the protobuf wire
+  // format directly: the sentencepiece headers do not expose the message.
+  const std::string proto = impl_->sp.serialized_model_proto();
+  auto varint = [](const std::string& b, size_t& i) {
+    uint64_t v = 0;
+    for (int shift = 0; i < b.size() && shift < 64; shift += 7) {
+      const auto c = static_cast<uint8_t>(b[i++]);
+      v |= static_cast<uint64_t>(c & 0x7f) << shift;
+      if (!(c & 0x80)) break;
+    }
+    return v;
+  };
+  // Calls `on(field, wire_type, begin, end)` for each field of the message in b[begin, end).
+  auto fields = [&](const std::string& b, size_t begin, size_t end, auto&& on) {
+    size_t i = begin;
+    while (i < end) {
+      const uint64_t key = varint(b, i);
+      const int field = static_cast<int>(key >> 3), wire = static_cast<int>(key & 7);
+      size_t start = i;
+      if (wire == 0) varint(b, i);
+      else if (wire == 1) i += 8;
+      else if (wire == 5) i += 4;
+      else if (wire == 2) {
+        const uint64_t len = varint(b, i);
+        start = i;
+        i += len;
+      } else return;  // groups: not in this schema
+      if (i > end) return;
+      on(field, wire, start, i);
+    }
+  };
+  uint64_t type = 1;
+  fields(proto, 0, proto.size(), [&](int field, int wire, size_t b, size_t e) {
+    if (field != 2 || wire != 2) return;
+    fields(proto, b, e, [&](int f, int w, size_t vb, size_t) {
+      if (f == 3 && w == 0) {
+        size_t i = vb;
+        type = varint(proto, i);
+      }
+    });
+  });
+  switch (type) {
+    case 2: return "bpe";
+    case 3: return "word";
+    case 4: return "char";
+    default: return "unigram";
+  }
+}
 int32_t SentencePieceTokenizer::token_id(const std::string& piece) const {
   const int id = impl_->sp.PieceToId(piece);
   return (id == impl_->sp.unk_id() && piece != impl_->sp.IdToPiece(id)) ? -1 : id;

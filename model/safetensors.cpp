@@ -15,6 +15,7 @@
 #include "utils/compat.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/progress.h"
 
 namespace dsopen::model {
 
@@ -133,7 +134,10 @@ void save_safetensors(const std::string& path, const std::map<std::string, torch
   const uint64_t len = h.size();
   std::vector<env::Bytes> pieces{{&len, 8}, {h.data(), h.size()}};
   for (const auto& t : data) pieces.push_back({t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size())});
-  env::write_file_atomic(path, pieces);
+  // Silent for small files; a line with bytes and rate once a write takes more than two seconds.
+  Progress progress("writing " + path, static_cast<int64_t>(8 + h.size() + offset), "B", 30.0, /*quiet_below_s=*/2.0);
+  env::write_file_atomic(path, pieces, [&](size_t written) { progress.update(static_cast<int64_t>(written)); });
+  progress.finish();
 }
 
 }  // namespace dsopen::model

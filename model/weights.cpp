@@ -10,6 +10,7 @@
 #include "model/lora.h"
 #include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/progress.h"
 #include "utils/json.h"
 
 namespace fs = std::filesystem;
@@ -109,6 +110,9 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
   const int64_t L = model->config().num_hidden_layers;
   torch::NoGradGuard no_grad;
   int64_t fresh = 0;
+  int64_t total_bytes = 0;
+  for (const auto& [name, t] : targets) total_bytes += t.numel() * t.element_size();
+  Progress progress("loading " + file.path(), total_bytes, "B", 30.0, /*quiet_below_s=*/2.0);
   for (auto& [name, t] : targets) {
     const bool mtp_copy = name.find("embed_tokens") != std::string::npos && name.rfind("model.layers.", 0) == 0;
     const bool head_copy = name.find("shared_head.head") != std::string::npos;
@@ -131,7 +135,9 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
     }
     t.copy_(file.tensor(name));
     file.release(name);
+    progress.advance(t.numel() * t.element_size());
   }
+  if (problems.empty()) progress.finish();
   if (o.strict) {
     for (const auto& name : file.names()) {
       if (targets.count(name) || consumed.count(name)) continue;

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "utils/errors.h"
+#include "utils/progress.h"
 #include "utils/json.h"
 
 namespace dsopen::train {
@@ -123,7 +124,8 @@ const torch::Tensor& saved(const FlatAdamW::SavedShard& sh, const std::string& k
 }  // namespace
 
 // Copies, from every shard, the parts of its saved ranges that this rank owns; they must cover all it owns.
-void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards) {
+void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards,
+                             Progress& progress) {
   int64_t needed = 0, covered = 0;
   const auto mine = params_->owned_ranges(g);
   for (const auto& r : mine) needed += r.numel;
@@ -144,6 +146,7 @@ void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<
         mo.m.narrow(0, r.state_offset + lo - r.unpadded_offset, hi - lo).copy_(m.narrow(0, so + lo - uo, hi - lo));
         mo.v.narrow(0, r.state_offset + lo - r.unpadded_offset, hi - lo).copy_(v.narrow(0, so + lo - uo, hi - lo));
         covered += hi - lo;
+        progress.advance((hi - lo) * (mo.m.element_size() + mo.v.element_size()));
       }
     }
   }
@@ -157,7 +160,11 @@ void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards) {
   check_layout(shards);
   torch::NoGradGuard no_grad;
   const auto& groups = params_->groups();
-  for (size_t gi = 0; gi < groups.size(); ++gi) load_moments(groups[gi], moments_[gi], shards);
+  int64_t bytes = 0;
+  for (const auto& mo : moments_) bytes += mo.m.numel() * mo.m.element_size() + mo.v.numel() * mo.v.element_size();
+  Progress progress("loading optimizer state", bytes, "B", 30.0, /*quiet_below_s=*/2.0);
+  for (size_t gi = 0; gi < groups.size(); ++gi) load_moments(groups[gi], moments_[gi], shards, progress);
+  progress.finish();
   const auto& step = saved(shards.front(), "step");
   if (step.numel() != 1) throw runtime_error(shards.front().source, "'step' must hold one value", "restore the file");
   step_ = step.item<int64_t>();

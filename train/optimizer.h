@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "train/flat_params.h"
+#include "utils/progress.h"
 
 namespace dsopen::train {
 
@@ -63,7 +64,7 @@ private:
     torch::Tensor m, v;  // the owned part of the group (everything without shard_state)
   };
   void check_layout(const std::vector<SavedShard>& shards) const;
-  void load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards);
+  void load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards, dsopen::Progress& progress);
 
   AdamWOptions opts_;
   std::unique_ptr<FlatParams> params_;

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -23,7 +24,58 @@ struct RunSeries {
   std::string train, eval;                      // gnuplot data: "step loss lr tokens_per_s" / "step eval_loss"
   std::map<std::string, std::string> imbalance;  // block -> "step imbalance" lines
   bool has_eval = false;
+  // The last record of expert_load.jsonl: its step and each block's tokens per expert.
+  int64_t expert_step = -1;
+  std::map<std::string, std::vector<double>> expert_load;
 };
+
+// "model.layers.12.mlp" -> "12": the layer number is what a reader looks for.
+std::string layer_label(const std::string& block) {
+  if (block.rfind("model.layers.", 0) != 0) return block;
+  return block.substr(13, block.find('.', 13) - 13);
+}
+
+// Blocks in layer order ("model.layers.10" after "model.layers.9"), not string order.
+template <class Map>
+std::vector<std::string> blocks_in_layer_order(const Map& m) {
+  std::vector<std::string> v;
+  for (const auto& kv : m) v.push_back(kv.first);
+  std::stable_sort(v.begin(), v.end(), [](const std::string& a, const std::string& b) {
+    const std::string la = layer_label(a), lb = layer_label(b);
+    const bool na = !la.empty() && la.find_first_not_of("0123456789") == std::string::npos;
+    const bool nb = !lb.empty() && lb.find_first_not_of("0123456789") == std::string::npos;
+    if (na && nb) return std::stoll(la) < std::stoll(lb);
+    return na > nb;
+  });
+  return v;
+}
+
+// The last complete record of <dir>/expert_load.jsonl (written by the trainer for MoE models), when there is one.
+void read_expert_load(const std::string& dir, RunSeries& r) {
+  const std::string path = (fs::path(dir) / "expert_load.jsonl").string();
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return;
+  std::istringstream in(env::read_file(path));
+  for (std::string line; std::getline(in, line);) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception&) {
+      continue;  // a line cut by a crash
+    }
+    if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer() || !j.contains("expert_load") ||
+        !j["expert_load"].is_object())
+      continue;
+    std::map<std::string, std::vector<double>> loads;
+    bool ok = true;
+    for (const auto& [block, v] : j["expert_load"].items()) {
+      if (!v.is_array() || v.empty()) ok = false;
+      for (const auto& x : v) ok = ok && x.is_number();
+      if (ok) loads[block] = v.get<std::vector<double>>();
+    }
+    if (ok && !loads.empty()) r.expert_step = j["step"].get<int64_t>(), r.expert_load = std::move(loads);
+  }
+}
 
 // Blank-free gnuplot strings: a run name goes into titles.
 std::string gp_string(const std::string& s) {
@@ -62,6 +114,7 @@ RunSeries read_run(const std::string& dir) {
         if (v.is_number()) r.imbalance[block] += std::to_string(step) + " " + v.dump() + "\n";
   }
   if (r.train.empty()) throw runtime_error(path, "no training records", "let the run log a step first");
+  read_expert_load(dir, r);
   return r;
 }
 
@@ -104,38 +157,59 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
       train_plot += ", " + gp_string(e) + " using 1:2 with linespoints pt 7 ps 0.8 title " + gp_string(runs[i].name + " eval");
     }
   }
-  // The heat map: layers (rows) x steps (columns) of the first MoE run.
-  std::string heat;
+  // Heat maps of the first MoE run: imbalance as layers (rows) x steps (columns), and each expert's load relative to
+  // the mean (1 = balanced) as layers x experts at the last recorded step.
+  std::string heat, expert_heat;
   for (const auto& r : runs) {
     if (r.imbalance.empty()) continue;
     const std::string h = (tmp / "imbalance.dat").string();
     std::ofstream f(h);
     int row = 0;
     std::string labels;
-    for (const auto& [block, lines] : r.imbalance) {
-      std::istringstream in(lines);
+    for (const auto& block : blocks_in_layer_order(r.imbalance)) {
+      std::istringstream in(r.imbalance.at(block));
       for (std::string l; std::getline(in, l);) f << l.substr(0, l.find(' ')) << " " << row << " " << l.substr(l.find(' ') + 1) << "\n";
       f << "\n";
-      // "model.layers.12.mlp" -> "12": the layer number is what a reader looks for.
-      std::string label = block;
-      if (label.rfind("model.layers.", 0) == 0) label = label.substr(13, label.find('.', 13) - 13);
-      labels += (row ? ", " : "") + gp_string(label) + " " + std::to_string(row);
+      labels += (row ? ", " : "") + gp_string(layer_label(block)) + " " + std::to_string(row);
       ++row;
     }
     heat = "set title " + gp_string("MoE load imbalance (max / mean expert load) - " + r.name) +
            "\nset xlabel 'step'\nset ytics (" + labels + ")\nset ylabel 'layer'\nset cblabel 'imbalance'\n"
-           "set yrange [-0.5:" + std::to_string(row) + "-0.5]\nunset key\nunset grid\n"
+           "set yrange [-0.5:" + std::to_string(row) + "-0.5]\nset autoscale xfix\nunset key\nunset grid\n"
            "plot " + gp_string(h) + " using 1:2:3 with image\n";
+    if (!r.expert_load.empty()) {
+      const std::string e = (tmp / "expert_load.dat").string();
+      std::ofstream g(e);
+      int erow = 0;
+      size_t experts = 0;
+      std::string elabels;
+      for (const auto& block : blocks_in_layer_order(r.expert_load)) {
+        const auto& load = r.expert_load.at(block);
+        double sum = 0;
+        for (double x : load) sum += x;
+        const double mean = sum / static_cast<double>(load.size());
+        for (size_t k = 0; k < load.size(); ++k) g << k << " " << erow << " " << (mean > 0 ? load[k] / mean : 0.0) << "\n";
+        g << "\n";
+        elabels += (erow ? ", " : "") + gp_string(layer_label(block)) + " " + std::to_string(erow);
+        experts = std::max(experts, load.size());
+        ++erow;
+      }
+      expert_heat = "set title " + gp_string("expert load / mean at step " + std::to_string(r.expert_step) + " - " + r.name) +
+                    "\nset xlabel 'expert'\nset ytics (" + elabels + ")\nset ylabel 'layer'\nset cblabel 'load / mean'\n"
+                    "set xrange [-0.5:" + std::to_string(experts) + "-0.5]\nset yrange [-0.5:" + std::to_string(erow) +
+                    "-0.5]\nunset key\nunset grid\nplot " + gp_string(e) + " using 1:2:3 with image\n";
+    }
     break;
   }
   const fs::path target = fs::absolute(out_png);
   const fs::path partial = target.parent_path() / ("." + target.filename().string() + ".partial-" + std::to_string(::getpid()));
   std::string script = "set terminal pngcairo size " + std::to_string(o.width) + "," + std::to_string(o.height) +
                        " font ',10'\nset output " + gp_string(partial.string()) + "\nset grid\nset key top right\n";
-  script += std::string("set multiplot layout 2,2\n") + "set title 'loss'\nset xlabel 'step'\nplot " + train_plot +
+  script += std::string(expert_heat.empty() ? "set multiplot layout 2,2\n" : "set multiplot layout 2,3\n") + "set title 'loss'\nset xlabel 'step'\nplot " + train_plot +
             "\nset title 'learning rate'\nplot " + lr_plot + "\nset title 'tokens / s'\nplot " + tps_plot + "\n";
   script += heat.empty() ? "set title 'MoE load imbalance: no MoE layers'\nunset key\nplot [0:1][0:1] NaN notitle\n"
                          : heat;
+  script += expert_heat.empty() ? "" : "unset xrange\n" + expert_heat;
   script += "unset multiplot\nset output\n";
   const std::string script_path = (tmp / "plot.gp").string();
   std::ofstream(script_path) << script;

@@ -1,7 +1,8 @@
 // Training curves as a picture: the metrics.jsonl of one or more runs drawn by gnuplot (Debian gnuplot-nox, pngcairo
-// terminal) — loss with eval loss, learning rate, tokens/s, and for MoE runs the per-layer load imbalance over
-// steps as a heat map. dsopen-plot draws several runs overlaid; the trainer draws its own run into
-// <output_dir>/loss.png at each checkpoint and at the end.
+// terminal) — loss with eval loss, learning rate, tokens/s, and for MoE runs two heat maps: the per-layer load
+// imbalance over steps (layer x step, from metrics.jsonl) and each expert's load relative to the mean at the last
+// recorded step (layer x expert, from expert_load.jsonl). dsopen-plot draws several runs overlaid; the trainer draws
+// its own run into <output_dir>/loss.png at each checkpoint and at the end.
 #pragma once
 
 #include <string>

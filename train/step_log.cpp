@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cmath>
+#include <filesystem>
 
 #include "model/info.h"
 #include "utils/env.h"
@@ -37,7 +38,12 @@ StepLogger::StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t
                        double peak, const std::string& metrics_path, const std::string& tensorboard_dir)
     : flops_per_token_(model::training_flops_per_token(model, seq_len)), peak_(peak), max_steps_(max_steps),
       log_every_(log_every) {
-  if (!metrics_path.empty()) metrics_ = std::make_unique<MetricsWriter>(metrics_path);
+  if (!metrics_path.empty()) {
+    metrics_ = std::make_unique<MetricsWriter>(metrics_path);
+    if (model.n_routed_experts > 0)
+      expert_load_ = std::make_unique<MetricsWriter>(
+          (std::filesystem::path(metrics_path).parent_path() / "expert_load.jsonl").string());
+  }
   if (!tensorboard_dir.empty()) tensorboard_ = std::make_unique<tensorboard::EventWriter>(tensorboard_dir);
 }
 
@@ -97,6 +103,16 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
   std::string extra;
   const nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
   if (metrics_) metrics_->write(rec);
+  if (expert_load_ && !balancer.empty()) {
+    // Tokens routed to each expert of each MoE block in this step: dsopen-plot's layer x expert map.
+    nlohmann::json loads = nlohmann::json::object();
+    for (size_t b = 0; b < balancer.size(); ++b) {
+      const torch::Tensor load = balancer.load(b).to(torch::kFloat64).contiguous();
+      const double* p = load.data_ptr<double>();
+      loads[balancer.name(b)] = std::vector<double>(p, p + load.numel());
+    }
+    expert_load_->write({{"step", step}, {"expert_load", loads}});
+  }
   if (tensorboard_) {
     for (const auto& [key, value] : rec.items()) {
       if (key == "step") continue;

@@ -26,7 +26,8 @@ class StepLogger {
 public:
   // `metrics_path` empty: no metrics.jsonl (ranks other than 0); `tensorboard_dir` empty: no event files. Every
   // metrics.jsonl number is also a TensorBoard scalar (train/<key>, eval/loss, eval/ppl, moe/imbalance/<block>), and
-  // each MoE block's tokens per expert a histogram (moe/expert_load/<block>).
+  // each MoE block's tokens per expert a histogram (moe/expert_load/<block>) and a line of expert_load.jsonl (next to
+  // metrics.jsonl: {"step": S, "expert_load": {block: [tokens per expert]}}).
   StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
              double peak_flops, const std::string& metrics_path, const std::string& tensorboard_dir = "");
   ~StepLogger();
@@ -47,6 +48,7 @@ private:
   double flops_per_token_, peak_;
   int64_t max_steps_, log_every_;
   std::unique_ptr<MetricsWriter> metrics_;
+  std::unique_ptr<MetricsWriter> expert_load_;  // expert_load.jsonl next to metrics.jsonl, MoE models only
   std::unique_ptr<tensorboard::EventWriter> tensorboard_;
   std::chrono::steady_clock::time_point window_start_ = std::chrono::steady_clock::now();
   int64_t window_tokens_ = 0, window_steps_ = 0;

@@ -51,7 +51,8 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
   write_file_atomic(path, std::vector<Bytes>{{contents.data(), contents.size()}});
 }
 
-void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces) {
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces,
+                       const std::function<void(size_t written)>& on_written) {
   std::error_code ec;
   const auto status = std::filesystem::status(path, ec);
   if (status.type() == std::filesystem::file_type::directory)
@@ -62,17 +63,20 @@ void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces
   const std::string tmp = path + ".tmp." + std::to_string(getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
+  size_t total = 0;
   for (const Bytes& piece : pieces) {
     const char* c = static_cast<const char*>(piece.data);
     size_t n = piece.size;
     while (n > 0) {
-      const ssize_t w = ::write(fd, c, n);
+      const ssize_t w = ::write(fd, c, std::min<size_t>(n, size_t(64) << 20));
       if (w <= 0) {
         ::close(fd);
         ::unlink(tmp.c_str());
         throw runtime_error(path, "write failed (disk full?)");
       }
       c += w, n -= static_cast<size_t>(w);
+      total += static_cast<size_t>(w);
+      if (on_written) on_written(total);
     }
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,9 @@ struct Bytes {
   const void* data;
   size_t size;
 };
-void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces);
+// `on_written` (optional) hears the bytes written so far, at least every 64 MiB, for progress lines.
+void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces,
+                       const std::function<void(size_t written)>& on_written = {});
 
 // Resident memory of this process in MB: now (/proc/self/statm; 0 where that does not exist) and its peak so far
 // (getrusage).

@@ -3,7 +3,7 @@
 
 Every number of metrics.jsonl is a scalar at the same step (train/<key>, eval/loss, eval/ppl,
 moe/imbalance/<block>); each MoE block's expert-load histogram counts the token copies routed in the step
-(tokens x num_experts_per_tok); the resolved config is there as text; a file cut inside its last record (what a
+(tokens x num_experts_per_tok), and expert_load.jsonl holds the same counts per expert; the resolved config is there as text; a file cut inside its last record (what a
 SIGKILL mid-write leaves) still loads every complete record.
 
 Usage: tensorboard_logs.py BIN_DIR
@@ -93,7 +93,8 @@ tokens = {r["step"]: r["tokens"] for r in records if "tokens" in r}
 per_step = {s: tokens[s] - tokens.get(s - 1, 0) for s in tokens if s == 1 or s - 1 in tokens}
 # The MTP module's MoE block (model.layers.{num_hidden_layers}) sees one position fewer per row: its input at the
 # last position would need a token beyond the row.
-L = json.load(open(os.path.join(W, "run/checkpoints/step_00000007/config.json")))["num_hidden_layers"]
+HF = json.load(open(os.path.join(W, "run/checkpoints/step_00000007/config.json")))
+L, EXPERTS = HF["num_hidden_layers"], HF["n_routed_experts"]
 
 
 def routed(tag, step):
@@ -107,6 +108,16 @@ checked = sum(1 for t in hist_tags for h in ea.Histograms(t) if h.step in per_st
 check(len(hist_tags) >= 1 and checked >= 2 * len(hist_tags) and not bad,
       f"expert-load histograms of {len(hist_tags)} MoE blocks count {TOPK} copies of each token trained on "
       f"({checked} checked: {bad[:3]})")
+# expert_load.jsonl (the layer x expert map of dsopen-plot) holds the same counts as the histograms.
+loads = {r["step"]: r["expert_load"] for r in map(json.loads, open(os.path.join(W, "run/expert_load.jsonl")))}
+bad = [(block, step) for step, per_block in loads.items() for block, v in per_block.items()
+       if step in per_step and sum(v) != routed(f"moe/expert_load/{block}", step)]
+hist_sums = {(t[len("moe/expert_load/"):], h.step): h.histogram_value.sum for t in hist_tags for h in ea.Histograms(t)}
+check(set(loads) == {r["step"] for r in records if "loss" in r} and not bad and
+      all(len(v) == EXPERTS for per_block in loads.values() for v in per_block.values()) and
+      all(math.isclose(hist_sums[(b, s)], sum(i * x for i, x in enumerate(v)), abs_tol=1e-6)
+          for s, per_block in loads.items() for b, v in per_block.items()),
+      f"expert_load.jsonl: one record per logged step, {EXPERTS} experts per block, the histograms' counts ({bad[:3]})")
 text = ea.Tensors("config")[0].tensor_proto.string_val[0].decode() if "config" in tags["tensors"] else ""
 check("micro_batch_size" in text, "the resolved config is a text summary")
 
