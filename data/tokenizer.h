@@ -74,6 +74,17 @@ public:
   int32_t unk_id() const;
   std::string piece(int32_t id) const;  // the vocabulary entry of `id` ("<s>", "▁the", "<0x0A>")
 
+  // Each piece with its score and kind, numbered as llama.cpp's llama_token_type (GGUF tokenizer.ggml.token_type):
+  // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+  struct PieceInfo {
+    std::string piece;
+    float score;
+    int32_t type;
+  };
+  std::vector<PieceInfo> pieces() const;
+  // The trainer's model type recorded in the model: "unigram", "bpe", "word" or "char".
+  std::string model_type() const;
+
 private:
   SentencePieceTokenizer() = default;
   struct Impl;

@@ -1,11 +1,13 @@
 // dsopen-convert: rewrite a model directory (dsopen checkpoint or HF directory) as an HF directory, optionally in
-// another dtype and split into shards — the output loads in transformers. With --adapter, a LoRA adapter (PEFT
-// layout) is merged into the weights first.
+// another dtype and split into shards — the output loads in transformers — or as one GGUF file for llama.cpp and
+// Ollama (inference/gguf_export.h). With --adapter, a LoRA adapter (PEFT layout) is merged into the weights first.
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --out exported/tiny --dtype bf16
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --adapter runs/lora/checkpoints/step_00000150 --out merged
+//   dsopen-convert --model runs/tiny --format gguf --type q8_0 --out tiny-q8_0.gguf
 #include <iostream>
 
 #include "inference/export_files.h"
+#include "inference/gguf_export.h"
 #include "inference/loader.h"
 #include "model/generation_config.h"
 #include "model/lora.h"
@@ -18,9 +20,12 @@
 using namespace dsopen;
 
 static int run(int argc, char** argv) {
-  cxxopts::Options options("dsopen-convert", "Export a checkpoint or HF directory as an HF model directory");
+  cxxopts::Options options("dsopen-convert", "Export a checkpoint or HF directory as an HF model directory or a GGUF file");
   options.add_options()("model", "Input directory", cxxopts::value<std::string>())(
-      "out", "Output directory", cxxopts::value<std::string>())(
+      "out", "Output directory (--format hf) or file (--format gguf)", cxxopts::value<std::string>())(
+      "format", "hf (a transformers directory) | gguf (one file for llama.cpp / Ollama)",
+      cxxopts::value<std::string>()->default_value("hf"))(
+      "type", "gguf: f32 | f16 | bf16 | q8_0 | q4_0 (default f16)", cxxopts::value<std::string>())(
       "adapter", "LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to merge into the weights",
       cxxopts::value<std::string>())(
       "dtype", "fp32 | bf16 | fp16", cxxopts::value<std::string>()->default_value("fp32"))(
@@ -31,14 +36,23 @@ static int run(int argc, char** argv) {
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
   if (!args.count("model") || !args.count("out")) throw usage_error("--model/--out", "both are required", "see --help");
+  const std::string format = args["format"].as<std::string>();
+  if (format != "hf" && format != "gguf") throw usage_error("--format", "'" + format + "' is not hf or gguf");
+  const bool gguf = format == "gguf";
+  if (!gguf && args.count("type")) throw usage_error("--type", "is for --format gguf", "use --dtype for HF directories");
+  if (gguf && args.count("dtype"))
+    throw usage_error("--dtype", "is for --format hf", "use --type f32|f16|bf16|q8_0|q4_0 for GGUF");
+  const auto gguf_type = inference::gguf_type(args.count("type") ? args["type"].as<std::string>() : "f16");
+  if (gguf && args.count("keep-mtp")) throw usage_error("--keep-mtp", "is for --format hf", "llama.cpp decodes without MTP");
   const std::string d = args["dtype"].as<std::string>();
   if (d != "fp32" && d != "bf16" && d != "fp16") throw usage_error("--dtype", "'" + d + "' is not fp32, bf16 or fp16");
   const auto dtype = d == "bf16" ? torch::kBFloat16 : d == "fp16" ? torch::kFloat16 : torch::kFloat32;
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
   const model::ModelDir source(args["model"].as<std::string>());
-  env::check_output_path(args["out"].as<std::string>(), env::OutputKind::Directory,
+  env::check_output_path(args["out"].as<std::string>(), gguf ? env::OutputKind::File : env::OutputKind::Directory,
                          {source.path(), args.count("adapter") ? args["adapter"].as<std::string>() : ""}, "--out");
+  if (gguf) inference::check_gguf_exportable(source.config());
   auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   if (!adapter.empty()) {
@@ -47,6 +61,11 @@ static int run(int argc, char** argv) {
     std::cout << "merged the adapter of " << adapted.size() << " projections from " << adapter << std::endl;
   }
   const std::string out = args["out"].as<std::string>();
+  if (gguf) {
+    inference::export_gguf(m, source, adapter, out, gguf_type);
+    std::cout << "wrote " << out << std::endl;
+    return 0;
+  }
   model::HfExportOptions o;
   o.dtype = dtype;
   o.max_shard_bytes = static_cast<int64_t>(shard_mb * (1 << 20));

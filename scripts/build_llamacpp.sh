@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's command-line tools (llama-completion, llama-simple, llama-bench, llama-tokenize) for the
+# GGUF round trip and the decode-speed comparison, and bench/llamacpp_greedy.cpp against its library. The source is the copy of llama.cpp that the
+# `llama-cpp-python` source distribution on PyPI carries (vendor/llama.cpp), so only PyPI is needed.
+# Usage: scripts/build_llamacpp.sh          prints the bin directory on stdout (builds once, then reuses it)
+# Env: LLAMACPP_PYPI_VERSION (0.3.36)  DSOPEN_CACHE (~/.cache/dsopen)  JOBS (nproc)
+set -euo pipefail
+VERSION="${LLAMACPP_PYPI_VERSION:-0.3.36}"
+CACHE="${DSOPEN_CACHE:-$HOME/.cache/dsopen}"
+JOBS="${JOBS:-$(nproc)}"
+DIR="$CACHE/llama.cpp-py$VERSION"
+BIN="$DIR/build/bin"
+TOOLS=(llama-completion llama-simple llama-bench llama-tokenize)
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+have_all() {
+  for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done
+  [ -x "$BIN/llamacpp_greedy" ] && [ "$BIN/llamacpp_greedy" -nt "$ROOT/bench/llamacpp_greedy.cpp" ]
+}
+build_greedy() {
+  g++ -O2 -std=c++17 -I "$DIR/src/include" -I "$DIR/src/ggml/include" "$ROOT/bench/llamacpp_greedy.cpp" \
+    -o "$BIN/llamacpp_greedy" "$DIR/build/src/libllama.a" "$DIR/build/ggml/src/libggml.a" \
+    "$DIR/build/ggml/src/libggml-cpu.a" "$DIR/build/ggml/src/libggml-base.a" -fopenmp -lpthread -ldl >&2
+}
+if have_all; then echo "$BIN"; exit 0; fi
+mkdir -p "$DIR"
+if [ ! -f "$DIR/src/CMakeLists.txt" ]; then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  echo "fetching llama-cpp-python==$VERSION (source distribution) from PyPI" >&2
+  python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp" >&2
+  tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
+  rm -rf "$DIR/src"
+  mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DIR/src"
+fi
+echo "building llama.cpp tools in $DIR/build ($JOBS jobs; a few minutes once)" >&2
+cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
+cmake --build "$DIR/build" -j "$JOBS" --target "${TOOLS[@]}" >&2
+build_greedy
+have_all || { echo "error: llama.cpp build finished without ${TOOLS[*]} in $BIN" >&2; exit 1; }
+echo "$BIN"
