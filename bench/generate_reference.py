@@ -28,9 +28,31 @@ torch.set_num_threads(a.threads)
 dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
 
 
+def row_layout(sd, bits):
+    """dsopen-quantize's GPTQ tensors (qweight int32 [in * bits / 32, out] packed along the input, qzeros [G, out *
+    bits / 32] holding zero - 1, scales [G, out], g_idx i // g) -> the row layout the kernels below take: qweight
+    uint8 [out, in] (int4: two codes per byte, low nibble = even column), scales and zeros [out, G]."""
+    per, mask, out = 32 // bits, (1 << bits) - 1, {}
+    for name, t in sd.items():
+        if name.endswith((".qzeros", ".g_idx", ".scales")):
+            continue
+        if not name.endswith(".qweight"):
+            out[name] = t
+            continue
+        base = name[: -len(".qweight")]
+        w = t.to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(w >> (bits * j)) & mask for j in range(per)], 1).flatten(0, 1).t()  # [out, in]
+        z = sd[base + ".qzeros"].to(torch.int64) & 0xFFFFFFFF
+        zeros = torch.stack([(z >> (bits * j)) & mask for j in range(per)], 2).flatten(1, 2) + 1  # [G, out]
+        out[name] = ((codes[:, 0::2] | (codes[:, 1::2] << 4)) if bits == 4 else codes).to(torch.uint8).contiguous()
+        out[base + ".scales"] = sd[base + ".scales"].t().contiguous()
+        out[base + ".zeros"] = zeros.t().to(sd[base + ".scales"].dtype).contiguous()
+    return out
+
+
 def dequantized_state_dict(path, bits):
     """model.safetensors of dsopen-quantize -> float32 weights: W = (q - zeros) * scales per group of columns."""
-    sd = load_file(path)
+    sd = row_layout(load_file(path), bits)
     out = {}
     for name, t in sd.items():
         if name.endswith((".scales", ".zeros")):
@@ -104,7 +126,7 @@ class Int8Linear(torch.nn.Module):
 def use_packed_kernels(model, path, bits):
     """Replaces every nn.Linear whose weight the file holds as int4 codes, or as per-channel int8 codes with an
     input dimension divisible by 16 (what the int8 kernel takes); returns how many."""
-    sd = load_file(path)
+    sd = row_layout(load_file(path), bits)
     n = 0
     for name, module in list(model.named_modules()):
         if not (isinstance(module, torch.nn.Linear) and name + ".qweight" in sd):

@@ -24,7 +24,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// The weight loader's hook for quantized layers: <layer>.weight comes from <layer>.qweight/scales/zeros, either
+// The weight loader's hook for quantized layers: <layer>.weight comes from the layer's quantized tensors, either
 // dequantized into the model now or (layers a kernel takes) kept in `packed` for the Linear to hold.
 model::AlternateTensorHook quantized_hook(const QuantizationMeta& meta, torch::Device device, QuantizedLayers layers,
                                           std::map<std::string, QuantizedWeight>& packed) {
@@ -35,7 +35,7 @@ model::AlternateTensorHook quantized_hook(const QuantizationMeta& meta, torch::D
     auto q = read_quantized_weight(files, base, t.size(0), t.size(1), meta, alt.problem);
     if (!q) return alt;
     alt.found = true;
-    alt.consumed = quantized_tensor_names(base);
+    alt.consumed = quantized_tensor_names(base, meta);
     if (layers != QuantizedLayers::Dequantized && device.is_cpu() && has_packed_kernel(*q) && !ends_with(base, "kv_b_proj"))
       packed.emplace(base, *q);
     else
@@ -53,7 +53,7 @@ void attach_packed(model::CausalLM& m, const std::map<std::string, QuantizedWeig
     auto* lin = item.value()->as<model::Linear>();
     if (it == packed.end() || !lin) continue;
     lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
-    files.release(item.key() + ".qweight");
+    files.release(item.key() + ".qweight");  // the kernel holds its own copy of the codes
     lin->weight.set_data(torch::empty({0}, lin->weight.options()));
   }
 }
@@ -66,7 +66,7 @@ model::CausalLM load_model(const std::string& dir, torch::Device device, bool ke
   const model::WeightFiles weights = md.weights();
   c.use_mtp = keep_mtp && c.num_nextn_predict_layers > 0 &&
               weights.contains("model.layers." + std::to_string(c.num_hidden_layers) + ".eh_proj.weight");
-  const auto meta = read_quantization_meta(weights);
+  const auto meta = read_quantization_meta(weights, md.has("config.json") ? md.file("config.json") : "");
   // A float model is built in fp32 on the host: refuse what cannot fit before allocating it. (Quantized layers'
   // float buffers are never touched, so their size says nothing.)
   const double need = 4.0 * static_cast<double>(model::count_parameters(c).total);

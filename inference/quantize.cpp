@@ -55,7 +55,7 @@ torch::Tensor quantize_codes(const torch::Tensor& w, const torch::Tensor& scale,
 
 // ---- groups --------------------------------------------------------------------------------------------------
 
-std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype) {
+std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype, bool sym) {
   const double maxq = (1 << bits) - 1;
   auto wd = w.to(torch::kFloat64);
   auto mn = wd.amin(1).clamp_max(0.0);  // [out]; the range always holds 0 so that zero is a code
@@ -63,20 +63,28 @@ std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int
   auto flat = (mn == 0) & (mx == 0);
   mn = torch::where(flat, torch::full_like(mn, -1.0), mn);
   mx = torch::where(flat, torch::full_like(mx, 1.0), mx);
+  if (sym) {  // GPTQ's symmetric grid: [-m, m] with m = max|w|, zero in the middle code
+    auto scale = round_up_to(2 * torch::maximum(-mn, mx) / maxq, dtype);
+    return {scale, torch::full_like(scale, std::floor((maxq + 1) / 2))};
+  }
   auto scale = round_up_to((mx - mn) / maxq, dtype);
   auto zero = torch::round(-mn / scale).clamp(0, maxq);
-  return {scale, zero};
+  // The GPTQ (v1) layout stores zero - 1 in `bits` bits, so zero 0 (no weight below -scale / 2) cannot be stored:
+  // such groups take zero 1 and a step that still reaches both ends, max / (maxq - 1) or -min.
+  auto low = zero < 1;
+  auto lifted = round_up_to(torch::maximum(mx / (maxq - 1), -mn), dtype);
+  return {torch::where(low, lifted, scale), torch::where(low, torch::ones_like(zero), zero)};
 }
 
 QuantizedWeight quantize_rtn(const torch::Tensor& W, int bits, int64_t g, const std::string& layer,
-                             torch::Dtype scale_dtype) {
+                             torch::Dtype scale_dtype, bool sym) {
   TORCH_CHECK(W.dim() == 2, "quantize_rtn: ", layer, " must be 2-D, got ", W.sizes());
   const int64_t out = W.size(0), in = W.size(1);
   check_group_size(in, g, bits, layer);
   g = layer_group_size(in, g);
   const int64_t G = in / g;
   auto wg = W.detach().to(torch::kCPU, torch::kFloat64).reshape({out * G, g});  // rows = (o, group)
-  auto [scale, zero] = group_params(wg, bits, scale_dtype);
+  auto [scale, zero] = group_params(wg, bits, scale_dtype, sym);
   auto codes = quantize_codes(wg, scale, zero, bits).to(torch::kUInt8).reshape({out, in});
   QuantizedWeight q;
   q.qweight = bits == 4 ? pack_int4(codes) : codes.contiguous();
@@ -148,7 +156,7 @@ QuantizedWeight gptq_quantize_layer(const torch::Tensor& W, const torch::Tensor&
         auto pos = invperm.slice(0, grp * g, (grp + 1) * g);
         auto cur = Wp.index_select(1, pos);
         if (i > 0) cur = cur - Err1.slice(1, 0, i).mm(U.slice(0, i1, i1 + i).index_select(1, pos));
-        auto [s, z] = group_params(cur, bits, o.scale_dtype);
+        auto [s, z] = group_params(cur, bits, o.scale_dtype, o.sym);
         scales.select(1, grp).copy_(s);
         zeros.select(1, grp).copy_(z);
         group_ready[static_cast<size_t>(grp)] = true;
@@ -295,7 +303,7 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
   Progress progress("quantize", static_cast<int64_t>(targets.size()), "layers");
   if (result.method.quant_method == "rtn") {
     for (const auto& [name, lin] : targets) {
-      result.layers[name] = quantize_rtn(lin->weight, bits, o.group_size, name, o.gptq.scale_dtype);
+      result.layers[name] = quantize_rtn(lin->weight, bits, o.group_size, name, o.gptq.scale_dtype, o.gptq.sym);
       progress.update(static_cast<int64_t>(result.layers.size()));
     }
     progress.finish();
@@ -329,7 +337,7 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
       QuantizedWeight q;
       if (acc[k].rows == 0) {  // e.g. a routed expert no calibration token reached
         spdlog::warn("{}: no calibration inputs reached this layer; rounding to nearest", name);
-        q = quantize_rtn(lin->weight, bits, o.group_size, name, o.gptq.scale_dtype);
+        q = quantize_rtn(lin->weight, bits, o.group_size, name, o.gptq.scale_dtype, o.gptq.sym);
       } else {
         q = gptq_quantize_layer(lin->weight, acc[k].H, bits, o.group_size, o.gptq, name);
       }
@@ -364,25 +372,31 @@ std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& s
 }
 
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& out,
-                          const std::map<std::string, std::string>& files) {
+                          const std::map<std::string, std::string>& files, const QuantizeOptions& o) {
+  // Every layer in the GPTQ layout first: a layer that does not pack is refused before anything is written.
+  std::map<std::string, torch::Tensor> quantized;
+  for (const auto& [name, w] : q.layers) {
+    const auto t = to_gptq_layout(w, name);
+    quantized[name + ".qweight"] = t.qweight;
+    quantized[name + ".qzeros"] = t.qzeros;
+    quantized[name + ".scales"] = t.scales;
+    quantized[name + ".g_idx"] = t.g_idx;
+  }
+  const auto qconfig = gptq_quantization_config(q.method.bits, q.group_size, o.gptq.sym,
+                                                q.method.quant_method == "gptq" && o.gptq.act_order, q.layers.count("lm_head") > 0,
+                                                q.method.quant_method, o.gptq.percdamp);
   // Staged like an HF export: a failed save leaves an earlier directory at `out` as it was.
   model::write_staged(out, [&](const std::string& dir) -> std::vector<std::string> {
     auto tensors = model::hf_state_dict(m);
-    for (const auto& [name, w] : q.layers) {
-      tensors.erase(name + ".weight");
-      const auto names = quantized_tensor_names(name);  // qweight, scales, zeros
-      tensors[names[0]] = w.qweight;
-      tensors[names[1]] = w.scales;
-      tensors[names[2]] = w.zeros;
-    }
-    const auto meta = quantization_metadata({q.method.quant_method, q.method.bits, q.group_size});
-    model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, meta);
+    for (const auto& [name, w] : q.layers) tensors.erase(name + ".weight");
+    for (const auto& [name, t] : quantized) tensors[name] = t;
+    model::save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
     auto config = m->config().to_hf_json();
-    config["torch_dtype"] = "float32";
-    config["quantization_config"] = {
-        {"quant_method", q.method.quant_method}, {"bits", q.method.bits}, {"group_size", q.group_size}};
+    config["torch_dtype"] = "float16";  // what GPTQ kernels compute in; dsopen computes in float32 or bf16
+    config["quantization_config"] = qconfig;
     env::write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-    std::vector<std::string> written{"model.safetensors", "config.json"};
+    env::write_file_atomic((fs::path(dir) / "quantize_config.json").string(), qconfig.dump(2) + "\n");  // AutoGPTQ's
+    std::vector<std::string> written{"model.safetensors", "config.json", "quantize_config.json"};
     for (const auto& [name, contents] : files) {
       env::write_file_atomic((fs::path(dir) / name).string(), contents);
       written.push_back(name);
@@ -394,7 +408,7 @@ void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std
 // ---- sizes ----------------------------------------------------------------------------------------------------
 
 double bits_per_weight(int bits, int64_t g, torch::Dtype scale_dtype) {
-  return bits + 2.0 * static_cast<double>(c10::elementSize(scale_dtype) * 8) / static_cast<double>(g);
+  return bits + (static_cast<double>(c10::elementSize(scale_dtype) * 8) + bits) / static_cast<double>(g);
 }
 
 SizeReport size_report(model::CausalLM& m, const QuantizedModel& q) {
@@ -403,7 +417,10 @@ SizeReport size_report(model::CausalLM& m, const QuantizedModel& q) {
   int64_t qbytes = 0;
   for (const auto& [name, w] : q.layers) {
     r.quantized_params += w.qweight.size(0) * w.in_features;
-    for (const auto* t : {&w.qweight, &w.scales, &w.zeros}) qbytes += t->numel() * static_cast<int64_t>(t->element_size());
+    // The stored tensors (GPTQ layout): codes and zeros at `bits`, scales, one int32 group index per input.
+    const int64_t out = w.qweight.size(0), G = w.scales.size(1);
+    qbytes += (out * w.in_features + G * out) * w.bits / 8 + w.scales.numel() * static_cast<int64_t>(w.scales.element_size()) +
+              4 * w.in_features;
   }
   r.bytes_before = r.params * 4;
   r.bytes_before_16bit = r.params * 2;

@@ -1,10 +1,10 @@
-// Weight-only quantization: group-wise asymmetric int8 / int4 by round-to-nearest and GPTQ, and writing a
-// quantized model in the layout of inference/quantized_format.h.
+// Weight-only quantization: group-wise int8 / int4 (asymmetric, or symmetric as GPTQ's sym) by round-to-nearest and
+// GPTQ, and writing a quantized model in the GPTQ layout of inference/quantized_format.h.
 //
 // Group parameters follow GPTQ's quantizer: the range [min(w, 0), max(w, 0)] of the group is split into
 // 2^bits - 1 steps, zero = round(-min / scale). The scale is rounded *up* to its stored dtype before coding, so
 // dequantization with the stored values reproduces exactly what was coded and |W - deq(W)| <= scale / 2.
-// Bits per weight = bits + 2 * 16 / g with float16 scales and zeros (int4 g128: 4.25).
+// Bits per weight = bits + (16 + bits) / g with float16 scales and packed zeros (int4 g128: 4.16).
 //
 // GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 // Transformers"): quantizes columns one at a time and spreads each column's error over the columns not yet
@@ -27,11 +27,14 @@ namespace dsopen::inference {
 
 
 // Group parameters of w [out, g]: scale and zero [out] float64 (the scale rounded up to a value of `dtype`).
-std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype);
+// Asymmetric: zero >= 1 (the GPTQ v1 layout stores zero - 1). `sym`: GPTQ's symmetric grid, step 2 max|w| / maxq
+// and zero 2^(bits - 1).
+std::pair<torch::Tensor, torch::Tensor> group_params(const torch::Tensor& w, int bits, torch::Dtype dtype,
+                                                     bool sym = false);
 
 // Round-to-nearest quantization of W [out, in] (any float dtype), bits 4 or 8, group size g along `in`.
 QuantizedWeight quantize_rtn(const torch::Tensor& W, int bits, int64_t g, const std::string& layer = "weight",
-                             torch::Dtype scale_dtype = torch::kFloat16);
+                             torch::Dtype scale_dtype = torch::kFloat16, bool sym = false);
 
 
 // Running H = 2 / n * sum X^T X over calibration rows (float64 [in, in]), the form GPTQ uses.
@@ -46,6 +49,7 @@ struct GptqOptions {
   int64_t block_size = 128;
   bool act_order = true;   // quantize columns by descending diag(H)
   torch::Dtype scale_dtype = torch::kFloat16;
+  bool sym = false;        // symmetric groups (also for rtn)
 };
 
 // GPTQ for one layer: W [out, in], H [in, in] (e.g. 2 X^T X). Dead columns (H[i, i] == 0: an input that was
@@ -95,13 +99,17 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
 std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
                                                int64_t vocab);
 
-// Writes DIR/model.safetensors (layout of inference/quantized_format.h) and DIR/config.json.
+// Writes DIR/model.safetensors in the GPTQ layout (inference/quantized_format.h), DIR/config.json with its
+// quantization_config, DIR/quantize_config.json and `files`. `o` supplies what the config records (sym,
+// act-order, damping). A usage error naming the layer, before anything is written, when a layer does not
+// pack into 32-bit words.
 void save_quantized_model(model::CausalLM& m, const QuantizedModel& q, const std::string& dir,
-                          const std::map<std::string, std::string>& files = {});
+                          const std::map<std::string, std::string>& files = {}, const QuantizeOptions& o = {});
 
 // ---- sizes ----------------------------------------------------------------------------------------------------
 
-// Storage bits per quantized weight: bits + 2 * (bits of the scale dtype) / g.
+// Storage bits per quantized weight: bits + (bits of the scale dtype + bits of the zero) / g (the int32 g_idx adds
+// 32 / out more).
 double bits_per_weight(int bits, int64_t g, torch::Dtype scale_dtype = torch::kFloat16);
 
 struct SizeReport {

@@ -1,21 +1,27 @@
-// The quantized-weight format dsopen-quantize writes and every loader reads: one definition below the
-// algorithms (inference/quantize.h) and the kernels (inference/quantized_linear.h). docs/CHECKPOINTS.md,
-// "Quantized models", describes it for users.
+// The quantized-weight formats dsopen-quantize writes and every loader reads: one definition below the algorithms
+// (inference/quantize.h) and the kernels (inference/quantized_linear.h). docs/CHECKPOINTS.md, "Quantized models",
+// describes them for users.
 //
-// Every quantized Linear <layer> stores, instead of <layer>.weight (other tensors keep their HF name and dtype):
-//   <layer>.qweight  uint8 [out, in]       int8: code q in 0..255 per weight
-//                    uint8 [out, in / 2]   int4: codes 0..15 packed two per byte, low nibble = even column,
-//                                          high nibble = odd column
-//   <layer>.scales   float16 [out, in / g] per-group step (float32 when quantized with --scale-dtype fp32)
-//   <layer>.zeros    float16 [out, in / g] per-group zero point in code units (an integer 0..2^bits-1)
-//   dequantized weight: W[o, i] = (q[o, i] - zeros[o, i / g]) * scales[o, i / g]
-// __metadata__ {"format": "pt", "quant_method": "rtn" | "gptq", "bits": "8" | "4", "group_size": "128"};
-// group_size -1 (as in GPTQ's configs) is one group per output row: g = in for every layer, scales [out, 1].
-// config.json additionally carries "quantization_config" {quant_method, bits, group_size}.
+// Written: the GPTQ checkpoint layout that AutoGPTQ / GPTQModel, transformers + optimum, vLLM and ExLlama read
+// (checkpoint_format "gptq"). Every quantized Linear <layer> stores, instead of <layer>.weight:
+//   <layer>.qweight  int32 [in * bits / 32, out]  codes packed along the input: word r of column o holds inputs
+//                                                 r * 32/bits ... + 32/bits - 1, the first in the lowest bits
+//   <layer>.qzeros   int32 [G, out * bits / 32]   zero points minus one (the "gptq" v1 convention; "gptq_v2"
+//                                                 files store them as they are), packed along the output the same way
+//   <layer>.scales   float16 [G, out]             per-group step (float32 with --scale-dtype fp32)
+//   <layer>.g_idx    int32 [in]                   group of each input column (i / g unless act-order regrouped)
+//   dequantized weight: W[o, i] = (q[i, o] - zero[g_idx[i], o]) * scales[g_idx[i], o]
+// G = in / g groups; group_size -1 is one group per layer (g = in). config.json's quantization_config (and
+// quantize_config.json) holds {quant_method "gptq", bits, group_size, sym, desc_act, static_groups,
+// checkpoint_format, lm_head, meta {quantizer, method}}. Zero points are >= 1 so that zero - 1 fits the code bits.
+//
+// Read as well, with a deprecation warning: dsopen's earlier layout (<layer>.qweight uint8 [out, in] or nibbles
+// [out, in / 2], <layer>.scales / <layer>.zeros [out, in / g], the quantization in the safetensors __metadata__).
 #pragma once
 
 #include <torch/torch.h>
 
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -29,13 +35,16 @@ inline constexpr int64_t kPerChannel = -1;
 // The group size of a layer with `in` inputs: g itself, or `in` for kPerChannel.
 inline int64_t layer_group_size(int64_t in, int64_t g) { return g == kPerChannel ? in : g; }
 
+// A quantized layer in memory (the kernels' layout): codes row by row, group parameters per output row.
 struct QuantizedWeight {
-  torch::Tensor qweight;  // uint8 [out, in] (8 bits) or [out, in / 2] (4 bits)
-  torch::Tensor scales;   // [out, in / g] float16 or float32
-  torch::Tensor zeros;    // [out, in / g] same dtype as scales
+  torch::Tensor qweight;  // uint8 [out, in] (8 bits) or [out, in / 2] (4 bits: low nibble = even column)
+  torch::Tensor scales;   // [out, G] float16 or float32
+  torch::Tensor zeros;    // [out, G] same dtype as scales, in code units
   int bits = 8;
   int64_t group_size = 128;  // this layer's (never kPerChannel)
   int64_t in_features = 0;
+  torch::Tensor g_idx;  // int64 [in]: each column's group, only when it is not i / group_size (act-order files of
+                        // other tools); such layers are dequantized, never given to a kernel
 };
 
 // Packs codes 0..15 [out, in] (in even) into uint8 [out, in / 2]: low nibble = even column, high = odd column.
@@ -50,21 +59,34 @@ void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer)
 // Float32 [out, in] weight the quantized layer stands for.
 torch::Tensor dequantize(const QuantizedWeight& q);
 
-// The quantization a weights file declares.
+// The quantization a model directory declares.
 struct QuantizationMeta {
-  std::string quant_method;  // "rtn" | "gptq"
+  bool legacy = false;       // dsopen's earlier layout (metadata in the safetensors header)
+  std::string quant_method;  // "gptq" (legacy: "rtn" | "gptq")
   int bits = 0;              // 4 | 8
   int64_t group_size = 0;    // > 0 or kPerChannel
+  bool zeros_minus_one = true;  // checkpoint_format "gptq" (v1); false for "gptq_v2"
 };
-// The metadata of `files`, or nothing for float weights; a runtime error naming the file when it is malformed.
-std::optional<QuantizationMeta> read_quantization_meta(const model::WeightFiles& files);
-// Metadata entries that declare `meta` (save side).
-std::map<std::string, std::string> quantization_metadata(const QuantizationMeta& meta);
+// What `config_json` (quantization_config) or, for the earlier layout, the safetensors metadata of `files`
+// declares; nothing for float weights. Runtime errors name the file and the field when it is malformed or asks
+// for what the loaders cannot read (bits other than 4 and 8, another checkpoint_format).
+std::optional<QuantizationMeta> read_quantization_meta(const model::WeightFiles& files, const std::string& config_json);
 
-// The file tensors of quantized layer `base`.
-std::vector<std::string> quantized_tensor_names(const std::string& base);
-// The quantized tensors of layer `base` (weight [out, in]) as views of the mapped file, checked against the
-// layout; nothing, with `problem` set, when they are absent or do not match.
+// A layer in the GPTQ checkpoint layout (the tensors named above, without the layer prefix).
+struct GptqTensors {
+  torch::Tensor qweight, qzeros, scales, g_idx;
+};
+// Usage error naming `layer` when `in` or `out` do not fill whole 32-bit words (multiples of 32 / bits) or a zero
+// point is 0 (v1 cannot store it).
+GptqTensors to_gptq_layout(const QuantizedWeight& q, const std::string& layer);
+// quantization_config of the GPTQ layout dsopen-quantize writes.
+nlohmann::json gptq_quantization_config(int bits, int64_t group_size, bool sym, bool act_order, bool lm_head,
+                                        const std::string& method, double damp_percent);
+
+// The file tensors of quantized layer `base` in `meta`'s layout.
+std::vector<std::string> quantized_tensor_names(const std::string& base, const QuantizationMeta& meta);
+// The quantized tensors of layer `base` (weight [out, in]) in memory layout, checked against the file layout;
+// nothing, with `problem` set, when they are absent or do not match.
 std::optional<QuantizedWeight> read_quantized_weight(const model::WeightFiles& files, const std::string& base,
                                                      int64_t out, int64_t in, const QuantizationMeta& meta,
                                                      std::string& problem);

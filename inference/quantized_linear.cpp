@@ -44,7 +44,8 @@ torch::Tensor dequantized_linear(const Layer& layer, const torch::Tensor& x, int
 
 bool Int4Linear::supports(const QuantizedWeight& q) {
   const int64_t g = q.group_size;
-  return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) && q.in_features % g == 0;
+  return compat::kHasInt4CpuKernel && q.bits == 4 && (g == 32 || g == 64 || g == 128 || g == 256) &&
+         q.in_features % g == 0 && !q.g_idx.defined();
 }
 
 Int4Linear::Int4Linear(QuantizedWeight qw, int64_t max_rows) : q(std::move(qw)), max_kernel_rows(max_rows) {
@@ -84,7 +85,7 @@ torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
 // ---- int8 -----------------------------------------------------------------------------------------------------
 
 bool Int8Linear::supports(const QuantizedWeight& q) {
-  return q.bits == 8 && q.group_size == q.in_features && q.in_features % 16 == 0;
+  return q.bits == 8 && q.group_size == q.in_features && q.in_features % 16 == 0 && !q.g_idx.defined();
 }
 
 Int8Linear::Int8Linear(const QuantizedWeight& q, int64_t max_rows) : max_kernel_rows(max_rows) {

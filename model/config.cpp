@@ -196,8 +196,9 @@ void decode_math_keys(config::Reader& r, ModelConfig& c) {
   }
   r.accept("sliding_window");
   r.accept("max_window_layers");
-  // Quantized weights: dsopen-quantize's own layouts (rtn, gptq) are checked tensor by tensor by the quantized
-  // loader (inference/quantize.h); other methods (fp8 blocks, awq, bitsandbytes, ...) are refused here.
+  // Quantized weights: the GPTQ layout (and dsopen-quantize's earlier rtn/gptq layout) are checked tensor by tensor
+  // by the quantized loader (inference/quantized_format.h); other methods (fp8 blocks, awq, bitsandbytes, ...) are
+  // refused here.
   if (r.has("quantization_config") && !r.raw("quantization_config").IsNull()) {
     const YAML::Node q = r.raw("quantization_config");
     const std::string method = q.IsMap() && q["quant_method"] && q["quant_method"].IsScalar() ? q["quant_method"].Scalar() : "?";

@@ -77,6 +77,7 @@ std::vector<std::string> WeightFiles::names() const {
   return out;
 }
 std::vector<int64_t> WeightFiles::shape(const std::string& name) const { return files_[where_.at(name)]->shape(name); }
+std::string WeightFiles::dtype(const std::string& name) const { return files_[where_.at(name)]->dtype(name); }
 torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_[where_.at(name)]->tensor(name); }
 void WeightFiles::release(const std::string& name) const { files_[where_.at(name)]->release(name); }
 

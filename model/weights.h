@@ -22,6 +22,7 @@ public:
   std::vector<std::string> names() const;
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
   std::vector<int64_t> shape(const std::string& name) const;
+  std::string dtype(const std::string& name) const;  // the safetensors dtype name ("F32", "I32", ...)
   torch::Tensor tensor(const std::string& name) const;  // views the mapped file
   void release(const std::string& name) const;         // SafetensorsFile::release of the file holding it
   const std::string& path() const { return path_; }     // the index or the single file (for messages)

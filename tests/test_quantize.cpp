@@ -18,7 +18,9 @@
 #include "train/trainer.h"
 #include "utils/compat.h"
 #include "utils/config.h"
+#include "utils/env.h"
 #include "utils/errors.h"
+#include "utils/json.h"
 
 using namespace dsopen;
 namespace fs = std::filesystem;
@@ -151,11 +153,20 @@ TEST_CASE("int8 model logits stay close to full precision through the saved file
   TempDir dir("int8");
   inference::save_quantized_model(m, q, dir.path);
   model::SafetensorsFile f(dir.path + "/model.safetensors");
-  CHECK(f.metadata().at("quant_method") == "rtn");
-  CHECK(f.metadata().at("bits") == "8");
-  CHECK(f.metadata().at("group_size") == "16");
-  CHECK(f.contains("model.layers.0.mlp.up_proj.qweight"));
+  const auto qc = json::parse(env::read_file(dir.path + "/config.json"), "config.json").at("quantization_config");
+  CHECK(qc.at("quant_method") == "gptq");
+  CHECK(qc.at("bits") == 8);
+  CHECK(qc.at("group_size") == 16);
+  CHECK(qc.at("checkpoint_format") == "gptq");
+  CHECK(qc.at("meta").at("method") == "rtn");
+  CHECK(qc.at("lm_head") == true);
+  CHECK(f.dtype("model.layers.0.mlp.up_proj.qweight") == "I32");
+  CHECK(f.shape("model.layers.0.mlp.up_proj.qweight") == std::vector<int64_t>{64 / 4, 128});  // [in / 4, out]
+  CHECK(f.shape("model.layers.0.mlp.up_proj.qzeros") == std::vector<int64_t>{64 / 16, 128 / 4});  // [G, out / 4]
+  CHECK(f.shape("model.layers.0.mlp.up_proj.scales") == std::vector<int64_t>{64 / 16, 128});
+  CHECK(f.shape("model.layers.0.mlp.up_proj.g_idx") == std::vector<int64_t>{64});
   CHECK_FALSE(f.contains("model.layers.0.mlp.up_proj.weight"));
+  CHECK(std::filesystem::exists(dir.path + "/quantize_config.json"));
   auto loaded = inference::load_quantized_model(dir.path);
   auto got = loaded->forward(ids).logits;
   const double rel = ((got - ref).abs().max() / ref.abs().max()).item<double>();
@@ -366,8 +377,7 @@ TEST_CASE("per-channel int8 kept as codes gives the dequantized layer's and mode
   o.group_size = inference::kPerChannel;
   TempDir dir("int8pc");
   inference::save_quantized_model(m, inference::quantize_model(m, o), dir.path);
-  model::SafetensorsFile file(dir.path + "/model.safetensors");
-  CHECK(file.metadata().at("group_size") == "-1");
+  CHECK(json::parse(env::read_file(dir.path + "/config.json"), "config.json")["quantization_config"]["group_size"] == -1);
   auto plain = inference::load_quantized_model(dir.path);
   auto packed = inference::load_quantized_model(dir.path, torch::kCPU, inference::QuantizedLayers::Kernels);
   check_codes_kept(packed);
@@ -533,63 +543,136 @@ TEST_CASE("a damaged quantized file is refused with the file and the problem nam
   o.group_size = 16;
   TempDir dir("damaged");
   inference::save_quantized_model(m, inference::quantize_model(m, o), dir.path);
-  const std::string path = dir.path + "/model.safetensors";
+  const std::string path = dir.path + "/model.safetensors", config = dir.path + "/config.json";
+  const std::string config_text = env::read_file(config);
   std::map<std::string, torch::Tensor> tensors;
-  std::map<std::string, std::string> meta;
   {
     model::SafetensorsFile file(path);
     for (const auto& name : file.names()) tensors[name] = file.tensor(name).clone();
-    meta = file.metadata();
   }
-  auto rewrite = [&](std::map<std::string, torch::Tensor> t, std::map<std::string, std::string> md) {
-    model::save_safetensors(path, t, md);
-  };
-  auto load_error = [&] {
+  auto rewrite = [&](std::map<std::string, torch::Tensor> t) { model::save_safetensors(path, t, {{"format", "pt"}}); };
+  auto load_error = [&](const std::string& file) {
     ErrorKind kind = ErrorKind::Usage;
     auto msg = error_text([&] { inference::load_quantized_model(dir.path); }, &kind);
     CHECK(kind == ErrorKind::Runtime);
-    CHECK(msg.rfind(path, 0) == 0);  // starts with the file
+    CHECK(msg.rfind(file, 0) == 0);  // starts with the file at fault
     return msg;
   };
+  auto set_config = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = json::parse(config_text, config);
+    j["quantization_config"][key] = value;
+    env::write_file_atomic(config, j.dump(2));
+  };
 
-  auto md = meta;
-  md["bits"] = "3";
-  rewrite(tensors, md);
-  CHECK(load_error().find("unsupported quantization: bits 3") != std::string::npos);
-
-  md = meta;
-  md["group_size"] = "sixteen";
-  rewrite(tensors, md);
-  CHECK(load_error().find("integer 'bits' and 'group_size'") != std::string::npos);
+  set_config("bits", 3);
+  CHECK(load_error(config).find("unsupported quantization: bits 3") != std::string::npos);
+  set_config("bits", "four");
+  CHECK(load_error(config).find("'bits' and 'group_size' must be integers") != std::string::npos);
+  set_config("bits", 4);
+  set_config("checkpoint_format", "marlin");
+  CHECK(load_error(config).find("checkpoint_format 'marlin'") != std::string::npos);
+  env::write_file_atomic(config, config_text);
 
   auto t = tensors;
   t.erase("model.layers.0.self_attn.q_a_proj.scales");
-  rewrite(t, meta);
-  auto msg = load_error();
+  rewrite(t);
+  auto msg = load_error(path);
   CHECK(msg.find("model.layers.0.self_attn.q_a_proj") != std::string::npos);
   CHECK(msg.find("do not match") != std::string::npos);
 
   t = tensors;
-  t["model.layers.0.self_attn.q_a_proj.qweight"] = t.at("model.layers.0.self_attn.q_a_proj.qweight").slice(0, 0, 8).clone();
-  rewrite(t, meta);
-  CHECK(load_error().find("model.layers.0.self_attn.q_a_proj") != std::string::npos);
+  t["model.layers.0.self_attn.q_a_proj.qweight"] = t.at("model.layers.0.self_attn.q_a_proj.qweight").slice(0, 0, 4).clone();
+  rewrite(t);
+  CHECK(load_error(path).find("model.layers.0.self_attn.q_a_proj") != std::string::npos);
 
-  rewrite(tensors, meta);  // intact again, then cut short: the reader names the file
+  t = tensors;
+  t["model.layers.0.self_attn.q_a_proj.g_idx"] = torch::full({64}, 7, torch::kInt32);  // 4 groups: 0..3
+  rewrite(t);
+  CHECK(load_error(path).find("g_idx: a group index outside 0..3") != std::string::npos);
+
+  rewrite(tensors);  // intact again, then cut short: the reader names the file
   const auto size = std::filesystem::file_size(path);
   std::filesystem::resize_file(path, size - 100);
-  load_error();
+  load_error(path);
 }
 
-TEST_CASE("int4 with group 128 and fp16 scales costs 4.25 bits per weight", "[quantize]") {
+TEST_CASE("the GPTQ layout: packing, v1 zeros, act-order g_idx, sym and the earlier layout", "[quantize]") {
+  torch::manual_seed(5);
+  for (int bits : {4, 8}) {
+    auto W = torch::randn({64, 96});
+    W.slice(0, 0, 8).abs_();  // rows with no negative weight: zero point 0 would not fit the v1 layout
+    for (bool sym : {false, true}) {
+      auto q = inference::quantize_rtn(W, bits, 32, "w", torch::kFloat16, sym);
+      CHECK(q.zeros.to(torch::kFloat32).min().item<float>() >= 1);
+      if (sym) CHECK(torch::all(q.zeros.to(torch::kFloat32) == (1 << (bits - 1))).item<bool>());
+      // |W - deq| <= scale / 2 everywhere except GPTQ's sym top code, which is one step short
+      auto err = (W - inference::dequantize(q)).abs();
+      auto half = q.scales.to(torch::kFloat32).repeat_interleave(32, 1) / 2;
+      CHECK((sym || torch::all(err <= half * (1 + 1e-6)).item<bool>()));
+      const auto t = inference::to_gptq_layout(q, "w");
+      CHECK(t.qweight.sizes() == torch::IntArrayRef({96 * bits / 32, 64}));
+      CHECK(t.qzeros.sizes() == torch::IntArrayRef({3, 64 * bits / 32}));
+      // The format read back by hand: word r of column o holds inputs r * per ... (first in the low bits).
+      const int per = 32 / bits;
+      auto words = t.qweight.to(torch::kInt64).bitwise_and(0xFFFFFFFFLL);
+      auto unpacked = torch::zeros({96, 64}, torch::kInt64);
+      for (int j = 0; j < per; ++j)
+        unpacked.slice(0, j, 96, per).copy_(words.bitwise_right_shift(bits * j).bitwise_and((1 << bits) - 1));
+      auto zw = t.qzeros.to(torch::kInt64).bitwise_and(0xFFFFFFFFLL);
+      auto zeros = torch::zeros({3, 64}, torch::kInt64);
+      for (int j = 0; j < per; ++j) zeros.slice(1, j, 64, per).copy_(zw.bitwise_right_shift(bits * j).bitwise_and((1 << bits) - 1));
+      auto g = t.g_idx.to(torch::kInt64);
+      auto by_hand = (unpacked.to(torch::kFloat32) - (zeros + 1).index_select(0, g).to(torch::kFloat32)) *
+                     t.scales.to(torch::kFloat32).index_select(0, g);
+      CHECK(torch::equal(by_hand.t(), inference::dequantize(q)));
+    }
+  }
+  // A file whose groups are not i / g (act-order as AutoGPTQ writes it) dequantizes column by column, no kernel.
+  auto q = inference::quantize_rtn(torch::randn({32, 64}), 4, 32);
+  auto perm = torch::randperm(64, torch::kLong);
+  q.g_idx = torch::arange(64, torch::kLong).div(32, "floor").index_select(0, perm);
+  CHECK_FALSE(inference::has_packed_kernel(q));
+  auto deq = inference::dequantize(q);
+  auto codes = inference::unpack_int4(q.qweight).to(torch::kFloat32);
+  for (int64_t i : {0, 17, 63}) {
+    const int64_t grp = q.g_idx[i].item<int64_t>();
+    CHECK(torch::allclose(deq.select(1, i), (codes.select(1, i) - q.zeros.select(1, grp).to(torch::kFloat32)) *
+                                                q.scales.select(1, grp).to(torch::kFloat32)));
+  }
+}
+
+TEST_CASE("dsopen's earlier quantized layout still loads", "[quantize]") {
+  auto m = debug_model();
+  inference::QuantizeOptions o;
+  o.method = "rtn-int4";
+  o.group_size = 16;
+  auto q = inference::quantize_model(m, o);
+  TempDir dir("legacy");
+  inference::save_quantized_model(m, q, dir.path);
+  // Rewrite the weights as the earlier layout: qweight/scales/zeros [out, ...] and the metadata in the header.
+  auto tensors = model::hf_state_dict(m);
+  for (const auto& [name, w] : q.layers) {
+    tensors.erase(name + ".weight");
+    tensors[name + ".qweight"] = w.qweight;
+    tensors[name + ".scales"] = w.scales;
+    tensors[name + ".zeros"] = w.zeros;
+  }
+  model::save_safetensors(dir.path + "/model.safetensors", tensors,
+                          {{"format", "pt"}, {"quant_method", "rtn"}, {"bits", "4"}, {"group_size", "16"}});
+  auto loaded = inference::load_quantized_model(dir.path);
+  const auto weights = model::hf_state_dict(loaded);
+  for (const auto& [name, w] : q.layers) CHECK(torch::equal(weights.at(name + ".weight"), inference::dequantize(w)));
+}
+
+TEST_CASE("int4 with group 128 and fp16 scales costs 4.16 bits per weight", "[quantize]") {
   auto W = torch::randn({256, 1024});
   auto q = inference::quantize_rtn(W, 4, 128);
-  const double bytes = static_cast<double>(q.qweight.numel() * q.qweight.element_size() +
-                                           q.scales.numel() * q.scales.element_size() +
-                                           q.zeros.numel() * q.zeros.element_size());
-  CHECK(bytes * 8 / (256.0 * 1024) == Approx(4.25));
-  CHECK(inference::bits_per_weight(4, 128) == Approx(4.25));
-  CHECK(inference::bits_per_weight(8, 128) == Approx(8.25));
-  CHECK(inference::bits_per_weight(4, 128, torch::kFloat32) == Approx(4.5));
+  const auto t = inference::to_gptq_layout(q, "w");
+  const double bytes = static_cast<double>(t.qweight.numel() * 4 + t.qzeros.numel() * 4 + t.scales.numel() * 2);
+  CHECK(bytes * 8 / (256.0 * 1024) == Approx(4 + 20.0 / 128));  // g_idx adds 32 / 256 on top
+  CHECK(inference::bits_per_weight(4, 128) == Approx(4 + 20.0 / 128));
+  CHECK(inference::bits_per_weight(8, 128) == Approx(8 + 24.0 / 128));
+  CHECK(inference::bits_per_weight(4, 128, torch::kFloat32) == Approx(4 + 36.0 / 128));
 
   auto m = debug_model();
   inference::QuantizeOptions o;
@@ -597,7 +680,8 @@ TEST_CASE("int4 with group 128 and fp16 scales costs 4.25 bits per weight", "[qu
   o.group_size = 16;
   auto qm = inference::quantize_model(m, o);
   auto r = inference::size_report(m, qm);
-  CHECK(r.bits_per_weight == Approx(inference::bits_per_weight(4, 16)));
+  CHECK(r.bits_per_weight > inference::bits_per_weight(4, 16));  // plus the int32 g_idx: 32 / out bits
+  CHECK(r.bits_per_weight < inference::bits_per_weight(4, 16) + 1.0);
   CHECK(r.bytes_after < r.bytes_before);
   CHECK(r.quantized_params < r.params);
   CHECK(r.projected_7b_bytes_all == Approx(6.91e9 * r.bits_per_weight / 8));

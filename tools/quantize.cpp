@@ -1,4 +1,5 @@
-// dsopen-quantize: weight-only int8 / int4 quantization of a model directory (layout in inference/quantized_format.h).
+// dsopen-quantize: weight-only int8 / int4 quantization of a model directory, written in the GPTQ checkpoint layout
+// that transformers/optimum, vLLM and ExLlama read (inference/quantized_format.h).
 //   dsopen-quantize --model DIR --method rtn-int8|rtn-int4|gptq-int4 [--group-size 128|-1] [--out DIR]
 //   gptq-int4 also needs --calib-data SHARDS (token shards made by dsopen-preprocess).
 #include <iostream>
@@ -40,11 +41,12 @@ static int run(int argc, char** argv) {
       cxxopts::value<int64_t>()->default_value("128"))(
       "out", "Output directory (without it only the sizes are reported)", cxxopts::value<std::string>())(
       "quantize-head", "Quantize lm_head too (the embedding stays in float)")(
-      "scale-dtype", "Storage of scales and zeros: fp16 or fp32", cxxopts::value<std::string>()->default_value("fp16"))(
+      "scale-dtype", "Storage of the scales: fp16 (as GPTQ tools expect) or fp32", cxxopts::value<std::string>()->default_value("fp16"))(
       "calib-data", "Token shards (paths or globs) for gptq calibration", cxxopts::value<std::vector<std::string>>())(
       "calib-samples", "Calibration sequences for gptq", cxxopts::value<int64_t>()->default_value("128"))(
       "calib-seq-len", "Tokens per calibration sequence", cxxopts::value<int64_t>()->default_value("512"))(
       "no-act-order", "gptq: quantize columns in their natural order")(
+      "sym", "Symmetric groups (GPTQ's sym: zero point in the middle code); default asymmetric")(
       "damp", "gptq: dampening as a fraction of the mean Hessian diagonal", cxxopts::value<double>()->default_value("0.01"))(
       "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"));
   cli::add_common(options);
@@ -64,6 +66,7 @@ static int run(int argc, char** argv) {
   if (sd != "fp16" && sd != "fp32") throw usage_error("--scale-dtype", "'" + sd + "' is not fp16 or fp32");
   o.gptq.scale_dtype = sd == "fp16" ? torch::kFloat16 : torch::kFloat32;
   o.gptq.act_order = args.count("no-act-order") == 0;
+  o.gptq.sym = args.count("sym") > 0;
   o.gptq.percdamp = args["damp"].as<double>();
   if (!(o.gptq.percdamp > 0)) throw usage_error("--damp", "must be > 0");
   if (args["calib-samples"].as<int64_t>() < 1) throw usage_error("--calib-samples", "must be >= 1");
@@ -86,7 +89,7 @@ static int run(int argc, char** argv) {
   if (args.count("out")) {
     const std::string out = args["out"].as<std::string>();
     const model::ModelDir source(model_dir);
-    inference::save_quantized_model(m, q, out, inference::export_companion_files(source, m->config()));
+    inference::save_quantized_model(m, q, out, inference::export_companion_files(source, m->config()), o);
     std::cout << "wrote " << out << std::endl;
   }
   const std::string group = o.group_size == inference::kPerChannel ? "per row" : std::to_string(o.group_size);
