@@ -11,6 +11,13 @@
 #include "utils/metrics.h"
 #include "utils/progress.h"
 
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <sstream>
+#include <thread>
+
 using namespace dsopen;
 namespace fs = std::filesystem;
 
@@ -69,6 +76,39 @@ TEST_CASE("durations format for ETAs", "[utils]") {
   CHECK(Progress::format_duration(5) == "5s");
   CHECK(Progress::format_duration(125) == "2m05s");
   CHECK(Progress::format_duration(3720) == "1h02m");
+}
+
+TEST_CASE("progress lines: bytes in binary units, short quiet work silent, long quiet work reported", "[utils]") {
+  // spdlog's default logger captured in a string (stderr is not a terminal under ctest: plain log lines).
+  std::ostringstream captured;
+  auto previous = spdlog::default_logger();
+  auto logger = std::make_shared<spdlog::logger>("capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(captured));
+  logger->set_pattern("%v");
+  spdlog::set_default_logger(logger);
+  {
+    Progress p("writing x", 3 << 20, "B", 30.0, /*quiet_below_s=*/2.0);
+    p.update(1 << 20);
+    p.finish();
+  }
+  CHECK(captured.str().empty());  // a fast checkpoint save prints nothing
+  {
+    Progress p("writing y", int64_t(3) << 30, "B", 30.0, /*quiet_below_s=*/0.05);
+    std::this_thread::sleep_for(std::chrono::milliseconds(80));
+    p.update(int64_t(3) << 29);  // past the quiet time: the first line comes at once
+    p.finish();
+  }
+  const std::string text = captured.str();
+  INFO(text);
+  CHECK(text.find("writing y 1.5 GiB/3.0 GiB (50%)") != std::string::npos);
+  CHECK(text.find("done in") != std::string::npos);
+  captured.str("");
+  {
+    Progress p("batches", 10, "batches");  // not quiet: the closing line always
+    p.update(10);
+    p.finish();
+  }
+  CHECK(captured.str().find("batches 10/10 (100%)") != std::string::npos);
+  spdlog::set_default_logger(previous);
 }
 
 TEST_CASE("environment integers are validated", "[utils]") {
