@@ -9,15 +9,15 @@
 namespace dsopen::data {
 
 TokenDataset::TokenDataset(const TokenDatasetOptions& o, Split split) : opts_(o) {
-  if (o.seq_len < 1) throw usage_error("data.seq_len", "must be >= 1");
+  if (o.seq_len < 1) throw usage_error(o.seq_len_name, "must be >= 1");
   if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) throw usage_error("rank", "bad rank/world size");
   std::vector<std::string> prefixes;
   for (const auto& pattern : o.shards) {
     auto found = expand_shards(pattern);
-    if (found.empty()) throw runtime_error(pattern, "no shards match", "run dsopen-preprocess or fix data.train");
+    if (found.empty()) throw runtime_error(pattern, "no shards match", "run dsopen-preprocess or fix " + o.shards_name);
     prefixes.insert(prefixes.end(), found.begin(), found.end());
   }
-  if (prefixes.empty()) throw usage_error("data.train", "no shards given");
+  if (prefixes.empty()) throw usage_error(o.shards_name, "no shards given");
   for (const auto& p : prefixes) {
     auto shard = std::make_unique<MappedShard>(p);
     const ShardHeader& h = shard->header();
@@ -50,7 +50,7 @@ TokenDataset::TokenDataset(const TokenDatasetOptions& o, Split split) : opts_(o)
                         "only " + std::to_string(end_ - begin_) + " samples of seq_len " + std::to_string(o.seq_len) +
                             " in " + std::to_string(total_tokens_) + " tokens for " + std::to_string(o.world_size) +
                             " rank(s)",
-                        "lower data.seq_len or add data");
+                        "lower " + o.seq_len_name + " or add data");
 }
 
 void TokenDataset::read(int64_t offset, int64_t n, int64_t* out) const {

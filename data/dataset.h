@@ -30,6 +30,8 @@ struct TokenDatasetOptions {
   double valid_fraction = 0.0;      // the last fraction of the samples is held out for validation
   std::string tokenizer_hash;       // when set, every shard must carry it
   int64_t model_vocab_size = 0;     // when set, shard vocabularies must fit in it
+  // How errors name `shards` and `seq_len` to the user: config keys, or a tool's flags (--calib-data, --seq-len).
+  std::string shards_name = "data.train", seq_len_name = "data.seq_len";
 };
 
 enum class Split { Train, Valid, All };

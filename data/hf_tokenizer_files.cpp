@@ -77,6 +77,7 @@ std::map<std::string, std::string> hf_tokenizer_files(const std::string& tokeniz
       } catch (const nlohmann::json::exception& e) {
         throw runtime_error(where, "not valid JSON (" + json::reason(e) + ")", "restore the model's tokenizer_config.json");
       }
+      if (!config.is_object()) throw runtime_error(where, "not a JSON object", "restore the model's tokenizer_config.json");
       if (config.contains("chat_template")) return files;  // the model's own template stays
     } else {
       config["tokenizer_class"] = "PreTrainedTokenizerFast";

@@ -57,6 +57,8 @@ Perplexity perplexity(model::CausalLM& m, const std::vector<std::string>& shards
   data::TokenDatasetOptions o;
   o.shards = shards;
   o.seq_len = seq_len;
+  o.shards_name = "--data";
+  o.seq_len_name = "--seq-len";
   o.model_vocab_size = m->config().vocab_size;
   data::TokenDataset ds(o, data::Split::All);
   torch::NoGradGuard no_grad;

@@ -1,5 +1,9 @@
 #include "inference/generator.h"
 
+#include <optional>
+
+#include "utils/cpu.h"
+
 #include <algorithm>
 #include <chrono>
 
@@ -184,7 +188,10 @@ std::vector<GenerateResult> generate_batch(model::CausalLM& model, const data::T
   const double prefill_s = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   int64_t forwards = 0;
+  std::optional<cpu::ThreadBackoff> backoff;  // fewer threads when other processes keep the CPUs busy
+  if (device.is_cpu() && o.adapt_threads) backoff.emplace("decoding");
   for (int64_t step = 0; step < budget; ++step) {
+    if (backoff) backoff->step();
     std::vector<int64_t> next(B, pad);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t token = seqs.advance(static_cast<size_t>(b), logits[b], sampler);

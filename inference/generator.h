@@ -19,6 +19,9 @@ struct GenerateOptions {
   std::vector<int32_t> eos_ids;   // any of them ends a sequence (not part of its tokens); empty: the tokenizer's EOS
   int64_t max_length = 0;         // > 0: a sequence also ends when prompt + generated reaches it (transformers' max_length)
   bool decode_text = true;  // false: token ids only (no text, no stop strings, no streaming), e.g. for benchmarks
+  // On the CPU, decode with fewer threads while other processes keep the CPUs busy (cpu::ThreadBackoff). The tools
+  // set it when the user left the thread count to them; off, the thread count never changes (reproducible sums).
+  bool adapt_threads = false;
 };
 
 struct GenerateResult {

@@ -135,7 +135,11 @@ void add_tokenizer(model::gguf::Writer& w, const model::ModelDir& source, const 
     for (const auto& p : sp->pieces()) {
       tokens.push_back(p.piece);
       scores.push_back(p.score);
-      types.push_back(p.type);
+      // Chat markers such as <|User|>: llama.cpp treats user-defined pieces that look like "<|...|>" as control
+      // tokens anyway (and warns that the file should have said so).
+      const bool marker = p.type == 4 && p.piece.size() > 4 && p.piece.rfind("<|", 0) == 0 &&
+                          p.piece.compare(p.piece.size() - 2, 2, "|>") == 0;
+      types.push_back(marker ? 3 : p.type);
     }
     if (sp->model_type() != "bpe")
       spdlog::warn("{}: a SentencePiece {} model; llama.cpp's SentencePiece tokenizer merges pieces by score as for BPE "

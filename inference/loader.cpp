@@ -33,9 +33,12 @@ model::AlternateTensorHook quantized_hook(const QuantizationMeta& meta, torch::D
     if (!ends_with(name, ".weight") || t.dim() != 2) return alt;
     const std::string base = name.substr(0, name.size() - 7);
     auto q = read_quantized_weight(files, base, t.size(0), t.size(1), meta, alt.problem);
+    // The layer's tensors are accounted for even when they are faulty: the one problem is reported, not each tensor
+    // again as unexpected. (g_idx is optional.)
+    for (const auto& part : quantized_tensor_names(base, meta))
+      if (files.contains(part)) alt.consumed.push_back(part);
     if (!q) return alt;
     alt.found = true;
-    alt.consumed = quantized_tensor_names(base, meta);
     if (layers != QuantizedLayers::Dequantized && device.is_cpu() && has_packed_kernel(*q) && !ends_with(base, "kv_b_proj"))
       packed.emplace(base, *q);
     else

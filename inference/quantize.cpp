@@ -356,6 +356,8 @@ std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& s
   data::TokenDatasetOptions o;
   o.shards = shards;
   o.seq_len = seq_len;
+  o.shards_name = "--calib-data";
+  o.seq_len_name = "--calib-seq-len";
   o.model_vocab_size = vocab;
   data::TokenDataset ds(o, data::Split::All);
   const int64_t n = std::min(samples, ds.num_samples());

@@ -33,6 +33,9 @@ torch::Tensor unpack_int4(const torch::Tensor& packed) {
 }
 
 void check_group_size(int64_t in, int64_t g, int bits, const std::string& layer) {
+  if (g < 1 && g != kPerChannel) throw usage_error("--group-size", std::to_string(g) + " is not a group size",
+                                                   "give a size >= 1 that divides every layer's input, or -1 for one "
+                                                   "group per row");
   if (g == kPerChannel) g = in;
   if (g <= 0 || in % g != 0)
     throw usage_error("--group-size", std::to_string(g) + " does not divide the input dimension " + std::to_string(in) +
@@ -103,18 +106,21 @@ GptqTensors to_gptq_layout(const QuantizedWeight& q, const std::string& layer) {
 
 nlohmann::json gptq_quantization_config(int bits, int64_t group_size, bool sym, bool act_order, bool lm_head,
                                         const std::string& method, double damp_percent) {
-  return {{"quant_method", "gptq"},
-          {"bits", bits},
-          {"group_size", group_size},
-          {"sym", sym},
-          {"desc_act", act_order},
-          // act-order here keeps each group's columns together (g_idx is i / g): the groups are static
-          {"static_groups", act_order},
-          {"true_sequential", true},
-          {"damp_percent", damp_percent},
-          {"checkpoint_format", "gptq"},
-          {"lm_head", lm_head},
-          {"meta", {{"quantizer", {"dsopen"}}, {"method", method}}}};
+  nlohmann::json c = {{"quant_method", "gptq"},
+                       {"bits", bits},
+                       {"group_size", group_size},
+                       {"sym", sym},
+                       {"desc_act", act_order},
+                       // act-order here keeps each group's columns together (g_idx is i / g): the groups are static
+                       {"static_groups", act_order},
+                       {"checkpoint_format", "gptq"},
+                       {"lm_head", lm_head},
+                       {"meta", {{"quantizer", {"dsopen"}}, {"method", method}}}};
+  if (method == "gptq") {  // GPTQ's own settings; rounding to nearest has none
+    c["true_sequential"] = true;
+    c["damp_percent"] = damp_percent;
+  }
+  return c;
 }
 
 std::optional<QuantizationMeta> read_quantization_meta(const model::WeightFiles& files, const std::string& config_json) {
@@ -156,8 +162,9 @@ std::optional<QuantizationMeta> read_quantization_meta(const model::WeightFiles&
     throw runtime_error(where, "unsupported quantization: bits " + std::to_string(q.bits) + ", group size " +
                                    std::to_string(q.group_size),
                         "dsopen loads 4- and 8-bit GPTQ with group_size > 0 or -1");
-  const std::string format = c.contains("checkpoint_format") && c["checkpoint_format"].is_string()
-                                 ? c["checkpoint_format"].get<std::string>() : "gptq";
+  if (c.contains("checkpoint_format") && !c["checkpoint_format"].is_string())
+    throw runtime_error(where, "'checkpoint_format' must be a string (\"gptq\" or \"gptq_v2\")");
+  const std::string format = c.contains("checkpoint_format") ? c["checkpoint_format"].get<std::string>() : "gptq";
   if (format != "gptq" && format != "gptq_v2")
     throw runtime_error(where, "checkpoint_format '" + format + "' is not gptq or gptq_v2",
                         "convert it with the tool that wrote it");
@@ -182,6 +189,11 @@ std::optional<QuantizedWeight> read_quantized_weight(const model::WeightFiles& f
         files.shape(base + ".zeros") != gshape) {
       problem = base + ": quantized tensors do not match " + shape_str({out, in}) + " (expected qweight " +
                 shape_str(qshape) + ", scales/zeros " + shape_str(gshape) + ")";
+      return std::nullopt;
+    }
+    if (!torch::isfinite(files.tensor(base + ".scales")).all().item<bool>() ||
+        !torch::isfinite(files.tensor(base + ".zeros")).all().item<bool>()) {
+      problem = base + ": scales or zeros hold NaN or infinite values";
       return std::nullopt;
     }
     return QuantizedWeight{files.tensor(base + ".qweight"), files.tensor(base + ".scales"),
@@ -210,6 +222,10 @@ std::optional<QuantizedWeight> read_quantized_weight(const model::WeightFiles& f
   auto zeros = unpack_words(files.tensor(base + ".qzeros"), meta.bits);  // [G, out]
   if (meta.zeros_minus_one) zeros = zeros.add(1);
   const auto scales = files.tensor(base + ".scales");
+  if (!torch::isfinite(scales).all().item<bool>()) {
+    problem = base + ".scales: holds NaN or infinite values";
+    return std::nullopt;
+  }
   q.scales = scales.t().contiguous();
   q.zeros = zeros.t().to(scales.scalar_type()).contiguous();
   if (has_g_idx) {

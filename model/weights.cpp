@@ -79,7 +79,10 @@ std::vector<std::string> WeightFiles::names() const {
 std::vector<int64_t> WeightFiles::shape(const std::string& name) const { return files_[where_.at(name)]->shape(name); }
 std::string WeightFiles::dtype(const std::string& name) const { return files_[where_.at(name)]->dtype(name); }
 torch::Tensor WeightFiles::tensor(const std::string& name) const { return files_[where_.at(name)]->tensor(name); }
-void WeightFiles::release(const std::string& name) const { files_[where_.at(name)]->release(name); }
+void WeightFiles::release(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it != where_.end()) files_[it->second]->release(name);
+}
 
 namespace {
 // The decoder layer an HF tensor name belongs to (model.layers.N.*); -1 for embeddings, norm and head. Layers from

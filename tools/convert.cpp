@@ -4,9 +4,13 @@
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --out exported/tiny --dtype bf16
 //   dsopen-convert --model runs/tiny/checkpoints/step_00000300 --adapter runs/lora/checkpoints/step_00000150 --out merged
 //   dsopen-convert --model runs/tiny --format gguf --type q8_0 --out tiny-q8_0.gguf
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 
+#include "data/hf_tokenizer.h"
 #include "inference/export_files.h"
+#include "inference/generation_setup.h"
 #include "inference/gguf_export.h"
 #include "inference/loader.h"
 #include "model/generation_config.h"
@@ -18,6 +22,7 @@
 #include "utils/errors.h"
 
 using namespace dsopen;
+namespace fs = std::filesystem;
 
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-convert", "Export a checkpoint or HF directory as an HF model directory or a GGUF file");
@@ -43,6 +48,8 @@ static int run(int argc, char** argv) {
   if (gguf && args.count("dtype"))
     throw usage_error("--dtype", "is for --format hf", "use --type f32|f16|bf16|q8_0|q4_0 for GGUF");
   const auto gguf_type = inference::gguf_type(args.count("type") ? args["type"].as<std::string>() : "f16");
+  if (gguf && args.count("max-shard-mb"))
+    throw usage_error("--max-shard-mb", "is for --format hf", "a GGUF file is written whole");
   if (gguf && args.count("keep-mtp")) throw usage_error("--keep-mtp", "is for --format hf", "llama.cpp decodes without MTP");
   const std::string d = args["dtype"].as<std::string>();
   if (d != "fp32" && d != "bf16" && d != "fp16") throw usage_error("--dtype", "'" + d + "' is not fp32, bf16 or fp16");
@@ -52,7 +59,27 @@ static int run(int argc, char** argv) {
   const model::ModelDir source(args["model"].as<std::string>());
   env::check_output_path(args["out"].as<std::string>(), gguf ? env::OutputKind::File : env::OutputKind::Directory,
                          {source.path(), args.count("adapter") ? args["adapter"].as<std::string>() : ""}, "--out");
+  if (gguf && fs::path(args["out"].as<std::string>()).extension() != ".gguf")
+    throw usage_error("--out", "'" + args["out"].as<std::string>() + "' is not a .gguf file name",
+                      "--format gguf writes one file: give its name, e.g. --out exported/model.gguf");
   if (gguf) inference::check_gguf_exportable(source.config());
+  if (gguf) {  // replacing a file is fine when it is an earlier GGUF export, not any file that happens to be there
+    std::ifstream existing(args["out"].as<std::string>(), std::ios::binary);
+    char magic[4] = {};
+    if (existing && (!existing.read(magic, 4) || std::string(magic, 4) != "GGUF"))
+      throw usage_error("--out", args["out"].as<std::string>() + " exists and is not a GGUF file",
+                        "give a new file name; an earlier GGUF export there is replaced");
+  }
+  {  // the tokenizer that travels with the weights must fit the model, whichever format
+    const std::string tok_dir = source.tokenizer_path(args.count("adapter") ? args["adapter"].as<std::string>() : "");
+    std::unique_ptr<data::Tokenizer> tok;
+    try {
+      if (!tok_dir.empty()) tok = data::load_tokenizer(tok_dir);
+    } catch (const Error&) {
+      if (gguf) throw;  // GGUF needs the vocabulary; an HF export copies tokenizer files dsopen cannot read as they are
+    }
+    if (tok) inference::check_tokenizer_fits(*tok, source.config(), tok_dir);
+  }
   auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
   if (!adapter.empty()) {
@@ -62,6 +89,8 @@ static int run(int argc, char** argv) {
   }
   const std::string out = args["out"].as<std::string>();
   if (gguf) {
+    const auto parent = fs::absolute(out).parent_path();
+    if (!fs::exists(parent)) fs::create_directories(parent);  // as an HF export creates its directory
     inference::export_gguf(m, source, adapter, out, gguf_type);
     std::cout << "wrote " << out << std::endl;
     return 0;

@@ -71,4 +71,6 @@ static int run(int argc, char** argv) {
   return 0;
 }
 
-int main(int argc, char** argv) { return run_main("dsopen-eval", run, argc, argv); }
+int main(int argc, char** argv) {
+  return run_main("dsopen-eval", run, argc, argv);
+}

@@ -20,6 +20,7 @@
 #include "model/lora.h"
 #include "model/model_dir.h"
 #include "utils/cli.h"
+#include "utils/cpu.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 #include "utils/logging.h"
@@ -245,6 +246,7 @@ static int run(int argc, char** argv) {
   if (gen) go.stop = gen->stop_strings;
   if (args.count("stop")) go.stop = cli::values_of(argc, argv, "stop");
   go.stop_at_eos = !args.count("ignore-eos");
+  go.adapt_threads = args["threads"].as<int>() == 0;  // an explicit --threads stands
   const bool as_ids = args.count("prompt-ids") > 0, json = args.count("json") > 0;
   go.decode_text = !as_ids;
   data::ChatTemplate chat_template;  // the SFT default, as configs/lora.yaml trains with
@@ -261,8 +263,10 @@ static int run(int argc, char** argv) {
   std::vector<std::string> echoes = prompts;
   if (args.count("chat"))
     for (auto& e : echoes) e = "> " + e + "\n";
+  cpu::ContentionMeter contention;
   const Timed t = generate_timed(model, *tok, ids, sampler, go, args["warmup"].as<int>(), args["repeat"].as<int>(),
                                  stream ? &echoes[0] : nullptr);
+  const double waited = contention.waited_share(threads);  // decoding backs off on its own (cpu::ThreadBackoff)
   if (args.count("profile")) {
     torch::autograd::profiler::RecordProfile guard(args["profile"].as<std::string>());
     inference::generate_batch(model, *tok, ids, sampler, go);
@@ -273,6 +277,9 @@ static int run(int argc, char** argv) {
     out["model"] = dir;
     out["dtype"] = args["dtype"].as<std::string>();
     out["threads"] = threads;
+    out["threads_at_end"] = at::get_num_threads();
+    out["cpu_wait_share"] = waited;  // share of the threads' time spent waiting for a CPU other processes held
+    out["omp_wait_policy"] = cpu::omp_wait_policy();
     std::cout << out.dump() << std::endl;
     return 0;
   }
@@ -280,4 +287,6 @@ static int run(int argc, char** argv) {
   return 0;
 }
 
-int main(int argc, char** argv) { return run_main("dsopen-generate", run, argc, argv); }
+int main(int argc, char** argv) {
+  return run_main("dsopen-generate", run, argc, argv);
+}

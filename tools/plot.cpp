@@ -31,7 +31,7 @@ static int run(int argc, char** argv) {
   const auto runs = args["runs"].as<std::vector<std::string>>();
   const std::string out = args["out"].as<std::string>();
   std::vector<std::string> inputs;
-  for (const auto& r : runs) inputs.push_back(r + "/metrics.jsonl");
+  for (const auto& r : runs) inputs.push_back(r + "/metrics.jsonl"), inputs.push_back(r + "/expert_load.jsonl");
   env::check_output_path(out, env::OutputKind::File, inputs, "--out");
   train::plot_runs(runs, out, o);
   std::cout << "wrote " << out << std::endl;

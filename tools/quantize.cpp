@@ -106,4 +106,6 @@ static int run(int argc, char** argv) {
   return 0;
 }
 
-int main(int argc, char** argv) { return run_main("dsopen-quantize", run, argc, argv); }
+int main(int argc, char** argv) {
+  return run_main("dsopen-quantize", run, argc, argv);
+}

@@ -19,7 +19,8 @@ using namespace dsopen;
 namespace {
 // What the run did and what to do with it next: the user should not have to read the docs to find the checkpoint
 // and the commands that take it.
-void print_closing(const train::JobConfig& job, const train::TrainResult& r) {
+// `bin`: how this binary was invoked minus its name ("build/bin/", or "" from PATH), so the commands paste as they are.
+void print_closing(const train::JobConfig& job, const train::TrainResult& r, const std::string& bin) {
   if (r.losses.empty()) {
     if (!r.interrupted)
       spdlog::info("nothing to do: the run already finished at step {} (train.max_steps {}); raise train.max_steps "
@@ -38,11 +39,12 @@ void print_closing(const train::JobConfig& job, const train::TrainResult& r) {
                job.run.tensorboard ? " | tensorboard --logdir " + job.run.output_dir + "/tb" : "");
   const bool adapter = job.lora.enabled;
   const std::string model = adapter ? job.model.pretrained + " --adapter " + ckpt : ckpt;
-  spdlog::info("next: dsopen-generate --model {} --prompt \"...\"{}", model,
+  spdlog::info("next: {}dsopen-generate --model {} --prompt \"...\"{}", bin, model,
                job.data.format == data::DataOptions::Format::Sft ? " --chat" : "");
   if (job.data.format == data::DataOptions::Format::Pretrain && !job.data.train.empty())
-    spdlog::info("      dsopen-eval --model {} --data '{}' --ppl", model, job.data.train.front());
-  spdlog::info("      dsopen-convert --model {} --out exported/{}   (a HuggingFace directory)", model, job.run.name);
+    spdlog::info("      {}dsopen-eval --model {} --data '{}' --ppl --batches 50", bin, model, job.data.train.front());
+  spdlog::info("      {}dsopen-convert --model {} --out exported/{}   (a HuggingFace directory; --format gguf "
+               "--out exported/{}.gguf for llama.cpp)", bin, model, job.run.name, job.run.name);
   if (!adapter) spdlog::info("      lora: model.pretrained: {}   (fine-tune it with LoRA, configs/lora.yaml)", ckpt);
 }
 }  // namespace
@@ -85,8 +87,11 @@ static int run(int argc, char** argv) {
   train::install_stop_handlers();
   train::Trainer trainer(job, doc.dump());
   const auto result = trainer.run();
-  if (dist.rank == 0) print_closing(job, result);
+  const std::string self = argv[0];
+  if (dist.rank == 0) print_closing(job, result, self.find('/') == std::string::npos ? "" : self.substr(0, self.rfind('/') + 1));
   return 0;
 }
 
-int main(int argc, char** argv) { return run_main("dsopen-train", run, argc, argv); }
+int main(int argc, char** argv) {
+  return run_main("dsopen-train", run, argc, argv);
+}

@@ -42,9 +42,10 @@ std::vector<std::string> blocks_in_layer_order(const Map& m) {
   for (const auto& kv : m) v.push_back(kv.first);
   std::stable_sort(v.begin(), v.end(), [](const std::string& a, const std::string& b) {
     const std::string la = layer_label(a), lb = layer_label(b);
+    // Layer numbers compare as numbers (by length, then digits: no overflow for any length).
     const bool na = !la.empty() && la.find_first_not_of("0123456789") == std::string::npos;
     const bool nb = !lb.empty() && lb.find_first_not_of("0123456789") == std::string::npos;
-    if (na && nb) return std::stoll(la) < std::stoll(lb);
+    if (na && nb) return la.size() != lb.size() ? la.size() < lb.size() : la < lb;
     return na > nb;
   });
   return v;
@@ -77,10 +78,14 @@ void read_expert_load(const std::string& dir, RunSeries& r) {
   }
 }
 
-// Blank-free gnuplot strings: a run name goes into titles.
+// A gnuplot string literal: a run or block name goes into titles (quotes and backslashes escaped, line breaks and
+// other control characters as spaces, so a name cannot end the script line).
 std::string gp_string(const std::string& s) {
   std::string q = "\"";
-  for (char c : s) q += (c == '"' || c == '\\') ? std::string("\\") + c : std::string(1, c);
+  for (char c : s) {
+    if (c == '"' || c == '\\') q += std::string("\\") + c;
+    else q += static_cast<unsigned char>(c) < 0x20 ? ' ' : c;
+  }
   return q + "\"";
 }
 
@@ -173,7 +178,8 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
       labels += (row ? ", " : "") + gp_string(layer_label(block)) + " " + std::to_string(row);
       ++row;
     }
-    heat = "set title " + gp_string("MoE load imbalance (max / mean expert load) - " + r.name) +
+    heat = "set title " + gp_string("MoE load imbalance (max / mean expert load) - " + r.name +
+                                    (runs.size() > 1 ? " (first MoE run)" : "")) +
            "\nset xlabel 'step'\nset ytics (" + labels + ")\nset ylabel 'layer'\nset cblabel 'imbalance'\n"
            "set yrange [-0.5:" + std::to_string(row) + "-0.5]\nset autoscale xfix\nunset key\nunset grid\n"
            "plot " + gp_string(h) + " using 1:2:3 with image\n";
@@ -202,11 +208,15 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
     break;
   }
   const fs::path target = fs::absolute(out_png);
+  std::error_code mk;
+  fs::create_directories(target.parent_path(), mk);  // as the exports create their directories
   const fs::path partial = target.parent_path() / ("." + target.filename().string() + ".partial-" + std::to_string(::getpid()));
   std::string script = "set terminal pngcairo size " + std::to_string(o.width) + "," + std::to_string(o.height) +
                        " font ',10'\nset output " + gp_string(partial.string()) + "\nset grid\nset key top right\n";
-  script += std::string(expert_heat.empty() ? "set multiplot layout 2,2\n" : "set multiplot layout 2,3\n") + "set title 'loss'\nset xlabel 'step'\nplot " + train_plot +
-            "\nset title 'learning rate'\nplot " + lr_plot + "\nset title 'tokens / s'\nplot " + tps_plot + "\n";
+  script += expert_heat.empty() ? "set multiplot layout 2,2\n" : "set multiplot layout 2,3\n";
+  script += "set title 'loss'\nset xlabel 'step'\nplot " + train_plot + "\n";
+  script += "set title 'learning rate'\nplot " + lr_plot + "\n";
+  script += "set title 'tokens / s'\nset key bottom right\nplot " + tps_plot + "\nset key top right\n";
   script += heat.empty() ? "set title 'MoE load imbalance: no MoE layers'\nunset key\nplot [0:1][0:1] NaN notitle\n"
                          : heat;
   script += expert_heat.empty() ? "" : "unset xrange\n" + expert_heat;
@@ -218,10 +228,11 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
   if (rc != 0) {
     std::error_code ec;
     fs::remove(partial, ec);
-    std::string first;
+    std::string first, line;
     std::ifstream l(log);
-    std::getline(l, first);
-    throw runtime_error(out_png, "gnuplot failed: " + first, "check the metrics.jsonl files");
+    while (first.empty() && std::getline(l, line)) first = line.find_first_not_of(" \t^") == std::string::npos ? "" : line;
+    throw runtime_error(out_png, "gnuplot failed" + (first.empty() ? " (exit " + std::to_string(rc) + ")" : ": " + first),
+                        "check that the output can be written and the metrics files are intact");
   }
   fs::rename(partial, target);
 }

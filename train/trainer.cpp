@@ -1,5 +1,6 @@
 #include "train/trainer.h"
 
+#include <optional>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +19,7 @@
 #include "train/schedule.h"
 #include "train/step.h"
 #include "train/step_log.h"
+#include "utils/cpu.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
@@ -224,6 +226,8 @@ TrainResult Trainer::run() {
                  group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "",
                  group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "");
   log.config_text(s.resolved_config);
+  std::optional<cpu::ThreadBackoff> backoff;  // fewer threads while other processes keep the CPUs busy
+  if (s.device.is_cpu() && j.run.threads == 0) backoff.emplace("training", /*every=*/4);  // run.threads set: it stands
   TrainResult result;
   int64_t bad_steps = 0;
   s.model->train();
@@ -253,6 +257,7 @@ TrainResult Trainer::run() {
     s.state.loss_scale_good_steps = s.precision->good_steps();
     result.losses.push_back(stats.loss);
     const bool logged = log.step_done(s.state.step, lr, stats, s.state.tokens, *s.dp, s.step->balancer(), j.model.mtp_depth() > 0);
+    if (backoff) backoff->step();
     const bool last = s.state.step == t.max_steps;
     if (s.evaluator && ((t.eval_every > 0 && s.state.step % t.eval_every == 0) || last)) {
       const double ev = s.evaluator->run();

@@ -1,5 +1,7 @@
 #include "utils/env.h"
 
+#include "utils/cpu.h"
+
 #include <algorithm>
 
 #include <fcntl.h>
@@ -32,12 +34,7 @@ std::string get_string(const char* name, const std::string& fallback) {
   return (v && *v) ? std::string(v) : fallback;
 }
 
-int available_cpus() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-  long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? static_cast<int>(n) : 1;
-}
+int available_cpus() { return cpu::usable_cpus(); }
 
 int configure_threads(int n, const std::string& flag) {
   if (n < 0 || n > kMaxThreads)
@@ -190,6 +187,11 @@ void check_output_path(const std::string& output, OutputKind kind, const std::ve
     if (kind == OutputKind::Directory && path_within(input, output))
       throw usage_error(flag, output + " contains the input " + input, "write the output somewhere outside the inputs");
   }
+  // The nearest existing directory on the way must take new files (a read-only place fails now, not after the work).
+  fs::path existing = fs::absolute(output).parent_path();
+  while (!existing.empty() && !fs::exists(existing, ec) && existing != existing.parent_path()) existing = existing.parent_path();
+  if (fs::is_directory(existing, ec) && ::access(existing.c_str(), W_OK) != 0)
+    throw usage_error(flag, existing.string() + " is not writable", "write the output somewhere you may create files");
   const auto status = fs::status(output, ec);
   if (!fs::exists(status)) return;
   if (kind == OutputKind::Directory) {

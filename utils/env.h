@@ -12,7 +12,8 @@ namespace dsopen::env {
 long long get_int(const char* name, long long fallback);
 std::string get_string(const char* name, const std::string& fallback = "");
 
-// Number of logical CPUs available to this process (sched_getaffinity, so taskset/cgroups are respected).
+// Number of logical CPUs available to this process: the affinity mask bounded by the cgroup CPU quota
+// (cpu::usable_cpus).
 int available_cpus();
 
 // Sets LibTorch's intra-op thread count; `n <= 0` means all available CPUs. LibTorch counts physical cores by

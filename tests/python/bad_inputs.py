@@ -8,6 +8,7 @@ no output behind (the output paths the row names do not exist afterwards, and in
 Usage: bad_inputs.py BIN_DIR
 """
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -378,6 +379,64 @@ M_TOK_DUP = broken_model("m_tok_dup", lambda d: (os.remove(os.path.join(d, "toke
 for binary, extra in (("convert", []), ("quantize", ["--method", "rtn-int8", "--group-size", "-1"])):
     case(binary, ["--model", M_GEN_EOS, *extra, "--out", OUT(binary)], "generation_config.json", [OUT(binary)])
     case(binary, ["--model", M_TOK_DUP, *extra, "--out", OUT(binary)], "tokenizer.json", [OUT(binary)])
+
+# GGUF exports and GPTQ directories (a real quantized model, then damaged copies).
+QUANT = os.path.join(W, "quant")
+subprocess.run([os.path.join(BIN, "dsopen-quantize"), "--model", MODEL, "--method", "rtn-int4", "--group-size", "16",
+                "--out", QUANT], check=True, capture_output=True)
+
+
+def broken_quant(name, edit_tensors=None, edit_config=None):
+    from safetensors.torch import load_file, save_file
+    d = os.path.join(W, name)
+    shutil.copytree(QUANT, d)
+    if edit_tensors:
+        t = load_file(os.path.join(d, "model.safetensors"))
+        edit_tensors(t)
+        save_file(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    if edit_config:
+        c = json.load(open(os.path.join(d, "config.json")))
+        edit_config(c["quantization_config"])
+        overwrite(os.path.join(d, "config.json"), json.dumps(c).encode())
+    return d
+
+
+def nan_scale(t):
+    t["model.layers.0.mlp.up_proj.scales"][0, 0] = float("nan")
+
+
+Q_NAN = broken_quant("q_nan", edit_tensors=nan_scale)
+Q_FORMAT = broken_quant("q_format", edit_config=lambda q: q.update(checkpoint_format=5))
+Q_BITS = broken_quant("q_bits", edit_config=lambda q: q.update(bits=3))
+Q_GIDX = broken_quant("q_gidx", edit_tensors=lambda t: t.update({"model.layers.0.mlp.up_proj.g_idx":
+                                                                   t["model.layers.0.mlp.up_proj.g_idx"] + 1000}))
+for binary, extra in LOADERS.items():
+    outs = [OUT(binary), OUT("logits.safetensors")]
+    case(binary, ["--model", Q_NAN, *extra], "up_proj.scales", outs)
+    case(binary, ["--model", Q_FORMAT, *extra], "checkpoint_format", outs)
+    case(binary, ["--model", Q_BITS, *extra], "bits 3", outs)
+    case(binary, ["--model", Q_GIDX, *extra], "up_proj.g_idx", outs)
+# An HF-style directory (tokenizer.json, no tokenizer.model) whose tokenizer_config.json is not an object.
+HF_EXPORT = os.path.join(W, "hf_export")
+subprocess.run([os.path.join(BIN, "dsopen-convert"), "--model", MODEL, "--out", HF_EXPORT], check=True,
+               capture_output=True)
+M_TOKCFG = broken_model("m_tokcfg", lambda d: (os.remove(os.path.join(d, "tokenizer.model")),
+                                               shutil.copy(os.path.join(HF_EXPORT, "tokenizer.json"), d),
+                                               overwrite(os.path.join(d, "tokenizer_config.json"), b"[]")))
+GGUF = OUT("model.gguf")
+NOT_GGUF = write("not_a_model.gguf", "my notes\n")
+for args, names in ((["--format", "gguf", "--type", "q5_k"], "--type"), (["--type", "q8_0"], "--type"),
+                    (["--format", "gguf", "--dtype", "bf16"], "--dtype"), (["--format", "ggml"], "--format"),
+                    (["--format", "gguf", "--max-shard-mb", "1"], "--max-shard-mb"),
+                    (["--format", "gguf", "--keep-mtp"], "--keep-mtp")):
+    case("convert", ["--model", MODEL, *args, "--out", GGUF], names, [GGUF])
+case("convert", ["--model", MODEL, "--format", "gguf", "--out", OUT("exported")], ".gguf", [OUT("exported")])
+case("convert", ["--model", MODEL, "--format", "gguf", "--out", NOT_GGUF], NOT_GGUF)
+case("convert", ["--model", M_TOKCFG, "--out", OUT("convert")], "tokenizer_config.json", [OUT("convert")])
+case("quantize", ["--model", MODEL, "--method", "rtn-int4", "--group-size", "0"], "--group-size")
+case("quantize", ["--model", MODEL, "--method", "gptq-int4", "--group-size", "16", "--calib-data", f"{W}/nope_*.bin"],
+     "--calib-data")
+case("plot", [os.path.join(W, "run"), "--out", os.path.join(W, "run", "metrics.jsonl")], "--out")
 
 # ---------------------------------------------------------------------------------------------------------------
 inputs_before = {p: digest(p) for p in (MODEL, TOK, SHARD + ".bin", SHARD + ".idx", NON_UTF8, RUN_YAML)}

@@ -161,8 +161,9 @@ for name in MODELS:
                   meta(r, f"{arch}.vocab_size") == cfg["vocab_size"],
                   f"{name}: architecture {arch} and its sizes")
             pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-            types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else
-                     4 if pieces[i] in ("<|User|>", "<|Assistant|>") else 1 for i in range(len(pieces))]
+            # user-defined chat markers "<|...|>" are written as control tokens, as llama.cpp reads them anyway
+            types = [3 if sp.is_control(i) or pieces[i] in ("<|User|>", "<|Assistant|>") else 2 if sp.is_unknown(i)
+                     else 6 if sp.is_byte(i) else 1 for i in range(len(pieces))]
             n = len(pieces)
             V = cfg["vocab_size"]
             tokens, scores, ttypes = meta(r, "tokenizer.ggml.tokens"), meta(r, "tokenizer.ggml.scores"), \
@@ -239,6 +240,11 @@ one_error([b("convert"), "--model", os.path.join(W, "v3"), "--format", "gguf", "
            os.path.join(W, "x.gguf")], "--dtype", "--dtype with --format gguf")
 one_error([b("convert"), "--model", os.path.join(W, "v3"), "--format", "gguf", "--out",
            os.path.join(W, "v3", "checkpoints")], "--out", "an output that is the model's directory")
+one_error([b("convert"), "--model", os.path.join(W, "v3"), "--format", "gguf", "--out", os.path.join(W, "exported")],
+          ".gguf", "an output name without .gguf (a directory was probably meant)")
+nested = os.path.join(W, "new", "dir", "v3.gguf")
+must([b("convert"), "--model", os.path.join(W, "v3"), "--format", "gguf", "--out", nested])
+check(os.path.getsize(nested) > 0, "the output's directory is created, as for an HF export")
 
 print(f"\n{len(failures)} failures")
 if not failures:
