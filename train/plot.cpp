@@ -27,7 +27,29 @@ struct RunSeries {
   // The last record of expert_load.jsonl: its step and each block's tokens per expert.
   int64_t expert_step = -1;
   std::map<std::string, std::vector<double>> expert_load;
+  int64_t decoder_layers = -1;  // num_hidden_layers of the latest checkpoint: later blocks are MTP modules
 };
+
+// "12", or "4 (MTP)" for a block past the decoder layers.
+std::string row_label(const std::string& label, int64_t decoder_layers) {
+  const bool number = !label.empty() && label.size() < 10 && label.find_first_not_of("0123456789") == std::string::npos;
+  return number && decoder_layers >= 0 && std::stoll(label) >= decoder_layers ? label + " (MTP)" : label;
+}
+
+// num_hidden_layers of <dir>/checkpoints/<latest>/config.json; -1 when there is none to read.
+int64_t decoder_layers_of(const std::string& dir) {
+  std::error_code ec;
+  const fs::path ckpts = fs::path(dir) / "checkpoints";
+  if (!fs::exists(ckpts / "latest", ec)) return -1;
+  std::string latest;
+  std::ifstream(ckpts / "latest") >> latest;
+  try {
+    const auto j = nlohmann::json::parse(env::read_file((ckpts / latest / "config.json").string()));
+    return j.value("num_hidden_layers", int64_t(-1));
+  } catch (const std::exception&) {
+    return -1;  // a label less, not a failed plot
+  }
+}
 
 // "model.layers.12.mlp" -> "12": the layer number is what a reader looks for.
 std::string layer_label(const std::string& block) {
@@ -120,6 +142,7 @@ RunSeries read_run(const std::string& dir) {
   }
   if (r.train.empty()) throw runtime_error(path, "no training records", "let the run log a step first");
   read_expert_load(dir, r);
+  r.decoder_layers = decoder_layers_of(dir);
   return r;
 }
 
@@ -175,7 +198,7 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
       std::istringstream in(r.imbalance.at(block));
       for (std::string l; std::getline(in, l);) f << l.substr(0, l.find(' ')) << " " << row << " " << l.substr(l.find(' ') + 1) << "\n";
       f << "\n";
-      labels += (row ? ", " : "") + gp_string(layer_label(block)) + " " + std::to_string(row);
+      labels += (row ? ", " : "") + gp_string(row_label(layer_label(block), r.decoder_layers)) + " " + std::to_string(row);
       ++row;
     }
     heat = "set title " + gp_string("MoE load imbalance (max / mean expert load) - " + r.name +
@@ -196,7 +219,8 @@ void plot_runs(const std::vector<std::string>& run_dirs, const std::string& out_
         const double mean = sum / static_cast<double>(load.size());
         for (size_t k = 0; k < load.size(); ++k) g << k << " " << erow << " " << (mean > 0 ? load[k] / mean : 0.0) << "\n";
         g << "\n";
-        elabels += (erow ? ", " : "") + gp_string(layer_label(block)) + " " + std::to_string(erow);
+        elabels += (erow ? ", " : "") + gp_string(row_label(layer_label(block), r.decoder_layers)) + " " +
+                   std::to_string(erow);
         experts = std::max(experts, load.size());
         ++erow;
       }
