@@ -251,17 +251,21 @@ void SentencePieceTokenizer::train(const SentencePieceTrainOptions& o) {
   env::write_file_atomic(o.output, model);
 }
 
+namespace {
+// SentencePiece numbers its pieces: control and unknown, user-defined symbols, byte pieces, then the learned ones.
+// The headers give no "is user-defined" test, so those are the non-control pieces before the first byte piece.
+int first_byte_piece(const sentencepiece::SentencePieceProcessor& sp) {
+  const int n = sp.GetPieceSize();
+  for (int id = 0; id < n; ++id)
+    if (sp.IsByte(id)) return id;
+  return n;
+}
+}  // namespace
+
 std::string SentencePieceTokenizer::hf_tokenizer_json() const {
   const auto& sp = impl_->sp;
   const int n = sp.GetPieceSize();
-  // SentencePiece numbers its pieces: control and unknown, user-defined symbols, byte pieces, then the learned ones.
-  // The headers give no "is user-defined" test, so those are the non-control pieces before the first byte piece.
-  int first_byte = n;
-  for (int id = 0; id < n; ++id)
-    if (sp.IsByte(id)) {
-      first_byte = id;
-      break;
-    }
+  const int first_byte = first_byte_piece(sp);
   auto normal = [&](int id) {
     return id >= first_byte && !sp.IsControl(id) && !sp.IsUnknown(id) && !sp.IsByte(id) && !sp.IsUnused(id);
   };
@@ -387,14 +391,7 @@ std::string SentencePieceTokenizer::piece(int32_t id) const { return impl_->sp.I
 std::vector<SentencePieceTokenizer::PieceInfo> SentencePieceTokenizer::pieces() const {
   const auto& sp = impl_->sp;
   const int n = sp.GetPieceSize();
-  // User-defined pieces have no test of their own in the headers: they are the non-control pieces before the first
-  // byte piece (SentencePiece numbers control/unknown, user-defined, bytes, then learned pieces).
-  int first_byte = n;
-  for (int id = 0; id < n; ++id)
-    if (sp.IsByte(id)) {
-      first_byte = id;
-      break;
-    }
+  const int first_byte = first_byte_piece(sp);  // user-defined pieces come before it
   std::vector<PieceInfo> out;
   out.reserve(static_cast<size_t>(n));
   for (int id = 0; id < n; ++id) {

@@ -18,10 +18,7 @@ Usage: gguf_export.py BIN_DIR
 """
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import sentencepiece as spm
@@ -30,32 +27,11 @@ from gguf import GGUFReader, GGMLQuantizationType as Q, quants
 from gguf.constants import MODEL_ARCH_NAMES, MODEL_ARCH
 from gguf.tensor_mapping import get_tensor_name_map
 from safetensors.torch import load_file
+from harness import Harness
 
-BIN = sys.argv[1]
-W = tempfile.mkdtemp(prefix="dsopen-gguf-")
+H = Harness(sys.argv[1], "dsopen-gguf-")
+W, b, run, must, check = H.work, H.b, H.run, H.must, H.check
 FORTUNES = "/usr/share/games/fortunes/fortunes"
-failures = []
-
-
-def b(name):
-    return os.path.join(BIN, "dsopen-" + name)
-
-
-def run(args):
-    return subprocess.run(args, capture_output=True, text=True)
-
-
-def must(args):
-    r = run(args)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failures.append(what)
 
 
 must([b("tokenizer"), "train", FORTUNES, "--vocab-size", "600", "--character-coverage", "0.999",
@@ -246,7 +222,4 @@ nested = os.path.join(W, "new", "dir", "v3.gguf")
 must([b("convert"), "--model", os.path.join(W, "v3"), "--format", "gguf", "--out", nested])
 check(os.path.getsize(nested) > 0, "the output's directory is created, as for an HF export")
 
-print(f"\n{len(failures)} failures")
-if not failures:
-    shutil.rmtree(W)
-sys.exit(1 if failures else 0)
+H.finish()

@@ -19,35 +19,15 @@ Usage: gptq_layout.py BIN_DIR
 """
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 
 import torch
 from safetensors.torch import load_file
+from harness import Harness
 
-BIN = sys.argv[1]
-W = tempfile.mkdtemp(prefix="dsopen-gptq-")
+H = Harness(sys.argv[1], "dsopen-gptq-")
+W, b, run, must, check = H.work, H.b, H.run, H.must, H.check
 FORTUNES = "/usr/share/games/fortunes/fortunes"
-failures = []
-
-
-def b(name):
-    return os.path.join(BIN, "dsopen-" + name)
-
-
-def must(args):
-    r = subprocess.run(args, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failures.append(what)
 
 
 with open(os.path.join(W, "run.yaml"), "w") as f:
@@ -153,7 +133,4 @@ if have_backend:
     ours = ref(ids).logits.float()
     check(torch.allclose(theirs, ours, atol=5e-2, rtol=5e-2), "transformers loads the GPTQ directory with our logits")
 
-print(f"\n{len(failures)} failures")
-if not failures:
-    shutil.rmtree(W)
-sys.exit(1 if failures else 0)
+H.finish()

@@ -16,36 +16,17 @@ Usage: hf_export.py BIN_DIR
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
+from harness import Harness
 
 hf_logging.set_verbosity_error()
-BIN = sys.argv[1]
-W = tempfile.mkdtemp(prefix="dsopen-export-")
+H = Harness(sys.argv[1], "dsopen-export-")
+W, b, run, must, check = H.work, H.b, H.run, H.must, H.check
 FORTUNES = "/usr/share/games/fortunes/fortunes"
-failures = []
-
-
-def b(name):
-    return os.path.join(BIN, "dsopen-" + name)
-
-
-def must(args, stdin=None):
-    r = subprocess.run(args, input=stdin, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failures.append(what)
 
 
 with open(os.path.join(W, "run.yaml"), "w") as f:
@@ -148,7 +129,4 @@ same = all(open(os.path.join(QUANT, n), "rb").read() == open(os.path.join(EXPORT
            for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"))
 check(same, "dsopen-quantize's output carries the export's tokenizer and generation files")
 
-print(f"\n{len(failures)} failures")
-if not failures:
-    shutil.rmtree(W)
-sys.exit(1 if failures else 0)
+H.finish()
