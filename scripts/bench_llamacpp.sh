@@ -4,7 +4,8 @@
 # and decodes greedily from our prompt ids (bench/llamacpp_greedy.cpp: argmax per step, EOS not suppressed, as
 # dsopen-generate --temperature 0 --ignore-eos). Reported: how many of the NEW tokens per prompt agree, and where
 # they part, llama.cpp's gap between its two best logits there (a near-tie flipped by rounding, not a bug: quantized
-# types part earlier). Then llama-bench's prefill and decode tokens/s per type beside dsopen-generate's.
+# types part earlier). Then (BENCH=1) the speed table of docs/BENCHMARKS.md: decode and prefill tokens/s of both
+# engines at fp32/F32, bf16/BF16, int8/Q8_0 and int4/Q4_0 on a dense ~97M model and on MODEL (MoE).
 # Usage: scripts/bench_llamacpp.sh [MODEL_DIR]     (default runs/tiny: train configs/tiny.yaml first)
 # Env: TYPES ("f32 f16 bf16 q8_0 q4_0")  NEW (32)  THREADS (nproc)  WORK (runs/bench-llamacpp)  BENCH (1: speed too)
 set -euo pipefail
@@ -50,22 +51,68 @@ PY
     "$agree_total" "$n_total" "${notes:+ (parted at$notes)}"
 done
 
-if [ "$BENCH" = 1 ]; then
-  echo "speed (llama-bench: pp64 prefill and tg64 decode tokens/s, $THREADS threads)"
-  for type in $TYPES; do
-    "$LLAMA/llama-bench" -m "$WORK/model-$type.gguf" -p 64 -n 64 -t "$THREADS" -r 3 -o csv 2>/dev/null |
-      python3 -c "import csv,sys
-for r in csv.DictReader(sys.stdin):
-    kind = 'prefill' if int(r['n_prompt']) else 'decode'
-    print(f\"  llama.cpp $type {kind}: {float(r['avg_ts']):.1f} tok/s\")"
-  done
-  ids="$(seq -s, 10 73)"
-  for dtype in fp32 bf16; do
-    "$BIN/dsopen-generate" --model "$MODEL" --prompt-ids "$ids" --max-new-tokens 64 --temperature 0 --ignore-eos \
-      --dtype "$dtype" --warmup 1 --repeat 3 --threads "$THREADS" --json 2>/dev/null |
-      python3 -c "import json,sys
-j = json.load(sys.stdin)
-t = j.get('timings', j)
-print('  dsopen $dtype prefill: %.1f tok/s, decode: %.1f tok/s' % (t['prefill_tokens_per_s'], t['decode_tokens_per_s']))"
-  done
+[ "$BENCH" = 1 ] || exit 0
+# ---- speed: the same models in both engines, batch 1, 64 prompt + 64 decoded tokens -------------------------------
+# Dense: a random Llama of ~97M parameters (vocab 8000, hidden 768, 12 layers) saved by transformers, with the
+# tokenizer of MODEL; llama.cpp's files from its own convert_hf_to_gguf.py (F32, BF16) and llama-quantize (Q8_0,
+# Q4_0); dsopen's from dsopen-quantize (rtn-int8 per channel, rtn-int4 group 32). MoE: MODEL itself, llama.cpp's
+# files from dsopen-convert --format gguf (its converter has no SentencePiece vocabulary for deepseek2).
+SRC="$(dirname "$(dirname "$LLAMA")")/src"
+DENSE="$WORK/dense-97m"
+if [ ! -f "$DENSE/model.safetensors" ]; then
+  python3 - "$DENSE" "$MODEL" <<'PY'
+import os, shutil, sys, glob, torch, transformers
+d, src = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                               num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+tok = [p for p in glob.glob(os.path.join(src, "**", "tokenizer.model"), recursive=True)][0]
+shutil.copy(tok, d)
+PY
 fi
+prepare() {  # NAME DIR: both engines' files for one model
+  local name="$1" dir="$2"
+  if [ "$name" = dense ]; then
+    for t in f32 bf16; do
+      [ -f "$WORK/$name-$t.gguf" ] || PYTHONPATH="$SRC/gguf-py" python3 "$SRC/convert_hf_to_gguf.py" "$dir" --outtype "$t" \
+        --outfile "$WORK/$name-$t.gguf" >"$WORK/convert.log" 2>&1 || { tail -5 "$WORK/convert.log" >&2; exit 1; }
+    done
+  else
+    for t in f32 bf16; do "$BIN/dsopen-convert" --model "$dir" --format gguf --type "$t" --out "$WORK/$name-$t.gguf" >/dev/null 2>&1; done
+  fi
+  for t in q8_0 q4_0; do
+    [ -f "$WORK/$name-$t.gguf" ] || "$LLAMA/llama-quantize" "$WORK/$name-f32.gguf" "$WORK/$name-$t.gguf" \
+      "$(echo "$t" | tr a-z A-Z)" >/dev/null 2>&1
+  done
+  [ -d "$WORK/$name-int8" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int8 --group-size -1 --out "$WORK/$name-int8" >/dev/null 2>&1
+  [ -d "$WORK/$name-int4" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int4 --group-size 32 --out "$WORK/$name-int4" >/dev/null 2>&1
+}
+ours() {  # DIR EXTRA...: "prefill decode" tokens/s, best of 3 after a warm-up
+  "$BIN/dsopen-generate" --model "$1" "${@:2}" --prompt-ids "$(seq -s, 10 73)" --max-new-tokens 64 --temperature 0 \
+    --ignore-eos --warmup 1 --repeat 3 --threads "$THREADS" --json 2>/dev/null |
+    python3 -c "import json,sys; j=json.load(sys.stdin); print(j['prefill_tokens_per_s'], j['decode_tokens_per_s'])"
+}
+theirs() {  # FILE: "prefill decode" tokens/s from llama-bench (pp64, tg64, 3 repetitions)
+  "$LLAMA/llama-bench" -m "$1" -p 64 -n 64 -t "$THREADS" -r 3 -o csv 2>/dev/null | python3 -c "import csv,sys
+r = {('pp' if int(x['n_prompt']) else 'tg'): float(x['avg_ts']) for x in csv.DictReader(sys.stdin)}
+print(r['pp'], r['tg'])"
+}
+echo
+echo "| model | format (ours / llama.cpp) | decode tok/s ours | llama.cpp | x | prefill tok/s ours | llama.cpp | x |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+for spec in "dense:$DENSE" "moe:$MODEL"; do
+  name="${spec%%:*}" dir="${spec#*:}"
+  prepare "$name" "$dir"
+  for row in "fp32 / F32:$dir::f32" "bf16 / BF16:$dir:--dtype bf16:bf16" "int8 / Q8_0:$WORK/$name-int8::q8_0" \
+             "int4 / Q4_0:$WORK/$name-int4::q4_0"; do
+    IFS=: read -r label qdir extra t <<<"$row"
+    # shellcheck disable=SC2086
+    read -r op od < <(ours "$qdir" $extra)
+    read -r tp td < <(theirs "$WORK/$name-$t.gguf")
+    python3 -c "import sys
+n, l, op, od, tp, td = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+print(f'| {n} | {l} | {od:.1f} | {td:.1f} | {od / td:.2f} | {op:.0f} | {tp:.0f} | {op / tp:.2f} |')" "$name" "$label" "$op" "$od" "$tp" "$td"
+  done
+done

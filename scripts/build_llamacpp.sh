@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's command-line tools (llama-completion, llama-simple, llama-bench, llama-tokenize) for the
-# GGUF round trip and the decode-speed comparison, and bench/llamacpp_greedy.cpp against its library. The source is the copy of llama.cpp that the
-# `llama-cpp-python` source distribution on PyPI carries (vendor/llama.cpp), so only PyPI is needed.
+# Builds llama.cpp's command-line tools (llama-completion, llama-simple, llama-bench, llama-tokenize,
+# llama-quantize) for the GGUF round trip and the decode-speed comparison, and bench/llamacpp_greedy.cpp against its
+# library. The source is the copy of llama.cpp that the `llama-cpp-python` source distribution on PyPI carries
+# (vendor/llama.cpp, with its convert_hf_to_gguf.py), so only PyPI is needed.
 # Usage: scripts/build_llamacpp.sh          prints the bin directory on stdout (builds once, then reuses it)
 # Env: LLAMACPP_PYPI_VERSION (0.3.36)  DSOPEN_CACHE (~/.cache/dsopen)  JOBS (nproc)
 set -euo pipefail
@@ -10,7 +11,7 @@ CACHE="${DSOPEN_CACHE:-$HOME/.cache/dsopen}"
 JOBS="${JOBS:-$(nproc)}"
 DIR="$CACHE/llama.cpp-py$VERSION"
 BIN="$DIR/build/bin"
-TOOLS=(llama-completion llama-simple llama-bench llama-tokenize)
+TOOLS=(llama-completion llama-simple llama-bench llama-tokenize llama-quantize)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 have_all() {
   for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done
