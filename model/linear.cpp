@@ -1,5 +1,7 @@
 #include "model/linear.h"
 
+#include "model/gemv.h"
+
 #include <cmath>
 
 #include "utils/compat.h"
@@ -48,8 +50,10 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto y = !weight_only ? torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
-                        : bias.defined() ? weight_only(x) + as_input_dtype(bias, x) : weight_only(x);
+  torch::Tensor y;
+  if (weight_only) y = bias.defined() ? weight_only(x) + as_input_dtype(bias, x) : weight_only(x);
+  else if (gemv_applies(x, weight)) y = gemv(x, weight, bias);  // decode steps: a bandwidth-bound GEMV
+  else y = torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x));
   if (!lora_A) return y;
   auto h = (lora_dropout > 0 && is_training()) ? torch::dropout(x, lora_dropout, /*train=*/true) : x;
   auto delta = torch::nn::functional::linear(

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "model/config.h"
+#include "model/gemv.h"
 #include "model/info.h"
 #include "model/layers.h"
 #include "model/moe.h"
@@ -289,4 +290,37 @@ TEST_CASE("dropped expert groups are filled with -inf, as DeepSeek's reference d
   Routing r = route(logits, bias, c);
   std::set<int64_t> chosen{r.indices[0][0].item<int64_t>(), r.indices[0][1].item<int64_t>()};
   CHECK(chosen == std::set<int64_t>{0, 1});  // group 0 wins and keeps both picks; a 0 fill would pick 2 and 3
+}
+
+TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every instruction set of this CPU",
+          "[model][gemv]") {
+  torch::manual_seed(11);
+  torch::NoGradGuard no_grad;
+  std::vector<const char*> isas = {"portable"};
+  if (std::string(dsopen::model::gemv_isa()) != "portable") isas.push_back("avx2");
+  if (std::string(dsopen::model::gemv_isa()) == "avx512") isas.push_back("avx512");
+  for (const char* isa : isas)
+    for (auto wdtype : {torch::kFloat32, torch::kBFloat16})
+      for (int64_t rows : {1, 3, 4})
+        for (int64_t in : {77, 768}) {  // a tail shorter than any vector, and whole blocks
+          INFO(isa << " weight " << c10::toString(wdtype) << " rows " << rows << " in " << in);
+          auto W = torch::randn({37, in}).to(wdtype);
+          auto b = torch::randn({37});
+          auto x = torch::randn({rows, 1, in});
+          REQUIRE(dsopen::model::gemv_applies(x, W));
+          auto got = dsopen::model::gemv(x, W, b, isa);
+          auto want = torch::nn::functional::linear(x.to(torch::kFloat64), W.to(torch::kFloat64), b.to(torch::kFloat64));
+          CHECK(got.sizes() == torch::IntArrayRef({rows, 1, 37}));
+          CHECK(torch::allclose(got.to(torch::kFloat64), want, 1e-5, 1e-4));
+          // bf16 activations come back in bf16 (the sums in float32)
+          auto got_bf16 = dsopen::model::gemv(x.to(torch::kBFloat16), W, torch::Tensor(), isa);
+          CHECK(got_bf16.scalar_type() == torch::kBFloat16);
+        }
+  // More rows than a decode step, autograd, or a non-contiguous weight go to the GEMM.
+  CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({5, 8}), torch::randn({4, 8})));
+  CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({8, 4}).t()));
+  {
+    torch::AutoGradMode grad(true);
+    CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({4, 8})));
+  }
 }

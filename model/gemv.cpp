@@ -1,0 +1,187 @@
+#include "model/gemv.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+namespace dsopen::model {
+
+namespace {
+
+// One weight row (float32 or bfloat16 bits) dotted with `rows` activation rows; y[r * out] += ... per row.
+// Each ISA version is compiled for its instruction set only (function target attributes), and picked at run time.
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename W>
+float load_scalar(const W* w, int64_t i) {
+  if constexpr (std::is_same_v<W, float>) return w[i];
+  else return bf16_to_float(w[i]);
+}
+
+template <typename W>
+void rows_portable(const W* w, const float* x, int64_t rows, int64_t in, float* y, int64_t out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+      s0 += load_scalar(w, i) * xr[i];
+      s1 += load_scalar(w, i + 1) * xr[i + 1];
+      s2 += load_scalar(w, i + 2) * xr[i + 2];
+      s3 += load_scalar(w, i + 3) * xr[i + 3];
+    }
+    for (; i < in; ++i) s0 += load_scalar(w, i) * xr[i];
+    y[r * out] = (s0 + s1) + (s2 + s3);
+  }
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) __m256 load8(const W* w) {
+  if constexpr (std::is_same_v<W, float>) return _mm256_loadu_ps(w);
+  else {  // 8 bf16 -> 8 float: the bits shifted into the top half of each lane
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+__attribute__((target("avx2,fma"))) float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t rows, int64_t in, float* y,
+                                                  int64_t out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32) {
+      a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(xr + i), a0);
+      a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
+    }
+    for (; i + 8 <= in; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(xr + i), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
+    y[r * out] = s;
+  }
+}
+
+template <typename W>
+__attribute__((target("avx512f"))) __m512 load16(const W* w) {
+  if constexpr (std::is_same_v<W, float>) return _mm512_loadu_ps(w);
+  else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename W>
+__attribute__((target("avx512f"))) void rows_avx512(const W* w, const float* x, int64_t rows, int64_t in, float* y,
+                                                    int64_t out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+      a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
+      a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
+      a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
+      a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
+    }
+    for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
+    y[r * out] = s;
+  }
+}
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+Isa isa() {
+  static const Isa i = detect();
+  return i;
+}
+
+template <typename W>
+void run(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y) {
+  // ~64 KiB of weights per task at least: enough work to pay for a thread's wake-up.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const W* wo = w + o * in;
+      if (which == Isa::kAvx512) rows_avx512(wo, x, rows, in, y + o, out);
+      else if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
+      else rows_portable(wo, x, rows, in, y + o, out);
+      if (bias)
+        for (int64_t r = 0; r < rows; ++r) y[r * out + o] += bias[o];
+    }
+  });
+}
+
+}  // namespace
+
+const char* gemv_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool gemv_applies(const torch::Tensor& x, const torch::Tensor& W) {
+  static const bool enabled = [] {  // DSOPEN_GEMV=0: LibTorch's GEMM everywhere (A/B measurements, debugging)
+    const char* v = std::getenv("DSOPEN_GEMV");
+    return !(v && std::string(v) == "0");
+  }();
+  if (!enabled || !x.device().is_cpu() || !W.device().is_cpu() || torch::GradMode::is_enabled()) return false;
+  if (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kBFloat16) return false;
+  if (x.dim() < 1 || W.dim() != 2 || !W.is_contiguous()) return false;
+  if (W.scalar_type() != torch::kFloat32 && W.scalar_type() != torch::kBFloat16) return false;
+  return x.size(-1) == W.size(1) && x.numel() / W.size(1) <= kMaxGemvRows && x.numel() > 0;
+}
+
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa_name) {
+  Isa which = isa();
+  if (isa_name) {
+    const std::string n = isa_name;
+    which = n == "avx512" ? Isa::kAvx512 : n == "avx2" ? Isa::kAvx2 : Isa::kPortable;
+    const bool has = which == Isa::kPortable || (which == Isa::kAvx2 && isa() != Isa::kPortable) || which == isa();
+    TORCH_CHECK(has, "gemv: this CPU cannot run ", n);
+  }
+  const int64_t in = W.size(1), out = W.size(0), rows = x.numel() / in;
+  const auto xc = x.to(torch::kFloat32).contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  auto y = torch::empty(sizes, x.options().dtype(torch::kFloat32));
+  const torch::Tensor b = bias.defined() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (W.scalar_type() == torch::kFloat32)
+    run(which, W.data_ptr<float>(), xc.data_ptr<float>(), rows, in, out, bp, y.data_ptr<float>());
+  else
+    run(which, reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), xc.data_ptr<float>(), rows, in, out, bp,
+        y.data_ptr<float>());
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
+}  // namespace dsopen::model

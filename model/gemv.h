@@ -1,0 +1,30 @@
+// Matrix-vector products for decoding on the CPU: y [rows, out] = x [rows, in] · W[out, in]^T (+ bias) for a few
+// rows (decode steps), W float32 or bfloat16, row-major and contiguous as nn.Linear keeps it.
+//
+// Decoding reads every weight once per token, so its speed is memory bandwidth. A general GEMM at M = 1 leaves
+// bandwidth unused (measured: 18 GB/s for LibTorch's matmul against 50 GB/s for llama.cpp's kernels on the same 2
+// cores, docs/BENCHMARKS.md). Here each thread streams a contiguous block of weight rows once, dotting each row
+// with every activation row while it is in L1, with 4 independent FMA accumulators per row; the instruction set
+// (AVX-512, AVX2 + FMA, or portable C++) is chosen once at run time from the CPU. Results differ from a GEMM's only
+// in summation order (relative ~1e-7 in fp32).
+#pragma once
+
+#include <torch/torch.h>
+
+namespace dsopen::model {
+
+// Rows up to which gemv is used (more rows: the GEMM's blocking wins).
+inline constexpr int64_t kMaxGemvRows = 4;
+
+// Whether gemv takes this product (never with the environment variable DSOPEN_GEMV=0): CPU, no autograd, x float32 or bfloat16 [..., in] with at most kMaxGemvRows
+// rows, W float32 or bfloat16 [out, in] contiguous.
+bool gemv_applies(const torch::Tensor& x, const torch::Tensor& W);
+
+// x [..., in], W [out, in], bias [out] (or undefined) -> [..., out] in x's dtype; the sums in float32. `isa`
+// (tests): "avx512", "avx2" or "portable" instead of the CPU's best; one the CPU lacks is a logic error.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa = nullptr);
+
+// The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
+const char* gemv_isa();
+
+}  // namespace dsopen::model
