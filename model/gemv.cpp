@@ -139,6 +139,32 @@ void run(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_
   });
 }
 
+// ---- weight-only int8 ------------------------------------------------------------------------------------------
+
+// sum_i codes[i] * x[i] for one int8 row.
+__attribute__((target("avx512f"))) float dot_i8_avx512(const int8_t* c, const float* x, int64_t in) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i))));
+    const __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i + 16))));
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; i < in; ++i) s += static_cast<float>(c[i]) * x[i];
+  return s;
+}
+
+float dot_i8_portable(const int8_t* c, const float* x, int64_t in) {
+  float s0 = 0, s1 = 0;
+  int64_t i = 0;
+  for (; i + 2 <= in; i += 2) s0 += static_cast<float>(c[i]) * x[i], s1 += static_cast<float>(c[i + 1]) * x[i + 1];
+  for (; i < in; ++i) s0 += static_cast<float>(c[i]) * x[i];
+  return s0 + s1;
+}
+
 }  // namespace
 
 const char* gemv_isa() {
@@ -149,26 +175,35 @@ const char* gemv_isa() {
   }
 }
 
-bool gemv_applies(const torch::Tensor& x, const torch::Tensor& W) {
-  static const bool enabled = [] {  // DSOPEN_GEMV=0: LibTorch's GEMM everywhere (A/B measurements, debugging)
+bool gemv_enabled() {
+  static const bool enabled = [] {  // DSOPEN_GEMV=0: LibTorch's kernels everywhere (A/B measurements, debugging)
     const char* v = std::getenv("DSOPEN_GEMV");
     return !(v && std::string(v) == "0");
   }();
-  if (!enabled || !x.device().is_cpu() || !W.device().is_cpu() || torch::GradMode::is_enabled()) return false;
+  return enabled;
+}
+
+bool gemv_applies(const torch::Tensor& x, const torch::Tensor& W) {
+  if (!gemv_enabled() || !x.device().is_cpu() || !W.device().is_cpu() || torch::GradMode::is_enabled()) return false;
   if (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kBFloat16) return false;
   if (x.dim() < 1 || W.dim() != 2 || !W.is_contiguous()) return false;
   if (W.scalar_type() != torch::kFloat32 && W.scalar_type() != torch::kBFloat16) return false;
   return x.size(-1) == W.size(1) && x.numel() / W.size(1) <= kMaxGemvRows && x.numel() > 0;
 }
 
+namespace {
+Isa pick(const char* isa_name) {
+  if (!isa_name) return isa();
+  const std::string n = isa_name;
+  const Isa which = n == "avx512" ? Isa::kAvx512 : n == "avx2" ? Isa::kAvx2 : Isa::kPortable;
+  const bool has = which == Isa::kPortable || (which == Isa::kAvx2 && isa() != Isa::kPortable) || which == isa();
+  TORCH_CHECK(has, "gemv: this CPU cannot run ", n);
+  return which;
+}
+}  // namespace
+
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa_name) {
-  Isa which = isa();
-  if (isa_name) {
-    const std::string n = isa_name;
-    which = n == "avx512" ? Isa::kAvx512 : n == "avx2" ? Isa::kAvx2 : Isa::kPortable;
-    const bool has = which == Isa::kPortable || (which == Isa::kAvx2 && isa() != Isa::kPortable) || which == isa();
-    TORCH_CHECK(has, "gemv: this CPU cannot run ", n);
-  }
+  const Isa which = pick(isa_name);
   const int64_t in = W.size(1), out = W.size(0), rows = x.numel() / in;
   const auto xc = x.to(torch::kFloat32).contiguous();
   auto sizes = x.sizes().vec();
@@ -182,6 +217,28 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::
     run(which, reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>()), xc.data_ptr<float>(), rows, in, out, bp,
         y.data_ptr<float>());
   return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
+torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                        const torch::Tensor& offset, const char* isa_name) {
+  const bool wide = pick(isa_name) == Isa::kAvx512;
+  const int64_t in = codes.size(1), out = codes.size(0), rows = x.numel() / in;
+  const auto xc = x.to(torch::kFloat32).contiguous().view({rows, in});
+  auto y = torch::empty({rows, out}, torch::kFloat32);
+  const auto xsum = xc.sum(1);
+  const float *xp = xc.data_ptr<float>(), *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(),
+              *xs = xsum.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float d = wide ? dot_i8_avx512(cp + o * in, xp + r * in, in) : dot_i8_portable(cp + o * in, xp + r * in, in);
+        yp[r * out + o] = sp[o] * d + op[o] * xs[r];
+      }
+  });
+  return y;
 }
 
 }  // namespace dsopen::model

@@ -16,13 +16,23 @@ namespace dsopen::model {
 // Rows up to which gemv is used (more rows: the GEMM's blocking wins).
 inline constexpr int64_t kMaxGemvRows = 4;
 
-// Whether gemv takes this product (never with the environment variable DSOPEN_GEMV=0): CPU, no autograd, x float32 or bfloat16 [..., in] with at most kMaxGemvRows
+// False when the environment variable DSOPEN_GEMV=0 (every product through LibTorch's kernels).
+bool gemv_enabled();
+
+// Whether gemv takes this product (never with DSOPEN_GEMV=0): CPU, no autograd, x float32 or bfloat16 [..., in] with at most kMaxGemvRows
 // rows, W float32 or bfloat16 [out, in] contiguous.
 bool gemv_applies(const torch::Tensor& x, const torch::Tensor& W);
 
 // x [..., in], W [out, in], bias [out] (or undefined) -> [..., out] in x's dtype; the sums in float32. `isa`
 // (tests): "avx512", "avx2" or "portable" instead of the CPU's best; one the CPU lacks is a logic error.
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa = nullptr);
+
+// Per-channel int8 weights (inference/quantized_linear.h Int8Linear): x [rows, in] (rows <= kMaxGemvRows), codes
+// int8 [out, in] (file code - 128), y = scale * (codes . x) + offset * sum(x) with scale, offset float32 [out]
+// -> float32 [rows, out]; `isa` as for gemv (no AVX2 version: those CPUs run the portable loop). (int4 layers keep
+// LibTorch's packed kernel: an in-register nibble GEMV measured slower, 178 against 230 tokens/s.)
+torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                        const torch::Tensor& offset, const char* isa = nullptr);
 
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();

@@ -316,6 +316,17 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
           auto got_bf16 = dsopen::model::gemv(x.to(torch::kBFloat16), W, torch::Tensor(), isa);
           CHECK(got_bf16.scalar_type() == torch::kBFloat16);
         }
+  // Per-channel int8 codes: scale * (codes . x) + offset * sum(x), exactly as the dequantized weight gives it.
+  for (const char* isa : isas) {
+    if (std::string(isa) == "avx2") continue;  // int8 has AVX-512 and portable loops only
+    auto codes = torch::randint(-128, 128, {37, 77}, torch::kInt8);
+    auto scale = torch::rand({37}) * 0.01, offset = torch::randn({37}) * 0.1;
+    auto x = torch::randn({3, 77});
+    auto got = dsopen::model::gemv_int8(x, codes, scale, offset, isa);
+    auto W = codes.to(torch::kFloat64) * scale.to(torch::kFloat64).unsqueeze(1) + offset.to(torch::kFloat64).unsqueeze(1);
+    INFO(isa);
+    CHECK(torch::allclose(got.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.t()), 1e-5, 1e-4));
+  }
   // More rows than a decode step, autograd, or a non-contiguous weight go to the GEMM.
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({5, 8}), torch::randn({4, 8})));
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({8, 4}).t()));
