@@ -24,6 +24,38 @@
 using namespace dsopen;
 namespace fs = std::filesystem;
 
+namespace {
+
+// A GGUF output: a .gguf name, a family llama.cpp runs, and never a file that is not an earlier GGUF export.
+void check_gguf_output(const std::string& out, const model::ModelDir& source) {
+  if (fs::path(out).extension() != ".gguf")
+    throw usage_error("--out", "'" + out + "' is not a .gguf file name",
+                      "--format gguf writes one file: give its name, e.g. --out exported/model.gguf");
+  inference::check_gguf_exportable(source.config());
+  std::ifstream existing(out, std::ios::binary);
+  char magic[4] = {};
+  if (existing && (!existing.read(magic, 4) || std::string(magic, 4) != "GGUF"))
+    throw usage_error("--out", out + " exists and is not a GGUF file",
+                      "give a new file name; an earlier GGUF export there is replaced");
+}
+
+// The tokenizer that travels with the weights must fit the model. `required` (GGUF needs the vocabulary): one dsopen
+// cannot read is an error; otherwise (an HF export copies tokenizer files as they are) it is not checked.
+void check_tokenizer(const model::ModelDir& source, const std::string& adapter, bool required) {
+  const std::string dir = source.tokenizer_path(adapter);
+  if (dir.empty()) return;
+  std::unique_ptr<data::Tokenizer> tok;
+  try {
+    tok = data::load_tokenizer(dir);
+  } catch (const Error&) {
+    if (required) throw;
+    return;
+  }
+  inference::check_tokenizer_fits(*tok, source.config(), dir);
+}
+
+}  // namespace
+
 static int run(int argc, char** argv) {
   cxxopts::Options options("dsopen-convert", "Export a checkpoint or HF directory as an HF model directory or a GGUF file");
   options.add_options()("model", "Input directory", cxxopts::value<std::string>())(
@@ -57,37 +89,18 @@ static int run(int argc, char** argv) {
   const double shard_mb = args["max-shard-mb"].as<double>();
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
   const model::ModelDir source(args["model"].as<std::string>());
-  env::check_output_path(args["out"].as<std::string>(), gguf ? env::OutputKind::File : env::OutputKind::Directory,
-                         {source.path(), args.count("adapter") ? args["adapter"].as<std::string>() : ""}, "--out");
-  if (gguf && fs::path(args["out"].as<std::string>()).extension() != ".gguf")
-    throw usage_error("--out", "'" + args["out"].as<std::string>() + "' is not a .gguf file name",
-                      "--format gguf writes one file: give its name, e.g. --out exported/model.gguf");
-  if (gguf) inference::check_gguf_exportable(source.config());
-  if (gguf) {  // replacing a file is fine when it is an earlier GGUF export, not any file that happens to be there
-    std::ifstream existing(args["out"].as<std::string>(), std::ios::binary);
-    char magic[4] = {};
-    if (existing && (!existing.read(magic, 4) || std::string(magic, 4) != "GGUF"))
-      throw usage_error("--out", args["out"].as<std::string>() + " exists and is not a GGUF file",
-                        "give a new file name; an earlier GGUF export there is replaced");
-  }
-  {  // the tokenizer that travels with the weights must fit the model, whichever format
-    const std::string tok_dir = source.tokenizer_path(args.count("adapter") ? args["adapter"].as<std::string>() : "");
-    std::unique_ptr<data::Tokenizer> tok;
-    try {
-      if (!tok_dir.empty()) tok = data::load_tokenizer(tok_dir);
-    } catch (const Error&) {
-      if (gguf) throw;  // GGUF needs the vocabulary; an HF export copies tokenizer files dsopen cannot read as they are
-    }
-    if (tok) inference::check_tokenizer_fits(*tok, source.config(), tok_dir);
-  }
-  auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
+  const std::string out = args["out"].as<std::string>();
   const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
+  env::check_output_path(out, gguf ? env::OutputKind::File : env::OutputKind::Directory, {source.path(), adapter},
+                         "--out");
+  if (gguf) check_gguf_output(out, source);
+  check_tokenizer(source, adapter, /*required=*/gguf);
+  auto m = inference::load_model(source.path(), torch::kCPU, /*keep_mtp=*/true);
   if (!adapter.empty()) {
     const auto adapted = model::load_adapter(*m, adapter);
     model::merge_lora(*m);
     std::cout << "merged the adapter of " << adapted.size() << " projections from " << adapter << std::endl;
   }
-  const std::string out = args["out"].as<std::string>();
   if (gguf) {
     const auto parent = fs::absolute(out).parent_path();
     if (!fs::exists(parent)) fs::create_directories(parent);  // as an HF export creates its directory
