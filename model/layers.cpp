@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "model/fused_ops.h"
+
 namespace dsopen::model {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
@@ -9,6 +11,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  if (fused::applies(x) && fused::applies(weight)) return fused::rms_norm(x, weight, eps_);
   auto h = x.to(torch::kFloat32);
   h = h * torch::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps_);
   return weight * h.to(x.scalar_type());
@@ -126,6 +129,7 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& p
 }
 
 torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  if (fused::rope_applies(x, cos, x.size(-1))) return fused::rope(x, cos, sin, false, x.size(-1));
   const int64_t half = x.size(-1) / 2;
   auto xf = x.to(torch::kFloat32);
   auto halves = xf.split(half, -1);  // one split: its backward concatenates instead of zero-filling per half
@@ -137,6 +141,7 @@ torch::Tensor apply_rope_half(const torch::Tensor& x, const torch::Tensor& cos, 
 }
 
 torch::Tensor apply_rope_interleaved(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  if (fused::rope_applies(x, cos, x.size(-1))) return fused::rope(x, cos, sin, true, x.size(-1));
   auto sizes = x.sizes().vec();
   sizes.back() /= 2;
   sizes.push_back(2);
@@ -154,6 +159,7 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
     return layout == RopeLayout::kInterleaved ? apply_rope_interleaved(part, cos, sin) : apply_rope_half(part, cos, sin);
   };
   const int64_t d = x.size(-1);
+  if (fused::rope_applies(x, cos, rope_dim)) return fused::rope(x, cos, sin, layout == RopeLayout::kInterleaved, rope_dim);
   if (rope_dim == d) return rotate(x);
   auto parts = x.split_with_sizes({rope_dim, d - rope_dim}, -1);
   return torch::cat({rotate(parts[0]), parts[1]}, -1);
@@ -172,9 +178,15 @@ MLPImpl::MLPImpl(int64_t hidden, int64_t intermediate, MLPKind kind, const std::
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
   if (gate_up_proj) {
     auto gate_up = gate_up_proj(x).chunk(2, -1);  // [.., I] gate, [.., I] up
-    return down_proj(torch::silu(gate_up[0]) * gate_up[1]);
+    return down_proj(swiglu(gate_up[0], gate_up[1]));
   }
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(swiglu(gate_proj(x), up_proj(x)));
+}
+
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
+  if (fused::applies(gate) && gate.scalar_type() == up.scalar_type() && gate.sizes() == up.sizes())
+    return fused::swiglu(gate, up);
+  return torch::silu(gate) * up;
 }
 
 }  // namespace dsopen::model

@@ -90,6 +90,9 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 
 // ---- SwiGLU MLP -----------------------------------------------------------------------------------------------
 
+// silu(gate) * up (fused when model/fused_ops.h applies).
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+
 // down(silu(gate(x)) * up(x)), no biases. kSeparate: gate and up are two projections, named `names` (HF
 // gate_proj / up_proj / down_proj; Mixtral's experts w1 / w3 / w2). kFusedGateUp: one gate_up_proj [2I, hidden]
 // whose first I rows are the gate (GLM).

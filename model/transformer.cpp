@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "model/fused_ops.h"
 #include "utils/compat.h"
 
 namespace dsopen::model {
@@ -183,6 +184,31 @@ torch::Tensor CausalLMImpl::head(const torch::Tensor& h) {
   return lm_head ? lm_head->forward(h) : torch::nn::functional::linear(h, model->embed_tokens->weight);
 }
 
+torch::Tensor CausalLMImpl::fused_head_weight() const {
+  if (!fused::enabled()) return {};
+  if (lm_head && (lm_head->has_lora() || lm_head->weight_only || lm_head->bias.defined())) return {};
+  const auto& w = lm_head ? lm_head->weight : model->embed_tokens->weight;
+  return w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16 ? w : torch::Tensor();
+}
+
+std::pair<torch::Tensor, torch::Tensor> CausalLMImpl::head_loss(const torch::Tensor& normed, const torch::Tensor& targets,
+                                                                 bool z_loss, bool keep_logits, torch::Tensor* logits) {
+  const int64_t rows = normed.numel() / normed.size(-1);
+  const auto w = keep_logits ? torch::Tensor() : fused_head_weight();
+  if (w.defined()) {
+    auto sums = fused::linear_cross_entropy(normed.reshape({rows, -1}), w, targets.reshape({-1}), z_loss);
+    return {sums.ce, sums.z};
+  }
+  auto l = head(normed);  // [B, T, V]
+  if (logits) *logits = l;
+  auto flat = l.reshape({rows, -1}).to(torch::kFloat32);
+  auto ce = torch::nn::functional::cross_entropy(
+      flat, targets.reshape({-1}), torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  if (!z_loss) return {ce, {}};
+  auto lse = flat.logsumexp(-1);  // [N]
+  return {ce, (lse.pow(2) * targets.reshape({-1}).ne(-100).to(torch::kFloat32)).sum()};
+}
+
 LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in,
                                     const torch::Tensor& token_mask) {
   if (!checkpointing_ || !is_training() || in.cache || !torch::GradMode::is_enabled())
@@ -210,16 +236,6 @@ KVCache CausalLMImpl::make_cache(int64_t batch, int64_t capacity, torch::Dtype d
   for (size_t l = 0; l < cache.layers.size(); ++l) model->layer_list[l]->init_cache(cache.layers[l], batch, capacity, opts);
   return cache;
 }
-
-namespace {
-// Sum of cross-entropy over targets != -100, and their count. logits [N, V], targets [N].
-std::pair<torch::Tensor, torch::Tensor> cross_entropy_sum(const torch::Tensor& logits, const torch::Tensor& targets) {
-  auto ce = torch::nn::functional::cross_entropy(
-      logits.to(torch::kFloat32), targets,
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
-  return {ce, targets.ne(-100).sum()};
-}
-}  // namespace
 
 namespace {
 // bool [B, 1, T, T]: query i may see key j when both are in the same document and j <= i.
@@ -273,17 +289,16 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   if (cache) cache->length = start + T;
   auto main_hidden = h;
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
-  out.logits = head(model->norm(h));  // [B, T, V]
-
   out.aux_loss = out.mtp_loss = out.z_loss = zero;
-  if (!labels.defined()) return out;
-
-  auto [ce_sum, n_targets] = cross_entropy_sum(out.logits.reshape({B * T, -1}), labels.reshape({-1}));
-  out.sums.ce = ce_sum;
-  if (config_.z_loss_coef > 0) {
-    auto lse = out.logits.to(torch::kFloat32).logsumexp(-1);  // [B, T]
-    out.sums.z = (lse.pow(2) * main_mask.to(torch::kFloat32)).sum();
+  if (!labels.defined()) {
+    out.logits = head(model->norm(h));  // [B, T, V]
+    return out;
   }
+
+  // Training and evaluation: the fused head + loss never forms the [B, T, V] logits unless asked to keep them.
+  auto [ce_sum, z_sum] = head_loss(model->norm(h), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
+  out.sums.ce = ce_sum;
+  if (z_sum.defined()) out.sums.z = z_sum;
 
   // MTP depth k predicts the token k+1 positions ahead of position i from the depth-(k-1) hidden state at i and
   // the embedding of token i+k; sequences shrink by one position per depth.
@@ -303,14 +318,13 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
     out.sums.mtp_aux.push_back(lo.aux_sum);
     prev = lo.h;
-    auto logits_k = head(m.shared_head->norm(lo.h));  // [B, len, V]
-    out.sums.mtp_ce.push_back(cross_entropy_sum(logits_k.reshape({B * len, -1}), targets.reshape({-1})).first);
+    out.sums.mtp_ce.push_back(head_loss(m.shared_head->norm(lo.h), targets, false, false, nullptr).first);
   }
   out.counts = count_loss_targets(config_, labels, segment_ids);
   const Loss loss = compose_loss(out.sums, out.counts, config_);
   out.loss = loss.total;
   out.ce_sum = ce_sum;
-  out.n_targets = n_targets;
+  out.n_targets = main_mask.sum();
   out.aux_loss = loss.aux;
   out.mtp_loss = loss.mtp;
   out.z_loss = loss.z;

@@ -92,10 +92,12 @@ struct ForwardInput {
   // > 0 (inference, no labels): logits of the last that many positions only, [B, last_logits, V] (a prompt's
   // prefill needs one; the head is a large share of a small model's FLOPs).
   int64_t last_logits = 0;
+  // With labels: also return the logits [B, T, V] (the fused head + loss, model/fused_ops.h, never forms them).
+  bool keep_logits = false;
 };
 
 struct ForwardOutput {
-  torch::Tensor logits;    // [B, T, V] (float32 under autocast is not forced: the head's dtype)
+  torch::Tensor logits;    // [B, T, V] in the head's dtype; with labels only when keep_logits or ops are unfused
   // With labels: the terms of model/loss.h composed with this batch's own counts. A trainer that accumulates
   // micro-batches composes `sums` with the global batch's counts instead.
   torch::Tensor loss;      // ce + z + aux + mtp_loss_weight * mtp
@@ -125,7 +127,10 @@ public:
   ForwardOutput forward(const ForwardInput& in);
   // Training and evaluation without packing: forward({input_ids, labels}).
   ForwardOutput forward(const torch::Tensor& input_ids, const torch::Tensor& labels = {}) {
-    return forward(ForwardInput{input_ids, labels});
+    ForwardInput in;
+    in.input_ids = input_ids;
+    in.labels = labels;
+    return forward(in);
   }
 
   // Allocates caches for `batch` sequences of up to `capacity` positions.
@@ -153,6 +158,14 @@ public:
 
 private:
   torch::Tensor head(const torch::Tensor& h);
+  // The head's weight when the fused head + loss can stand in for head() (ops fused, no adapter, no bias, not
+  // quantized); undefined otherwise.
+  torch::Tensor fused_head_weight() const;
+  // Cross-entropy sum (and z-loss sum when z_loss) of the head over normed [B, T, hidden] against targets [B, T],
+  // fused unless keep_logits (or the head cannot be fused); the unfused path stores its logits in *logits when
+  // given.
+  std::pair<torch::Tensor, torch::Tensor> head_loss(const torch::Tensor& normed, const torch::Tensor& targets,
+                                                    bool z_loss, bool keep_logits, torch::Tensor* logits);
   LayerOutput run_layer(DecoderLayerImpl& layer, const torch::Tensor& h, const AttentionInput& in,
                         const torch::Tensor& token_mask);
 

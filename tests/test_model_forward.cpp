@@ -2,8 +2,12 @@
 // MLA absorbed == expanded, MoE == per-token loop, gradients everywhere, activation checkpointing.
 #include <catch2/catch.hpp>
 
+#include <optional>
+
+#include "model/fused_ops.h"
 #include "model/registry.h"
 #include "model/transformer.h"
+#include "utils/compat.h"
 
 using namespace dsopen::model;
 
@@ -420,5 +424,40 @@ TEST_CASE("packed documents: each document's logits equal running it alone", "[m
     CHECK(max_abs_diff(out.narrow(1, 10, 6), m->forward(b).logits) < 1e-5);
     // Without the layout the second document would see the first.
     CHECK(max_abs_diff(m->forward(packed).logits.narrow(1, 10, 6), m->forward(b).logits) > 1e-3);
+  }
+}
+
+TEST_CASE("every family: fused ops give the unfused loss and gradients", "[model][forward][fused]") {
+  for (const char* kind : kFamilies) {
+    for (bool bf16 : {false, true}) {
+      if (bf16 && std::string(kind) != "mla_v3" && std::string(kind) != "glm") continue;
+      INFO(kind << (bf16 ? " bf16 autocast" : " fp32"));
+      ModelConfig c = small(kind);
+      c.z_loss_coef = 1e-3;
+      auto ids = torch::randint(3, 256, {2, 16}, torch::kLong);
+      auto labels = torch::cat({ids.narrow(1, 1, 15), torch::full({2, 1}, -100, torch::kLong)}, 1);
+      std::vector<double> losses;
+      std::vector<std::vector<torch::Tensor>> grads;
+      for (bool on : {true, false}) {
+        fused::Scope scope(on);
+        CausalLM m = make(c, 7);
+        m->train();
+        std::optional<dsopen::compat::AutocastScope> autocast;
+        if (bf16) autocast.emplace(c10::DeviceType::CPU, true, torch::kBFloat16);
+        auto out = m->forward(ids, labels);
+        CHECK(out.logits.defined() == !on);  // the fused loss never forms the logits
+        out.loss.backward();
+        losses.push_back(out.loss.item<double>());
+        grads.emplace_back();
+        for (auto& p : m->parameters()) grads.back().push_back(p.grad().defined() ? p.grad() : torch::zeros_like(p));
+      }
+      CHECK(losses[0] == Approx(losses[1]).epsilon(bf16 ? 1e-2 : 1e-5));
+      const auto names = CausalLM(c)->named_parameters().keys();
+      for (size_t i = 0; i < grads[0].size(); ++i) {
+        INFO(names[i]);
+        const double scale = grads[1][i].abs().max().item<double>();
+        CHECK(max_abs_diff(grads[0][i], grads[1][i]) <= (bf16 ? 0.1 : 1e-4) * scale + 1e-7);
+      }
+    }
   }
 }

@@ -417,7 +417,11 @@ HeldOut held_out_scores(model::CausalLM& m, model::CausalLM& ref, const data::To
     std::vector<int64_t> ids;
     for (int64_t i = s; i < std::min(n, s + 16); ++i) ids.push_back(i);
     auto b = d.make_batch(ids);
-    auto out = m->forward(b.input_ids, b.labels);
+    model::ForwardInput in;
+    in.input_ids = b.input_ids;
+    in.labels = b.labels;
+    in.keep_logits = true;
+    auto out = m->forward(in);
     auto logp = out.logits.log_softmax(-1), ref_logp = ref->forward(b.input_ids).logits.log_softmax(-1);
     ce += out.ce_sum.item<double>();
     kl += (ref_logp.exp() * (ref_logp - logp)).sum().item<double>();
