@@ -4,6 +4,27 @@
 
 namespace dsopen::model {
 
+ExpertBlocks expert_blocks(const std::vector<int64_t>& counts, bool pad) {
+  ExpertBlocks b;
+  b.sizes = counts;
+  std::vector<int64_t> shift(counts.size(), 0);
+  int64_t real = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (pad && counts[e] > kExpertRowMultiple)
+      b.sizes[e] = (counts[e] + kExpertRowMultiple - 1) / kExpertRowMultiple * kExpertRowMultiple;
+    shift[e] = b.rows - real;
+    b.rows += b.sizes[e];
+    real += counts[e];
+  }
+  b.padded = b.rows != real;
+  b.shift = torch::tensor(shift, torch::kLong);
+  return b;
+}
+
+bool lowp_cpu_gemms(const torch::Tensor& x) {
+  return x.is_cpu() && (x.scalar_type() != torch::kFloat32 || compat::autocast_enabled(c10::DeviceType::CPU));
+}
+
 Routing route(const torch::Tensor& logits, const torch::Tensor& bias, const ModelConfig& c) {
   const int64_t N = logits.size(0), E = logits.size(1), K = c.num_experts_per_tok;
   auto scores = c.scoring_func == "sigmoid" ? logits.sigmoid() : logits.softmax(-1);  // [N, E]
@@ -105,20 +126,29 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_ma
   auto token_of = order.div(K, "floor");                            // source token of each sorted pair
   auto load = torch::bincount(flat_experts, {}, E);                 // [E], every position: the dispatch sizes
   auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
-  const int64_t* counts = load_cpu.data_ptr<int64_t>();
-  auto x_sorted = flat.index_select(0, token_of);                   // [N*K, D]
-  // One split (its backward concatenates the block gradients once) rather than a narrow per expert, whose
-  // backward would allocate and fill a full [N*K, D] gradient for every expert.
-  auto blocks = x_sorted.split_with_sizes(c10::IntArrayRef(counts, E), 0);
+  const std::vector<int64_t> counts(load_cpu.data_ptr<int64_t>(), load_cpu.data_ptr<int64_t>() + E);
+  auto w_sorted = r.weights.reshape({-1}).index_select(0, order);   // [N*K] routing weight of each sorted pair
+  const ExpertBlocks blocks = expert_blocks(counts, lowp_cpu_gemms(flat));
+  auto src = token_of, w_rows = w_sorted;
+  if (blocks.padded) {
+    // Padding rows read token 0 and carry weight 0: their outputs add nothing and their gradients are zero.
+    auto sorted_experts = flat_experts.index_select(0, order);
+    auto dest = torch::arange(order.size(0), order.options()) + blocks.shift.to(order.device()).index_select(0, sorted_experts);
+    src = torch::zeros({blocks.rows}, token_of.options()).index_copy(0, dest, token_of);
+    w_rows = torch::zeros({blocks.rows}, w_sorted.options()).index_copy(0, dest, w_sorted);
+  }
+  // One gather in, one weighted scatter-add out. One split (its backward concatenates the block gradients once)
+  // rather than a narrow per expert, whose backward would allocate and fill a full gradient for every expert.
+  auto x_in = flat.index_select(0, src);                            // [rows, D]
+  auto parts = x_in.split_with_sizes(blocks.sizes, 0);
   std::vector<torch::Tensor> outs;
   // In training every expert runs, an idle one on zero rows: its (zero) gradient then arrives like any other, which
   // keeps data-parallel gradient buckets complete and issued in the same order on every rank.
   const bool all_experts = is_training() && torch::GradMode::is_enabled();
   for (int64_t e = 0; e < E; ++e)
-    if (counts[e] > 0 || all_experts) outs.push_back(expert_list_[e]->forward(blocks[e]));
-  auto y_sorted = torch::cat(outs, 0);                              // [N*K, D]
-  auto w_sorted = r.weights.reshape({-1}).index_select(0, order).unsqueeze(1).to(y_sorted.scalar_type());
-  auto y = torch::zeros({B * T, D}, y_sorted.options()).index_add(0, token_of, y_sorted * w_sorted);
+    if (counts[static_cast<size_t>(e)] > 0 || all_experts) outs.push_back(expert_list_[e]->forward(parts[e]));
+  auto y_rows = torch::cat(outs, 0);                                // [rows, D]
+  auto y = torch::zeros({B * T, D}, y_rows.options()).index_add(0, src, y_rows * w_rows.unsqueeze(1).to(y_rows.scalar_type()));
   if (shared_experts) y = y + shared_experts(flat).to(y.scalar_type());
   if (shared_expert) y = y + (torch::sigmoid(shared_expert_gate(flat)) * shared_expert(flat)).to(y.scalar_type());
 

@@ -291,6 +291,56 @@ TEST_CASE("MoE output equals a slow per-token loop", "[model][moe]") {
   CHECK(out.load.sum().item<int64_t>() == 33 * c.num_experts_per_tok);
 }
 
+TEST_CASE("expert blocks: low-precision CPU blocks above 64 rows are padded to a multiple of 64", "[model][moe]") {
+  auto b = expert_blocks({3, 65, 128, 0, 200}, true);
+  CHECK(b.sizes == std::vector<int64_t>{3, 128, 128, 0, 256});
+  CHECK(b.rows == 515);
+  CHECK(b.padded);
+  CHECK(torch::equal(b.shift, torch::tensor({0, 0, 63, 63, 63}, torch::kLong)));
+  auto plain = expert_blocks({3, 65, 128, 0, 200}, false);
+  CHECK(plain.sizes == std::vector<int64_t>{3, 65, 128, 0, 200});
+  CHECK(!plain.padded);
+  CHECK(!expert_blocks({64, 1}, true).padded);  // decoding-sized blocks keep their height
+}
+
+TEST_CASE("padded expert dispatch (bf16 autocast) equals unpadded dispatch in values and gradients", "[model][moe]") {
+  ModelConfig c = small("mla_v3");
+  torch::manual_seed(6);
+  MoE moe(c);
+  moe->train();
+  auto x = torch::randn({4, 100, c.hidden_size});
+  // Reference: 16 tokens per call, so no block exceeds 64 rows and nothing is padded; tokens are independent.
+  std::vector<torch::Tensor> ys, grads_x;
+  std::vector<std::vector<torch::Tensor>> grads_w;
+  for (bool chunked : {false, true}) {
+    dsopen::compat::AutocastScope autocast(c10::DeviceType::CPU, true, torch::kBFloat16);
+    moe->zero_grad();
+    auto xl = x.clone().requires_grad_(true);
+    auto flat = xl.view({1, -1, c.hidden_size});
+    torch::Tensor y;
+    if (!chunked) {
+      y = moe->forward(flat).y;
+    } else {
+      std::vector<torch::Tensor> parts;
+      for (int64_t s = 0; s < flat.size(1); s += 16) parts.push_back(moe->forward(flat.narrow(1, s, std::min<int64_t>(16, flat.size(1) - s))).y);
+      y = torch::cat(parts, 1);
+    }
+    (y.to(torch::kFloat32) * torch::linspace(-1, 1, y.numel()).view(y.sizes())).sum().backward();
+    ys.push_back(y.detach().to(torch::kFloat32));
+    grads_x.push_back(xl.grad());
+    grads_w.emplace_back();
+    for (auto& p : moe->experts->parameters()) grads_w.back().push_back(p.grad().clone());
+  }
+  {
+    torch::NoGradGuard ng;
+    REQUIRE(moe->forward(x.view({1, -1, c.hidden_size})).load.max().item<int64_t>() > kExpertRowMultiple);  // padded
+  }
+  CHECK(max_abs_diff(ys[0], ys[1]) < 2e-2 * ys[1].abs().max().item<double>());
+  CHECK(max_abs_diff(grads_x[0], grads_x[1]) < 3e-2 * grads_x[1].abs().max().item<double>());
+  for (size_t i = 0; i < grads_w[0].size(); ++i)
+    CHECK(max_abs_diff(grads_w[0][i], grads_w[1][i]) <= 3e-2 * grads_w[1][i].abs().max().item<double>() + 1e-6);
+}
+
 TEST_CASE("aux-loss-free bias update moves towards balance", "[model][moe]") {
   ModelConfig c = small("mla_v3");
   MoE moe(c);
@@ -385,11 +435,12 @@ TEST_CASE("z-loss and ignore_index", "[model][forward]") {
   auto ids = torch::randint(3, 256, {2, 8}, torch::kLong);
   auto labels = torch::full({2, 8}, -100, torch::kLong);
   labels.index_put_({0, 2}, 5);
-  auto out = m->forward(ids, labels);
+  auto out = m->forward(ids, labels);  // the fused head + loss: no logits formed
   CHECK(out.n_targets.item<int64_t>() == 1);
-  auto lse = out.logits[0][2].logsumexp(-1).item<double>();
+  const auto logits = m->forward(ids).logits;  // without labels: the logits, from the plain head
+  auto lse = logits[0][2].logsumexp(-1).item<double>();
   CHECK(out.z_loss.item<double>() == Approx(1e-3 * lse * lse).epsilon(1e-5));
-  auto expect_ce = lse - out.logits[0][2][5].item<double>();
+  auto expect_ce = lse - logits[0][2][5].item<double>();
   CHECK(out.ce_sum.item<double>() == Approx(expect_ce).epsilon(1e-5));
 }
 

@@ -1,4 +1,5 @@
-// dsopen-bench-model: forward + backward time of a model config on CPU or CUDA, fp32 or bf16 autocast.
+// dsopen-bench-model: forward + backward time of a model config on CPU or CUDA, fp32 or bf16 autocast (auto: the
+// faster of the two on this machine, as train.precision: auto decides).
 // Reports ms per step, tokens/s and achieved model TFLOP/s (training FLOPs per token from model/config).
 //   dsopen-bench-model --config configs/bench/dense-125m.yaml --batch 4 --seq-len 512 --precision bf16
 #include <chrono>
@@ -7,9 +8,11 @@
 
 #include <torch/csrc/autograd/profiler_legacy.h>
 
+#include "model/fused_ops.h"
 #include "model/info.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
+#include "train/precision.h"
 #include "utils/cli.h"
 #include "utils/compat.h"
 #include "utils/config.h"
@@ -27,7 +30,8 @@ cxxopts::Options make_options() {
       "seq-len", "Tokens per sequence (default: data.seq_len)", cxxopts::value<int64_t>())(
       "steps", "Timed steps", cxxopts::value<int>()->default_value("5"))(
       "warmup", "Untimed steps first", cxxopts::value<int>()->default_value("1"))(
-      "precision", "fp32 | bf16", cxxopts::value<std::string>()->default_value("fp32"))(
+      "precision", "fp32 | bf16 | auto", cxxopts::value<std::string>()->default_value("fp32"))(
+      "unfused", "The unfused ATen compositions instead of the fused kernels (train.fused_ops: false)")(
       "device", "cpu | cuda", cxxopts::value<std::string>()->default_value("cpu"))(
       "threads", "CPU threads (0: all)", cxxopts::value<int>()->default_value("0"))(
       "checkpointing", "Activation checkpointing")(
@@ -104,14 +108,21 @@ static int run(int argc, char** argv) {
                       "the model's max_position_embeddings bounds it");
   if (args["steps"].as<int>() < 1) throw usage_error("--steps", "must be >= 1");
   if (args["warmup"].as<int>() < 0) throw usage_error("--warmup", "must be >= 0");
-  const std::string precision = args["precision"].as<std::string>();
-  if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "use fp32 or bf16");
+  std::string precision = args["precision"].as<std::string>();
+  if (precision != "fp32" && precision != "bf16" && precision != "auto")
+    throw usage_error("--precision", "use fp32, bf16 or auto");
   const std::string device_name = args["device"].as<std::string>();
   if (device_name != "cpu" && device_name != "cuda") throw usage_error("--device", "'" + device_name + "': use cpu or cuda");
   if (args.count("profile")) cli::prepare_profile_output(args["profile"].as<std::string>(), {args["config"].as<std::string>()});
   const int threads = env::configure_threads(args["threads"].as<int>());
   torch::Device device(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
   if (device.is_cuda() && !torch::cuda::is_available()) throw usage_error("--device", "CUDA is not available");
+  if (precision == "auto") {
+    const auto choice = train::choose_precision(train::PrecisionMode::Auto, device, c.hidden_size, c.intermediate_size);
+    precision = train::to_string(choice.mode);
+    std::cerr << "precision auto -> " << precision << ": " << choice.reason << "\n";
+  }
+  if (args.count("unfused")) model::fused::set_enabled(false);
 
   BenchStep step = make_step(c, B, T, device, precision == "bf16", args.count("checkpointing") > 0,
                              args.count("optimizer") > 0);

@@ -43,7 +43,8 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
   in.micro_batch_size = job.train.micro_batch_size;
   in.seq_len = job.data.seq_len;
   in.activation_checkpointing = job.train.activation_checkpointing;
-  in.activation_bytes = job.train.precision == PrecisionMode::Fp32 ? 4 : 2;
+  // auto may become fp32 on this machine: plan for the larger activations.
+  in.activation_bytes = job.train.precision == PrecisionMode::Fp32 || job.train.precision == PrecisionMode::Auto ? 4 : 2;
   if (job.lora.enabled) in.trainable_params = 0;  // adapters: megabytes beside the frozen base
   out.plan = model::plan_training(job.model, in);
   if (job.lora.enabled && job.lora.base_dtype == torch::kBFloat16) out.plan.weights /= 2;

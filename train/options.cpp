@@ -52,6 +52,7 @@ void decode(config::Reader& r, TrainOptions& o) {
   r.optional("eps", o.eps, config::greater_than(0));
   r.optional("grad_clip", o.grad_clip, config::at_least_f(0));
   r.choice("precision", o.precision, precision_names());
+  r.optional("fused_ops", o.fused_ops);
   r.optional("activation_checkpointing", o.activation_checkpointing);
   r.optional("eval_every", o.eval_every, config::at_least(0));
   r.optional("eval_steps", o.eval_steps, config::at_least(1));

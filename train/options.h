@@ -42,7 +42,8 @@ struct TrainOptions {
   std::vector<double> betas{0.9, 0.95};
   double eps = 1e-8;
   double grad_clip = 1.0;  // 0: off
-  PrecisionMode precision = PrecisionMode::Fp32;
+  PrecisionMode precision = PrecisionMode::Fp32;  // auto: measured per machine (shipped configs say auto)
+  bool fused_ops = true;  // model/fused_ops.h kernels; false: the unfused ATen compositions (debugging)
   bool activation_checkpointing = false;
   int64_t eval_every = 0;  // 0: only at the end
   int64_t eval_steps = 10;

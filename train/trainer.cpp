@@ -16,6 +16,7 @@
 #include "train/evaluator.h"
 #include "train/plot.h"
 #include "train/precision.h"
+#include "model/fused_ops.h"
 #include "train/schedule.h"
 #include "train/step.h"
 #include "train/step_log.h"
@@ -118,8 +119,18 @@ void Trainer::State::start_processes() {
     throw usage_error("run.device", "cuda requested but no CUDA device is available", "use auto or cpu");
   const bool cuda = runs_on_cuda(j.run);
   device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank)) : torch::Device(torch::kCPU);
-  precision = std::make_unique<Precision>(j.train.precision, device);
   group = create_process_group(dist, device, {j.parallel.backend, std::chrono::seconds(j.parallel.timeout_s)});
+  PrecisionChoice choice = choose_precision(j.train.precision, device, j.model.hidden_size, j.model.intermediate_size);
+  // Every rank trains in one precision: bf16 only where every rank measured it faster.
+  if (j.train.precision == PrecisionMode::Auto && group->size() > 1 &&
+      !group->all_ranks_agree(choice.mode == PrecisionMode::Bf16) && choice.mode == PrecisionMode::Bf16) {
+    choice.mode = PrecisionMode::Fp32;
+    choice.reason += "; another rank measured fp32 faster";
+  }
+  if (!choice.reason.empty()) spdlog::info("precision auto -> {}: {}", to_string(choice.mode), choice.reason);
+  precision = std::make_unique<Precision>(choice.mode, device);
+  // The fused kernels (train.fused_ops; DSOPEN_FUSED_OPS=0 also turns them off).
+  model::fused::set_enabled(j.train.fused_ops && model::fused::enabled());
   if (group->size() > 1)
     spdlog::info("rank {} of {} ({}, local rank {} of {}), backend {}, strategy {}", group->rank(), group->size(),
                  dist.source, dist.local_rank, dist.local_world_size, group->backend(), to_string(j.parallel.strategy));
@@ -193,7 +204,7 @@ void Trainer::State::resume_or_load() {
   }
   const auto counts = model::count_parameters(j.model);
   spdlog::info("model {}: {:.2f}M parameters ({:.2f}M active), device {}, precision {}", j.model.model_type,
-               counts.total / 1e6, counts.active / 1e6, device.str(), to_string(j.train.precision));
+               counts.total / 1e6, counts.active / 1e6, device.str(), to_string(precision->mode()));
   dp->broadcast_parameters();
   spdlog::info("optimizer state {:.1f} MB per rank (ZeRO formula {:.1f} MB), gradients {:.1f} MB (formula {:.1f} MB)",
                dp->state_bytes() / 1e6, dp->predicted_state_bytes() / 1e6, dp->grad_bytes() / 1e6,
