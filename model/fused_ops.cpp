@@ -7,6 +7,13 @@
 #include "model/fused_cpu.h"
 #include "utils/compat.h"
 
+#ifdef DSOPEN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "model/fused_cuda.h"
+#endif
+
 namespace dsopen::model::fused {
 
 using torch::Tensor;
@@ -27,6 +34,18 @@ kernels::DType dtype_of(const Tensor& t) {
   return t.scalar_type() == torch::kBFloat16 ? kernels::DType::kBF16 : kernels::DType::kF32;
 }
 
+#ifdef DSOPEN_WITH_CUDA
+constexpr bool kCudaKernels = true;
+void* stream_of(const Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void check_launch() {
+  const char* e = kernels::cuda::last_error();
+  TORCH_CHECK(*e == 0, "fused CUDA kernel failed: ", e);
+}
+#define DSOPEN_ON_DEVICE(t) c10::cuda::CUDAGuard device_guard_((t).device())
+#else
+constexpr bool kCudaKernels = false;
+#endif
+
 // [N, D] with unit column stride and one row stride: a view when the layout allows (column slices included),
 // else a contiguous copy.
 Tensor rows_of(const Tensor& x) {
@@ -43,9 +62,19 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     const auto w = weight.contiguous();
     auto y = torch::empty(x.sizes(), x.options().dtype(c10::promoteTypes(x.scalar_type(), weight.scalar_type())));
     auto rstd = torch::empty({N}, x.options().dtype(torch::kFloat32));
-    kernels::rmsnorm_forward(rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(), dtype_of(w), y.data_ptr(),
-                             dtype_of(y), rstd.data_ptr<float>(), N, D, static_cast<float>(eps),
-                             x.scalar_type() == torch::kBFloat16);
+    const bool round_h = x.scalar_type() == torch::kBFloat16;
+    if (x.is_cuda()) {
+#ifdef DSOPEN_WITH_CUDA
+      DSOPEN_ON_DEVICE(x);
+      kernels::cuda::rmsnorm_forward(rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(), dtype_of(w),
+                                     y.data_ptr(), dtype_of(y), rstd.data_ptr<float>(), N, D, static_cast<float>(eps),
+                                     round_h, stream_of(x));
+      check_launch();
+#endif
+    } else {
+      kernels::rmsnorm_forward(rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(), dtype_of(w), y.data_ptr(),
+                               dtype_of(y), rstd.data_ptr<float>(), N, D, static_cast<float>(eps), round_h);
+    }
     ctx->save_for_backward({x, w, rstd});
     return y;
   }
@@ -60,9 +89,23 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = torch::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::Contiguous));
     if (ctx->needs_input_grad(1)) dw = torch::empty({D}, w.options().dtype(torch::kFloat32));
-    kernels::rmsnorm_backward(dy.data_ptr(), dtype_of(dy), rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(),
-                              dtype_of(w), rstd.data_ptr<float>(), dx.defined() ? dx.data_ptr() : nullptr,
-                              dw.defined() ? dw.data_ptr<float>() : nullptr, N, D, x.scalar_type() == torch::kBFloat16);
+    void* dx_ptr = dx.defined() ? dx.data_ptr() : nullptr;
+    float* dw_ptr = dw.defined() ? dw.data_ptr<float>() : nullptr;
+    const bool round_h = x.scalar_type() == torch::kBFloat16;
+    if (x.is_cuda()) {
+#ifdef DSOPEN_WITH_CUDA
+      DSOPEN_ON_DEVICE(x);
+      Tensor partial;
+      if (dw_ptr) partial = torch::empty({kernels::cuda::rmsnorm_dw_splits(N), D}, dw.options());
+      kernels::cuda::rmsnorm_backward(dy.data_ptr(), dtype_of(dy), rows.data_ptr(), dtype_of(x), rows.stride(0),
+                                      w.data_ptr(), dtype_of(w), rstd.data_ptr<float>(), dx_ptr, dw_ptr,
+                                      dw_ptr ? partial.data_ptr<float>() : nullptr, N, D, round_h, stream_of(x));
+      check_launch();
+#endif
+    } else {
+      kernels::rmsnorm_backward(dy.data_ptr(), dtype_of(dy), rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(),
+                                dtype_of(w), rstd.data_ptr<float>(), dx_ptr, dw_ptr, N, D, round_h);
+    }
     return {dx, dw.defined() ? dw.to(w.scalar_type()) : dw, Tensor()};
   }
 };
@@ -73,8 +116,17 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& gate, const Tensor& up) {
     const auto g = rows_of(gate), u = rows_of(up);
     auto y = torch::empty(gate.sizes(), gate.options().memory_format(c10::MemoryFormat::Contiguous));
-    kernels::swiglu_forward(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(gate), y.data_ptr(),
-                            g.size(0), g.size(1));
+    if (gate.is_cuda()) {
+#ifdef DSOPEN_WITH_CUDA
+      DSOPEN_ON_DEVICE(gate);
+      kernels::cuda::swiglu_forward(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(gate), y.data_ptr(),
+                                    g.size(0), g.size(1), stream_of(gate));
+      check_launch();
+#endif
+    } else {
+      kernels::swiglu_forward(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(gate), y.data_ptr(),
+                              g.size(0), g.size(1));
+    }
     ctx->save_for_backward({gate, up});
     return y;
   }
@@ -85,8 +137,17 @@ struct SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
     const auto dy = grads[0].to(saved[0].scalar_type()).contiguous();
     auto dg = torch::empty(saved[0].sizes(), saved[0].options().memory_format(c10::MemoryFormat::Contiguous));
     auto du = torch::empty_like(dg);
-    kernels::swiglu_backward(dy.data_ptr(), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(dg),
-                             dg.data_ptr(), du.data_ptr(), g.size(0), g.size(1));
+    if (dg.is_cuda()) {
+#ifdef DSOPEN_WITH_CUDA
+      DSOPEN_ON_DEVICE(dg);
+      kernels::cuda::swiglu_backward(dy.data_ptr(), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(dg),
+                                     dg.data_ptr(), du.data_ptr(), g.size(0), g.size(1), stream_of(dg));
+      check_launch();
+#endif
+    } else {
+      kernels::swiglu_backward(dy.data_ptr(), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dtype_of(dg),
+                               dg.data_ptr(), du.data_ptr(), g.size(0), g.size(1));
+    }
     return {dg, du};
   }
 };
@@ -97,8 +158,17 @@ void run_rope(const Tensor& x, const Tensor& y, const Tensor& cos, const Tensor&
               int64_t rope_dim, bool inverse) {
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
   const int64_t C = cos.dim() == 2 ? T : B * T;
-  kernels::rope(x.data_ptr(), y.data_ptr(), dtype_of(x), B * T, H, D, cos.data_ptr<float>(), sin.data_ptr<float>(), C,
-                rope_dim, interleaved, inverse);
+  if (x.is_cuda()) {
+#ifdef DSOPEN_WITH_CUDA
+    DSOPEN_ON_DEVICE(x);
+    kernels::cuda::rope(x.data_ptr(), y.data_ptr(), dtype_of(x), B * T, H, D, cos.data_ptr<float>(),
+                        sin.data_ptr<float>(), C, rope_dim, interleaved, inverse, stream_of(x));
+    check_launch();
+#endif
+  } else {
+    kernels::rope(x.data_ptr(), y.data_ptr(), dtype_of(x), B * T, H, D, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                  C, rope_dim, interleaved, inverse);
+  }
 }
 
 struct RopeFunction : public torch::autograd::Function<RopeFunction> {
@@ -219,24 +289,26 @@ Scope::Scope(bool on) : previous_(enabled()) { set_enabled(on); }
 Scope::~Scope() { set_enabled(previous_); }
 
 bool applies(const Tensor& x) {
-  return enabled() && x.defined() && x.is_cpu() &&
+  return enabled() && x.defined() && (x.is_cpu() || (kCudaKernels && x.is_cuda())) &&
          (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) && x.numel() > 0;
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  TORCH_CHECK(applies(x) && applies(weight) && weight.dim() == 1 && weight.size(0) == x.size(-1),
+  TORCH_CHECK(applies(x) && applies(weight) && weight.device() == x.device() && weight.dim() == 1 &&
+                  weight.size(0) == x.size(-1),
               "fused::rms_norm: unsupported input");
   return RMSNormFunction::apply(x, weight, eps);
 }
 
 Tensor swiglu(const Tensor& gate, const Tensor& up) {
-  TORCH_CHECK(applies(gate) && gate.scalar_type() == up.scalar_type() && gate.sizes() == up.sizes(),
+  TORCH_CHECK(applies(gate) && gate.scalar_type() == up.scalar_type() && gate.sizes() == up.sizes() &&
+                  gate.device() == up.device(),
               "fused::swiglu: unsupported input");
   return SwiGLUFunction::apply(gate, up);
 }
 
 bool rope_applies(const Tensor& x, const Tensor& cos, int64_t rope_dim) {
-  if (!applies(x) || x.dim() != 4 || !cos.is_cpu() || cos.scalar_type() != torch::kFloat32) return false;
+  if (!applies(x) || x.dim() != 4 || cos.device() != x.device() || cos.scalar_type() != torch::kFloat32) return false;
   if (rope_dim % 2 != 0 || rope_dim > x.size(3) || cos.size(-1) * 2 != rope_dim) return false;
   if (cos.dim() == 2) return cos.size(0) == x.size(1);
   return cos.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == x.size(1);

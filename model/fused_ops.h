@@ -4,8 +4,9 @@
 // compositions of model/layers.h (RMSNorm, apply_rope*, MLP) up to float32 rounding; tests/test_fused_ops.cpp
 // checks values and gradients in float32 and bfloat16 against them.
 //
-// Kernels: model/fused_cpu.h on the CPU. On other devices the elementwise ops keep their unfused compositions, and
-// linear_cross_entropy runs its chunks with ATen ops.
+// Kernels: model/fused_cpu.h on the CPU, model/fused_cuda.h on CUDA devices when LibTorch has CUDA. Elsewhere
+// the elementwise ops keep their unfused compositions; linear_cross_entropy runs its softmax on ATen ops off the
+// CPU (its GEMMs are LibTorch's everywhere).
 #pragma once
 
 #include <torch/torch.h>
@@ -28,7 +29,8 @@ private:
   bool previous_;
 };
 
-// Whether the fused kernels take a tensor: enabled, on the CPU, float32 or bfloat16.
+// Whether the fused kernels take a tensor: enabled, on the CPU (or CUDA with the kernels compiled), float32 or
+// bfloat16.
 bool applies(const torch::Tensor& x);
 
 // RMSNorm: x [..., D], weight [D] -> weight * (x / sqrt(mean(x^2) + eps)) with the statistics in float32 and the

@@ -415,6 +415,8 @@ TEST_CASE("any split of the global batch into micro-batches gives the same steps
         INFO("step " << step << " " << key);
         CHECK(got.at(step)[key].get<double>() == Approx(row[key].get<double>()).margin(1e-6).epsilon(1e-6));
       }
-    CHECK(max_weight_diff(checkpoints[0], checkpoints[i]) < 1e-6);
+    // Float rounding only: the fused kernels sum weight gradients in chunks of rows, so another split sums in
+    // another order (a per-micro-batch mean would be off by ~1e-3 here).
+    CHECK(max_weight_diff(checkpoints[0], checkpoints[i]) < 3e-6);
   }
 }
