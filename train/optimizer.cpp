@@ -4,6 +4,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "train/adamw_cpu.h"
 #include "utils/errors.h"
 #include "utils/progress.h"
 #include "utils/json.h"
@@ -37,6 +38,16 @@ void FlatAdamW::step(double lr) {
       // Offload: the update runs on the host copy (multithreaded CPU kernels), then the result goes back.
       auto target = offload ? g.master.narrow(0, pc.state_offset, pc.numel) : param;
       if (offload) grad = grad.to(torch::kCPU);
+      const double decay = g.decay && opts_.weight_decay > 0 ? 1.0 - lr * opts_.weight_decay : 1.0;
+      if (target.is_cpu() && target.scalar_type() == torch::kFloat32 && grad.scalar_type() == torch::kFloat32 &&
+          target.is_contiguous() && grad.is_contiguous() && m.is_contiguous() && v.is_contiguous()) {
+        adamw_update_cpu(target.data_ptr<float>(), grad.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                         pc.numel,
+                         {static_cast<float>(decay), static_cast<float>(opts_.beta1), static_cast<float>(opts_.beta2),
+                          static_cast<float>(bc2), static_cast<float>(opts_.eps), static_cast<float>(-lr / bc1)});
+        if (offload) param.copy_(target, /*non_blocking=*/false);
+        continue;
+      }
       if (g.decay && opts_.weight_decay > 0) target.mul_(1.0 - lr * opts_.weight_decay);  // decoupled decay
       m.lerp_(grad, 1.0 - opts_.beta1);                                                // m = b1 m + (1-b1) g
       v.mul_(opts_.beta2).addcmul_(grad, grad, 1.0 - opts_.beta2);                     // v = b2 v + (1-b2) g^2
