@@ -170,11 +170,16 @@ __global__ void rope_kernel(const T* x, T* y, int64_t RH, int64_t H, int64_t D, 
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
-// Calls f with (typed) null pointers of the element types of up to three dtypes.
+// Calls f with a typed null pointer of the element type of `t` (float or bf16).
 template <typename F>
 void with_type(DType t, F&& f) {
   if (t == DType::kF32) f(static_cast<float*>(nullptr));
   else f(static_cast<bf16*>(nullptr));
+}
+// The same for three dtypes: f(x*, w*, y*).
+template <typename F>
+void with_types(DType a, DType b, DType c, F&& f) {
+  with_type(a, [&](auto* pa) { with_type(b, [&](auto* pb) { with_type(c, [&](auto* pc) { f(pa, pb, pc); }); }); });
 }
 
 }  // namespace
@@ -183,42 +188,34 @@ int64_t rmsnorm_dw_splits(int64_t N) { return std::max<int64_t>(1, std::min<int6
 
 void rmsnorm_forward(const void* x, DType xt, int64_t ldx, const void* w, DType wt, void* y, DType yt, float* rstd,
                      int64_t N, int64_t D, float eps, bool round_h, void* stream) {
-  with_type(xt, [&](auto* xp) {
-    with_type(wt, [&](auto* wp) {
-      with_type(yt, [&](auto* yp) {
-        using X = std::remove_pointer_t<decltype(xp)>;
-        using W = std::remove_pointer_t<decltype(wp)>;
-        using Y = std::remove_pointer_t<decltype(yp)>;
-        rmsnorm_forward_kernel<X, W, Y><<<static_cast<unsigned>(N), kThreads, 0, as_stream(stream)>>>(
-            static_cast<const X*>(x), ldx, static_cast<const W*>(w), static_cast<Y*>(y), rstd, D, eps, round_h);
-      });
-    });
+  with_types(xt, wt, yt, [&](auto* xp, auto* wp, auto* yp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    using W = std::remove_pointer_t<decltype(wp)>;
+    using Y = std::remove_pointer_t<decltype(yp)>;
+    rmsnorm_forward_kernel<X, W, Y><<<static_cast<unsigned>(N), kThreads, 0, as_stream(stream)>>>(
+        static_cast<const X*>(x), ldx, static_cast<const W*>(w), static_cast<Y*>(y), rstd, D, eps, round_h);
   });
 }
 
 void rmsnorm_backward(const void* dy, DType yt, const void* x, DType xt, int64_t ldx, const void* w, DType wt,
                       const float* rstd, void* dx, float* dw, float* dw_partial, int64_t N, int64_t D, bool round_h,
                       void* stream) {
-  with_type(xt, [&](auto* xp) {
-    with_type(wt, [&](auto* wp) {
-      with_type(yt, [&](auto* yp) {
-        using X = std::remove_pointer_t<decltype(xp)>;
-        using W = std::remove_pointer_t<decltype(wp)>;
-        using Y = std::remove_pointer_t<decltype(yp)>;
-        if (dx)
-          rmsnorm_dx_kernel<X, W, Y><<<static_cast<unsigned>(N), kThreads, 0, as_stream(stream)>>>(
-              static_cast<const Y*>(dy), static_cast<const X*>(x), ldx, static_cast<const W*>(w), rstd,
-              static_cast<X*>(dx), D);
-        if (dw) {
-          const int64_t splits = rmsnorm_dw_splits(N);
-          dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>(splits)), block(32, 8);
-          rmsnorm_dw_kernel<X, Y><<<grid, block, 0, as_stream(stream)>>>(
-              static_cast<const Y*>(dy), static_cast<const X*>(x), ldx, rstd, dw_partial, N, D, round_h);
-          rmsnorm_dw_sum_kernel<<<static_cast<unsigned>(grid_for(D)), kThreads, 0, as_stream(stream)>>>(
-              dw_partial, dw, splits, D);
-        }
-      });
-    });
+  with_types(xt, wt, yt, [&](auto* xp, auto* wp, auto* yp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    using W = std::remove_pointer_t<decltype(wp)>;
+    using Y = std::remove_pointer_t<decltype(yp)>;
+    if (dx)
+      rmsnorm_dx_kernel<X, W, Y><<<static_cast<unsigned>(N), kThreads, 0, as_stream(stream)>>>(
+          static_cast<const Y*>(dy), static_cast<const X*>(x), ldx, static_cast<const W*>(w), rstd,
+          static_cast<X*>(dx), D);
+    if (dw) {
+      const int64_t splits = rmsnorm_dw_splits(N);
+      dim3 grid(static_cast<unsigned>((D + 31) / 32), static_cast<unsigned>(splits)), block(32, 8);
+      rmsnorm_dw_kernel<X, Y><<<grid, block, 0, as_stream(stream)>>>(
+          static_cast<const Y*>(dy), static_cast<const X*>(x), ldx, rstd, dw_partial, N, D, round_h);
+      rmsnorm_dw_sum_kernel<<<static_cast<unsigned>(grid_for(D)), kThreads, 0, as_stream(stream)>>>(
+          dw_partial, dw, splits, D);
+    }
   });
 }
 
