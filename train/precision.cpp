@@ -74,13 +74,20 @@ PrecisionChoice choose_precision(PrecisionMode requested, torch::Device device, 
     return {PrecisionMode::Fp32, "compute capability " + std::to_string(major) + ".x has no bf16 tensor cores"};
   }
   const int64_t K = std::max<int64_t>(hidden, 64), N = std::max<int64_t>(intermediate, 64);
-  const double fp32 = gemm_gflops(512, K, N, torch::kFloat32), bf16 = gemm_gflops(512, K, N, torch::kBFloat16);
+  const double fp32 = measured_gemm_flops(PrecisionMode::Fp32, hidden, intermediate) / 1e9;
+  const double bf16 = measured_gemm_flops(PrecisionMode::Bf16, hidden, intermediate) / 1e9;
   const std::string flags = bf16_cpu_flags();
   char buf[160];
   std::snprintf(buf, sizeof buf, "a [512, %lld] x [%lld, %lld] GEMM runs %.0f GFLOP/s in bf16, %.0f in fp32 (CPU flags: %s)",
                 static_cast<long long>(K), static_cast<long long>(K), static_cast<long long>(N), bf16, fp32,
                 flags.empty() ? "no amx_bf16 or avx512_bf16" : flags.c_str());
-  return {bf16 >= 1.3 * fp32 ? PrecisionMode::Bf16 : PrecisionMode::Fp32, buf};
+  const bool use_bf16 = bf16 >= 1.3 * fp32;
+  return {use_bf16 ? PrecisionMode::Bf16 : PrecisionMode::Fp32, buf, (use_bf16 ? bf16 : fp32) * 1e9};
+}
+
+double measured_gemm_flops(PrecisionMode mode, int64_t hidden, int64_t intermediate) {
+  const int64_t K = std::max<int64_t>(hidden, 64), N = std::max<int64_t>(intermediate, 64);
+  return gemm_gflops(512, K, N, mode == PrecisionMode::Fp32 ? torch::kFloat32 : torch::kBFloat16) * 1e9;
 }
 
 Precision::Precision(PrecisionMode mode, torch::Device device) : mode_(mode), device_(device) {

@@ -39,6 +39,7 @@ std::string to_string(PrecisionMode mode);
 struct PrecisionChoice {
   PrecisionMode mode;
   std::string reason;
+  double gemm_flops = 0;  // CPU: the measured GEMM rate of `mode` (FLOP/s), 0 when not measured
 };
 
 // Resolves `auto` (other modes are returned as they are, reason empty):
@@ -49,6 +50,10 @@ struct PrecisionChoice {
 //         runs 2-5x float32, without them LibTorch emulates it at about half float32's speed; autocast's casts and
 //         the float32 parts of a step take some of the gain, hence the margin.
 PrecisionChoice choose_precision(PrecisionMode requested, torch::Device device, int64_t hidden, int64_t intermediate);
+
+// FLOP/s of the same GEMM in `mode` (fp32 or bf16) on the CPU: the peak MFU is reported against when
+// train.peak_tflops is not set (a CPU has no datasheet figure LibTorch could reach).
+double measured_gemm_flops(PrecisionMode mode, int64_t hidden, int64_t intermediate);
 
 class Precision {
 public:

@@ -97,6 +97,7 @@ struct Trainer::State {
   data::BatchSources data;
   model::CausalLM model{nullptr};
   std::unique_ptr<Precision> precision;
+  double measured_peak = 0;  // FLOP/s for MFU on the CPU when train.peak_tflops is 0
   std::unique_ptr<DataParallel> dp;
   std::unique_ptr<TrainStep> step;
   std::unique_ptr<Evaluator> evaluator;
@@ -129,6 +130,13 @@ void Trainer::State::start_processes() {
   }
   if (!choice.reason.empty()) spdlog::info("precision auto -> {}: {}", to_string(choice.mode), choice.reason);
   precision = std::make_unique<Precision>(choice.mode, device);
+  // MFU on the CPU without a configured peak: against the measured GEMM rate of the training precision.
+  if (device.is_cpu() && j.train.peak_tflops <= 0) {
+    measured_peak = choice.gemm_flops > 0 ? choice.gemm_flops
+                                          : measured_gemm_flops(choice.mode, j.model.hidden_size, j.model.intermediate_size);
+    spdlog::info("MFU is against this CPU's measured {} GEMM rate, {:.0f} GFLOP/s (train.peak_tflops sets another)",
+                 to_string(choice.mode), measured_peak / 1e9);
+  }
   // The fused kernels (train.fused_ops; DSOPEN_FUSED_OPS=0 also turns them off).
   model::fused::set_enabled(j.train.fused_ops && model::fused::enabled());
   if (group->size() > 1)
@@ -233,7 +241,8 @@ TrainResult Trainer::run() {
   ProcessGroup& group = *s.group;
   const ScheduleOptions schedule{t.schedule,       t.lr,          t.min_lr,         t.warmup_steps,
                                  t.max_steps,      t.decay_fraction, t.milestones, t.milestone_factors};
-  StepLogger log(j.model, j.data.seq_len, t.max_steps, j.run.log_every, peak_flops(s.device, t.peak_tflops),
+  const double peak = s.measured_peak > 0 ? s.measured_peak : peak_flops(s.device, t.peak_tflops);
+  StepLogger log(j.model, j.data.seq_len, t.max_steps, j.run.log_every, peak,
                  group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "",
                  group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "");
   log.config_text(s.resolved_config);
