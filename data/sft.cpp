@@ -149,17 +149,20 @@ TokenizedConversation tokenize_conversation(const Conversation& conv, const Toke
 }
 
 SftDataset::SftDataset(const std::vector<Conversation>& conversations, const Tokenizer& tok, ChatTemplate tmpl,
-                       int64_t seq_len, Truncation truncation, bool pack, uint64_t seed, int rank, int world_size)
+                       int64_t seq_len, Truncation truncation, bool pack, uint64_t seed, int rank, int world_size,
+                       const std::string& source)
     : seq_len_(seq_len), pack_(pack), pad_id_(tok.pad_id()), seed_(seed), rank_(rank), world_size_(world_size) {
   if (seq_len < 1) throw usage_error("data.seq_len", "must be >= 1");
   if (world_size < 1 || rank < 0 || rank >= world_size)
     throw usage_error("SftDataset", "rank " + std::to_string(rank) + " is outside world size " + std::to_string(world_size));
   if (pad_id_ < 0) throw usage_error(tok.source(), "tokenizer has no pad token; SFT rows need one for padding");
 
+  int64_t too_long = 0, no_target = 0;
   for (const auto& conv : conversations) {
     TokenizedConversation tc = tokenize_conversation(conv, tok, tmpl);
     if (static_cast<int64_t>(tc.ids.size()) > seq_len + 1) {
       if (truncation == Truncation::Drop) {
+        ++too_long;
         ++dropped_;
         continue;
       }
@@ -170,16 +173,30 @@ SftDataset::SftDataset(const std::vector<Conversation>& conversations, const Tok
     // A row holds the first min(n, seq_len) positions; labels past them are -100 by construction.
     int64_t trained = 0;
     for (int32_t l : tc.labels) trained += l != kIgnore;
-    if (trained == 0) {  // only possible after Right truncation: a sample without any loss
+    if (trained == 0) {  // an empty answer, or Right truncation cut the answer away: nothing to learn
+      ++no_target;
       ++dropped_;
       continue;
     }
     trained_tokens_ += trained;
     convs_.push_back(std::move(tc));
   }
-  if (convs_.empty())
-    throw runtime_error("SFT data", "no conversations left after truncation (" + std::to_string(dropped_) + " dropped)",
-                        "raise data.seq_len or use truncation: right");
+  if (convs_.empty()) {
+    std::string why, fix;
+    if (too_long > 0) {
+      why = std::to_string(too_long) + " longer than data.seq_len + 1 = " + std::to_string(seq_len + 1) +
+            " tokens (truncation: drop)";
+      fix = "raise data.seq_len or set data.truncation: right";
+    }
+    if (no_target > 0) {
+      why += (why.empty() ? "" : ", ") + std::to_string(no_target) + " without an assistant token to train on" +
+             (truncation == Truncation::Right ? " in their first " + std::to_string(seq_len) + " tokens" : "");
+      fix += (fix.empty() ? "" : "; ") + std::string("give them non-empty assistant turns") +
+             (truncation == Truncation::Right ? " or raise data.seq_len (long prompts leave no room for the answer)" : "");
+    }
+    if (conversations.empty()) why = "no conversations at all", fix = "check the files";
+    throw runtime_error(source, "no conversations left to train on: " + why, fix);
+  }
 
   if (!pack) {
     for (size_t i = 0; i < convs_.size(); ++i) rows_.push_back({static_cast<int32_t>(i)});

@@ -53,8 +53,10 @@ enum class Truncation { Right, Drop };
 // the same count on every rank (the remainder of an uneven split is left out).
 class SftDataset {
 public:
+  // `source` names the data in errors (the config key and its files).
   SftDataset(const std::vector<Conversation>& conversations, const Tokenizer& tok, ChatTemplate tmpl, int64_t seq_len,
-             Truncation truncation, bool pack, uint64_t seed, int rank, int world_size);
+             Truncation truncation, bool pack, uint64_t seed, int rank, int world_size,
+             const std::string& source = "SFT data");
 
   int64_t num_samples() const { return static_cast<int64_t>(rows_.size()); }  // per epoch, all ranks together
   int64_t samples_per_rank() const { return num_samples() / world_size_; }
@@ -62,7 +64,8 @@ public:
   // The index-th micro batch of this rank in `epoch`: input_ids / labels [B, T] (plus segment_ids and
   // position_ids [B, T] when packing), int64 on the CPU.
   Batch batch(int64_t epoch, int64_t index, int64_t micro_batch_size) const;
-  // Conversations left out: too long under Truncation::Drop, or left without any target by Right truncation.
+  // Conversations left out: too long under Truncation::Drop, or without any target token (an empty answer, or
+  // Right truncation that cut every answer token away).
   int64_t dropped() const { return dropped_; }
   // Tokens that are targets (labels != -100), all samples together.
   int64_t trained_tokens() const { return trained_tokens_; }

@@ -6,6 +6,7 @@
 
 #include "model/fused_cpu.h"
 #include "utils/compat.h"
+#include "utils/errors.h"
 
 #ifdef DSOPEN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -22,11 +23,20 @@ using torch::autograd::tensor_list;
 
 namespace {
 
+// DSOPEN_FUSED_OPS: unset, empty, 1/true/on/yes -> on; 0/false/off/no -> off; anything else is refused (a typo
+// must not silently leave the kernels on).
+bool switch_from_environment() {
+  const char* v = std::getenv("DSOPEN_FUSED_OPS");
+  if (!v || !*v) return true;
+  for (const char* on : {"1", "true", "on", "yes"})
+    if (std::strcmp(v, on) == 0) return true;
+  for (const char* off : {"0", "false", "off", "no"})
+    if (std::strcmp(v, off) == 0) return false;
+  throw usage_error("DSOPEN_FUSED_OPS", std::string("'") + v + "' is not 0 or 1", "unset it, or set 0 (unfused) or 1");
+}
+
 std::atomic<bool>& switch_state() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("DSOPEN_FUSED_OPS");
-    return !(v && std::strcmp(v, "0") == 0);
-  }()};
+  static std::atomic<bool> on{switch_from_environment()};
   return on;
 }
 

@@ -346,7 +346,7 @@ TEST_CASE("truncation: Right keeps the first seq_len+1 tokens, Drop skips longer
   CHECK(edge.dropped() == 0);
   CHECK(row(edge.batch(0, 0, 1).labels, 0).back() == tok.eos_id());
   CHECK_THROWS_WITH(data::SftDataset({big}, tok, tmpl, n - 2, Truncation::Drop, false, 1, 0, 1),
-                    Catch::Contains("no conversations left after truncation (1 dropped)"));
+                    Catch::Contains("no conversations left to train on: 1 longer than data.seq_len + 1"));
 
   // Right truncation that cuts away every assistant token leaves nothing to learn: dropped as well.
   Conversation long_prompt;
@@ -354,6 +354,12 @@ TEST_CASE("truncation: Right keeps the first seq_len+1 tokens, Drop skips longer
   const data::SftDataset cut({small, long_prompt}, tok, tmpl, 8, Truncation::Right, false, 1, 0, 1);
   CHECK(cut.num_samples() == 1);
   CHECK(cut.dropped() == 1);
+  // Nothing left: the error names the data, the cause and the fix that applies (not "truncation: right" again).
+  CHECK_THROWS_WITH(data::SftDataset({long_prompt}, tok, tmpl, 8, Truncation::Right, false, 1, 0, 1, "data.train (a.jsonl)"),
+                    Catch::Contains("data.train (a.jsonl): no conversations left to train on: 1 without an assistant "
+                                    "token to train on in their first 8 tokens") &&
+                        Catch::Contains("raise data.seq_len (long prompts leave no room for the answer)") &&
+                        !Catch::Contains("truncation: right"));
 }
 
 TEST_CASE("chat_template config section decodes strictly", "[data][sft][config]") {

@@ -83,6 +83,18 @@ TEST_CASE("resume is exact: straight run == resumed from the mid-run checkpoint 
   for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);  // bitwise on the CPU
 }
 
+TEST_CASE("precision auto resumes in the precision the checkpoint was trained in", "[train][resume]") {
+  // Whatever auto measures on this machine, a run trained in fp32 continues in fp32: bitwise the straight run.
+  const auto straight = run(config_text("prec_straight"), {"train.precision=fp32"});
+  const std::string mid = (workdir() / "prec_straight/checkpoints/step_00000004").string();
+  auto state_of = [](const std::string& dir) { return nlohmann::json::parse(std::ifstream(dir + "/trainer_state.json")); };
+  CHECK(state_of(mid)["precision"] == "fp32");
+  const auto resumed = run(config_text("prec_auto"), {"train.precision=auto", "checkpoint.resume=" + mid});
+  REQUIRE(resumed.losses.size() == 4);
+  for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);
+  CHECK(state_of(resumed.last_checkpoint)["precision"] == "fp32");
+}
+
 TEST_CASE("resume is exact for SFT data, padded and packed", "[train][resume][sft]") {
   const std::string chat = (workdir() / "chat.jsonl").string();
   for (const std::string pack : {"false", "true"}) {

@@ -122,7 +122,7 @@ static int run(int argc, char** argv) {
     precision = train::to_string(choice.mode);
     std::cerr << "precision auto -> " << precision << ": " << choice.reason << "\n";
   }
-  if (args.count("unfused")) model::fused::set_enabled(false);
+  if (args["unfused"].as<bool>()) model::fused::set_enabled(false);
 
   BenchStep step = make_step(c, B, T, device, precision == "bf16", args.count("checkpointing") > 0,
                              args.count("optimizer") > 0);
@@ -143,13 +143,15 @@ static int run(int argc, char** argv) {
     std::cout << nlohmann::json{{"config", args["config"].as<std::string>()}, {"params", counts.total},
                                 {"batch", B}, {"seq_len", T}, {"precision", precision}, {"threads", threads},
                                 {"device", device.str()}, {"optimizer", step.optimizer != nullptr},
+                                {"fused_ops", model::fused::enabled()},
                                 {"ms_per_step", s * 1e3}, {"tokens_per_s", tok_s}, {"model_tflops", tflops}}
                      .dump()
               << std::endl;
   } else {
-    std::printf("%s  params %.1fM  B=%lld T=%lld  %s  %d threads: %.1f ms/step, %.0f tokens/s, %.3f TFLOP/s\n",
+    std::printf("%s  params %.1fM  B=%lld T=%lld  %s%s  %d threads: %.1f ms/step, %.0f tokens/s, %.3f TFLOP/s\n",
                 args["config"].as<std::string>().c_str(), counts.total / 1e6, static_cast<long long>(B),
-                static_cast<long long>(T), precision.c_str(), threads, s * 1e3, tok_s, tflops);
+                static_cast<long long>(T), precision.c_str(), model::fused::enabled() ? "" : " unfused", threads,
+                s * 1e3, tok_s, tflops);
   }
   return 0;
 }

@@ -83,9 +83,11 @@ static int run(int argc, char** argv) {
     std::istringstream plan(train::plan_text(train::plan_job(job, dist.world_size, dist.local_world_size)));
     for (std::string line; std::getline(plan, line);) spdlog::info("{}", line);
   }
-  if (dist.rank == 0) doc.save_resolved(job.run.output_dir);
   train::install_stop_handlers();
   train::Trainer trainer(job, doc.dump());
+  // Written once the job has passed every check the trainer makes while starting: a refused run leaves the
+  // directory's previous record alone.
+  if (dist.rank == 0) doc.save_resolved(job.run.output_dir);
   const auto result = trainer.run();
   const std::string self = argv[0];
   if (dist.rank == 0) print_closing(job, result, self.find('/') == std::string::npos ? "" : self.substr(0, self.rfind('/') + 1));

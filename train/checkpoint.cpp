@@ -104,7 +104,8 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
                                {"data_position", state.cursor.position * world},
                                {"loss_scale", state.loss_scale},
                                {"loss_scale_good_steps", state.loss_scale_good_steps},
-                               {"world_size", world}};
+                               {"world_size", world},
+                               {"precision", state.precision}};
     env::write_file_atomic((tmp / "trainer_state.json").string(), js.dump(2) + "\n");  // last: marks completeness
     fsync_dir(tmp / "optimizer");
     fsync_dir(tmp);
@@ -147,6 +148,7 @@ TrainerState read_trainer_state(const std::string& path) {
     s.loss_scale = j.at("loss_scale").get<double>();
     s.loss_scale_good_steps = j.at("loss_scale_good_steps").get<int64_t>();
     s.world_size = j.at("world_size").get<int64_t>();
+    if (j.contains("precision")) s.precision = j.at("precision").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(file, std::string("bad field: ") + json::reason(e), "restore the file or resume from another checkpoint");
   }

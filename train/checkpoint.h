@@ -27,6 +27,7 @@ struct TrainerState {
   double loss_scale = 1.0;
   int64_t loss_scale_good_steps = 0;
   int64_t world_size = 1;
+  std::string precision;  // what the run trained in (fp32 | bf16 | fp16); "" in checkpoints written before it was kept
 };
 
 struct CheckpointFiles {

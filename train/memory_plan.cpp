@@ -64,7 +64,9 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
   char buf[256];
   std::snprintf(buf, sizeof buf, "%lld rank%s, strategy %s%s, %s, micro-batch %lld x %lld tokens, %s",
                 static_cast<long long>(world_size), world_size == 1 ? "" : "s", to_string(job.parallel.strategy).c_str(),
-                job.parallel.offload_optimizer ? " + optimizer offload" : "", to_string(job.train.precision).c_str(),
+                job.parallel.offload_optimizer ? " + optimizer offload" : "",
+                job.train.precision == PrecisionMode::Auto ? "precision auto (planned as fp32)"
+                                                           : to_string(job.train.precision).c_str(),
                 static_cast<long long>(job.train.micro_batch_size), static_cast<long long>(job.data.seq_len),
                 job.train.activation_checkpointing ? "activation checkpointing" : "no activation checkpointing");
   out.layout = buf;

@@ -139,6 +139,9 @@ void Trainer::State::start_processes() {
   }
   // The fused kernels (train.fused_ops; DSOPEN_FUSED_OPS=0 also turns them off).
   model::fused::set_enabled(j.train.fused_ops && model::fused::enabled());
+  if (!model::fused::enabled())
+    spdlog::info("fused kernels off ({}): RMSNorm, SwiGLU, RoPE and the head's loss run as unfused ATen ops",
+                 j.train.fused_ops ? "DSOPEN_FUSED_OPS=0" : "train.fused_ops: false");
   if (group->size() > 1)
     spdlog::info("rank {} of {} ({}, local rank {} of {}), backend {}, strategy {}", group->rank(), group->size(),
                  dist.source, dist.local_rank, dist.local_world_size, group->backend(), to_string(j.parallel.strategy));
@@ -207,6 +210,15 @@ void Trainer::State::resume_or_load() {
   }
   if (!resume.empty()) {
     state = load_checkpoint(resume, model, dp->optimizer(), group.get());
+    // auto resumes in the precision the run trained in, whatever this start measured.
+    if (j.train.precision == PrecisionMode::Auto && !state.precision.empty() && state.precision != to_string(precision->mode())) {
+      for (const auto& [name, mode] : precision_names())
+        if (name == state.precision && mode != PrecisionMode::Auto) {
+          spdlog::info("precision auto -> {}: the checkpoint was trained in it (this start measured {})", name,
+                       to_string(precision->mode()));
+          *precision = Precision(mode, device);
+        }
+    }
     precision->set_state(state.loss_scale, state.loss_scale_good_steps);
     spdlog::info("resumed from {} at step {}", resume, state.step);
   }
@@ -274,6 +286,7 @@ TrainResult Trainer::run() {
     // Tokens are the positions trained on (with a target): padding and masked prompt positions do not count.
     s.state.tokens += static_cast<int64_t>(stats.targets);
     s.state.loss_scale = s.precision->scale();
+    s.state.precision = to_string(s.precision->mode());
     s.state.loss_scale_good_steps = s.precision->good_steps();
     result.losses.push_back(stats.loss);
     const bool logged = log.step_done(s.state.step, lr, stats, s.state.tokens, *s.dp, s.step->balancer(), j.model.mtp_depth() > 0);

@@ -477,6 +477,20 @@ for p, d in inputs_before.items():
 r = run([b("model-info"), "--config", RUN_YAML, "--set", "model.rope_scaling={type: yarn, factor: 4}", "--json"])
 if r.returncode != 0:
     failures.append(f"--set with a flow mapping: exit {r.returncode}: {r.stderr.strip()[-200:]}")
+# A mistyped DSOPEN_FUSED_OPS is refused, not silently ignored.
+r = subprocess.run([b("bench-model"), "--config", RUN_YAML, "--steps", "1", "--warmup", "0"], capture_output=True,
+                   text=True, env={**os.environ, "DSOPEN_FUSED_OPS": "flase"}, timeout=120)
+if r.returncode != 2 or "DSOPEN_FUSED_OPS" not in r.stderr or any(i in r.stderr for i in INTERNALS):
+    failures.append(f"DSOPEN_FUSED_OPS=flase: exit {r.returncode}: {r.stderr.strip()[-200:]}")
+# A run refused while starting (the tokenizer does not fit the model) leaves the directory's resolved config alone.
+resolved = os.path.join(W, "run", "config.resolved.yaml")
+if os.path.exists(resolved):
+    before = digest(resolved)
+    r = run([b("train"), "--config", RUN_YAML, "--set", "model.vocab_size=16"])
+    if r.returncode != 2 or digest(resolved) != before:
+        failures.append(f"refused run: exit {r.returncode}, config.resolved.yaml {'kept' if digest(resolved) == before else 'replaced'}")
+else:
+    failures.append(f"fixture run left no {resolved}")
 if not os.path.exists("/dev/full") or not os.path.stat.S_ISCHR(os.stat("/dev/full").st_mode):
     failures.append("/dev/full is no longer a character device")
 
