@@ -165,11 +165,17 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
   auto v = kv_full[1];
   auto k = torch::cat({k_nope, k_pe.unsqueeze(2).expand({B, T, n_heads_, rope_dim_})}, -1);
   auto q = torch::cat({q_nope, q_pe}, -1);
+  // The fused SDPA kernels (flash on CUDA and on the CPU) need one head size for q, k and v; MLA's values are
+  // narrower (v_head_dim < qk_nope + qk_rope), so they are padded with zeros, which add nothing to the output's
+  // first v_head_dim columns. Without it SDPA falls back to the math path, which forms [B, H, T, T] probabilities.
+  const int64_t qk_dim = nope_dim_ + rope_dim_;
+  if (v_dim_ < qk_dim) v = torch::constant_pad_nd(v, {0, qk_dim - v_dim_});
   auto out = in.mask.defined()
                  ? at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), in.mask,
                                                     0.0, false, scale_)
                  : at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0,
-                                                    /*is_causal=*/true, scale_);  // [B, H, T, v]
+                                                    /*is_causal=*/true, scale_);  // [B, H, T, qk or v]
+  if (v_dim_ < qk_dim) out = out.narrow(-1, 0, v_dim_);
   return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * v_dim_}));
 }
 
