@@ -196,4 +196,16 @@ fi
 next_port
 "$LAUNCH" --nproc-per-node 2 --master-port "$port" -- bash -c '[ "$RANK" = 1 ] && exit 7; sleep 30' 2>/dev/null
 rc=$?; [ $rc = 7 ] && echo "ok   launcher exits with the failing rank's code" || { echo "FAIL launcher code $rc"; fail=1; }
+
+# Ranks started with different configs (here: rank 1 another learning rate) refuse to train together.
+next_port
+"$LAUNCH" --nproc-per-node 2 --master-port "$port" -- bash -c \
+  "exec \"$BIN/dsopen-train\" --config \"$W/base.yaml\" --set run.output_dir=\"$W/mismatch\" --set train.max_steps=2 \
+   --set train.lr=\$([ \"\$RANK\" = 1 ] && echo 1.0e-3 || echo 2.0e-3)" > "$W/mismatch.log" 2>&1
+rc=$?
+if [ $rc = 2 ] && grep -q "the ranks were started with different configs" "$W/mismatch.log" && [ ! -d "$W/mismatch/checkpoints" ]; then
+  echo "ok   ranks with different configs: exit 2 before training"
+else
+  echo "FAIL ranks with different configs: exit $rc"; tail -n 5 "$W/mismatch.log"; fail=1
+fi
 exit $fail

@@ -103,7 +103,7 @@ struct Trainer::State {
   std::unique_ptr<Evaluator> evaluator;
   TrainerState state;
 
-  void start_processes();
+  void start_processes();  // needs resolved_config
   void prepare_data();
   void build_model();
   void build_optimizer();
@@ -121,6 +121,16 @@ void Trainer::State::start_processes() {
   const bool cuda = runs_on_cuda(j.run);
   device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank)) : torch::Device(torch::kCPU);
   group = create_process_group(dist, device, {j.parallel.backend, std::chrono::seconds(j.parallel.timeout_s)});
+  if (group->size() > 1) {
+    // Ranks started with different configs would train different jobs as one (different precisions, batch sizes,
+    // learning rates): every rank compares its resolved config with rank 0's.
+    const uint64_t mine = std::hash<std::string>{}(resolved_config);
+    auto theirs = torch::tensor({static_cast<int64_t>(mine)}, torch::kLong).to(group->device());
+    group->broadcast(theirs, 0).wait();
+    if (!group->all_ranks_agree(static_cast<uint64_t>(theirs.item<int64_t>()) == mine))
+      throw usage_error("config", "the ranks were started with different configs or --set values",
+                        "start every rank with the same --config and --set (scripts/launch.sh does)");
+  }
   PrecisionChoice choice = choose_precision(j.train.precision, device, j.model.hidden_size, j.model.intermediate_size);
   // Every rank trains in one precision: bf16 only where every rank measured it faster.
   if (j.train.precision == PrecisionMode::Auto && group->size() > 1 &&
