@@ -243,9 +243,9 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     const bool grad = grad_h || grad_w;
     Tensor dh, dw, dh_z, dw_z;
     if (grad_h) dh = torch::empty({N, h.size(1)}, h.options());
-    if (grad_w) dw = torch::zeros(weight.sizes(), f32);
+    if (grad_w) dw = torch::empty(weight.sizes(), f32);  // the first chunk writes it, the others add
     if (grad_h && z_loss) dh_z = torch::empty_like(dh);
-    if (grad_w && z_loss) dw_z = torch::zeros_like(dw);
+    if (grad_w && z_loss) dw_z = torch::empty_like(dw);
     const int64_t rows = chunk_rows(N, V);
     for (int64_t start = 0; start < N; start += rows) {
       const int64_t n = std::min(rows, N - start);
@@ -261,7 +261,11 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
           auto rows_out = dhid.narrow(0, start, n);
           torch::mm_out(rows_out, g, w);
         }
-        if (dwt.defined()) dwt.add_(torch::mm(g.t(), hc));
+        if (!dwt.defined()) return;
+        if (dtype == torch::kFloat32 && start == 0) torch::mm_out(dwt, g.t(), hc);
+        else if (dtype == torch::kFloat32) dwt.addmm_(g.t(), hc);  // C += A B in the GEMM: no temporary
+        else if (start == 0) dwt.copy_(torch::mm(g.t(), hc));
+        else dwt.add_(torch::mm(g.t(), hc));
       };
       accumulate(logits, dh, dw);
       if (z_loss) accumulate(gz, dh_z, dw_z);
