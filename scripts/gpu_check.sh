@@ -17,7 +17,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEBS="$ROOT/.deps/debs"
 PACKAGES=(libsentencepiece-dev libsentencepiece0 libyaml-cpp-dev libyaml-cpp0.7 libspdlog-dev libspdlog1.10
   libfmt-dev libfmt9 libcxxopts-dev catch2 nlohmann-json3-dev libpcre2-dev libpcre2-8-0 libgloo-dev
-  pkgconf pkgconf-bin libpkgconf3 fortunes fortunes-min fortunes-zh)
+  pkgconf pkgconf-bin libpkgconf3 fortunes fortunes-min fortunes-zh libgoogle-perftools-dev libtcmalloc-minimal4)
 
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$DEBS" && cd "$DEBS" || exit 1
