@@ -5,7 +5,8 @@
 #   default: configs/tiny.yaml (MTP on: dsopen only, transformers has no MTP), the same without MTP,
 #            configs/bench/dense-125m.yaml, configs/bench/moe-small.yaml
 # Env: BATCH (8), SEQ (256), STEPS (3), THREADS (nproc), PRECISIONS ("fp32 bf16"), DEVICE (cpu | cuda),
-#      COMPILE (1; 0 skips torch.compile), TABLE (also write the markdown table to this file).
+#      COMPILE (1; 0 skips torch.compile), TABLE (also write the markdown table to this file),
+#      REF_MALLOC (a malloc library LD_PRELOADed into the PyTorch runs, e.g. the tcmalloc our binaries link).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/build/bin"
@@ -37,7 +38,7 @@ run_ours() {
 }
 run_ref() {
   local prec=$1; shift
-  python3 "$ROOT/bench/torch_reference.py" "$TMP" --batch "$BATCH" --seq-len "$SEQ" --steps "$STEPS" \
+ LD_PRELOAD="${REF_MALLOC:-}" python3 "$ROOT/bench/torch_reference.py" "$TMP" --batch "$BATCH" --seq-len "$SEQ" --steps "$STEPS" \
     --precision "$prec" --threads "$THREADS" --device "$DEVICE" "$@" 2>/dev/null | tail -n 1 || echo '{}'
 }
 
