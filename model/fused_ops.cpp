@@ -246,6 +246,10 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     if (grad_w) dw = torch::empty(weight.sizes(), f32);  // the first chunk writes it, the others add
     if (grad_h && z_loss) dh_z = torch::empty_like(dh);
     if (grad_w && z_loss) dw_z = torch::empty_like(dw);
+    if (N == 0) {  // no rows, no chunk to write the weight gradient: it is zero
+      if (dw.defined()) dw.zero_();
+      if (dw_z.defined()) dw_z.zero_();
+    }
     const int64_t rows = chunk_rows(N, V);
     for (int64_t start = 0; start < N; start += rows) {
       const int64_t n = std::min(rows, N - start);

@@ -169,6 +169,14 @@ TEST_CASE("fused LM head + cross-entropy equals logits + cross_entropy, z-loss a
   CHECK(!s.z.defined());
 }
 
+TEST_CASE("fused LM head + cross-entropy on zero rows: zero sums and zero gradients", "[fused]") {
+  auto hidden = torch::randn({0, 8}).requires_grad_(true), weight = torch::randn({10, 8}).requires_grad_(true);
+  auto s = fused::linear_cross_entropy(hidden, weight, torch::empty({0}, torch::kLong), true);
+  (s.ce + s.z).backward();
+  CHECK(s.ce.item<double>() == 0.0);
+  CHECK(weight.grad().abs().max().item<double>() == 0.0);
+}
+
 TEST_CASE("fused LM head + cross-entropy refuses targets outside the vocabulary", "[fused]") {
   auto hidden = torch::randn({4, 8}), weight = torch::randn({10, 8});
   for (int64_t bad : {10, -3}) {
