@@ -66,11 +66,12 @@ Tensor rows_of(const Tensor& x) {
 // ---- RMSNorm --------------------------------------------------------------------------------------------------
 
 struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, double eps) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, double eps, int64_t out_dtype) {
     const auto rows = rows_of(x);
     const int64_t N = rows.size(0), D = rows.size(1);
     const auto w = weight.contiguous();
-    auto y = torch::empty(x.sizes(), x.options().dtype(c10::promoteTypes(x.scalar_type(), weight.scalar_type())));
+    auto y = torch::empty(x.sizes(), x.options().dtype(static_cast<c10::ScalarType>(out_dtype)));
+    ctx->saved_data["out_dtype"] = out_dtype;
     auto rstd = torch::empty({N}, x.options().dtype(torch::kFloat32));
     const bool round_h = x.scalar_type() == torch::kBFloat16;
     if (x.is_cuda()) {
@@ -94,7 +95,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     const auto &x = saved[0], &w = saved[1], &rstd = saved[2];
     const auto rows = rows_of(x);
     const int64_t N = rows.size(0), D = rows.size(1);
-    const auto out_dtype = c10::promoteTypes(x.scalar_type(), w.scalar_type());
+    const auto out_dtype = static_cast<c10::ScalarType>(ctx->saved_data["out_dtype"].toInt());
     const auto dy = grads[0].to(out_dtype).contiguous();
     Tensor dx, dw;
     if (ctx->needs_input_grad(0)) dx = torch::empty(x.sizes(), x.options().memory_format(c10::MemoryFormat::Contiguous));
@@ -116,7 +117,7 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       kernels::rmsnorm_backward(dy.data_ptr(), dtype_of(dy), rows.data_ptr(), dtype_of(x), rows.stride(0), w.data_ptr(),
                                 dtype_of(w), rstd.data_ptr<float>(), dx_ptr, dw_ptr, N, D, round_h);
     }
-    return {dx, dw.defined() ? dw.to(w.scalar_type()) : dw, Tensor()};
+    return {dx, dw.defined() ? dw.to(w.scalar_type()) : dw, Tensor(), Tensor()};
   }
 };
 
@@ -315,7 +316,12 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   TORCH_CHECK(applies(x) && applies(weight) && weight.device() == x.device() && weight.dim() == 1 &&
                   weight.size(0) == x.size(-1),
               "fused::rms_norm: unsupported input");
-  return RMSNormFunction::apply(x, weight, eps);
+  // Under bf16 autocast the output is stored in bf16: every consumer (a projection, the fused head) would cast it
+  // to bf16 first, so the values they see are the same and no float32 copy is written or kept.
+  const auto device = x.device().type();
+  auto out = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+  if (compat::autocast_enabled(device) && at::autocast::get_autocast_dtype(device) == torch::kBFloat16) out = torch::kBFloat16;
+  return RMSNormFunction::apply(x, weight, eps, static_cast<int64_t>(out));
 }
 
 Tensor swiglu(const Tensor& gate, const Tensor& up) {
