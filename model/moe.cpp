@@ -1,6 +1,9 @@
 #include "model/moe.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include "utils/compat.h"
+#include "utils/errors.h"
 
 namespace dsopen::model {
 
@@ -88,13 +91,25 @@ GateImpl::GateImpl(const ModelConfig& c) {
     e_score_correction_bias = register_buffer("e_score_correction_bias", torch::zeros({c.n_routed_experts}));
 }
 
-MoEImpl::MoEImpl(const ModelConfig& c) : config_(c) {
+MoEImpl::MoEImpl(const ModelConfig& c) : config_(c), placement_(ExpertPlacementScope::current()) {
   const ArchTraits& a = c.arch();
+  if (c.n_routed_experts % placement_.size != 0)
+    throw usage_error("parallel.expert_parallel", std::to_string(c.n_routed_experts) + " routed experts do not divide among " +
+                                                      std::to_string(placement_.size) + " expert-parallel ranks",
+                      "choose an expert_parallel that divides n_routed_experts");
   gate = register_module("gate", Gate(c));
-  experts = register_module("experts", torch::nn::ModuleList());
-  for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-    expert_list_.push_back(MLP(c.hidden_size, c.moe_intermediate_size, MLPKind::kSeparate, a.expert_proj));
-    experts->push_back(expert_list_.back());
+  experts = register_module("experts", std::make_shared<torch::nn::Module>());
+  const int64_t first = placement_.first(c.n_routed_experts);
+  {
+    // The experts' default initialization draws from the global generator; whatever share is built, the rest of the
+    // model must see the same stream (CausalLM::init_weights gives each expert its own generator).
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    const auto state = gen.get_state();  // (not under gen.mutex(): the initializers below take it)
+    for (int64_t e = first; e < first + placement_.count(c.n_routed_experts); ++e) {
+      expert_list_.push_back(MLP(c.hidden_size, c.moe_intermediate_size, MLPKind::kSeparate, a.expert_proj));
+      experts->register_module(std::to_string(e), expert_list_.back());
+    }
+    gen.set_state(state);
   }
   if (a.shared == SharedExperts::kPlain && c.n_shared_experts > 0)
     shared_experts = register_module("shared_experts", MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts));
@@ -102,6 +117,72 @@ MoEImpl::MoEImpl(const ModelConfig& c) : config_(c) {
     shared_expert = register_module("shared_expert", MLP(c.hidden_size, c.shared_expert_intermediate_size));
     shared_expert_gate = register_module("shared_expert_gate", linear(c.hidden_size, 1));
   }
+}
+
+MLP MoEImpl::expert(int64_t e) const {
+  const int64_t first = placement_.first(config_.n_routed_experts);
+  if (e < first || e >= first + static_cast<int64_t>(expert_list_.size()))
+    throw std::out_of_range("MoE: expert " + std::to_string(e) + " is held by another expert-parallel rank");
+  return expert_list_[static_cast<size_t>(e - first)];
+}
+
+torch::Tensor MoEImpl::run_blocks(const torch::Tensor& x, const std::vector<int64_t>& sizes,
+                                  const std::vector<int64_t>& real, bool all) {
+  // One split (its backward concatenates the block gradients once) rather than a narrow per expert, whose backward
+  // would allocate and fill a full gradient for every expert.
+  auto parts = x.split_with_sizes(sizes, 0);
+  std::vector<torch::Tensor> outs;
+  for (size_t l = 0; l < expert_list_.size(); ++l)
+    if (real[l] > 0 || all) outs.push_back(expert_list_[l]->forward(parts[l]));
+  return torch::cat(outs, 0);
+}
+
+ExpertRows MoEImpl::local_experts(const torch::Tensor& flat, const torch::Tensor& token_of,
+                                  const std::vector<int64_t>& counts, const torch::Tensor& sorted_experts,
+                                  const torch::Tensor& w_sorted) {
+  const ExpertBlocks blocks = expert_blocks(counts, lowp_cpu_gemms(flat));
+  // In training every expert runs, an idle one on zero rows: its (zero) gradient then arrives like any other, which
+  // keeps data-parallel gradient buckets complete and issued in the same order on every rank.
+  const bool all = is_training() && torch::GradMode::is_enabled();
+  auto src = token_of, w_rows = w_sorted;
+  if (blocks.padded) {
+    // Padding rows read token 0 and carry weight 0: their outputs add nothing and their gradients are zero.
+    auto dest = torch::arange(token_of.size(0), token_of.options()) +
+                blocks.shift.to(token_of.device()).index_select(0, sorted_experts);
+    src = torch::zeros({blocks.rows}, token_of.options()).index_copy(0, dest, token_of);
+    w_rows = torch::zeros({blocks.rows}, w_sorted.options()).index_copy(0, dest, w_sorted);
+  }
+  return {run_blocks(flat.index_select(0, src), blocks.sizes, counts, all), src, w_rows};
+}
+
+ExpertRows MoEImpl::remote_experts(const torch::Tensor& flat, const torch::Tensor& token_of,
+                                   const std::vector<int64_t>& counts, const torch::Tensor& w_sorted) {
+  if (!exchange_ || exchange_->size() != placement_.size)
+    throw std::logic_error("MoE: an expert-parallel block needs an exchange over its " + std::to_string(placement_.size) +
+                           " ranks (CausalLM::set_expert_exchange)");
+  const int64_t P = placement_.size, L = placement_.count(config_.n_routed_experts);
+  // 1. Every rank learns how many rows it receives for each of its experts from each rank.
+  auto received = exchange_->all_to_all(torch::tensor(counts, torch::kLong), std::vector<int64_t>(P, L),
+                                        std::vector<int64_t>(P, L)).cpu();
+  const ReceivedLayout layout = received_layout(received, L);
+  std::vector<int64_t> send(static_cast<size_t>(P), 0);
+  for (int64_t j = 0; j < P; ++j)
+    for (int64_t l = 0; l < L; ++l) send[j] += counts[static_cast<size_t>(j * L + l)];
+  // 2. The rows travel to their experts (sorted by expert = grouped by owner), are regrouped by local expert (and
+  //    padded for oneDNN, see expert_blocks), run, regrouped by source and sent back.
+  auto x_recv = exchange_rows(*exchange_, flat.index_select(0, token_of), send, layout.per_source);  // [R, D]
+  const ExpertBlocks blocks = expert_blocks(layout.per_expert, lowp_cpu_gemms(flat));
+  auto pos = layout.to_expert_order.to(flat.device());
+  if (blocks.padded) {
+    std::vector<int64_t> real_start(static_cast<size_t>(L), 0);
+    for (int64_t l = 1; l < L; ++l) real_start[l] = real_start[l - 1] + layout.per_expert[l - 1];
+    auto expert_of = torch::bucketize(layout.to_expert_order, torch::tensor(real_start, torch::kLong), false, /*right=*/true) - 1;
+    pos = pos + blocks.shift.index_select(0, expert_of).to(flat.device());
+  }
+  auto src = torch::zeros({blocks.rows}, pos.options()).index_copy(0, pos, torch::arange(pos.size(0), pos.options()));
+  // Every held expert runs, even on zero rows, so every rank's output has the same dtype and the bucket order holds.
+  auto y_local = run_blocks(x_recv.index_select(0, src), blocks.sizes, layout.per_expert, /*all=*/true);
+  return {exchange_rows(*exchange_, y_local.index_select(0, pos), layout.per_source, send), token_of, w_sorted};
 }
 
 MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_mask) {
@@ -128,27 +209,12 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_ma
   auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
   const std::vector<int64_t> counts(load_cpu.data_ptr<int64_t>(), load_cpu.data_ptr<int64_t>() + E);
   auto w_sorted = r.weights.reshape({-1}).index_select(0, order);   // [N*K] routing weight of each sorted pair
-  const ExpertBlocks blocks = expert_blocks(counts, lowp_cpu_gemms(flat));
-  auto src = token_of, w_rows = w_sorted;
-  if (blocks.padded) {
-    // Padding rows read token 0 and carry weight 0: their outputs add nothing and their gradients are zero.
-    auto sorted_experts = flat_experts.index_select(0, order);
-    auto dest = torch::arange(order.size(0), order.options()) + blocks.shift.to(order.device()).index_select(0, sorted_experts);
-    src = torch::zeros({blocks.rows}, token_of.options()).index_copy(0, dest, token_of);
-    w_rows = torch::zeros({blocks.rows}, w_sorted.options()).index_copy(0, dest, w_sorted);
-  }
-  // One gather in, one weighted scatter-add out. One split (its backward concatenates the block gradients once)
-  // rather than a narrow per expert, whose backward would allocate and fill a full gradient for every expert.
-  auto x_in = flat.index_select(0, src);                            // [rows, D]
-  auto parts = x_in.split_with_sizes(blocks.sizes, 0);
-  std::vector<torch::Tensor> outs;
-  // In training every expert runs, an idle one on zero rows: its (zero) gradient then arrives like any other, which
-  // keeps data-parallel gradient buckets complete and issued in the same order on every rank.
-  const bool all_experts = is_training() && torch::GradMode::is_enabled();
-  for (int64_t e = 0; e < E; ++e)
-    if (counts[static_cast<size_t>(e)] > 0 || all_experts) outs.push_back(expert_list_[e]->forward(parts[e]));
-  auto y_rows = torch::cat(outs, 0);                                // [rows, D]
-  auto y = torch::zeros({B * T, D}, y_rows.options()).index_add(0, src, y_rows * w_rows.unsqueeze(1).to(y_rows.scalar_type()));
+  const ExpertRows rows = placement_.sharded()
+                              ? remote_experts(flat, token_of, counts, w_sorted)
+                              : local_experts(flat, token_of, counts, flat_experts.index_select(0, order), w_sorted);
+  // One weighted scatter-add back to the tokens.
+  auto y = torch::zeros({B * T, D}, rows.y.options())
+               .index_add(0, rows.token, rows.y * rows.weight.unsqueeze(1).to(rows.y.scalar_type()));
   if (shared_experts) y = y + shared_experts(flat).to(y.scalar_type());
   if (shared_expert) y = y + (torch::sigmoid(shared_expert_gate(flat)) * shared_expert(flat)).to(y.scalar_type());
 

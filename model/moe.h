@@ -12,12 +12,14 @@
 // positions that carry a loss target, so padding and other masked positions never move a bias or a loss term.
 //
 // Dispatch: token-expert pairs are sorted by expert, each expert runs once on its contiguous block, and the
-// results are scattered back weighted — no per-token loops.
+// results are scattered back weighted — no per-token loops. Under expert parallelism (model/expert_parallel.h) a
+// block holds only its rank's experts; the sorted rows travel to their experts' ranks and back by all-to-all.
 #pragma once
 
 #include <torch/torch.h>
 
 #include "model/config.h"
+#include "model/expert_parallel.h"
 #include "model/layers.h"
 
 namespace dsopen::model {
@@ -74,6 +76,11 @@ ExpertBlocks expert_blocks(const std::vector<int64_t>& counts, bool pad);
 // Whether x's expert GEMMs run in a low-precision dtype on the CPU (bf16/fp16 input, or CPU autocast on).
 bool lowp_cpu_gemms(const torch::Tensor& x);
 
+// Routed-expert outputs `y` [rows, hidden] with the token each row goes back to and its combine weight [rows].
+struct ExpertRows {
+  torch::Tensor y, token, weight;
+};
+
 class MoEImpl : public torch::nn::Module {
 public:
   explicit MoEImpl(const ModelConfig& c);
@@ -84,15 +91,36 @@ public:
   // last update (the trainer sums it over micro-batches and ranks first). No-op without a correction bias.
   void update_bias(const torch::Tensor& load, double speed);
 
+  // The routed experts this block holds (all of them unless built inside an ExpertPlacementScope) and, when it
+  // holds a share, the exchange that reaches the others (set before the first forward).
+  const ExpertPlacement& placement() const { return placement_; }
+  void set_exchange(std::shared_ptr<ExpertExchange> exchange) { exchange_ = std::move(exchange); }
+  // Routed expert `e` (global index); an error when this block does not hold it.
+  MLP expert(int64_t e) const;
+
   Gate gate{nullptr};
-  torch::nn::ModuleList experts{nullptr};
+  std::shared_ptr<torch::nn::Module> experts;  // children named by global expert index (HF names)
   MLP shared_experts{nullptr};   // DeepSeek: n_shared_experts * moe_intermediate_size wide, always on
   MLP shared_expert{nullptr};    // Qwen2-MoE: shared_expert_intermediate_size wide, scaled by ...
   Linear shared_expert_gate{nullptr};  // ... sigmoid(shared_expert_gate(x)), [1, hidden]
 
 private:
+  // The routed experts' outputs for the expert-sorted pairs: token_of [N*K] rows of `flat` [N, hidden] with weights
+  // w_sorted [N*K], `counts` [E] pairs per expert (sorted_experts [N*K]: the expert of each): here (blocks maybe
+  // padded), or on the ranks that hold them.
+  ExpertRows local_experts(const torch::Tensor& flat, const torch::Tensor& token_of, const std::vector<int64_t>& counts,
+                           const torch::Tensor& sorted_experts, const torch::Tensor& w_sorted);
+  ExpertRows remote_experts(const torch::Tensor& flat, const torch::Tensor& token_of, const std::vector<int64_t>& counts,
+                            const torch::Tensor& w_sorted);
+  // Runs local expert l on block l of `x` [rows, hidden] (blocks of `sizes` rows); an expert with no real rows
+  // runs only when `all` (training: its zero gradient keeps the gradient buckets complete).
+  torch::Tensor run_blocks(const torch::Tensor& x, const std::vector<int64_t>& sizes, const std::vector<int64_t>& real,
+                           bool all);
+
   ModelConfig config_;
-  std::vector<MLP> expert_list_;
+  ExpertPlacement placement_;
+  std::shared_ptr<ExpertExchange> exchange_;
+  std::vector<MLP> expert_list_;  // the held experts, in index order
 };
 TORCH_MODULE(MoE);
 

@@ -1,7 +1,11 @@
 #include "model/transformer.h"
 
-#include <cmath>
+#include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+#include <optional>
+
+#include "model/expert_parallel.h"
 #include "model/fused_ops.h"
 #include "utils/compat.h"
 
@@ -155,13 +159,31 @@ CausalLMImpl::CausalLMImpl(const ModelConfig& c)
   if (!SkipWeightInit::active()) init_weights();
 }
 
+ExpertPlacement CausalLMImpl::expert_placement() const {
+  const auto blocks = moe_blocks();
+  return blocks.empty() ? ExpertPlacement{} : blocks.front().moe->placement();
+}
+
+void CausalLMImpl::set_expert_exchange(const std::shared_ptr<ExpertExchange>& exchange) {
+  for (auto& b : moe_blocks()) b.moe->set_exchange(exchange);
+}
+
 void CausalLMImpl::init_weights() {
   torch::NoGradGuard no_grad;
   const double std = config_.initializer_range;
   const double residual_std = config_.scaled_residual_init ? std / std::sqrt(2.0 * config_.num_hidden_layers) : std;
+  // Routed experts draw from generators of their own, seeded by their names: the same expert gets the same values
+  // whichever experts this process holds (expert parallelism), and the rest of the model draws the same sequence.
+  const uint64_t expert_seed = static_cast<uint64_t>(torch::randint(1LL << 62, {1}, torch::kLong).item<int64_t>());
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
     auto& p = item.value();
+    std::optional<at::Generator> gen;
+    if (is_routed_expert_name(name)) {
+      uint64_t h = 1469598103934665603ULL ^ expert_seed;  // FNV-1a over the name
+      for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ULL;
+      gen = at::make_generator<at::CPUGeneratorImpl>(h);
+    }
     const bool is_norm = name.find("norm.weight") != std::string::npos;
     if (is_norm) {
       p.fill_(1.0);
@@ -173,7 +195,13 @@ void CausalLMImpl::init_weights() {
                                 name.find("down_proj.weight") != std::string::npos ||
                                 (name.size() > down.size() + 8 &&
                                  name.compare(name.size() - down.size() - 8, down.size() + 8, "." + down + ".weight") == 0);
-      p.normal_(0.0, residual_out ? residual_std : std);
+      if (gen && p.is_cpu()) {
+        p.normal_(0.0, residual_out ? residual_std : std, *gen);
+      } else if (gen) {  // draw on the CPU so the values do not depend on the device
+        p.copy_(torch::empty(p.sizes(), p.options().device(torch::kCPU)).normal_(0.0, residual_out ? residual_std : std, *gen));
+      } else {
+        p.normal_(0.0, residual_out ? residual_std : std);
+      }
     }
   }
   for (auto& b : named_buffers())

@@ -140,6 +140,11 @@ public:
   // this list, so a block added anywhere takes part in all of them.
   std::vector<MoEBlock> moe_blocks() const;
 
+  // Expert parallelism (model/expert_parallel.h): whether the MoE blocks hold only a share of the routed experts
+  // (the model was built inside an ExpertPlacementScope), and the exchange that reaches the other shares.
+  ExpertPlacement expert_placement() const;
+  void set_expert_exchange(const std::shared_ptr<ExpertExchange>& exchange);
+
   // Aux-loss-free bias update of every MoE block (loads in moe_blocks() order, as ForwardOutput::expert_load).
   void update_routing_bias(const std::vector<torch::Tensor>& loads);
 

@@ -143,8 +143,10 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
   }
   if (problems.empty()) progress.finish();
   if (o.strict) {
+    const bool expert_share = model->expert_placement().sharded();  // the other experts belong to other ranks
     for (const auto& name : file.names()) {
       if (targets.count(name) || consumed.count(name)) continue;
+      if (expert_share && is_routed_expert_name(name)) continue;
       // MTP layers (the num_nextn_predict_layers after the decoder layers) of a model run without MTP are
       // expected, not errors.
       const int64_t layer = layer_of(name);

@@ -283,7 +283,7 @@ TEST_CASE("MoE output equals a slow per-token loop", "[model][moe]") {
     auto yn = moe->shared_experts->forward(xn);
     for (int64_t k = 0; k < c.num_experts_per_tok; ++k) {
       auto e = r.indices[n][k].item<int64_t>();
-      yn = yn + r.weights[n][k] * moe->experts[e]->as<MLP>()->forward(xn);
+      yn = yn + r.weights[n][k] * moe->expert(e)->forward(xn);
     }
     expected[n] = yn[0];
   }

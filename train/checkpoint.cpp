@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 
+#include "model/expert_parallel.h"
 #include "model/lora.h"
 #include "model/model_dir.h"
 #include "model/safetensors.h"
@@ -58,11 +60,48 @@ std::vector<fs::path> complete_checkpoints(const std::string& dir) {
   return out;
 }
 
+// The model's weights in HF layout. Under expert parallelism the first expert-parallel group (ranks 0..E-1) writes
+// them as HF shards, rank r the routed experts it holds (rank 0 also everything replicated), and rank 0 the index
+// after `barrier` — no rank gathers the experts of another. Otherwise rank 0 writes model.safetensors.
+void write_model_weights(const fs::path& tmp, model::CausalLM& model, int rank, const std::function<void()>& barrier) {
+  const model::ExpertPlacement placement = model->expert_placement();
+  if (!placement.sharded()) {
+    if (rank == 0) model::save_safetensors((tmp / "model.safetensors").string(), model::hf_state_dict(model), {{"format", "pt"}});
+    return;
+  }
+  const int shards = placement.size;
+  const auto shard_name = [&](int k) {
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, shards);
+    return std::string(name);
+  };
+  if (rank < shards) {
+    std::map<std::string, torch::Tensor> mine;
+    for (auto& [name, t] : model::hf_state_dict(model))
+      if (rank == 0 || model::is_routed_expert_name(name)) mine[name] = t;
+    model::save_safetensors((tmp / shard_name(rank)).string(), mine, {{"format", "pt"}});
+  }
+  barrier();
+  if (rank != 0) return;
+  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+  int64_t total = 0;
+  for (int k = 0; k < shards; ++k) {
+    model::SafetensorsFile f((tmp / shard_name(k)).string());
+    for (const auto& name : f.names()) {
+      index["weight_map"][name] = shard_name(k);
+      const auto t = f.tensor(name);
+      total += t.numel() * t.element_size();
+    }
+  }
+  index["metadata"]["total_size"] = total;
+  env::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+}
+
 }  // namespace
 
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
-                            ProcessGroup* group) {
+                            ProcessGroup* group, const FlatAdamW* expert_optimizer) {
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   auto barrier = [&] {
@@ -76,14 +115,12 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
   }
   barrier();
 
+  const bool lora = model::has_lora(*model);
+  // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
+  if (!lora) write_model_weights(tmp, model, rank, barrier);
   if (rank == 0) {
-    if (model::has_lora(*model)) {
-      // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
-      model::save_adapter(*model, tmp.string(), model->config().pretrained);
-    } else {
-      model::save_safetensors((tmp / "model.safetensors").string(), model::hf_state_dict(model), {{"format", "pt"}});
-      env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
-    }
+    if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained);
+    else env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
     env::write_file_atomic((tmp / "dsopen.yaml").string(), files.resolved_config);
     if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
       env::write_file_atomic((tmp / "tokenizer.model").string(), env::read_file(files.tokenizer_path));
@@ -95,6 +132,10 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     model::save_safetensors((tmp / "optimizer" / ("rank_" + std::to_string(rank) + ".safetensors")).string(), opt_state,
                             optimizer.state_metadata());
   }
+  // The routed experts' state (expert parallelism): once per set of ranks holding the same experts, unless sharded.
+  if (expert_optimizer && (expert_optimizer->sharding().rank == 0 || expert_optimizer->sharding().shard_state))
+    model::save_safetensors((tmp / "optimizer" / ("experts_rank_" + std::to_string(rank) + ".safetensors")).string(),
+                            expert_optimizer->state_dict(), expert_optimizer->state_metadata());
   barrier();
 
   if (rank == 0) {
@@ -158,7 +199,7 @@ TrainerState read_trainer_state(const std::string& path) {
 }
 
 TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
-                             ProcessGroup* group) {
+                             ProcessGroup* group, FlatAdamW* expert_optimizer) {
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   TrainerState state = read_trainer_state(path);
@@ -181,7 +222,8 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
   if (fs::is_directory(opt_dir, ec))
     for (const auto& e : fs::directory_iterator(opt_dir)) {
       const std::string name = e.path().filename().string();
-      if (name.rfind("rank_", 0) == 0 && e.path().extension() == ".safetensors") files.push_back(e.path());
+      const bool state = name.rfind("rank_", 0) == 0 || name.rfind("experts_rank_", 0) == 0;
+      if (state && e.path().extension() == ".safetensors") files.push_back(e.path());
     }
   if (files.empty())
     throw runtime_error(opt_dir.string(), "holds no rank_R.safetensors", "not a complete checkpoint; resume from another one");
@@ -194,7 +236,12 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
     for (const auto& name : opened.back().names()) sh.tensors[name] = opened.back().tensor(name);
     shards.push_back(std::move(sh));
   }
-  optimizer.load_state_dicts(shards);
+  // Values are matched by parameter name, so a run resumes on any expert-parallel layout: the replicated part
+  // takes what it holds from every file (other ranks' experts are theirs), the experts' part likewise.
+  const bool experts_elsewhere = model->expert_placement().sharded();
+  optimizer.load_state_dicts(shards, experts_elsewhere ? std::function<bool(const std::string&)>(model::is_routed_expert_name)
+                                                       : nullptr);
+  if (expert_optimizer) expert_optimizer->load_state_dicts(shards, [](const std::string&) { return true; });
   // This rank's RNG state, or rank 0's when the checkpoint had fewer ranks with their own files.
   const fs::path own = opt_dir / ("rank_" + std::to_string(rank) + ".safetensors");
   const auto& rng_source = fs::exists(own) ? shards[std::find(files.begin(), files.end(), own) - files.begin()] : shards.front();

@@ -3,6 +3,8 @@
 //                         (a LoRA run: adapter_config.json + adapter_model.safetensors instead, PEFT layout)
 //   optimizer/rank_R.safetensors   rank R's slices of the flat AdamW moments, the unpadded ranges they cover, the
 //                         parameter layout (metadata), the step and R's RNG state; unsharded state: rank 0 only
+//   optimizer/experts_rank_R.safetensors   expert parallelism: the same for the routed experts rank R holds
+//   (expert parallelism: model-0000k-of-0000E.safetensors + index, shard k holding expert-parallel rank k's experts)
 //   trainer_state.json    step, tokens, data cursor (global), loss scale, world size — written last.
 // With several ranks, rank 0 writes everything but the other ranks' optimizer files, with barriers between the
 // phases, so the directory is complete before it is renamed. Any world size resumes any checkpoint: the moments
@@ -37,9 +39,10 @@ struct CheckpointFiles {
 
 // Writes step_<step>/ under `dir` atomically and prunes all but the newest `keep_last`. Returns its path. Every
 // rank of `group` (none: a single process) calls it.
+// Under expert parallelism `expert_optimizer` is the routed experts' part (train/data_parallel.h, ExpertShards).
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
-                            ProcessGroup* group = nullptr);
+                            ProcessGroup* group = nullptr, const FlatAdamW* expert_optimizer = nullptr);
 
 // The newest complete checkpoint under `dir`, or "" when there is none.
 std::string find_latest_checkpoint(const std::string& dir);
@@ -48,7 +51,7 @@ std::string find_latest_checkpoint(const std::string& dir);
 // error naming the file (truncated safetensors, edited or partial trainer_state.json, layout mismatch).
 // The data cursor is converted to this run's world size (an error when the global position does not divide).
 TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
-                             ProcessGroup* group = nullptr);
+                             ProcessGroup* group = nullptr, FlatAdamW* expert_optimizer = nullptr);
 TrainerState read_trainer_state(const std::string& path);
 
 }  // namespace dsopen::train

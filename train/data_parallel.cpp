@@ -52,8 +52,12 @@ struct DataParallel::Pending {
 
 DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                            const AdamWOptions& adamw, const DataParallelOptions& options,
-                           std::shared_ptr<ProcessGroup> group)
+                           std::shared_ptr<ProcessGroup> group, ExpertShards experts)
     : options_(options), group_(std::move(group)) {
+  if (experts.replicas) {
+    experts_ = std::make_unique<DataParallel>(experts.params, adamw, options_, experts.replicas);
+    expert_group_ = experts.experts;
+  }
   const Strategy s = options_.strategy;
   if (s == Strategy::None && group_->size() > 1)
     throw usage_error("parallel.strategy", "is none but " + std::to_string(group_->size()) + " ranks were started",
@@ -92,15 +96,20 @@ DataParallel::~DataParallel() {
 }
 
 void DataParallel::broadcast_parameters() {
+  if (experts_) experts_->broadcast_parameters();  // from the first rank that holds the same experts
   if (group_->size() == 1) return;
   torch::NoGradGuard no_grad;
   for (auto& g : opt_->params().groups()) group_->broadcast(g.params, 0).wait();
   opt_->params().refresh_master();  // the offloaded master copy must follow
 }
 
-void DataParallel::zero_grad() { opt_->zero_grad(); }
+void DataParallel::zero_grad() {
+  opt_->zero_grad();
+  if (experts_) experts_->zero_grad();
+}
 
 void DataParallel::begin_micro_step(bool last) {
+  if (experts_) experts_->begin_micro_step(last);
   last_micro_step_ = last;
   next_launch_ = 0;
   for (auto& b : buckets_) {
@@ -178,6 +187,7 @@ void DataParallel::complete_oldest() {
 }
 
 void DataParallel::end_micro_step() {
+  if (experts_) experts_->end_micro_step();
   if (buckets_.empty()) return;
   const bool communicate = options_.strategy == Strategy::Zero2 || last_micro_step_;
   // Buckets some of whose parameters got no gradient (unused experts, frozen paths) go now, in order.
@@ -188,13 +198,22 @@ void DataParallel::end_micro_step() {
 
 double DataParallel::grad_norm() {
   const double local = opt_->grad_norm();
-  if (opt_->sharding().whole_grads) return local;  // identical on every rank after the all-reduce
-  return std::sqrt(group_->all_reduce_sum(local * local));
+  // Whole gradients are identical on every rank after the all-reduce; slices add up over the group.
+  double squared = opt_->sharding().whole_grads ? local * local : group_->all_reduce_sum(local * local);
+  if (experts_) {
+    const double e = experts_->grad_norm();  // this rank's share of the experts, whole over its replicas
+    squared += expert_group_->all_reduce_sum(e * e);
+  }
+  return std::sqrt(squared);
 }
 
-void DataParallel::scale_grads(double factor) { opt_->scale_grads(factor); }
+void DataParallel::scale_grads(double factor) {
+  opt_->scale_grads(factor);
+  if (experts_) experts_->scale_grads(factor);
+}
 
 void DataParallel::step(double lr) {
+  if (experts_) experts_->step(lr);
   opt_->step(lr);
   if (!opt_->sharding().shard_state) return;
   torch::NoGradGuard no_grad;
@@ -214,12 +233,13 @@ void DataParallel::step(double lr) {
 double DataParallel::predicted_state_bytes() const {
   const double P = static_cast<double>(opt_->num_params());
   const double n = opt_->sharding().shard_state ? group_->size() : 1;
-  return 8 * P / n * (opt_->sharding().offload ? 1.5 : 1.0);  // offload adds the 4P/N master copy
+  const double own = 8 * P / n * (opt_->sharding().offload ? 1.5 : 1.0);  // offload adds the 4P/N master copy
+  return own + (experts_ ? experts_->predicted_state_bytes() : 0);
 }
 
 double DataParallel::predicted_grad_bytes() const {
   const double P = static_cast<double>(opt_->num_params());
-  return 4 * P / (opt_->sharding().whole_grads ? 1 : group_->size());
+  return 4 * P / (opt_->sharding().whole_grads ? 1 : group_->size()) + (experts_ ? experts_->predicted_grad_bytes() : 0);
 }
 
 int64_t DataParallel::max_bucket_bytes() const {
@@ -229,7 +249,7 @@ int64_t DataParallel::max_bucket_bytes() const {
 }
 
 double DataParallel::take_comm_wait_seconds() {
-  const double s = comm_wait_s_;
+  const double s = comm_wait_s_ + (experts_ ? experts_->take_comm_wait_seconds() : 0);
   comm_wait_s_ = 0;
   return s;
 }

@@ -34,10 +34,19 @@ struct DataParallelOptions {
   bool offload_optimizer = false;  // moments and the step on the CPU (ZeRO-Offload)
 };
 
+// Expert parallelism (train/expert_parallel.h): the routed-expert parameters this rank holds are a second flat
+// layout of their own, under the same strategy over `replicas` (the ranks that hold the same experts); their
+// gradient norm adds up over `experts` (the ranks that together hold every expert).
+struct ExpertShards {
+  std::vector<std::pair<std::string, torch::Tensor>> params;
+  std::shared_ptr<ProcessGroup> replicas, experts;
+};
+
 class DataParallel {
 public:
+  // `named_params`: the replicated parameters (everything without expert parallelism), over `group` (the world).
   DataParallel(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const AdamWOptions& adamw,
-               const DataParallelOptions& options, std::shared_ptr<ProcessGroup> group);
+               const DataParallelOptions& options, std::shared_ptr<ProcessGroup> group, ExpertShards experts = {});
   ~DataParallel();
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
@@ -54,12 +63,16 @@ public:
 
   FlatAdamW& optimizer() { return *opt_; }
   const FlatAdamW& optimizer() const { return *opt_; }
+  // The routed experts' part under expert parallelism (null without).
+  DataParallel* experts() { return experts_.get(); }
+  const DataParallel* experts() const { return experts_.get(); }
   ProcessGroup& group() { return *group_; }
   Strategy strategy() const { return options_.strategy; }
 
-  int64_t state_bytes() const { return opt_->state_bytes(); }
+  // Totals of this rank, the routed experts' part included.
+  int64_t state_bytes() const { return opt_->state_bytes() + (experts_ ? experts_->state_bytes() : 0); }
   // Gradient memory of this rank: the gradient buffer plus (zero2) the peak of buckets in flight.
-  int64_t grad_bytes() const { return opt_->grad_bytes() + peak_scratch_bytes_; }
+  int64_t grad_bytes() const { return opt_->grad_bytes() + peak_scratch_bytes_ + (experts_ ? experts_->grad_bytes() : 0); }
   int64_t grad_scratch_peak_bytes() const { return peak_scratch_bytes_; }
   int64_t max_bucket_bytes() const;
   // What the ZeRO paper's formula predicts for fp32 Adam with P trainable parameters on N ranks:
@@ -88,6 +101,8 @@ private:
   size_t next_launch_ = 0;  // buckets before it have been launched in this micro-step
   int64_t scratch_bytes_ = 0, peak_scratch_bytes_ = 0;
   double comm_wait_s_ = 0;
+  std::unique_ptr<DataParallel> experts_;
+  std::shared_ptr<ProcessGroup> expert_group_;  // sums the experts' gradient norm
 };
 
 }  // namespace dsopen::train

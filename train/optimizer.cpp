@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "train/adamw_cpu.h"
@@ -96,68 +97,125 @@ std::map<std::string, std::string> FlatAdamW::state_metadata() const {
           {"dsopen.rank", std::to_string(sharding().rank)}};
 }
 
-// Every shard must have been written for the same trainable parameters in the same order.
-void FlatAdamW::check_layout(const std::vector<SavedShard>& shards) const {
-  if (shards.empty()) throw runtime_error("optimizer", "no optimizer state files", "is this a complete checkpoint?");
-  const nlohmann::json mine = nlohmann::json::parse(state_metadata().at("dsopen.optimizer_layout"));
-  for (const auto& sh : shards) {
-    auto it = sh.metadata.find("dsopen.optimizer_layout");
-    if (it == sh.metadata.end())
-      throw runtime_error(sh.source, "has no optimizer layout metadata", "the file is not a dsopen optimizer shard");
-    nlohmann::json theirs;
-    try {
-      theirs = json::parse(it->second, sh.source);
-    } catch (const std::exception&) {
-      throw runtime_error(sh.source, "optimizer layout metadata is not valid JSON", "restore the file");
-    }
-    if (theirs == mine) continue;
-    // Name the first parameter that differs: the usual cause is another model or another LoRA/freeze setup.
-    std::string what = "the parameter groups differ";
-    for (size_t gi = 0; gi < std::min(theirs.size(), mine.size()); ++gi) {
-      const auto &a = theirs[gi]["params"], &b = mine[gi]["params"];
-      for (size_t i = 0; i < std::max(a.size(), b.size()); ++i)
-        if (i >= a.size() || i >= b.size() || a[i] != b[i]) {
-          what = "first difference at " + (i < b.size() ? b[i][0].get<std::string>() : a[i][0].get<std::string>());
-          break;
-        }
-    }
-    throw runtime_error(sh.source, "optimizer state was written for another set of trainable parameters (" + what + ")",
-                        "resume with the model and trainable parameters that wrote it");
-  }
-}
-
 namespace {
+
 const torch::Tensor& saved(const FlatAdamW::SavedShard& sh, const std::string& key) {
   auto it = sh.tensors.find(key);
   if (it == sh.tensors.end()) throw runtime_error(sh.source, "optimizer state lacks '" + key + "'", "restore the file");
   return it->second;
 }
+
 }  // namespace
+
+// Each shard's parameters, from its layout metadata: where each sits in its group's unpadded concatenation.
+struct FlatAdamW::SavedLayout {
+  struct Param {
+    std::string name;
+    int64_t offset, numel;
+  };
+  std::map<std::string, std::vector<Param>> groups;  // group name -> parameters by offset
+};
+
+std::vector<FlatAdamW::SavedLayout> FlatAdamW::read_layouts(const std::vector<SavedShard>& shards,
+                                                            const std::function<bool(const std::string&)>& foreign) const {
+  if (shards.empty()) throw runtime_error("optimizer", "no optimizer state files", "is this a complete checkpoint?");
+  std::vector<SavedLayout> layouts;
+  std::map<std::string, std::pair<std::string, int64_t>> saved_params;  // name -> (group, numel), from any shard
+  for (const auto& sh : shards) {
+    auto it = sh.metadata.find("dsopen.optimizer_layout");
+    if (it == sh.metadata.end())
+      throw runtime_error(sh.source, "has no optimizer layout metadata", "the file is not a dsopen optimizer shard");
+    nlohmann::json groups;
+    try {
+      groups = json::parse(it->second, sh.source);
+    } catch (const std::exception&) {
+      throw runtime_error(sh.source, "optimizer layout metadata is not valid JSON", "restore the file");
+    }
+    SavedLayout layout;
+    try {
+      for (const auto& g : groups) {
+        auto& params = layout.groups[g.at("name").get<std::string>()];
+        int64_t offset = 0;
+        for (const auto& p : g.at("params")) {
+          params.push_back({p.at(0).get<std::string>(), offset, p.at(1).get<int64_t>()});
+          offset += params.back().numel;
+          saved_params[params.back().name] = {g.at("name").get<std::string>(), params.back().numel};
+        }
+      }
+    } catch (const nlohmann::json::exception&) {
+      throw runtime_error(sh.source, "optimizer layout metadata is malformed", "restore the file");
+    }
+    layouts.push_back(std::move(layout));
+  }
+  // The values are matched by parameter name, so any layout (world size, buckets, expert parallelism) re-slices.
+  // Every trainable parameter here must be saved with its size and group; a saved one missing here is another
+  // model, unless `foreign` says another rank holds it (expert parallelism).
+  const auto another = [&](const std::string& source, const std::string& name) {
+    return runtime_error(source, "optimizer state was written for another set of trainable parameters (first difference at " +
+                                     name + ")",
+                         "resume with the model and trainable parameters that wrote it");
+  };
+  std::set<std::string> mine;
+  for (const auto& g : params_->groups())
+    for (size_t i = 0; i < g.names.size(); ++i) {
+      mine.insert(g.names[i]);
+      auto it = saved_params.find(g.names[i]);
+      if (it == saved_params.end() || it->second.first != g.name || it->second.second != g.numels[i])
+        throw another(shards.front().source, g.names[i]);
+    }
+  for (size_t k = 0; k < shards.size(); ++k)
+    for (const auto& [group, params] : layouts[k].groups)
+      for (const auto& p : params)
+        if (!mine.count(p.name) && !(foreign && foreign(p.name))) throw another(shards[k].source, p.name);
+  return layouts;
+}
 
 // Copies, from every shard, the parts of its saved ranges that this rank owns; they must cover all it owns.
 void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards,
-                             Progress& progress) {
+                             const std::vector<SavedLayout>& layouts, Progress& progress) {
+  std::map<std::string, int64_t> my_offset;  // parameter -> offset in this group's unpadded concatenation
+  int64_t offset = 0;
+  for (size_t i = 0; i < g.names.size(); ++i) my_offset[g.names[i]] = offset, offset += g.numels[i];
+  const auto mine = params_->owned_ranges(g);  // ascending unpadded offsets
   int64_t needed = 0, covered = 0;
-  const auto mine = params_->owned_ranges(g);
   for (const auto& r : mine) needed += r.numel;
-  for (const auto& sh : shards) {
+  // Copies values [lo, lo + n) of this group (our coordinates), found at `from` in the saved m/v, into what we own.
+  const auto copy_owned = [&](int64_t lo, int64_t n, int64_t from, const torch::Tensor& m, const torch::Tensor& v) {
+    auto it = std::upper_bound(mine.begin(), mine.end(), lo,
+                               [](int64_t x, const FlatRange& r) { return x < r.unpadded_offset + r.numel; });
+    for (; it != mine.end() && it->unpadded_offset < lo + n; ++it) {
+      const int64_t a = std::max(lo, it->unpadded_offset), b = std::min(lo + n, it->unpadded_offset + it->numel);
+      if (b <= a) continue;
+      mo.m.narrow(0, it->state_offset + a - it->unpadded_offset, b - a).copy_(m.narrow(0, from + a - lo, b - a));
+      mo.v.narrow(0, it->state_offset + a - it->unpadded_offset, b - a).copy_(v.narrow(0, from + a - lo, b - a));
+      covered += b - a;
+      progress.advance((b - a) * (mo.m.element_size() + mo.v.element_size()));
+    }
+  };
+  for (size_t k = 0; k < shards.size(); ++k) {
+    const auto& sh = shards[k];
+    auto lit = layouts[k].groups.find(g.name);
+    if (lit == layouts[k].groups.end()) continue;  // this shard has no such group (e.g. experts have no norms)
+    const auto& theirs = lit->second;
+    const int64_t their_numel = theirs.empty() ? 0 : theirs.back().offset + theirs.back().numel;
     const auto& ranges = saved(sh, g.name + ".ranges");
     const auto& m = saved(sh, g.name + ".exp_avg");
     const auto& v = saved(sh, g.name + ".exp_avg_sq");
     if (ranges.dim() != 2 || ranges.size(1) != 3 || ranges.scalar_type() != torch::kInt64)
       throw runtime_error(sh.source, "'" + g.name + ".ranges' has the wrong shape or type", "restore the file");
     auto acc = ranges.accessor<int64_t, 2>();
-    for (int64_t k = 0; k < ranges.size(0); ++k) {
-      const int64_t so = acc[k][0], uo = acc[k][1], n = acc[k][2];
-      if (so < 0 || n < 0 || so + n > m.numel() || so + n > v.numel() || uo < 0 || uo + n > g.numel)
+    for (int64_t r = 0; r < ranges.size(0); ++r) {
+      const int64_t so = acc[r][0], uo = acc[r][1], n = acc[r][2];
+      if (so < 0 || n < 0 || so + n > m.numel() || so + n > v.numel() || uo < 0 || uo + n > their_numel)
         throw runtime_error(sh.source, "'" + g.name + ".ranges' points outside the saved state", "restore the file");
-      for (const auto& r : mine) {
-        const int64_t lo = std::max(uo, r.unpadded_offset), hi = std::min(uo + n, r.unpadded_offset + r.numel);
-        if (hi <= lo) continue;
-        mo.m.narrow(0, r.state_offset + lo - r.unpadded_offset, hi - lo).copy_(m.narrow(0, so + lo - uo, hi - lo));
-        mo.v.narrow(0, r.state_offset + lo - r.unpadded_offset, hi - lo).copy_(v.narrow(0, so + lo - uo, hi - lo));
-        covered += hi - lo;
-        progress.advance((hi - lo) * (mo.m.element_size() + mo.v.element_size()));
+      // The saved parameters this range overlaps, each mapped to where it sits here.
+      auto p = std::upper_bound(theirs.begin(), theirs.end(), uo,
+                                [](int64_t x, const SavedLayout::Param& q) { return x < q.offset + q.numel; });
+      for (; p != theirs.end() && p->offset < uo + n; ++p) {
+        auto here = my_offset.find(p->name);
+        if (here == my_offset.end()) continue;  // held by another rank
+        const int64_t a = std::max(uo, p->offset), b = std::min(uo + n, p->offset + p->numel);
+        if (b > a) copy_owned(here->second + a - p->offset, b - a, so + a - uo, m, v);
       }
     }
   }
@@ -167,14 +225,15 @@ void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<
                         "a rank_R.safetensors file is missing or duplicated; restore the checkpoint");
 }
 
-void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards) {
-  check_layout(shards);
+void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards,
+                                 const std::function<bool(const std::string&)>& foreign) {
+  const auto layouts = read_layouts(shards, foreign);
   torch::NoGradGuard no_grad;
   const auto& groups = params_->groups();
   int64_t bytes = 0;
   for (const auto& mo : moments_) bytes += mo.m.numel() * mo.m.element_size() + mo.v.numel() * mo.v.element_size();
   Progress progress("loading optimizer state", bytes, "B", 30.0, /*quiet_below_s=*/2.0);
-  for (size_t gi = 0; gi < groups.size(); ++gi) load_moments(groups[gi], moments_[gi], shards, progress);
+  for (size_t gi = 0; gi < groups.size(); ++gi) load_moments(groups[gi], moments_[gi], shards, layouts, progress);
   progress.finish();
   const auto& step = saved(shards.front(), "step");
   if (step.numel() != 1) throw runtime_error(shards.front().source, "'step' must hold one value", "restore the file");

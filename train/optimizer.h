@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -50,21 +51,28 @@ public:
   // parameter list) that lets any world size re-slice them.
   std::map<std::string, torch::Tensor> state_dict() const;
   std::map<std::string, std::string> state_metadata() const;
-  // Fills this rank's moments from the shards of any number of ranks (one entry per file). Throws a runtime error
-  // naming the file on a different parameter layout or a gap in the coverage.
+  // Fills this rank's moments from the shards of any number of ranks (one entry per file), matching values by
+  // parameter name: any world size, bucket size or expert-parallel layout re-slices. Throws a runtime error naming
+  // the file when a parameter here is not saved (or saved with another size), when a file holds a parameter not
+  // here that `foreign` does not accept (null: none; expert parallelism: other ranks' experts), or on a gap in the
+  // coverage.
   struct SavedShard {
     std::string source;
     std::map<std::string, torch::Tensor> tensors;
     std::map<std::string, std::string> metadata;
   };
-  void load_state_dicts(const std::vector<SavedShard>& shards);
+  void load_state_dicts(const std::vector<SavedShard>& shards,
+                        const std::function<bool(const std::string&)>& foreign = nullptr);
 
 private:
   struct Moments {
     torch::Tensor m, v;  // the owned part of the group (everything without shard_state)
   };
-  void check_layout(const std::vector<SavedShard>& shards) const;
-  void load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards, dsopen::Progress& progress);
+  struct SavedLayout;
+  std::vector<SavedLayout> read_layouts(const std::vector<SavedShard>& shards,
+                                        const std::function<bool(const std::string&)>& foreign) const;
+  void load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards,
+                    const std::vector<SavedLayout>& layouts, dsopen::Progress& progress);
 
   AdamWOptions opts_;
   std::unique_ptr<FlatParams> params_;

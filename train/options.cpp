@@ -68,6 +68,7 @@ void decode(config::Reader& r, ParallelOptions& o) {
   r.optional("bucket_mb", o.bucket_mb, config::greater_than(0));
   r.optional("timeout_s", o.timeout_s, config::at_least(1));
   r.choice<bool>("offload_optimizer", o.offload_optimizer, {{"none", false}, {"cpu", true}});
+  r.optional("expert_parallel", o.expert_parallel, config::at_least(1));
   r.finish();
 }
 
@@ -147,6 +148,18 @@ JobConfig decode_job(const config::Document& doc) {
   decode(l, job.lora);
   if (job.lora.enabled && root.has("model") && job.model.pretrained.empty())
     l.error("enabled", "LoRA adapts a pretrained model: set model.pretrained to its directory");
+  if (job.parallel.expert_parallel > 1 && job.lora.enabled && job.lora.config.routed_experts)
+    p.error("expert_parallel", "LoRA adapters on routed experts (lora.routed_experts: true) are not yet saved under "
+                               "expert parallelism; set lora.routed_experts: false or expert_parallel: 1");
+  if (job.parallel.expert_parallel > 1 && root.has("model")) {
+    if (job.model.n_routed_experts == 0)
+      p.error("expert_parallel", std::to_string(job.parallel.expert_parallel) +
+                                     " needs a MoE model, but model " + job.model.model_type + " has no routed experts; set it to 1");
+    else if (job.model.n_routed_experts % job.parallel.expert_parallel != 0)
+      p.error("expert_parallel", std::to_string(job.model.n_routed_experts) + " routed experts do not divide among " +
+                                     std::to_string(job.parallel.expert_parallel) + " expert-parallel ranks; choose a divisor of " +
+                                     std::to_string(job.model.n_routed_experts));
+  }
   root.finish();
   errors.throw_if_any();
   job.model.validate("model");

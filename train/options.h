@@ -57,6 +57,9 @@ struct ParallelOptions {
   double bucket_mb = 25;
   int64_t timeout_s = 300;
   bool offload_optimizer = false;  // "cpu": moments and the AdamW step in host memory (ZeRO-Offload)
+  // Expert parallelism (model/expert_parallel.h): the world splits into world/E data-parallel groups of E ranks;
+  // each of those E ranks holds n_routed_experts/E routed experts of every MoE block. 1: every rank holds all.
+  int64_t expert_parallel = 1;
 };
 
 // LoRA fine-tuning: the base (model.pretrained) is frozen, only the adapters train, checkpoints hold the adapter.

@@ -1,11 +1,13 @@
 #include "train/process_group.h"
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if defined(USE_C10D_NCCL)
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "utils/errors.h"
@@ -63,15 +65,46 @@ public:
     return {};
   }
   PendingWork broadcast(torch::Tensor, int) override { return {}; }
+  PendingWork all_to_all(torch::Tensor out, torch::Tensor in, const std::vector<int64_t>&,
+                         const std::vector<int64_t>&) override {
+    if (!out.is_same(in)) out.copy_(in.view_as(out));
+    return {};
+  }
   void barrier() override {}
+  std::shared_ptr<ProcessGroup> subgroup(const std::vector<int>& ranks, const std::string&) override {
+    if (ranks != std::vector<int>{0}) throw std::invalid_argument("subgroup: ranks outside a world of one");
+    return std::make_shared<SingleProcessGroup>();
+  }
 };
+
+// Gloo on CPU or NCCL on `device` over `store`, for `rank` of `size`.
+c10::intrusive_ptr<c10d::Backend> make_backend(const std::string& backend, const c10::intrusive_ptr<c10d::Store>& store,
+                                               int rank, int size, const std::string& master_addr,
+                                               std::chrono::seconds timeout) {
+  if (backend == "gloo") {
+    auto o = c10d::ProcessGroupGloo::Options::create(timeout);
+    // Gloo binds to the interface that reaches the master; on one machine that is loopback.
+    o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(master_addr));
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, o);
+  }
+  if (backend == "nccl") {
+#if defined(USE_C10D_NCCL)
+    auto o = c10d::ProcessGroupNCCL::Options::create();
+    o->timeout = timeout;
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, o);
+#else
+    throw usage_error("parallel.backend", "this build of LibTorch has no NCCL", "use gloo");
+#endif
+  }
+  throw usage_error("parallel.backend", "unknown backend '" + backend + "'", "use auto, gloo or nccl");
+}
 
 class C10dProcessGroup final : public ProcessGroup {
 public:
   C10dProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend, int rank,
-                   int size, std::string name, torch::Device device)
+                   int size, std::string name, torch::Device device, std::string master_addr, std::chrono::seconds timeout)
       : store_(std::move(store)), backend_(std::move(backend)), rank_(rank), size_(size), name_(std::move(name)),
-        device_(device) {}
+        device_(device), master_addr_(std::move(master_addr)), timeout_(timeout) {}
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -98,6 +131,21 @@ public:
     o.rootRank = root;
     return wrap(backend_->broadcast(ts, o));
   }
+  PendingWork all_to_all(torch::Tensor out, torch::Tensor in, const std::vector<int64_t>& out_splits,
+                         const std::vector<int64_t>& in_splits) override {
+    std::vector<int64_t> os = out_splits, is = in_splits;
+    return wrap(backend_->alltoall_base(out, in, os, is, c10d::AllToAllOptions()));
+  }
+  std::shared_ptr<ProcessGroup> subgroup(const std::vector<int>& ranks, const std::string& name) override {
+    const auto it = std::find(ranks.begin(), ranks.end(), rank_);
+    if (it == ranks.end() || !std::is_sorted(ranks.begin(), ranks.end()) || ranks.back() >= size_)
+      throw std::invalid_argument("subgroup: rank " + std::to_string(rank_) + " is not a member of group " + name);
+    if (ranks.size() == 1) return std::make_shared<SingleProcessGroup>();
+    const int rank = static_cast<int>(it - ranks.begin()), size = static_cast<int>(ranks.size());
+    auto store = c10::make_intrusive<c10d::PrefixStore>("dsopen/" + name, store_);
+    return std::make_shared<C10dProcessGroup>(store, make_backend(name_, store, rank, size, master_addr_, timeout_), rank,
+                                              size, name_, device_, master_addr_, timeout_);
+  }
   void barrier() override {
     // An all-reduce of one value is a barrier on every backend without NCCL's device guessing.
     auto t = torch::zeros({1}, torch::TensorOptions().device(device_));
@@ -122,6 +170,8 @@ private:
   int rank_, size_;
   std::string name_;
   torch::Device device_;
+  std::string master_addr_;
+  std::chrono::seconds timeout_;
 };
 
 }  // namespace
@@ -201,24 +251,9 @@ std::shared_ptr<ProcessGroup> create_process_group(const DistEnv& env, torch::De
                         "check MASTER_ADDR/MASTER_PORT, that the port is free, and that every rank was started");
   }
 
-  c10::intrusive_ptr<c10d::Backend> pg;
-  if (backend == "gloo") {
-    auto o = c10d::ProcessGroupGloo::Options::create(options.timeout);
-    // Gloo binds to the interface that reaches the master; on one machine that is loopback.
-    o->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
-    pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, env.rank, env.world_size, o);
-  } else if (backend == "nccl") {
-#if defined(USE_C10D_NCCL)
-    auto o = c10d::ProcessGroupNCCL::Options::create();
-    o->timeout = options.timeout;
-    pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, env.rank, env.world_size, o);
-#else
-    throw usage_error("parallel.backend", "this build of LibTorch has no NCCL", "use gloo");
-#endif
-  } else {
-    throw usage_error("parallel.backend", "unknown backend '" + backend + "'", "use auto, gloo or nccl");
-  }
-  return std::make_shared<C10dProcessGroup>(store, pg, env.rank, env.world_size, backend, device);
+  auto pg = make_backend(backend, store, env.rank, env.world_size, env.master_addr, options.timeout);
+  return std::make_shared<C10dProcessGroup>(store, pg, env.rank, env.world_size, backend, device, env.master_addr,
+                                            options.timeout);
 }
 
 }  // namespace dsopen::train

@@ -12,6 +12,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace dsopen::train {
 
@@ -56,7 +57,15 @@ public:
   // Concatenation of every rank's `in` (out.numel() == size() * in.numel()). `in` must not alias `out`.
   virtual PendingWork all_gather(torch::Tensor out, torch::Tensor in) = 0;
   virtual PendingWork broadcast(torch::Tensor t, int root) = 0;
+  // Rows (dim 0) of `in` go `in_splits[r]` to rank r, in rank order; `out` receives `out_splits[r]` rows from rank
+  // r. Every rank calls it with matching sizes (what r sends to q is what q expects from r); zero rows are fine.
+  virtual PendingWork all_to_all(torch::Tensor out, torch::Tensor in, const std::vector<int64_t>& out_splits,
+                                 const std::vector<int64_t>& in_splits) = 0;
   virtual void barrier() = 0;
+  // A group of some ranks of this one (`ranks`: their ranks here, ascending; this rank among them). Only the members
+  // call it, with the same `ranks` and a `name` unique to that set (it keys the rendezvous); its rank is this
+  // rank's index in `ranks`. Like torch.distributed.new_group.
+  virtual std::shared_ptr<ProcessGroup> subgroup(const std::vector<int>& ranks, const std::string& name) = 0;
 
   double all_reduce_sum(double value);
   bool all_ranks_agree(bool value);  // true only when `value` is true on every rank

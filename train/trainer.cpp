@@ -14,6 +14,7 @@
 #include "train/checkpoint.h"
 #include "train/data_parallel.h"
 #include "train/evaluator.h"
+#include "train/expert_parallel.h"
 #include "train/plot.h"
 #include "train/precision.h"
 #include "model/fused_ops.h"
@@ -93,6 +94,8 @@ struct Trainer::State {
   torch::Device device{torch::kCPU};
   DistEnv dist;
   std::shared_ptr<ProcessGroup> group;
+  ExpertGroups experts;                      // expert parallelism (size 1: off)
+  std::shared_ptr<GroupExchange> exchange;   // the MoE blocks' all-to-alls
   std::unique_ptr<data::Tokenizer> tokenizer;
   data::BatchSources data;
   model::CausalLM model{nullptr};
@@ -131,6 +134,7 @@ void Trainer::State::start_processes() {
       throw usage_error("config", "the ranks were started with different configs or --set values",
                         "start every rank with the same --config and --set (scripts/launch.sh does)");
   }
+  experts = make_expert_groups(*group, j.parallel.expert_parallel);
   PrecisionChoice choice = choose_precision(j.train.precision, device, j.model.hidden_size, j.model.intermediate_size);
   // Every rank trains in one precision: bf16 only where every rank measured it faster.
   if (j.train.precision == PrecisionMode::Auto && group->size() > 1 &&
@@ -155,6 +159,12 @@ void Trainer::State::start_processes() {
   if (group->size() > 1)
     spdlog::info("rank {} of {} ({}, local rank {} of {}), backend {}, strategy {}", group->rank(), group->size(),
                  dist.source, dist.local_rank, dist.local_world_size, group->backend(), to_string(j.parallel.strategy));
+  if (experts.size > 1) {
+    const auto p = experts.placement();
+    spdlog::info("expert parallel {}: this rank holds routed experts [{}, {}) of {}; {} rank(s) hold the same ones",
+                 experts.size, p.first(j.model.n_routed_experts), p.first(j.model.n_routed_experts) + p.count(j.model.n_routed_experts),
+                 j.model.n_routed_experts, experts.replicas->size());
+  }
 }
 
 // Tokenizer and shards are built on first use when the config says how — by rank 0 while the others wait, then
@@ -182,7 +192,14 @@ void Trainer::State::prepare_data() {
 // The seed makes initialization reproducible; a resume overwrites it.
 void Trainer::State::build_model() {
   torch::manual_seed(static_cast<uint64_t>(job.run.seed));
-  model = model::CausalLM(job.model);
+  {
+    model::ExpertPlacementScope placement(experts.placement());  // only this rank's routed experts are built
+    model = model::CausalLM(job.model);
+  }
+  if (experts.size > 1) {
+    exchange = std::make_shared<GroupExchange>(experts.experts);
+    model->set_expert_exchange(exchange);
+  }
   if (job.lora.enabled) setup_lora(model, job);
   model->to(device);
   model->set_activation_checkpointing(job.train.activation_checkpointing);
@@ -196,10 +213,15 @@ void Trainer::State::build_optimizer() {
   ao.eps = t.eps;
   ao.weight_decay = t.weight_decay;
   ao.decay_embeddings = t.decay_embeddings;
+  // Under expert parallelism the routed experts this rank holds are data-parallel over their replicas only.
   std::vector<std::pair<std::string, torch::Tensor>> named;
-  for (auto& p : model->named_parameters()) named.push_back({p.key(), p.value()});
+  ExpertShards shards;
+  for (auto& p : model->named_parameters())
+    (experts.size > 1 && model::is_routed_expert_name(p.key()) ? shards.params : named).push_back({p.key(), p.value()});
+  if (experts.size > 1) shards.replicas = experts.replicas, shards.experts = experts.experts;
   dp = std::make_unique<DataParallel>(
-      named, ao, DataParallelOptions{job.parallel.strategy, job.parallel.bucket_mb, job.parallel.offload_optimizer}, group);
+      named, ao, DataParallelOptions{job.parallel.strategy, job.parallel.bucket_mb, job.parallel.offload_optimizer}, group,
+      std::move(shards));
   step = std::make_unique<TrainStep>(model, *dp, *precision, device, StepOptions{t.grad_clip, !job.lora.enabled});
   if (data.valid)
     evaluator = std::make_unique<Evaluator>(model, *data.valid, *precision, *group, device, t.micro_batch_size, t.eval_steps);
@@ -219,7 +241,7 @@ void Trainer::State::resume_or_load() {
     if (fresh > 0) spdlog::warn("{} MTP tensors are not in {}; those modules start from their initialization", fresh, j.model.pretrained);
   }
   if (!resume.empty()) {
-    state = load_checkpoint(resume, model, dp->optimizer(), group.get());
+    state = load_checkpoint(resume, model, dp->optimizer(), group.get(), dp->experts() ? &dp->experts()->optimizer() : nullptr);
     // auto resumes in the precision the run trained in, whatever this start measured.
     if (j.train.precision == PrecisionMode::Auto && !state.precision.empty() && state.precision != to_string(precision->mode())) {
       for (const auto& [name, mode] : precision_names())
@@ -310,7 +332,8 @@ TrainResult Trainer::run() {
     const bool stop = group.all_reduce_sum(g_stop_signal.load() != 0 ? 1.0 : 0.0) > 0;
     if ((j.checkpoint.every > 0 && s.state.step % j.checkpoint.every == 0) || last || stop) {
       result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, s.dp->optimizer(), s.state,
-                                               {s.resolved_config, j.tokenizer.path}, j.checkpoint.keep_last, &group);
+                                               {s.resolved_config, j.tokenizer.path}, j.checkpoint.keep_last, &group,
+                                               s.dp->experts() ? &s.dp->experts()->optimizer() : nullptr);
       spdlog::info("saved {} ({:.2f} MB)", result.last_checkpoint, directory_mb(result.last_checkpoint));
       if (group.rank() == 0) draw_loss_png(j.run.output_dir);
     }
