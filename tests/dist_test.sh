@@ -5,7 +5,9 @@
 #   - a checkpoint saved by 4 ranks resumes on 2 and on 1 rank and continues the 4-rank losses;
 #   - two launcher invocations (--nnodes 2) train together like one node;
 #   - SFT with MTP, z-loss, aux loss and bias updates: 2 ranks x 2 micro-batches == 1 rank x 4 (metrics, weights);
-#   - SIGKILL of one rank stops every rank within 60 s with a non-zero code, leaving a resumable checkpoint.
+#   - SIGKILL of one rank stops every rank within 60 s with a non-zero code, leaving a resumable checkpoint;
+#   - expert parallelism (E=2, E=4, E=2 x 2 replicas) equals 1 rank, holds 1/E of the experts per rank, resumes
+#     across layouts, and a rank killed inside its all-to-alls stops every rank.
 set -u
 BIN="$1"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -104,6 +106,96 @@ for n in (2, 4):
               f"vs total/N {total_grad / n:.0f}")
 sys.exit(0 if ok else 1)
 PY
+
+# Expert parallelism: the debug MoE model (8 routed experts, MTP on) with E=2 on 2 ranks (ddp), E=4 on 4 ranks
+# (zero1) and E=2 x 2 replicas (4 ranks, zero2) equals 1 rank at the same global batch — losses, aux loss,
+# imbalance, final weights and routing biases; each rank holds 1/E of the routed experts and their optimizer state;
+# a checkpoint moves between layouts (E=4 on 4 ranks -> E=2 on 2 ranks -> 1 rank) and the curve continues.
+# Adam's eps is 1e-6 here, as in the SFT case below: with 1e-8, gradients of ~1e-8 summed in another order (any
+# data-parallel layout, expert parallelism or not) move single weights by ~2e-5 of their tensor's largest value.
+EPS=(--set train.eps=1.0e-6)
+train ep_1 1 none 8 "${EPS[@]}"
+train ep_2 2 ddp 4 --set parallel.expert_parallel=2 "${EPS[@]}"
+train ep_4 4 zero1 2 --set parallel.expert_parallel=4 "${EPS[@]}"
+train ep_2x2 4 zero2 2 --set parallel.expert_parallel=2 "${EPS[@]}"
+train ep_resume_2 2 zero2 4 --set parallel.expert_parallel=2 --set checkpoint.every=5 "${EPS[@]}" \
+  --set checkpoint.resume="$W/ep_4/checkpoints/step_00000010" --set checkpoint.dir="$W/ep_resume_2/ck"
+train ep_resume_1 1 none 8 --set checkpoint.resume="$W/ep_resume_2/ck/step_00000015" "${EPS[@]}" \
+  --set checkpoint.dir="$W/ep_resume_1/ck"
+python3 - "$W" <<'PY' || fail=1
+import json, os, re, sys
+from safetensors.torch import load_file
+W = sys.argv[1]
+def rows(run):
+    return {j["step"]: j for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "loss" in j}
+def weights(ck):
+    index = f"{ck}/model.safetensors.index.json"
+    if not os.path.exists(index):
+        return load_file(f"{ck}/model.safetensors")
+    out = {}
+    for shard in sorted(set(json.load(open(index))["weight_map"].values())):
+        out.update(load_file(f"{ck}/{shard}"))
+    return out
+def rel(a, b):
+    return abs(a - b) / max(abs(a), 1e-3)
+ref, ok = rows("ep_1"), True
+w1 = weights(f"{W}/ep_1/checkpoints/step_00000020")
+expert_bytes = sum(t.numel() * 4 for k, t in w1.items() if re.search(r"\.experts\.\d+\.", k))
+for run, E, replicas in [("ep_2", 2, 1), ("ep_4", 4, 1), ("ep_2x2", 2, 2)]:
+    got = rows(run)
+    err = max(rel(ref[s][k], got[s][k]) for s in ref for k in ("loss", "moe_aux_loss", "moe_imbalance", "mtp_loss"))
+    w = weights(f"{W}/{run}/checkpoints/step_00000020")
+    werr = max(((w1[k] - w[k]).abs().max() / w1[k].abs().max().clamp_min(1e-3)).item() for k in w1)
+    biases = [k for k in w1 if k.endswith("e_score_correction_bias")]
+    moved = len(biases) > 0 and all(w1[k].abs().max().item() > 0 for k in biases)
+    shares = "ep_tokens_per_rank" in got[20] and len(got[20]["ep_tokens_per_rank"]) == E * replicas
+    good = err <= 1e-5 and werr <= 1e-5 and w.keys() == w1.keys() and moved and shares
+    print(f"{'ok  ' if good else 'FAIL'} {run}: E={E} x {replicas} matches 1 rank: max rel dmetric {err:.1e}, "
+          f"max rel dweight {werr:.1e} ({len(w)} tensors, {len(biases)} routing biases), "
+          f"all-to-all share {got[20].get('all_to_all_share', -1):.2f}")
+    ok &= good
+    for rank in range(E * replicas):
+        text = open(f"{W}/{run}/logs/rank_{rank}.log").read()
+        p, st = map(int, re.findall(r"expert_param_bytes=(\d+) expert_state_bytes=(\d+)", text)[-1])
+        # Each rank: 1/E of the experts; moments 2x that, sharded over the replicas by zero1/zero2 (padding aside).
+        shard = 1 if run == "ep_2" else replicas
+        good = p * E == expert_bytes and 0 <= st - 2 * p / shard <= 8 * 64 * shard
+        ok &= good
+        if not good or rank == 0:
+            print(f"{'ok  ' if good else 'FAIL'} {run} rank {rank}: routed experts {p} B (x{E} = {p * E} vs {expert_bytes}),"
+                  f" optimizer state {st} B")
+for run, steps in [("ep_resume_2", range(11, 21)), ("ep_resume_1", range(16, 21))]:
+    got = rows(run)
+    err = max(rel(ref[s]["loss"], got[s]["loss"]) for s in got)
+    good = sorted(got) == list(steps) and err <= 1e-5
+    print(f"{'ok  ' if good else 'FAIL'} {run} continues the curve after a change of layout: max rel dloss {err:.1e}")
+    ok &= good
+sys.exit(0 if ok else 1)
+PY
+
+# A rank killed while the others wait in an expert all-to-all: every rank exits, non-zero, naming the failure.
+next_port
+"$LAUNCH" --nproc-per-node 2 --master-port "$port" --grace-s 5 -- "$BIN/dsopen-train" --config "$W/base.yaml" \
+  --set run.output_dir="$W/ep_kill" --set parallel.strategy=ddp --set parallel.expert_parallel=2 \
+  --set parallel.timeout_s=30 --set train.max_steps=100000 --set checkpoint.every=0 --set run.log_every=50 \
+  > "$W/ep_kill.log" 2>&1 &
+launcher=$!
+for _ in $(seq 1 600); do grep -q "step 1/" "$W/ep_kill/logs/rank_0.log" 2>/dev/null && break; sleep 0.1; done
+victim="$(pgrep -f "run.output_dir=$W/ep_kill" | while read -r p; do
+  [ "$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -x 'RANK=1')" ] && echo "$p"; done | head -1)"
+if [ -z "$victim" ]; then echo "FAIL ep kill: rank 1 not found"; fail=1; else
+  start=$(date +%s)
+  kill -KILL "$victim"
+  wait "$launcher"; rc=$?
+  took=$(( $(date +%s) - start ))
+  left="$(pgrep -f "run.output_dir=$W/ep_kill" | wc -l)"
+  said="$(grep -o 'error: .*all_to_all.*' "$W/ep_kill.log" | head -1 | cut -c1-200)"
+  if [ $rc = 0 ] || [ "$took" -gt 40 ] || [ "$left" != 0 ] || [ -z "$said" ]; then
+    echo "FAIL ep kill: launcher exit $rc after ${took}s, $left processes left"; tail -5 "$W/ep_kill.log"; fail=1
+  else
+    echo "ok   SIGKILL of rank 1 under expert parallelism: exit $rc after ${took}s, no rank left; rank 0: $said"
+  fi
+fi
 
 # Gradient accumulation across ranks is exact for every loss term: SFT rows hold different numbers of targets (and
 # MTP targets), and 2 ranks x 2 micro-batches must match 1 rank x 4 with MTP, z-loss, aux loss and bias updates on.

@@ -115,26 +115,26 @@ public:
     std::vector<at::Tensor> ts{t};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return wrap(backend_->allreduce(ts, o));
+    return wrap(backend_->allreduce(ts, o), "all_reduce");
   }
   PendingWork reduce_scatter_sum(torch::Tensor out, torch::Tensor in) override {
     c10d::ReduceScatterOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
-    return wrap(backend_->_reduce_scatter_base(out, in, o));
+    return wrap(backend_->_reduce_scatter_base(out, in, o), "reduce_scatter");
   }
   PendingWork all_gather(torch::Tensor out, torch::Tensor in) override {
-    return wrap(backend_->_allgather_base(out, in, c10d::AllgatherOptions()));
+    return wrap(backend_->_allgather_base(out, in, c10d::AllgatherOptions()), "all_gather");
   }
   PendingWork broadcast(torch::Tensor t, int root) override {
     std::vector<at::Tensor> ts{t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    return wrap(backend_->broadcast(ts, o));
+    return wrap(backend_->broadcast(ts, o), "broadcast");
   }
   PendingWork all_to_all(torch::Tensor out, torch::Tensor in, const std::vector<int64_t>& out_splits,
                          const std::vector<int64_t>& in_splits) override {
     std::vector<int64_t> os = out_splits, is = in_splits;
-    return wrap(backend_->alltoall_base(out, in, os, is, c10d::AllToAllOptions()));
+    return wrap(backend_->alltoall_base(out, in, os, is, c10d::AllToAllOptions()), "all_to_all");
   }
   std::shared_ptr<ProcessGroup> subgroup(const std::vector<int>& ranks, const std::string& name) override {
     const auto it = std::find(ranks.begin(), ranks.end(), rank_);
@@ -153,13 +153,13 @@ public:
   }
 
 private:
-  PendingWork wrap(c10::intrusive_ptr<c10d::Work> work) {
+  PendingWork wrap(c10::intrusive_ptr<c10d::Work> work, const char* op) {
     // The inputs stay alive inside the work object until it is waited on.
-    return PendingWork([work, name = name_]() {
+    return PendingWork([work, what = name_ + " " + op + " over " + std::to_string(size_) + " ranks"]() {
       try {
         work->wait();
       } catch (const std::exception& e) {
-        throw runtime_error("parallel", name + " collective failed: " + std::string(e.what()).substr(0, 300),
+        throw runtime_error("parallel", what + " failed: " + std::string(e.what()).substr(0, 300),
                             "another rank died or parallel.timeout_s passed; see that rank's log");
       }
     });

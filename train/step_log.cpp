@@ -94,6 +94,15 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
   const auto now = std::chrono::steady_clock::now();
   if (run_start_step_ < 0) run_start_step_ = step, run_start_ = now;
   window_comm_s_ += dp.take_comm_wait_seconds();
+  if (exchange_) {
+    const auto t = exchange_->take_totals();
+    window_a2a_s_ += t.seconds;
+    window_a2a_rows_ += static_cast<double>(t.rows_received);
+  }
+  if ((step == 1 || step == max_steps_) && dp.experts())
+    spdlog::debug("memory rank {}: routed experts expert_param_bytes={} expert_state_bytes={} expert_grad_bytes={}",
+                  dp.group().rank(), dp.experts()->optimizer().num_params() * 4, dp.experts()->state_bytes(),
+                  dp.experts()->grad_bytes());
   if (step == 1 || step == max_steps_)
     spdlog::debug("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
                  "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={}",
@@ -101,7 +110,8 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                  dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes());
   if (step % log_every_ != 0 && step != max_steps_ && step != 1) return false;
   std::string extra;
-  const nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
+  nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
+  if (exchange_) record_expert_traffic(rec, extra);
   if (metrics_) metrics_->write(rec);
   if (expert_load_ && !balancer.empty()) {
     // Tokens routed to each expert of each MoE block in this step: dsopen-plot's layer x expert map.
@@ -136,8 +146,25 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                peak_ > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token_ / peak_) : "", step_s, extra,
                env::peak_resident_mb(), Progress::format_duration(run_step_s * (max_steps_ - step)));
   window_tokens_ = window_steps_ = 0;
-  window_comm_s_ = 0;
+  window_comm_s_ = window_a2a_s_ = window_a2a_rows_ = 0;
   return true;
+}
+
+void StepLogger::record_expert_traffic(nlohmann::json& rec, std::string& extra) {
+  const int n = world_->size(), r = world_->rank();
+  auto all = torch::zeros({2 * n}, torch::kFloat64);
+  all[r] = window_a2a_rows_ / window_steps_;
+  all[n + r] = window_a2a_s_ / window_steps_;
+  all = all.to(world_->device());
+  world_->all_reduce_sum(all).wait();
+  all = all.cpu();
+  const double step_s = rec["step_time_s"].get<double>();
+  std::vector<double> tokens(static_cast<size_t>(n));
+  for (int q = 0; q < n; ++q) tokens[static_cast<size_t>(q)] = all[q].item<double>();
+  const double share = step_s > 0 ? all.narrow(0, n, n).mean().item<double>() / step_s : 0;
+  rec["ep_tokens_per_rank"] = tokens;
+  rec["all_to_all_share"] = share;
+  extra += fmt::format(" | a2a {:.0f}%", 100 * share);
 }
 
 void StepLogger::eval_done(int64_t step, double eval_loss) {

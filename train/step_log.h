@@ -12,6 +12,7 @@
 #include "model/config.h"
 #include "model/moe_balance.h"
 #include "train/data_parallel.h"
+#include "train/expert_parallel.h"
 #include "train/step.h"
 #include "utils/metrics.h"
 #include "utils/tensorboard.h"
@@ -33,6 +34,10 @@ public:
   ~StepLogger();
   // The run's resolved config, as text in TensorBoard.
   void config_text(const std::string& yaml);
+  // Expert parallelism: each record also gets the token copies each rank's experts received per step
+  // (ep_tokens_per_rank) and the share of the step time spent in all-to-alls (all_to_all_share, mean over ranks);
+  // every rank of `world` then takes part in one all-reduce per record.
+  void track_expert_traffic(GroupExchange* exchange, ProcessGroup* world) { exchange_ = exchange, world_ = world; }
 
   // Counts a finished step into the throughput window; logs and records it when it is due. Returns whether it did.
   bool step_done(int64_t step, double lr, const StepStats& stats, int64_t tokens, DataParallel& dp,
@@ -44,6 +49,7 @@ public:
 private:
   nlohmann::json record(int64_t step, double lr, const StepStats& stats, int64_t tokens, DataParallel& dp,
                         const model::MoEBalancer& balancer, bool mtp, std::string& extra) const;
+  void record_expert_traffic(nlohmann::json& rec, std::string& extra);
 
   double flops_per_token_, peak_;
   int64_t max_steps_, log_every_;
@@ -53,6 +59,9 @@ private:
   std::chrono::steady_clock::time_point window_start_ = std::chrono::steady_clock::now();
   int64_t window_tokens_ = 0, window_steps_ = 0;
   double window_comm_s_ = 0;
+  GroupExchange* exchange_ = nullptr;
+  ProcessGroup* world_ = nullptr;
+  double window_a2a_s_ = 0, window_a2a_rows_ = 0;
   // The ETA averages from the end of the first step of this process to now (evaluation and checkpoints included,
   // as they recur): a window of a few steps swings with every checkpoint and evaluation.
   std::chrono::steady_clock::time_point run_start_;

@@ -261,6 +261,10 @@ void Trainer::State::resume_or_load() {
   spdlog::info("optimizer state {:.1f} MB per rank (ZeRO formula {:.1f} MB), gradients {:.1f} MB (formula {:.1f} MB)",
                dp->state_bytes() / 1e6, dp->predicted_state_bytes() / 1e6, dp->grad_bytes() / 1e6,
                dp->predicted_grad_bytes() / 1e6);
+  if (const DataParallel* e = dp->experts())
+    spdlog::info("routed experts on this rank: {:.2f}M parameters ({:.1f} MB) of {:.2f}M, optimizer state {:.1f} MB",
+                 e->optimizer().num_params() / 1e6, e->optimizer().num_params() * 4 / 1e6,
+                 e->optimizer().num_params() * static_cast<double>(experts.size) / 1e6, e->state_bytes() / 1e6);
 }
 
 Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_unique<State>()) {
@@ -290,6 +294,7 @@ TrainResult Trainer::run() {
                  group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "",
                  group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "");
   log.config_text(s.resolved_config);
+  if (s.exchange) log.track_expert_traffic(s.exchange.get(), s.group.get());
   std::optional<cpu::ThreadBackoff> backoff;  // fewer threads while other processes keep the CPUs busy
   if (s.device.is_cpu() && j.run.threads == 0) backoff.emplace("training", /*every=*/4);  // run.threads set: it stands
   TrainResult result;
