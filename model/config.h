@@ -156,6 +156,7 @@ struct ParamCounts {
   int64_t active = 0;
   int64_t embedding = 0;
   int64_t mtp = 0;  // parameters of MTP modules (included in total only when use_mtp)
+  int64_t routed = 0;  // routed-expert parameters within total (what expert parallelism shards)
 };
 ParamCounts count_parameters(const ModelConfig& c);
 

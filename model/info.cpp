@@ -9,20 +9,43 @@
 
 namespace dsopen::model {
 
-TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size) {
-  const double P = static_cast<double>(params), N = static_cast<double>(world_size);
-  return {16.0 * P, 8.0 * P + 8.0 * P / N, 4.0 * P + 12.0 * P / N};
+TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size, int64_t routed_params,
+                                        int64_t expert_parallel) {
+  const double E = static_cast<double>(std::max<int64_t>(expert_parallel, 1));
+  const double R = static_cast<double>(expert_parallel > 1 ? routed_params : 0);
+  const double D = static_cast<double>(params) - R, N = static_cast<double>(world_size);
+  // Replicated D over N ranks; the rank's R/E experts over their N/E replicas.
+  const auto zero = [&](double held, double ranks) {
+    return TrainingMemory{16.0 * held, 8.0 * held + 8.0 * held / ranks, 4.0 * held + 12.0 * held / ranks};
+  };
+  const TrainingMemory d = zero(D, N), r = zero(R / E, std::max(N / E, 1.0));
+  return {d.ddp + r.ddp, d.zero1 + r.zero1, d.zero2 + r.zero2};
+}
+
+double all_to_all_bytes_per_token(const ModelConfig& c, int64_t expert_parallel, int64_t bytes_per_element) {
+  if (expert_parallel <= 1 || c.n_routed_experts == 0) return 0;
+  int64_t blocks = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) blocks += c.is_moe_layer(l) ? 1 : 0;
+  if (c.use_mtp && c.is_moe_layer(std::max(c.num_hidden_layers, c.first_k_dense_replace))) blocks += c.mtp_depth();
+  const double E = static_cast<double>(expert_parallel);
+  // 4 exchanges: dispatch and combine in forward, their gradients in backward.
+  return 4.0 * static_cast<double>(blocks * c.num_experts_per_tok * c.hidden_size * bytes_per_element) * (E - 1) / E;
 }
 
 TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
   const ParamCounts counts = count_parameters(c);
-  const double P = static_cast<double>(counts.total);
-  const double T = in.trainable_params >= 0 ? static_cast<double>(in.trainable_params) : P;
+  const double E = static_cast<double>(std::max<int64_t>(in.expert_parallel, 1));
+  const double R = static_cast<double>(counts.routed) * (E > 1 ? 1.0 : 0.0);  // sharded by expert parallelism
+  const double P = static_cast<double>(counts.total) - R + R / E;              // parameters this rank holds
   const double N = static_cast<double>(std::max<int64_t>(in.world_size, 1));
+  // Trainable: replicated ones shard over N ranks, this rank's experts over their N/E replicas.
+  const double T = in.trainable_params >= 0 ? static_cast<double>(in.trainable_params) : P - R / E;
+  const double TE = in.trainable_params >= 0 ? 0.0 : R / E;
+  const double replicas = std::max(N / E, 1.0);
   TrainingPlan plan;
   plan.weights = 4.0 * P;
-  plan.grads = 4.0 * T / (in.zero_stage >= 2 ? N : 1.0);
-  const double moments = 8.0 * T / (in.zero_stage >= 1 ? N : 1.0);
+  plan.grads = 4.0 * (T / (in.zero_stage >= 2 ? N : 1.0) + TE / (in.zero_stage >= 2 ? replicas : 1.0));
+  const double moments = 8.0 * (T / (in.zero_stage >= 1 ? N : 1.0) + TE / (in.zero_stage >= 1 ? replicas : 1.0));
   if (in.offload_optimizer) plan.optimizer_host = moments * 1.5;  // + the fp32 master copy of the shard
   else plan.optimizer = moments;
 
@@ -42,9 +65,10 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
   return plan;
 }
 
-nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len) {
+nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel) {
   const ParamCounts p = count_parameters(c);
-  const TrainingMemory m = training_memory_per_rank(p.total, world_size);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel);
+  const double held = static_cast<double>(p.total - p.routed) + static_cast<double>(p.routed) / static_cast<double>(expert_parallel);
   return {{"model_type", c.model_type},
           {"total_params", p.total},
           {"active_params", p.active},
@@ -54,6 +78,10 @@ nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t
           {"flops_per_token", training_flops_per_token(c, seq_len)},
           {"kv_cache_bytes_per_token", kv_cache_bytes_per_token(c, 2)},
           {"world_size", world_size},
+          {"routed_expert_params", p.routed},
+          {"expert_parallel", expert_parallel},
+          {"params_per_rank", held},
+          {"all_to_all_bytes_per_token", all_to_all_bytes_per_token(c, expert_parallel, 2)},
           {"train_memory_bytes_per_rank", {{"ddp", m.ddp}, {"zero1", m.zero1}, {"zero2", m.zero2}}}};
 }
 
@@ -73,9 +101,9 @@ std::string gib(double bytes) {
 }
 }  // namespace
 
-std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len) {
+std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel) {
   const ParamCounts p = count_parameters(c);
-  const TrainingMemory m = training_memory_per_rank(p.total, world_size);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel);
   std::string s;
   s += "architecture          " + c.model_type + (c.is_mla() ? " (MLA" : " (MHA/GQA") +
        (c.n_routed_experts > 0 ? ", MoE)" : ", dense)") + "\n";
@@ -86,7 +114,18 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
   s += "training FLOPs/token  " + human(training_flops_per_token(c, seq_len)) + " at seq_len " +
        std::to_string(seq_len) + "\n";
   s += "KV cache per token    " + std::to_string(kv_cache_bytes_per_token(c, 2)) + " bytes (bf16, all layers)\n";
-  s += "train memory per rank (weights + grads + AdamW, " + std::to_string(world_size) + " ranks)\n";
+  if (p.routed > 0) s += "routed experts        " + human(static_cast<double>(p.routed)) + " parameters\n";
+  if (expert_parallel > 1) {
+    const double E = static_cast<double>(expert_parallel);
+    char label[32];
+    std::snprintf(label, sizeof label, "%-22s", ("expert parallel " + std::to_string(expert_parallel)).c_str());
+    s += label +
+         human(static_cast<double>(p.total - p.routed) + static_cast<double>(p.routed) / E) + " parameters per rank (" +
+         human(static_cast<double>(p.routed) / E) + " of them routed experts); all-to-all " +
+         human(all_to_all_bytes_per_token(c, expert_parallel, 2), "B") + " per token per step (bf16, uniform routing)\n";
+  }
+  s += "train memory per rank (weights + grads + AdamW, " + std::to_string(world_size) + " ranks" +
+       (expert_parallel > 1 ? ", expert parallel " + std::to_string(expert_parallel) : std::string()) + ")\n";
   s += "  ddp                 " + gib(m.ddp) + "\n";
   s += "  zero1               " + gib(m.zero1) + "\n";
   s += "  zero2               " + gib(m.zero2) + "\n";

@@ -18,10 +18,18 @@ namespace dsopen::model {
 // Bytes per rank of parameters + gradients + AdamW state for P parameters on N ranks, as dsopen-train holds them
 // (fp32 weights, fp32 gradients, fp32 first and second moments; bf16 runs autocast from the fp32 weights):
 // ddp 16P; zero1 (moments sharded) 8P + 8P/N; zero2 (gradients too) 4P + 12P/N.
+// Expert parallelism over E ranks (of N) divides the R routed-expert parameters by E first: they are held by E
+// ranks and replicated N/E times, so their ZeRO sharding spans N/E ranks (R/E/(N/E) = R/N per rank).
 struct TrainingMemory {
   double ddp, zero1, zero2;
 };
-TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size);
+TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size, int64_t routed_params = 0,
+                                        int64_t expert_parallel = 1);
+
+// Bytes one token moves through the expert all-to-alls per training step (forward dispatch and combine, and the
+// same again in backward) over all MoE blocks, with `bytes_per_element` activations (2: bf16) and uniform routing:
+// of its K expert copies, (E-1)/E leave the rank. 0 without expert parallelism.
+double all_to_all_bytes_per_token(const ModelConfig& c, int64_t expert_parallel, int64_t bytes_per_element);
 
 // What one rank of a training job holds, in bytes, before anything is allocated.
 struct TrainingPlanInput {
@@ -33,6 +41,7 @@ struct TrainingPlanInput {
   bool activation_checkpointing = false;
   int64_t activation_bytes = 4;    // 4: fp32, 2: bf16/fp16 autocast
   int64_t trainable_params = -1;   // -1: every parameter (LoRA: the adapters only)
+  int64_t expert_parallel = 1;     // E: each rank holds 1/E of the routed experts
 };
 struct TrainingPlan {
   double weights = 0, grads = 0, optimizer = 0, activations = 0;
@@ -46,8 +55,8 @@ struct TrainingPlan {
 // added. An estimate (allocator slack and library workspaces come on top).
 TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in);
 
-nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len);
-std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len);
+nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel = 1);
+std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel = 1);
 
 // The model config a run config describes: its `model:` section (flavor, explicit keys, or `pretrained: DIR`
 // whose config.json is read first and may be overridden by the other keys). Validated.

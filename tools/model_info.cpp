@@ -58,6 +58,8 @@ static int run(int argc, char** argv) {
                         cxxopts::value<std::string>())(
       "set", "Override a config key, e.g. --set model.num_hidden_layers=8", cxxopts::value<std::vector<std::string>>())(
       "world-size", "Ranks for the memory estimate", cxxopts::value<int64_t>()->default_value("1"))(
+      "expert-parallel", "Expert-parallel ranks E (routed experts split E ways; divides --world-size)",
+      cxxopts::value<int64_t>())(
       "seq-len", "Sequence length for the attention FLOPs (default: data.seq_len or 4096)",
       cxxopts::value<int64_t>())("json", "Print one JSON object")(
       "hf-config", "Also write the model's HuggingFace config.json to this path", cxxopts::value<std::string>())(
@@ -80,7 +82,7 @@ static int run(int argc, char** argv) {
   if (world < 1) throw usage_error("--world-size", "must be >= 1");
 
   model::ModelConfig c;
-  int64_t seq_len = 4096;
+  int64_t seq_len = 4096, config_expert_parallel = 1;
   if (path.size() > 5 && path.substr(path.size() - 5) == ".json") {
     if (args.count("set"))
       throw usage_error("--set", "applies to dsopen YAML configs only", "edit " + path + " instead");
@@ -91,6 +93,8 @@ static int run(int argc, char** argv) {
       for (const auto& s : cli::values_of(argc, argv, "set")) doc.apply_set(s);  // unsplit: {a: 1, b: 2} has commas
     c = model::model_config_from_document(doc);
     seq_len = model::seq_len_from_document(doc, seq_len);
+    if (doc.root()["parallel"] && doc.root()["parallel"]["expert_parallel"])
+      config_expert_parallel = doc.root()["parallel"]["expert_parallel"].as<int64_t>(1);
   }
   if (args.count("seq-len")) {
     seq_len = args["seq-len"].as<int64_t>();
@@ -106,8 +110,18 @@ static int run(int argc, char** argv) {
     c.validate();
     env::write_file_atomic(args["hf-config"].as<std::string>(), c.to_hf_json().dump(2) + "\n");
   }
-  if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len).dump() << std::endl;
-  else std::cout << model::model_info_text(c, world, seq_len);
+  // --expert-parallel, else the config's parallel.expert_parallel.
+  int64_t expert_parallel = config_expert_parallel;
+  if (args.count("expert-parallel")) expert_parallel = args["expert-parallel"].as<int64_t>();
+  if (expert_parallel < 1 || world % expert_parallel != 0)
+    throw usage_error("--expert-parallel", std::to_string(expert_parallel) + " does not divide --world-size " + std::to_string(world),
+                      "give a divisor of the world size");
+  if (expert_parallel > 1 && (c.n_routed_experts == 0 || c.n_routed_experts % expert_parallel != 0))
+    throw usage_error("--expert-parallel", std::to_string(expert_parallel) + " does not divide the model's " +
+                                              std::to_string(c.n_routed_experts) + " routed experts",
+                      c.n_routed_experts == 0 ? "the model has no routed experts; leave it at 1" : "give a divisor of n_routed_experts");
+  if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len, expert_parallel).dump() << std::endl;
+  else std::cout << model::model_info_text(c, world, seq_len, expert_parallel);
   return 0;
 }
 

@@ -40,6 +40,7 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
   in.world_size = world_size;
   in.zero_stage = world_size > 1 ? zero_stage(job.parallel.strategy) : 0;
   in.offload_optimizer = job.parallel.offload_optimizer;
+  in.expert_parallel = job.parallel.expert_parallel;
   in.micro_batch_size = job.train.micro_batch_size;
   in.seq_len = job.data.seq_len;
   in.activation_checkpointing = job.train.activation_checkpointing;

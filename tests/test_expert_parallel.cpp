@@ -1,0 +1,286 @@
+// Expert-parallel building blocks in one process: the expert shares of a model built inside an
+// ExpertPlacementScope equal the whole model's experts by name; the MoE forward and backward with its experts
+// split over two "ranks" (two models in two threads, rows moved by an in-memory all-to-all) equal the whole
+// block's; the received-row layout; optimizer state moving between expert-parallel layouts by parameter name;
+// the memory and traffic formulas. Real processes with Gloo are tests/dist_test.sh.
+#include <catch2/catch.hpp>
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "model/expert_parallel.h"
+#include "model/info.h"
+#include "model/registry.h"
+#include "model/transformer.h"
+#include "tests/test_helpers.h"
+#include "train/optimizer.h"
+
+using namespace dsopen;
+using dsopen::testing::error_of;
+
+namespace {
+
+// An all-to-all between threads: every rank deposits its rows, waits for all, then takes its slices.
+class ThreadExchange {
+public:
+  explicit ThreadExchange(int size) : size_(size), inbox_(static_cast<size_t>(size)) {}
+  torch::Tensor all_to_all(int rank, const torch::Tensor& in, const std::vector<int64_t>& send) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const int64_t round = round_;
+    inbox_[rank] = {in.clone(), send};
+    if (++arrived_ == size_) cv_.notify_all();
+    cv_.wait(lock, [&] { return arrived_ == size_ || round_ != round; });
+    std::vector<torch::Tensor> parts;
+    for (int s = 0; s < size_; ++s) {
+      int64_t offset = 0;
+      for (int r = 0; r < rank; ++r) offset += inbox_[s].second[r];
+      parts.push_back(inbox_[s].first.narrow(0, offset, inbox_[s].second[rank]));
+    }
+    auto out = torch::cat(parts, 0);
+    if (++taken_ == size_) {  // the last reader opens the next round
+      arrived_ = taken_ = 0;
+      ++round_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return round_ != round; });
+    }
+    return out;
+  }
+
+private:
+  int size_;
+  std::vector<std::pair<torch::Tensor, std::vector<int64_t>>> inbox_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0, taken_ = 0;
+  int64_t round_ = 0;
+};
+
+class RankExchange final : public model::ExpertExchange {
+public:
+  RankExchange(ThreadExchange& all, int rank, int size) : all_(all), rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send,
+                           const std::vector<int64_t>&) override {
+    return all_.all_to_all(rank_, in, send);
+  }
+
+private:
+  ThreadExchange& all_;
+  int rank_, size_;
+};
+
+model::ModelConfig debug_moe() {
+  auto c = *model::find_flavor("debug");
+  c.aux_loss_alpha = 0.01;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("a model built with a share of the experts holds exactly those of the whole model", "[expert_parallel]") {
+  const auto c = debug_moe();
+  torch::manual_seed(5);
+  model::CausalLM whole(c);
+  const auto all = whole->named_parameters();
+  int64_t routed = 0;
+  for (const auto& p : all) routed += model::is_routed_expert_name(p.key()) ? p.value().numel() : 0;
+  CHECK(routed == model::count_parameters(c).routed);  // the formula against the built model
+  for (int rank = 0; rank < 4; ++rank) {
+    torch::manual_seed(5);
+    model::ExpertPlacementScope scope({rank, 4});
+    model::CausalLM part(c);
+    int64_t held = 0;
+    for (const auto& p : part->named_parameters()) {
+      REQUIRE(all.contains(p.key()));
+      CHECK(torch::equal(p.value(), all[p.key()]));  // replicated and expert weights alike
+      if (model::is_routed_expert_name(p.key())) {
+        held += p.value().numel();
+        // Expert e lives on rank e / 2 (8 experts over 4 ranks).
+        const auto pos = p.key().find(".experts.") + 9;
+        CHECK(std::stoi(p.key().substr(pos)) / 2 == rank);
+      }
+    }
+    CHECK(held * 4 == routed);
+    CHECK(part->expert_placement().rank == rank);
+    CHECK_THROWS_AS(part->moe_blocks().front().moe->expert(rank == 0 ? 7 : 0), std::out_of_range);
+  }
+  CHECK(model::ExpertPlacementScope::current().size == 1);  // scopes restore
+}
+
+TEST_CASE("routed-expert names: DeepSeek, Qwen, Mixtral and adapters, never shared experts", "[expert_parallel]") {
+  CHECK(model::is_routed_expert_name("model.layers.3.mlp.experts.12.gate_proj.weight"));
+  CHECK(model::is_routed_expert_name("model.layers.3.block_sparse_moe.experts.0.w1.weight"));
+  CHECK(model::is_routed_expert_name("mtp.0.mlp.experts.7.down_proj.weight"));
+  CHECK(model::is_routed_expert_name("base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_A.weight"));
+  CHECK_FALSE(model::is_routed_expert_name("model.layers.3.mlp.shared_experts.gate_proj.weight"));
+  CHECK_FALSE(model::is_routed_expert_name("model.layers.3.mlp.shared_expert.gate_proj.weight"));
+  CHECK_FALSE(model::is_routed_expert_name("model.layers.3.mlp.gate.weight"));
+  CHECK_FALSE(model::is_routed_expert_name("model.layers.3.mlp.experts.gate_proj.weight"));
+}
+
+TEST_CASE("received rows are regrouped by expert, sources in rank order", "[expert_parallel]") {
+  // 3 source ranks, 2 local experts: counts[s][l].
+  const auto counts = torch::tensor({2, 1, 0, 3, 1, 0}, torch::kLong);
+  const auto layout = model::received_layout(counts, 2);
+  CHECK(layout.per_expert == std::vector<int64_t>{3, 4});
+  CHECK(layout.per_source == std::vector<int64_t>{3, 3, 1});
+  // Received: s0e0 s0e0 s0e1 | s1e1 s1e1 s1e1 | s2e0 -> expert 0: s0,s0,s2 (0..2); expert 1: s0,s1,s1,s1 (3..6).
+  const auto pos = layout.to_expert_order;
+  CHECK(std::vector<int64_t>(pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>() + pos.numel()) ==
+        std::vector<int64_t>{0, 1, 3, 4, 5, 6, 2});
+}
+
+TEST_CASE("a MoE block split over two ranks computes the whole block's outputs and gradients", "[expert_parallel]") {
+  const auto c = debug_moe();
+  for (bool lowp : {false, true}) {
+    CAPTURE(lowp);
+    torch::manual_seed(11);
+    model::MoE whole(c);
+    // Two batches (one per "rank"); the whole block sees both, so 40 positions feed 8 experts top-2 (bf16: blocks
+    // of more than 64 rows are padded, so use enough rows that some are).
+    const int64_t T = lowp ? 96 : 12;
+    auto x0 = torch::randn({2, T, c.hidden_size}), x1 = torch::randn({2, T, c.hidden_size});
+    const auto dtype = lowp ? torch::kBFloat16 : torch::kFloat32;
+    whole->to(dtype);
+    auto xa = torch::cat({x0, x1}, 0).to(dtype).requires_grad_();
+    auto ref = whole->forward(xa);
+    (ref.y.to(torch::kFloat32).square().sum() + ref.aux_sum).backward();
+
+    ThreadExchange wire(2);
+    std::vector<torch::Tensor> ys(2), grads(2);
+    std::vector<std::map<std::string, torch::Tensor>> weight_grads(2);
+    std::vector<std::string> errors(2);
+    auto run = [&](int rank) {
+      try {
+        model::ExpertPlacementScope scope({rank, 2});
+        model::MoE part(c);
+        torch::NoGradGuard no_grad;
+        for (auto& p : part->named_parameters()) p.value().set_data(whole->named_parameters()[p.key()].detach().clone());
+        for (auto& b : part->named_buffers()) b.value().copy_(whole->named_buffers()[b.key()]);
+        part->set_exchange(std::make_shared<RankExchange>(wire, rank, 2));
+        torch::AutoGradMode grad(true);
+        auto x = (rank == 0 ? x0 : x1).to(dtype).requires_grad_();
+        auto out = part->forward(x);
+        (out.y.to(torch::kFloat32).square().sum() + out.aux_sum).backward();
+        ys[rank] = out.y.detach();
+        grads[rank] = x.grad();
+        for (const auto& p : part->named_parameters())
+          if (p.value().grad().defined()) weight_grads[rank][p.key()] = p.value().grad();
+      } catch (const std::exception& e) {
+        errors[rank] = e.what();
+      }
+    };
+    std::thread t1(run, 1);
+    run(0);
+    t1.join();
+    REQUIRE(errors[0].empty());
+    REQUIRE(errors[1].empty());
+    const double tol = lowp ? 2e-2 : 1e-5;
+    CHECK(torch::allclose(torch::cat(ys, 0).to(torch::kFloat32), ref.y.to(torch::kFloat32), tol, tol));
+    CHECK(torch::allclose(torch::cat(grads, 0).to(torch::kFloat32), xa.grad().to(torch::kFloat32), tol, tol));
+    // Each expert's gradient lives on its rank only and equals the whole block's; shared weights sum over ranks.
+    for (const auto& p : whole->named_parameters()) {
+      CAPTURE(p.key());
+      torch::Tensor sum;
+      for (int r = 0; r < 2; ++r)
+        if (weight_grads[r].count(p.key())) sum = sum.defined() ? sum + weight_grads[r][p.key()] : weight_grads[r][p.key()];
+      REQUIRE(sum.defined());
+      const double scale = std::max(1.0, p.value().grad().abs().max().item<double>());
+      CHECK((sum.to(torch::kFloat32) - p.value().grad().to(torch::kFloat32)).abs().max().item<double>() <= tol * scale);
+    }
+  }
+}
+
+TEST_CASE("optimizer state moves between expert-parallel layouts by parameter name", "[expert_parallel]") {
+  // Replicated a, b; experts e0..e3. E=2 writes a replicated file and one expert file per rank; E=1 reads them all,
+  // and back.
+  auto make = [](const std::vector<std::string>& names) {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (size_t i = 0; i < names.size(); ++i) out.push_back({names[i], torch::zeros({3 + static_cast<int64_t>(i), 4}).requires_grad_()});
+    return out;
+  };
+  const std::vector<std::string> all = {"a.weight", "m.experts.0.w", "m.experts.1.w", "m.experts.2.w", "m.experts.3.w", "b.weight"};
+  auto fill = [](train::FlatAdamW& opt) {  // moment value = a function of the parameter's name and index
+    auto state = opt.state_dict();
+    for (auto& g : opt.groups()) {
+      int64_t off = 0;
+      for (size_t i = 0; i < g.names.size(); ++i) {
+        const double tag = static_cast<double>(std::hash<std::string>{}(g.names[i]) % 1000);
+        state.at(g.name + ".exp_avg").narrow(0, off, g.numels[i]).copy_(torch::arange(g.numels[i]) + tag);
+        state.at(g.name + ".exp_avg_sq").narrow(0, off, g.numels[i]).fill_(tag);
+        off += g.numels[i];
+      }
+    }
+  };
+  auto check = [](const train::FlatAdamW& opt) {
+    const auto state = opt.state_dict();
+    for (const auto& g : opt.groups()) {
+      int64_t off = 0;
+      for (size_t i = 0; i < g.names.size(); ++i) {
+        const double tag = static_cast<double>(std::hash<std::string>{}(g.names[i]) % 1000);
+        CHECK(torch::equal(state.at(g.name + ".exp_avg").narrow(0, off, g.numels[i]), torch::arange(g.numels[i]).to(torch::kFloat) + tag));
+        off += g.numels[i];
+      }
+    }
+  };
+  auto whole_params = make(all);
+  train::FlatAdamW whole(whole_params, {});
+  fill(whole);
+  const std::vector<train::FlatAdamW::SavedShard> one{{"rank_0", whole.state_dict(), whole.state_metadata()}};
+  // E=2: the replicated part and rank r's experts {2r, 2r+1}.
+  std::vector<train::FlatAdamW::SavedShard> two;
+  auto dense_params = make(all);
+  std::vector<std::pair<std::string, torch::Tensor>> dense{dense_params[0], dense_params[5]};
+  train::FlatAdamW dense_opt(dense, {});
+  dense_opt.load_state_dicts(one, model::is_routed_expert_name);
+  check(dense_opt);
+  two.push_back({"rank_0", dense_opt.state_dict(), dense_opt.state_metadata()});
+  for (int r = 0; r < 2; ++r) {
+    auto p = make(all);
+    std::vector<std::pair<std::string, torch::Tensor>> mine{p[1 + 2 * r], p[2 + 2 * r]};
+    train::FlatAdamW experts(mine, {});
+    experts.load_state_dicts(one, [](const std::string&) { return true; });
+    check(experts);
+    two.push_back({"experts_rank_" + std::to_string(r), experts.state_dict(), experts.state_metadata()});
+  }
+  // Back to one rank holding everything: every value found, nothing foreign.
+  auto back_params = make(all);
+  train::FlatAdamW back(back_params, {});
+  back.load_state_dicts(two);
+  check(back);
+  SECTION("a missing expert file is named") {
+    auto partial = two;
+    partial.pop_back();
+    auto p = make(all);
+    train::FlatAdamW opt(p, {});
+    CHECK_THAT(error_of([&] { opt.load_state_dicts(partial); }),
+               Catch::Contains("another set of trainable parameters (first difference at m.experts."));
+  }
+  SECTION("a replicated parameter another run did not have is not taken for a foreign expert") {
+    auto p = make({"a.weight", "b.weight", "c.weight"});
+    train::FlatAdamW opt(p, {});
+    CHECK_THAT(error_of([&] { opt.load_state_dicts(two, model::is_routed_expert_name); }),
+               Catch::Contains("first difference at c.weight"));
+  }
+}
+
+TEST_CASE("memory and all-to-all bytes per rank under expert parallelism", "[expert_parallel]") {
+  // 1000 replicated + 800 routed parameters, 8 ranks, E=4: each rank holds 200 experts' parameters, sharded by ZeRO
+  // over their 2 replicas.
+  auto m = model::training_memory_per_rank(1800, 8, 800, 4);
+  CHECK(m.ddp == 16 * 1000 + 16 * 200);
+  CHECK(m.zero1 == 8 * 1000 + 8 * 1000 / 8.0 + 8 * 200 + 8 * 200 / 2.0);
+  CHECK(m.zero2 == 4 * 1000 + 12 * 1000 / 8.0 + 4 * 200 + 12 * 200 / 2.0);
+  CHECK(model::training_memory_per_rank(1800, 8, 800, 1).ddp == 16 * 1800);
+  // V3 on EP 64: 58 MoE layers (+ the MTP module's when trained), top-8, hidden 7168, bf16, 4 exchanges, 63/64 of
+  // the copies leave the rank.
+  auto v3 = *model::find_flavor("v3");
+  v3.use_mtp = true;
+  CHECK(model::all_to_all_bytes_per_token(v3, 64, 2) == Approx(4.0 * 59 * 8 * 7168 * 2 * 63 / 64));
+  v3.use_mtp = false;
+  CHECK(model::all_to_all_bytes_per_token(v3, 64, 2) == Approx(4.0 * 58 * 8 * 7168 * 2 * 63 / 64));
+  CHECK(model::all_to_all_bytes_per_token(v3, 1, 2) == 0);
+}
