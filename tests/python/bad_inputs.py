@@ -188,6 +188,15 @@ train_case(f"tokenizer.path={CORRUPT_TOK}", CORRUPT_TOK, [f"{W}/run2/checkpoints
 train_case(f"checkpoint.resume={M_TRUNC_WEIGHTS}", M_TRUNC_WEIGHTS, [f"{W}/run2/checkpoints"])
 train_case(f"model.pretrained={M_BAD_JSON}", M_BAD_JSON, [f"{W}/run2"])
 case("train", ["--config", RUN_YAML, "--set", f"model.pretrained={MODEL}"], "checkpoint.dir")
+# Expert parallelism: E must divide the routed experts and the ranks started, and needs a MoE model.
+train_case("parallel.expert_parallel=3", "parallel.expert_parallel", [f"{W}/run2"])
+train_case("parallel.expert_parallel=0", "parallel.expert_parallel", [f"{W}/run2"])
+train_case("parallel.expert_parallel=2", "parallel.expert_parallel", [f"{W}/run2/checkpoints"])
+case("train", ["--config", RUN_YAML, "--set", f"run.output_dir={W}/run2", "--set", "model.n_routed_experts=0",
+               "--set", "parallel.expert_parallel=2"], "parallel.expert_parallel", [f"{W}/run2"])
+case("model-info", ["--config", RUN_YAML, "--world-size", "4", "--expert-parallel", "3"], "--expert-parallel")
+case("model-info", ["--config", RUN_YAML, "--world-size", "2", "--expert-parallel", "0"], "--expert-parallel")
+case("model-info", ["--config", RUN_YAML, "--world-size", "32", "--expert-parallel", "16"], "--expert-parallel")
 case("model-info", ["--config", RUN_YAML, "--world-size", "0"], "--world-size")
 case("model-info", ["--config", RUN_YAML, "--world-size", "two"], "--world-size")
 case("model-info", ["--config", RUN_YAML, "--seq-len", "-5"], "--seq-len")
