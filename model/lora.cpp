@@ -1,5 +1,7 @@
 #include "model/lora.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -426,10 +428,18 @@ std::vector<std::string> inject_lora(torch::nn::Module& model, const LoraConfig&
   const auto targets = lora_targets(model, c);
   std::map<std::string, LinearImpl*> by_path;
   for (const auto& [path, lin] : projections(model)) by_path[path] = lin;
+  // One draw of the global generator, then a generator per module for its A (restored after each).
+  const uint64_t base = static_cast<uint64_t>(torch::randint(1LL << 62, {1}, torch::kLong).item<int64_t>());
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  const auto state = gen.get_state();
   for (const auto& path : targets) {
     const auto [r, alpha] = rank_alpha(c, path, "lora");
+    uint64_t h = 1469598103934665603ULL ^ base;  // FNV-1a over the path
+    for (unsigned char ch : path) h = (h ^ ch) * 1099511628211ULL;
+    gen.set_current_seed(h);
     by_path.at(path)->add_lora(r, alpha, c.use_rslora, c.dropout);
   }
+  gen.set_state(state);
   return targets;
 }
 
@@ -475,18 +485,27 @@ int64_t merge_lora(torch::nn::Module& model) {
 
 // ---- PEFT files -----------------------------------------------------------------------------------------------
 
-void save_adapter(torch::nn::Module& model, const std::string& dir, const std::string& base_model) {
+std::map<std::string, torch::Tensor> adapter_tensors(torch::nn::Module& model,
+                                                     const std::function<bool(const std::string&)>& select) {
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [path, lin] : projections(model))
+    if (lin->has_lora() && select(path)) {
+      tensors[kPrefix + path + ".lora_A.weight"] = lin->lora_A->weight.detach().to(torch::kFloat32);
+      tensors[kPrefix + path + ".lora_B.weight"] = lin->lora_B->weight.detach().to(torch::kFloat32);
+    }
+  return tensors;
+}
+
+void save_adapter(torch::nn::Module& model, const std::string& dir, const std::string& base_model,
+                  const std::map<std::string, torch::Tensor>& more) {
   const auto projs = projections(model);
   std::vector<std::pair<std::string, LinearImpl*>> adapted;
   for (const auto& p : projs)
     if (p.second->has_lora()) adapted.push_back(p);
   if (adapted.empty()) throw usage_error(dir, "the model has no LoRA adapters to save");
 
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& [path, lin] : adapted) {
-    tensors[kPrefix + path + ".lora_A.weight"] = lin->lora_A->weight.detach().to(torch::kFloat32);
-    tensors[kPrefix + path + ".lora_B.weight"] = lin->lora_B->weight.detach().to(torch::kFloat32);
-  }
+  std::map<std::string, torch::Tensor> tensors = adapter_tensors(model, [](const std::string&) { return true; });
+  tensors.insert(more.begin(), more.end());
 
   // The most common rank and alpha are the defaults; the others go to the patterns.
   auto most_common = [&](auto get) {
@@ -569,12 +588,15 @@ void save_adapter(torch::nn::Module& model, const std::string& dir, const std::s
   env::write_file_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
 }
 
-std::vector<std::string> load_adapter(torch::nn::Module& model, const std::string& dir) {
+std::vector<std::string> load_adapter(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere) {
   AdapterFiles files = read_adapter(dir);
   if (has_lora(model)) throw usage_error(dir, "the model already has LoRA adapters", "load one adapter per model");
   std::map<std::string, LinearImpl*> by_path;
   for (const auto& [path, lin] : projections(model)) by_path[path] = lin;
   split_fused_experts(files, by_path);
+  if (experts_elsewhere)  // other processes' experts
+    for (auto it = files.modules.begin(); it != files.modules.end();)
+      it = !by_path.count(it->first) && is_routed_expert(it->first) ? files.modules.erase(it) : std::next(it);
   // Check everything before attaching anything.
   for (const auto& [path, w] : files.modules) {
     auto it = by_path.find(path);
@@ -601,13 +623,17 @@ std::vector<std::string> load_adapter(torch::nn::Module& model, const std::strin
   return paths;
 }
 
-void load_adapter_weights(torch::nn::Module& model, const std::string& dir) {
+void load_adapter_weights(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere) {
   const AdapterFiles files = read_adapter(dir);
-  std::map<std::string, const AdapterWeights*> in_file;
-  for (const auto& [path, w] : files.modules) in_file[path] = &w;
   std::vector<std::pair<std::string, LinearImpl*>> adapted;
-  for (const auto& p : projections(model))
+  std::set<std::string> held;
+  for (const auto& p : projections(model)) {
+    held.insert(p.first);
     if (p.second->has_lora()) adapted.push_back(p);
+  }
+  std::map<std::string, const AdapterWeights*> in_file;
+  for (const auto& [path, w] : files.modules)
+    if (!(experts_elsewhere && !held.count(path) && is_routed_expert(path))) in_file[path] = &w;
   if (adapted.size() != in_file.size() ||
       !std::all_of(adapted.begin(), adapted.end(), [&](const auto& p) { return in_file.count(p.first) > 0; }))
     throw runtime_error(files.weights_path,

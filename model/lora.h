@@ -46,8 +46,9 @@ void decode_lora_keys(config::Reader& r, LoraConfig& out);
 // selected at all.
 std::vector<std::string> lora_targets(torch::nn::Module& model, const LoraConfig& c);
 
-// Attaches fresh adapters (A random from the global generator, B zero) to the projections `c` selects; returns
-// their paths.
+// Attaches fresh adapters (B zero; A random from a generator per module, seeded by its path and one draw of the
+// global generator, so a module's adapter is the same whichever other modules the process holds — expert
+// parallelism) to the projections `c` selects; returns their paths.
 std::vector<std::string> inject_lora(torch::nn::Module& model, const LoraConfig& c);
 
 bool has_lora(torch::nn::Module& model);
@@ -69,7 +70,13 @@ int64_t merge_lora(torch::nn::Module& model);
 // (routed experts left out by exclude_modules when needed), full paths otherwise; r / lora_alpha are the most
 // common values and rank_pattern / alpha_pattern give the others. Routed experts are stored per expert
 // (mlp.experts.N.gate_proj, the names of the per-expert HF checkpoint tensors).
-void save_adapter(torch::nn::Module& model, const std::string& dir, const std::string& base_model = "");
+// `more`: adapter tensors (PEFT names) of modules other processes hold (expert parallelism), written alongside.
+void save_adapter(torch::nn::Module& model, const std::string& dir, const std::string& base_model = "",
+                  const std::map<std::string, torch::Tensor>& more = {});
+// The attached adapters' tensors under their PEFT names (base_model.model.<path>.lora_A.weight, ...), float32, of the
+// modules `select` accepts (by path).
+std::map<std::string, torch::Tensor> adapter_tensors(torch::nn::Module& model,
+                                                     const std::function<bool(const std::string&)>& select);
 
 // Attaches the adapters stored in DIR (ours or PEFT's) and loads their weights; the modules come from the tensor
 // names, ranks from the shapes (checked against adapter_config.json), alphas from the config. Returns their paths.
@@ -77,10 +84,12 @@ void save_adapter(torch::nn::Module& model, const std::string& dir, const std::s
 // the equivalent per-expert adapters. Runtime errors name the file: missing directory or files, unsupported PEFT
 // features (DoRA, biases, embeddings, modules_to_save, fan_in_fan_out), a module the model lacks, shapes that
 // disagree with the base.
-std::vector<std::string> load_adapter(torch::nn::Module& model, const std::string& dir);
+// `experts_elsewhere` (a model holding a share of the routed experts): adapters of routed experts the model does
+// not hold are another process's, not an error.
+std::vector<std::string> load_adapter(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere = false);
 
 // Loads DIR's adapter weights into the adapters already attached (resuming a run): the two sets of modules and
-// their shapes must be identical.
-void load_adapter_weights(torch::nn::Module& model, const std::string& dir);
+// their shapes must be identical (but for other processes' routed experts with `experts_elsewhere`).
+void load_adapter_weights(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere = false);
 
 }  // namespace dsopen::model

@@ -173,6 +173,40 @@ for run, steps in [("ep_resume_2", range(11, 21)), ("ep_resume_1", range(16, 21)
 sys.exit(0 if ok else 1)
 PY
 
+# LoRA under expert parallelism: adapters on every projection, routed experts included, of the E=1 run's model;
+# E=2 on 2 ranks equals 1 rank (losses, every adapter tensor of the one PEFT file), and resumes on 1 rank.
+LORA=(--set model.pretrained="$W/ep_1/checkpoints/step_00000020" --set lora.enabled=true --set lora.r=4
+      --set lora.routed_experts=true --set 'lora.target_modules=[q_a_proj, kv_a_proj_with_mqa, o_proj, gate_proj, up_proj, down_proj]'
+      --set train.max_steps=6 --set checkpoint.every=3 "${EPS[@]}")
+train ep_lora_1 1 none 8 "${LORA[@]}"
+train ep_lora_2 2 zero2 4 --set parallel.expert_parallel=2 "${LORA[@]}"
+train ep_lora_dp 2 zero2 4 "${LORA[@]}"  # the same 2 ranks without expert parallelism: its summation-order error
+train ep_lora_resume 1 none 8 "${LORA[@]}" --set checkpoint.resume="$W/ep_lora_2/checkpoints/step_00000003" \
+  --set checkpoint.dir="$W/ep_lora_resume/ck"
+python3 - "$W" <<'PY' || fail=1
+import json, sys
+from safetensors.torch import load_file
+W = sys.argv[1]
+def rows(run):
+    return {j["step"]: j["loss"] for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "loss" in j}
+a, b, c = rows("ep_lora_1"), rows("ep_lora_2"), rows("ep_lora_resume")
+err = max(abs(a[s] - b[s]) / a[s] for s in a)
+rerr = max(abs(a[s] - c[s]) / a[s] for s in c)
+adapter = lambda run: load_file(f"{W}/{run}/checkpoints/step_00000006/adapter_model.safetensors")
+wa, wb, wd = adapter("ep_lora_1"), adapter("ep_lora_2"), adapter("ep_lora_dp")
+experts = sum(".experts." in k for k in wa)
+diff = lambda w: max(((wa[k] - w[k]).abs().max() / wa[k].abs().max().clamp_min(1e-3)).item() for k in wa)
+# lora_B starts at zero and its first gradients are tiny, so any change of summation order (2 ranks with or without
+# expert parallelism) moves it by ~1e-5 of its largest value; expert parallelism must add nothing to that.
+werr, dperr = diff(wb), diff(wd)
+good = (sorted(b) == list(range(1, 7)) and sorted(c) == [4, 5, 6] and err <= 1e-5 and rerr <= 1e-5
+        and wa.keys() == wb.keys() and experts > 0 and werr <= max(1e-5, 3 * dperr) and werr <= 1e-4)
+print(f"{'ok  ' if good else 'FAIL'} LoRA with E=2 matches 1 rank: max rel dloss {err:.1e}, {len(wa)} adapter tensors "
+      f"({experts} on routed experts) max rel d {werr:.1e} (2 ranks without EP: {dperr:.1e}); "
+      f"resumed on 1 rank: max rel dloss {rerr:.1e}")
+sys.exit(0 if good else 1)
+PY
+
 # A rank killed while the others wait in an expert all-to-all: every rank exits, non-zero, naming the failure.
 next_port
 "$LAUNCH" --nproc-per-node 2 --master-port "$port" --grace-s 5 -- "$BIN/dsopen-train" --config "$W/base.yaml" \

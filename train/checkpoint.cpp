@@ -118,8 +118,26 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
   const bool lora = model::has_lora(*model);
   // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
   if (!lora) write_model_weights(tmp, model, rank, barrier);
+  std::map<std::string, torch::Tensor> other_experts;  // adapters of routed experts rank 0 does not hold
+  const model::ExpertPlacement placement = model->expert_placement();
+  if (lora && placement.sharded()) {
+    // The adapter file is one PEFT file: the other expert-parallel ranks of the first group hand rank 0 their
+    // experts' adapters (megabytes) through the directory being written.
+    const auto part = [&](int r) { return tmp / ("expert_adapters.rank_" + std::to_string(r) + ".safetensors"); };
+    if (rank > 0 && rank < placement.size)
+      model::save_safetensors(part(rank).string(), model::adapter_tensors(*model, model::is_routed_expert_name), {});
+    barrier();
+    if (rank == 0)
+      for (int r = 1; r < placement.size; ++r) {
+        {
+          model::SafetensorsFile f(part(r).string());
+          for (const auto& name : f.names()) other_experts[name] = f.tensor(name).clone();
+        }
+        fs::remove(part(r));
+      }
+  }
   if (rank == 0) {
-    if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained);
+    if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained, other_experts);
     else env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
     env::write_file_atomic((tmp / "dsopen.yaml").string(), files.resolved_config);
     if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
@@ -212,7 +230,7 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
   if (adapter_only != model::has_lora(*model))
     throw runtime_error(path, adapter_only ? "holds a LoRA adapter, not model weights" : "holds model weights, not a LoRA adapter",
                         adapter_only ? "resume it with lora.enabled: true" : "resume a LoRA run from its own checkpoints");
-  if (adapter_only) model::load_adapter_weights(*model, path);
+  if (adapter_only) model::load_adapter_weights(*model, path, model->expert_placement().sharded());
   else model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
 
   // Every rank reads the slices it needs from whichever files hold them.

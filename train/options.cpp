@@ -148,9 +148,6 @@ JobConfig decode_job(const config::Document& doc) {
   decode(l, job.lora);
   if (job.lora.enabled && root.has("model") && job.model.pretrained.empty())
     l.error("enabled", "LoRA adapts a pretrained model: set model.pretrained to its directory");
-  if (job.parallel.expert_parallel > 1 && job.lora.enabled && job.lora.config.routed_experts)
-    p.error("expert_parallel", "LoRA adapters on routed experts (lora.routed_experts: true) are not yet saved under "
-                               "expert parallelism; set lora.routed_experts: false or expert_parallel: 1");
   if (job.parallel.expert_parallel > 1 && root.has("model")) {
     if (job.model.n_routed_experts == 0)
       p.error("expert_parallel", std::to_string(job.parallel.expert_parallel) +

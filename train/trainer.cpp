@@ -74,7 +74,8 @@ void setup_lora(model::CausalLM& m, const JobConfig& j) {
   if (fresh > 0)
     throw usage_error("model.use_mtp", j.model.pretrained + " has no MTP modules and a LoRA run does not train them",
                       "set model.use_mtp: false");
-  const auto adapted = j.lora.adapter.empty() ? model::inject_lora(*m, j.lora.config) : model::load_adapter(*m, j.lora.adapter);
+  const auto adapted = j.lora.adapter.empty() ? model::inject_lora(*m, j.lora.config)
+                                               : model::load_adapter(*m, j.lora.adapter, m->expert_placement().sharded());
   const auto n = model::freeze_base(*m, j.lora.base_dtype);
   spdlog::info("LoRA on {} projections{}: trainable parameters {} of {} ({:.3f}%); base from {} frozen ({})",
                adapted.size(), j.lora.adapter.empty() ? "" : " from " + j.lora.adapter, n.trainable, n.total,
