@@ -326,6 +326,7 @@ void decode(config::Reader& r, ModelConfig& c, bool strict) {
   r.optional("use_mtp", c.use_mtp);
   r.optional("mtp_loss_weight", c.mtp_loss_weight, config::at_least_f(0));
   r.optional("bias_update_speed", c.bias_update_speed, config::at_least_f(0));
+  r.optional("capacity_factor", c.capacity_factor, config::at_least_f(0));
   r.optional("z_loss_coef", c.z_loss_coef, config::at_least_f(0));
   r.optional("scaled_residual_init", c.scaled_residual_init);
 
@@ -436,6 +437,7 @@ void ModelConfig::validate(const std::string& where) const {
     bad("attention_bias", model_type + " has no attention biases; remove the key");
   if (router_jitter_noise >= 1.0) bad("router_jitter_noise", "must be < 1");
   if (router_jitter_noise > 0.0 && !a.has_moe) bad("router_jitter_noise", model_type + " has no router");
+  if (capacity_factor > 0.0 && n_routed_experts == 0) bad("capacity_factor", "the model has no routed experts; leave it at 0");
   // Sizes far beyond any real model are typos (or hostile files); refuse them before anything is allocated.
   auto at_most = [&](const char* key, int64_t value, int64_t limit) {
     if (value > limit) bad(key, std::to_string(value) + " is beyond any model this can build (at most " + std::to_string(limit) + ")");

@@ -116,6 +116,10 @@ struct ModelConfig {
   bool use_mtp = false;
   double mtp_loss_weight = 0.3;       // lambda
   double bias_update_speed = 0.001;   // aux-loss-free balancing step (gamma)
+  // Training only: each routed expert takes at most ceil(capacity_factor * tokens * top_k / n_routed_experts) of a
+  // forward pass's token copies, those with the highest routing weight (GShard / Switch "token dropping"); the others
+  // skip that expert. 0: no token is ever dropped (DeepSeek-V3's choice).
+  double capacity_factor = 0.0;
   double z_loss_coef = 0.0;           // coefficient of mean(logsumexp^2)
   bool scaled_residual_init = true;   // o_proj/down_proj std divided by sqrt(2 * layers)
 

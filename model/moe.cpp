@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cmath>
+
 #include "utils/compat.h"
 #include "utils/errors.h"
 
@@ -203,11 +205,30 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_ma
 
   // Sort the N*K (token, expert) pairs by expert so each expert sees one contiguous block.
   auto flat_experts = r.indices.reshape({-1});                      // [N*K]
-  auto order = flat_experts.argsort(/*stable=*/true);
-  auto token_of = order.div(K, "floor");                            // source token of each sorted pair
   auto load = torch::bincount(flat_experts, {}, E);                 // [E], every position: the dispatch sizes
   auto load_cpu = load.to(torch::kCPU);                              // one sync: block sizes
-  const std::vector<int64_t> counts(load_cpu.data_ptr<int64_t>(), load_cpu.data_ptr<int64_t>() + E);
+  std::vector<int64_t> counts(load_cpu.data_ptr<int64_t>(), load_cpu.data_ptr<int64_t>() + E);
+  torch::Tensor order, dropped;
+  if (is_training() && config_.capacity_factor > 0) {
+    // Within each expert's block the pairs go by descending weight; those past the capacity are dropped.
+    const int64_t capacity = static_cast<int64_t>(std::ceil(config_.capacity_factor * static_cast<double>(B * T * K) / E));
+    auto by_weight = r.weights.reshape({-1}).argsort(/*stable=*/true, 0, /*descending=*/true);
+    order = by_weight.index_select(0, flat_experts.index_select(0, by_weight).argsort(/*stable=*/true));
+    std::vector<int64_t> keep_index;
+    int64_t start = 0, kept = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = std::min(counts[e], capacity);
+      for (int64_t i = 0; i < n; ++i) keep_index.push_back(start + i);
+      start += counts[e];
+      kept += n;
+      counts[e] = n;
+    }
+    order = order.index_select(0, torch::tensor(keep_index, torch::kLong).to(order.device()));
+    dropped = torch::tensor({B * T * K - kept, B * T * K}, torch::kLong);
+  } else {
+    order = flat_experts.argsort(/*stable=*/true);
+  }
+  auto token_of = order.div(K, "floor");                            // source token of each sorted pair
   auto w_sorted = r.weights.reshape({-1}).index_select(0, order);   // [N*K] routing weight of each sorted pair
   const ExpertRows rows = placement_.sharded()
                               ? remote_experts(flat, token_of, counts, w_sorted)
@@ -220,6 +241,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x, const torch::Tensor& token_ma
 
   MoEOutput out;
   out.y = y.view({B, T, D}).to(x.scalar_type());
+  out.dropped = dropped;
   // Statistics count only the masked-in positions (padding routes somewhere too, but is no one's load).
   const torch::Tensor valid = token_mask.defined() ? token_mask.reshape({B * T}).to(torch::kBool) : torch::Tensor();
   out.load = valid.defined() ? torch::bincount(r.indices.masked_select(valid.unsqueeze(1)), {}, E) : load.detach();

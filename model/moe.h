@@ -58,6 +58,7 @@ struct MoEOutput {
   torch::Tensor y;         // [B, T, hidden]
   torch::Tensor aux_sum;   // scalar: balance_loss_sum over this call's units (zero when alpha == 0 or not training)
   torch::Tensor load;      // [E] int64, counted positions routed to each expert in this call
+  torch::Tensor dropped;   // [2] int64 with a capacity factor in training: token copies dropped, and routed
 };
 
 // Rows of each expert's block in the dispatch layout. oneDNN, which runs bf16 GEMMs on the CPU, compiles and

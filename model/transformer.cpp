@@ -47,6 +47,7 @@ LayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInp
     y = m.y;
     out.aux_sum = m.aux_sum;
     out.load = m.load;
+    out.dropped = m.dropped;
   } else {
     y = mlp_->forward(post_attention_layernorm(h));
     out.aux_sum = torch::zeros({}, x.options().dtype(torch::kFloat32));
@@ -104,8 +105,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     torch::NoGradGuard no_grad;
     LayerOutput out = layer->forward(h, AttentionInput{cos, sin, or_none(mask), 0, nullptr}, or_none(token_mask));
     auto load = out.load.defined() ? out.load : torch::zeros({0}, h.options().dtype(torch::kLong));
-    ctx->mark_non_differentiable({load});
-    return {out.h, out.aux_sum, load};
+    auto dropped = out.dropped.defined() ? out.dropped : torch::zeros({0}, torch::kLong);
+    ctx->mark_non_differentiable({load, dropped});
+    return {out.h, out.aux_sum, load, dropped};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -253,6 +255,7 @@ LayerOutput CausalLMImpl::run_layer(DecoderLayerImpl& layer, const torch::Tensor
   out.h = outs[0];
   out.aux_sum = outs[1];
   if (layer.is_moe()) out.load = outs[2];
+  if (outs[3].numel() > 0) out.dropped = outs[3];
   return out;
 }
 
@@ -313,6 +316,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     h = lo.h;
     out.sums.aux = out.sums.aux + lo.aux_sum;
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
+    if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
   }
   if (cache) cache->length = start + T;
   auto main_hidden = h;
@@ -344,6 +348,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     LayerOutput lo = m.DecoderLayerImpl::forward(
         merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr}, targets.ne(-100));
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
+    if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
     out.sums.mtp_aux.push_back(lo.aux_sum);
     prev = lo.h;
     out.sums.mtp_ce.push_back(head_loss(m.shared_head->norm(lo.h), targets, false, false, nullptr).first);

@@ -19,6 +19,7 @@ struct LayerOutput {
   torch::Tensor h;
   torch::Tensor aux_sum;  // scalar balance-loss sum over units (model/loss.h); zero for dense layers
   torch::Tensor load;     // [E] for MoE layers, undefined for dense ones
+  torch::Tensor dropped;  // [2] int64 (MoEOutput::dropped), undefined without a capacity factor
 };
 
 class DecoderLayerImpl : public torch::nn::Module {
@@ -111,6 +112,8 @@ struct ForwardOutput {
   // [E] per MoE block that ran, in moe_blocks() order (main stack, then MTP modules): positions with a target
   // routed to each expert (every position without labels).
   std::vector<torch::Tensor> expert_load;
+  // [2] int64 over every MoE block with model.capacity_factor in training: token copies dropped, and routed.
+  torch::Tensor moe_dropped;
 };
 
 // One MoE block of a model, under its HF module name (model.layers.N.mlp, Mixtral model.layers.N.block_sparse_moe;

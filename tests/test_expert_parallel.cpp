@@ -284,3 +284,54 @@ TEST_CASE("memory and all-to-all bytes per rank under expert parallelism", "[exp
   CHECK(model::all_to_all_bytes_per_token(v3, 64, 2) == Approx(4.0 * 58 * 8 * 7168 * 2 * 63 / 64));
   CHECK(model::all_to_all_bytes_per_token(v3, 1, 2) == 0);
 }
+
+TEST_CASE("a capacity factor drops each expert's lowest-weight token copies beyond its capacity", "[expert_parallel]") {
+  auto c = debug_moe();
+  c.aux_loss_alpha = 0;
+  torch::manual_seed(3);
+  model::MoE moe(c);
+  moe->train();
+  const int64_t B = 2, T = 20, K = c.num_experts_per_tok, E = c.n_routed_experts;
+  auto x = torch::randn({B, T, c.hidden_size});
+  auto whole = moe->forward(x);
+  CHECK_FALSE(whole.dropped.defined());  // no capacity factor: nothing dropped, nothing counted
+  for (double factor : {0.5, 1.0, 100.0}) {
+    CAPTURE(factor);
+    c.capacity_factor = factor;
+    model::MoE capped(c);
+    capped->train();
+    torch::NoGradGuard no_grad;
+    for (auto& p : capped->named_parameters()) p.value().copy_(moe->named_parameters()[p.key()]);
+    auto out = capped->forward(x);
+    // The slow reference: per expert, its pairs by descending weight, the first `capacity` kept.
+    const int64_t capacity = static_cast<int64_t>(std::ceil(factor * B * T * K / E));
+    auto flat = x.reshape({B * T, -1});
+    auto logits = torch::nn::functional::linear(flat, capped->gate->weight);
+    auto r = model::route(logits, capped->gate->e_score_correction_bias, c);
+    auto y = capped->shared_experts->forward(flat);
+    int64_t dropped = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<std::pair<float, int64_t>> pairs;  // (weight, n * K + k)
+      for (int64_t n = 0; n < B * T; ++n)
+        for (int64_t k = 0; k < K; ++k)
+          if (r.indices[n][k].item<int64_t>() == e) pairs.push_back({r.weights[n][k].item<float>(), n * K + k});
+      std::stable_sort(pairs.begin(), pairs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+      for (size_t i = 0; i < pairs.size(); ++i) {
+        if (static_cast<int64_t>(i) >= capacity) {
+          ++dropped;
+          continue;
+        }
+        const int64_t n = pairs[i].second / K;
+        y[n] += pairs[i].first * capped->expert(e)->forward(flat[n].unsqueeze(0))[0];
+      }
+    }
+    REQUIRE(out.dropped.defined());
+    CHECK(out.dropped[0].item<int64_t>() == dropped);
+    CHECK(out.dropped[1].item<int64_t>() == B * T * K);
+    CHECK(torch::allclose(out.y.reshape({B * T, -1}), y, 1e-5, 1e-5));
+    if (factor == 100.0) CHECK(dropped == 0);
+    if (factor == 0.5) CHECK(dropped > 0);
+    capped->eval();  // evaluation and generation never drop
+    CHECK_FALSE(capped->forward(x).dropped.defined());
+  }
+}

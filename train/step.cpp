@@ -50,6 +50,10 @@ void TrainStep::forward_backward(const std::vector<data::Batch>& micro_batches, 
     stats.mtp_loss += loss.mtp.item<double>();
     stats.z_loss += loss.z.item<double>();
     balancer_.add(out.expert_load);
+    if (out.moe_dropped.defined()) {
+      stats.moe_dropped += static_cast<double>(out.moe_dropped[0].item<int64_t>());
+      stats.moe_routed += static_cast<double>(out.moe_dropped[1].item<int64_t>());
+    }
   }
 }
 
@@ -57,7 +61,8 @@ void TrainStep::reduce_logged(StepStats& stats) {
   ProcessGroup& group = dp_.group();
   if (group.size() == 1) return;
   // One all-reduce for the logged losses and the expert loads (every rank must update the routing biases alike).
-  auto all = torch::cat({torch::tensor({stats.loss, stats.aux_loss, stats.mtp_loss, stats.z_loss}, torch::kFloat64),
+  auto all = torch::cat({torch::tensor({stats.loss, stats.aux_loss, stats.mtp_loss, stats.z_loss, stats.moe_dropped,
+                                        stats.moe_routed}, torch::kFloat64),
                          balancer_.packed()})
                  .to(group.device());
   group.all_reduce_sum(all).wait();
@@ -66,7 +71,9 @@ void TrainStep::reduce_logged(StepStats& stats) {
   stats.aux_loss = all[1].item<double>();
   stats.mtp_loss = all[2].item<double>();
   stats.z_loss = all[3].item<double>();
-  balancer_.unpack(all.narrow(0, 4, all.numel() - 4));
+  stats.moe_dropped = all[4].item<double>();
+  stats.moe_routed = all[5].item<double>();
+  balancer_.unpack(all.narrow(0, 6, all.numel() - 6));
 }
 
 StepStats TrainStep::run(const std::vector<data::Batch>& micro_batches, double lr) {

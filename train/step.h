@@ -23,6 +23,7 @@ struct StepStats {
   double mtp_loss = 0;   // mean over MTP depths of their cross-entropy per target (before mtp_loss_weight)
   double z_loss = 0;     // z_loss_coef * mean logsumexp^2
   double grad_norm = 0;  // global L2 norm before clipping
+  double moe_dropped = 0, moe_routed = 0;  // token copies dropped by model.capacity_factor, and routed (all ranks)
   double targets = 0;    // target tokens of the global batch, all ranks
   bool applied = false;  // false: the loss or the gradient was not finite and nothing was updated
 };

@@ -76,6 +76,10 @@ nlohmann::json StepLogger::record(int64_t step, double lr, const StepStats& st, 
     rec["moe_imbalance_per_block"] = per_block;
     extra += fmt::format(" | aux {:.4f} | imbalance {:.2f}", st.aux_loss, balancer.imbalance());
   }
+  if (st.moe_routed > 0) {  // model.capacity_factor: what the capacity dropped
+    rec["moe_dropped_fraction"] = st.moe_dropped / st.moe_routed;
+    extra += fmt::format(" | dropped {:.1f}%", 100 * st.moe_dropped / st.moe_routed);
+  }
   if (st.z_loss != 0) {
     rec["z_loss"] = st.z_loss;
     extra += fmt::format(" | z {:.4f}", st.z_loss);
