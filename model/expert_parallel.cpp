@@ -7,6 +7,7 @@ namespace dsopen::model {
 namespace {
 
 thread_local ExpertPlacement g_placement;
+thread_local bool g_recomputing = false;
 
 // The exchange rides in the autograd context as an integer: the model owns it and outlives every graph it builds.
 struct AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
@@ -32,6 +33,10 @@ ExpertPlacementScope::ExpertPlacementScope(ExpertPlacement placement) : saved_(g
 }
 ExpertPlacementScope::~ExpertPlacementScope() { g_placement = saved_; }
 ExpertPlacement ExpertPlacementScope::current() { return g_placement; }
+
+RecomputeScope::RecomputeScope() : saved_(g_recomputing) { g_recomputing = true; }
+RecomputeScope::~RecomputeScope() { g_recomputing = saved_; }
+bool RecomputeScope::active() { return g_recomputing; }
 
 torch::Tensor exchange_rows(ExpertExchange& exchange, const torch::Tensor& in, const std::vector<int64_t>& send,
                             const std::vector<int64_t>& recv) {

@@ -35,6 +35,20 @@ private:
   ExpertPlacement saved_;
 };
 
+// Set while activation checkpointing recomputes a layer in backward: its exchanges repeat the forward's, so
+// statistics must not count them again.
+class RecomputeScope {
+public:
+  RecomputeScope();
+  ~RecomputeScope();
+  RecomputeScope(const RecomputeScope&) = delete;
+  RecomputeScope& operator=(const RecomputeScope&) = delete;
+  static bool active();
+
+private:
+  bool saved_;
+};
+
 // Moves rows between the ranks of the expert-parallel group.
 class ExpertExchange {
 public:

@@ -124,6 +124,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       compat::AutocastScope replay(h.device().type(), ctx->saved_data["autocast"].toBool(),
                                    static_cast<c10::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       torch::AutoGradMode grad_on(true);
+      RecomputeScope recompute;
       out = layer->forward(h, AttentionInput{saved[1], saved[2], or_none(saved[3]), 0, nullptr}, or_none(saved[4]));
     }
     gen.set_state(rng_now);

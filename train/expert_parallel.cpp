@@ -37,7 +37,8 @@ torch::Tensor GroupExchange::all_to_all(const torch::Tensor& in, const std::vect
   group_->all_to_all(out, src, recv, send).wait();  // a failure names the all_to_all and the group's size
   totals_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // The first exchange of each MoE forward carries the row counts per expert: what this rank's experts receive.
-  if (in.dim() == 1 && in.scalar_type() == torch::kLong) totals_.rows_received += out.sum().item<int64_t>();
+  if (in.dim() == 1 && in.scalar_type() == torch::kLong && !model::RecomputeScope::active())
+    totals_.rows_received += out.sum().item<int64_t>();
   return out.to(in.device());
 }
 

@@ -32,8 +32,8 @@ public:
   torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send,
                            const std::vector<int64_t>& recv) override;
 
-  // Since the last call: seconds inside all-to-alls, and the token copies dispatched to this rank's experts from
-  // every rank (per forward pass: a layer recomputed by activation checkpointing counts twice).
+  // Since the last call: seconds inside all-to-alls (recomputations included), and the token copies dispatched to
+  // this rank's experts from every rank (forward passes; recomputations by activation checkpointing not counted).
   struct Totals {
     double seconds = 0;
     int64_t rows_received = 0;
