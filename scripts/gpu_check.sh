@@ -71,7 +71,8 @@ run_logged build cmake --build "$BUILD" -j "$(nproc)" --target dsopen-train dsop
   dsopen-tokenizer test_cuda test_train || { grep -m 5 -A 5 "error" "$OUT_DIR/build.log"; exit 1; }
 BIN="$BUILD/bin"
 
-# 3. CUDA tests: forward/decode/train step against the CPU, offloaded AdamW with pinned memory.
+# 3. CUDA tests: forward/decode/train step against the CPU, offloaded AdamW with pinned memory, the fused kernels,
+#    an expert-parallel MoE block split over two threads (the NCCL all-to-all itself needs two GPUs).
 run_logged test_cuda "$BIN/test_cuda"
 run_logged test_train_cpu "$BIN/test_train"
 

@@ -1,5 +1,6 @@
 // The CUDA paths, checked against the CPU: forward (MLA + MoE + MTP and dense GQA), a training step with the flat
-// AdamW (on-device and with the optimizer offloaded to pinned host memory), bf16 autocast, and cached decoding.
+// AdamW (on-device and with the optimizer offloaded to pinned host memory), bf16 autocast, cached decoding, and an
+// expert-parallel MoE block's dispatch on CUDA tensors.
 // Without a CUDA device the executable reports itself skipped (exit 77, which ctest counts as skipped).
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -10,6 +11,7 @@
 #include "model/layers.h"
 #include "model/registry.h"
 #include "model/transformer.h"
+#include "tests/split_moe_check.h"
 #include "train/optimizer.h"
 #include "utils/compat.h"
 
@@ -95,6 +97,13 @@ TEST_CASE("a CUDA training step (on-device and offloaded AdamW) equals the CPU s
   auto want = step(torch::kCPU, false);
   CHECK(rel(step(torch::kCUDA, false), want) < 1e-4);
   CHECK(rel(step(torch::kCUDA, true), want) < 1e-4);
+}
+
+TEST_CASE("expert parallelism on CUDA: a MoE block split over two ranks equals the whole block", "[cuda][expert_parallel]") {
+  // Two threads on one GPU with an in-memory all-to-all: the dispatch, regrouping and combine on CUDA tensors
+  // (the NCCL all-to-all itself needs two GPUs).
+  dsopen::testing::check_split_moe_block(torch::Device(torch::kCUDA, 0), torch::kFloat32);
+  dsopen::testing::check_split_moe_block(torch::Device(torch::kCUDA, 0), torch::kBFloat16);
 }
 
 TEST_CASE("CUDA fused kernels equal the CPU ones: RMSNorm, SwiGLU, rope, head + loss, values and gradients", "[cuda][fused]") {

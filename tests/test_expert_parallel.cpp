@@ -5,14 +5,11 @@
 // the memory and traffic formulas. Real processes with Gloo are tests/dist_test.sh.
 #include <catch2/catch.hpp>
 
-#include <condition_variable>
-#include <mutex>
-#include <thread>
-
 #include "model/expert_parallel.h"
 #include "model/info.h"
 #include "model/registry.h"
 #include "model/transformer.h"
+#include "tests/split_moe_check.h"
 #include "tests/test_helpers.h"
 #include "train/optimizer.h"
 
@@ -20,57 +17,6 @@ using namespace dsopen;
 using dsopen::testing::error_of;
 
 namespace {
-
-// An all-to-all between threads: every rank deposits its rows, waits for all, then takes its slices.
-class ThreadExchange {
-public:
-  explicit ThreadExchange(int size) : size_(size), inbox_(static_cast<size_t>(size)) {}
-  torch::Tensor all_to_all(int rank, const torch::Tensor& in, const std::vector<int64_t>& send) {
-    std::unique_lock<std::mutex> lock(mu_);
-    const int64_t round = round_;
-    inbox_[rank] = {in.clone(), send};
-    if (++arrived_ == size_) cv_.notify_all();
-    cv_.wait(lock, [&] { return arrived_ == size_ || round_ != round; });
-    std::vector<torch::Tensor> parts;
-    for (int s = 0; s < size_; ++s) {
-      int64_t offset = 0;
-      for (int r = 0; r < rank; ++r) offset += inbox_[s].second[r];
-      parts.push_back(inbox_[s].first.narrow(0, offset, inbox_[s].second[rank]));
-    }
-    auto out = torch::cat(parts, 0);
-    if (++taken_ == size_) {  // the last reader opens the next round
-      arrived_ = taken_ = 0;
-      ++round_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return round_ != round; });
-    }
-    return out;
-  }
-
-private:
-  int size_;
-  std::vector<std::pair<torch::Tensor, std::vector<int64_t>>> inbox_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int arrived_ = 0, taken_ = 0;
-  int64_t round_ = 0;
-};
-
-class RankExchange final : public model::ExpertExchange {
-public:
-  RankExchange(ThreadExchange& all, int rank, int size) : all_(all), rank_(rank), size_(size) {}
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-  torch::Tensor all_to_all(const torch::Tensor& in, const std::vector<int64_t>& send,
-                           const std::vector<int64_t>&) override {
-    return all_.all_to_all(rank_, in, send);
-  }
-
-private:
-  ThreadExchange& all_;
-  int rank_, size_;
-};
 
 model::ModelConfig debug_moe() {
   auto c = *model::find_flavor("debug");
@@ -134,64 +80,8 @@ TEST_CASE("received rows are regrouped by expert, sources in rank order", "[expe
 }
 
 TEST_CASE("a MoE block split over two ranks computes the whole block's outputs and gradients", "[expert_parallel]") {
-  const auto c = debug_moe();
-  for (bool lowp : {false, true}) {
-    CAPTURE(lowp);
-    torch::manual_seed(11);
-    model::MoE whole(c);
-    // Two batches (one per "rank"); the whole block sees both, so 40 positions feed 8 experts top-2 (bf16: blocks
-    // of more than 64 rows are padded, so use enough rows that some are).
-    const int64_t T = lowp ? 96 : 12;
-    auto x0 = torch::randn({2, T, c.hidden_size}), x1 = torch::randn({2, T, c.hidden_size});
-    const auto dtype = lowp ? torch::kBFloat16 : torch::kFloat32;
-    whole->to(dtype);
-    auto xa = torch::cat({x0, x1}, 0).to(dtype).requires_grad_();
-    auto ref = whole->forward(xa);
-    (ref.y.to(torch::kFloat32).square().sum() + ref.aux_sum).backward();
-
-    ThreadExchange wire(2);
-    std::vector<torch::Tensor> ys(2), grads(2);
-    std::vector<std::map<std::string, torch::Tensor>> weight_grads(2);
-    std::vector<std::string> errors(2);
-    auto run = [&](int rank) {
-      try {
-        model::ExpertPlacementScope scope({rank, 2});
-        model::MoE part(c);
-        torch::NoGradGuard no_grad;
-        for (auto& p : part->named_parameters()) p.value().set_data(whole->named_parameters()[p.key()].detach().clone());
-        for (auto& b : part->named_buffers()) b.value().copy_(whole->named_buffers()[b.key()]);
-        part->set_exchange(std::make_shared<RankExchange>(wire, rank, 2));
-        torch::AutoGradMode grad(true);
-        auto x = (rank == 0 ? x0 : x1).to(dtype).requires_grad_();
-        auto out = part->forward(x);
-        (out.y.to(torch::kFloat32).square().sum() + out.aux_sum).backward();
-        ys[rank] = out.y.detach();
-        grads[rank] = x.grad();
-        for (const auto& p : part->named_parameters())
-          if (p.value().grad().defined()) weight_grads[rank][p.key()] = p.value().grad();
-      } catch (const std::exception& e) {
-        errors[rank] = e.what();
-      }
-    };
-    std::thread t1(run, 1);
-    run(0);
-    t1.join();
-    REQUIRE(errors[0].empty());
-    REQUIRE(errors[1].empty());
-    const double tol = lowp ? 2e-2 : 1e-5;
-    CHECK(torch::allclose(torch::cat(ys, 0).to(torch::kFloat32), ref.y.to(torch::kFloat32), tol, tol));
-    CHECK(torch::allclose(torch::cat(grads, 0).to(torch::kFloat32), xa.grad().to(torch::kFloat32), tol, tol));
-    // Each expert's gradient lives on its rank only and equals the whole block's; shared weights sum over ranks.
-    for (const auto& p : whole->named_parameters()) {
-      CAPTURE(p.key());
-      torch::Tensor sum;
-      for (int r = 0; r < 2; ++r)
-        if (weight_grads[r].count(p.key())) sum = sum.defined() ? sum + weight_grads[r][p.key()] : weight_grads[r][p.key()];
-      REQUIRE(sum.defined());
-      const double scale = std::max(1.0, p.value().grad().abs().max().item<double>());
-      CHECK((sum.to(torch::kFloat32) - p.value().grad().to(torch::kFloat32)).abs().max().item<double>() <= tol * scale);
-    }
-  }
+  dsopen::testing::check_split_moe_block(torch::kCPU, torch::kFloat32);
+  dsopen::testing::check_split_moe_block(torch::kCPU, torch::kBFloat16);  // blocks past 64 rows padded for oneDNN
 }
 
 TEST_CASE("optimizer state moves between expert-parallel layouts by parameter name", "[expert_parallel]") {
