@@ -43,6 +43,21 @@ train() {  # [CONFIG=file] train NAME NPROC STRATEGY ACCUM [extra --set ...]
   if [ $rc != 0 ]; then echo "FAIL $name: exit $rc"; tail -5 "$W/$name.log"; fail=1; else echo "ok   $name"; fi
 }
 
+# kill_rank1 NAME LAUNCHER_PID: SIGKILLs rank 1 of the run writing to $W/NAME and waits for its launcher; sets rc (the
+# launcher's exit code), took (seconds until it exited) and left (processes of the run still alive). Returns 1 when
+# rank 1 is not found.
+kill_rank1() {
+  local name="$1" launcher="$2" victim start
+  victim="$(pgrep -f "run.output_dir=$W/$name" | while read -r p; do
+    [ "$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -x 'RANK=1')" ] && echo "$p"; done | head -1)"
+  [ -n "$victim" ] || return 1
+  start=$(date +%s)
+  kill -KILL "$victim"
+  wait "$launcher"; rc=$?
+  took=$(( $(date +%s) - start ))
+  left="$(pgrep -f "run.output_dir=$W/$name" | wc -l)"
+}
+
 # The single-process reference builds the tokenizer and shards the others reuse.
 train r1 1 none 8
 for s in ddp zero1 zero2; do
@@ -215,14 +230,7 @@ next_port
   > "$W/ep_kill.log" 2>&1 &
 launcher=$!
 for _ in $(seq 1 600); do grep -q "step 1/" "$W/ep_kill/logs/rank_0.log" 2>/dev/null && break; sleep 0.1; done
-victim="$(pgrep -f "run.output_dir=$W/ep_kill" | while read -r p; do
-  [ "$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -x 'RANK=1')" ] && echo "$p"; done | head -1)"
-if [ -z "$victim" ]; then echo "FAIL ep kill: rank 1 not found"; fail=1; else
-  start=$(date +%s)
-  kill -KILL "$victim"
-  wait "$launcher"; rc=$?
-  took=$(( $(date +%s) - start ))
-  left="$(pgrep -f "run.output_dir=$W/ep_kill" | wc -l)"
+if ! kill_rank1 ep_kill "$launcher"; then echo "FAIL ep kill: rank 1 not found"; fail=1; else
   said="$(grep -o 'error: .*all_to_all.*' "$W/ep_kill.log" | head -1 | cut -c1-200)"
   if [ $rc = 0 ] || [ "$took" -gt 40 ] || [ "$left" != 0 ] || [ -z "$said" ]; then
     echo "FAIL ep kill: launcher exit $rc after ${took}s, $left processes left"; tail -5 "$W/ep_kill.log"; fail=1
@@ -283,14 +291,7 @@ next_port
   --set checkpoint.every=5 --set run.log_every=50 > "$W/kill.log" 2>&1 &
 launcher=$!
 for _ in $(seq 1 600); do [ -f "$W/kill/checkpoints/latest" ] && break; sleep 0.1; done
-victim="$(pgrep -f "run.output_dir=$W/kill" | while read -r p; do
-  [ "$(tr '\0' '\n' < /proc/$p/environ 2>/dev/null | grep -x 'RANK=1')" ] && echo "$p"; done | head -1)"
-if [ -z "$victim" ]; then echo "FAIL kill: rank 1 not found"; fail=1; else
-  start=$(date +%s)
-  kill -KILL "$victim"
-  wait "$launcher"; rc=$?
-  took=$(( $(date +%s) - start ))
-  left="$(pgrep -f "run.output_dir=$W/kill" | wc -l)"
+if ! kill_rank1 kill "$launcher"; then echo "FAIL kill: rank 1 not found"; fail=1; else
   if [ $rc = 0 ] || [ "$took" -gt 60 ] || [ "$left" != 0 ]; then
     echo "FAIL kill: launcher exit $rc after ${took}s, $left processes left"; tail -5 "$W/kill.log"; fail=1
   else
