@@ -1,5 +1,7 @@
 #include "train/memory_plan.h"
 
+#include <numeric>
+
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -63,9 +65,11 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
   }
 #endif
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%lld rank%s, strategy %s%s, %s, micro-batch %lld x %lld tokens, %s",
+  const std::string experts = job.parallel.expert_parallel > 1
+                                  ? ", expert parallel " + std::to_string(job.parallel.expert_parallel) : std::string();
+  std::snprintf(buf, sizeof buf, "%lld rank%s, strategy %s%s%s, %s, micro-batch %lld x %lld tokens, %s",
                 static_cast<long long>(world_size), world_size == 1 ? "" : "s", to_string(job.parallel.strategy).c_str(),
-                job.parallel.offload_optimizer ? " + optimizer offload" : "",
+                job.parallel.offload_optimizer ? " + optimizer offload" : "", experts.c_str(),
                 job.train.precision == PrecisionMode::Auto ? "precision auto (planned as fp32)"
                                                            : to_string(job.train.precision).c_str(),
                 static_cast<long long>(job.train.micro_batch_size), static_cast<long long>(job.data.seq_len),
@@ -105,13 +109,19 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
             " train.grad_accum_steps=" + std::to_string(k.train.grad_accum_steps),
         k, world_size);
   }
-  // More ranks shard the moments and gradients (zero2); the weights stay whole on every rank.
+  // More ranks shard the moments and gradients (zero2); the weights stay whole on every rank but for the routed
+  // experts, which expert parallelism splits over up to gcd(ranks, experts) ranks.
   for (int64_t n = std::max<int64_t>(2, world_size); n <= 1024; n *= 2) {
     JobConfig k = j;
     k.parallel.strategy = Strategy::Zero2;
-    add("parallel.strategy=zero2 train.activation_checkpointing=true on " + std::to_string(n) + " ranks (one per " +
-            (runs_on_cuda(job.run) ? "GPU" : "machine") + ")",
-        k, n);
+    const std::string where = " on " + std::to_string(n) + " ranks (one per " + (runs_on_cuda(job.run) ? "GPU" : "machine") + ")";
+    add("parallel.strategy=zero2 train.activation_checkpointing=true" + where, k, n);
+    const int64_t E = std::gcd(n, job.model.n_routed_experts);
+    if (E > 1) {
+      k.parallel.expert_parallel = E;
+      add("parallel.strategy=zero2 parallel.expert_parallel=" + std::to_string(E) + " train.activation_checkpointing=true" + where,
+          k, n);
+    }
   }
   std::vector<std::string> out;
   for (const auto& c : candidates) {
@@ -131,8 +141,9 @@ void refuse_if_it_cannot_fit(const JobConfig& job, int64_t world_size, int64_t l
   std::string hint;
   for (const auto& f : fixes) hint += (hint.empty() ? "layouts that fit: --set " : "; or --set ") + f;
   if (hint.empty())
-    hint = "the weights alone take " + gib(p.plan.weights) + " on every rank (no layout here shards them): use a "
-           "smaller model or a machine with more memory; dsopen-train --plan shows each term";
+    hint = "the weights alone take " + gib(p.plan.weights) + " on every rank (no layout here shards them" +
+           (job.model.n_routed_experts > 0 ? " enough; parallel.expert_parallel splits only the routed experts" : "") +
+           "): use a smaller model or a machine with more memory; dsopen-train --plan shows each term";
   const double total = p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host);
   throw usage_error("model", "the job needs " + gib(total) + " per rank but " + gib(p.device_budget) + " is available (" +
                                  p.budget_source + ")",
