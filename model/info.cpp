@@ -122,7 +122,7 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
     s += label +
          human(static_cast<double>(p.total - p.routed) + static_cast<double>(p.routed) / E) + " parameters per rank (" +
          human(static_cast<double>(p.routed) / E) + " of them routed experts); all-to-all " +
-         human(all_to_all_bytes_per_token(c, expert_parallel, 2), "B") + " per token per step (bf16, uniform routing)\n";
+         human(all_to_all_bytes_per_token(c, expert_parallel, 2), "B") + " per token per step (bf16 activations, uniform routing)\n";
   }
   s += "train memory per rank (weights + grads + AdamW, " + std::to_string(world_size) + " ranks" +
        (expert_parallel > 1 ? ", expert parallel " + std::to_string(expert_parallel) : std::string()) + ")\n";

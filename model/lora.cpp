@@ -637,7 +637,8 @@ void load_adapter_weights(torch::nn::Module& model, const std::string& dir, bool
   if (adapted.size() != in_file.size() ||
       !std::all_of(adapted.begin(), adapted.end(), [&](const auto& p) { return in_file.count(p.first) > 0; }))
     throw runtime_error(files.weights_path,
-                        "adapts " + std::to_string(in_file.size()) + " modules, this run " +
+                        "adapts " + std::to_string(in_file.size()) + " modules" +
+                            (experts_elsewhere ? " this rank holds (its share of the routed experts)" : "") + ", this run " +
                             std::to_string(adapted.size()) + " (a different set)",
                         "resume with the lora: settings the checkpoint was written with");
   torch::NoGradGuard no_grad;

@@ -37,9 +37,20 @@ std::string shape_str(at::IntArrayRef s) {
 
 WeightFiles::WeightFiles(const std::string& dir) {
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
-  if (!fs::exists(index)) {
+  // model.safetensors first, as transformers reads a directory that has both.
+  if (!fs::exists(index) || fs::exists(fs::path(dir) / "model.safetensors")) {
     path_ = (fs::path(dir) / "model.safetensors").string();
-    if (!fs::exists(path_)) throw runtime_error(path_, "weights not found", "the directory needs model.safetensors or its index");
+    if (!fs::exists(path_)) {
+      std::error_code ec;
+      if (fs::is_directory(dir, ec))
+        for (const auto& e : fs::directory_iterator(dir, ec)) {
+          const std::string name = e.path().filename().string();
+          if (name.rfind("model-", 0) == 0 && name.find("-of-") != std::string::npos && e.path().extension() == ".safetensors")
+            throw runtime_error(index.string(), "missing, but shards such as " + name + " are in the directory",
+                                "restore model.safetensors.index.json (it maps every tensor to its shard)");
+        }
+      throw runtime_error(path_, "weights not found", "the directory needs model.safetensors or its index");
+    }
     files_.push_back(std::make_unique<SafetensorsFile>(path_));
     for (const auto& n : files_[0]->names()) where_[n] = 0;
     return;
@@ -158,7 +169,11 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
   std::string msg = std::to_string(problems.size()) + " tensor problem(s): " + problems.front();
   for (size_t i = 1; i < std::min<size_t>(problems.size(), 8); ++i) msg += "; " + problems[i];
   if (problems.size() > 8) msg += "; ...";
-  throw runtime_error(file.path(), msg, "the file does not match the model config");
+  const bool sharded = file.path().size() > 11 && file.path().compare(file.path().size() - 11, 11, ".index.json") == 0;
+  throw runtime_error(file.path(), msg,
+                      sharded && problems.front().rfind("missing ", 0) == 0
+                          ? "the index or its shards lack tensors of this model config: restore them, or use the config they were written for"
+                          : "the file does not match the model config");
 }
 
 namespace {

@@ -147,13 +147,22 @@ TEST_CASE("optimizer state moves between expert-parallel layouts by parameter na
     auto p = make(all);
     train::FlatAdamW opt(p, {});
     CHECK_THAT(error_of([&] { opt.load_state_dicts(partial); }),
-               Catch::Contains("another set of trainable parameters (first difference at m.experts."));
+               Catch::Contains("no optimizer file holds the state of m.experts.") &&
+                   Catch::Contains("read: rank_0, experts_rank_0"));
+  }
+  SECTION("a file of another step is named") {
+    auto mixed = two;
+    mixed.back().tensors["step"] = torch::tensor({7}, torch::kLong);
+    auto p = make(all);
+    train::FlatAdamW opt(p, {});
+    CHECK_THAT(error_of([&] { opt.load_state_dicts(mixed); }),
+               Catch::Contains("experts_rank_1: holds the optimizer state of step 7"));
   }
   SECTION("a replicated parameter another run did not have is not taken for a foreign expert") {
     auto p = make({"a.weight", "b.weight", "c.weight"});
     train::FlatAdamW opt(p, {});
     CHECK_THAT(error_of([&] { opt.load_state_dicts(two, model::is_routed_expert_name); }),
-               Catch::Contains("first difference at c.weight"));
+               Catch::Contains("no optimizer file holds the state of c.weight"));
   }
 }
 

@@ -112,14 +112,18 @@ static int run(int argc, char** argv) {
   }
   // --expert-parallel, else the config's parallel.expert_parallel.
   int64_t expert_parallel = config_expert_parallel;
-  if (args.count("expert-parallel")) expert_parallel = args["expert-parallel"].as<int64_t>();
-  if (expert_parallel < 1 || world % expert_parallel != 0)
-    throw usage_error("--expert-parallel", std::to_string(expert_parallel) + " does not divide --world-size " + std::to_string(world),
-                      "give a divisor of the world size");
-  if (expert_parallel > 1 && (c.n_routed_experts == 0 || c.n_routed_experts % expert_parallel != 0))
-    throw usage_error("--expert-parallel", std::to_string(expert_parallel) + " does not divide the model's " +
-                                              std::to_string(c.n_routed_experts) + " routed experts",
-                      c.n_routed_experts == 0 ? "the model has no routed experts; leave it at 1" : "give a divisor of n_routed_experts");
+  std::string source = "parallel.expert_parallel (in " + path + ")";
+  if (args.count("expert-parallel")) expert_parallel = args["expert-parallel"].as<int64_t>(), source = "--expert-parallel";
+  if (expert_parallel < 1) throw usage_error(source, "must be >= 1, got " + std::to_string(expert_parallel));
+  if (world % expert_parallel != 0)
+    throw usage_error(source, std::to_string(expert_parallel) + " does not divide --world-size " + std::to_string(world),
+                      "give --world-size a multiple of " + std::to_string(expert_parallel));
+  if (expert_parallel > 1 && c.n_routed_experts == 0)
+    throw usage_error(source, "the model has no routed experts", "leave expert parallelism at 1");
+  if (c.n_routed_experts % expert_parallel != 0)
+    throw usage_error(source, std::to_string(expert_parallel) + " does not divide the model's " +
+                                  std::to_string(c.n_routed_experts) + " routed experts",
+                      "give a divisor of n_routed_experts");
   if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len, expert_parallel).dump() << std::endl;
   else std::cout << model::model_info_text(c, world, seq_len, expert_parallel);
   return 0;

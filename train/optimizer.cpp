@@ -99,6 +99,20 @@ std::map<std::string, std::string> FlatAdamW::state_metadata() const {
 
 namespace {
 
+// Where the shards came from, for messages: their common directory and their file names.
+std::string directory_of(const std::vector<FlatAdamW::SavedShard>& shards) {
+  const auto slash = shards.front().source.rfind('/');
+  return slash == std::string::npos ? shards.front().source : shards.front().source.substr(0, slash);
+}
+std::string file_list(const std::vector<FlatAdamW::SavedShard>& shards) {
+  std::string out;
+  for (const auto& sh : shards) {
+    const auto slash = sh.source.rfind('/');
+    out += (out.empty() ? "" : ", ") + (slash == std::string::npos ? sh.source : sh.source.substr(slash + 1));
+  }
+  return out;
+}
+
 const torch::Tensor& saved(const FlatAdamW::SavedShard& sh, const std::string& key) {
   auto it = sh.tensors.find(key);
   if (it == sh.tensors.end()) throw runtime_error(sh.source, "optimizer state lacks '" + key + "'", "restore the file");
@@ -157,16 +171,24 @@ std::vector<FlatAdamW::SavedLayout> FlatAdamW::read_layouts(const std::vector<Sa
   };
   std::set<std::string> mine;
   for (const auto& g : params_->groups())
-    for (size_t i = 0; i < g.names.size(); ++i) {
-      mine.insert(g.names[i]);
-      auto it = saved_params.find(g.names[i]);
-      if (it == saved_params.end() || it->second.first != g.name || it->second.second != g.numels[i])
-        throw another(shards.front().source, g.names[i]);
-    }
+    for (const auto& name : g.names) mine.insert(name);
+  // First a saved parameter this run does not have (another model), then one of ours saved differently, then one
+  // of ours no file holds (a missing file).
   for (size_t k = 0; k < shards.size(); ++k)
     for (const auto& [group, params] : layouts[k].groups)
       for (const auto& p : params)
         if (!mine.count(p.name) && !(foreign && foreign(p.name))) throw another(shards[k].source, p.name);
+  for (const auto& g : params_->groups())
+    for (size_t i = 0; i < g.names.size(); ++i) {
+      auto it = saved_params.find(g.names[i]);
+      if (it != saved_params.end() && (it->second.first != g.name || it->second.second != g.numels[i]))
+        throw another(shards.front().source, g.names[i]);
+      if (it == saved_params.end())
+        throw runtime_error(directory_of(shards), "no optimizer file holds the state of " + g.names[i] + " (read: " +
+                                                      file_list(shards) + ")",
+                            "an optimizer file of the checkpoint is missing (every rank_R and experts_rank_R that was "
+                            "written), or it was written for other trainable parameters; restore it");
+    }
   return layouts;
 }
 
@@ -220,9 +242,10 @@ void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<
     }
   }
   if (covered != needed)
-    throw runtime_error(shards.front().source, "the optimizer shards cover " + std::to_string(covered) + " of the " +
-                                                   std::to_string(needed) + " " + g.name + " values this rank needs",
-                        "a rank_R.safetensors file is missing or duplicated; restore the checkpoint");
+    throw runtime_error(directory_of(shards), "the optimizer files (" + file_list(shards) + ") cover " +
+                                                  std::to_string(covered) + " of the " + std::to_string(needed) + " " +
+                                                  g.name + " values this rank needs",
+                        "a rank_R.safetensors or experts_rank_R.safetensors file is missing or duplicated; restore the checkpoint");
 }
 
 void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards,
@@ -238,6 +261,14 @@ void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards,
   const auto& step = saved(shards.front(), "step");
   if (step.numel() != 1) throw runtime_error(shards.front().source, "'step' must hold one value", "restore the file");
   step_ = step.item<int64_t>();
+  // Files of another checkpoint mixed in would restore moments of another step.
+  for (const auto& sh : shards) {
+    const auto& other = saved(sh, "step");
+    if (other.numel() != 1 || other.item<int64_t>() != step_)
+      throw runtime_error(sh.source, "holds the optimizer state of step " + std::to_string(other.numel() == 1 ? other.item<int64_t>() : -1) +
+                                         ", " + shards.front().source + " of step " + std::to_string(step_),
+                          "every optimizer file must come from the same checkpoint; restore it");
+  }
   params_->refresh_master();  // the master copy follows the restored parameters
 }
 

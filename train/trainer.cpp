@@ -77,8 +77,8 @@ void setup_lora(model::CausalLM& m, const JobConfig& j) {
   const auto adapted = j.lora.adapter.empty() ? model::inject_lora(*m, j.lora.config)
                                                : model::load_adapter(*m, j.lora.adapter, m->expert_placement().sharded());
   const auto n = model::freeze_base(*m, j.lora.base_dtype);
-  spdlog::info("LoRA on {} projections{}: trainable parameters {} of {} ({:.3f}%); base from {} frozen ({})",
-               adapted.size(), j.lora.adapter.empty() ? "" : " from " + j.lora.adapter, n.trainable, n.total,
+  spdlog::info("LoRA on {} projections{}{}: trainable parameters {} of {} ({:.3f}%); base from {} frozen ({})",
+               adapted.size(), m->expert_placement().sharded() ? " held by this rank" : "", j.lora.adapter.empty() ? "" : " from " + j.lora.adapter, n.trainable, n.total,
                100.0 * n.trainable / n.total, j.model.pretrained, j.lora.base_dtype == torch::kBFloat16 ? "bf16" : "fp32");
 }
 
@@ -263,9 +263,9 @@ void Trainer::State::resume_or_load() {
                dp->state_bytes() / 1e6, dp->predicted_state_bytes() / 1e6, dp->grad_bytes() / 1e6,
                dp->predicted_grad_bytes() / 1e6);
   if (const DataParallel* e = dp->experts())
-    spdlog::info("routed experts on this rank: {:.2f}M parameters ({:.1f} MB) of {:.2f}M, optimizer state {:.1f} MB",
-                 e->optimizer().num_params() / 1e6, e->optimizer().num_params() * 4 / 1e6,
-                 e->optimizer().num_params() * static_cast<double>(experts.size) / 1e6, e->state_bytes() / 1e6);
+    spdlog::info("trainable routed-expert parameters on this rank: {} ({:.2f} MB) of {} in the model, optimizer state {:.2f} MB",
+                 e->optimizer().num_params(), e->optimizer().num_params() * 4 / 1e6,
+                 e->optimizer().num_params() * experts.size, e->state_bytes() / 1e6);
 }
 
 Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_unique<State>()) {
