@@ -20,6 +20,13 @@ public:
   // epoch when this one has too few samples left.
   virtual Batch next(DataCursor& cursor, int64_t micro_batch) = 0;
   virtual int64_t samples_per_rank() const = 0;  // per epoch
+  // Starts an optimizer step that takes `samples` of this rank's samples (micro_batch_size x grad_accum_steps):
+  // when the epoch has fewer left, the step starts the next epoch. Rank r's k-th sample of an epoch is sample
+  // k * world + r of its order, so a step covers the same samples whatever the split of the global batch into
+  // ranks, accumulation and micro-batches — as long as epochs end at step boundaries, which this makes them do.
+  void begin_step(DataCursor& cursor, int64_t samples) const {
+    if (samples <= samples_per_rank() && cursor.position + samples > samples_per_rank()) cursor = {cursor.epoch + 1, 0};
+  }
 };
 
 struct BatchSources {

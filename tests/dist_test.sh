@@ -65,6 +65,19 @@ for s in ddp zero1 zero2; do
   train "${s}_4" 4 "$s" 2
 done
 
+# An epoch ending inside a step (the debug data holds 362 samples of 32 tokens; 64 per step): 4 ranks start the
+# next epoch at the same step as 1 rank and keep training on the same samples.
+train wrap_1 1 none 16 --set train.micro_batch_size=4 --set train.max_steps=8 --set checkpoint.every=0
+train wrap_4 4 zero2 4 --set train.micro_batch_size=4 --set train.max_steps=8 --set checkpoint.every=0
+python3 - "$W" <<'PY' || fail=1
+import json, sys
+rows = lambda run: {j["step"]: j["loss"] for j in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if "loss" in j}
+a, b = rows("wrap_1"), rows("wrap_4")
+err = max(abs(a[s] - b[s]) for s in a)
+print(f"{'ok  ' if err <= 1e-5 and len(a) == 8 else 'FAIL'} across an epoch end 4 ranks match 1 rank: max |dloss| = {err:.2e}")
+sys.exit(0 if err <= 1e-5 and len(a) == 8 else 1)
+PY
+
 # Two "nodes" on this machine: two launchers, two ranks each, one loopback master.
 next_port
 for node in 0 1; do

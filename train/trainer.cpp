@@ -304,6 +304,7 @@ TrainResult Trainer::run() {
   g_training.store(true);
   while (s.state.step < t.max_steps) {
     data::DataCursor cursor = s.state.cursor;
+    s.data.train->begin_step(cursor, t.micro_batch_size * t.grad_accum_steps);
     std::vector<data::Batch> batches;
     for (int64_t k = 0; k < t.grad_accum_steps; ++k) batches.push_back(s.data.train->next(cursor, t.micro_batch_size));
     const double lr = lr_at(s.state.step, schedule);
