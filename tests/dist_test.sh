@@ -343,8 +343,8 @@ next_port
   "exec \"$BIN/dsopen-train\" --config \"$W/base.yaml\" --set run.output_dir=\"$W/mismatch\" --set train.max_steps=2 \
    --set train.lr=\$([ \"\$RANK\" = 1 ] && echo 1.0e-3 || echo 2.0e-3)" > "$W/mismatch.log" 2>&1
 rc=$?
-if [ $rc = 2 ] && grep -q "the ranks were started with different configs" "$W/mismatch.log" && [ ! -d "$W/mismatch/checkpoints" ]; then
-  echo "ok   ranks with different configs: exit 2 before training"
+if [ $rc = 2 ] && grep -q "resolved config differs from rank 0's at '.*lr: 1.0e-3" "$W/mismatch.log" && [ ! -d "$W/mismatch/checkpoints" ]; then
+  echo "ok   ranks with different configs: exit 2 before training, naming the line: $(grep -o "differs from rank 0's at .*" "$W/mismatch.log" | head -1 | cut -c1-120)"
 else
   echo "FAIL ranks with different configs: exit $rc"; tail -n 5 "$W/mismatch.log"; fail=1
 fi

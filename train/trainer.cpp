@@ -6,6 +6,7 @@
 #include <atomic>
 #include <csignal>
 #include <filesystem>
+#include <sstream>
 
 #include "data/batch_source.h"
 #include "model/info.h"
@@ -108,11 +109,40 @@ struct Trainer::State {
   TrainerState state;
 
   void start_processes();  // needs resolved_config
+  void check_same_config();
   void prepare_data();
   void build_model();
   void build_optimizer();
   void resume_or_load();
 };
+
+// Ranks started with different configs would train different jobs as one (different precisions, batch sizes,
+// learning rates): every rank compares its resolved config with rank 0's, line by line (hashes), and a rank that
+// differs names its first differing line.
+void Trainer::State::check_same_config() {
+  std::vector<int64_t> mine;
+  std::vector<std::string> lines;
+  std::istringstream in(resolved_config);
+  for (std::string line; std::getline(in, line);) {
+    lines.push_back(line);
+    mine.push_back(static_cast<int64_t>(std::hash<std::string>{}(line)));
+  }
+  auto count = torch::tensor({static_cast<int64_t>(mine.size())}, torch::kLong).to(group->device());
+  group->broadcast(count, 0).wait();
+  auto theirs = torch::tensor(mine, torch::kLong).to(group->device());
+  if (count.item<int64_t>() != static_cast<int64_t>(mine.size()))
+    theirs = torch::zeros({count.item<int64_t>()}, torch::kLong).to(group->device());
+  group->broadcast(theirs, 0).wait();
+  theirs = theirs.cpu();
+  size_t first = 0;
+  while (first < mine.size() && static_cast<int64_t>(first) < theirs.numel() && theirs[first].item<int64_t>() == mine[first]) ++first;
+  const bool same = first == mine.size() && static_cast<int64_t>(first) == theirs.numel();
+  if (group->all_ranks_agree(same)) return;
+  throw usage_error("config", same ? "another rank was started with a different config or --set values"
+                                   : "this rank's resolved config differs from rank 0's at '" +
+                                         (first < lines.size() ? lines[first] : std::string("(end)")) + "'",
+                    "start every rank with the same --config and --set values, as scripts/launch.sh does");
+}
 
 // Device, threads, precision and the process group (one process: a group of one).
 void Trainer::State::start_processes() {
@@ -125,16 +155,7 @@ void Trainer::State::start_processes() {
   const bool cuda = runs_on_cuda(j.run);
   device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(dist.local_rank)) : torch::Device(torch::kCPU);
   group = create_process_group(dist, device, {j.parallel.backend, std::chrono::seconds(j.parallel.timeout_s)});
-  if (group->size() > 1) {
-    // Ranks started with different configs would train different jobs as one (different precisions, batch sizes,
-    // learning rates): every rank compares its resolved config with rank 0's.
-    const uint64_t mine = std::hash<std::string>{}(resolved_config);
-    auto theirs = torch::tensor({static_cast<int64_t>(mine)}, torch::kLong).to(group->device());
-    group->broadcast(theirs, 0).wait();
-    if (!group->all_ranks_agree(static_cast<uint64_t>(theirs.item<int64_t>()) == mine))
-      throw usage_error("config", "the ranks were started with different configs or --set values",
-                        "start every rank with the same --config and --set (scripts/launch.sh does)");
-  }
+  if (group->size() > 1) check_same_config();
   experts = make_expert_groups(*group, j.parallel.expert_parallel);
   PrecisionChoice choice = choose_precision(j.train.precision, device, j.model.hidden_size, j.model.intermediate_size);
   // Every rank trains in one precision: bf16 only where every rank measured it faster.

@@ -1,5 +1,7 @@
 #include "utils/errors.h"
 
+#include "utils/logging.h"
+
 #include <filesystem>
 
 #include <cstdio>
@@ -60,6 +62,7 @@ int run_main(const char* program, int (*body)(int, char**), int argc, char** arg
     return body(argc, argv);
   } catch (const Error& e) {
     std::fprintf(stderr, "%s: error: %s\n", program, printable(e.what()).c_str());
+    logging::record_fatal_error(std::string(program) + ": error: " + printable(e.what()));
     return e.exit_code();
   } catch (const std::filesystem::filesystem_error& e) {
     // A path the operating system refused (a symlink loop, a file where a directory should be, no permission):
@@ -81,6 +84,7 @@ int run_main(const char* program, int (*body)(int, char**), int argc, char** arg
       return 1;
     }
     std::fprintf(stderr, "%s: error: %s\n", program, printable(first_line(what)).c_str());
+    logging::record_fatal_error(std::string(program) + ": error: " + printable(first_line(what)));
     return 1;
   }
 }

@@ -31,6 +31,8 @@ void install(std::vector<spdlog::sink_ptr> sinks, spdlog::level::level_enum leve
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);
 }
+
+std::shared_ptr<spdlog::sinks::sink> g_run_file;  // the rank log of setup_run, if any
 }  // namespace
 
 void setup_console(const std::string& level) { install({console_sink()}, parse_level(level)); }
@@ -52,7 +54,17 @@ void setup_run(const std::string& output_dir, int rank, const std::string& level
   file->set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] %l %v");
   file->set_level(file_level);
   sinks.push_back(file);
+  g_run_file = file;
   install(sinks, file_level);
+}
+
+void record_fatal_error(const std::string& message) {
+  if (!g_run_file) return;
+  try {
+    g_run_file->log(spdlog::details::log_msg("dsopen", spdlog::level::err, message));
+    g_run_file->flush();
+  } catch (...) {  // the error is on stderr already; a full disk must not hide it
+  }
 }
 
 }  // namespace dsopen::logging

@@ -18,4 +18,8 @@ void setup_console(const std::string& level = "info");
 // (the resolved config, internal counters). Creates the directory.
 void setup_run(const std::string& output_dir, int rank, const std::string& level);
 
+// Writes `message` (the error that ends the process, already printed on stderr) into this process's rank log, if
+// it has one: a failed rank's log then says why, where other ranks' errors send the reader.
+void record_fatal_error(const std::string& message);
+
 }  // namespace dsopen::logging
