@@ -201,6 +201,29 @@ for run, steps in [("ep_resume_2", range(11, 21)), ("ep_resume_1", range(16, 21)
 sys.exit(0 if ok else 1)
 PY
 
+# The tiny model's shapes (hidden 256, 4 layers, 8 routed experts in 4 groups, MTP) with E=2 equal 1 rank; and
+# the expert-parallel checkpoints read on one process (dsopen-eval) give the 1-rank checkpoint's perplexity.
+TINY=(--set model.flavor=tiny --set model.vocab_size=512 --set train.max_steps=10 --set checkpoint.every=0 "${EPS[@]}")
+train ep_tiny_1 1 none 8 "${TINY[@]}"
+train ep_tiny_2 2 zero2 4 --set parallel.expert_parallel=2 "${TINY[@]}"
+for run in ep_1 ep_4 ep_2x2; do
+  "$BIN/dsopen-eval" --model "$W/$run/checkpoints/step_00000020" --data "$W/shards/f_*.bin" --ppl --seq-len 32 \
+    --batches 4 > "$W/$run.eval" 2>&1 || { echo "FAIL dsopen-eval on $run's checkpoint"; tail -3 "$W/$run.eval"; fail=1; }
+done
+python3 - "$W" <<'PY' || fail=1
+import json, re, sys
+W = sys.argv[1]
+rows = lambda run: {j["step"]: j for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "loss" in j}
+a, b = rows("ep_tiny_1"), rows("ep_tiny_2")
+err = max(abs(a[s][k] - b[s][k]) / max(abs(a[s][k]), 1e-3) for s in a for k in ("loss", "moe_aux_loss", "moe_imbalance", "mtp_loss"))
+ok = len(a) == 10 and err <= 1e-5
+print(f"{'ok  ' if ok else 'FAIL'} tiny model, E=2 matches 1 rank over 10 steps: max rel dmetric {err:.1e}")
+ppl = {run: float(re.search(r"loss ([0-9.]+)", open(f"{W}/{run}.eval").read()).group(1)) for run in ("ep_1", "ep_4", "ep_2x2")}
+good = all(abs(ppl[r] - ppl["ep_1"]) <= 2e-4 for r in ppl)  # printed to 4 decimals; the weights agree to ~5e-6
+print(f"{'ok  ' if good else 'FAIL'} dsopen-eval on one process reads the expert-parallel checkpoints: loss {ppl}")
+sys.exit(0 if ok and good else 1)
+PY
+
 # LoRA under expert parallelism: adapters on every projection, routed experts included, of the E=1 run's model;
 # E=2 on 2 ranks equals 1 rank (losses, every adapter tensor of the one PEFT file), and resumes on 1 rank.
 LORA=(--set model.pretrained="$W/ep_1/checkpoints/step_00000020" --set lora.enabled=true --set lora.r=4
