@@ -1,7 +1,5 @@
 #include "utils/errors.h"
 
-#include "utils/logging.h"
-
 #include <filesystem>
 
 #include <cstdio>
@@ -57,12 +55,18 @@ std::string printable(const std::string& s) {
 }
 }  // namespace
 
+namespace {
+void (*g_fatal_error_sink)(const std::string&) = nullptr;
+}  // namespace
+
+void set_fatal_error_sink(void (*sink)(const std::string&)) { g_fatal_error_sink = sink; }
+
 int run_main(const char* program, int (*body)(int, char**), int argc, char** argv) {
   try {
     return body(argc, argv);
   } catch (const Error& e) {
     std::fprintf(stderr, "%s: error: %s\n", program, printable(e.what()).c_str());
-    logging::record_fatal_error(std::string(program) + ": error: " + printable(e.what()));
+    if (g_fatal_error_sink) g_fatal_error_sink(std::string(program) + ": error: " + printable(e.what()));
     return e.exit_code();
   } catch (const std::filesystem::filesystem_error& e) {
     // A path the operating system refused (a symlink loop, a file where a directory should be, no permission):
@@ -84,7 +88,7 @@ int run_main(const char* program, int (*body)(int, char**), int argc, char** arg
       return 1;
     }
     std::fprintf(stderr, "%s: error: %s\n", program, printable(first_line(what)).c_str());
-    logging::record_fatal_error(std::string(program) + ": error: " + printable(first_line(what)));
+    if (g_fatal_error_sink) g_fatal_error_sink(std::string(program) + ": error: " + printable(first_line(what)));
     return 1;
   }
 }

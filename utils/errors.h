@@ -33,5 +33,7 @@ std::string format_error(const std::string& where, const std::string& what, cons
 // Runs a binary's body: catches dsopen::Error and any std::exception, prints one line to stderr prefixed by the
 // program name and returns the exit code (0 on success). Keeps every main() to one line of error handling.
 int run_main(const char* program, int (*body)(int, char**), int argc, char** argv);
+// Where run_main also sends the line it prints (utils/logging.h installs the rank log; none by default).
+void set_fatal_error_sink(void (*sink)(const std::string&));
 
 }  // namespace dsopen

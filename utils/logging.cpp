@@ -55,6 +55,7 @@ void setup_run(const std::string& output_dir, int rank, const std::string& level
   file->set_level(file_level);
   sinks.push_back(file);
   g_run_file = file;
+  set_fatal_error_sink(record_fatal_error);
   install(sinks, file_level);
 }
 
