@@ -9,7 +9,8 @@
 
 namespace dsopen::model::kernels {
 
-// The row loops below are plain C++ that GCC vectorizes; target_clones compiles each for AVX-512, AVX2 and the
+// The row loops below are plain C++ that GCC vectorizes (this file is compiled with -fno-trapping-math, without which
+// GCC leaves every loop with a float comparison - exp's clamp, sigmoid - scalar); target_clones compiles each for AVX-512, AVX2 and the
 // baseline and picks one when the library loads. Reductions keep 16 independent partial sums so that they
 // vectorize without -ffast-math (float addition is not associative, so the compiler may not reorder one sum).
 #define DSOPEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
