@@ -2,7 +2,8 @@
 // ExpertPlacementScope equal the whole model's experts by name; the MoE forward and backward with its experts
 // split over two "ranks" (two models in two threads, rows moved by an in-memory all-to-all) equal the whole
 // block's; the received-row layout; optimizer state moving between expert-parallel layouts by parameter name;
-// the memory and traffic formulas. Real processes with Gloo are tests/dist_test.sh.
+// the memory and traffic formulas; the MoE capacity factor against a per-expert reference. Real processes with
+// Gloo are tests/dist_test.sh.
 #include <catch2/catch.hpp>
 
 #include "model/expert_parallel.h"
