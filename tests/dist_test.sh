@@ -258,7 +258,8 @@ print(f"{'ok  ' if good else 'FAIL'} LoRA with E=2 matches 1 rank: max rel dloss
 sys.exit(0 if good else 1)
 PY
 
-# A rank killed while the others wait in an expert all-to-all: every rank exits, non-zero, naming the failure.
+# A rank killed while the others train with expert parallelism (mostly inside the all-to-alls): every rank exits,
+# non-zero, naming the collective that failed.
 next_port
 "$LAUNCH" --nproc-per-node 2 --master-port "$port" --grace-s 5 -- "$BIN/dsopen-train" --config "$W/base.yaml" \
   --set run.output_dir="$W/ep_kill" --set parallel.strategy=ddp --set parallel.expert_parallel=2 \
@@ -267,7 +268,10 @@ next_port
 launcher=$!
 for _ in $(seq 1 600); do grep -q "step 1/" "$W/ep_kill/logs/rank_0.log" 2>/dev/null && break; sleep 0.1; done
 if ! kill_rank1 ep_kill "$launcher"; then echo "FAIL ep kill: rank 1 not found"; fail=1; else
-  said="$(grep -o 'error: .*all_to_all.*' "$W/ep_kill.log" | head -1 | cut -c1-200)"
+  # Which collective rank 0 is in when the peer dies is a race (the all-to-alls, or a gradient bucket's all-reduce);
+  # the message must name the one that failed and the group.
+  said="$(grep -oE 'error: parallel: gloo (all_to_all|all_reduce|reduce_scatter|all_gather|broadcast) over 2 ranks failed' \
+    "$W/ep_kill.log" | head -1)"
   if [ $rc = 0 ] || [ "$took" -gt 40 ] || [ "$left" != 0 ] || [ -z "$said" ]; then
     echo "FAIL ep kill: launcher exit $rc after ${took}s, $left processes left"; tail -5 "$W/ep_kill.log"; fail=1
   else
