@@ -21,6 +21,16 @@ namespace {
 thread_local bool tl_skip_weight_init = false;
 }  // namespace
 
+uint64_t named_seed(uint64_t base, const std::string& name) {
+  uint64_t h = 1469598103934665603ULL ^ base;
+  for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ULL;
+  return h;
+}
+
+uint64_t draw_seed_base() {
+  return static_cast<uint64_t>(torch::randint(1LL << 62, {1}, torch::kLong).item<int64_t>());
+}
+
 SkipWeightInit::SkipWeightInit() : previous_(tl_skip_weight_init) { tl_skip_weight_init = true; }
 SkipWeightInit::~SkipWeightInit() { tl_skip_weight_init = previous_; }
 bool SkipWeightInit::active() { return tl_skip_weight_init; }

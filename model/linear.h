@@ -17,6 +17,13 @@ namespace dsopen::model {
 // While one is alive on this thread, new modules leave their weights uninitialised (Linear, the embedding, and
 // CausalLM skips init_weights): for loaders, which overwrite every weight from a file. Initialising a 7B model would take a minute
 // and touch all of its float32 pages, including those of layers a quantized model then replaces by their codes.
+// A generator seed for the module or parameter `name`: FNV-1a over the name, started from `base` (one draw of the
+// global generator). Initializing by name gives a module the same values whichever other modules a process holds
+// (expert parallelism), and leaves the global stream as if they were absent.
+uint64_t named_seed(uint64_t base, const std::string& name);
+// One draw of the global CPU generator, the `base` of named_seed.
+uint64_t draw_seed_base();
+
 class SkipWeightInit {
 public:
   SkipWeightInit();

@@ -429,14 +429,12 @@ std::vector<std::string> inject_lora(torch::nn::Module& model, const LoraConfig&
   std::map<std::string, LinearImpl*> by_path;
   for (const auto& [path, lin] : projections(model)) by_path[path] = lin;
   // One draw of the global generator, then a generator per module for its A (restored after each).
-  const uint64_t base = static_cast<uint64_t>(torch::randint(1LL << 62, {1}, torch::kLong).item<int64_t>());
+  const uint64_t base = draw_seed_base();
   at::Generator gen = at::detail::getDefaultCPUGenerator();
   const auto state = gen.get_state();
   for (const auto& path : targets) {
     const auto [r, alpha] = rank_alpha(c, path, "lora");
-    uint64_t h = 1469598103934665603ULL ^ base;  // FNV-1a over the path
-    for (unsigned char ch : path) h = (h ^ ch) * 1099511628211ULL;
-    gen.set_current_seed(h);
+    gen.set_current_seed(named_seed(base, path));
     by_path.at(path)->add_lora(r, alpha, c.use_rslora, c.dropout);
   }
   gen.set_state(state);

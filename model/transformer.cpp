@@ -177,16 +177,12 @@ void CausalLMImpl::init_weights() {
   const double residual_std = config_.scaled_residual_init ? std / std::sqrt(2.0 * config_.num_hidden_layers) : std;
   // Routed experts draw from generators of their own, seeded by their names: the same expert gets the same values
   // whichever experts this process holds (expert parallelism), and the rest of the model draws the same sequence.
-  const uint64_t expert_seed = static_cast<uint64_t>(torch::randint(1LL << 62, {1}, torch::kLong).item<int64_t>());
+  const uint64_t expert_seed = draw_seed_base();
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
     auto& p = item.value();
     std::optional<at::Generator> gen;
-    if (is_routed_expert_name(name)) {
-      uint64_t h = 1469598103934665603ULL ^ expert_seed;  // FNV-1a over the name
-      for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ULL;
-      gen = at::make_generator<at::CPUGeneratorImpl>(h);
-    }
+    if (is_routed_expert_name(name)) gen = at::make_generator<at::CPUGeneratorImpl>(named_seed(expert_seed, name));
     const bool is_norm = name.find("norm.weight") != std::string::npos;
     if (is_norm) {
       p.fill_(1.0);

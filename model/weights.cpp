@@ -176,6 +176,13 @@ int64_t load_hf_state_dict(CausalLM& model, const WeightFiles& file, const LoadO
                           : "the file does not match the model config");
 }
 
+std::string shard_file_name(int64_t k, int64_t n) {
+  char name[64];
+  std::snprintf(name, sizeof name, "model-%05lld-of-%05lld.safetensors", static_cast<long long>(k + 1),
+                static_cast<long long>(n));
+  return name;
+}
+
 namespace {
 
 // Writes config.json and the weight files (one, or shards with their index) into `dir`; returns their names.
@@ -204,8 +211,7 @@ std::vector<std::string> write_hf_files(CausalLM& model, const fs::path& dir, co
   std::vector<std::string> written{"config.json", "model.safetensors.index.json"};
   int64_t total = 0;
   for (size_t k = 0; k < shards.size(); ++k) {
-    char name[64];
-    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", k + 1, shards.size());
+    const std::string name = shard_file_name(static_cast<int64_t>(k), static_cast<int64_t>(shards.size()));
     save_safetensors((dir / name).string(), shards[k], {{"format", "pt"}});
     written.push_back(name);
     for (const auto& [t, v] : shards[k]) {

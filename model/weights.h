@@ -90,6 +90,9 @@ inline void save_hf_model(CausalLM& model, const std::string& dir, torch::Dtype 
 // `dir` is untouched.
 void write_staged(const std::string& dir, const std::function<std::vector<std::string>(const std::string&)>& write);
 
+// The name of HF weight shard k (0-based) of n: model-0000{k+1}-of-0000{n}.safetensors.
+std::string shard_file_name(int64_t k, int64_t n);
+
 // Removes model*.safetensors files and model.safetensors.index.json of `dir` that are not in `written` (names).
 void remove_stale_weights(const std::string& dir, const std::vector<std::string>& written);
 

@@ -70,11 +70,7 @@ void write_model_weights(const fs::path& tmp, model::CausalLM& model, int rank, 
     return;
   }
   const int shards = placement.size;
-  const auto shard_name = [&](int k) {
-    char name[64];
-    std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", k + 1, shards);
-    return std::string(name);
-  };
+  const auto shard_name = [&](int k) { return model::shard_file_name(k, shards); };
   if (rank < shards) {
     std::map<std::string, torch::Tensor> mine;
     for (auto& [name, t] : model::hf_state_dict(model))
