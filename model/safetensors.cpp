@@ -140,4 +140,51 @@ void save_safetensors(const std::string& path, const std::map<std::string, torch
   progress.finish();
 }
 
+struct SafetensorsWriter::Impl {
+  env::AtomicFile file;
+  std::vector<Entry> entries;
+  size_t next = 0;
+  explicit Impl(const std::string& path) : file(path) {}
+};
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
+                                     const std::map<std::string, std::string>& metadata)
+    : impl_(std::make_unique<Impl>(path)) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  size_t offset = 0;
+  for (const auto& e : entries) {
+    if (header.contains(e.name)) throw std::logic_error("SafetensorsWriter: " + e.name + " declared twice");
+    int64_t numel = 1;
+    for (const int64_t d : e.shape) numel *= d;
+    const size_t n = static_cast<size_t>(numel) * c10::elementSize(e.dtype);
+    header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned, as the reference writer does
+  const uint64_t len = h.size();
+  impl_->file.write({&len, 8});
+  impl_->file.write({h.data(), h.size()});
+  impl_->entries = std::move(entries);
+}
+
+SafetensorsWriter::~SafetensorsWriter() = default;
+
+void SafetensorsWriter::write(const std::string& name, const torch::Tensor& t) {
+  if (impl_->next >= impl_->entries.size() || impl_->entries[impl_->next].name != name)
+    throw std::logic_error("SafetensorsWriter: " + name + " written out of the declared order");
+  const Entry& e = impl_->entries[impl_->next++];
+  if (t.scalar_type() != e.dtype || t.sizes().vec() != e.shape)
+    throw std::logic_error("SafetensorsWriter: " + name + " has another dtype or shape than declared");
+  const auto c = t.detach().to(torch::kCPU).contiguous();
+  impl_->file.write({c.data_ptr(), static_cast<size_t>(c.numel() * c.element_size())});
+}
+
+void SafetensorsWriter::commit() {
+  if (impl_->next != impl_->entries.size())
+    throw std::logic_error("SafetensorsWriter: " + std::to_string(impl_->entries.size() - impl_->next) + " entries not written");
+  impl_->file.commit();
+}
+
 }  // namespace dsopen::model

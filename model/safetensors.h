@@ -54,4 +54,27 @@ private:
 void save_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// A safetensors file written tensor by tensor, for files larger than memory (ZeRO-3 checkpoints gather one layer
+// at a time). The entries are declared up front, in the order write() will receive them; commit() checks that
+// every one came and moves the file into place (atomically, as save_safetensors). Destroyed before commit(), it
+// leaves `path` as it was.
+class SafetensorsWriter {
+public:
+  struct Entry {
+    std::string name;
+    torch::ScalarType dtype;
+    std::vector<int64_t> shape;
+  };
+  SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
+                    const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsWriter();
+  // The next declared entry: a logic error when `name`, its shape or dtype differ.
+  void write(const std::string& name, const torch::Tensor& t);
+  void commit();
+
+private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 }  // namespace dsopen::model

@@ -304,12 +304,23 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   ForwardOutput out;
   // MoE statistics count the positions that carry a loss target (every position without labels).
   const torch::Tensor main_mask = labels.defined() ? labels.ne(-100) : torch::Tensor();
-  auto h = model->embed_tokens(input_ids);  // [B, T, hidden]
+  const int64_t L = config_.num_hidden_layers;
+  // The units the head uses (model/param_units.h): its own, and the embedding's when the weights are tied.
+  const std::vector<int64_t> head_units = lm_head ? std::vector<int64_t>{L + 1} : std::vector<int64_t>{L + 1, 0};
+  torch::Tensor h;
+  {
+    UnitUse use(unit_hooks_, {0});
+    h = model->embed_tokens(input_ids);  // [B, T, hidden]
+  }
   const auto zero = torch::zeros({}, h.options().dtype(torch::kFloat32));
   out.sums.aux = zero;
   for (size_t l = 0; l < model->layer_list.size(); ++l) {
     AttentionInput attention{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
-    LayerOutput lo = run_layer(*model->layer_list[l], h, attention, main_mask);
+    UnitUse use(unit_hooks_, {static_cast<int64_t>(l) + 1});
+    LayerOutput lo = run_layer(*model->layer_list[l], use.input(h), attention, main_mask);
+    // Only the hidden state: the balance loss's gradient reaches aux_sum as soon as backward starts, but every
+    // node of the layer that needs a parameter also waits for the hidden state's gradient.
+    lo.h = use.output(lo.h);
     h = lo.h;
     out.sums.aux = out.sums.aux + lo.aux_sum;
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
@@ -320,12 +331,20 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.aux_loss = out.mtp_loss = out.z_loss = zero;
   if (!labels.defined()) {
-    out.logits = head(model->norm(h));  // [B, T, V]
+    UnitUse use(unit_hooks_, head_units);
+    out.logits = use.output(head(model->norm(use.input(h))));  // [B, T, V]
     return out;
   }
 
   // Training and evaluation: the fused head + loss never forms the [B, T, V] logits unless asked to keep them.
-  auto [ce_sum, z_sum] = head_loss(model->norm(h), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
+  torch::Tensor ce_sum, z_sum;
+  {
+    UnitUse use(unit_hooks_, head_units);
+    std::tie(ce_sum, z_sum) = head_loss(model->norm(use.input(h)), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
+    ce_sum = use.output(ce_sum);
+    z_sum = use.output(z_sum);
+    out.logits = use.output(out.logits);
+  }
   out.sums.ce = ce_sum;
   if (z_sum.defined()) out.sums.z = z_sum;
 
@@ -335,8 +354,14 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   for (size_t k = 1; k <= mtp_list.size() && static_cast<int64_t>(k) < T; ++k) {
     const int64_t len = T - static_cast<int64_t>(k);
     auto& m = *mtp_list[k - 1];
-    auto emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
-    auto merged = m.eh_proj(torch::cat({m.enorm(emb), m.hnorm(prev.narrow(1, 0, len))}, -1));
+    torch::Tensor emb;
+    {
+      UnitUse use(unit_hooks_, {0});
+      emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
+    }
+    UnitUse use(unit_hooks_, {L + 1 + static_cast<int64_t>(k)});
+    const auto ins = use.inputs({emb, prev.narrow(1, 0, len)});
+    auto merged = m.eh_proj(torch::cat({m.enorm(ins[0]), m.hnorm(ins[1])}, -1));
     // Positions i of the shortened sequence keep their documents, positions and masks.
     auto [c2, s2] = position_ids.defined() ? rope_.gather(position_ids.narrow(1, 0, len))
                                            : rope_.slice(0, len, input_ids.device());
@@ -347,8 +372,10 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
     if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
     out.sums.mtp_aux.push_back(lo.aux_sum);
-    prev = lo.h;
-    out.sums.mtp_ce.push_back(head_loss(m.shared_head->norm(lo.h), targets, false, false, nullptr).first);
+    prev = use.output(lo.h);
+    auto normed = use.output(m.shared_head->norm(lo.h));
+    UnitUse head_use(unit_hooks_, head_units);
+    out.sums.mtp_ce.push_back(head_use.output(head_loss(head_use.input(normed), targets, false, false, nullptr).first));
   }
   out.counts = count_loss_targets(config_, labels, segment_ids);
   const Loss loss = compose_loss(out.sums, out.counts, config_);

@@ -12,6 +12,7 @@
 #include "model/layers.h"
 #include "model/loss.h"
 #include "model/moe.h"
+#include "model/param_units.h"
 
 namespace dsopen::model {
 
@@ -158,6 +159,10 @@ public:
   // Recomputes each decoder layer in backward instead of storing its activations.
   void set_activation_checkpointing(bool on) { checkpointing_ = on; }
 
+  // Fully sharded data parallelism (model/param_units.h): called around every unit's use; null (the default) for
+  // none. The caller keeps `hooks` alive while the model runs, and unsets them before destroying them.
+  void set_unit_hooks(UnitHooks* hooks) { unit_hooks_ = hooks; }
+
   const ModelConfig& config() const { return config_; }
   DeepSeekModel model{nullptr};
   Linear lm_head{nullptr};  // null when tie_word_embeddings (the head is the embedding)
@@ -180,6 +185,7 @@ private:
   ModelConfig config_;
   RopeTable rope_;
   bool checkpointing_ = false;
+  UnitHooks* unit_hooks_ = nullptr;
 };
 TORCH_MODULE(CausalLM);
 

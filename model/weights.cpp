@@ -103,6 +103,18 @@ int64_t layer_of(const std::string& name) {
 }
 }  // namespace
 
+std::vector<std::string> hf_names_of(const CausalLMImpl& model, const std::string& module_name) {
+  const int64_t L = model.config().num_hidden_layers;
+  std::vector<std::string> out{to_hf(module_name, L)};
+  const std::string head = model.lm_head ? "lm_head.weight" : "model.embed_tokens.weight";
+  for (size_t k = 0; k < model.mtp_list.size(); ++k) {
+    const std::string prefix = "model.layers." + std::to_string(L + static_cast<int64_t>(k)) + ".";
+    if (module_name == "model.embed_tokens.weight") out.push_back(prefix + "embed_tokens.weight");
+    if (module_name == head) out.push_back(prefix + "shared_head.head.weight");
+  }
+  return out;
+}
+
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model) {
   const int64_t L = model->config().num_hidden_layers;
   std::map<std::string, torch::Tensor> out;

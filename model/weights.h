@@ -40,6 +40,10 @@ private:
 // name -> tensor (parameters and persistent buffers), HF names. LoRA adapters are not part of it (see model/lora.h).
 std::map<std::string, torch::Tensor> hf_state_dict(CausalLM& model);
 
+// The HF names a parameter or buffer of the model is stored under: its own (MTP module k's mtp.k.* become
+// model.layers.{L + k}.*), plus the MTP modules' copies of the shared embedding and head.
+std::vector<std::string> hf_names_of(const CausalLMImpl& model, const std::string& module_name);
+
 // What a hook says about a model tensor the files do not hold under its own name (e.g. a quantized weight stored as
 // qweight / scales / zeros, inference/quantized_format.h).
 struct AlternateTensor {

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "model/expert_parallel.h"
@@ -93,11 +95,48 @@ void write_model_weights(const fs::path& tmp, model::CausalLM& model, int rank, 
   env::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
 }
 
+// zero3: model.safetensors streamed by rank 0, one unit gathered at a time (every rank takes part in the gathers).
+// Parameters outside the units (frozen ones) and buffers are whole on every rank and go first.
+void write_sharded_model_weights(const fs::path& tmp, model::CausalLM& model, ShardedUnits& units, int rank) {
+  std::vector<model::SafetensorsWriter::Entry> entries;
+  std::vector<std::pair<std::string, torch::Tensor>> direct;  // HF name -> tensor, written as they are
+  std::set<std::string> in_units;
+  for (int64_t u = 0; u < units.units(); ++u)
+    for (const auto& [name, shape] : units.parameter_shapes(u)) in_units.insert(name);
+  for (const auto& p : model->named_parameters())
+    if (!in_units.count(p.key()) && !model::is_lora_parameter(p.key()))
+      for (const auto& hf : model::hf_names_of(*model, p.key())) direct.push_back({hf, p.value().detach()});
+  for (const auto& b : model->named_buffers())
+    for (const auto& hf : model::hf_names_of(*model, b.key())) direct.push_back({hf, b.value().detach()});
+  for (const auto& [hf, t] : direct) entries.push_back({hf, t.scalar_type(), t.sizes().vec()});
+  for (int64_t u = 0; u < units.units(); ++u)
+    for (const auto& [name, shape] : units.parameter_shapes(u))
+      for (const auto& hf : model::hf_names_of(*model, name)) entries.push_back({hf, torch::kFloat32, shape});
+  // The same names as every other strategy writes.
+  std::set<std::string> declared, expected;
+  for (const auto& e : entries) declared.insert(e.name);
+  for (const auto& [name, t] : model::hf_state_dict(model)) expected.insert(name);
+  if (declared != expected) throw std::logic_error("zero3 checkpoint: the units do not cover the model's tensors");
+
+  std::optional<model::SafetensorsWriter> writer;
+  if (rank == 0) {
+    writer.emplace((tmp / "model.safetensors").string(), entries, std::map<std::string, std::string>{{"format", "pt"}});
+    for (const auto& [hf, t] : direct) writer->write(hf, t);
+  }
+  for (int64_t u = 0; u < units.units(); ++u) {
+    const auto values = units.gather_values(u);  // a collective: every rank
+    if (writer)
+      for (const auto& [name, t] : values)
+        for (const auto& hf : model::hf_names_of(*model, name)) writer->write(hf, t);
+  }
+  if (writer) writer->commit();
+}
+
 }  // namespace
 
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
-                            ProcessGroup* group, const FlatAdamW* expert_optimizer) {
+                            ProcessGroup* group, const FlatAdamW* expert_optimizer, ShardedUnits* sharded) {
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   auto barrier = [&] {
@@ -113,7 +152,8 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
 
   const bool lora = model::has_lora(*model);
   // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
-  if (!lora) write_model_weights(tmp, model, rank, barrier);
+  if (!lora && sharded) write_sharded_model_weights(tmp, model, *sharded, rank);
+  else if (!lora) write_model_weights(tmp, model, rank, barrier);
   std::map<std::string, torch::Tensor> other_experts;  // adapters of routed experts rank 0 does not hold
   const model::ExpertPlacement placement = model->expert_placement();
   if (lora && placement.sharded()) {
@@ -214,7 +254,12 @@ TrainerState read_trainer_state(const std::string& path) {
 
 TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
                              ProcessGroup* group, FlatAdamW* expert_optimizer) {
-  const int rank = group ? group->rank() : 0;
+  TrainerState state = load_checkpoint_weights(path, model, group);
+  load_optimizer_state_files(path, model, optimizer, group, expert_optimizer);
+  return state;
+}
+
+TrainerState load_checkpoint_weights(const std::string& path, model::CausalLM& model, ProcessGroup* group) {
   const int world = group ? group->size() : 1;
   TrainerState state = read_trainer_state(path);
   if (state.cursor.position % world != 0)
@@ -228,6 +273,12 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
                         adapter_only ? "resume it with lora.enabled: true" : "resume a LoRA run from its own checkpoints");
   if (adapter_only) model::load_adapter_weights(*model, path, model->expert_placement().sharded());
   else model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
+  return state;
+}
+
+void load_optimizer_state_files(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
+                                ProcessGroup* group, FlatAdamW* expert_optimizer) {
+  const int rank = group ? group->rank() : 0;
 
   // Every rank reads the slices it needs from whichever files hold them.
   std::vector<fs::path> files;
@@ -264,7 +315,6 @@ TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, Fl
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(it->second.clone());
   }
-  return state;
 }
 
 }  // namespace dsopen::train

@@ -19,6 +19,7 @@
 #include "model/transformer.h"
 #include "train/optimizer.h"
 #include "train/process_group.h"
+#include "train/sharded_units.h"
 
 namespace dsopen::train {
 
@@ -40,9 +41,13 @@ struct CheckpointFiles {
 // Writes step_<step>/ under `dir` atomically and prunes all but the newest `keep_last`. Returns its path. Every
 // rank of `group` (none: a single process) calls it.
 // Under expert parallelism `expert_optimizer` is the routed experts' part (train/data_parallel.h, ExpertShards).
+// Under zero3 `sharded` holds the parameters (the model's are gathered only while they run): rank 0 streams
+// model.safetensors unit by unit as every rank takes part in each unit's all-gather, so no rank ever holds the
+// whole model.
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
-                            ProcessGroup* group = nullptr, const FlatAdamW* expert_optimizer = nullptr);
+                            ProcessGroup* group = nullptr, const FlatAdamW* expert_optimizer = nullptr,
+                            ShardedUnits* sharded = nullptr);
 
 // The newest complete checkpoint under `dir`, or "" when there is none.
 std::string find_latest_checkpoint(const std::string& dir);
@@ -52,6 +57,11 @@ std::string find_latest_checkpoint(const std::string& dir);
 // The data cursor is converted to this run's world size (an error when the global position does not divide).
 TrainerState load_checkpoint(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
                              ProcessGroup* group = nullptr, FlatAdamW* expert_optimizer = nullptr);
+// The same in two halves, for a trainer that builds its optimizer from the loaded weights (zero3 cuts its slices
+// from them): the trainer state and model weights (or LoRA adapter), then the optimizer state and RNG.
+TrainerState load_checkpoint_weights(const std::string& path, model::CausalLM& model, ProcessGroup* group = nullptr);
+void load_optimizer_state_files(const std::string& path, model::CausalLM& model, FlatAdamW& optimizer,
+                                ProcessGroup* group = nullptr, FlatAdamW* expert_optimizer = nullptr);
 TrainerState read_trainer_state(const std::string& path);
 
 }  // namespace dsopen::train

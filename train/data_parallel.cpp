@@ -12,7 +12,8 @@ namespace dsopen::train {
 
 const std::vector<std::pair<std::string, Strategy>>& strategy_names() {
   static const std::vector<std::pair<std::string, Strategy>> names = {
-      {"none", Strategy::None}, {"ddp", Strategy::Ddp}, {"zero1", Strategy::Zero1}, {"zero2", Strategy::Zero2}};
+      {"none", Strategy::None}, {"ddp", Strategy::Ddp},     {"zero1", Strategy::Zero1},
+      {"zero2", Strategy::Zero2}, {"zero3", Strategy::Zero3}};
   return names;
 }
 
@@ -65,12 +66,28 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
   ShardingOptions sh;
   sh.rank = group_->rank();
   sh.world_size = group_->size();
-  sh.shard_state = s == Strategy::Zero1 || s == Strategy::Zero2;
-  sh.whole_grads = s != Strategy::Zero2;
+  sh.shard_state = s == Strategy::Zero1 || s == Strategy::Zero2 || s == Strategy::Zero3;
+  sh.whole_grads = s != Strategy::Zero2 && s != Strategy::Zero3;
   sh.bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(options_.bucket_mb * 1e6 / 4));
   if (s == Strategy::None) sh.bucket_numel = 0;
   sh.offload = options_.offload_optimizer;
+  if (s == Strategy::Zero3) {
+    // Every rank cuts its slices from rank 0's values: broadcast them while each rank still holds them whole.
+    if (group_->size() > 1) {
+      torch::NoGradGuard no_grad;
+      for (const auto& [name, p] : named_params)
+        if (p.requires_grad()) group_->broadcast(p.detach(), 0).wait();
+    }
+    sh.shard_params = true;
+    sh.unit_of = options_.units.unit_of;
+    sh.device = options_.units.device;
+  }
   opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);
+  if (s == Strategy::Zero3) {
+    units_ = std::make_unique<ShardedUnits>(opt_->params(), *group_, options_.units.units, options_.units.layers,
+                                            options_.units.compute_dtype);
+    return;
+  }
   if (s == Strategy::None) return;
 
   for (auto& g : opt_->params().groups()) {
@@ -97,7 +114,7 @@ DataParallel::~DataParallel() {
 
 void DataParallel::broadcast_parameters() {
   if (experts_) experts_->broadcast_parameters();  // from the first rank that holds the same experts
-  if (group_->size() == 1) return;
+  if (group_->size() == 1 || units_) return;
   torch::NoGradGuard no_grad;
   for (auto& g : opt_->params().groups()) group_->broadcast(g.params, 0).wait();
   opt_->params().refresh_master();  // the offloaded master copy must follow
@@ -188,6 +205,7 @@ void DataParallel::complete_oldest() {
 
 void DataParallel::end_micro_step() {
   if (experts_) experts_->end_micro_step();
+  if (units_) units_->finish_micro_step();
   if (buckets_.empty()) return;
   const bool communicate = options_.strategy == Strategy::Zero2 || last_micro_step_;
   // Buckets some of whose parameters got no gradient (unused experts, frozen paths) go now, in order.
@@ -215,7 +233,7 @@ void DataParallel::scale_grads(double factor) {
 void DataParallel::step(double lr) {
   if (experts_) experts_->step(lr);
   opt_->step(lr);
-  if (!opt_->sharding().shard_state) return;
+  if (!opt_->sharding().shard_state || opt_->sharding().shard_params) return;  // zero3 gathers on the next use
   torch::NoGradGuard no_grad;
   std::vector<PendingWork> works;
   std::vector<torch::Tensor> inputs;
@@ -243,13 +261,21 @@ double DataParallel::predicted_grad_bytes() const {
 }
 
 int64_t DataParallel::max_bucket_bytes() const {
+  if (units_) return units_->largest_unit_bytes();
   int64_t m = 0;
   for (const auto& b : buckets_) m = std::max(m, b->bucket->numel * 4);
   return m;
 }
 
+int64_t DataParallel::param_bytes() const {
+  int64_t n = 0;
+  for (const auto& g : opt_->groups()) n += g.params.numel() * 4;
+  return n + (experts_ ? experts_->param_bytes() : 0);
+}
+
 double DataParallel::take_comm_wait_seconds() {
-  const double s = comm_wait_s_ + (experts_ ? experts_->take_comm_wait_seconds() : 0);
+  const double s = comm_wait_s_ + (experts_ ? experts_->take_comm_wait_seconds() : 0) +
+                   (units_ ? units_->take_comm_wait_seconds() : 0);
   comm_wait_s_ = 0;
   return s;
 }

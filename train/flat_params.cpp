@@ -12,10 +12,19 @@ int64_t lay_out(FlatGroup& g, const std::vector<std::pair<std::string, torch::Te
   const int64_t N = sh.world_size;
   int64_t padded = 0, unpadded = 0;
   for (size_t i = 0; i < members.size(); ++i) {
-    if (g.buckets.empty() || (sh.bucket_numel > 0 && g.buckets.back().unpadded_numel >= sh.bucket_numel)) {
+    int64_t unit = -1;
+    if (sh.unit_of) {
+      unit = sh.unit_of(members[i].first);
+      if (unit < 0) throw std::invalid_argument("FlatParams: parameter " + members[i].first + " belongs to no unit");
+    }
+    const bool cut = g.buckets.empty() ||
+                     (sh.unit_of ? unit != g.buckets.back().unit
+                                 : sh.bucket_numel > 0 && g.buckets.back().unpadded_numel >= sh.bucket_numel);
+    if (cut) {
       FlatBucket b;
       b.offset = padded;
       b.unpadded_offset = unpadded;
+      b.unit = unit;
       g.buckets.push_back(b);
     }
     FlatBucket& b = g.buckets.back();
@@ -47,6 +56,7 @@ FlatParams::FlatParams(const std::vector<std::pair<std::string, torch::Tensor>>&
   const int64_t N = sh.world_size;
   if (N < 1 || sh.rank < 0 || sh.rank >= N) throw std::invalid_argument("FlatParams: bad rank/world size");
   if (!sh.whole_grads && !sh.shard_state) throw std::invalid_argument("FlatParams: sharded gradients need sharded state");
+  if (sh.shard_params && sh.whole_grads) throw std::invalid_argument("FlatParams: sharded parameters need sharded gradients");
   std::vector<std::pair<std::string, torch::Tensor>> members[2];  // [no decay, decay]
   for (const auto& [name, p] : named_params) {
     if (!p.requires_grad()) continue;
@@ -61,13 +71,25 @@ FlatParams::FlatParams(const std::vector<std::pair<std::string, torch::Tensor>>&
     g.name = d ? "decay" : "no_decay";
     g.decay = d == 1;
     const int64_t padded = lay_out(g, members[d], sh);
-    const auto opts = members[d].front().second.options().dtype(torch::kFloat32);
-    g.params = torch::zeros({padded}, opts);
-    for (size_t i = 0; i < g.tensors.size(); ++i) {
-      auto& p = g.tensors[i];
-      auto slot = g.params.narrow(0, g.offsets[i], g.numels[i]);
-      slot.copy_(p.detach().reshape({-1}));
-      p.set_data(slot.view(p.sizes()));  // the parameter now lives in the buffer
+    const auto opts = members[d].front().second.options().dtype(torch::kFloat32).device(
+        sh.device ? *sh.device : members[d].front().second.device());
+    if (sh.shard_params) {
+      // Only this rank's slice of each bucket, cut from the bucket's values assembled one bucket at a time.
+      g.params = torch::zeros({padded / N}, opts);
+      for (const auto& b : g.buckets) {
+        auto whole = torch::zeros({b.numel}, opts);
+        for (const size_t i : b.params)
+          whole.narrow(0, g.offsets[i] - b.offset, g.numels[i]).copy_(g.tensors[i].detach().reshape({-1}));
+        g.params.narrow(0, b.shard_offset, b.numel / N).copy_(whole.narrow(0, sh.rank * (b.numel / N), b.numel / N));
+      }
+    } else {
+      g.params = torch::zeros({padded}, opts);
+      for (size_t i = 0; i < g.tensors.size(); ++i) {
+        auto& p = g.tensors[i];
+        auto slot = g.params.narrow(0, g.offsets[i], g.numels[i]);
+        slot.copy_(p.detach().reshape({-1}));
+        p.set_data(slot.view(p.sizes()));  // the parameter now lives in the buffer
+      }
     }
     if (sh.whole_grads) {
       g.grads = torch::zeros({padded}, opts);
@@ -92,7 +114,7 @@ std::vector<FlatPiece> FlatParams::pieces(const FlatGroup& g) const {
   std::vector<FlatPiece> out;
   for (const auto& b : g.buckets) {
     const int64_t slice = b.numel / sharding_.world_size;
-    out.push_back({b.offset + sharding_.rank * slice, slice, b.shard_offset, &b});
+    out.push_back({sharding_.shard_params ? b.shard_offset : b.offset + sharding_.rank * slice, slice, b.shard_offset, &b});
   }
   return out;
 }
@@ -113,6 +135,7 @@ std::vector<FlatRange> FlatParams::owned_ranges(const FlatGroup& g) const {
 }
 
 int64_t FlatParams::owned_numel(const FlatGroup& g) const {
+  if (sharding_.shard_params) return g.params.numel();
   return sharding_.shard_state ? g.params.numel() / sharding_.world_size : g.params.numel();
 }
 

@@ -14,6 +14,8 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,23 +24,31 @@ namespace dsopen::train {
 
 struct ShardingOptions {
   int rank = 0, world_size = 1;
-  bool shard_state = false;   // optimizer state only for this rank's slices (zero1, zero2)
-  bool whole_grads = true;    // false: gradients only for this rank's slices (zero2)
+  bool shard_state = false;   // optimizer state only for this rank's slices (zero1, zero2, zero3)
+  bool whole_grads = true;    // false: gradients only for this rank's slices (zero2, zero3)
+  // ZeRO-3: the parameter values too only for this rank's slices (`params` then holds them bucket after bucket,
+  // like shard_grads), and the parameters are left to train/sharded_units.h to gather.
+  bool shard_params = false;
   int64_t bucket_numel = 0;   // 0: one bucket per group
+  // Set: one bucket per unit instead (a new bucket wherever the unit of the next parameter differs; ZeRO-3's
+  // gather granularity); returns -1 for a parameter outside every unit (an error).
+  std::function<int64_t(const std::string&)> unit_of;
   bool offload = false;       // a master copy of the owned parameter values in (pinned) host memory
+  std::optional<torch::Device> device;  // where the flat buffers live (default: the parameters' device)
 };
 
 struct FlatBucket {
   int64_t offset = 0, numel = 0;                    // padded range in the group buffer (numel % world == 0)
   int64_t unpadded_offset = 0, unpadded_numel = 0;  // the parameters' values in the unpadded concatenation
   int64_t shard_offset = 0;                         // where this rank's slice sits in the shard buffers
+  int64_t unit = -1;                                // ShardingOptions::unit_of of its parameters
   std::vector<size_t> params;                       // indices into FlatGroup::names
 };
 
 struct FlatGroup {
   std::string name;
   bool decay;
-  torch::Tensor params;       // flat padded fp32; the parameters alias into it
+  torch::Tensor params;       // flat padded fp32; the parameters alias into it (shard_params: the owned slices)
   torch::Tensor grads;        // whole_grads: flat padded, the parameters' .grad are views of it
   torch::Tensor shard_grads;  // !whole_grads: the owned slices, bucket after bucket
   torch::Tensor master;       // offload: host copy of the owned parameter values (the optimizer updates it)

@@ -109,9 +109,16 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                   dp.experts()->grad_bytes());
   if (step == 1 || step == max_steps_)
     spdlog::debug("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
-                 "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={}",
+                 "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={} param_bytes={} "
+                 "gathered_param_peak_bytes={}",
                  dp.group().rank(), dp.state_bytes(), dp.grad_bytes(), dp.predicted_state_bytes(),
-                 dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes());
+                 dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes(), dp.param_bytes(),
+                 dp.gathered_param_peak_bytes());
+  if (step == 1 && dp.strategy() == Strategy::Zero3)
+    spdlog::info("zero3 rank {}: parameter slices {:.2f} MB (fp32), gathered parameters peak {:.2f} MB (largest unit "
+                 "{:.2f} MB), optimizer state {:.2f} MB, gradient slices {:.2f} MB",
+                 dp.group().rank(), dp.param_bytes() / 1e6, dp.gathered_param_peak_bytes() / 1e6,
+                 dp.max_bucket_bytes() / 1e6, dp.state_bytes() / 1e6, dp.grad_bytes() / 1e6);
   if (step % log_every_ != 0 && step != max_steps_ && step != 1) return false;
   std::string extra;
   nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);

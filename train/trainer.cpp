@@ -112,8 +112,11 @@ struct Trainer::State {
   void check_same_config();
   void prepare_data();
   void build_model();
+  void load_weights();  // before build_optimizer: the optimizer's flat buffers (zero3: slices) take the values
   void build_optimizer();
-  void resume_or_load();
+  void load_optimizer_state();
+
+  std::string resume;  // the checkpoint this run resumes ("" for none)
 };
 
 // Ranks started with different configs would train different jobs as one (different precisions, batch sizes,
@@ -223,7 +226,8 @@ void Trainer::State::build_model() {
     model->set_expert_exchange(exchange);
   }
   if (job.lora.enabled) setup_lora(model, job);
-  model->to(device);
+  // zero3 moves only its slices to the device (build_optimizer), never the whole model.
+  if (job.parallel.strategy != Strategy::Zero3) model->to(device);
   model->set_activation_checkpointing(job.train.activation_checkpointing);
 }
 
@@ -241,39 +245,57 @@ void Trainer::State::build_optimizer() {
   for (auto& p : model->named_parameters())
     (experts.size > 1 && model::is_routed_expert_name(p.key()) ? shards.params : named).push_back({p.key(), p.value()});
   if (experts.size > 1) shards.replicas = experts.replicas, shards.experts = experts.experts;
-  dp = std::make_unique<DataParallel>(
-      named, ao, DataParallelOptions{job.parallel.strategy, job.parallel.bucket_mb, job.parallel.offload_optimizer}, group,
-      std::move(shards));
+  DataParallelOptions options{job.parallel.strategy, job.parallel.bucket_mb, job.parallel.offload_optimizer, {}};
+  if (job.parallel.strategy == Strategy::Zero3) {
+    const model::ModelConfig config = model->config();
+    options.units.unit_of = [config](const std::string& name) { return model::unit_of(name, config); };
+    options.units.units = model::unit_count(config);
+    options.units.layers = config.num_hidden_layers;
+    options.units.compute_dtype = precision->mode() == PrecisionMode::Bf16   ? torch::kBFloat16
+                                  : precision->mode() == PrecisionMode::Fp16 ? torch::kHalf
+                                                                             : torch::kFloat32;
+    options.units.device = device;
+  }
+  dp = std::make_unique<DataParallel>(named, ao, options, group, std::move(shards));
+  if (ShardedUnits* units = dp->sharded_units()) {
+    model->to(device);  // the buffers, and the parameters' (empty) gather views already there
+    model->set_unit_hooks(units);
+  }
   step = std::make_unique<TrainStep>(model, *dp, *precision, device, StepOptions{t.grad_clip, !job.lora.enabled});
   if (data.valid)
     evaluator = std::make_unique<Evaluator>(model, *data.valid, *precision, *group, device, t.micro_batch_size, t.eval_steps);
 }
 
 // A checkpoint to resume (resume: auto takes the newest), else the pretrained weights to fine-tune, else the
-// fresh initialization; then every rank takes rank 0's weights.
-void Trainer::State::resume_or_load() {
+// fresh initialization.
+void Trainer::State::load_weights() {
   const JobConfig& j = job;
-  std::string resume;
   if (j.checkpoint.resume == "auto") resume = find_latest_checkpoint(j.checkpoint.dir);
   else if (j.checkpoint.resume != "none") resume = j.checkpoint.resume;
   if (resume.empty() && !j.model.pretrained.empty() && !j.lora.enabled) {
-    // The optimizer buffers alias the parameters, so the copy lands in them too.
     const int64_t fresh = model::load_hf_state_dict(model, model::WeightFiles(j.model.pretrained), j.model.strict, true);
     spdlog::info("loaded pretrained weights from {}", j.model.pretrained);
     if (fresh > 0) spdlog::warn("{} MTP tensors are not in {}; those modules start from their initialization", fresh, j.model.pretrained);
   }
+  if (resume.empty()) return;
+  state = load_checkpoint_weights(resume, model, group.get());
+  // auto resumes in the precision the run trained in, whatever this start measured.
+  if (j.train.precision == PrecisionMode::Auto && !state.precision.empty() && state.precision != to_string(precision->mode())) {
+    for (const auto& [name, mode] : precision_names())
+      if (name == state.precision && mode != PrecisionMode::Auto) {
+        spdlog::info("precision auto -> {}: the checkpoint was trained in it (this start measured {})", name,
+                     to_string(precision->mode()));
+        *precision = Precision(mode, device);
+      }
+  }
+  precision->set_state(state.loss_scale, state.loss_scale_good_steps);
+}
+
+// The resumed run's moments and RNG state; then every rank takes rank 0's weights.
+void Trainer::State::load_optimizer_state() {
+  const JobConfig& j = job;
   if (!resume.empty()) {
-    state = load_checkpoint(resume, model, dp->optimizer(), group.get(), dp->experts() ? &dp->experts()->optimizer() : nullptr);
-    // auto resumes in the precision the run trained in, whatever this start measured.
-    if (j.train.precision == PrecisionMode::Auto && !state.precision.empty() && state.precision != to_string(precision->mode())) {
-      for (const auto& [name, mode] : precision_names())
-        if (name == state.precision && mode != PrecisionMode::Auto) {
-          spdlog::info("precision auto -> {}: the checkpoint was trained in it (this start measured {})", name,
-                       to_string(precision->mode()));
-          *precision = Precision(mode, device);
-        }
-    }
-    precision->set_state(state.loss_scale, state.loss_scale_good_steps);
+    load_optimizer_state_files(resume, model, dp->optimizer(), group.get(), dp->experts() ? &dp->experts()->optimizer() : nullptr);
     spdlog::info("resumed from {} at step {}", resume, state.step);
   }
   const auto counts = model::count_parameters(j.model);
@@ -295,12 +317,15 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   s_->start_processes();
   s_->prepare_data();
   s_->build_model();
+  s_->load_weights();
   s_->build_optimizer();
-  s_->resume_or_load();
+  s_->load_optimizer_state();
   std::filesystem::create_directories(s_->job.run.output_dir);
 }
 
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (s_->model) s_->model->set_unit_hooks(nullptr);  // the hooks die with the optimizer
+}
 
 model::CausalLM& Trainer::model() { return s_->model; }
 
@@ -361,7 +386,8 @@ TrainResult Trainer::run() {
     if ((j.checkpoint.every > 0 && s.state.step % j.checkpoint.every == 0) || last || stop) {
       result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, s.dp->optimizer(), s.state,
                                                {s.resolved_config, j.tokenizer.path}, j.checkpoint.keep_last, &group,
-                                               s.dp->experts() ? &s.dp->experts()->optimizer() : nullptr);
+                                               s.dp->experts() ? &s.dp->experts()->optimizer() : nullptr,
+                                               s.dp->sharded_units());
       spdlog::info("saved {} ({:.2f} MB)", result.last_checkpoint, directory_mb(result.last_checkpoint));
       if (group.rank() == 0) draw_loss_png(j.run.output_dir);
     }

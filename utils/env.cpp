@@ -50,6 +50,12 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 
 void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces,
                        const std::function<void(size_t written)>& on_written) {
+  AtomicFile file(path);
+  for (const Bytes& piece : pieces) file.write(piece, on_written);
+  file.commit();
+}
+
+AtomicFile::AtomicFile(const std::string& path) : path_(path), tmp_(path + ".tmp." + std::to_string(getpid())) {
   std::error_code ec;
   const auto status = std::filesystem::status(path, ec);
   if (status.type() == std::filesystem::file_type::directory)
@@ -57,32 +63,40 @@ void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces
   // Renaming over a device or pipe would replace it (a /dev node among them).
   if (std::filesystem::exists(status) && status.type() != std::filesystem::file_type::regular)
     throw runtime_error(path, "is not a regular file (a device, pipe or socket)", "give the path of a file");
-  const std::string tmp = path + ".tmp." + std::to_string(getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
-  size_t total = 0;
-  for (const Bytes& piece : pieces) {
-    const char* c = static_cast<const char*>(piece.data);
-    size_t n = piece.size;
-    while (n > 0) {
-      const ssize_t w = ::write(fd, c, std::min<size_t>(n, size_t(64) << 20));
-      if (w <= 0) {
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        throw runtime_error(path, "write failed (disk full?)");
-      }
-      c += w, n -= static_cast<size_t>(w);
-      total += static_cast<size_t>(w);
-      if (on_written) on_written(total);
-    }
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd_ < 0) throw runtime_error(path, "cannot create file", "check the directory exists and is writable");
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
   }
+}
+
+void AtomicFile::write(const Bytes& piece, const std::function<void(size_t written)>& on_written) {
+  if (fd_ < 0) throw std::logic_error("AtomicFile::write after commit");
+  const char* c = static_cast<const char*>(piece.data);
+  size_t n = piece.size;
+  while (n > 0) {
+    const ssize_t w = ::write(fd_, c, std::min<size_t>(n, size_t(64) << 20));
+    if (w <= 0) throw runtime_error(path_, "write failed (disk full?)");  // the destructor removes the temporary
+    c += w, n -= static_cast<size_t>(w);
+    written_ += static_cast<size_t>(w);
+    if (on_written) on_written(written_);
+  }
+}
+
+void AtomicFile::commit() {
+  const int fd = fd_;
+  fd_ = -1;
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    ::unlink(tmp.c_str());
-    throw runtime_error(path, "fsync failed");
+    ::unlink(tmp_.c_str());
+    throw runtime_error(path_, "fsync failed");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    ::unlink(tmp.c_str());
-    throw runtime_error(path, "rename into place failed");
+  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    ::unlink(tmp_.c_str());
+    throw runtime_error(path_, "rename into place failed");
   }
 }
 

@@ -34,6 +34,25 @@ struct Bytes {
 void write_file_atomic(const std::string& path, const std::vector<Bytes>& pieces,
                        const std::function<void(size_t written)>& on_written = {});
 
+// The same written piece by piece over time (a file larger than memory, produced as it goes): write() appends,
+// commit() fsyncs and renames into place. Destroyed without commit(), the temporary file is removed and `path` is
+// untouched.
+class AtomicFile {
+public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const Bytes& piece, const std::function<void(size_t written)>& on_written = {});
+  void commit();
+  size_t written() const { return written_; }
+
+private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  size_t written_ = 0;
+};
+
 // Resident memory of this process in MB: now (/proc/self/statm; 0 where that does not exist) and its peak so far
 // (getrusage).
 double resident_mb();
