@@ -483,6 +483,8 @@ int64_t merge_lora(torch::nn::Module& model) {
 
 // ---- PEFT files -----------------------------------------------------------------------------------------------
 
+std::string peft_tensor_name(const std::string& module_parameter_name) { return kPrefix + module_parameter_name; }
+
 std::map<std::string, torch::Tensor> adapter_tensors(torch::nn::Module& model,
                                                      const std::function<bool(const std::string&)>& select) {
   std::map<std::string, torch::Tensor> tensors;
@@ -503,7 +505,7 @@ void save_adapter(torch::nn::Module& model, const std::string& dir, const std::s
   if (adapted.empty()) throw usage_error(dir, "the model has no LoRA adapters to save");
 
   std::map<std::string, torch::Tensor> tensors = adapter_tensors(model, [](const std::string&) { return true; });
-  tensors.insert(more.begin(), more.end());
+  for (const auto& [name, t] : more) tensors[name] = t;
 
   // The most common rank and alpha are the defaults; the others go to the patterns.
   auto most_common = [&](auto get) {

@@ -70,7 +70,9 @@ int64_t merge_lora(torch::nn::Module& model);
 // (routed experts left out by exclude_modules when needed), full paths otherwise; r / lora_alpha are the most
 // common values and rank_pattern / alpha_pattern give the others. Routed experts are stored per expert
 // (mlp.experts.N.gate_proj, the names of the per-expert HF checkpoint tensors).
-// `more`: adapter tensors (PEFT names) of modules other processes hold (expert parallelism), written alongside.
+// `more`: adapter tensors (PEFT names) written alongside or instead of the attached ones' values: those of modules
+// other processes hold (expert parallelism), or the fp32 values of sharded adapters (ZeRO-3).
+std::string peft_tensor_name(const std::string& module_parameter_name);  // model.x.lora_A.weight -> PEFT's name
 void save_adapter(torch::nn::Module& model, const std::string& dir, const std::string& base_model = "",
                   const std::map<std::string, torch::Tensor>& more = {});
 // The attached adapters' tensors under their PEFT names (base_model.model.<path>.lora_A.weight, ...), float32, of the

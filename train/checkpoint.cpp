@@ -154,7 +154,7 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
   // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
   if (!lora && sharded) write_sharded_model_weights(tmp, model, *sharded, rank);
   else if (!lora) write_model_weights(tmp, model, rank, barrier);
-  std::map<std::string, torch::Tensor> other_experts;  // adapters of routed experts rank 0 does not hold
+  std::map<std::string, torch::Tensor> other_experts;  // adapters rank 0 does not hold whole (expert parallelism, zero3)
   const model::ExpertPlacement placement = model->expert_placement();
   if (lora && placement.sharded()) {
     // The adapter file is one PEFT file: the other expert-parallel ranks of the first group hand rank 0 their
@@ -172,6 +172,12 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
         fs::remove(part(r));
       }
   }
+  // zero3: the adapters are sharded; gathered whole (megabytes) for the adapter file, in fp32 from the slices.
+  if (lora && sharded) {
+    sharded->gather_all();
+    for (int64_t u = 0; u < sharded->units(); ++u)
+      for (auto& [name, t] : sharded->gather_values(u)) other_experts[model::peft_tensor_name(name)] = t;
+  }
   if (rank == 0) {
     if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained, other_experts);
     else env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
@@ -179,6 +185,7 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
       env::write_file_atomic((tmp / "tokenizer.model").string(), env::read_file(files.tokenizer_path));
   }
+  if (lora && sharded) sharded->release_all();
   // Replicated (unsharded) state is written once.
   if (rank == 0 || optimizer.sharding().shard_state) {
     auto opt_state = optimizer.state_dict();

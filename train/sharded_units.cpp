@@ -139,8 +139,12 @@ void ShardedUnits::after_forward(int64_t u, bool backward_hooked) {
 
 void ShardedUnits::before_backward(int64_t u) {
   gather(u, true);
-  // Backward walks the layers in reverse: the head and each layer but the first prefetch the layer before.
-  if (u >= 2 && u <= layers_ + 1) gather(u - 1, false);
+  // Backward walks the layers in reverse: the head and each layer but the first prefetch the layer before, once
+  // every later unit is done (the head's gradient arrives at the start of backward, before the MTP modules run).
+  if (u < 2 || u > layers_ + 1) return;
+  for (int64_t later = u + 1; later < units(); ++later)
+    if (units_[later]->backward_uses > 0) return;
+  gather(u - 1, false);
 }
 
 void ShardedUnits::after_backward(int64_t u) {
@@ -219,6 +223,15 @@ std::vector<std::pair<std::string, torch::Tensor>> ShardedUnits::gather_values(i
       out.push_back({g.names[k], whole.narrow(0, g.offsets[k] - b.offset, g.numels[k]).view(g.tensors[k].sizes())});
   }
   return out;
+}
+
+void ShardedUnits::gather_all() {
+  for (int64_t u = 0; u < units(); ++u) gather(u, false);
+  for (int64_t u = 0; u < units(); ++u) gather(u, true);
+}
+
+void ShardedUnits::release_all() {
+  for (int64_t u = 0; u < units(); ++u) release(u);
 }
 
 std::vector<std::pair<std::string, std::vector<int64_t>>> ShardedUnits::parameter_shapes(int64_t u) const {

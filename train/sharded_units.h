@@ -51,6 +51,10 @@ public:
   // The whole fp32 values of one unit's parameters (module names), gathered from every rank's slices without
   // touching the model. Every rank calls it for the same units in the same order (checkpoints stream this way).
   std::vector<std::pair<std::string, torch::Tensor>> gather_values(int64_t unit);
+  // Every unit gathered into the model's parameters (compute dtype) until release_all(): for readers of the
+  // parameters outside a forward pass whose total is small (a LoRA run's adapters). Every rank calls both.
+  void gather_all();
+  void release_all();
   // The (module name, shape) of each parameter gather_values(unit) returns, in its order.
   std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(int64_t unit) const;
   int64_t units() const { return static_cast<int64_t>(units_.size()); }

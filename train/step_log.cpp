@@ -116,7 +116,7 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                  dp.gathered_param_peak_bytes());
   if (step == 1 && dp.strategy() == Strategy::Zero3)
     spdlog::info("zero3 rank {}: parameter slices {:.2f} MB (fp32), gathered parameters peak {:.2f} MB (largest unit "
-                 "{:.2f} MB), optimizer state {:.2f} MB, gradient slices {:.2f} MB",
+                 "{:.2f} MB), optimizer state {:.2f} MB, gradients {:.2f} MB (slices and reductions in flight)",
                  dp.group().rank(), dp.param_bytes() / 1e6, dp.gathered_param_peak_bytes() / 1e6,
                  dp.max_bucket_bytes() / 1e6, dp.state_bytes() / 1e6, dp.grad_bytes() / 1e6);
   if (step % log_every_ != 0 && step != max_steps_ && step != 1) return false;
