@@ -7,7 +7,9 @@
 #   - SFT with MTP, z-loss, aux loss and bias updates: 2 ranks x 2 micro-batches == 1 rank x 4 (metrics, weights);
 #   - SIGKILL of one rank stops every rank within 60 s with a non-zero code, leaving a resumable checkpoint;
 #   - expert parallelism (E=2, E=4, E=2 x 2 replicas) equals 1 rank, holds 1/E of the experts per rank, resumes
-#     across layouts, and a rank killed inside its all-to-alls stops every rank.
+#     across layouts, and a rank killed inside its all-to-alls stops every rank;
+#   - zero3 (MoE + MTP, dense with tied embeddings, LoRA; checkpointing on and off) equals 1 rank, holds 1/N of the
+#     parameters plus at most two gathered units, and its checkpoint resumes under zero2 and unsharded.
 set -u
 BIN="$1"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -256,6 +258,72 @@ print(f"{'ok  ' if good else 'FAIL'} LoRA with E=2 matches 1 rank: max rel dloss
       f"({experts} on routed experts) max rel d {werr:.1e} (2 ranks without EP: {dperr:.1e}); "
       f"resumed on 1 rank: max rel dloss {rerr:.1e}")
 sys.exit(0 if good else 1)
+PY
+
+# ZeRO-3: the debug MoE model with MTP (ep_1 is its 1-rank run) on 2 ranks and, with activation checkpointing, on
+# 4; a dense model with tied embeddings on 2 (checkpointing) and 4 ranks; LoRA on its frozen base on 2 ranks. Each
+# equals 1 rank (losses, final weights or adapters); each rank holds 1/N of the parameters plus at most two
+# gathered units where zero2 holds them all; the 4-rank checkpoint resumes on 2 ranks with zero2, that one on 1.
+DENSE_MODEL=(--set model.flavor=tiny-dense --set model.architecture=llama --set model.hidden_size=64
+             --set model.intermediate_size=128 --set model.num_hidden_layers=3 --set model.num_attention_heads=2
+             --set model.num_key_value_heads=2 --set model.tie_word_embeddings=true)
+DENSE=("${DENSE_MODEL[@]}" --set train.max_steps=10 "${EPS[@]}")
+ZLORA=("${DENSE_MODEL[@]}" --set model.pretrained="$W/z3_dense_1/checkpoints/step_00000010" --set lora.enabled=true
+       --set lora.r=4 --set train.max_steps=6 --set checkpoint.every=0 "${EPS[@]}")
+train z3_2 2 zero3 4 "${EPS[@]}"
+train z3_4 4 zero3 2 --set train.activation_checkpointing=true "${EPS[@]}"
+train z3_dense_1 1 none 8 "${DENSE[@]}"
+train z3_dense_2 2 zero3 4 --set train.activation_checkpointing=true "${DENSE[@]}"
+train z3_dense_4 4 zero3 2 "${DENSE[@]}"
+train z3_lora_1 1 none 8 "${ZLORA[@]}"
+train z3_lora_2 2 zero3 4 --set train.activation_checkpointing=true "${ZLORA[@]}"
+train z3_to_zero2 2 zero2 4 --set checkpoint.resume="$W/z3_4/checkpoints/step_00000010" --set checkpoint.every=5 \
+  --set checkpoint.dir="$W/z3_to_zero2/ck" "${EPS[@]}"
+train z3_to_none 1 none 8 --set checkpoint.resume="$W/z3_to_zero2/ck/step_00000015" \
+  --set checkpoint.dir="$W/z3_to_none/ck" "${EPS[@]}"
+python3 - "$W" <<'PY' || fail=1
+import json, re, sys
+from safetensors.torch import load_file
+W = sys.argv[1]
+rows = lambda run: {j["step"]: j["loss"] for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "loss" in j}
+def wdiff(a, b):
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-3)).item() for k in a)
+ok = True
+for ref, run, ck, steps in [("ep_1", "z3_2", "step_00000020/model.safetensors", 20),
+                            ("ep_1", "z3_4", "step_00000020/model.safetensors", 20),
+                            ("z3_dense_1", "z3_dense_2", "step_00000010/model.safetensors", 10),
+                            ("z3_dense_1", "z3_dense_4", "step_00000010/model.safetensors", 10),
+                            ("z3_lora_1", "z3_lora_2", "step_00000006/adapter_model.safetensors", 6)]:
+    a, b = rows(ref), rows(run)
+    err = max(abs(a[s] - b[s]) / a[s] for s in a)
+    werr = wdiff(load_file(f"{W}/{ref}/checkpoints/{ck}"), load_file(f"{W}/{run}/checkpoints/{ck}"))
+    good = len(a) == steps and sorted(a) == sorted(b) and err <= 1e-5 and werr <= 1e-5
+    print(f"{'ok  ' if good else 'FAIL'} zero3 {run} matches 1 rank: max rel dloss {err:.1e}, max rel dweight {werr:.1e}")
+    ok &= good
+a = rows("z3_4")
+for run, steps in [("z3_to_zero2", range(11, 21)), ("z3_to_none", range(16, 21))]:
+    got = rows(run)
+    err = max(abs(a[s] - got[s]) / a[s] for s in got)
+    good = sorted(got) == list(steps) and err <= 1e-5
+    print(f"{'ok  ' if good else 'FAIL'} {run} continues the 4-rank zero3 curve: max rel dloss {err:.1e}")
+    ok &= good
+def memory(run, rank):
+    text = open(f"{W}/{run}/logs/rank_{rank}.log").read()
+    m = re.findall(r"memory rank \d+: .* bucket_bytes=(\d+) param_bytes=(\d+) gathered_param_peak_bytes=(\d+)", text)
+    return tuple(map(int, m[-1]))
+_, total, _ = memory("r1", 0)  # the debug model's fp32 parameters, whole
+for run, n in [("zero2_2", 2), ("z3_2", 2), ("z3_4", 4)]:
+    for rank in range(n):
+        unit, params, gathered = memory(run, rank)
+        if run.startswith("zero2"):
+            good = params == total and gathered == 0
+        else:  # 1/N of every unit's buckets (padded to a multiple of N: < 2 x N values per unit) plus two units
+            good = 0 <= params - total / n <= 4 * 2 * n * 8 and unit <= gathered <= 2 * unit
+        print(f"{'ok  ' if good else 'FAIL'} {run} rank {rank}: parameters {params} B held (whole model {total} B), "
+              f"gathered peak {gathered} B (largest unit {unit} B)")
+        ok &= good
+sys.exit(0 if ok else 1)
 PY
 
 # A rank killed while the others train with expert parallelism (mostly inside the all-to-alls): every rank exits,

@@ -1,12 +1,17 @@
 // Data-parallel building blocks that need no second process: sharded AdamW equals the unsharded update, optimizer
 // state saved by N ranks re-slices for any other world size (and bucket size), the offloaded update equals the
-// on-device one, ZeRO memory per rank, and the rank environment of launchers and Slurm. The multi-process
+// on-device one, ZeRO memory per rank, the rank environment of launchers and Slurm, and ZeRO-3's gathering of
+// parameter units (one process trains exactly as no sharding, each unit whole only while it runs). The multi-process
 // behaviour (Gloo collectives, the launcher, resume on other world sizes) is tests/dist_test.sh.
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
 
+#include "model/param_units.h"
+#include "model/registry.h"
+#include "model/transformer.h"
 #include "tests/test_helpers.h"
+#include "train/data_parallel.h"
 #include "train/optimizer.h"
 #include "train/process_group.h"
 
@@ -241,4 +246,112 @@ TEST_CASE("the gradient norm is exact to 1e-8 whatever the buffer's size and sli
     sliced += rank.grad_norm() * rank.grad_norm();
   }
   CHECK(std::sqrt(sliced) == Approx(std::sqrt(exact)).epsilon(1e-8));
+}
+
+namespace {
+
+std::vector<std::pair<std::string, torch::Tensor>> named(model::CausalLM& m) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : m->named_parameters()) out.push_back({p.key(), p.value()});
+  return out;
+}
+
+bool every_parameter_freed(model::CausalLM& m) {
+  for (const auto& p : m->parameters())
+    if (p.storage().nbytes() != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("ZeRO-3 in one process trains exactly as no sharding, holding each unit only while it runs",
+          "[distributed][zero3]") {
+  auto c = *model::find_flavor("debug");  // MoE, MLA and an MTP module: every kind of unit
+  c.aux_loss_alpha = 0.01;
+  for (const bool checkpointing : {false, true}) {
+    DYNAMIC_SECTION("activation checkpointing " << checkpointing) {
+      torch::manual_seed(7);
+      model::CausalLM ref(c);
+      torch::manual_seed(7);
+      model::CausalLM sharded(c);
+      auto group = train::create_process_group(train::DistEnv{}, torch::kCPU, {});
+      train::DataParallel plain(named(ref), {}, {}, group);
+      train::DataParallelOptions o;
+      o.strategy = train::Strategy::Zero3;
+      o.units.unit_of = [c](const std::string& name) { return model::unit_of(name, c); };
+      o.units.units = model::unit_count(c);
+      o.units.layers = c.num_hidden_layers;
+      train::DataParallel zero3(named(sharded), {}, o, group);
+      sharded->set_unit_hooks(zero3.sharded_units());
+      for (auto* m : {&ref, &sharded}) {
+        (*m)->set_activation_checkpointing(checkpointing);
+        (*m)->train();
+      }
+      CHECK(every_parameter_freed(sharded));
+      torch::manual_seed(1);
+      const auto ids = torch::randint(0, c.vocab_size, {4, 16});
+      for (int step = 0; step < 3; ++step) {
+        double losses[2] = {0, 0};
+        train::DataParallel* dps[2] = {&plain, &zero3};
+        model::CausalLM* models[2] = {&ref, &sharded};
+        for (int k = 0; k < 2; ++k) {
+          dps[k]->zero_grad();
+          for (int micro = 0; micro < 2; ++micro) {  // gradient accumulation: reduced per micro-step under zero3
+            dps[k]->begin_micro_step(micro == 1);
+            const auto rows = ids.narrow(0, 2 * micro, 2);
+            auto out = (*models[k])->forward(rows, rows);
+            out.loss.backward();
+            dps[k]->end_micro_step();
+            losses[k] += out.loss.item<double>();
+          }
+          CHECK(dps[k]->grad_norm() > 0);
+          dps[k]->step(1e-2);
+        }
+        CHECK(losses[0] == losses[1]);
+        CHECK(every_parameter_freed(sharded));
+      }
+      // At most two units whole at once (the one running and the one being prefetched).
+      {
+        auto* units = zero3.sharded_units();
+        CHECK(units->peak_gathered_bytes() <= 2 * units->largest_unit_bytes());
+        CHECK(units->peak_gathered_bytes() >= units->largest_unit_bytes());
+        CHECK(zero3.param_bytes() == plain.param_bytes());  // one rank: its slices are everything
+      }
+      // The final weights, gathered unit by unit, equal the unsharded run's.
+      std::map<std::string, torch::Tensor> want;
+      for (auto& p : ref->named_parameters()) want[p.key()] = p.value().detach();
+      size_t seen = 0;
+      for (int64_t u = 0; u < zero3.sharded_units()->units(); ++u)
+        for (const auto& [name, t] : zero3.sharded_units()->gather_values(u)) {
+          CHECK(torch::equal(t, want.at(name)));
+          ++seen;
+        }
+      CHECK(seen == want.size());
+      // Evaluation (no grad) gathers and frees the same way.
+      {
+        torch::NoGradGuard no_grad;
+        auto a = ref->forward(ids, ids).loss, b = sharded->forward(ids, ids).loss;
+        CHECK(a.item<double>() == b.item<double>());
+      }
+      CHECK(every_parameter_freed(sharded));
+      sharded->set_unit_hooks(nullptr);
+    }
+  }
+}
+
+TEST_CASE("parameter units follow the model's modules", "[distributed][zero3]") {
+  auto c = *model::find_flavor("debug");
+  const int64_t L = c.num_hidden_layers;
+  CHECK(model::unit_count(c) == L + 2 + c.mtp_depth());
+  CHECK(model::unit_of("model.embed_tokens.weight", c) == 0);
+  CHECK(model::unit_of("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", c) == 1);
+  CHECK(model::unit_of("model.layers." + std::to_string(L - 1) + ".mlp.experts.3.up_proj.weight", c) == L);
+  CHECK(model::unit_of("model.norm.weight", c) == L + 1);
+  CHECK(model::unit_of("lm_head.weight", c) == L + 1);
+  CHECK(model::unit_of("mtp.0.eh_proj.weight", c) == L + 2);
+  CHECK(model::unit_of("model.layers." + std::to_string(L) + ".mlp.gate.weight", c) == -1);  // no such layer
+  CHECK(model::unit_of("something.else", c) == -1);
+  // Every parameter of the model belongs to a unit.
+  model::CausalLM m(c);
+  for (const auto& p : m->named_parameters()) CHECK(model::unit_of(p.key(), c) >= 0);
 }
