@@ -695,8 +695,10 @@ ParamCounts count_parameters(const ModelConfig& c) {
   p.total = p.embedding + head + c.hidden_size;  // + final norm
   p.active = (c.tie_word_embeddings ? p.embedding : head) + c.hidden_size;
   const int64_t routed_per_block = c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size;
+  p.largest_unit = std::max(p.embedding, (c.tie_word_embeddings ? p.embedding : head) + c.hidden_size);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerCount lc = layer_params(c, l);
+    p.largest_unit = std::max(p.largest_unit, lc.total);
     p.total += lc.total;
     p.active += lc.active;
     if (c.is_moe_layer(l)) p.routed += routed_per_block;
@@ -705,6 +707,7 @@ ParamCounts count_parameters(const ModelConfig& c) {
   const int64_t mtp_block = layer_params(c, std::max(c.num_hidden_layers, c.first_k_dense_replace)).total;
   p.mtp = c.num_nextn_predict_layers * (2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + mtp_block + c.hidden_size);
   if (c.use_mtp) p.total += c.mtp_depth() * (p.mtp / std::max<int64_t>(c.num_nextn_predict_layers, 1));
+  if (c.use_mtp && c.mtp_depth() > 0) p.largest_unit = std::max(p.largest_unit, p.mtp / c.num_nextn_predict_layers);
   if (c.use_mtp && c.is_moe_layer(std::max(c.num_hidden_layers, c.first_k_dense_replace)))
     p.routed += c.mtp_depth() * routed_per_block;
   return p;

@@ -161,6 +161,9 @@ struct ParamCounts {
   int64_t embedding = 0;
   int64_t mtp = 0;  // parameters of MTP modules (included in total only when use_mtp)
   int64_t routed = 0;  // routed-expert parameters within total (what expert parallelism shards)
+  // The most parameters one ZeRO-3 unit (model/param_units.h) makes whole at once: the embedding, a decoder layer,
+  // the head (with tied embeddings it uses the embedding's) or an MTP module.
+  int64_t largest_unit = 0;
 };
 ParamCounts count_parameters(const ModelConfig& c);
 

@@ -10,16 +10,18 @@
 namespace dsopen::model {
 
 TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size, int64_t routed_params,
-                                        int64_t expert_parallel) {
+                                        int64_t expert_parallel, int64_t largest_unit) {
   const double E = static_cast<double>(std::max<int64_t>(expert_parallel, 1));
   const double R = static_cast<double>(expert_parallel > 1 ? routed_params : 0);
   const double D = static_cast<double>(params) - R, N = static_cast<double>(world_size);
   // Replicated D over N ranks; the rank's R/E experts over their N/E replicas.
   const auto zero = [&](double held, double ranks) {
-    return TrainingMemory{16.0 * held, 8.0 * held + 8.0 * held / ranks, 4.0 * held + 12.0 * held / ranks};
+    return TrainingMemory{16.0 * held, 8.0 * held + 8.0 * held / ranks, 4.0 * held + 12.0 * held / ranks, 0.0};
   };
   const TrainingMemory d = zero(D, N), r = zero(R / E, std::max(N / E, 1.0));
-  return {d.ddp + r.ddp, d.zero1 + r.zero1, d.zero2 + r.zero2};
+  // zero3 does not combine with expert parallelism: every parameter is sharded over all N ranks.
+  const double zero3 = 16.0 * static_cast<double>(params) / N + 16.0 * static_cast<double>(largest_unit);
+  return {d.ddp + r.ddp, d.zero1 + r.zero1, d.zero2 + r.zero2, zero3};
 }
 
 double all_to_all_bytes_per_token(const ModelConfig& c, int64_t expert_parallel, int64_t bytes_per_element) {
@@ -45,6 +47,15 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
   TrainingPlan plan;
   plan.weights = 4.0 * P;
   plan.grads = 4.0 * (T / (in.zero_stage >= 2 ? N : 1.0) + TE / (in.zero_stage >= 2 ? replicas : 1.0));
+  if (in.zero_stage >= 3) {
+    // Every parameter sharded (a LoRA run's frozen base is not: it stays whole); two units whole at a time in the
+    // compute dtype, and up to two units' fp32 gradients in their reduce-scatters.
+    const double U = static_cast<double>(counts.largest_unit);
+    const double frozen = P - T - TE;
+    plan.gathered_unit = T + TE > 0 ? U * static_cast<double>(in.activation_bytes) : 0.0;  // LoRA: adapters only
+    plan.weights = 4.0 * (P - frozen) / N + 4.0 * frozen + 2.0 * plan.gathered_unit;
+    if (T + TE > 0) plan.grads += 8.0 * U;
+  }
   const double moments = 8.0 * (T / (in.zero_stage >= 1 ? N : 1.0) + TE / (in.zero_stage >= 1 ? replicas : 1.0));
   if (in.offload_optimizer) plan.optimizer_host = moments * 1.5;  // + the fp32 master copy of the shard
   else plan.optimizer = moments;
@@ -67,7 +78,7 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
 
 nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel) {
   const ParamCounts p = count_parameters(c);
-  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel, p.largest_unit);
   const double held = static_cast<double>(p.total - p.routed) + static_cast<double>(p.routed) / static_cast<double>(expert_parallel);
   return {{"model_type", c.model_type},
           {"total_params", p.total},
@@ -82,7 +93,8 @@ nlohmann::json model_info_json(const ModelConfig& c, int64_t world_size, int64_t
           {"expert_parallel", expert_parallel},
           {"params_per_rank", held},
           {"all_to_all_bytes_per_token", all_to_all_bytes_per_token(c, expert_parallel, 2)},
-          {"train_memory_bytes_per_rank", {{"ddp", m.ddp}, {"zero1", m.zero1}, {"zero2", m.zero2}}}};
+          {"largest_unit_params", p.largest_unit},
+          {"train_memory_bytes_per_rank", {{"ddp", m.ddp}, {"zero1", m.zero1}, {"zero2", m.zero2}, {"zero3", m.zero3}}}};
 }
 
 namespace {
@@ -103,7 +115,7 @@ std::string gib(double bytes) {
 
 std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t seq_len, int64_t expert_parallel) {
   const ParamCounts p = count_parameters(c);
-  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel);
+  const TrainingMemory m = training_memory_per_rank(p.total, world_size, p.routed, expert_parallel, p.largest_unit);
   std::string s;
   s += "architecture          " + c.model_type + (c.is_mla() ? " (MLA" : " (MHA/GQA") +
        (c.n_routed_experts > 0 ? ", MoE)" : ", dense)") + "\n";
@@ -129,6 +141,9 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
   s += "  ddp                 " + gib(m.ddp) + "\n";
   s += "  zero1               " + gib(m.zero1) + "\n";
   s += "  zero2               " + gib(m.zero2) + "\n";
+  if (expert_parallel == 1)
+    s += "  zero3               " + gib(m.zero3) + " (largest unit " + human(static_cast<double>(p.largest_unit)) +
+         " parameters, two gathered)\n";
   return s;
 }
 

@@ -17,14 +17,16 @@ namespace dsopen::model {
 
 // Bytes per rank of parameters + gradients + AdamW state for P parameters on N ranks, as dsopen-train holds them
 // (fp32 weights, fp32 gradients, fp32 first and second moments; bf16 runs autocast from the fp32 weights):
-// ddp 16P; zero1 (moments sharded) 8P + 8P/N; zero2 (gradients too) 4P + 12P/N.
+// ddp 16P; zero1 (moments sharded) 8P + 8P/N; zero2 (gradients too) 4P + 12P/N; zero3 (weights too) 16P/N plus,
+// for the largest unit of U parameters, two units gathered (8U in fp32) and two units' gradients being
+// reduce-scattered (8U).
 // Expert parallelism over E ranks (of N) divides the R routed-expert parameters by E first: they are held by E
 // ranks and replicated N/E times, so their ZeRO sharding spans N/E ranks (R/E/(N/E) = R/N per rank).
 struct TrainingMemory {
-  double ddp, zero1, zero2;
+  double ddp, zero1, zero2, zero3;
 };
 TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size, int64_t routed_params = 0,
-                                        int64_t expert_parallel = 1);
+                                        int64_t expert_parallel = 1, int64_t largest_unit = 0);
 
 // Bytes one token moves through the expert all-to-alls per training step (forward dispatch and combine, and the
 // same again in backward) over all MoE blocks, with `bytes_per_element` activations (2: bf16) and uniform routing:
@@ -34,7 +36,7 @@ double all_to_all_bytes_per_token(const ModelConfig& c, int64_t expert_parallel,
 // What one rank of a training job holds, in bytes, before anything is allocated.
 struct TrainingPlanInput {
   int64_t world_size = 1;
-  int zero_stage = 0;              // 0: ddp (or one rank), 1: moments sharded, 2: gradients too
+  int zero_stage = 0;              // 0: ddp (or one rank), 1: moments sharded, 2: gradients too, 3: weights too
   bool offload_optimizer = false;  // moments (and an fp32 master copy) in host memory
   int64_t micro_batch_size = 1;
   int64_t seq_len = 4096;
@@ -44,7 +46,9 @@ struct TrainingPlanInput {
   int64_t expert_parallel = 1;     // E: each rank holds 1/E of the routed experts
 };
 struct TrainingPlan {
-  double weights = 0, grads = 0, optimizer = 0, activations = 0;
+  // zero3: weights are the fp32 slices plus two gathered units (compute dtype), gradients the slices plus two
+  // units being reduced; gathered_unit is one unit's gathered bytes.
+  double weights = 0, grads = 0, optimizer = 0, activations = 0, gathered_unit = 0;
   double optimizer_host = 0;  // offloaded moments + master copy (host memory)
   double device_total() const { return weights + grads + optimizer + activations; }
 };

@@ -316,6 +316,7 @@ TEST_CASE("ZeRO-3 in one process trains exactly as no sharding, holding each uni
         CHECK(units->peak_gathered_bytes() <= 2 * units->largest_unit_bytes());
         CHECK(units->peak_gathered_bytes() >= units->largest_unit_bytes());
         CHECK(zero3.param_bytes() == plain.param_bytes());  // one rank: its slices are everything
+        CHECK(units->largest_unit_bytes() == 4 * model::count_parameters(c).largest_unit);  // the planner's formula
       }
       // The final weights, gathered unit by unit, equal the unsharded run's.
       std::map<std::string, torch::Tensor> want;

@@ -69,6 +69,29 @@ TEST_CASE("ZeRO memory formulas", "[model][counts]") {
   CHECK(m.ddp == 16000);
   CHECK(m.zero1 == 8000 + 2000);
   CHECK(m.zero2 == 4000 + 3000);
+  // zero3: everything sharded, plus two gathered units and two units' gradients in flight (fp32).
+  CHECK(training_memory_per_rank(1000, 4, 0, 1, 100).zero3 == 16000 / 4 + 16 * 100);
+}
+
+TEST_CASE("the ZeRO-3 plan shards the weights and adds two gathered units", "[model][counts]") {
+  const ModelConfig c = flavor("7b");
+  const ParamCounts p = count_parameters(c);
+  // 7B: the head (lm_head 102400 x 4096 and the final norm) is its largest unit, larger than a decoder layer.
+  CHECK(p.largest_unit == c.vocab_size * c.hidden_size + c.hidden_size);
+  TrainingPlanInput in;
+  in.world_size = 8;
+  in.seq_len = 2048;
+  in.activation_bytes = 2;
+  in.zero_stage = 2;
+  const TrainingPlan z2 = plan_training(c, in);
+  in.zero_stage = 3;
+  const TrainingPlan z3 = plan_training(c, in);
+  CHECK(z2.weights == 4.0 * p.total);
+  CHECK(z3.gathered_unit == 2.0 * p.largest_unit);
+  CHECK(z3.weights == Approx(4.0 * p.total / 8 + 2 * z3.gathered_unit));
+  CHECK(z3.grads == Approx(z2.grads + 8.0 * p.largest_unit));
+  CHECK(z3.optimizer == z2.optimizer);
+  CHECK(z3.activations == z2.activations);
 }
 
 TEST_CASE("YaRN inverse frequencies match hand-computed values", "[model][rope]") {

@@ -3,9 +3,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "model/info.h"
 #include "model/safetensors.h"
+#include "train/data_parallel.h"
 #include "utils/cli.h"
 #include "utils/config.h"
 #include "utils/env.h"
@@ -61,7 +63,14 @@ static int run(int argc, char** argv) {
       "expert-parallel", "Expert-parallel ranks E (routed experts split E ways; divides --world-size)",
       cxxopts::value<int64_t>())(
       "seq-len", "Sequence length for the attention FLOPs (default: data.seq_len or 4096)",
-      cxxopts::value<int64_t>())("json", "Print one JSON object")(
+      cxxopts::value<int64_t>())(
+      "strategy", "Also plan one rank's training memory under none|ddp|zero1|zero2|zero3 (weights, gradients, "
+                  "moments, the largest gathered unit, activations)", cxxopts::value<std::string>())(
+      "micro-batch", "Sequences per micro-batch for --strategy's activations", cxxopts::value<int64_t>()->default_value("1"))(
+      "precision", "fp32 or bf16 (autocast) for --strategy's activations and gathered units",
+      cxxopts::value<std::string>()->default_value("bf16"))(
+      "activation-checkpointing", "Plan --strategy with activation checkpointing")(
+      "offload-optimizer", "Plan --strategy with the AdamW moments in host memory")("json", "Print one JSON object")(
       "hf-config", "Also write the model's HuggingFace config.json to this path", cxxopts::value<std::string>())(
       "safetensors", "Check .safetensors files (repeatable) and list their tensors (name, dtype, shape, bytes) instead; "
                      "with --json one object per file, {\"file\", \"error\"} for a refused one",
@@ -124,8 +133,68 @@ static int run(int argc, char** argv) {
     throw usage_error(source, std::to_string(expert_parallel) + " does not divide the model's " +
                                   std::to_string(c.n_routed_experts) + " routed experts",
                       "give a divisor of n_routed_experts");
-  if (args.count("json")) std::cout << model::model_info_json(c, world, seq_len, expert_parallel).dump() << std::endl;
-  else std::cout << model::model_info_text(c, world, seq_len, expert_parallel);
+  nlohmann::json plan_json;
+  std::string plan_text;
+  if (args.count("strategy")) {
+    const std::string name = args["strategy"].as<std::string>();
+    std::optional<train::Strategy> found;
+    std::vector<std::string> names;
+    for (const auto& [n, v] : train::strategy_names()) {
+      names.push_back(n);
+      if (n == name) found = v;
+    }
+    if (!found) {
+      const std::string near = config::closest_match(name, names);
+      throw usage_error("--strategy", "unknown strategy '" + name + "'" + (near.empty() ? "" : " (did you mean " + near + "?)"),
+                        "use none, ddp, zero1, zero2 or zero3");
+    }
+    const train::Strategy strategy = *found;
+    if (strategy == train::Strategy::Zero3 && expert_parallel > 1)
+      throw usage_error("--strategy", "zero3 does not combine with expert parallelism", "plan zero2 with it, or zero3 without");
+    const std::string precision = args["precision"].as<std::string>();
+    if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "must be fp32 or bf16, got " + precision);
+    model::TrainingPlanInput in;
+    in.world_size = world;
+    in.zero_stage = strategy == train::Strategy::Zero3 ? 3 : strategy == train::Strategy::Zero2 ? 2
+                    : strategy == train::Strategy::Zero1 ? 1 : 0;
+    if (world == 1 && strategy != train::Strategy::Zero3) in.zero_stage = 0;
+    in.offload_optimizer = args.count("offload-optimizer") > 0;
+    in.micro_batch_size = args["micro-batch"].as<int64_t>();
+    if (in.micro_batch_size < 1) throw usage_error("--micro-batch", "must be >= 1");
+    in.seq_len = seq_len;
+    in.activation_checkpointing = args.count("activation-checkpointing") > 0;
+    in.activation_bytes = precision == "fp32" ? 4 : 2;
+    in.expert_parallel = expert_parallel;
+    const model::TrainingPlan p = model::plan_training(c, in);
+    plan_json = {{"strategy", name},        {"micro_batch", in.micro_batch_size}, {"precision", precision},
+                 {"activation_checkpointing", in.activation_checkpointing}, {"offload_optimizer", in.offload_optimizer},
+                 {"weights", p.weights},    {"gathered_unit", p.gathered_unit},   {"grads", p.grads},
+                 {"optimizer", p.optimizer}, {"optimizer_host", p.optimizer_host}, {"activations", p.activations},
+                 {"total", p.device_total()}};
+    const auto gib = [](double b) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1024.0 * 1024.0 * 1024.0));
+      return std::string(buf);
+    };
+    plan_text = "plan per rank (" + name + ", " + std::to_string(world) + " rank" + (world > 1 ? "s" : "") + ", " +
+                precision + ", micro-batch " + std::to_string(in.micro_batch_size) + " x " + std::to_string(seq_len) +
+                " tokens" + (in.activation_checkpointing ? ", activation checkpointing" : "") +
+                (in.offload_optimizer ? ", optimizer offload" : "") + ")\n" +
+                "  weights             " + gib(p.weights) +
+                (p.gathered_unit > 0 ? " (of which 2 gathered units of " + gib(p.gathered_unit) + ")" : "") + "\n" +
+                "  gradients           " + gib(p.grads) + "\n" +
+                "  AdamW moments       " + gib(p.optimizer) +
+                (p.optimizer_host > 0 ? " (+ " + gib(p.optimizer_host) + " in host memory)" : "") + "\n" +
+                "  activations         ~" + gib(p.activations) + "\n" +
+                "  total on the device " + gib(p.device_total()) + "\n";
+  }
+  if (args.count("json")) {
+    auto j = model::model_info_json(c, world, seq_len, expert_parallel);
+    if (!plan_json.is_null()) j["plan"] = plan_json;
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << model::model_info_text(c, world, seq_len, expert_parallel) << plan_text;
+  }
   return 0;
 }
 

@@ -24,7 +24,9 @@ std::string gib(double bytes) {
   return buf;
 }
 
-int zero_stage(Strategy s) { return s == Strategy::Zero2 ? 2 : s == Strategy::Zero1 ? 1 : 0; }
+int zero_stage(Strategy s) {
+  return s == Strategy::Zero3 ? 3 : s == Strategy::Zero2 ? 2 : s == Strategy::Zero1 ? 1 : 0;
+}
 
 }  // namespace
 
@@ -40,7 +42,8 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
   out.on_gpu = runs_on_cuda(job.run);
   model::TrainingPlanInput in;
   in.world_size = world_size;
-  in.zero_stage = world_size > 1 ? zero_stage(job.parallel.strategy) : 0;
+  // zero3 gathers units even on one rank; the other strategies hold everything there.
+  in.zero_stage = world_size > 1 || job.parallel.strategy == Strategy::Zero3 ? zero_stage(job.parallel.strategy) : 0;
   in.offload_optimizer = job.parallel.offload_optimizer;
   in.expert_parallel = job.parallel.expert_parallel;
   in.micro_batch_size = job.train.micro_batch_size;
@@ -80,7 +83,8 @@ JobMemoryPlan plan_job(const JobConfig& job, int64_t world_size, int64_t local_w
 
 std::string plan_text(const JobMemoryPlan& p) {
   std::string s = "memory plan per rank (" + p.layout + "):\n";
-  s += "  weights " + gib(p.plan.weights) + " | gradients " + gib(p.plan.grads) + " | AdamW moments " +
+  s += "  weights " + gib(p.plan.weights) +
+       (p.plan.gathered_unit > 0 ? " (slices + 2 gathered units of " + gib(p.plan.gathered_unit) + ")" : "") + " | gradients " + gib(p.plan.grads) + " | AdamW moments " +
        gib(p.plan.optimizer) + (p.plan.optimizer_host > 0 ? " (+ " + gib(p.plan.optimizer_host) + " offloaded)" : "") +
        " | activations ~" + gib(p.plan.activations) + " | total " + gib(p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host)) + "\n";
   s += "  available " + (p.device_budget > 0 ? gib(p.device_budget) + " (" + p.budget_source + ")" : std::string("unknown")) +
@@ -109,8 +113,8 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
             " train.grad_accum_steps=" + std::to_string(k.train.grad_accum_steps),
         k, world_size);
   }
-  // More ranks shard the moments and gradients (zero2); the weights stay whole on every rank but for the routed
-  // experts, which expert parallelism splits over up to gcd(ranks, experts) ranks.
+  // More ranks shard the moments and gradients (zero2) — the weights stay whole on every rank but for the routed
+  // experts, which expert parallelism splits over up to gcd(ranks, experts) ranks — or everything (zero3).
   for (int64_t n = std::max<int64_t>(2, world_size); n <= 1024; n *= 2) {
     JobConfig k = j;
     k.parallel.strategy = Strategy::Zero2;
@@ -122,6 +126,9 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
       add("parallel.strategy=zero2 parallel.expert_parallel=" + std::to_string(E) + " train.activation_checkpointing=true" + where,
           k, n);
     }
+    k.parallel.expert_parallel = 1;
+    k.parallel.strategy = Strategy::Zero3;
+    add("parallel.strategy=zero3 train.activation_checkpointing=true" + where, k, n);
   }
   std::vector<std::string> out;
   for (const auto& c : candidates) {
@@ -141,9 +148,9 @@ void refuse_if_it_cannot_fit(const JobConfig& job, int64_t world_size, int64_t l
   std::string hint;
   for (const auto& f : fixes) hint += (hint.empty() ? "layouts that fit: --set " : "; or --set ") + f;
   if (hint.empty())
-    hint = "the weights alone take " + gib(p.plan.weights) + " on every rank (no layout here shards them" +
-           (job.model.n_routed_experts > 0 ? " enough; parallel.expert_parallel splits only the routed experts" : "") +
-           "): use a smaller model or a machine with more memory; dsopen-train --plan shows each term";
+    hint = "no layout up to 1024 ranks fits (zero3 shards the weights too; the largest unit, two gathered, and the "
+           "activations stay per rank): use a smaller model, a shorter data.seq_len or a machine with more memory; "
+           "dsopen-train --plan shows each term";
   const double total = p.plan.device_total() + (p.on_gpu ? 0 : p.plan.optimizer_host);
   throw usage_error("model", "the job needs " + gib(total) + " per rank but " + gib(p.device_budget) + " is available (" +
                                  p.budget_source + ")",
