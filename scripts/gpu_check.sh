@@ -6,7 +6,7 @@
 #                                     into .deps/debs (ignored by git; carry it to the GPU machine)
 #   scripts/gpu_check.sh [OUT_DIR]    on the GPU machine: unpacks .deps/debs into .deps/prefix, configures and builds
 #                                     build-gpu/ against python3's torch, runs the CUDA tests (tests/test_cuda.cpp),
-#                                     CUDA training runs (bf16, fp16 with loss scaling, zero2 + optimizer offload) and
+#                                     CUDA training runs (bf16, fp16 with loss scaling, zero2 + optimizer offload, zero3) and
 #                                     the bf16 throughput benchmark against PyTorch. Results: OUT_DIR (default
 #                                     $OUT or gpu-results/), summary in OUT_DIR/summary.txt.
 #
@@ -92,12 +92,15 @@ train fp32 --set train.precision=fp32
 train bf16 --set train.precision=bf16
 train fp16 --set train.precision=fp16
 train zero2_offload --set train.precision=fp32 --set parallel.strategy=zero2 --set parallel.offload_optimizer=cpu
+# zero3 on one GPU still gathers and frees every unit (CUDA storage resizes, bf16/fp16 gather buffers, loss scaling).
+train zero3_fp32 --set train.precision=fp32 --set parallel.strategy=zero3 --set train.activation_checkpointing=true
+train zero3_fp16 --set train.precision=fp16 --set parallel.strategy=zero3
 python3 - "$RUNS" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 def losses(run):
     return [j["loss"] for j in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if "loss" in j]
 ref = losses("fp32")
-for run in ["bf16", "fp16", "zero2_offload"]:
+for run in ["bf16", "fp16", "zero2_offload", "zero3_fp32", "zero3_fp16"]:
     got = losses(run)
     print(f"{run}: first {got[0]:.4f} last {got[-1]:.4f}; fp32 last {ref[-1]:.4f}; max |dloss| vs fp32 "
           f"{max(abs(a - b) for a, b in zip(got, ref)):.2e}")

@@ -269,7 +269,7 @@ TEST_CASE("ZeRO-3 in one process trains exactly as no sharding, holding each uni
   auto c = *model::find_flavor("debug");  // MoE, MLA and an MTP module: every kind of unit
   c.aux_loss_alpha = 0.01;
   for (const bool checkpointing : {false, true}) {
-    DYNAMIC_SECTION("activation checkpointing " << checkpointing) {
+    DYNAMIC_SECTION("activation checkpointing and optimizer offload " << checkpointing) {
       torch::manual_seed(7);
       model::CausalLM ref(c);
       torch::manual_seed(7);
@@ -278,6 +278,7 @@ TEST_CASE("ZeRO-3 in one process trains exactly as no sharding, holding each uni
       train::DataParallel plain(named(ref), {}, {}, group);
       train::DataParallelOptions o;
       o.strategy = train::Strategy::Zero3;
+      o.offload_optimizer = checkpointing;  // the offloaded step updates the slices alike
       o.units.unit_of = [c](const std::string& name) { return model::unit_of(name, c); };
       o.units.units = model::unit_count(c);
       o.units.layers = c.num_hidden_layers;
