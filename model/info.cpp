@@ -48,12 +48,11 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
   plan.weights = 4.0 * P;
   plan.grads = 4.0 * (T / (in.zero_stage >= 2 ? N : 1.0) + TE / (in.zero_stage >= 2 ? replicas : 1.0));
   if (in.zero_stage >= 3) {
-    // Every parameter sharded (a LoRA run's frozen base is not: it stays whole); two units whole at a time in the
-    // compute dtype, and up to two units' fp32 gradients in their reduce-scatters.
+    // Every parameter sharded (a LoRA run's frozen base too); two units whole at a time in the compute dtype, and
+    // up to two units' fp32 gradients in their reduce-scatters.
     const double U = static_cast<double>(counts.largest_unit);
-    const double frozen = P - T - TE;
-    plan.gathered_unit = T + TE > 0 ? U * static_cast<double>(in.activation_bytes) : 0.0;  // LoRA: adapters only
-    plan.weights = 4.0 * (P - frozen) / N + 4.0 * frozen + 2.0 * plan.gathered_unit;
+    plan.gathered_unit = U * static_cast<double>(in.activation_bytes);
+    plan.weights = 4.0 * P / N + 2.0 * plan.gathered_unit;
     if (T + TE > 0) plan.grads += 8.0 * U;
   }
   const double moments = 8.0 * (T / (in.zero_stage >= 1 ? N : 1.0) + TE / (in.zero_stage >= 1 ? replicas : 1.0));

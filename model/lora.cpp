@@ -504,7 +504,9 @@ void save_adapter(torch::nn::Module& model, const std::string& dir, const std::s
     if (p.second->has_lora()) adapted.push_back(p);
   if (adapted.empty()) throw usage_error(dir, "the model has no LoRA adapters to save");
 
-  std::map<std::string, torch::Tensor> tensors = adapter_tensors(model, [](const std::string&) { return true; });
+  // The attached adapters' values, but for those `more` gives (ZeRO-3: the attached ones are not whole here).
+  std::map<std::string, torch::Tensor> tensors =
+      adapter_tensors(model, [&](const std::string& path) { return !more.count(kPrefix + path + ".lora_A.weight"); });
   for (const auto& [name, t] : more) tensors[name] = t;
 
   // The most common rank and alpha are the defaults; the others go to the patterns.

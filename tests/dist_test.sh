@@ -262,8 +262,9 @@ PY
 
 # ZeRO-3: the debug MoE model with MTP (ep_1 is its 1-rank run) on 2 ranks and, with activation checkpointing, on
 # 4; a dense model with tied embeddings on 2 (checkpointing) and 4 ranks; LoRA on its frozen base on 2 ranks. Each
-# equals 1 rank (losses, final weights or adapters); each rank holds 1/N of the parameters plus at most two
-# gathered units where zero2 holds them all; the 4-rank checkpoint resumes on 2 ranks with zero2, that one on 1.
+# equals 1 rank (losses, final weights or adapters); each rank holds 1/N of the parameters (LoRA: of the frozen
+# base too) plus at most two gathered units where zero2 holds them all; the 4-rank checkpoint resumes on 2 ranks
+# with zero2, that one on 1.
 DENSE_MODEL=(--set model.flavor=tiny-dense --set model.architecture=llama --set model.hidden_size=64
              --set model.intermediate_size=128 --set model.num_hidden_layers=3 --set model.num_attention_heads=2
              --set model.num_key_value_heads=2 --set model.tie_word_embeddings=true)
@@ -323,6 +324,14 @@ for run, n in [("zero2_2", 2), ("z3_2", 2), ("z3_4", 4)]:
         print(f"{'ok  ' if good else 'FAIL'} {run} rank {rank}: parameters {params} B held (whole model {total} B), "
               f"gathered peak {gathered} B (largest unit {unit} B)")
         ok &= good
+# LoRA: the frozen base is sharded too (the 1-rank runs hold the base's and the adapters' fp32 bytes whole).
+base, adapters = memory("z3_dense_1", 0)[1], memory("z3_lora_1", 0)[1]
+for rank in range(2):
+    unit, params, gathered = memory("z3_lora_2", rank)
+    good = 0 <= params - (base + adapters) / 2 <= 4 * 2 * 2 * 16 and 0 < gathered <= 2 * unit
+    print(f"{'ok  ' if good else 'FAIL'} z3_lora_2 rank {rank}: parameters {params} B held (frozen base {base} B + "
+          f"adapters {adapters} B whole), gathered peak {gathered} B")
+    ok &= good
 sys.exit(0 if ok else 1)
 PY
 

@@ -102,7 +102,7 @@ void write_sharded_model_weights(const fs::path& tmp, model::CausalLM& model, Sh
   std::vector<std::pair<std::string, torch::Tensor>> direct;  // HF name -> tensor, written as they are
   std::set<std::string> in_units;
   for (int64_t u = 0; u < units.units(); ++u)
-    for (const auto& [name, shape] : units.parameter_shapes(u)) in_units.insert(name);
+    for (const auto& p : units.parameters(u)) in_units.insert(p.name);
   for (const auto& p : model->named_parameters())
     if (!in_units.count(p.key()) && !model::is_lora_parameter(p.key()))
       for (const auto& hf : model::hf_names_of(*model, p.key())) direct.push_back({hf, p.value().detach()});
@@ -110,8 +110,8 @@ void write_sharded_model_weights(const fs::path& tmp, model::CausalLM& model, Sh
     for (const auto& hf : model::hf_names_of(*model, b.key())) direct.push_back({hf, b.value().detach()});
   for (const auto& [hf, t] : direct) entries.push_back({hf, t.scalar_type(), t.sizes().vec()});
   for (int64_t u = 0; u < units.units(); ++u)
-    for (const auto& [name, shape] : units.parameter_shapes(u))
-      for (const auto& hf : model::hf_names_of(*model, name)) entries.push_back({hf, torch::kFloat32, shape});
+    for (const auto& p : units.parameters(u))
+      for (const auto& hf : model::hf_names_of(*model, p.name)) entries.push_back({hf, p.dtype, p.shape});
   // The same names as every other strategy writes.
   std::set<std::string> declared, expected;
   for (const auto& e : entries) declared.insert(e.name);
@@ -173,11 +173,10 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
       }
   }
   // zero3: the adapters are sharded; gathered whole (megabytes) for the adapter file, in fp32 from the slices.
-  if (lora && sharded) {
-    sharded->gather_all();
+  if (lora && sharded)
     for (int64_t u = 0; u < sharded->units(); ++u)
-      for (auto& [name, t] : sharded->gather_values(u)) other_experts[model::peft_tensor_name(name)] = t;
-  }
+      for (auto& [name, t] : sharded->gather_values(u, /*trainable_only=*/true))
+        other_experts[model::peft_tensor_name(name)] = t;
   if (rank == 0) {
     if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained, other_experts);
     else env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");
@@ -185,7 +184,6 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     if (!files.tokenizer_path.empty() && fs::exists(files.tokenizer_path))
       env::write_file_atomic((tmp / "tokenizer.model").string(), env::read_file(files.tokenizer_path));
   }
-  if (lora && sharded) sharded->release_all();
   // Replicated (unsharded) state is written once.
   if (rank == 0 || optimizer.sharding().shard_state) {
     auto opt_state = optimizer.state_dict();

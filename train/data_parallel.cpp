@@ -84,7 +84,18 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
   }
   opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);
   if (s == Strategy::Zero3) {
-    units_ = std::make_unique<ShardedUnits>(opt_->params(), *group_, options_.units.units, options_.units.layers,
+    std::vector<FlatParams*> layouts{&opt_->params()};
+    // A LoRA run's frozen base is sharded and gathered alike, without gradients or moments.
+    bool any_frozen = false;
+    for (const auto& [name, p] : named_params) any_frozen = any_frozen || !p.requires_grad();
+    if (any_frozen) {
+      ShardingOptions fr = sh;
+      fr.frozen = true;
+      fr.offload = false;
+      frozen_ = std::make_unique<FlatParams>(named_params, false, fr);
+      layouts.push_back(frozen_.get());
+    }
+    units_ = std::make_unique<ShardedUnits>(layouts, *group_, options_.units.units, options_.units.layers,
                                             options_.units.compute_dtype);
     return;
   }
@@ -270,6 +281,8 @@ int64_t DataParallel::max_bucket_bytes() const {
 int64_t DataParallel::param_bytes() const {
   int64_t n = 0;
   for (const auto& g : opt_->groups()) n += g.params.numel() * 4;
+  if (frozen_)
+    for (const auto& g : frozen_->groups()) n += g.params.numel() * g.params.element_size();
   return n + (experts_ ? experts_->param_bytes() : 0);
 }
 

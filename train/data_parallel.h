@@ -92,8 +92,8 @@ public:
   int64_t grad_bytes() const { return opt_->grad_bytes() + grad_scratch_peak_bytes() + (experts_ ? experts_->grad_bytes() : 0); }
   int64_t grad_scratch_peak_bytes() const { return peak_scratch_bytes_ + (units_ ? units_->peak_reduce_bytes() : 0); }
   int64_t max_bucket_bytes() const;  // zero3: the largest unit's gathered bytes
-  // Parameter memory of this rank: the fp32 flat buffers it keeps (zero3: its slices), and (zero3) the peak of
-  // gathered units in the compute dtype.
+  // Parameter memory of this rank: the fp32 flat buffers it keeps (zero3: its slices, and those of a frozen
+  // base), and (zero3) the peak of gathered units.
   int64_t param_bytes() const;
   int64_t gathered_param_peak_bytes() const { return units_ ? units_->peak_gathered_bytes() : 0; }
   // What the ZeRO paper's formula predicts for fp32 Adam with P trainable parameters on N ranks:
@@ -122,6 +122,7 @@ private:
   size_t next_launch_ = 0;  // buckets before it have been launched in this micro-step
   int64_t scratch_bytes_ = 0, peak_scratch_bytes_ = 0;
   double comm_wait_s_ = 0;
+  std::unique_ptr<FlatParams> frozen_;    // zero3 with a frozen base (LoRA): its slices
   std::unique_ptr<ShardedUnits> units_;  // zero3
   std::unique_ptr<DataParallel> experts_;
   std::shared_ptr<ProcessGroup> expert_group_;  // sums the experts' gradient norm

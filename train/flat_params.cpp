@@ -57,9 +57,17 @@ FlatParams::FlatParams(const std::vector<std::pair<std::string, torch::Tensor>>&
   if (N < 1 || sh.rank < 0 || sh.rank >= N) throw std::invalid_argument("FlatParams: bad rank/world size");
   if (!sh.whole_grads && !sh.shard_state) throw std::invalid_argument("FlatParams: sharded gradients need sharded state");
   if (sh.shard_params && sh.whole_grads) throw std::invalid_argument("FlatParams: sharded parameters need sharded gradients");
+  if (sh.frozen && !sh.shard_params) throw std::invalid_argument("FlatParams: a frozen layout only shards parameters");
   std::vector<std::pair<std::string, torch::Tensor>> members[2];  // [no decay, decay]
   for (const auto& [name, p] : named_params) {
-    if (!p.requires_grad()) continue;
+    if (p.requires_grad() == sh.frozen) continue;
+    if (sh.frozen) {  // no decay split (nothing steps these), one group per dtype: fp32 and the base's (bf16)
+      const int k = p.scalar_type() == torch::kFloat32 ? 0 : 1;
+      if (!members[k].empty() && members[k].front().second.scalar_type() != p.scalar_type())
+        throw std::invalid_argument("FlatParams: frozen parameters of more than two dtypes (" + name + ")");
+      members[k].push_back({name, p});
+      continue;
+    }
     const bool embedding = name.find("embed_tokens") != std::string::npos;
     members[p.dim() >= 2 && (!embedding || decay_embeddings)].push_back({name, p});
   }
@@ -68,11 +76,13 @@ FlatParams::FlatParams(const std::vector<std::pair<std::string, torch::Tensor>>&
     if (members[d].empty()) continue;
     std::reverse(members[d].begin(), members[d].end());  // backward produces the last layers' gradients first
     FlatGroup g;
-    g.name = d ? "decay" : "no_decay";
-    g.decay = d == 1;
+    g.name = sh.frozen ? std::string("frozen_") + c10::toString(members[d].front().second.scalar_type())
+                       : d ? "decay" : "no_decay";
+    g.decay = d == 1 && !sh.frozen;
     const int64_t padded = lay_out(g, members[d], sh);
-    const auto opts = members[d].front().second.options().dtype(torch::kFloat32).device(
-        sh.device ? *sh.device : members[d].front().second.device());
+    const auto opts = members[d].front().second.options()
+                          .dtype(sh.frozen ? members[d].front().second.scalar_type() : torch::kFloat32)
+                          .device(sh.device ? *sh.device : members[d].front().second.device());
     if (sh.shard_params) {
       // Only this rank's slice of each bucket, cut from the bucket's values assembled one bucket at a time.
       g.params = torch::zeros({padded / N}, opts);
@@ -91,7 +101,9 @@ FlatParams::FlatParams(const std::vector<std::pair<std::string, torch::Tensor>>&
         p.set_data(slot.view(p.sizes()));  // the parameter now lives in the buffer
       }
     }
-    if (sh.whole_grads) {
+    if (sh.frozen) {
+      // no gradients
+    } else if (sh.whole_grads) {
       g.grads = torch::zeros({padded}, opts);
       for (size_t i = 0; i < g.tensors.size(); ++i)  // backward accumulates in place here
         g.tensors[i].mutable_grad() = g.grads.narrow(0, g.offsets[i], g.numels[i]).view(g.tensors[i].sizes());

@@ -34,6 +34,9 @@ struct ShardingOptions {
   // gather granularity); returns -1 for a parameter outside every unit (an error).
   std::function<int64_t(const std::string&)> unit_of;
   bool offload = false;       // a master copy of the owned parameter values in (pinned) host memory
+  // ZeRO-3 of a LoRA run: lay out the parameters that do NOT require grad (the frozen base) instead, one group per
+  // dtype (float32 and the base's), in that dtype, without gradients (shard_params must be set).
+  bool frozen = false;
   std::optional<torch::Device> device;  // where the flat buffers live (default: the parameters' device)
 };
 

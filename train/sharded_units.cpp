@@ -30,6 +30,7 @@ void resize_storage(const torch::Tensor& t, size_t bytes) {
 struct ShardedUnits::Part {
   FlatGroup* group;
   const FlatBucket* bucket;
+  bool trainable;       // false: a frozen base's (gathered in its own dtype, no gradients)
   torch::Tensor full;   // [bucket numel] in the compute dtype; the parameters view it; zero bytes while freed
   torch::Tensor input;  // this rank's slice in the compute dtype while an all-gather reads it
   int64_t bytes() const { return full.numel() * full.element_size(); }
@@ -49,23 +50,27 @@ struct ShardedUnits::Reduction {
   const Part* part;
 };
 
-ShardedUnits::ShardedUnits(FlatParams& flat, ProcessGroup& group, int64_t units, int64_t layers,
+ShardedUnits::ShardedUnits(const std::vector<FlatParams*>& layouts, ProcessGroup& group, int64_t units, int64_t layers,
                            torch::ScalarType compute_dtype)
-    : flat_(flat), group_(group), layers_(layers), dtype_(compute_dtype) {
-  if (!flat.sharding().shard_params) throw std::invalid_argument("ShardedUnits: the layout must shard the parameters");
+    : group_(group), layers_(layers), dtype_(compute_dtype) {
   for (int64_t u = 0; u < units; ++u) units_.push_back(std::make_unique<Unit>());
   torch::NoGradGuard no_grad;
-  for (auto& g : flat_.groups())
-    for (const auto& b : g.buckets) {
-      if (b.unit < 0 || b.unit >= units) throw std::invalid_argument("ShardedUnits: a bucket outside the units");
-      Part part{&g, &b, torch::empty({b.numel}, g.params.options().dtype(dtype_)), {}};
-      for (const size_t k : b.params) {
-        auto& p = g.tensors[k];
-        p.set_data(part.full.narrow(0, g.offsets[k] - b.offset, g.numels[k]).view(p.sizes()));
+  for (FlatParams* flat : layouts) {
+    if (!flat->sharding().shard_params) throw std::invalid_argument("ShardedUnits: the layout must shard the parameters");
+    const bool trainable = !flat->sharding().frozen;
+    for (auto& g : flat->groups())
+      for (const auto& b : g.buckets) {
+        if (b.unit < 0 || b.unit >= units) throw std::invalid_argument("ShardedUnits: a bucket outside the units");
+        const auto dtype = trainable ? dtype_ : g.params.scalar_type();
+        Part part{&g, &b, trainable, torch::empty({b.numel}, g.params.options().dtype(dtype)), {}};
+        for (const size_t k : b.params) {
+          auto& p = g.tensors[k];
+          p.set_data(part.full.narrow(0, g.offsets[k] - b.offset, g.numels[k]).view(p.sizes()));
+        }
+        resize_storage(part.full, 0);
+        units_[b.unit]->parts.push_back(std::move(part));
       }
-      resize_storage(part.full, 0);
-      units_[b.unit]->parts.push_back(std::move(part));
-    }
+  }
 }
 
 ShardedUnits::~ShardedUnits() {
@@ -97,7 +102,7 @@ void ShardedUnits::gather(int64_t u, bool wait_now) {
     for (auto& part : unit.parts) {
       resize_storage(part.full, static_cast<size_t>(part.bytes()));
       const FlatBucket& b = *part.bucket;
-      part.input = part.group->params.narrow(0, b.shard_offset, b.numel / N).to(dtype_);
+      part.input = part.group->params.narrow(0, b.shard_offset, b.numel / N).to(part.full.scalar_type());
       unit.gathers.push_back(group_.all_gather(part.full, part.input));
       gathered_bytes_ += part.bytes();
     }
@@ -159,6 +164,7 @@ void ShardedUnits::reduce(int64_t u) {
   torch::NoGradGuard no_grad;
   const int64_t N = group_.size();
   for (const auto& part : units_[u]->parts) {
+    if (!part.trainable) continue;
     // Bound the gradient memory in flight: a few buckets at a time.
     while (reductions_.size() >= 4) complete_oldest_reduction();
     const FlatGroup& g = *part.group;
@@ -209,11 +215,12 @@ void ShardedUnits::finish_micro_step() {
   while (!reductions_.empty()) complete_oldest_reduction();
 }
 
-std::vector<std::pair<std::string, torch::Tensor>> ShardedUnits::gather_values(int64_t u) {
+std::vector<std::pair<std::string, torch::Tensor>> ShardedUnits::gather_values(int64_t u, bool trainable_only) {
   torch::NoGradGuard no_grad;
   const int64_t N = group_.size();
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& part : units_[u]->parts) {
+    if (trainable_only && !part.trainable) continue;
     const FlatGroup& g = *part.group;
     const FlatBucket& b = *part.bucket;
     auto whole = torch::empty({b.numel}, g.params.options());
@@ -225,19 +232,11 @@ std::vector<std::pair<std::string, torch::Tensor>> ShardedUnits::gather_values(i
   return out;
 }
 
-void ShardedUnits::gather_all() {
-  for (int64_t u = 0; u < units(); ++u) gather(u, false);
-  for (int64_t u = 0; u < units(); ++u) gather(u, true);
-}
-
-void ShardedUnits::release_all() {
-  for (int64_t u = 0; u < units(); ++u) release(u);
-}
-
-std::vector<std::pair<std::string, std::vector<int64_t>>> ShardedUnits::parameter_shapes(int64_t u) const {
-  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+std::vector<ShardedUnits::Parameter> ShardedUnits::parameters(int64_t u) const {
+  std::vector<Parameter> out;
   for (const auto& part : units_[u]->parts)
-    for (const size_t k : part.bucket->params) out.push_back({part.group->names[k], part.group->tensors[k].sizes().vec()});
+    for (const size_t k : part.bucket->params)
+      out.push_back({part.group->names[k], part.group->tensors[k].sizes().vec(), part.group->params.scalar_type()});
   return out;
 }
 

@@ -31,10 +31,12 @@ namespace dsopen::train {
 
 class ShardedUnits final : public model::UnitHooks {
 public:
-  // `flat` must be laid out with shard_params and per-unit buckets (FlatBucket::unit in [0, units)); units 1 ..
-  // `layers` are the decoder layers, `layers` + 1 the head (model/param_units.h). The parameters become views of
-  // the units' gather buffers, in `compute_dtype`, freed until first use.
-  ShardedUnits(FlatParams& flat, ProcessGroup& group, int64_t units, int64_t layers, torch::ScalarType compute_dtype);
+  // `layouts`: the trainable parameters' and (LoRA) the frozen base's, laid out with shard_params and per-unit
+  // buckets (FlatBucket::unit in [0, units)); units 1 .. `layers` are the decoder layers, `layers` + 1 the head
+  // (model/param_units.h). The parameters become views of the units' gather buffers — trainable ones in
+  // `compute_dtype`, frozen ones in their own — freed until first use.
+  ShardedUnits(const std::vector<FlatParams*>& layouts, ProcessGroup& group, int64_t units, int64_t layers,
+               torch::ScalarType compute_dtype);
   ~ShardedUnits() override;
   ShardedUnits(const ShardedUnits&) = delete;
   ShardedUnits& operator=(const ShardedUnits&) = delete;
@@ -48,15 +50,17 @@ public:
   // embedding), frees every unit still gathered and waits for the reductions in flight. Every rank calls it.
   void finish_micro_step();
 
-  // The whole fp32 values of one unit's parameters (module names), gathered from every rank's slices without
-  // touching the model. Every rank calls it for the same units in the same order (checkpoints stream this way).
-  std::vector<std::pair<std::string, torch::Tensor>> gather_values(int64_t unit);
-  // Every unit gathered into the model's parameters (compute dtype) until release_all(): for readers of the
-  // parameters outside a forward pass whose total is small (a LoRA run's adapters). Every rank calls both.
-  void gather_all();
-  void release_all();
-  // The (module name, shape) of each parameter gather_values(unit) returns, in its order.
-  std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(int64_t unit) const;
+  // The whole values of one unit's parameters (module names; fp32, frozen ones in their dtype), gathered from every
+  // rank's slices without touching the model. Every rank calls it for the same units in the same order
+  // (checkpoints stream this way). `trainable_only`: without the frozen base (a LoRA run's adapters).
+  std::vector<std::pair<std::string, torch::Tensor>> gather_values(int64_t unit, bool trainable_only = false);
+  // What gather_values(unit) returns, in its order, without gathering.
+  struct Parameter {
+    std::string name;
+    std::vector<int64_t> shape;
+    torch::ScalarType dtype;
+  };
+  std::vector<Parameter> parameters(int64_t unit) const;
   int64_t units() const { return static_cast<int64_t>(units_.size()); }
 
   // Memory of the gathered parameters in the compute dtype: now, the peak since reset_peak(), and the largest unit.
@@ -79,7 +83,6 @@ private:
   void complete_oldest_reduction();
   double wait(std::vector<PendingWork>& works);
 
-  FlatParams& flat_;
   ProcessGroup& group_;
   int64_t layers_;
   torch::ScalarType dtype_;

@@ -115,7 +115,7 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                  dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes(), dp.param_bytes(),
                  dp.gathered_param_peak_bytes());
   if (step == 1 && dp.strategy() == Strategy::Zero3)
-    spdlog::info("zero3 rank {}: parameter slices {:.2f} MB (fp32), gathered parameters peak {:.2f} MB (largest unit "
+    spdlog::info("zero3 rank {}: parameter slices {:.2f} MB, gathered parameters peak {:.2f} MB (largest unit "
                  "{:.2f} MB), optimizer state {:.2f} MB, gradients {:.2f} MB (slices and reductions in flight)",
                  dp.group().rank(), dp.param_bytes() / 1e6, dp.gathered_param_peak_bytes() / 1e6,
                  dp.max_bucket_bytes() / 1e6, dp.state_bytes() / 1e6, dp.grad_bytes() / 1e6);
