@@ -19,7 +19,7 @@ TrainingMemory training_memory_per_rank(int64_t params, int64_t world_size, int6
     return TrainingMemory{16.0 * held, 8.0 * held + 8.0 * held / ranks, 4.0 * held + 12.0 * held / ranks, 0.0};
   };
   const TrainingMemory d = zero(D, N), r = zero(R / E, std::max(N / E, 1.0));
-  // zero3 does not combine with expert parallelism: every parameter is sharded over all N ranks.
+  // zero3: D over N ranks and R/E over N/E replicas both come to 1/N of the model.
   const double zero3 = 16.0 * static_cast<double>(params) / N + 16.0 * static_cast<double>(largest_unit);
   return {d.ddp + r.ddp, d.zero1 + r.zero1, d.zero2 + r.zero2, zero3};
 }
@@ -52,7 +52,7 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
     // up to two units' fp32 gradients in their reduce-scatters.
     const double U = static_cast<double>(counts.largest_unit);
     plan.gathered_unit = U * static_cast<double>(in.activation_bytes);
-    plan.weights = 4.0 * P / N + 2.0 * plan.gathered_unit;
+    plan.weights = 4.0 * static_cast<double>(counts.total) / N + 2.0 * plan.gathered_unit;  // 1/N, experts included
     if (T + TE > 0) plan.grads += 8.0 * U;
   }
   const double moments = 8.0 * (T / (in.zero_stage >= 1 ? N : 1.0) + TE / (in.zero_stage >= 1 ? replicas : 1.0));
@@ -140,8 +140,7 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
   s += "  ddp                 " + gib(m.ddp) + "\n";
   s += "  zero1               " + gib(m.zero1) + "\n";
   s += "  zero2               " + gib(m.zero2) + "\n";
-  if (expert_parallel == 1)
-    s += "  zero3               " + gib(m.zero3) + " (largest unit " + human(static_cast<double>(p.largest_unit)) +
+  s += "  zero3               " + gib(m.zero3) + " (largest unit " + human(static_cast<double>(p.largest_unit)) +
          " parameters, two gathered)\n";
   return s;
 }

@@ -149,8 +149,6 @@ static int run(int argc, char** argv) {
                         "use none, ddp, zero1, zero2 or zero3");
     }
     const train::Strategy strategy = *found;
-    if (strategy == train::Strategy::Zero3 && expert_parallel > 1)
-      throw usage_error("--strategy", "zero3 does not combine with expert parallelism", "plan zero2 with it, or zero3 without");
     const std::string precision = args["precision"].as<std::string>();
     if (precision != "fp32" && precision != "bf16") throw usage_error("--precision", "must be fp32 or bf16, got " + precision);
     model::TrainingPlanInput in;

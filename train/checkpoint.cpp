@@ -62,6 +62,23 @@ std::vector<fs::path> complete_checkpoints(const std::string& dir) {
   return out;
 }
 
+// model.safetensors.index.json over the shards the first expert-parallel group wrote.
+void write_shard_index(const fs::path& tmp, int shards) {
+  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+  int64_t total = 0;
+  for (int k = 0; k < shards; ++k) {
+    const std::string name = model::shard_file_name(k, shards);
+    model::SafetensorsFile f((tmp / name).string());
+    for (const auto& tensor : f.names()) {
+      index["weight_map"][tensor] = name;
+      const auto t = f.tensor(tensor);
+      total += t.numel() * t.element_size();
+    }
+  }
+  index["metadata"]["total_size"] = total;
+  env::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+}
+
 // The model's weights in HF layout. Under expert parallelism the first expert-parallel group (ranks 0..E-1) writes
 // them as HF shards, rank r the routed experts it holds (rank 0 also everything replicated), and rank 0 the index
 // after `barrier` — no rank gathers the experts of another. Otherwise rank 0 writes model.safetensors.
@@ -72,71 +89,80 @@ void write_model_weights(const fs::path& tmp, model::CausalLM& model, int rank, 
     return;
   }
   const int shards = placement.size;
-  const auto shard_name = [&](int k) { return model::shard_file_name(k, shards); };
   if (rank < shards) {
     std::map<std::string, torch::Tensor> mine;
     for (auto& [name, t] : model::hf_state_dict(model))
       if (rank == 0 || model::is_routed_expert_name(name)) mine[name] = t;
-    model::save_safetensors((tmp / shard_name(rank)).string(), mine, {{"format", "pt"}});
+    model::save_safetensors((tmp / model::shard_file_name(rank, shards)).string(), mine, {{"format", "pt"}});
   }
   barrier();
-  if (rank != 0) return;
-  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
-  int64_t total = 0;
-  for (int k = 0; k < shards; ++k) {
-    model::SafetensorsFile f((tmp / shard_name(k)).string());
-    for (const auto& name : f.names()) {
-      index["weight_map"][name] = shard_name(k);
-      const auto t = f.tensor(name);
-      total += t.numel() * t.element_size();
-    }
-  }
-  index["metadata"]["total_size"] = total;
-  env::write_file_atomic((tmp / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+  if (rank == 0) write_shard_index(tmp, shards);
 }
 
-// zero3: model.safetensors streamed by rank 0, one unit gathered at a time (every rank takes part in the gathers).
-// Parameters outside the units (frozen ones) and buffers are whole on every rank and go first.
-void write_sharded_model_weights(const fs::path& tmp, model::CausalLM& model, ShardedUnits& units, int rank) {
-  std::vector<model::SafetensorsWriter::Entry> entries;
-  std::vector<std::pair<std::string, torch::Tensor>> direct;  // HF name -> tensor, written as they are
+// zero3: no rank holds whole parameters. The same files as write_model_weights, streamed one gathered unit at a
+// time: rank 0 writes the buffers and parameters outside the units (whole everywhere), then the units (every rank
+// takes part in each all-gather); under expert parallelism the routed experts are then gathered over the ranks
+// holding the same experts and written by the one among ranks 0..E-1, into its shard.
+void write_sharded_model_weights(const fs::path& tmp, model::CausalLM& model, ShardedUnits& units,
+                                 ShardedUnits* expert_units, int rank, const std::function<void()>& barrier) {
+  const model::ExpertPlacement placement = model->expert_placement();
+  const int shards = placement.sharded() ? placement.size : 1;
   std::set<std::string> in_units;
-  for (int64_t u = 0; u < units.units(); ++u)
-    for (const auto& p : units.parameters(u)) in_units.insert(p.name);
-  for (const auto& p : model->named_parameters())
-    if (!in_units.count(p.key()) && !model::is_lora_parameter(p.key()))
-      for (const auto& hf : model::hf_names_of(*model, p.key())) direct.push_back({hf, p.value().detach()});
-  for (const auto& b : model->named_buffers())
-    for (const auto& hf : model::hf_names_of(*model, b.key())) direct.push_back({hf, b.value().detach()});
-  for (const auto& [hf, t] : direct) entries.push_back({hf, t.scalar_type(), t.sizes().vec()});
-  for (int64_t u = 0; u < units.units(); ++u)
-    for (const auto& p : units.parameters(u))
-      for (const auto& hf : model::hf_names_of(*model, p.name)) entries.push_back({hf, p.dtype, p.shape});
-  // The same names as every other strategy writes.
-  std::set<std::string> declared, expected;
-  for (const auto& e : entries) declared.insert(e.name);
-  for (const auto& [name, t] : model::hf_state_dict(model)) expected.insert(name);
-  if (declared != expected) throw std::logic_error("zero3 checkpoint: the units do not cover the model's tensors");
-
-  std::optional<model::SafetensorsWriter> writer;
+  for (ShardedUnits* su : {&units, expert_units})
+    if (su)
+      for (int64_t u = 0; u < su->units(); ++u)
+        for (const auto& p : su->parameters(u)) in_units.insert(p.name);
+  std::vector<std::pair<std::string, torch::Tensor>> direct;  // HF name -> tensor, written as they are (rank 0)
+  std::vector<model::SafetensorsWriter::Entry> entries;
   if (rank == 0) {
-    writer.emplace((tmp / "model.safetensors").string(), entries, std::map<std::string, std::string>{{"format", "pt"}});
+    for (const auto& p : model->named_parameters())
+      if (!in_units.count(p.key()) && !model::is_lora_parameter(p.key()))
+        for (const auto& hf : model::hf_names_of(*model, p.key())) direct.push_back({hf, p.value().detach()});
+    for (const auto& b : model->named_buffers())
+      for (const auto& hf : model::hf_names_of(*model, b.key())) direct.push_back({hf, b.value().detach()});
+    for (const auto& [hf, t] : direct) entries.push_back({hf, t.scalar_type(), t.sizes().vec()});
+    for (int64_t u = 0; u < units.units(); ++u)
+      for (const auto& p : units.parameters(u))
+        for (const auto& hf : model::hf_names_of(*model, p.name)) entries.push_back({hf, p.dtype, p.shape});
+  }
+  if (expert_units && rank < shards)
+    for (int64_t u = 0; u < expert_units->units(); ++u)
+      for (const auto& p : expert_units->parameters(u))
+        for (const auto& hf : model::hf_names_of(*model, p.name)) entries.push_back({hf, p.dtype, p.shape});
+  std::optional<model::SafetensorsWriter> writer;
+  if (rank < shards) {
+    // The names every other strategy writes from this rank.
+    std::set<std::string> declared, expected;
+    for (const auto& e : entries) declared.insert(e.name);
+    for (const auto& [name, t] : model::hf_state_dict(model))
+      if (rank == 0 || model::is_routed_expert_name(name)) expected.insert(name);
+    if (declared != expected) throw std::logic_error("zero3 checkpoint: the units do not cover the model's tensors");
+    const std::string file = shards > 1 ? model::shard_file_name(rank, shards) : "model.safetensors";
+    writer.emplace((tmp / file).string(), entries, std::map<std::string, std::string>{{"format", "pt"}});
     for (const auto& [hf, t] : direct) writer->write(hf, t);
   }
-  for (int64_t u = 0; u < units.units(); ++u) {
-    const auto values = units.gather_values(u);  // a collective: every rank
-    if (writer)
-      for (const auto& [name, t] : values)
-        for (const auto& hf : model::hf_names_of(*model, name)) writer->write(hf, t);
-  }
+  const auto stream = [&](ShardedUnits& su, bool write) {
+    for (int64_t u = 0; u < su.units(); ++u) {
+      const auto values = su.gather_values(u);  // a collective over su's group: each of its ranks
+      if (write)
+        for (const auto& [name, t] : values)
+          for (const auto& hf : model::hf_names_of(*model, name)) writer->write(hf, t);
+    }
+  };
+  stream(units, rank == 0);
+  if (expert_units) stream(*expert_units, rank < shards);
   if (writer) writer->commit();
+  if (shards == 1) return;
+  barrier();
+  if (rank == 0) write_shard_index(tmp, shards);
 }
 
 }  // namespace
 
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
-                            ProcessGroup* group, const FlatAdamW* expert_optimizer, ShardedUnits* sharded) {
+                            ProcessGroup* group, const FlatAdamW* expert_optimizer, ShardedUnits* sharded,
+                            ShardedUnits* expert_sharded) {
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   auto barrier = [&] {
@@ -152,16 +178,28 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
 
   const bool lora = model::has_lora(*model);
   // A LoRA run saves only its adapter (PEFT layout); the frozen base stays in model.pretrained.
-  if (!lora && sharded) write_sharded_model_weights(tmp, model, *sharded, rank);
+  if (!lora && sharded) write_sharded_model_weights(tmp, model, *sharded, expert_sharded, rank, barrier);
   else if (!lora) write_model_weights(tmp, model, rank, barrier);
   std::map<std::string, torch::Tensor> other_experts;  // adapters rank 0 does not hold whole (expert parallelism, zero3)
+  std::map<std::string, torch::Tensor> own_experts;    // zero3 + expert parallelism: this rank's experts' adapters
+  // zero3: the adapters are sharded; gathered whole (megabytes) for the adapter file, in fp32 from the slices.
+  if (lora && sharded) {
+    for (int64_t u = 0; u < sharded->units(); ++u)
+      for (auto& [name, t] : sharded->gather_values(u, /*trainable_only=*/true))
+        other_experts[model::peft_tensor_name(name)] = t;
+    if (expert_sharded)
+      for (int64_t u = 0; u < expert_sharded->units(); ++u)
+        for (auto& [name, t] : expert_sharded->gather_values(u, /*trainable_only=*/true))
+          (rank == 0 ? other_experts : own_experts)[model::peft_tensor_name(name)] = t;
+  }
   const model::ExpertPlacement placement = model->expert_placement();
   if (lora && placement.sharded()) {
     // The adapter file is one PEFT file: the other expert-parallel ranks of the first group hand rank 0 their
     // experts' adapters (megabytes) through the directory being written.
     const auto part = [&](int r) { return tmp / ("expert_adapters.rank_" + std::to_string(r) + ".safetensors"); };
     if (rank > 0 && rank < placement.size)
-      model::save_safetensors(part(rank).string(), model::adapter_tensors(*model, model::is_routed_expert_name), {});
+      model::save_safetensors(part(rank).string(),
+                              expert_sharded ? own_experts : model::adapter_tensors(*model, model::is_routed_expert_name), {});
     barrier();
     if (rank == 0)
       for (int r = 1; r < placement.size; ++r) {
@@ -172,11 +210,6 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
         fs::remove(part(r));
       }
   }
-  // zero3: the adapters are sharded; gathered whole (megabytes) for the adapter file, in fp32 from the slices.
-  if (lora && sharded)
-    for (int64_t u = 0; u < sharded->units(); ++u)
-      for (auto& [name, t] : sharded->gather_values(u, /*trainable_only=*/true))
-        other_experts[model::peft_tensor_name(name)] = t;
   if (rank == 0) {
     if (lora) model::save_adapter(*model, tmp.string(), model->config().pretrained, other_experts);
     else env::write_file_atomic((tmp / "config.json").string(), model->config().to_hf_json().dump(2) + "\n");

@@ -41,13 +41,13 @@ struct CheckpointFiles {
 // Writes step_<step>/ under `dir` atomically and prunes all but the newest `keep_last`. Returns its path. Every
 // rank of `group` (none: a single process) calls it.
 // Under expert parallelism `expert_optimizer` is the routed experts' part (train/data_parallel.h, ExpertShards).
-// Under zero3 `sharded` holds the parameters (the model's are gathered only while they run): rank 0 streams
-// model.safetensors unit by unit as every rank takes part in each unit's all-gather, so no rank ever holds the
-// whole model.
+// Under zero3 `sharded` (and, with expert parallelism, `expert_sharded`) hold the parameters (the model's are
+// gathered only while they run): rank 0 streams model.safetensors unit by unit as every rank takes part in each
+// unit's all-gather, so no rank ever holds the whole model.
 std::string save_checkpoint(const std::string& dir, model::CausalLM& model, const FlatAdamW& optimizer,
                             const TrainerState& state, const CheckpointFiles& files, int64_t keep_last,
                             ProcessGroup* group = nullptr, const FlatAdamW* expert_optimizer = nullptr,
-                            ShardedUnits* sharded = nullptr);
+                            ShardedUnits* sharded = nullptr, ShardedUnits* expert_sharded = nullptr);
 
 // The newest complete checkpoint under `dir`, or "" when there is none.
 std::string find_latest_checkpoint(const std::string& dir);

@@ -33,7 +33,28 @@ struct GradReadyHook final : torch::autograd::FunctionPostHook {
   size_t index;
 };
 
+// zero3 with expert parallelism: the replicated part's units, then the routed experts' (gathered over the ranks
+// holding the same experts). Every rank calls both in the same order, so each group's collectives match up.
+class BothUnits final : public model::UnitHooks {
+public:
+  BothUnits(model::UnitHooks* a, model::UnitHooks* b) : a_(a), b_(b) {}
+  void before_forward(int64_t u) override { a_->before_forward(u), b_->before_forward(u); }
+  void after_forward(int64_t u, bool hooked) override { a_->after_forward(u, hooked), b_->after_forward(u, hooked); }
+  void before_backward(int64_t u) override { a_->before_backward(u), b_->before_backward(u); }
+  void after_backward(int64_t u) override { a_->after_backward(u), b_->after_backward(u); }
+
+private:
+  model::UnitHooks *a_, *b_;
+};
+
 }  // namespace
+
+model::UnitHooks* DataParallel::unit_hooks() {
+  if (!units_) return nullptr;
+  if (!experts_ || !experts_->units_) return units_.get();
+  if (!both_units_) both_units_ = std::make_unique<BothUnits>(units_.get(), experts_->units_.get());
+  return both_units_.get();
+}
 
 struct DataParallel::BucketState {
   FlatGroup* group;

@@ -83,8 +83,10 @@ public:
   const DataParallel* experts() const { return experts_.get(); }
   ProcessGroup& group() { return *group_; }
   Strategy strategy() const { return options_.strategy; }
-  // zero3: the hooks the model must call (CausalLMImpl::set_unit_hooks); null otherwise.
+  // zero3: this part's units (null otherwise), and the hooks the model must call (CausalLMImpl::set_unit_hooks):
+  // these units', then the routed experts' under expert parallelism.
   ShardedUnits* sharded_units() { return units_.get(); }
+  model::UnitHooks* unit_hooks();
 
   // Totals of this rank, the routed experts' part included.
   int64_t state_bytes() const { return opt_->state_bytes() + (experts_ ? experts_->state_bytes() : 0); }
@@ -124,6 +126,7 @@ private:
   double comm_wait_s_ = 0;
   std::unique_ptr<FlatParams> frozen_;    // zero3 with a frozen base (LoRA): its slices
   std::unique_ptr<ShardedUnits> units_;  // zero3
+  std::unique_ptr<model::UnitHooks> both_units_;  // zero3 + expert parallelism: units_, then the experts' units
   std::unique_ptr<DataParallel> experts_;
   std::shared_ptr<ProcessGroup> expert_group_;  // sums the experts' gradient norm
 };

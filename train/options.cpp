@@ -157,9 +157,6 @@ JobConfig decode_job(const config::Document& doc) {
                                      std::to_string(job.parallel.expert_parallel) + " expert-parallel ranks; choose a divisor of " +
                                      std::to_string(job.model.n_routed_experts));
   }
-  if (job.parallel.strategy == Strategy::Zero3 && job.parallel.expert_parallel > 1)
-    p.error("strategy", "zero3 does not combine with expert_parallel > 1 yet; use zero2 with expert parallelism (its "
-                        "routed experts are sharded already) or zero3 without it");
   root.finish();
   errors.throw_if_any();
   job.model.validate("model");

@@ -257,9 +257,9 @@ void Trainer::State::build_optimizer() {
     options.units.device = device;
   }
   dp = std::make_unique<DataParallel>(named, ao, options, group, std::move(shards));
-  if (ShardedUnits* units = dp->sharded_units()) {
+  if (model::UnitHooks* hooks = dp->unit_hooks()) {
     model->to(device);  // the buffers, and the parameters' (empty) gather views already there
-    model->set_unit_hooks(units);
+    model->set_unit_hooks(hooks);
   }
   step = std::make_unique<TrainStep>(model, *dp, *precision, device, StepOptions{t.grad_clip, !job.lora.enabled});
   if (data.valid)
@@ -387,7 +387,8 @@ TrainResult Trainer::run() {
       result.last_checkpoint = save_checkpoint(j.checkpoint.dir, s.model, s.dp->optimizer(), s.state,
                                                {s.resolved_config, j.tokenizer.path}, j.checkpoint.keep_last, &group,
                                                s.dp->experts() ? &s.dp->experts()->optimizer() : nullptr,
-                                               s.dp->sharded_units());
+                                               s.dp->sharded_units(),
+                                               s.dp->experts() ? s.dp->experts()->sharded_units() : nullptr);
       spdlog::info("saved {} ({:.2f} MB)", result.last_checkpoint, directory_mb(result.last_checkpoint));
       if (group.rank() == 0) draw_loss_png(j.run.output_dir);
     }
