@@ -31,7 +31,9 @@ public:
   Trainer(JobConfig job, std::string resolved_config);
   ~Trainer();
   TrainResult run();
-  model::CausalLM& model();  // the model being trained (its weights live in the optimizer's buffers)
+  // The model being trained: its weights live in the optimizer's buffers; under zero3 they are whole only inside
+  // its forward and backward passes (between them the parameters view empty storage).
+  model::CausalLM& model();
 
 private:
   struct State;
