@@ -699,6 +699,7 @@ ParamCounts count_parameters(const ModelConfig& c) {
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerCount lc = layer_params(c, l);
     p.largest_unit = std::max(p.largest_unit, lc.total);
+    p.largest_layer = std::max(p.largest_layer, lc.total);
     p.total += lc.total;
     p.active += lc.active;
     if (c.is_moe_layer(l)) p.routed += routed_per_block;
@@ -707,7 +708,10 @@ ParamCounts count_parameters(const ModelConfig& c) {
   const int64_t mtp_block = layer_params(c, std::max(c.num_hidden_layers, c.first_k_dense_replace)).total;
   p.mtp = c.num_nextn_predict_layers * (2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + mtp_block + c.hidden_size);
   if (c.use_mtp) p.total += c.mtp_depth() * (p.mtp / std::max<int64_t>(c.num_nextn_predict_layers, 1));
-  if (c.use_mtp && c.mtp_depth() > 0) p.largest_unit = std::max(p.largest_unit, p.mtp / c.num_nextn_predict_layers);
+  if (c.use_mtp && c.mtp_depth() > 0) {
+    p.largest_unit = std::max(p.largest_unit, p.mtp / c.num_nextn_predict_layers);
+    p.largest_layer = std::max(p.largest_layer, p.mtp / c.num_nextn_predict_layers);
+  }
   if (c.use_mtp && c.is_moe_layer(std::max(c.num_hidden_layers, c.first_k_dense_replace)))
     p.routed += c.mtp_depth() * routed_per_block;
   return p;

@@ -164,6 +164,7 @@ struct ParamCounts {
   // The most parameters one ZeRO-3 unit (model/param_units.h) makes whole at once: the embedding, a decoder layer,
   // the head (with tied embeddings it uses the embedding's) or an MTP module.
   int64_t largest_unit = 0;
+  int64_t largest_layer = 0;  // of those, the largest decoder layer or MTP module
 };
 ParamCounts count_parameters(const ModelConfig& c);
 

@@ -46,8 +46,8 @@ struct TrainingPlanInput {
   int64_t expert_parallel = 1;     // E: each rank holds 1/E of the routed experts
 };
 struct TrainingPlan {
-  // zero3: weights are the fp32 slices plus two gathered units (compute dtype), gradients the slices plus two
-  // units being reduced; gathered_unit is one unit's gathered bytes.
+  // zero3: weights are the fp32 slices plus two gathered units (fp32), gradients the slices plus two units being
+  // reduced; gathered_unit is one unit's gathered bytes.
   double weights = 0, grads = 0, optimizer = 0, activations = 0, gathered_unit = 0;
   double optimizer_host = 0;  // offloaded moments + master copy (host memory)
   double device_total() const { return weights + grads + optimizer + activations; }

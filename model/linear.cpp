@@ -62,7 +62,9 @@ void LinearImpl::pretty_print(std::ostream& stream) const {
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   torch::Tensor y;
   if (weight_only) y = bias.defined() ? weight_only(x) + as_input_dtype(bias, x) : weight_only(x);
-  else if (gemv_applies(x, weight)) y = gemv(x, weight, bias);  // decode steps: a bandwidth-bound GEMV
+  // Decode steps: a bandwidth-bound GEMV. Never in training: a checkpointed layer runs its forward without grad,
+  // and the GEMV (in the weight's dtype, not autocast's) would compute other values than its recomputation.
+  else if (!is_training() && gemv_applies(x, weight)) y = gemv(x, weight, bias);
   else y = torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x));
   if (!lora_A) return y;
   auto h = (lora_dropout > 0 && is_training()) ? torch::dropout(x, lora_dropout, /*train=*/true) : x;

@@ -3,6 +3,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "model/config.h"
+#include "model/linear.h"
 
 namespace dsopen::model {
 
@@ -23,6 +24,16 @@ int64_t unit_of(const std::string& name, const ModelConfig& c) {
   if (name.rfind("model.norm.", 0) == 0 || name.rfind("lm_head.", 0) == 0) return c.num_hidden_layers + 1;
   if (const int64_t k = number_after("mtp."); k >= 0 && k < c.mtp_depth()) return c.num_hidden_layers + 2 + k;
   return -1;
+}
+
+std::set<std::string> projection_weight_names(torch::nn::Module& model) {
+  std::set<std::string> out;
+  for (const auto& item : model.named_modules("", /*include_self=*/false)) {
+    const auto& m = item.value();
+    if (item.key() == "lm_head") continue;
+    if (dynamic_cast<LinearImpl*>(m.get()) || dynamic_cast<torch::nn::LinearImpl*>(m.get())) out.insert(item.key() + ".weight");
+  }
+  return out;
 }
 
 namespace {

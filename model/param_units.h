@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,13 @@ int64_t unit_count(const ModelConfig& c);
 // The unit of a parameter by its module name (model.layers.3.mlp.up_proj.weight -> 4); -1 for a name outside
 // the model's modules.
 int64_t unit_of(const std::string& module_name, const ModelConfig& c);
+
+// Parameter names of the projections' weights (model/linear.h Linear, LoRA's torch::nn::Linear): parameters used
+// once per forward pass, always through autocast's cast to the compute dtype, so gathering them in that dtype
+// changes no value and their matmuls give the gradients they give unsharded. Embeddings, norms, biases and the MoE
+// router (computed in fp32) are not among them, nor the head: every MTP depth uses it again, and the fused head +
+// loss computes its gradient in fp32.
+std::set<std::string> projection_weight_names(torch::nn::Module& model);
 
 // What a sharding strategy does around a unit's use. The model calls, for every use:
 //   before_forward          the parameters must be whole from now on

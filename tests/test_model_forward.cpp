@@ -409,22 +409,30 @@ TEST_CASE("activation checkpointing gives the same loss and gradients", "[model]
   c.aux_loss_alpha = 0.01;
   auto ids = torch::randint(3, 256, {2, 16}, torch::kLong);
   auto labels = torch::cat({ids.narrow(1, 1, 15), torch::full({2, 1}, -100, torch::kLong)}, 1);
-  std::vector<std::pair<double, std::map<std::string, torch::Tensor>>> runs;
-  for (bool ckpt : {false, true}) {
-    CausalLM m = make(c, 7);
-    m->train();
-    m->set_activation_checkpointing(ckpt);
-    auto out = m->forward(ids, labels);
-    out.loss.backward();
-    std::map<std::string, torch::Tensor> grads;
-    for (auto& p : m->named_parameters()) grads[p.key()] = p.value().grad().clone();
-    runs.push_back({out.loss.item<double>(), grads});
-    CHECK(out.expert_load.size() == 2);  // the main stack's MoE layer and the MTP module's
-  }
-  CHECK(runs[0].first == Approx(runs[1].first).epsilon(1e-7));
-  for (auto& [name, g] : runs[0].second) {
-    INFO(name);
-    CHECK(max_abs_diff(g, runs[1].second.at(name)) < 1e-6);
+  // Under bf16 autocast too: the checkpointed forward (run without grad) must compute what its recomputation does
+  // (a GEMV path taken without grad once computed the small expert blocks in fp32 there).
+  for (const bool bf16 : {false, true}) {
+    INFO("bf16 autocast " << bf16);
+    std::vector<std::pair<double, std::map<std::string, torch::Tensor>>> runs;
+    for (bool ckpt : {false, true}) {
+      CausalLM m = make(c, 7);
+      m->train();
+      m->set_activation_checkpointing(ckpt);
+      std::optional<dsopen::compat::AutocastScope> autocast;
+      if (bf16) autocast.emplace(c10::DeviceType::CPU, true, torch::kBFloat16);
+      auto out = m->forward(ids, labels);
+      autocast.reset();
+      out.loss.backward();
+      std::map<std::string, torch::Tensor> grads;
+      for (auto& p : m->named_parameters()) grads[p.key()] = p.value().grad().clone();
+      runs.push_back({out.loss.item<double>(), grads});
+      CHECK(out.expert_load.size() == 2);  // the main stack's MoE layer and the MTP module's
+    }
+    CHECK(runs[0].first == runs[1].first);
+    for (auto& [name, g] : runs[0].second) {
+      INFO(name);
+      CHECK(max_abs_diff(g, runs[1].second.at(name)) < 1e-6);
+    }
   }
 }
 

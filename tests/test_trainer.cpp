@@ -17,6 +17,7 @@
 #include "train/trainer.h"
 #include "utils/config.h"
 #include "tests/test_helpers.h"
+#include "utils/env.h"
 #include "utils/errors.h"
 
 using namespace dsopen;
@@ -178,7 +179,7 @@ TEST_CASE("the memory plan's weights, gradients and moments are the bytes the tr
   job.parallel.strategy = train::Strategy::Zero3;
   const auto z3 = train::plan_job(job, 4, 1);
   const double unit = static_cast<double>(model::count_parameters(job.model).largest_unit);
-  CHECK(z3.plan.gathered_unit == 4 * unit);  // the plan's job trains in fp32
+  CHECK(z3.plan.gathered_unit == 4 * unit);  // the plan's job trains in fp32 (auto planned as fp32)
   CHECK(z3.plan.weights == Approx(one.plan.weights / 4 + 2 * z3.plan.gathered_unit));
   CHECK(z3.plan.optimizer == Approx(four.plan.optimizer));
   CHECK(z3.plan.grads == Approx(four.plan.grads + 8 * unit));
@@ -264,7 +265,25 @@ TEST_CASE("partial checkpoints are skipped; corrupt files are named", "[train][c
   // An edited trainer_state.json.
   std::ofstream(ckpts / "step_00000004/trainer_state.json") << "{\"step\": \"four\"}";
   msg = error_of([&] { run(config_text("partial"), {"train.max_steps=8", "checkpoint.resume=" + (ckpts / "step_00000004").string()}); });
-  CHECK(msg.find((ckpts / "step_00000004/trainer_state.json").string() + ": bad field") == 0);
+  CHECK(msg.find((ckpts / "step_00000004/trainer_state.json").string() + ": field 'step' is \"four\"") == 0);
+  // Edited values that parse: each refused by name, and the checkpoint left as it is.
+  const auto state_file = ckpts / "step_00000002/trainer_state.json";
+  const std::string good = env::read_file(state_file.string());
+  const auto edited = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = nlohmann::json::parse(good);
+    j[key] = value;
+    std::ofstream(state_file) << j.dump();
+    const auto m = error_of([&] { run(config_text("partial"), {"train.max_steps=8", "checkpoint.resume=" + state_file.parent_path().string()}); });
+    std::ofstream(state_file) << good;
+    return m;
+  };
+  CHECK(edited("step", 100).find("field 'step' is 100 but the checkpoint is step_00000002") != std::string::npos);
+  CHECK(edited("step", 2.5).find("field 'step' is 2.5, not an integer") != std::string::npos);
+  CHECK(edited("world_size", -2).find("field 'world_size' is -2, not an integer >= 1") != std::string::npos);
+  CHECK(edited("world_size", 3).find("field 'world_size' is 3 but") != std::string::npos);
+  CHECK(edited("precision", "fp8").find("field 'precision' is \"fp8\"") != std::string::npos);
+  CHECK(edited("loss_scale", 0).find("field 'loss_scale' is 0, not a number > 0") != std::string::npos);
+  CHECK_NOTHROW(run(config_text("partial_ok"), {"train.max_steps=3", "checkpoint.resume=" + state_file.parent_path().string()}));
   (void)r;
 }
 

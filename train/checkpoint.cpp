@@ -272,21 +272,38 @@ TrainerState read_trainer_state(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     throw runtime_error(file, std::string("not valid JSON: ") + json::reason(e), "restore the file or resume from another checkpoint");
   }
+  const std::string fix = "restore the file or resume from another checkpoint";
+  if (!j.is_object()) throw runtime_error(file, "not a JSON object", fix);
+  // Each field checked by name: an edited value is refused, never silently reinterpreted.
+  const auto integer = [&](const char* key, int64_t min) {
+    if (!j.contains(key)) throw runtime_error(file, std::string("field '") + key + "' is missing", fix);
+    const auto& v = j.at(key);
+    if (!v.is_number_integer() || v.get<int64_t>() < min)
+      throw runtime_error(file, std::string("field '") + key + "' is " + v.dump() + ", not an integer >= " + std::to_string(min), fix);
+    return v.get<int64_t>();
+  };
   TrainerState s;
-  try {
-    s.step = j.at("step").get<int64_t>();
-    s.tokens = j.at("tokens").get<int64_t>();
-    s.cursor.epoch = j.at("data_epoch").get<int64_t>();
-    s.cursor.position = j.at("data_position").get<int64_t>();
-    s.loss_scale = j.at("loss_scale").get<double>();
-    s.loss_scale_good_steps = j.at("loss_scale_good_steps").get<int64_t>();
-    s.world_size = j.at("world_size").get<int64_t>();
-    if (j.contains("precision")) s.precision = j.at("precision").get<std::string>();
-  } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(file, std::string("bad field: ") + json::reason(e), "restore the file or resume from another checkpoint");
+  s.step = integer("step", 0);
+  s.tokens = integer("tokens", 0);
+  s.cursor.epoch = integer("data_epoch", 0);
+  s.cursor.position = integer("data_position", 0);
+  s.loss_scale_good_steps = integer("loss_scale_good_steps", 0);
+  s.world_size = integer("world_size", 1);
+  if (!j.contains("loss_scale") || !j.at("loss_scale").is_number() || !(j.at("loss_scale").get<double>() > 0))
+    throw runtime_error(file, "field 'loss_scale' is " + (j.contains("loss_scale") ? j.at("loss_scale").dump() : "missing") +
+                                  ", not a number > 0", fix);
+  s.loss_scale = j.at("loss_scale").get<double>();
+  if (j.contains("precision")) {
+    const auto& p = j.at("precision");
+    if (!p.is_string() || (p != "fp32" && p != "bf16" && p != "fp16"))
+      throw runtime_error(file, "field 'precision' is " + p.dump() + ", not \"fp32\", \"bf16\" or \"fp16\"", fix);
+    s.precision = p.get<std::string>();
   }
-  if (s.step < 0 || s.tokens < 0 || s.cursor.epoch < 0 || s.cursor.position < 0 || s.world_size < 1 || !(s.loss_scale > 0))
-    throw runtime_error(file, "a field is out of range", "restore the file or resume from another checkpoint");
+  // The directory's name carries the step too (step_00001000): the two must agree.
+  const std::string dir = fs::path(path).filename().string();
+  if (dir.rfind("step_", 0) == 0 && dir.size() > 5 &&
+      dir.find_first_not_of("0123456789", 5) == std::string::npos && std::stoll(dir.substr(5)) != s.step)
+    throw runtime_error(file, "field 'step' is " + std::to_string(s.step) + " but the checkpoint is " + dir, fix);
   return s;
 }
 
@@ -345,6 +362,21 @@ void load_optimizer_state_files(const std::string& path, model::CausalLM& model,
   optimizer.load_state_dicts(shards, experts_elsewhere ? std::function<bool(const std::string&)>(model::is_routed_expert_name)
                                                        : nullptr);
   if (expert_optimizer) expert_optimizer->load_state_dicts(shards, [](const std::string&) { return true; });
+  // The optimizer files and trainer_state.json must describe the same run and step.
+  const TrainerState state = read_trainer_state(path);
+  const std::string state_file = (fs::path(path) / "trainer_state.json").string();
+  if (optimizer.step_count() != state.step)
+    throw runtime_error(state_file, "field 'step' is " + std::to_string(state.step) + " but the optimizer files hold the state after " +
+                                        std::to_string(optimizer.step_count()) + " steps",
+                        "restore the file or resume from another checkpoint");
+  for (const auto& sh : shards) {
+    auto w = sh.metadata.find("dsopen.world_size");
+    if (w != sh.metadata.end() && fs::path(sh.source).filename().string().rfind("rank_", 0) == 0 &&
+        w->second != std::to_string(state.world_size))
+      throw runtime_error(state_file, "field 'world_size' is " + std::to_string(state.world_size) + " but " + sh.source +
+                                          " was written by a run of " + w->second + " ranks",
+                          "restore the file or resume from another checkpoint");
+  }
   // This rank's RNG state, or rank 0's when the checkpoint had fewer ranks with their own files.
   const fs::path own = opt_dir / ("rank_" + std::to_string(rank) + ".safetensors");
   const auto& rng_source = fs::exists(own) ? shards[std::find(files.begin(), files.end(), own) - files.begin()] : shards.front();

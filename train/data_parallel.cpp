@@ -101,6 +101,7 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
     }
     sh.shard_params = true;
     sh.unit_of = options_.units.unit_of;
+    sh.low_precision = options_.units.low_precision;
     sh.device = options_.units.device;
   }
   opt_ = std::make_unique<FlatAdamW>(named_params, adamw, sh);

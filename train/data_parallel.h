@@ -39,6 +39,7 @@ struct UnitLayout {
   std::function<int64_t(const std::string&)> unit_of;
   int64_t units = 0, layers = 0;
   torch::ScalarType compute_dtype = torch::kFloat32;  // bf16/fp16 under autocast: half the bytes gathered
+  std::function<bool(const std::string&)> low_precision;  // the parameters gathered in it (projection weights)
   std::optional<torch::Device> device;                // where the shards live (the parameters may be elsewhere)
 };
 

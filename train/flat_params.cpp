@@ -13,18 +13,21 @@ int64_t lay_out(FlatGroup& g, const std::vector<std::pair<std::string, torch::Te
   int64_t padded = 0, unpadded = 0;
   for (size_t i = 0; i < members.size(); ++i) {
     int64_t unit = -1;
+    bool low = false;
     if (sh.unit_of) {
       unit = sh.unit_of(members[i].first);
       if (unit < 0) throw std::invalid_argument("FlatParams: parameter " + members[i].first + " belongs to no unit");
+      low = sh.low_precision && sh.low_precision(members[i].first);
     }
     const bool cut = g.buckets.empty() ||
-                     (sh.unit_of ? unit != g.buckets.back().unit
+                     (sh.unit_of ? unit != g.buckets.back().unit || low != g.buckets.back().low_precision
                                  : sh.bucket_numel > 0 && g.buckets.back().unpadded_numel >= sh.bucket_numel);
     if (cut) {
       FlatBucket b;
       b.offset = padded;
       b.unpadded_offset = unpadded;
       b.unit = unit;
+      b.low_precision = low;
       g.buckets.push_back(b);
     }
     FlatBucket& b = g.buckets.back();

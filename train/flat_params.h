@@ -33,6 +33,9 @@ struct ShardingOptions {
   // Set: one bucket per unit instead (a new bucket wherever the unit of the next parameter differs; ZeRO-3's
   // gather granularity); returns -1 for a parameter outside every unit (an error).
   std::function<int64_t(const std::string&)> unit_of;
+  // With unit_of: whether a parameter may be gathered in the compute dtype (a projection's weight, which autocast
+  // casts anyway) rather than fp32 (embeddings, norms, the router). Buckets are cut where it changes too.
+  std::function<bool(const std::string&)> low_precision;
   bool offload = false;       // a master copy of the owned parameter values in (pinned) host memory
   // ZeRO-3 of a LoRA run: lay out the parameters that do NOT require grad (the frozen base) instead, one group per
   // dtype (float32 and the base's), in that dtype, without gradients (shard_params must be set).
@@ -45,6 +48,7 @@ struct FlatBucket {
   int64_t unpadded_offset = 0, unpadded_numel = 0;  // the parameters' values in the unpadded concatenation
   int64_t shard_offset = 0;                         // where this rank's slice sits in the shard buffers
   int64_t unit = -1;                                // ShardingOptions::unit_of of its parameters
+  bool low_precision = false;                       // ShardingOptions::low_precision of its parameters
   std::vector<size_t> params;                       // indices into FlatGroup::names
 };
 

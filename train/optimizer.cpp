@@ -241,11 +241,23 @@ void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<
       }
     }
   }
-  if (covered != needed)
-    throw runtime_error(directory_of(shards), "the optimizer files (" + file_list(shards) + ") cover " +
-                                                  std::to_string(covered) + " of the " + std::to_string(needed) + " " +
-                                                  g.name + " values this rank needs",
-                        "a rank_R.safetensors or experts_rank_R.safetensors file is missing or duplicated; restore the checkpoint");
+  if (covered != needed) {
+    // Which ranks wrote files: each records its rank and the world size of its run.
+    std::string writers;
+    for (const auto& sh : shards) {
+      auto r = sh.metadata.find("dsopen.rank"), w = sh.metadata.find("dsopen.world_size");
+      if (r != sh.metadata.end() && w != sh.metadata.end()) writers = w->second;
+    }
+    const std::string what = covered < needed ? "cover only " + std::to_string(covered) + " of the " : "overlap: they hold " +
+                                                std::to_string(covered) + " values for the ";
+    throw runtime_error(directory_of(shards), "the optimizer files (" + file_list(shards) + ") " + what +
+                                                  std::to_string(needed) + " " + g.name + " values this rank needs" +
+                                                  (writers.empty() ? "" : " (written by a run of " + writers + " ranks)"),
+                        covered < needed ? "an optimizer file is missing: restore every rank_R.safetensors (and "
+                                           "experts_rank_R.safetensors) the checkpoint was written with"
+                                         : "a file is duplicated or comes from another run: keep one rank_R.safetensors "
+                                           "per rank of the run that wrote the checkpoint");
+  }
 }
 
 void FlatAdamW::load_state_dicts(const std::vector<SavedShard>& shards,

@@ -31,8 +31,8 @@ struct ShardedUnits::Part {
   FlatGroup* group;
   const FlatBucket* bucket;
   bool trainable;       // false: a frozen base's (gathered in its own dtype, no gradients)
-  torch::Tensor full;   // [bucket numel] in the compute dtype; the parameters view it; zero bytes while freed
-  torch::Tensor input;  // this rank's slice in the compute dtype while an all-gather reads it
+  torch::Tensor full;   // [bucket numel]; the parameters view it; zero bytes while freed
+  torch::Tensor input;  // this rank's slice in full's dtype, while an all-gather reads it
   int64_t bytes() const { return full.numel() * full.element_size(); }
 };
 
@@ -61,7 +61,9 @@ ShardedUnits::ShardedUnits(const std::vector<FlatParams*>& layouts, ProcessGroup
     for (auto& g : flat->groups())
       for (const auto& b : g.buckets) {
         if (b.unit < 0 || b.unit >= units) throw std::invalid_argument("ShardedUnits: a bucket outside the units");
-        const auto dtype = trainable ? dtype_ : g.params.scalar_type();
+        // Projection weights are gathered in the compute dtype (what autocast rounds them to anyway); the rest as
+        // they are kept: embeddings, norms, the router and the head in fp32, a frozen base in its dtype.
+        const auto dtype = trainable && b.low_precision ? dtype_ : g.params.scalar_type();
         Part part{&g, &b, trainable, torch::empty({b.numel}, g.params.options().dtype(dtype)), {}};
         for (const size_t k : b.params) {
           auto& p = g.tensors[k];

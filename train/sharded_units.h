@@ -11,8 +11,12 @@
 //
 // A unit's parameters are views of one buffer per bucket whose storage is resized to zero bytes when freed and
 // back when gathered (FSDP's flat-parameter trick): the views, and whatever autograd saved of them, stay valid
-// and see the values gathered for backward. The buffer holds the compute dtype (bf16 or fp16 under autocast, so
-// half the bytes travel); gradients are reduced in fp32. Activation checkpointing needs nothing more: the
+// and see the values gathered for backward. Under autocast the projection weights (model/param_units.h
+// projection_weight_names) are gathered in the compute dtype, bf16 or fp16: half the bytes travel and are held,
+// the values are exactly what autocast casts the fp32 weights to, and autograd saves them rather than a cast copy
+// of each (which would keep every layer's weights in bf16 from forward to backward). Their gradients come out of
+// the matmuls in that dtype, as unsharded; each is used once per pass, so none is accumulated in it. Everything
+// else (embeddings, norms, the router, the head) is gathered in fp32. Gradients are reduced in fp32. Activation checkpointing needs nothing more: the
 // recomputation runs inside the layer's backward, after before_backward gathered it.
 #pragma once
 
@@ -33,8 +37,8 @@ class ShardedUnits final : public model::UnitHooks {
 public:
   // `layouts`: the trainable parameters' and (LoRA) the frozen base's, laid out with shard_params and per-unit
   // buckets (FlatBucket::unit in [0, units)); units 1 .. `layers` are the decoder layers, `layers` + 1 the head
-  // (model/param_units.h). The parameters become views of the units' gather buffers — trainable ones in
-  // `compute_dtype`, frozen ones in their own — freed until first use.
+  // (model/param_units.h). The parameters become views of the units' gather buffers, freed until first use:
+  // buckets marked low_precision in `compute_dtype`, the others in the dtype their slices are kept in.
   ShardedUnits(const std::vector<FlatParams*>& layouts, ProcessGroup& group, int64_t units, int64_t layers,
                torch::ScalarType compute_dtype);
   ~ShardedUnits() override;
@@ -63,7 +67,7 @@ public:
   std::vector<Parameter> parameters(int64_t unit) const;
   int64_t units() const { return static_cast<int64_t>(units_.size()); }
 
-  // Memory of the gathered parameters in the compute dtype: now, the peak since reset_peak(), and the largest unit.
+  // Memory of the gathered parameters: now, the peak since reset_peak(), and the largest unit.
   int64_t gathered_bytes() const { return gathered_bytes_; }
   int64_t peak_gathered_bytes() const { return peak_gathered_bytes_; }
   int64_t largest_unit_bytes() const;

@@ -255,6 +255,8 @@ void Trainer::State::build_optimizer() {
                                   : precision->mode() == PrecisionMode::Fp16 ? torch::kHalf
                                                                              : torch::kFloat32;
     options.units.device = device;
+    auto projections = std::make_shared<std::set<std::string>>(model::projection_weight_names(*model));
+    options.units.low_precision = [projections](const std::string& name) { return projections->count(name) > 0; };
   }
   dp = std::make_unique<DataParallel>(named, ao, options, group, std::move(shards));
   if (model::UnitHooks* hooks = dp->unit_hooks()) {
@@ -394,7 +396,8 @@ TrainResult Trainer::run() {
     }
     if (logged) log.restart_window();
     if (stop) {
-      spdlog::info("stopping on signal {} after step {}", g_stop_signal.load(), s.state.step);
+      if (g_stop_signal.load() != 0) spdlog::info("stopping on signal {} after step {}", g_stop_signal.load(), s.state.step);
+      else spdlog::info("stopping after step {}: another rank received a stop signal", s.state.step);
       result.interrupted = true;
       break;
     }

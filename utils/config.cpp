@@ -1,6 +1,7 @@
 #include "utils/config.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -297,10 +298,14 @@ std::string closest_match(const std::string& word, const std::vector<std::string
     }
     return prev[b.size()];
   };
+  const auto lower = [](std::string s) {
+    for (auto& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    return s;
+  };
   std::string best;
   size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
   for (const auto& c : candidates) {
-    size_t d = distance(word, c);
+    size_t d = distance(lower(word), lower(c));  // ZERO3 means zero3
     if (d < best_d) best_d = d, best = c;
   }
   return best;
