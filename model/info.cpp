@@ -138,13 +138,14 @@ std::string model_info_text(const ModelConfig& c, int64_t world_size, int64_t se
          human(static_cast<double>(p.routed) / E) + " of them routed experts); all-to-all " +
          human(all_to_all_bytes_per_token(c, expert_parallel, 2), "B") + " per token per step (bf16 activations, uniform routing)\n";
   }
-  s += "train memory per rank (weights + grads + AdamW, " + std::to_string(world_size) + " ranks" +
+  s += "train memory per rank (weights + grads + AdamW in fp32, " + std::to_string(world_size) +
+       (world_size == 1 ? " rank" : " ranks") +
        (expert_parallel > 1 ? ", expert parallel " + std::to_string(expert_parallel) : std::string()) + ")\n";
   s += "  ddp                 " + gib(m.ddp) + "\n";
   s += "  zero1               " + gib(m.zero1) + "\n";
   s += "  zero2               " + gib(m.zero2) + "\n";
-  s += "  zero3               " + gib(m.zero3) + " (largest unit " + human(static_cast<double>(p.largest_unit)) +
-         " parameters, two gathered)\n";
+  s += "  zero3               " + gib(m.zero3) + " (with two fp32 units of " + human(static_cast<double>(p.largest_unit)) +
+         " parameters gathered and two reduced; --strategy zero3 plans a precision and the activations)\n";
   return s;
 }
 

@@ -180,9 +180,10 @@ static int run(int argc, char** argv) {
                 (in.offload_optimizer ? ", optimizer offload" : "") + ")\n" +
                 "  weights             " + gib(p.weights) +
                 (p.gathered_unit > 0 ? " (of which 2 gathered units of " + gib(p.gathered_unit) + ")" : "") + "\n" +
-                "  gradients           " + gib(p.grads) + "\n" +
+                "  gradients           " + gib(p.grads) +
+                (p.gathered_unit > 0 ? " (slices + 2 units in their reduce-scatters)" : "") + "\n" +
                 "  AdamW moments       " + gib(p.optimizer) +
-                (p.optimizer_host > 0 ? " (+ " + gib(p.optimizer_host) + " in host memory)" : "") + "\n" +
+                (p.optimizer_host > 0 ? " (+ " + gib(p.optimizer_host) + " in host memory: moments and an fp32 master copy)" : "") + "\n" +
                 "  activations         ~" + gib(p.activations) + "\n" +
                 "  total on the device " + gib(p.device_total()) + "\n";
   }

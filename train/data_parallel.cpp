@@ -82,8 +82,9 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
   }
   const Strategy s = options_.strategy;
   if (s == Strategy::None && group_->size() > 1)
-    throw usage_error("parallel.strategy", "is none but " + std::to_string(group_->size()) + " ranks were started",
-                      "set parallel.strategy to ddp, zero1 or zero2");
+    throw usage_error("parallel.strategy", "is none (one process), but " + std::to_string(group_->size()) +
+                                               " ranks were started",
+                      "set parallel.strategy to ddp, zero1, zero2 or zero3");
   ShardingOptions sh;
   sh.rank = group_->rank();
   sh.world_size = group_->size();

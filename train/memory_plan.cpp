@@ -1,6 +1,7 @@
 #include "train/memory_plan.h"
 
 #include <numeric>
+#include <set>
 
 #include <torch/torch.h>
 
@@ -97,9 +98,12 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
     std::string sets;
     JobConfig job;
     int64_t world;
+    std::string kind;  // one suggestion per kind: the first (smallest) that fits
   };
   std::vector<Candidate> candidates;
-  auto add = [&](const std::string& sets, JobConfig j, int64_t world) { candidates.push_back({sets, std::move(j), world}); };
+  auto add = [&](const std::string& sets, JobConfig j, int64_t world, std::string kind = "") {
+    candidates.push_back({sets, std::move(j), world, kind.empty() ? sets : kind});
+  };
   JobConfig j = job;
   if (!j.train.activation_checkpointing) {
     j.train.activation_checkpointing = true;
@@ -111,7 +115,12 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
     k.train.grad_accum_steps = job.train.grad_accum_steps * (job.train.micro_batch_size / mb);
     add("train.activation_checkpointing=true train.micro_batch_size=" + std::to_string(mb) +
             " train.grad_accum_steps=" + std::to_string(k.train.grad_accum_steps),
-        k, world_size);
+        k, world_size, "micro-batch");
+  }
+  if (!job.parallel.offload_optimizer) {
+    JobConfig k = j;
+    k.parallel.offload_optimizer = true;
+    add("parallel.offload_optimizer=cpu train.activation_checkpointing=true", k, world_size);
   }
   // More ranks shard the moments and gradients (zero2) — the weights stay whole on every rank but for the routed
   // experts, which expert parallelism splits over up to gcd(ranks, experts) ranks — or everything (zero3).
@@ -119,22 +128,27 @@ std::vector<std::string> layouts_that_fit(const JobConfig& job, int64_t world_si
     JobConfig k = j;
     k.parallel.strategy = Strategy::Zero2;
     const std::string where = " on " + std::to_string(n) + " ranks (one per " + (runs_on_cuda(job.run) ? "GPU" : "machine") + ")";
-    add("parallel.strategy=zero2 train.activation_checkpointing=true" + where, k, n);
+    add("parallel.strategy=zero2 train.activation_checkpointing=true" + where, k, n, "zero2");
     const int64_t E = std::gcd(n, job.model.n_routed_experts);
     if (E > 1) {
       k.parallel.expert_parallel = E;
       add("parallel.strategy=zero2 parallel.expert_parallel=" + std::to_string(E) + " train.activation_checkpointing=true" + where,
-          k, n);
+          k, n, "zero2 ep");
     }
     k.parallel.expert_parallel = 1;
     k.parallel.strategy = Strategy::Zero3;
-    add("parallel.strategy=zero3 train.activation_checkpointing=true" + where, k, n);
+    add("parallel.strategy=zero3 train.activation_checkpointing=true" + where, k, n, "zero3");
+    k.parallel.offload_optimizer = true;
+    add("parallel.strategy=zero3 parallel.offload_optimizer=cpu train.activation_checkpointing=true" + where, k, n,
+        "zero3 offload");
   }
   std::vector<std::string> out;
+  std::set<std::string> kinds;
   for (const auto& c : candidates) {
+    if (kinds.count(c.kind)) continue;
     // Extra ranks of the suggestions run one per machine (CPU) or GPU: the memory of one is what they get.
     const int64_t local = c.world == world_size ? local_world_size : 1;
-    if (plan_job(c.job, c.world, local).fits()) out.push_back(c.sets);
+    if (plan_job(c.job, c.world, local).fits()) out.push_back(c.sets), kinds.insert(c.kind);
     if (out.size() == 3) break;
   }
   return out;

@@ -66,7 +66,8 @@ nlohmann::json StepLogger::record(int64_t step, double lr, const StepStats& st, 
     rec["comm_wait_s"] = window_comm_s_ / window_steps_;  // rank 0's time blocked on collectives per step
     extra += fmt::format(" | comm {:.0f}%", 100 * window_comm_s_ / secs);
   }
-  rec["mfu"] = peak_ > 0 ? nlohmann::json(tok_s * flops_per_token_ / peak_) : nlohmann::json(nullptr);
+  // The global batch's tokens over every rank's peak: a device's share of the work against its own peak.
+  rec["mfu"] = peak_ > 0 ? nlohmann::json(tok_s * flops_per_token_ / (peak_ * world)) : nlohmann::json(nullptr);
   if (!balancer.empty()) {
     rec["moe_aux_loss"] = st.aux_loss;
     rec["moe_imbalance"] = balancer.imbalance();
@@ -103,22 +104,25 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
     window_a2a_s_ += t.seconds;
     window_a2a_rows_ += static_cast<double>(t.rows_received);
   }
-  if ((step == 1 || step == max_steps_) && dp.experts())
+  if ((first_step_ || step == max_steps_) && dp.experts())
     spdlog::debug("memory rank {}: routed experts expert_param_bytes={} expert_state_bytes={} expert_grad_bytes={}",
                   dp.group().rank(), dp.experts()->optimizer().num_params() * 4, dp.experts()->state_bytes(),
                   dp.experts()->grad_bytes());
-  if (step == 1 || step == max_steps_)
+  if (first_step_ || step == max_steps_)
     spdlog::debug("memory rank {}: optimizer_state_bytes={} grad_bytes={} predicted_state_bytes={:.0f} "
                  "predicted_grad_bytes={:.0f} grad_buckets_in_flight_peak_bytes={} bucket_bytes={} param_bytes={} "
                  "gathered_param_peak_bytes={}",
                  dp.group().rank(), dp.state_bytes(), dp.grad_bytes(), dp.predicted_state_bytes(),
                  dp.predicted_grad_bytes(), dp.grad_scratch_peak_bytes(), dp.max_bucket_bytes(), dp.param_bytes(),
                  dp.gathered_param_peak_bytes());
-  if (step == 1 && dp.strategy() == Strategy::Zero3)
-    spdlog::info("zero3 rank {}: parameter slices {:.2f} MB, gathered parameters peak {:.2f} MB (largest unit "
-                 "{:.2f} MB), optimizer state {:.2f} MB, gradients {:.2f} MB (slices and reductions in flight)",
+  if (first_step_ && dp.strategy() == Strategy::Zero3)
+    spdlog::info("zero3 rank {}: parameter slices {:.2f} MB, gathered parameters peak {:.2f} MB (largest unit {:.2f} MB), "
+                 "optimizer state {:.2f} MB{}, gradient slices {:.2f} MB + peak {:.2f} MB in reduce-scatters",
                  dp.group().rank(), dp.param_bytes() / 1e6, dp.gathered_param_peak_bytes() / 1e6,
-                 dp.max_bucket_bytes() / 1e6, dp.state_bytes() / 1e6, dp.grad_bytes() / 1e6);
+                 dp.max_bucket_bytes() / 1e6, dp.state_bytes() / 1e6,
+                 dp.optimizer().sharding().offload ? " (host memory)" : "",
+                 (dp.grad_bytes() - dp.grad_scratch_peak_bytes()) / 1e6, dp.grad_scratch_peak_bytes() / 1e6);
+  first_step_ = false;
   if (step % log_every_ != 0 && step != max_steps_ && step != 1) return false;
   std::string extra;
   nlohmann::json rec = record(step, lr, st, tokens, dp, balancer, mtp, extra);
@@ -154,7 +158,7 @@ bool StepLogger::step_done(int64_t step, double lr, const StepStats& st, int64_t
                                 : step_s;
   spdlog::info("step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s{} | {:.2f} s/step{} | rss {:.0f} MB | ETA {}",
                step, max_steps_, st.loss, lr, st.grad_norm, tok_s,
-               peak_ > 0 ? fmt::format(" | mfu {:.1f}%", 100 * tok_s * flops_per_token_ / peak_) : "", step_s, extra,
+               rec["mfu"].is_number() ? fmt::format(" | mfu {:.1f}%", 100 * rec["mfu"].get<double>()) : "", step_s, extra,
                env::peak_resident_mb(), Progress::format_duration(run_step_s * (max_steps_ - step)));
   window_tokens_ = window_steps_ = 0;
   window_comm_s_ = window_a2a_s_ = window_a2a_rows_ = 0;

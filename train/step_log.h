@@ -66,6 +66,7 @@ private:
   // as they recur): a window of a few steps swings with every checkpoint and evaluation.
   std::chrono::steady_clock::time_point run_start_;
   int64_t run_start_step_ = -1;
+  bool first_step_ = true;  // the first step of this process (a resumed run's too): memory lines are logged then
 };
 
 }  // namespace dsopen::train
