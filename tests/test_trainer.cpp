@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <map>
 
 #include "model/safetensors.h"
 #include "model/info.h"
@@ -82,6 +84,15 @@ TEST_CASE("resume is exact: straight run == resumed from the mid-run checkpoint 
   const auto resumed = run(config_text("resumed"), {"checkpoint.resume=" + mid});
   REQUIRE(resumed.losses.size() == 4);
   for (int i = 0; i < 4; ++i) CHECK(resumed.losses[i] == straight.losses[4 + i]);  // bitwise on the CPU
+  // Resumed into its own output directory (as after a crash after step 8): metrics.jsonl keeps one record per step.
+  run(config_text("straight"), {"checkpoint.resume=" + mid});
+  std::map<int64_t, int> records;
+  std::ifstream metrics(workdir() / "straight/metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) ++records[j["step"].get<int64_t>()];
+  }
+  CHECK(records == std::map<int64_t, int>{{1, 1}, {8, 1}});  // log_every 100: the first and last steps
 }
 
 TEST_CASE("zero3 in one process: the same run as none, its checkpoint resumes under none bitwise", "[train][resume][zero3]") {
@@ -284,6 +295,25 @@ TEST_CASE("partial checkpoints are skipped; corrupt files are named", "[train][c
   CHECK(edited("precision", "fp8").find("field 'precision' is \"fp8\"") != std::string::npos);
   CHECK(edited("loss_scale", 0).find("field 'loss_scale' is 0, not a number > 0") != std::string::npos);
   CHECK_NOTHROW(run(config_text("partial_ok"), {"train.max_steps=3", "checkpoint.resume=" + state_file.parent_path().string()}));
+  // A checkpoint of a diverged run: named at load, not after a few non-finite steps.
+  const auto weights_file = (state_file.parent_path() / "model.safetensors").string();
+  const std::string weights_bytes = env::read_file(weights_file);
+  {
+    std::map<std::string, torch::Tensor> tensors;
+    {
+      model::SafetensorsFile f(weights_file);
+      for (const auto& name : f.names()) tensors[name] = f.tensor(name).clone();
+    }
+    tensors["model.norm.weight"][3] = std::numeric_limits<float>::quiet_NaN();
+    model::save_safetensors(weights_file, tensors, {{"format", "pt"}});
+  }
+  msg = error_of([&] { run(config_text("partial"), {"train.max_steps=8", "checkpoint.resume=" + state_file.parent_path().string()}); });
+  CHECK(msg.find(weights_file + ": tensor model.norm.weight holds NaN or infinite values") == 0);
+  env::write_file_atomic(weights_file, weights_bytes);
+  // An output path that is a file: refused before anything runs.
+  std::ofstream(workdir() / "a_file") << "x";
+  msg = error_of([&] { job_of(config_text("cfg"), {"checkpoint.dir=" + (workdir() / "a_file").string()}); });
+  CHECK(msg.find("checkpoint.dir: " + (workdir() / "a_file").string() + " exists and is not a directory") == 0);
   (void)r;
 }
 

@@ -328,6 +328,14 @@ TrainerState load_checkpoint_weights(const std::string& path, model::CausalLM& m
                         adapter_only ? "resume it with lora.enabled: true" : "resume a LoRA run from its own checkpoints");
   if (adapter_only) model::load_adapter_weights(*model, path, model->expert_placement().sharded());
   else model::load_hf_state_dict(model, model::WeightFiles(path), /*strict=*/true);
+  // A checkpoint saved by a run that had diverged would only give non-finite steps; say so at once.
+  torch::NoGradGuard no_grad;
+  for (const auto& p : model->named_parameters())
+    if ((adapter_only == model::is_lora_parameter(p.key())) && !torch::isfinite(p.value()).all().item<bool>())
+      throw runtime_error((fs::path(path) / (adapter_only ? "adapter_model.safetensors" : "model.safetensors")).string(),
+                          "tensor " + (adapter_only ? p.key() : model::hf_names_of(*model, p.key()).front()) +
+                              " holds NaN or infinite values",
+                          "the run had diverged when it was saved: resume from an earlier checkpoint");
   return state;
 }
 

@@ -161,6 +161,13 @@ JobConfig decode_job(const config::Document& doc) {
   errors.throw_if_any();
   job.model.validate("model");
   if (job.checkpoint.dir.empty()) job.checkpoint.dir = job.run.output_dir + "/checkpoints";
+  // Found at the first save otherwise, after training has run.
+  for (const auto& [key, dir] : {std::pair<std::string, std::string>{"checkpoint.dir", job.checkpoint.dir},
+                                 {"run.output_dir", job.run.output_dir}}) {
+    std::error_code ec;
+    if (std::filesystem::exists(dir, ec) && !std::filesystem::is_directory(dir, ec))
+      throw usage_error(key, dir + " exists and is not a directory", "give a directory (it is created when missing)");
+  }
   // The base of a fine-tune must not sit among this run's checkpoints: their `latest` pointer and pruning
   // (checkpoint.keep_last) would replace or delete it.
   if (!job.model.pretrained.empty() && env::path_within(job.model.pretrained, job.checkpoint.dir))

@@ -35,14 +35,15 @@ double peak_flops(torch::Device device, double configured_tflops) {
 }
 
 StepLogger::StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
-                       double peak, const std::string& metrics_path, const std::string& tensorboard_dir)
+                       double peak, const std::string& metrics_path, const std::string& tensorboard_dir,
+                       int64_t resumed_step)
     : flops_per_token_(model::training_flops_per_token(model, seq_len)), peak_(peak), max_steps_(max_steps),
       log_every_(log_every) {
   if (!metrics_path.empty()) {
-    metrics_ = std::make_unique<MetricsWriter>(metrics_path);
+    metrics_ = std::make_unique<MetricsWriter>(metrics_path, resumed_step);
     if (model.n_routed_experts > 0)
       expert_load_ = std::make_unique<MetricsWriter>(
-          (std::filesystem::path(metrics_path).parent_path() / "expert_load.jsonl").string());
+          (std::filesystem::path(metrics_path).parent_path() / "expert_load.jsonl").string(), resumed_step);
   }
   if (!tensorboard_dir.empty()) tensorboard_ = std::make_unique<tensorboard::EventWriter>(tensorboard_dir);
 }

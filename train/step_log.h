@@ -29,8 +29,10 @@ public:
   // metrics.jsonl number is also a TensorBoard scalar (train/<key>, eval/loss, eval/ppl, moe/imbalance/<block>), and
   // each MoE block's tokens per expert a histogram (moe/expert_load/<block>) and a line of expert_load.jsonl (next to
   // metrics.jsonl: {"step": S, "expert_load": {block: [tokens per expert]}}).
+  // `resumed_step`: the step a resumed run starts after (-1: a fresh run); see MetricsWriter.
   StepLogger(const model::ModelConfig& model, int64_t seq_len, int64_t max_steps, int64_t log_every,
-             double peak_flops, const std::string& metrics_path, const std::string& tensorboard_dir = "");
+             double peak_flops, const std::string& metrics_path, const std::string& tensorboard_dir = "",
+             int64_t resumed_step = -1);
   ~StepLogger();
   // The run's resolved config, as text in TensorBoard.
   void config_text(const std::string& yaml);

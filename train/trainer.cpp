@@ -341,7 +341,8 @@ TrainResult Trainer::run() {
   const double peak = s.measured_peak > 0 ? s.measured_peak : peak_flops(s.device, t.peak_tflops);
   StepLogger log(j.model, j.data.seq_len, t.max_steps, j.run.log_every, peak,
                  group.rank() == 0 ? j.run.output_dir + "/metrics.jsonl" : "",
-                 group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "");
+                 group.rank() == 0 && j.run.tensorboard ? j.run.output_dir + "/tb" : "",
+                 s.resume.empty() ? -1 : s.state.step);
   log.config_text(s.resolved_config);
   if (s.exchange) log.track_expert_traffic(s.exchange.get(), s.group.get());
   std::optional<cpu::ThreadBackoff> backoff;  // fewer threads while other processes keep the CPUs busy

@@ -1,10 +1,28 @@
 #include "utils/metrics.h"
 
+#include <filesystem>
+#include <fstream>
+
+#include "utils/env.h"
 #include "utils/errors.h"
 
 namespace dsopen {
 
-MetricsWriter::MetricsWriter(const std::string& path) : path_(path) {
+MetricsWriter::MetricsWriter(const std::string& path, int64_t resumed_step) : path_(path) {
+  std::error_code ec;
+  if (resumed_step >= 0 && std::filesystem::is_regular_file(path, ec)) {
+    std::ifstream in(path);
+    std::string kept, line;
+    bool dropped = false;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      const bool later = j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+                         j["step"].get<int64_t>() > resumed_step;
+      if (later) dropped = true;
+      else kept += line + "\n";
+    }
+    if (dropped) env::write_file_atomic(path, kept);
+  }
   file_ = std::fopen(path.c_str(), "a");
   if (!file_) throw runtime_error(path, "cannot open metrics file for appending", "check run.output_dir");
 }
