@@ -76,21 +76,28 @@ exit_code=0
 # Poll rather than `wait -n`: a rank that exits before the launcher waits must still be seen, and signals must be
 # handled promptly (the trap runs between the short sleeps).
 while [[ ${#live[@]} -gt 0 ]]; do
+  failed_rank="" failed_status=0
   for pid in "${!live[@]}"; do
     kill -0 "$pid" 2>/dev/null && continue
     wait "$pid"
     status=$?
     unset "live[$pid]"
-    if [[ $status -ne 0 && $exit_code -eq 0 ]]; then
-      exit_code=$status
-      echo "launch.sh: rank ${rank_of[$pid]} exited with code $status; stopping the other ranks" >&2
-      signal_all TERM
-      # A watchdog escalates to SIGKILL when ranks hang in a collective with the dead peer. Its output goes
-      # nowhere so that its sleep cannot keep the launcher's stdout open.
-      ( sleep "$grace_s"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) > /dev/null 2>&1 &
-      watchdog=$!
+    # A dead peer fails the others' collectives within milliseconds, so one pass may find several ranks gone:
+    # the one killed by a signal (status > 128) is the cause rather than those whose collective then failed.
+    if [[ $status -ne 0 && $exit_code -eq 0 ]] &&
+       [[ -z "$failed_rank" || ( $status -gt 128 && $failed_status -le 128 ) ]]; then
+      failed_rank=${rank_of[$pid]} failed_status=$status
     fi
   done
+  if [[ -n "$failed_rank" ]]; then
+    exit_code=$failed_status
+    echo "launch.sh: rank $failed_rank exited with code $failed_status; stopping the other ranks" >&2
+    signal_all TERM
+    # A watchdog escalates to SIGKILL when ranks hang in a collective with the dead peer. Its output goes
+    # nowhere so that its sleep cannot keep the launcher's stdout open.
+    ( sleep "$grace_s"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done ) > /dev/null 2>&1 &
+    watchdog=$!
+  fi
   [[ ${#live[@]} -gt 0 ]] && sleep 0.2
 done
 [[ -n "${watchdog:-}" ]] && kill "$watchdog" 2>/dev/null

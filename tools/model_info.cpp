@@ -158,7 +158,7 @@ static int run(int argc, char** argv) {
     if (world == 1 && strategy != train::Strategy::Zero3) in.zero_stage = 0;
     in.offload_optimizer = args.count("offload-optimizer") > 0;
     in.micro_batch_size = args["micro-batch"].as<int64_t>();
-    if (in.micro_batch_size < 1) throw usage_error("--micro-batch", "must be >= 1");
+    if (in.micro_batch_size < 1 || in.micro_batch_size > (int64_t{1} << 20)) throw usage_error("--micro-batch", "must be in 1..1048576");
     in.seq_len = seq_len;
     in.activation_checkpointing = args.count("activation-checkpointing") > 0;
     in.activation_bytes = precision == "fp32" ? 4 : 2;

@@ -200,6 +200,7 @@ case("model-info", ["--config", RUN_YAML, "--world-size", "32", "--expert-parall
 case("model-info", ["--config", RUN_YAML, "--world-size", "0"], "--world-size")
 case("model-info", ["--config", RUN_YAML, "--world-size", "4", "--strategy", "zero4"], "--strategy")
 case("model-info", ["--config", RUN_YAML, "--strategy", "zero3", "--micro-batch", "0"], "--micro-batch")
+case("model-info", ["--config", RUN_YAML, "--strategy", "zero3", "--micro-batch", "9223372036854775807"], "--micro-batch")
 case("model-info", ["--config", RUN_YAML, "--strategy", "zero3", "--precision", "fp8"], "--precision")
 case("model-info", ["--config", RUN_YAML, "--world-size", "two"], "--world-size")
 case("model-info", ["--config", RUN_YAML, "--seq-len", "-5"], "--seq-len")
