@@ -285,6 +285,11 @@ train z3_to_zero2 2 zero2 4 --set checkpoint.resume="$W/z3_4/checkpoints/step_00
   --set checkpoint.dir="$W/z3_to_zero2/ck" "${EPS[@]}"
 train z3_to_none 1 none 8 --set checkpoint.resume="$W/z3_to_zero2/ck/step_00000015" \
   --set checkpoint.dir="$W/z3_to_none/ck" "${EPS[@]}"
+# Evaluation sees the same validation samples on 1, 2 or 4 ranks (4 ranks: a share of 1 or 2 of the 6 samples).
+VALID=(--set data.valid_fraction=0.1 --set train.max_steps=2 --set train.eval_steps=3 --set checkpoint.every=0)
+train eval_1 1 none 8 "${VALID[@]}"
+train eval_2 2 zero3 4 "${VALID[@]}"
+train eval_4 4 ddp 2 "${VALID[@]}"
 python3 - "$W" <<'PY' || fail=1
 import json, re, sys
 import os
@@ -302,6 +307,11 @@ def wdiff(a, b):
     assert a.keys() == b.keys(), set(a) ^ set(b)
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-3)).item() for k in a)
 ok = True
+ev = {run: [j["eval_loss"] for j in map(json.loads, open(f"{W}/{run}/metrics.jsonl")) if "eval_loss" in j]
+      for run in ("eval_1", "eval_2", "eval_4")}
+good = all(len(v) == 1 for v in ev.values()) and max(abs(v[0] - ev["eval_1"][0]) for v in ev.values()) <= 1e-6 * ev["eval_1"][0]
+print(f"{'ok  ' if good else 'FAIL'} evaluation on 1, 2 and 4 ranks sees the same samples: {ev}")
+ok &= good
 for ref, run, ck, steps in [("ep_1", "z3_2", "step_00000020/model.safetensors", 20),
                             ("ep_1", "z3_4", "step_00000020/model.safetensors", 20),
                             ("ep_1", "z3_ep_2x2", "step_00000020", 20),

@@ -14,14 +14,27 @@ Evaluator::Evaluator(model::CausalLM model, data::BatchSource& source, const Pre
 double Evaluator::run() {
   torch::NoGradGuard no_grad;
   model_->eval();
+  // The first G = steps x micro_batch samples of the validation data (one pass at most), whatever the number of
+  // ranks: rank r's k-th sample is sample k * N + r (data/batch_source.h), so rank r evaluates the first
+  // ceil((G - r) / N) of its own. Every rank runs the same number of forward passes (zero3 gathers parameters in
+  // each); one whose share is used up runs a masked batch, which adds nothing.
+  const int64_t N = group_.size(), r = group_.rank();
+  const int64_t total = std::min(steps_ * micro_batch_, source_.samples_per_rank() * N);
+  const int64_t mine = total > r ? (total - r + N - 1) / N : 0;
+  const int64_t most = (total + N - 1) / N;
+  const int64_t passes = micro_batch_ > 0 ? (most + micro_batch_ - 1) / micro_batch_ : 0;
   data::DataCursor cursor;
   double ce = 0, n = 0;
-  // A small validation set split over many ranks may give each fewer samples than a micro-batch; evaluate it in
-  // smaller batches (equal on every rank) rather than refuse.
-  const int64_t batch = std::min(micro_batch_, source_.samples_per_rank());
-  for (int64_t i = 0; i < steps_ && batch > 0; ++i) {
-    auto b = source_.next(cursor, batch);
-    if (cursor.epoch > 0) break;  // one pass at most
+  for (int64_t i = 0; i < passes; ++i) {
+    const int64_t take = std::min(micro_batch_, mine - i * micro_batch_);
+    data::Batch b;
+    if (take > 0) {
+      b = source_.next(cursor, take);
+    } else {
+      data::DataCursor first;
+      b = source_.next(first, 1);
+      b.labels.fill_(-100);
+    }
     std::optional<compat::AutocastScope> autocast;
     precision_.autocast(autocast);
     auto out = model_->forward(forward_input(b, device_));

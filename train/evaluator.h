@@ -1,6 +1,6 @@
-// Validation loss (docs/CONFIG.md §5.7): up to `steps` micro-batches from the start of the validation data, one
-// pass at most, so every evaluation of a run sees the same batches. Each rank evaluates its part; the summed
-// cross-entropy over the summed target count is the same on every rank.
+// Validation loss (docs/CONFIG.md §5.7): the first `steps` x `micro_batch` samples of the validation data, one pass
+// at most, so every evaluation of a run — on any number of ranks — sees the same samples. Each rank evaluates its
+// part; the summed cross-entropy over the summed target count is the same on every rank.
 #pragma once
 
 #include <torch/torch.h>
