@@ -278,7 +278,7 @@ train z3_ep_2x2 4 zero3 2 --set parallel.expert_parallel=2 "${EPS[@]}"
 train z3_ep_lora 2 zero3 4 --set parallel.expert_parallel=2 --set train.activation_checkpointing=true "${LORA[@]}"
 train z3_dense_1 1 none 8 "${DENSE[@]}"
 train z3_dense_2 2 zero3 4 --set train.activation_checkpointing=true "${DENSE[@]}"
-train z3_dense_4 4 zero3 2 "${DENSE[@]}"
+train z3_dense_4 4 zero3 2 --set parallel.zero3_build=in_turns "${DENSE[@]}"  # the ranks build one at a time
 train z3_lora_1 1 none 8 "${ZLORA[@]}"
 train z3_lora_2 2 zero3 4 --set train.activation_checkpointing=true "${ZLORA[@]}"
 train z3_to_zero2 2 zero2 4 --set checkpoint.resume="$W/z3_4/checkpoints/step_00000010" --set checkpoint.every=5 \

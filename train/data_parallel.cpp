@@ -95,7 +95,7 @@ DataParallel::DataParallel(const std::vector<std::pair<std::string, torch::Tenso
   sh.offload = options_.offload_optimizer;
   if (s == Strategy::Zero3) {
     // Every rank cuts its slices from rank 0's values: broadcast them while each rank still holds them whole.
-    if (group_->size() > 1) {
+    if (group_->size() > 1 && options_.units.broadcast) {
       torch::NoGradGuard no_grad;
       for (const auto& [name, p] : named_params)
         if (p.requires_grad()) group_->broadcast(p.detach(), 0).wait();

@@ -41,6 +41,9 @@ struct UnitLayout {
   torch::ScalarType compute_dtype = torch::kFloat32;  // bf16/fp16 under autocast: half the bytes gathered
   std::function<bool(const std::string&)> low_precision;  // the parameters gathered in it (projection weights)
   std::optional<torch::Device> device;                // where the shards live (the parameters may be elsewhere)
+  // Ranks hold the same values to cut their slices from: broadcast rank 0's first. False when the ranks build their
+  // models in turns (no collective is possible then; they built from the same seed and files).
+  bool broadcast = true;
 };
 
 struct DataParallelOptions {

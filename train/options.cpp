@@ -69,6 +69,7 @@ void decode(config::Reader& r, ParallelOptions& o) {
   r.optional("timeout_s", o.timeout_s, config::at_least(1));
   r.choice<bool>("offload_optimizer", o.offload_optimizer, {{"none", false}, {"cpu", true}});
   r.optional("expert_parallel", o.expert_parallel, config::at_least(1));
+  r.choice("zero3_build", o.zero3_build, {"auto", "in_turns", "together"});
   r.finish();
 }
 

@@ -60,6 +60,9 @@ struct ParallelOptions {
   // Expert parallelism (model/expert_parallel.h): the world splits into world/E data-parallel groups of E ranks;
   // each of those E ranks holds n_routed_experts/E routed experts of every MoE block. 1: every rank holds all.
   int64_t expert_parallel = 1;
+  // zero3 builds (and loads) the whole model on the host before cutting each rank's slices. "auto": the ranks of a
+  // machine take turns when the host cannot hold a copy for each at once; "in_turns" always; "together" never.
+  std::string zero3_build = "auto";
 };
 
 // LoRA fine-tuning: the base (model.pretrained) is frozen, only the adapters train, checkpoints hold the adapter.

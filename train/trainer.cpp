@@ -114,6 +114,8 @@ struct Trainer::State {
   void build_model();
   void load_weights();  // before build_optimizer: the optimizer's flat buffers (zero3: slices) take the values
   void build_optimizer();
+  int build_turns() const;  // zero3: how many turns the ranks of a machine take to build their models (1: at once)
+  bool in_turns = false;
   void load_optimizer_state();
 
   std::string resume;  // the checkpoint this run resumes ("" for none)
@@ -255,6 +257,7 @@ void Trainer::State::build_optimizer() {
                                   : precision->mode() == PrecisionMode::Fp16 ? torch::kHalf
                                                                              : torch::kFloat32;
     options.units.device = device;
+    options.units.broadcast = !in_turns;
     auto projections = std::make_shared<std::set<std::string>>(model::projection_weight_names(*model));
     options.units.low_precision = [projections](const std::string& name) { return projections->count(name) > 0; };
   }
@@ -293,6 +296,18 @@ void Trainer::State::load_weights() {
   precision->set_state(state.loss_scale, state.loss_scale_good_steps);
 }
 
+// zero3 builds the whole fp32 model on the host before each rank keeps its slices: a machine whose memory cannot
+// hold one copy per rank at once lets its ranks build one after the other (each frees the rest of its copy before
+// the next starts), so startup needs one model's host memory rather than one per rank.
+int Trainer::State::build_turns() const {
+  const ParallelOptions& p = job.parallel;
+  if (p.strategy != Strategy::Zero3 || dist.local_world_size == 1 || p.zero3_build == "together") return 1;
+  if (p.zero3_build == "in_turns") return dist.local_world_size;
+  const double copy = 4.0 * static_cast<double>(model::count_parameters(job.model).total);
+  const double host = static_cast<double>(env::host_memory_budget().bytes);
+  return host > 0 && copy * dist.local_world_size * 1.2 > host ? dist.local_world_size : 1;
+}
+
 // The resumed run's moments and RNG state; then every rank takes rank 0's weights.
 void Trainer::State::load_optimizer_state() {
   const JobConfig& j = job;
@@ -318,9 +333,19 @@ Trainer::Trainer(JobConfig job, std::string resolved_config) : s_(std::make_uniq
   s_->resolved_config = std::move(resolved_config);
   s_->start_processes();
   s_->prepare_data();
-  s_->build_model();
-  s_->load_weights();
-  s_->build_optimizer();
+  const int turns = s_->build_turns();
+  s_->in_turns = turns > 1;
+  if (turns > 1)
+    spdlog::info("zero3: the {} ranks of this machine build the model one at a time (parallel.zero3_build: {})", turns,
+                 s_->job.parallel.zero3_build);
+  for (int turn = 0; turn < turns; ++turn) {
+    if (turns == 1 || s_->dist.local_rank == turn) {
+      s_->build_model();
+      s_->load_weights();
+      s_->build_optimizer();
+    }
+    if (turns > 1) s_->group->barrier();
+  }
   s_->load_optimizer_state();
   std::filesystem::create_directories(s_->job.run.output_dir);
 }
