@@ -307,10 +307,15 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   const int64_t L = config_.num_hidden_layers;
   // The units the head uses (model/param_units.h): its own, and the embedding's when the weights are tied.
   const std::vector<int64_t> head_units = lm_head ? std::vector<int64_t>{L + 1} : std::vector<int64_t>{L + 1, 0};
+  // MTP depth k reads the embeddings of tokens i+k: looked up with the main stack's, so that the embedding (with
+  // ZeRO-3) is gathered once per pass.
+  const int64_t depths = labels.defined() ? std::min<int64_t>(static_cast<int64_t>(mtp_list.size()), T - 1) : 0;
   torch::Tensor h;
+  std::vector<torch::Tensor> mtp_embeddings;
   {
     UnitUse use(unit_hooks_, {0});
     h = model->embed_tokens(input_ids);  // [B, T, hidden]
+    for (int64_t k = 1; k <= depths; ++k) mtp_embeddings.push_back(model->embed_tokens(input_ids.narrow(1, k, T - k)));
   }
   const auto zero = torch::zeros({}, h.options().dtype(torch::kFloat32));
   out.sums.aux = zero;
@@ -327,7 +332,6 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
   }
   if (cache) cache->length = start + T;
-  auto main_hidden = h;
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.aux_loss = out.mtp_loss = out.z_loss = zero;
   if (!labels.defined()) {
@@ -336,47 +340,49 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     return out;
   }
 
-  // Training and evaluation: the fused head + loss never forms the [B, T, V] logits unless asked to keep them.
-  torch::Tensor ce_sum, z_sum;
-  {
-    UnitUse use(unit_hooks_, head_units);
-    std::tie(ce_sum, z_sum) = head_loss(model->norm(use.input(h)), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
-    ce_sum = use.output(ce_sum);
-    z_sum = use.output(z_sum);
-    out.logits = use.output(out.logits);
-  }
-  out.sums.ce = ce_sum;
-  if (z_sum.defined()) out.sums.z = z_sum;
-
   // MTP depth k predicts the token k+1 positions ahead of position i from the depth-(k-1) hidden state at i and
-  // the embedding of token i+k; sequences shrink by one position per depth.
-  auto prev = main_hidden;
-  for (size_t k = 1; k <= mtp_list.size() && static_cast<int64_t>(k) < T; ++k) {
-    const int64_t len = T - static_cast<int64_t>(k);
-    auto& m = *mtp_list[k - 1];
-    torch::Tensor emb;
-    {
-      UnitUse use(unit_hooks_, {0});
-      emb = model->embed_tokens(input_ids.narrow(1, k, len));  // tokens i+k
-    }
-    UnitUse use(unit_hooks_, {L + 1 + static_cast<int64_t>(k)});
-    const auto ins = use.inputs({emb, prev.narrow(1, 0, len)});
+  // the embedding of token i+k; sequences shrink by one position per depth. Each module ends in its shared head's
+  // norm; the head itself runs below, with the main stack's.
+  std::vector<torch::Tensor> mtp_normed, mtp_targets_k;
+  auto prev = h;
+  for (int64_t k = 1; k <= depths; ++k) {
+    const int64_t len = T - k;
+    auto& m = *mtp_list[static_cast<size_t>(k - 1)];
+    UnitUse use(unit_hooks_, {L + 1 + k});
+    const auto ins = use.inputs({mtp_embeddings[static_cast<size_t>(k - 1)], prev.narrow(1, 0, len)});
     auto merged = m.eh_proj(torch::cat({m.enorm(ins[0]), m.hnorm(ins[1])}, -1));
     // Positions i of the shortened sequence keep their documents, positions and masks.
     auto [c2, s2] = position_ids.defined() ? rope_.gather(position_ids.narrow(1, 0, len))
                                            : rope_.slice(0, len, input_ids.device());
     auto seg = segment_ids.defined() ? segment_ids.narrow(1, 0, len) : torch::Tensor();
-    auto targets = mtp_targets(labels, segment_ids, static_cast<int64_t>(k));  // [B, len]
+    mtp_targets_k.push_back(mtp_targets(labels, segment_ids, k));  // [B, len]
     LayerOutput lo = m.DecoderLayerImpl::forward(
-        merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr}, targets.ne(-100));
+        merged, AttentionInput{c2, s2, seg.defined() ? document_mask(seg) : torch::Tensor(), 0, nullptr},
+        mtp_targets_k.back().ne(-100));
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
     if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
     out.sums.mtp_aux.push_back(lo.aux_sum);
     prev = use.output(lo.h);
-    auto normed = use.output(m.shared_head->norm(lo.h));
-    UnitUse head_use(unit_hooks_, head_units);
-    out.sums.mtp_ce.push_back(head_use.output(head_loss(head_use.input(normed), targets, false, false, nullptr).first));
+    mtp_normed.push_back(use.output(m.shared_head->norm(lo.h)));
   }
+
+  // Training and evaluation: the main head and every MTP depth's in one use of the head (ZeRO-3 gathers it once);
+  // the fused head + loss never forms the [B, T, V] logits unless asked to keep them.
+  torch::Tensor ce_sum, z_sum;
+  {
+    UnitUse use(unit_hooks_, head_units);
+    std::vector<torch::Tensor> head_inputs{h};
+    head_inputs.insert(head_inputs.end(), mtp_normed.begin(), mtp_normed.end());
+    const auto ins = use.inputs(head_inputs);
+    std::tie(ce_sum, z_sum) = head_loss(model->norm(ins[0]), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
+    ce_sum = use.output(ce_sum);
+    z_sum = use.output(z_sum);
+    out.logits = use.output(out.logits);
+    for (size_t k = 0; k < mtp_normed.size(); ++k)
+      out.sums.mtp_ce.push_back(use.output(head_loss(ins[k + 1], mtp_targets_k[k], false, false, nullptr).first));
+  }
+  out.sums.ce = ce_sum;
+  if (z_sum.defined()) out.sums.z = z_sum;
   out.counts = count_loss_targets(config_, labels, segment_ids);
   const Loss loss = compose_loss(out.sums, out.counts, config_);
   out.loss = loss.total;
