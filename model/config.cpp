@@ -695,7 +695,7 @@ ParamCounts count_parameters(const ModelConfig& c) {
   p.total = p.embedding + head + c.hidden_size;  // + final norm
   p.active = (c.tie_word_embeddings ? p.embedding : head) + c.hidden_size;
   const int64_t routed_per_block = c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size;
-  p.largest_unit = std::max(p.embedding, (c.tie_word_embeddings ? p.embedding : head) + c.hidden_size);
+  p.largest_unit = std::max(p.embedding, head);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerCount lc = layer_params(c, l);
     p.largest_unit = std::max(p.largest_unit, lc.total);

@@ -162,7 +162,7 @@ struct ParamCounts {
   int64_t mtp = 0;  // parameters of MTP modules (included in total only when use_mtp)
   int64_t routed = 0;  // routed-expert parameters within total (what expert parallelism shards)
   // The most parameters one ZeRO-3 unit (model/param_units.h) makes whole at once: the embedding, a decoder layer,
-  // the head (with tied embeddings it uses the embedding's) or an MTP module.
+  // the head (with tied embeddings the embedding's) or an MTP module.
   int64_t largest_unit = 0;
   int64_t largest_layer = 0;  // of those, the largest decoder layer or MTP module
 };

@@ -52,8 +52,7 @@ TrainingPlan plan_training(const ModelConfig& c, const TrainingPlanInput& in) {
     // compute dtype: a decoder layer's bytes; the head and embedding stay fp32), and up to two units' fp32
     // gradients in their reduce-scatters. Planned at the larger of a layer in the compute dtype and fp32 head.
     const double U = static_cast<double>(counts.largest_unit);
-    const double head = static_cast<double>(std::max(counts.embedding, (c.tie_word_embeddings ? counts.embedding
-                                                                                              : c.vocab_size * c.hidden_size) + c.hidden_size));
+    const double head = static_cast<double>(std::max(counts.embedding, c.vocab_size * c.hidden_size));
     plan.gathered_unit = std::max(static_cast<double>(counts.largest_layer) * static_cast<double>(in.activation_bytes), 4.0 * head);
     plan.weights = 4.0 * static_cast<double>(counts.total) / N + 2.0 * plan.gathered_unit;  // 1/N, experts included
     if (T + TE > 0) plan.grads += 8.0 * U;

@@ -7,7 +7,7 @@
 
 namespace dsopen::model {
 
-int64_t unit_count(const ModelConfig& c) { return c.num_hidden_layers + 2 + c.mtp_depth(); }
+int64_t unit_count(const ModelConfig& c) { return c.num_hidden_layers + 3 + c.mtp_depth(); }
 
 int64_t unit_of(const std::string& name, const ModelConfig& c) {
   const auto number_after = [&](const std::string& prefix) -> int64_t {
@@ -21,8 +21,9 @@ int64_t unit_of(const std::string& name, const ModelConfig& c) {
   };
   if (name.rfind("model.embed_tokens.", 0) == 0) return 0;
   if (const int64_t l = number_after("model.layers."); l >= 0 && l < c.num_hidden_layers) return 1 + l;
-  if (name.rfind("model.norm.", 0) == 0 || name.rfind("lm_head.", 0) == 0) return c.num_hidden_layers + 1;
-  if (const int64_t k = number_after("mtp."); k >= 0 && k < c.mtp_depth()) return c.num_hidden_layers + 2 + k;
+  if (name.rfind("model.norm.", 0) == 0) return c.num_hidden_layers + 1;
+  if (name.rfind("lm_head.", 0) == 0) return c.num_hidden_layers + 2;
+  if (const int64_t k = number_after("mtp."); k >= 0 && k < c.mtp_depth()) return c.num_hidden_layers + 3 + k;
   return -1;
 }
 

@@ -5,8 +5,11 @@
 // Units, in forward order (FSDP's "wrap each transformer block", with the rest split as torchtitan does):
 //   0          model.embed_tokens
 //   1 .. L     model.layers.{0 .. L-1}
-//   L + 1      model.norm and lm_head (with tied embeddings the head also uses unit 0)
-//   L + 1 + k  MTP module k (mtp.{k-1}.*: its norms, eh_proj, decoder layer and shared_head.norm)
+//   L + 1      model.norm
+//   L + 2      lm_head (empty with tied embeddings: the head then uses unit 0)
+//   L + 2 + k  MTP module k (mtp.{k-1}.*: its norms, eh_proj, decoder layer and shared_head.norm)
+// The head is a unit of its own because the fused head + loss (model/fused_ops.h) computes its gradients in the
+// forward pass: its backward needs no weights, so the head is not gathered again for it.
 //
 // Without hooks (inference, and every strategy but zero3) a UnitUse does nothing.
 #pragma once

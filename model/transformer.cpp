@@ -305,8 +305,8 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   // MoE statistics count the positions that carry a loss target (every position without labels).
   const torch::Tensor main_mask = labels.defined() ? labels.ne(-100) : torch::Tensor();
   const int64_t L = config_.num_hidden_layers;
-  // The units the head uses (model/param_units.h): its own, and the embedding's when the weights are tied.
-  const std::vector<int64_t> head_units = lm_head ? std::vector<int64_t>{L + 1} : std::vector<int64_t>{L + 1, 0};
+  // The unit holding the head's weight (model/param_units.h): its own, or the embedding's when they are tied.
+  const int64_t head_unit = lm_head ? L + 2 : 0;
   // MTP depth k reads the embeddings of tokens i+k: looked up with the main stack's, so that the embedding (with
   // ZeRO-3) is gathered once per pass.
   const int64_t depths = labels.defined() ? std::min<int64_t>(static_cast<int64_t>(mtp_list.size()), T - 1) : 0;
@@ -335,8 +335,13 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.aux_loss = out.mtp_loss = out.z_loss = zero;
   if (!labels.defined()) {
-    UnitUse use(unit_hooks_, head_units);
-    out.logits = use.output(head(model->norm(use.input(h))));  // [B, T, V]
+    torch::Tensor normed;
+    {
+      UnitUse use(unit_hooks_, {L + 1});
+      normed = use.output(model->norm(use.input(h)));
+    }
+    UnitUse use(unit_hooks_, {head_unit});
+    out.logits = use.output(head(use.input(normed)));  // [B, T, V]
     return out;
   }
 
@@ -348,7 +353,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   for (int64_t k = 1; k <= depths; ++k) {
     const int64_t len = T - k;
     auto& m = *mtp_list[static_cast<size_t>(k - 1)];
-    UnitUse use(unit_hooks_, {L + 1 + k});
+    UnitUse use(unit_hooks_, {L + 2 + k});
     const auto ins = use.inputs({mtp_embeddings[static_cast<size_t>(k - 1)], prev.narrow(1, 0, len)});
     auto merged = m.eh_proj(torch::cat({m.enorm(ins[0]), m.hnorm(ins[1])}, -1));
     // Positions i of the shortened sequence keep their documents, positions and masks.
@@ -368,18 +373,26 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
 
   // Training and evaluation: the main head and every MTP depth's in one use of the head (ZeRO-3 gathers it once);
   // the fused head + loss never forms the [B, T, V] logits unless asked to keep them.
-  torch::Tensor ce_sum, z_sum;
+  torch::Tensor normed, ce_sum, z_sum;
   {
-    UnitUse use(unit_hooks_, head_units);
-    std::vector<torch::Tensor> head_inputs{h};
+    UnitUse use(unit_hooks_, {L + 1});
+    normed = use.output(model->norm(use.input(h)));
+  }
+  {
+    UnitUse use(unit_hooks_, {head_unit});
+    std::vector<torch::Tensor> head_inputs{normed};
     head_inputs.insert(head_inputs.end(), mtp_normed.begin(), mtp_normed.end());
     const auto ins = use.inputs(head_inputs);
-    std::tie(ce_sum, z_sum) = head_loss(model->norm(ins[0]), labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
-    ce_sum = use.output(ce_sum);
-    z_sum = use.output(z_sum);
+    // The fused head + loss computes its gradients in this forward pass: its backward needs no weights, and the
+    // head is gathered for backward only when another path (kept logits) needs them.
+    const bool fused = !in.keep_logits && fused_head_weight().defined();
+    const auto gathered_for_backward = [&](const torch::Tensor& t) { return fused ? t : use.output(t); };
+    std::tie(ce_sum, z_sum) = head_loss(ins[0], labels, config_.z_loss_coef > 0, in.keep_logits, &out.logits);
+    ce_sum = gathered_for_backward(ce_sum);
+    z_sum = gathered_for_backward(z_sum);
     out.logits = use.output(out.logits);
     for (size_t k = 0; k < mtp_normed.size(); ++k)
-      out.sums.mtp_ce.push_back(use.output(head_loss(ins[k + 1], mtp_targets_k[k], false, false, nullptr).first));
+      out.sums.mtp_ce.push_back(gathered_for_backward(head_loss(ins[k + 1], mtp_targets_k[k], false, false, nullptr).first));
   }
   out.sums.ce = ce_sum;
   if (z_sum.defined()) out.sums.z = z_sum;

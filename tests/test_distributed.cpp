@@ -359,13 +359,13 @@ TEST_CASE("ZeRO-3 in one process trains exactly as no sharding, holding each uni
 TEST_CASE("parameter units follow the model's modules", "[distributed][zero3]") {
   auto c = *model::find_flavor("debug");
   const int64_t L = c.num_hidden_layers;
-  CHECK(model::unit_count(c) == L + 2 + c.mtp_depth());
+  CHECK(model::unit_count(c) == L + 3 + c.mtp_depth());
   CHECK(model::unit_of("model.embed_tokens.weight", c) == 0);
   CHECK(model::unit_of("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", c) == 1);
   CHECK(model::unit_of("model.layers." + std::to_string(L - 1) + ".mlp.experts.3.up_proj.weight", c) == L);
   CHECK(model::unit_of("model.norm.weight", c) == L + 1);
-  CHECK(model::unit_of("lm_head.weight", c) == L + 1);
-  CHECK(model::unit_of("mtp.0.eh_proj.weight", c) == L + 2);
+  CHECK(model::unit_of("lm_head.weight", c) == L + 2);
+  CHECK(model::unit_of("mtp.0.eh_proj.weight", c) == L + 3);
   CHECK(model::unit_of("model.layers." + std::to_string(L) + ".mlp.gate.weight", c) == -1);  // no such layer
   CHECK(model::unit_of("something.else", c) == -1);
   // Every parameter of the model belongs to a unit.

@@ -131,9 +131,9 @@ void ShardedUnits::release(int64_t u) {
 
 void ShardedUnits::before_forward(int64_t u) {
   gather(u, true);
-  // A decoder layer prefetches the next layer (the last one the head). The embedding and the head are used again
-  // out of order (MTP, tied weights), so they prefetch nothing.
-  if (u >= 1 && u <= layers_ && u + 1 < units()) gather(u + 1, false);
+  // A decoder layer prefetches the next layer (the last one the final norm, which prefetches the head). The
+  // embedding, the head and the MTP modules prefetch nothing: what follows them depends on the model.
+  if (u >= 1 && u <= layers_ + 1 && u + 1 < units()) gather(u + 1, false);
 }
 
 void ShardedUnits::after_forward(int64_t u, bool backward_hooked) {
@@ -146,8 +146,8 @@ void ShardedUnits::after_forward(int64_t u, bool backward_hooked) {
 
 void ShardedUnits::before_backward(int64_t u) {
   gather(u, true);
-  // Backward walks the layers in reverse: the head and each layer but the first prefetch the layer before, once
-  // every later unit is done (the head's gradient arrives at the start of backward, before the MTP modules run).
+  // Backward walks the layers in reverse: the final norm and each layer but the first prefetch the layer before,
+  // once every later unit (the head, the MTP modules) is done with its backward.
   if (u < 2 || u > layers_ + 1) return;
   for (int64_t later = u + 1; later < units(); ++later)
     if (units_[later]->backward_uses > 0) return;

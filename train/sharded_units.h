@@ -36,8 +36,8 @@ namespace dsopen::train {
 class ShardedUnits final : public model::UnitHooks {
 public:
   // `layouts`: the trainable parameters' and (LoRA) the frozen base's, laid out with shard_params and per-unit
-  // buckets (FlatBucket::unit in [0, units)); units 1 .. `layers` are the decoder layers, `layers` + 1 the head
-  // (model/param_units.h). The parameters become views of the units' gather buffers, freed until first use:
+  // buckets (FlatBucket::unit in [0, units)); units 1 .. `layers` are the decoder layers, `layers` + 1 the final
+  // norm, `layers` + 2 the head (model/param_units.h). The parameters become views of the units' gather buffers, freed until first use:
   // buckets marked low_precision in `compute_dtype`, the others in the dtype their slices are kept in.
   ShardedUnits(const std::vector<FlatParams*>& layouts, ProcessGroup& group, int64_t units, int64_t layers,
                torch::ScalarType compute_dtype);
