@@ -60,9 +60,11 @@ WeightFiles::WeightFiles(const std::string& dir) {
   try {
     j = json::parse(env::read_file(path_), path_);
   } catch (const nlohmann::json::exception& e) {
-    throw runtime_error(path_, std::string("not valid JSON: ") + json::reason(e));
+    throw runtime_error(path_, std::string("not valid JSON: ") + json::reason(e),
+                        "restore the index of the shards (it maps every tensor to its file)");
   }
-  if (!j.contains("weight_map") || !j["weight_map"].is_object()) throw runtime_error(path_, "no weight_map object");
+  if (!j.contains("weight_map") || !j["weight_map"].is_object())
+    throw runtime_error(path_, "no weight_map object", "restore the index of the shards (it maps every tensor to its file)");
   if (j["weight_map"].empty()) throw runtime_error(path_, "weight_map names no tensor", "restore the index of the shards");
   std::map<std::string, size_t> file_index;
   for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {

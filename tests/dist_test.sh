@@ -95,6 +95,10 @@ if [ $rc1 != 0 ] || [ $rc2 != 0 ]; then echo "FAIL two nodes: exit $rc1 $rc2"; t
 CK="$W/zero2_4/checkpoints/step_00000010"
 train resume_2 2 zero2 4 --set checkpoint.resume="$CK" --set checkpoint.dir="$W/resume_2/ck"
 train resume_1 1 none 8 --set checkpoint.resume="$CK" --set checkpoint.dir="$W/resume_1/ck"
+# A resume on another number of ranks says what becomes of the global batch.
+if grep -q "was trained on 4 ranks, this run has 2: a step now takes 2 x 4 x 2 = 16 sequences" "$W/resume_2.log"; then
+  echo "ok   a resume on fewer ranks names the new global batch"
+else echo "FAIL resume_2: no warning about the global batch"; fail=1; fi
 
 python3 - "$W" <<'PY' || fail=1
 import json, re, sys

@@ -284,6 +284,11 @@ void Trainer::State::load_weights() {
   }
   if (resume.empty()) return;
   state = load_checkpoint_weights(resume, model, group.get());
+  if (state.world_size != group->size())
+    spdlog::warn("{} was trained on {} rank{}, this run has {}: a step now takes {} x {} x {} = {} sequences (the global "
+                 "batch follows the ranks; scale train.grad_accum_steps to keep it)",
+                 resume, state.world_size, state.world_size == 1 ? "" : "s", group->size(), j.train.micro_batch_size,
+                 j.train.grad_accum_steps, group->size(), j.train.micro_batch_size * j.train.grad_accum_steps * group->size());
   // auto resumes in the precision the run trained in, whatever this start measured.
   if (j.train.precision == PrecisionMode::Auto && !state.precision.empty() && state.precision != to_string(precision->mode())) {
     for (const auto& [name, mode] : precision_names())
