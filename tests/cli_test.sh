@@ -77,6 +77,21 @@ case "$LAST" in *"error: model: the job needs "*" per rank but "*" is available"
 check "train plan that cannot fit" 0 "$BIN/dsopen-train" --config "$W/run.yaml" --plan --set model.num_hidden_layers=200 \
   --set model.hidden_size=8192 --set model.intermediate_size=22016 --set model.moe_intermediate_size=2048
 case "$LAST" in *"does not fit"*) echo "ok   plan says it does not fit" ;; *) echo "FAIL plan: $LAST"; fail=1 ;; esac
+# The trainer's plan and dsopen-model-info's agree: 7B under zero3 on 4 ranks (RANK/WORLD_SIZE as a launcher sets).
+CFG7B="$(cd "$(dirname "$0")/.." && pwd)/configs/7b.yaml"
+check "train plan 7b zero3" 0 env WORLD_SIZE=4 RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29999 \
+  "$BIN/dsopen-train" --config "$CFG7B" --plan --set parallel.strategy=zero3 --set train.precision=bf16
+PLAN_TRAIN="$LAST"
+check "model-info plan 7b zero3" 0 "$BIN/dsopen-model-info" --config "$CFG7B" --world-size 4 --strategy zero3 \
+  --precision bf16 --micro-batch 1 --seq-len 4096 --activation-checkpointing --json
+python3 - "$PLAN_TRAIN" "$LAST" <<'PY' || fail=1
+import json, re, sys
+train = float(re.search(r"\| total ([0-9.]+) GiB", sys.argv[1]).group(1))
+info = json.loads(sys.argv[2])["plan"]["total"] / 2**30
+good = abs(train - info) <= 0.05 + 0.005 * info
+print(f"{'ok  ' if good else 'FAIL'} 7B zero3 on 4 ranks: dsopen-train --plan {train} GiB, dsopen-model-info {info:.2f} GiB")
+sys.exit(0 if good else 1)
+PY
 # SIGTERM during setup (here: training a tokenizer on the whole corpus) exits at once with 143, saving nothing.
 "$BIN/dsopen-train" --config "$W/run.yaml" --set "tokenizer.path=$W/slow/tok.model" --set tokenizer.train.vocab_size=16000 \
   --set 'tokenizer.train.inputs=[/usr/share/games/fortunes]' --set "run.output_dir=$W/slow" > "$W/slow.log" 2>&1 &
