@@ -118,33 +118,22 @@ torch::Tensor SafetensorsFile::tensor(const std::string& name) const {
 
 void save_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
                       const std::map<std::string, std::string>& metadata) {
-  nlohmann::json header = nlohmann::json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<torch::Tensor> data;
-  size_t offset = 0;
-  for (const auto& [name, t] : tensors) {
-    auto c = t.detach().to(torch::kCPU).contiguous();
-    const size_t n = c.numel() * c.element_size();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + n}}};
-    offset += n;
-    data.push_back(c);
-  }
-  std::string h = header.dump();
-  h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned, as the reference writer does
-  const uint64_t len = h.size();
-  std::vector<env::Bytes> pieces{{&len, 8}, {h.data(), h.size()}};
-  for (const auto& t : data) pieces.push_back({t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size())});
-  // Silent for small files; a line with bytes and rate once a write takes more than two seconds.
-  Progress progress("writing " + path, static_cast<int64_t>(8 + h.size() + offset), "B", 30.0, /*quiet_below_s=*/2.0);
-  env::write_file_atomic(path, pieces, [&](size_t written) { progress.update(static_cast<int64_t>(written)); });
-  progress.finish();
+  std::vector<SafetensorsWriter::Entry> entries;
+  for (const auto& [name, t] : tensors) entries.push_back({name, t.scalar_type(), t.sizes().vec()});
+  SafetensorsWriter writer(path, std::move(entries), metadata);
+  for (const auto& [name, t] : tensors) writer.write(name, t);
+  writer.commit();
 }
 
 struct SafetensorsWriter::Impl {
   env::AtomicFile file;
   std::vector<Entry> entries;
   size_t next = 0;
+  std::optional<Progress> progress;  // silent for small files; a line with bytes and rate past two seconds
   explicit Impl(const std::string& path) : file(path) {}
+  void write(const env::Bytes& piece) {
+    file.write(piece, [&](size_t written) { progress->update(static_cast<int64_t>(written)); });
+  }
 };
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
@@ -164,8 +153,9 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry>
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // data starts 8-byte aligned, as the reference writer does
   const uint64_t len = h.size();
-  impl_->file.write({&len, 8});
-  impl_->file.write({h.data(), h.size()});
+  impl_->progress.emplace("writing " + path, static_cast<int64_t>(8 + h.size() + offset), "B", 30.0, /*quiet_below_s=*/2.0);
+  impl_->write({&len, 8});
+  impl_->write({h.data(), h.size()});
   impl_->entries = std::move(entries);
 }
 
@@ -178,13 +168,14 @@ void SafetensorsWriter::write(const std::string& name, const torch::Tensor& t) {
   if (t.scalar_type() != e.dtype || t.sizes().vec() != e.shape)
     throw std::logic_error("SafetensorsWriter: " + name + " has another dtype or shape than declared");
   const auto c = t.detach().to(torch::kCPU).contiguous();
-  impl_->file.write({c.data_ptr(), static_cast<size_t>(c.numel() * c.element_size())});
+  impl_->write({c.data_ptr(), static_cast<size_t>(c.numel() * c.element_size())});
 }
 
 void SafetensorsWriter::commit() {
   if (impl_->next != impl_->entries.size())
     throw std::logic_error("SafetensorsWriter: " + std::to_string(impl_->entries.size() - impl_->next) + " entries not written");
   impl_->file.commit();
+  impl_->progress->finish();
 }
 
 }  // namespace dsopen::model
