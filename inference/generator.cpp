@@ -14,38 +14,6 @@ namespace dsopen::inference {
 
 namespace {
 
-// The visible text of a sequence's new tokens, cut at a stop string; `stopped` tells whether one was found.
-// Unless `final`, what may still change is held back: a trailing replacement character (a multi-byte character
-// still arriving) and an end that begins a stop string.
-std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
-                         const std::vector<std::string>& stops, bool final, bool& stopped) {
-  std::string text = stream.text(tokens);
-  stopped = false;
-  size_t cut = std::string::npos;
-  for (const auto& s : stops) {
-    const auto at = s.empty() ? std::string::npos : text.find(s);
-    if (at != std::string::npos) cut = std::min(cut, at), stopped = true;
-  }
-  if (stopped) text.resize(cut);
-  if (final || stopped) return text;
-  const std::string replacement = "\xEF\xBF\xBD";
-  while (text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0) text.resize(text.size() - 3);
-  // Hold back an end of the text that may be the start of a stop string: once shown it could not be taken back.
-  size_t hold = 0;
-  for (const auto& s : stops)
-    for (size_t n = std::min(s.size() - (s.empty() ? 0 : 1), text.size()); n > hold; --n)
-      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
-        hold = n;
-        break;
-      }
-  text.resize(text.size() - hold);
-  return text;
-}
-
-}  // namespace
-
-namespace {
-
 // The longest prompt; usage errors for no prompt, an empty one, or one that leaves no room in the context.
 int64_t check_prompts(const std::vector<std::vector<int32_t>>& prompts, int64_t context) {
   if (prompts.empty()) throw usage_error("--prompt", "no prompts");

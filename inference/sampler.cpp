@@ -13,10 +13,13 @@ Sampler::Sampler(const SamplingOptions& o) : opts_(o), rng_(o.seed) {
   if (o.top_k < 0) throw usage_error("--top-k", "must be >= 0");
   if (!(o.top_p > 0 && o.top_p <= 1)) throw usage_error("--top-p", "must be in (0, 1]");
   if (!(o.repetition_penalty > 0)) throw usage_error("--repetition-penalty", "must be > 0");
+  if (!(std::abs(o.frequency_penalty) <= 2)) throw usage_error("frequency_penalty", "must be in [-2, 2]");
+  if (!(std::abs(o.presence_penalty) <= 2)) throw usage_error("presence_penalty", "must be in [-2, 2]");
 }
 
 std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor& logits,
-                                                            const std::vector<int32_t>& context) const {
+                                                            const std::vector<int32_t>& context,
+                                                            size_t generated_from) const {
   auto l = logits.to(torch::kCPU, torch::kFloat64).contiguous();
   std::vector<double> v(l.data_ptr<double>(), l.data_ptr<double>() + l.numel());
   // CTRL's rule, once per distinct token of the context however often it occurs (as transformers applies it).
@@ -27,6 +30,13 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
         penalized[t] = 1;
         v[t] = v[t] > 0 ? v[t] / opts_.repetition_penalty : v[t] * opts_.repetition_penalty;
       }
+  }
+  if (opts_.frequency_penalty != 0.0 || opts_.presence_penalty != 0.0) {
+    std::vector<int32_t> count(v.size(), 0);
+    for (size_t i = std::min(generated_from, context.size()); i < context.size(); ++i)
+      if (context[i] >= 0 && context[i] < static_cast<int32_t>(v.size())) ++count[context[i]];
+    for (size_t t = 0; t < v.size(); ++t)
+      if (count[t] > 0) v[t] -= opts_.frequency_penalty * count[t] + opts_.presence_penalty;
   }
   std::vector<int64_t> order(v.size());
   std::iota(order.begin(), order.end(), 0);
@@ -56,8 +66,8 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
   return out;
 }
 
-int64_t Sampler::sample(const torch::Tensor& logits, const std::vector<int32_t>& context) {
-  const auto c = candidates(logits, context);
+int64_t Sampler::sample(const torch::Tensor& logits, const std::vector<int32_t>& context, size_t generated_from) {
+  const auto c = candidates(logits, context, generated_from);
   if (c.size() == 1) return c.front().first;
   double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
   for (const auto& [id, p] : c) {

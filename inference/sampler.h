@@ -16,15 +16,20 @@ struct SamplingOptions {
   double top_p = 1.0;               // 1: off
   double repetition_penalty = 1.0;  // 1: off; >1 discourages tokens already in the context (CTRL rule)
   uint64_t seed = 0;
+  // OpenAI's penalties over the *generated* tokens (context from `generated_from` on), subtracted from the logits:
+  // frequency_penalty × times the token occurred + presence_penalty × (it occurred at all). 0: off; [-2, 2].
+  double frequency_penalty = 0.0, presence_penalty = 0.0;
 };
 
 class Sampler {
 public:
   explicit Sampler(const SamplingOptions& options);
-  // logits: [V] for one position; `context` are the tokens so far (prompt + generated).
-  int64_t sample(const torch::Tensor& logits, const std::vector<int32_t>& context);
-  // The tokens sampling may pick from after penalty, top-k and top-p (for tests), with their probabilities.
-  std::vector<std::pair<int64_t, double>> candidates(const torch::Tensor& logits, const std::vector<int32_t>& context) const;
+  // logits: [V] for one position; `context` are the tokens so far (prompt + generated), the generated ones from
+  // index `generated_from` (what the frequency and presence penalties count).
+  int64_t sample(const torch::Tensor& logits, const std::vector<int32_t>& context, size_t generated_from = 0);
+  // The tokens sampling may pick from after penalties, top-k and top-p (for tests), with their probabilities.
+  std::vector<std::pair<int64_t, double>> candidates(const torch::Tensor& logits, const std::vector<int32_t>& context,
+                                                     size_t generated_from = 0) const;
 
 private:
   SamplingOptions opts_;

@@ -36,4 +36,29 @@ std::string TextStream::text(const std::vector<int32_t>& generated) const {
   return all.substr(common);
 }
 
+std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
+                         const std::vector<std::string>& stops, bool final, bool& stopped) {
+  std::string text = stream.text(tokens);
+  stopped = false;
+  size_t cut = std::string::npos;
+  for (const auto& s : stops) {
+    const auto at = s.empty() ? std::string::npos : text.find(s);
+    if (at != std::string::npos) cut = std::min(cut, at), stopped = true;
+  }
+  if (stopped) text.resize(cut);
+  if (final || stopped) return text;
+  const std::string replacement = "\xEF\xBF\xBD";
+  while (text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0) text.resize(text.size() - 3);
+  // Hold back an end of the text that may be the start of a stop string: once shown it could not be taken back.
+  size_t hold = 0;
+  for (const auto& s : stops)
+    for (size_t n = std::min(s.size() - (s.empty() ? 0 : 1), text.size()); n > hold; --n)
+      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
+        hold = n;
+        break;
+      }
+  text.resize(text.size() - hold);
+  return text;
+}
+
 }  // namespace dsopen::inference

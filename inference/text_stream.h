@@ -27,4 +27,10 @@ private:
   std::string tail_text_;
 };
 
+// The text a sequence's new `tokens` show, cut before the first stop string; `stopped` says whether one was
+// found. Unless `final`, what may still change is held back: a trailing replacement character (a multi-byte
+// character still arriving) and an end that could begin a stop string. Streams hand out the growth of this text.
+std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
+                         const std::vector<std::string>& stops, bool final, bool& stopped);
+
 }  // namespace dsopen::inference

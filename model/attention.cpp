@@ -21,6 +21,22 @@ torch::Tensor append(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t 
   buffer.narrow(dim, start, len).copy_(chunk);
   return buffer.narrow(dim, 0, start + len);
 }
+
+// Writes `chunk` (one position per row along `dim`, rows along dim 0) into each row's own index of `buffer`, and
+// returns the first `keys` positions of every row. The cache of one layer is written and read in place.
+torch::Tensor append_rows(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t dim, const AttentionInput& in) {
+  using torch::indexing::Slice;
+  TORCH_CHECK(chunk.size(dim) == 1, "per-row cache append takes one position per row, got ", chunk.size(dim));
+  TORCH_CHECK(in.keys <= buffer.size(dim), "KV cache full: ", in.keys, " positions > capacity ", buffer.size(dim));
+  const auto rows = torch::arange(buffer.size(0), in.rows_at.options());
+  if (dim == 1) buffer.index_put_({rows, in.rows_at}, chunk.squeeze(1));               // [B, cap, d]
+  else buffer.index_put_({rows, Slice(), in.rows_at}, chunk.squeeze(dim));              // [B, heads, cap, d]
+  return buffer.narrow(dim, 0, in.keys);
+}
+
+torch::Tensor append(torch::Tensor& buffer, const torch::Tensor& chunk, int64_t dim, const AttentionInput& in) {
+  return in.rows_at.defined() ? append_rows(buffer, chunk, dim, in) : append(buffer, chunk, dim, in.start);
+}
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -57,8 +73,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const AttentionInpu
   k = apply_rope(k, in.cos, in.sin, rope_layout_, rope_dim_).transpose(1, 2);  // [B, KV, T, d]
   auto v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // [B, KV, T, d]
   if (in.cache) {
-    k = append(in.cache->a, k.to(in.cache->a.scalar_type()), 2, in.start).to(q.scalar_type());
-    v = append(in.cache->b, v.to(in.cache->b.scalar_type()), 2, in.start).to(q.scalar_type());
+    k = append(in.cache->a, k.to(in.cache->a.scalar_type()), 2, in).to(q.scalar_type());
+    v = append(in.cache->b, v.to(in.cache->b.scalar_type()), 2, in).to(q.scalar_type());
   }
   if (n_kv_heads_ != n_heads_) {  // GQA: each KV head serves n_heads / n_kv_heads query heads
     k = k.repeat_interleave(n_heads_ / n_kv_heads_, 1);
@@ -154,8 +170,8 @@ torch::Tensor MLAImpl::forward(const torch::Tensor& x, const AttentionInput& in)
   auto latent = kv_a_layernorm(kv[0]);                                                 // [B, T, kv_lora]
   auto k_pe = rope(kv[1].unsqueeze(2), in).squeeze(2);  // [B, T, rope]
   if (in.cache) {
-    auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in.start);
-    auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in.start);
+    auto all_latent = append(in.cache->a, latent.to(in.cache->a.scalar_type()), 1, in);
+    auto all_pe = append(in.cache->b, k_pe.to(in.cache->b.scalar_type()), 1, in);
     auto out = attend_absorbed(q_nope, q_pe, all_latent, all_pe, in.start, in.mask);
     return o_proj(out.to(x.scalar_type()));
   }

@@ -30,6 +30,10 @@ struct AttentionInput {
   torch::Tensor mask;
   int64_t start = 0;
   LayerKVCache* cache = nullptr;  // null: no cache (training / full forward)
+  // Defined (int64 [B]): one token per row, written into cache row b at index rows_at[b] (rows of different
+  // lengths, continuous batching); the keys then cover [0, keys) and `mask` says which of them each row sees.
+  torch::Tensor rows_at;
+  int64_t keys = 0;
 };
 
 // Additive causal mask [T, start + T] for a chunk that starts at `start` (0 where key <= query position).

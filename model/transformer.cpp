@@ -285,9 +285,23 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   TORCH_CHECK(last_logits == 0 || !labels.defined(), "forward: last_logits is for inference (no labels)");
   const int64_t start = cache ? cache->length : 0;
-  auto [cos, sin] = position_ids.defined() ? rope_.gather(position_ids) : rope_.slice(start, T, input_ids.device());
+  const bool per_row = !in.row_lengths.empty();
+  TORCH_CHECK(!per_row || (cache && T == 1 && static_cast<int64_t>(in.row_lengths.size()) == B),
+              "forward: row_lengths need a cache and one token for each of the ", B, " rows");
+  torch::Tensor rows_at;  // per_row: each row's write index = its position
+  int64_t keys = 0;
+  if (per_row) {
+    rows_at = torch::tensor(in.row_lengths, torch::kLong).to(input_ids.device());
+    keys = *std::max_element(in.row_lengths.begin(), in.row_lengths.end()) + 1;
+  }
+  auto [cos, sin] = per_row                 ? rope_.gather(rows_at.view({B, 1}))
+                    : position_ids.defined() ? rope_.gather(position_ids)
+                                             : rope_.slice(start, T, input_ids.device());
   torch::Tensor mask;
-  if (cache && segment_ids.defined()) {
+  if (per_row) {
+    auto k_pos = torch::arange(keys, input_ids.options()).view({1, keys});
+    mask = (k_pos <= rows_at.view({B, 1})).view({B, 1, 1, keys});  // [B, 1, T = 1, S]
+  } else if (cache && segment_ids.defined()) {
     // Padded batch decoding: remember which cached keys are real, attend causally to those (and to yourself, so
     // a padding query never has an empty row).
     if (!cache->key_valid.defined())
@@ -320,7 +334,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   const auto zero = torch::zeros({}, h.options().dtype(torch::kFloat32));
   out.sums.aux = zero;
   for (size_t l = 0; l < model->layer_list.size(); ++l) {
-    AttentionInput attention{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr};
+    AttentionInput attention{cos, sin, mask, start, cache ? &cache->layers[l] : nullptr, rows_at, keys};
     UnitUse use(unit_hooks_, {static_cast<int64_t>(l) + 1});
     LayerOutput lo = run_layer(*model->layer_list[l], use.input(h), attention, main_mask);
     // Only the hidden state: the balance loss's gradient reaches aux_sum as soon as backward starts, but every
@@ -331,7 +345,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
     if (lo.load.defined()) out.expert_load.push_back(lo.load);
     if (lo.dropped.defined()) out.moe_dropped = out.moe_dropped.defined() ? out.moe_dropped + lo.dropped : lo.dropped;
   }
-  if (cache) cache->length = start + T;
+  if (cache && !per_row) cache->length = start + T;
   if (last_logits > 0 && last_logits < T) h = h.narrow(1, T - last_logits, last_logits);
   out.aux_loss = out.mtp_loss = out.z_loss = zero;
   if (!labels.defined()) {

@@ -96,6 +96,10 @@ struct ForwardInput {
   int64_t last_logits = 0;
   // With labels: also return the logits [B, T, V] (the fused head + loss, model/fused_ops.h, never forms them).
   bool keep_logits = false;
+  // Continuous batching (serve/engine.h): rows decode one token each (T == 1) against cache rows of their own
+  // lengths. Row b's token sits at position row_lengths[b], is written into cache row b at that index and attends
+  // keys [0, row_lengths[b]]; cache->length is left alone (the caller keeps the lengths).
+  std::vector<int64_t> row_lengths{};
 };
 
 struct ForwardOutput {

@@ -25,7 +25,7 @@ trap 'rc=$?; [ $rc -ne 0 ] && [ -n "$STEP" ] && echo "setup.sh: step \"$STEP\" f
 APT_PACKAGES=(build-essential cmake pkg-config ccache git
   libsentencepiece-dev sentencepiece libyaml-cpp-dev libspdlog-dev libcxxopts-dev catch2 nlohmann-json3-dev
   libpcre2-dev libgloo-dev zlib1g-dev clang libclang-rt-dev fortunes fortunes-zh gnuplot-nox
-  libgoogle-perftools-dev)
+  libgoogle-perftools-dev libcpp-httplib-dev chromium chromium-driver)
 
 step "system packages (apt)"
 if [ "${DSOPEN_SKIP_APT:-0}" = "1" ]; then
