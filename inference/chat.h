@@ -1,19 +1,21 @@
-// Multi-turn chat on the SFT chat template (data/sft.h ChatTemplate): every turn renders the conversation so far
-// the way training tokenized it (BOS, then prefix + content + suffix per message, each piece encoded on its own),
-// appends the assistant prefix, and generates until the assistant suffix's marker (<|end|>) or EOS. The reply
-// joins the conversation as an assistant message.
+// Multi-turn chat in the model's chat format (data/chat_format.h: its Jinja chat template, or the SFT template it
+// trained with): every turn renders the conversation so far with the assistant's turn opened and generates until
+// EOS or the format's stop marker (the SFT template's <|end|>). The reply joins the conversation as an assistant
+// message.
 #pragma once
 
 #include <iosfwd>
 #include <string>
 #include <vector>
 
+#include "data/chat_format.h"
 #include "data/sft.h"
 #include "inference/generator.h"
 
 namespace dsopen::inference {
 
-// The prompt of the next reply: `conv` (ending with a user message) followed by the assistant prefix.
+// The SFT template's prompt of the next reply: `conv` (ending with a user message) followed by the assistant
+// prefix, each piece encoded on its own as SFT data is (data::ChatFormat(tmpl).prompt_ids).
 std::vector<int32_t> chat_prompt(const data::Conversation& conv, const data::Tokenizer& tok,
                                  const data::ChatTemplate& tmpl);
 
@@ -21,7 +23,7 @@ std::vector<int32_t> chat_prompt(const data::Conversation& conv, const data::Tok
 std::string chat_stop(const data::ChatTemplate& tmpl);
 
 struct ChatOptions {
-  data::ChatTemplate tmpl;
+  data::ChatFormat format{data::ChatTemplate{}};
   std::string system;        // optional system message, kept when old turns are dropped
   GenerateOptions generate;  // max_new_tokens; chat_stop(tmpl) is added to its stop strings
   bool show_prompt = false;  // print "> " before reading each turn (interactive terminals)

@@ -1,9 +1,12 @@
 #include "inference/generation_setup.h"
 
+#include <filesystem>
+
 #include <algorithm>
 #include <sstream>
 
 #include "inference/chat.h"
+#include "model/model_dir.h"
 #include "utils/errors.h"
 
 namespace dsopen::inference {
@@ -43,13 +46,14 @@ void check_tokenizer_fits(const data::Tokenizer& tok, const model::ModelConfig& 
 }
 
 std::vector<int32_t> prompt_ids(const std::string& prompt, const data::Tokenizer& tok, const PromptOptions& o) {
-  if (o.chat) {  // rendered and tokenized piece by piece, as SFT data is
+  if (o.chat) {
     data::Conversation conv;
     if (!o.system.empty()) conv.messages.push_back({"system", o.system});
     conv.messages.push_back({"user", prompt});
-    data::ChatTemplate tmpl = o.tmpl;
+    if (o.format.is_jinja()) return o.format.prompt_ids(conv, tok);
+    data::ChatTemplate tmpl = o.format.sft_template();  // rendered and tokenized piece by piece, as SFT data is
     tmpl.add_bos = o.bos && tok.bos_id() >= 0;
-    return chat_prompt(conv, tok, tmpl);
+    return data::ChatFormat(tmpl).prompt_ids(conv, tok);
   }
   std::vector<int32_t> ids;
   if (o.bos && tok.bos_id() >= 0) ids.push_back(tok.bos_id());
@@ -91,6 +95,17 @@ std::vector<int32_t> resolve_eos_ids(const std::optional<model::GenerationConfig
                                                                     " is outside the vocabulary (vocab_size " +
                                                                     std::to_string(c.vocab_size) + ")");
   return std::vector<int32_t>(eos.begin(), eos.end());
+}
+
+data::ChatFormat chat_format_for(const std::string& model_dir, const std::string& adapter_dir,
+                                 const std::string& tokenizer_path, const data::Tokenizer& tok, bool bos) {
+  std::error_code ec;
+  const bool adapter_run = !adapter_dir.empty() && std::filesystem::exists(std::filesystem::path(adapter_dir) / "dsopen.yaml", ec);
+  data::ChatFormat format = data::ChatFormat::for_model(adapter_run ? adapter_dir : model::resolve_latest(model_dir), tokenizer_path);
+  if (format.is_jinja()) return format;
+  data::ChatTemplate t = format.sft_template();
+  t.add_bos = bos && tok.bos_id() >= 0;
+  return data::ChatFormat(t);
 }
 
 }  // namespace dsopen::inference

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "data/chat_format.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
 #include "inference/sampler.h"
@@ -24,11 +25,19 @@ void check_tokenizer_fits(const data::Tokenizer& tok, const model::ModelConfig& 
 
 struct PromptOptions {
   bool bos = true;           // prepend the tokenizer's BOS (when it has one)
-  bool chat = false;         // render as one user turn of the chat template, then the assistant prefix
+  bool chat = false;         // render as one user turn of the chat format, the assistant's turn opened
   std::string system;        // chat: an optional system message
-  data::ChatTemplate tmpl;   // chat: the SFT default unless set
+  // chat: the model's format (data::ChatFormat::for_model); the SFT default unless set. `bos` applies to an SFT
+  // template (a Jinja template writes its own BOS).
+  data::ChatFormat format{data::ChatTemplate{}};
 };
 std::vector<int32_t> prompt_ids(const std::string& prompt, const data::Tokenizer& tok, const PromptOptions& o);
+
+// The chat format to generate with: an adapter's run's SFT template (the conversations it was fine-tuned on) when
+// `adapter_dir` holds a dsopen run's dsopen.yaml, else the model's (data::ChatFormat::for_model over `model_dir`
+// and `tokenizer_path`). An SFT template starts with BOS when `bos` and the tokenizer has one.
+data::ChatFormat chat_format_for(const std::string& model_dir, const std::string& adapter_dir,
+                                 const std::string& tokenizer_path, const data::Tokenizer& tok, bool bos);
 
 // Values the user gave explicitly (unset: the model directory's default, else dsopen's).
 struct SamplingRequest {

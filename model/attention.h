@@ -32,7 +32,7 @@ struct AttentionInput {
   LayerKVCache* cache = nullptr;  // null: no cache (training / full forward)
   // Defined (int64 [B]): one token per row, written into cache row b at index rows_at[b] (rows of different
   // lengths, continuous batching); the keys then cover [0, keys) and `mask` says which of them each row sees.
-  torch::Tensor rows_at;
+  torch::Tensor rows_at{};
   int64_t keys = 0;
 };
 

@@ -4,7 +4,7 @@
 #include <random>
 
 #include "data/text.h"
-#include "inference/chat.h"
+#include "utils/errors.h"
 #include "utils/config.h"
 #include "utils/json.h"
 
@@ -308,9 +308,13 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
     if (conv.messages.back().role == "assistant")
       throw ApiError(400, "the last message must not be the assistant's (continuing a reply is not supported)",
                      "messages", "invalid_value");
-    r.prompts.push_back(inference::chat_prompt(conv, *m.tok, m.chat_template));
+    try {
+      r.prompts.push_back(m.chat_format.prompt_ids(conv, *m.tok));
+    } catch (const Error& e) {  // the template's raise_exception: a conversation it does not take
+      throw ApiError(400, e.what(), "messages", "invalid_value");
+    }
     r.prompt_texts.push_back("");
-    if (const auto marker = inference::chat_stop(m.chat_template); !marker.empty()) r.params.stop.push_back(marker);
+    for (const auto& marker : m.chat_format.stop_strings()) r.params.stop.push_back(marker);
   } else {
     read_prompts(f, m, r);
   }

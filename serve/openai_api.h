@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "data/sft.h"
+#include "data/chat_format.h"
 #include "data/tokenizer.h"
 #include "model/generation_config.h"
 #include "serve/engine.h"
@@ -30,7 +30,7 @@ nlohmann::ordered_json error_body(const ApiError& e);
 struct ServedModel {
   std::string name;                  // the `model` requests name and /v1/models lists
   const data::Tokenizer* tok = nullptr;
-  data::ChatTemplate chat_template;  // how chat messages become a prompt (data/sft.h)
+  data::ChatFormat chat_format{data::ChatTemplate{}};  // how chat messages become a prompt (data/chat_format.h)
   std::optional<model::GenerationConfig> generation;  // defaults for unset sampling fields
   std::vector<int32_t> eos_ids;
   int64_t capacity = 0;              // prompt + generated tokens per sequence

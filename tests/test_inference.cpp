@@ -188,7 +188,7 @@ TEST_CASE("chat renders turns as SFT data does and keeps the conversation across
   upto.messages.pop_back();
   auto o2 = o.generate;
   o2.stop.push_back("<|end|>");
-  CHECK(end.messages[3].content == inference::generate(m, tok(), inference::chat_prompt(upto, tok(), o.tmpl), greedy, o2).text);
+  CHECK(end.messages[3].content == inference::generate(m, tok(), o.format.prompt_ids(upto, tok()), greedy, o2).text);
   CHECK(out.str() == end.messages[1].content + "\n" + end.messages[3].content + "\n");
 
   // /reset starts over; a long conversation drops its oldest exchanges instead of overflowing the context.

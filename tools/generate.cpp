@@ -108,7 +108,8 @@ inference::SamplingRequest sampling_request(const cxxopts::ParseResult& args) {
 
 // The prompt texts as given (--prompt repeated, --prompt-file, --prompt-ids repeated) and their token ids.
 std::vector<std::vector<int32_t>> prompt_ids(int argc, char** argv, const cxxopts::ParseResult& args,
-                                             const data::Tokenizer& tok, int64_t vocab, std::vector<std::string>& texts) {
+                                             const data::Tokenizer& tok, const data::ChatFormat& format, int64_t vocab,
+                                             std::vector<std::string>& texts) {
   texts = args.count("prompt")        ? cli::values_of(argc, argv, "prompt")
           : args.count("prompt-ids") ? cli::values_of(argc, argv, "prompt-ids")
           : args.count("prompt-file") ? std::vector<std::string>{env::read_file(args["prompt-file"].as<std::string>())}
@@ -117,6 +118,7 @@ std::vector<std::vector<int32_t>> prompt_ids(int argc, char** argv, const cxxopt
   po.bos = !args.count("no-bos");
   po.chat = args.count("chat") > 0;
   po.system = args.count("system") ? args["system"].as<std::string>() : "";
+  po.format = format;
   std::vector<std::vector<int32_t>> ids;
   for (const auto& text : texts) {
     if (args.count("prompt-ids")) {
@@ -233,8 +235,9 @@ static int run(int argc, char** argv) {
   if (args["dtype"].as<std::string>() == "bf16") model->to(torch::kBFloat16);
   inference::check_tokenizer_fits(*tok, model->config(), tok_path);
 
+  const data::ChatFormat format = inference::chat_format_for(dir, adapter, tok_path, *tok, !args.count("no-bos"));
   std::vector<std::string> prompts;
-  const auto ids = prompt_ids(argc, argv, args, *tok, model->config().vocab_size, prompts);
+  const auto ids = prompt_ids(argc, argv, args, *tok, format, model->config().vocab_size, prompts);
   const auto gen = model::read_generation_config(dir);
   const auto request = sampling_request(args);
   const auto so = inference::resolve_sampling(gen, request);
@@ -249,15 +252,14 @@ static int run(int argc, char** argv) {
   go.adapt_threads = args["threads"].as<int>() == 0;  // an explicit --threads stands
   const bool as_ids = args.count("prompt-ids") > 0, json = args.count("json") > 0;
   go.decode_text = !as_ids;
-  data::ChatTemplate chat_template;  // the SFT default, as configs/lora.yaml trains with
-  chat_template.add_bos = !args.count("no-bos") && tok->bos_id() >= 0;
   if (args.count("chat") && ids.empty()) {  // a conversation on stdin
-    inference::ChatOptions co{chat_template, args.count("system") ? args["system"].as<std::string>() : "", go,
+    inference::ChatOptions co{format, args.count("system") ? args["system"].as<std::string>() : "", go,
                               static_cast<bool>(::isatty(STDIN_FILENO))};
     inference::chat_loop(model, *tok, sampler, co, std::cin, std::cout);
     return 0;
   }
-  if (args.count("chat")) go.stop.push_back(inference::chat_stop(chat_template));
+  if (args.count("chat"))
+    for (const auto& stop : format.stop_strings()) go.stop.push_back(stop);
   const bool stream = !json && !as_ids && prompts.size() == 1;  // one prompt streams
   // A completion continues its prompt; a chat reply is an answer to it, so the user turn gets a line of its own.
   std::vector<std::string> echoes = prompts;

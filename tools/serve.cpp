@@ -134,8 +134,7 @@ static int run(int argc, char** argv) {
                     : std::filesystem::path(model::resolve_latest(dir)).lexically_normal().filename().string();
   if (served.name.empty()) served.name = "model";
   served.tok = tok.get();
-  served.chat_template = data::chat_template_of(model::resolve_latest(dir));
-  served.chat_template.add_bos = tok->bos_id() >= 0;
+  served.chat_format = inference::chat_format_for(dir, adapter, tok_path, *tok, /*bos=*/true);
   served.generation = model::read_generation_config(dir);
   served.eos_ids = inference::resolve_eos_ids(served.generation, model->config());
   served.capacity = capacity;
@@ -152,6 +151,7 @@ static int run(int argc, char** argv) {
   serve::Engine engine(model, tok, eo);
   serve::HttpServer server(engine, served, so);
   const int port = server.bind();
+  spdlog::info("chat: {}", served.chat_format.description());
   spdlog::info("serving '{}' on http://{}:{} ({} sequences at once, {} tokens each, KV cache {} MiB)", served.name, so.host,
             port, eo.slots, capacity, (eo.slots * row_bytes) >> 20);
   std::printf("listening on http://%s:%d\n", so.host.c_str(), port);

@@ -3,11 +3,15 @@
 //   echo "你好 world" | dsopen-tokenizer encode --model tok.model
 //   dsopen-tokenizer decode --model tok.model --ids "1 2 3"
 //   dsopen-tokenizer encode --model tok.model --jsonl < texts.jsonl    (a JSON string per line -> a JSON id list)
+//   dsopen-tokenizer chat --model MODEL_DIR --messages conv.json      (the prompt the model's chat template gives)
 #include <iostream>
 #include <iterator>
 #include <sstream>
 
 #include "data/hf_tokenizer.h"
+#include "inference/generation_setup.h"
+#include "model/model_dir.h"
+#include "utils/env.h"
 #include "utils/json.h"
 #include "utils/cli.h"
 #include "utils/errors.h"
@@ -18,9 +22,10 @@ using namespace dsopen;
 namespace {
 
 cxxopts::Options make_options() {
-  cxxopts::Options options("dsopen-tokenizer", "Train a SentencePiece tokenizer, or encode/decode with one.\n"
-                                               "  dsopen-tokenizer train|encode|decode [options]");
-  options.add_options()("command", "train | encode | decode", cxxopts::value<std::string>())(
+  cxxopts::Options options("dsopen-tokenizer", "Train a SentencePiece tokenizer, or encode/decode with one, or render "
+                                               "a conversation in a model's chat format.\n"
+                                               "  dsopen-tokenizer train|encode|decode|chat [options]");
+  options.add_options()("command", "train | encode | decode | chat", cxxopts::value<std::string>())(
       "input", "Training text files (one sentence per line)", cxxopts::value<std::vector<std::string>>())(
       "vocab-size", "Vocabulary size", cxxopts::value<int64_t>()->default_value("8000"))(
       "model-type", "bpe | unigram", cxxopts::value<std::string>()->default_value("bpe"))(
@@ -33,10 +38,14 @@ cxxopts::Options make_options() {
       "text", "Text to encode (default: standard input)", cxxopts::value<std::string>())(
       "ids", "Whitespace-separated ids to decode (default: standard input)", cxxopts::value<std::string>())(
       "pieces", "encode: also print the pieces")(
+      "messages", "chat: a JSON file with the messages ([{\"role\": ..., \"content\": ...}, ...]; - for stdin)",
+      cxxopts::value<std::string>())(
+      "no-generation-prompt", "chat: do not open the assistant's turn at the end")(
+      "json", "chat: print {\"text\", \"ids\", \"format\"} as JSON")(
       "jsonl", "Many at once: encode reads a JSON string per line of standard input and prints a JSON list of ids "
                "per line; decode reads id lists and prints JSON strings");
   options.parse_positional({"command", "input"});
-  options.positional_help("train|encode|decode [INPUT ...]");
+  options.positional_help("train|encode|decode|chat [INPUT ...]");
   options.show_positional_help();
   cli::add_common(options);
   return options;
@@ -121,21 +130,60 @@ void decode(const data::Tokenizer& tok, const cxxopts::ParseResult& args) {
   std::cout << tok.decode(ids) << std::endl;
 }
 
+// The conversation in `--messages` as the model's chat format renders it (data/chat_format.h): what dsopen-generate
+// --chat and dsopen-serve send the model.
+void chat(const cxxopts::ParseResult& args) {
+  if (!args.count("model")) throw usage_error("--model", "chat needs --model MODEL_DIR (a checkpoint or HF directory)");
+  if (!args.count("messages")) throw usage_error("--messages", "chat needs --messages FILE.json (- for stdin)");
+  const std::string dir = args["model"].as<std::string>(), file = args["messages"].as<std::string>();
+  const std::string where = file == "-" ? "stdin" : file;
+  nlohmann::json j;
+  try {
+    j = json::parse(file == "-" ? read_stdin() : env::read_file(file), where);
+  } catch (const nlohmann::json::exception& e) {
+    throw usage_error(where, std::string("not valid JSON: ") + json::reason(e));
+  }
+  if (j.is_object() && j.contains("messages")) j = j["messages"];
+  if (!j.is_array()) throw usage_error(where, "expected a list of {\"role\", \"content\"} messages");
+  data::Conversation conv;
+  for (const auto& m : j) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") || !m["content"].is_string())
+      throw usage_error(where, "every message needs a string role and a string content, got " + m.dump());
+    conv.messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+  }
+  const std::string tok_path = model::ModelDir(dir).tokenizer_path();
+  auto tok = data::load_tokenizer(tok_path.empty() ? dir : tok_path);
+  const auto format = inference::chat_format_for(dir, "", tok_path, *tok, true);
+  const bool open_turn = !args.count("no-generation-prompt");
+  const std::string text = format.render(conv, open_turn, *tok);
+  if (args.count("json")) {
+    nlohmann::json out = {{"text", text}, {"format", format.description()}};
+    if (open_turn) out["ids"] = format.prompt_ids(conv, *tok);
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
+  } else {
+    std::cout << text << std::endl;
+  }
+}
+
 }  // namespace
 
 static int run(int argc, char** argv) {
   auto options = make_options();
   auto args = cli::parse(options, argc, argv);
   if (cli::handle_common(options, args)) return 0;
-  if (!args.count("command")) throw usage_error("command", "missing", "use train, encode or decode");
+  if (!args.count("command")) throw usage_error("command", "missing", "use train, encode, decode or chat");
   logging::setup_console("info");
   const std::string cmd = args["command"].as<std::string>();
   if (cmd == "train") {
     train(args);
     return 0;
   }
+  if (cmd == "chat") {
+    chat(args);
+    return 0;
+  }
   if (cmd != "encode" && cmd != "decode")
-    throw usage_error("command", "unknown command '" + cmd + "'", "use train, encode or decode");
+    throw usage_error("command", "unknown command '" + cmd + "'", "use train, encode, decode or chat");
   if (!args.count("model")) throw usage_error("--model", cmd + " needs --model PATH.model");
   auto tok = data::load_tokenizer(args["model"].as<std::string>());
   if (args.count("jsonl")) encode_decode_jsonl(*tok, cmd == "encode");

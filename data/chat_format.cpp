@@ -1,0 +1,139 @@
+#include "data/chat_format.h"
+
+#include <filesystem>
+
+#include "data/hf_tokenizer_files.h"
+#include "utils/env.h"
+#include "utils/errors.h"
+#include "utils/json.h"
+
+namespace fs = std::filesystem;
+
+namespace dsopen::data {
+
+ChatFormat::ChatFormat(ChatTemplate tmpl) : tmpl_(std::move(tmpl)), description_("dsopen's chat template") {}
+
+ChatFormat::ChatFormat(const std::string& jinja_source, std::string bos_token, std::string eos_token, std::string where)
+    : jinja_(std::make_shared<jinja::Template>(jinja_source, where)), bos_(std::move(bos_token)),
+      eos_(std::move(eos_token)), description_("the model's chat template (" + where + ")") {}
+
+namespace {
+
+// A special token of tokenizer_config.json: a string or {"content": ...}; "" when absent.
+std::string special_token(const nlohmann::json& config, const char* key) {
+  if (!config.contains(key) || config.at(key).is_null()) return "";
+  const auto& v = config.at(key);
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v.at("content").is_string()) return v.at("content").get<std::string>();
+  return "";
+}
+
+// The Jinja template of a directory: chat_template.jinja (transformers' newer layout) or tokenizer_config.json's
+// chat_template (a string, or a list of {name, template} whose "default" entry is used).
+std::optional<ChatFormat> jinja_format_in(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path config_path = dir / "tokenizer_config.json", jinja_path = dir / "chat_template.jinja";
+  nlohmann::json config = nlohmann::json::object();
+  if (fs::is_regular_file(config_path, ec)) {
+    try {
+      config = json::parse(env::read_file(config_path.string()), config_path.string());
+    } catch (const nlohmann::json::exception& e) {
+      throw runtime_error(config_path.string(), std::string("not valid JSON: ") + json::reason(e));
+    }
+  }
+  const std::string bos = special_token(config, "bos_token"), eos = special_token(config, "eos_token");
+  if (fs::is_regular_file(jinja_path, ec))
+    return ChatFormat(env::read_file(jinja_path.string()), bos, eos, jinja_path.string());
+  if (!config.contains("chat_template") || config.at("chat_template").is_null()) return std::nullopt;
+  const auto& t = config.at("chat_template");
+  if (t.is_string()) return ChatFormat(t.get<std::string>(), bos, eos, config_path.string() + " chat_template");
+  if (t.is_array())
+    for (const auto& e : t)
+      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e.at("template").is_string())
+        return ChatFormat(e.at("template").get<std::string>(), bos, eos, config_path.string() + " chat_template");
+  throw runtime_error(config_path.string(), "chat_template must be a string or a list with a {\"name\": \"default\"} entry");
+}
+
+}  // namespace
+
+ChatFormat ChatFormat::for_model(const std::string& model_dir, const std::string& tokenizer_dir) {
+  std::error_code ec;
+  // A dsopen run's own checkpoint: the SFT template it trained with (its export's Jinja template renders the same).
+  if (fs::exists(fs::path(model_dir) / "dsopen.yaml", ec)) return ChatFormat(chat_template_of(model_dir));
+  for (const std::string& dir : {model_dir, tokenizer_dir}) {
+    if (dir.empty()) continue;
+    const fs::path d = fs::is_directory(dir, ec) ? fs::path(dir) : fs::path(dir).parent_path();
+    if (auto f = jinja_format_in(d)) return *f;
+  }
+  return ChatFormat(chat_template_of(model_dir));
+}
+
+namespace {
+
+jinja::Value messages_json(const Conversation& conv) {
+  jinja::Value messages = jinja::Value::array();
+  for (const auto& m : conv.messages) messages.push_back({{"role", m.role}, {"content", m.content}});
+  return messages;
+}
+
+}  // namespace
+
+std::string ChatFormat::render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok) const {
+  if (!jinja_) {
+    if (add_generation_prompt) {
+      ChatTemplate t = tmpl_;
+      t.add_eos = false;
+      auto ids = tokenize_conversation(conv, tok, t).ids;
+      for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
+      return tok.decode(ids);
+    }
+    return tok.decode(tokenize_conversation(conv, tok, tmpl_).ids);
+  }
+  jinja::Value ctx = {{"messages", messages_json(conv)}, {"add_generation_prompt", add_generation_prompt}};
+  if (!bos_.empty()) ctx["bos_token"] = bos_;
+  if (!eos_.empty()) ctx["eos_token"] = eos_;
+  return jinja_->render(ctx);
+}
+
+std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Tokenizer& tok) const {
+  if (!jinja_) {
+    ChatTemplate t = tmpl_;
+    t.add_eos = false;  // the conversation goes on
+    auto ids = tokenize_conversation(conv, tok, t).ids;
+    if (!t.assistant_prefix.empty())
+      for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
+    return ids;
+  }
+  const std::string text = render(conv, true, tok);
+  // BOS/EOS written out by the template become their ids (a SentencePiece model never reads "<s>" as BOS).
+  std::vector<std::pair<std::string, int32_t>> specials;
+  for (const auto& s : {bos_, eos_})
+    if (!s.empty() && tok.token_id(s) >= 0) specials.emplace_back(s, tok.token_id(s));
+  std::vector<int32_t> ids;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t next = std::string::npos;
+    const std::pair<std::string, int32_t>* which = nullptr;
+    for (const auto& sp : specials) {
+      const size_t at = text.find(sp.first, pos);
+      if (at < next || (at == next && which && sp.first.size() > which->first.size())) next = at, which = &sp;
+    }
+    const std::string chunk = text.substr(pos, next == std::string::npos ? std::string::npos : next - pos);
+    if (!chunk.empty())
+      for (int32_t id : tok.encode(chunk)) ids.push_back(id);
+    if (!which) break;
+    ids.push_back(which->second);
+    pos = next + which->first.size();
+  }
+  return ids;
+}
+
+std::vector<std::string> ChatFormat::stop_strings() const {
+  if (jinja_) return {};
+  const auto& suffix = tmpl_.assistant_suffix;
+  const auto first = suffix.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) return {};
+  return {suffix.substr(first, suffix.find_last_not_of(" \t\r\n") - first + 1)};
+}
+
+}  // namespace dsopen::data

@@ -1,0 +1,55 @@
+// How a model's conversations become a prompt, the one place dsopen-generate --chat and dsopen-serve ask:
+// - the model's own Jinja `chat_template` (chat_template.jinja, or tokenizer_config.json's chat_template, in the
+//   model or tokenizer directory: HuggingFace models), rendered by data/jinja.h as transformers'
+//   apply_chat_template renders it, with the tokenizer_config.json's bos_token / eos_token strings;
+// - else the SFT template (data/sft.h) a dsopen run trained with (data.chat_template of its dsopen.yaml), or
+//   dsopen's default, tokenized piece by piece as SFT tokenizes.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/jinja.h"
+#include "data/sft.h"
+#include "data/tokenizer.h"
+
+namespace dsopen::data {
+
+class ChatFormat {
+public:
+  // The SFT template `tmpl`.
+  explicit ChatFormat(ChatTemplate tmpl);
+  // A Jinja template with the special-token strings it is rendered with (an unset one: undefined in the template).
+  ChatFormat(const std::string& jinja_source, std::string bos_token, std::string eos_token, std::string where);
+
+  // The format of the model in `model_dir` (a checkpoint or HF directory); `tokenizer_dir` is also searched for
+  // the Jinja template (a --tokenizer given apart from the model). Runtime errors name a file that cannot be read
+  // or a template that does not parse.
+  static ChatFormat for_model(const std::string& model_dir, const std::string& tokenizer_dir = "");
+
+  bool is_jinja() const { return jinja_ != nullptr; }
+  const ChatTemplate& sft_template() const { return tmpl_; }
+  // "the model's chat template (tokenizer_config.json)" / "dsopen's chat template": for logs.
+  const std::string& description() const { return description_; }
+
+  // The conversation as text: Jinja: the template's output (add_generation_prompt: the assistant's turn opened);
+  // SFT: the prompt's ids decoded. Runtime errors carry the template's raise_exception message (a role it does
+  // not take, say).
+  std::string render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok) const;
+
+  // The token ids of the next reply's prompt: `conv` rendered with the assistant's turn opened. Jinja: the text
+  // encoded with the special tokens (BOS, EOS and the tokenizer's other specials) kept as their ids.
+  std::vector<int32_t> prompt_ids(const Conversation& conv, const Tokenizer& tok) const;
+
+  // Strings that end a reply besides EOS: the SFT template's assistant suffix marker (<|end|>); none for Jinja
+  // (the model's EOS ids end it).
+  std::vector<std::string> stop_strings() const;
+
+private:
+  ChatTemplate tmpl_;
+  std::shared_ptr<const jinja::Template> jinja_;
+  std::string bos_, eos_, description_;
+};
+
+}  // namespace dsopen::data
