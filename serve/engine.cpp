@@ -201,6 +201,7 @@ void Engine::prefill_step() {
     in.input_ids = torch::tensor(ids, torch::kLong).view({1, n}).to(device_);
     in.cache = &view;
     in.last_logits = 1;
+    const auto t0 = std::chrono::steady_clock::now();
     auto logits = model_->forward(in).logits;  // [1, 1, V]
     slots_.length(s.row) += n;
     s.prefilled += n;
@@ -208,6 +209,7 @@ void Engine::prefill_step() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stats_.prompt_tokens += n;
+      stats_.prefill_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     }
     if (s.prefilled == static_cast<int64_t>(s.p.prompt.size())) advance(s, logits[0][0]);
     if (budget <= 0) break;
@@ -231,7 +233,9 @@ void Engine::decode_step() {
   in.cache = &view;
   in.last_logits = 1;
   in.row_lengths = lengths;
+  const auto t0 = std::chrono::steady_clock::now();
   auto logits = model_->forward(in).logits.select(1, 0).to(torch::kCPU);  // [rows, V]
+  const auto t1 = std::chrono::steady_clock::now();
   int64_t tokens = 0;
   for (auto& s : running_)
     if (s->decoding()) {
@@ -239,8 +243,11 @@ void Engine::decode_step() {
       advance(*s, logits[s->row]);
       ++tokens;
     }
+  const auto t2 = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lk(mu_);
   ++stats_.decode_steps;
+  stats_.decode_forward_s += std::chrono::duration<double>(t1 - t0).count();
+  stats_.sample_s += std::chrono::duration<double>(t2 - t1).count();
   stats_.kv_positions_used = slots_.used_positions();
   const auto now = std::chrono::steady_clock::now();
   recent_.emplace_back(now, tokens);

@@ -89,6 +89,8 @@ struct EngineStats {
   int64_t waiting = 0, running = 0;
   int64_t kv_positions_used = 0, kv_positions_total = 0;
   int64_t decode_steps = 0;
+  // Scheduler time by phase (seconds): prefill forwards, decode forwards, sampling + text (the per-token host work).
+  double prefill_s = 0, decode_forward_s = 0, sample_s = 0;
   double generated_tokens_per_s = 0;  // over the last ~10 s
 };
 

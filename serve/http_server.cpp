@@ -214,6 +214,10 @@ std::string HttpServer::metrics_text() const {
     << '\n';
   metric("dsopen_decode_steps_total", "counter", "Batched decode forwards.");
   o << "dsopen_decode_steps_total " << s.decode_steps << '\n';
+  metric("dsopen_scheduler_seconds_total", "counter", "Scheduler time by phase.");
+  o << "dsopen_scheduler_seconds_total{phase=\"prefill\"} " << s.prefill_s << '\n'
+    << "dsopen_scheduler_seconds_total{phase=\"decode_forward\"} " << s.decode_forward_s << '\n'
+    << "dsopen_scheduler_seconds_total{phase=\"sample\"} " << s.sample_s << '\n';
   metric("dsopen_http_responses_total", "counter", "HTTP responses by status code.");
   {
     std::lock_guard<std::mutex> lk(counters_->mu);
