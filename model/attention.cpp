@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include "model/lora.h"
+
 #include <cmath>
 
 namespace dsopen::model {
@@ -135,10 +137,35 @@ std::pair<torch::Tensor, torch::Tensor> MLAImpl::queries(const torch::Tensor& x,
 torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch::Tensor& q_pe,
                                        const torch::Tensor& latent, const torch::Tensor& k_pe, int64_t start,
                                        const torch::Tensor& mask) {
+  // Served adapters on kv_b_proj (model/lora.h): each adapter's rows attend with its own folded weight.
+  const auto* rows = ServedAdapterRows::current();
+  if (!rows || !kv_b_proj->serves(*rows)) return attend_absorbed_with(kv_b_proj->merged_weight(), q_nope, q_pe, latent, k_pe, start, mask);
+  std::vector<int64_t> ids = *rows;
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  if (ids.size() == 1) return attend_absorbed_with(kv_b_proj->served_weight(ids[0]), q_nope, q_pe, latent, k_pe, start, mask);
+  torch::Tensor out;
+  for (int64_t id : ids) {
+    std::vector<int64_t> pick;
+    for (size_t r = 0; r < rows->size(); ++r)
+      if ((*rows)[r] == id) pick.push_back(static_cast<int64_t>(r));
+    const auto index = torch::tensor(pick, torch::kLong).to(q_nope.device());
+    auto part = attend_absorbed_with(kv_b_proj->served_weight(id), q_nope.index_select(0, index), q_pe.index_select(0, index),
+                                     latent.index_select(0, index), k_pe.index_select(0, index), start,
+                                     mask.defined() ? mask.index_select(0, index) : mask);
+    if (!out.defined()) out = torch::empty({q_nope.size(0), part.size(1), part.size(2)}, part.options());
+    out.index_copy_(0, index, part);
+  }
+  return out;
+}
+
+torch::Tensor MLAImpl::attend_absorbed_with(const torch::Tensor& kv_b_weight, const torch::Tensor& q_nope,
+                                            const torch::Tensor& q_pe, const torch::Tensor& latent,
+                                            const torch::Tensor& k_pe, int64_t start, const torch::Tensor& mask) {
   const int64_t B = q_nope.size(0), T = q_nope.size(1), H = n_heads_, C = kv_lora_rank_;
   // kv_b_proj.weight: [H * (nope + v), kv_lora] -> per head [H, nope + v, kv_lora] (with its LoRA adapter folded in).
   auto dtype = latent.scalar_type();
-  auto w = kv_b_proj->merged_weight().view({H, nope_dim_ + v_dim_, C}).to(dtype);
+  auto w = kv_b_weight.view({H, nope_dim_ + v_dim_, C}).to(dtype);
   auto w_k = w.narrow(1, 0, nope_dim_), w_v = w.narrow(1, nope_dim_, v_dim_);
   // Batched matmuls rather than einsum: decoding runs this once per layer and token, where einsum's planning and
   // permutes were a third of the step on small models. Queries of all heads share the latent, so heads and

@@ -76,6 +76,11 @@ public:
   RMSNorm kv_a_layernorm{nullptr};
 
 private:
+  // attend_absorbed with kv_b_proj's weight given ([H * (nope + v), kv_lora]: merged, or a served adapter's).
+  torch::Tensor attend_absorbed_with(const torch::Tensor& kv_b_weight, const torch::Tensor& q_nope,
+                                     const torch::Tensor& q_pe, const torch::Tensor& latent, const torch::Tensor& k_pe,
+                                     int64_t start, const torch::Tensor& mask);
+
   // Queries split into the no-rope and (rotated) rope parts: [B, T, H, nope], [B, T, H, rope].
   std::pair<torch::Tensor, torch::Tensor> queries(const torch::Tensor& x, const AttentionInput& in);
 

@@ -1,6 +1,7 @@
 #include "model/linear.h"
 
 #include "model/gemv.h"
+#include "model/lora.h"
 
 #include <cmath>
 
@@ -66,6 +67,8 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   // and the GEMV (in the weight's dtype, not autocast's) would compute other values than its recomputation.
   else if (!is_training() && gemv_applies(x, weight)) y = gemv(x, weight, bias);
   else y = torch::nn::functional::linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x));
+  if (!served_adapters.empty())
+    if (const auto* rows = ServedAdapterRows::current(); rows && serves(*rows)) y = add_served(x, y, *rows);
   if (!lora_A) return y;
   auto h = (lora_dropout > 0 && is_training()) ? torch::dropout(x, lora_dropout, /*train=*/true) : x;
   auto delta = torch::nn::functional::linear(
@@ -90,6 +93,48 @@ void LinearImpl::add_lora(int64_t r, double alpha, bool use_rslora, double dropo
   lora_rslora = use_rslora;
   lora_scale = use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
   lora_dropout = dropout;
+}
+
+bool LinearImpl::serves(const std::vector<int64_t>& rows) const {
+  for (int64_t id : rows)
+    if (id > 0 && id <= static_cast<int64_t>(served_adapters.size()) && served_adapters[id - 1].A.defined()) return true;
+  return false;
+}
+
+torch::Tensor LinearImpl::served_weight(int64_t id) const {
+  torch::Tensor w = merged_weight();
+  if (id <= 0 || id > static_cast<int64_t>(served_adapters.size()) || !served_adapters[id - 1].A.defined()) return w;
+  const auto& a = served_adapters[id - 1];
+  return w + torch::mm(a.B, a.A) * a.scale;  // [out, in], as merged_weight folds an attached adapter
+}
+
+// y [B, ..., out] += each row's adapter delta: rows of one adapter go through its A and B together.
+// The batch rows' ids apply to x's leading dimension: [B, T, in] directly, and [B * T, in] (an MLP's flattened
+// tokens, row-major) with each id repeated T times.
+torch::Tensor LinearImpl::add_served(const torch::Tensor& x, torch::Tensor y, const std::vector<int64_t>& batch_rows) const {
+  const int64_t n = x.dim() >= 2 ? x.size(0) : 0, B = static_cast<int64_t>(batch_rows.size());
+  TORCH_CHECK(n > 0 && n % B == 0, "served adapters: ", B, " row adapter ids for an input of ", n, " rows");
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < n; ++i) rows.push_back(batch_rows[static_cast<size_t>(i / (n / B))]);
+  std::vector<int64_t> ids = rows;
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  for (int64_t id : ids) {
+    if (id <= 0 || id > static_cast<int64_t>(served_adapters.size()) || !served_adapters[id - 1].A.defined()) continue;
+    const auto& a = served_adapters[id - 1];
+    auto delta = [&](const torch::Tensor& h) {
+      return torch::nn::functional::linear(torch::nn::functional::linear(h, as_input_dtype(a.A, h)), as_input_dtype(a.B, h)) *
+             a.scale;
+    };
+    if (ids.size() == 1 && ids[0] == id) return y + delta(x);  // every row takes this adapter
+    std::vector<int64_t> pick;
+    for (size_t r = 0; r < rows.size(); ++r)
+      if (rows[r] == id) pick.push_back(static_cast<int64_t>(r));
+    const auto index = torch::tensor(pick, torch::kLong).to(x.device());
+    const auto part = y.index_select(0, index) + delta(x.index_select(0, index));
+    y = y.index_copy(0, index, part);
+  }
+  return y;
 }
 
 torch::Tensor LinearImpl::merged_weight() const {

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <vector>
 
 namespace dsopen::model {
 
@@ -69,6 +70,22 @@ public:
   int64_t lora_rank = 0;
   double lora_alpha = 0, lora_scale = 0, lora_dropout = 0;
   bool lora_rslora = false;
+
+  // Several adapters served over one base (model/lora.h add_served_adapter): entry k - 1 holds adapter k's
+  // A [r, in], B [out, r] and scale (A undefined where adapter k leaves this layer alone). The rows of a forward
+  // add the delta of the adapter ServedAdapterRows names for them, computed as an attached adapter computes it.
+  struct ServedAdapter {
+    torch::Tensor A, B;
+    double scale = 0;
+  };
+  std::vector<ServedAdapter> served_adapters;
+  // Whether any of `rows` (adapter ids, 0: the base) names an adapter of this layer.
+  bool serves(const std::vector<int64_t>& rows) const;
+  // merged_weight() with served adapter `id` folded in (id 0: merged_weight()).
+  torch::Tensor served_weight(int64_t id) const;
+
+private:
+  torch::Tensor add_served(const torch::Tensor& x, torch::Tensor y, const std::vector<int64_t>& rows) const;
 };
 TORCH_MODULE(Linear);
 

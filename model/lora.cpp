@@ -658,4 +658,37 @@ void load_adapter_weights(torch::nn::Module& model, const std::string& dir, bool
   }
 }
 
+namespace {
+thread_local const std::vector<int64_t>* served_rows = nullptr;
+}  // namespace
+
+ServedAdapterRows::ServedAdapterRows(std::vector<int64_t> ids) : ids_(std::move(ids)), previous_(served_rows) {
+  served_rows = &ids_;
+}
+ServedAdapterRows::~ServedAdapterRows() { served_rows = previous_; }
+const std::vector<int64_t>* ServedAdapterRows::current() { return served_rows; }
+
+std::vector<std::string> add_served_adapter(torch::nn::Module& model, const std::string& dir, int64_t id) {
+  TORCH_CHECK(id >= 1, "add_served_adapter: ids start at 1");
+  for (const auto& [path, lin] : projections(model))
+    if (lin->weight_only)
+      throw usage_error(dir, "cannot serve an adapter over weight-only quantized layers (" + path + ")",
+                        "serve a float model, or dequantize on load (--dequantize)");
+  const std::vector<std::string> paths = load_adapter(model, dir);
+  for (const auto& path : paths)
+    if (is_routed_expert(path)) {
+      for (const auto& [p, lin] : projections(model)) lin->remove_lora();
+      throw usage_error(dir, "adapts routed experts (" + path + "), which cannot be chosen per request",
+                        "merge it into the model (dsopen-convert --adapter) and serve the result");
+    }
+  for (const auto& [path, lin] : projections(model)) {
+    if (static_cast<int64_t>(lin->served_adapters.size()) < id) lin->served_adapters.resize(static_cast<size_t>(id));
+    if (!lin->lora_A) continue;
+    lin->served_adapters[static_cast<size_t>(id - 1)] = {lin->lora_A->weight.detach().clone(),
+                                                         lin->lora_B->weight.detach().clone(), lin->lora_scale};
+    lin->remove_lora();
+  }
+  return paths;
+}
+
 }  // namespace dsopen::model

@@ -90,6 +90,31 @@ std::map<std::string, torch::Tensor> adapter_tensors(torch::nn::Module& model,
 // not hold are another process's, not an error.
 std::vector<std::string> load_adapter(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere = false);
 
+// Serving several adapters over one base model (dsopen-serve --adapter NAME=DIR ...): adapter weights kept apart
+// from the base in each Linear's served_adapters, and chosen per batch row of each forward.
+//
+// Loads the adapter in DIR (as load_adapter reads it) as served adapter number `id` (1, 2, ... in order) of
+// `model`, whose projections must be float (not weight-only quantized) and carry no attached adapter. Adapters of
+// routed experts are refused (an expert's input rows are tokens of many sequences): a usage error naming DIR that
+// says to merge such an adapter instead. Returns the adapted paths.
+std::vector<std::string> add_served_adapter(torch::nn::Module& model, const std::string& dir, int64_t id);
+
+// The served adapter of each batch row of the forwards this thread runs while it lives (0: the base model):
+// Linear and MLA's absorbed decode read it. Scopes nest; the innermost wins.
+class ServedAdapterRows {
+public:
+  explicit ServedAdapterRows(std::vector<int64_t> ids);
+  ~ServedAdapterRows();
+  ServedAdapterRows(const ServedAdapterRows&) = delete;
+  ServedAdapterRows& operator=(const ServedAdapterRows&) = delete;
+  // The ids of the innermost live scope on this thread, or null.
+  static const std::vector<int64_t>* current();
+
+private:
+  std::vector<int64_t> ids_;
+  const std::vector<int64_t>* previous_;
+};
+
 // Loads DIR's adapter weights into the adapters already attached (resuming a run): the two sets of modules and
 // their shapes must be identical (but for other processes' routed experts with `experts_elsewhere`).
 void load_adapter_weights(torch::nn::Module& model, const std::string& dir, bool experts_elsewhere = false);

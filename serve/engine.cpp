@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "inference/text_stream.h"
+#include "model/lora.h"
 #include "utils/logging.h"
 
 namespace dsopen::serve {
@@ -93,7 +94,8 @@ void Engine::submit(std::vector<GenerationParams> params, const std::vector<size
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (!admitting_) throw NotAdmitting("the server is shutting down");
-    if (static_cast<int64_t>(waiting_.size() + seqs.size()) > options_.max_waiting)
+    // A request of more sequences than the limit (n > max_waiting) still gets in when nothing else waits.
+    if (!waiting_.empty() && static_cast<int64_t>(waiting_.size() + seqs.size()) > options_.max_waiting)
       throw QueueFull(std::to_string(waiting_.size()) + " requests are waiting (the limit is " +
                       std::to_string(options_.max_waiting) + ")");
     for (auto& s : seqs) waiting_.push_back(std::move(s));
@@ -202,6 +204,7 @@ void Engine::prefill_step() {
     in.cache = &view;
     in.last_logits = 1;
     const auto t0 = std::chrono::steady_clock::now();
+    model::ServedAdapterRows adapter({s.p.adapter});
     auto logits = model_->forward(in).logits;  // [1, 1, V]
     slots_.length(s.row) += n;
     s.prefilled += n;
@@ -223,10 +226,10 @@ void Engine::decode_step() {
   if (!any || rows == 0) return;
   // Rows not decoding (free, or still prefilling) ride along with a dummy token written at their current length,
   // where their next prompt chunk overwrites it.
-  std::vector<int64_t> ids(rows, 0), lengths(rows, 0);
+  std::vector<int64_t> ids(rows, 0), lengths(rows, 0), adapters(rows, 0);
   for (int64_t r = 0; r < rows; ++r) lengths[r] = slots_.length(r);
   for (const auto& s : running_)
-    if (s->decoding()) ids[s->row] = s->next_input;
+    if (s->decoding()) ids[s->row] = s->next_input, adapters[s->row] = s->p.adapter;
   model::KVCache view = slots_.rows_view(rows);
   model::ForwardInput in;
   in.input_ids = torch::tensor(ids, torch::kLong).view({rows, 1}).to(device_);
@@ -234,6 +237,7 @@ void Engine::decode_step() {
   in.last_logits = 1;
   in.row_lengths = lengths;
   const auto t0 = std::chrono::steady_clock::now();
+  model::ServedAdapterRows adapter_rows(adapters);
   auto logits = model_->forward(in).logits.select(1, 0).to(torch::kCPU);  // [rows, V]
   const auto t1 = std::chrono::steady_clock::now();
   int64_t tokens = 0;

@@ -33,6 +33,7 @@ struct GenerationParams {
   std::vector<std::string> stop;     // stop strings: the text ends before the first one
   std::vector<int32_t> eos_ids;      // any of them ends the sequence (not part of its text); empty: none
   int top_logprobs = -1;             // -1: no log-probabilities; 0..20: the chosen token's and that many best
+  int64_t adapter = 0;               // served LoRA adapter (model/lora.h add_served_adapter); 0: the base model
 };
 
 // The log-probability (natural log, of the model's distribution before penalties and temperature) of one
@@ -78,7 +79,8 @@ struct EngineOptions {
   int64_t slots = 8;               // sequences decoding at once (KV-cache rows)
   int64_t capacity = 0;            // positions per row; 0: the model's context length
   torch::Dtype cache_dtype = torch::kFloat32;
-  int64_t max_waiting = 256;       // requests waiting for a row; more are refused (QueueFull)
+  int64_t max_waiting = 256;       // sequences waiting for a row; more are refused (QueueFull), but a request is
+                                   // always taken when none waits
   int64_t prefill_chunk = 512;     // prompt tokens prefilled per scheduler step (a longer prompt takes several)
 };
 

@@ -231,10 +231,18 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
   r.endpoint = endpoint;
   const auto model_name = f.string("model");
   if (!model_name) throw ApiError(400, "'model' is required", "model", "missing_required_parameter");
-  if (*model_name != m.name)
-    throw ApiError(404, "the model '" + *model_name + "' does not exist; this server serves '" + m.name + "'", "model",
-                   "model_not_found");
   r.model = *model_name;
+  const data::ChatFormat* chat_format = &m.chat_format;
+  if (*model_name != m.name) {
+    std::string names = "'" + m.name + "'";
+    for (size_t k = 0; k < m.adapters.size(); ++k) {
+      names += ", '" + m.adapters[k].name + "'";
+      if (m.adapters[k].name == *model_name) r.params.adapter = static_cast<int64_t>(k) + 1, chat_format = &m.adapters[k].chat_format;
+    }
+    if (r.params.adapter == 0)
+      throw ApiError(404, "the model '" + *model_name + "' does not exist; this server serves " + names, "model",
+                     "model_not_found");
+  }
 
   // Fields we do not implement are refused rather than silently ignored.
   if (f.has("logit_bias") && !(f.at("logit_bias").is_object() && f.at("logit_bias").empty()))
@@ -309,12 +317,12 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
       throw ApiError(400, "the last message must not be the assistant's (continuing a reply is not supported)",
                      "messages", "invalid_value");
     try {
-      r.prompts.push_back(m.chat_format.prompt_ids(conv, *m.tok));
+      r.prompts.push_back(chat_format->prompt_ids(conv, *m.tok));
     } catch (const Error& e) {  // the template's raise_exception: a conversation it does not take
       throw ApiError(400, e.what(), "messages", "invalid_value");
     }
     r.prompt_texts.push_back("");
-    for (const auto& marker : m.chat_format.stop_strings()) r.params.stop.push_back(marker);
+    for (const auto& marker : chat_format->stop_strings()) r.params.stop.push_back(marker);
   } else {
     read_prompts(f, m, r);
   }
@@ -513,9 +521,12 @@ ordered_json ResponseWriter::body() const {
 }
 
 ordered_json models_body(const ServedModel& m) {
-  return {{"object", "list"},
-          {"data", ordered_json::array({{{"id", m.name}, {"object", "model"}, {"created", m.created},
-                                         {"owned_by", "dsopen"}, {"max_model_len", m.capacity}}})}};
+  ordered_json data = ordered_json::array({{{"id", m.name}, {"object", "model"}, {"created", m.created},
+                                            {"owned_by", "dsopen"}, {"max_model_len", m.capacity}}});
+  for (const auto& a : m.adapters)  // vLLM's shape for LoRA modules: the base model as `parent`
+    data.push_back({{"id", a.name}, {"object", "model"}, {"created", m.created}, {"owned_by", "dsopen"},
+                    {"max_model_len", m.capacity}, {"parent", m.name}});
+  return {{"object", "list"}, {"data", data}};
 }
 
 }  // namespace dsopen::serve

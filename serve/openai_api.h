@@ -35,6 +35,13 @@ struct ServedModel {
   std::vector<int32_t> eos_ids;
   int64_t capacity = 0;              // prompt + generated tokens per sequence
   int64_t created = 0;               // unix time the server started (the /v1/models `created`)
+  // LoRA adapters served over the model (model/lora.h add_served_adapter), selected by `model`: adapter k (from 1)
+  // is adapters[k - 1], with the chat format of its run.
+  struct Adapter {
+    std::string name;
+    data::ChatFormat chat_format;
+  };
+  std::vector<Adapter> adapters;
 };
 
 enum class Endpoint { Completions, ChatCompletions };
@@ -54,7 +61,7 @@ struct ApiRequest {
 };
 
 // Parses and checks a request body; throws ApiError (400: malformed JSON, wrong type or range, a prompt longer than
-// the model's context, max_tokens past it; 404: another model).
+// the model's context, max_tokens past it; 404: a model that is neither the served one nor one of its adapters).
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ServedModel& m);
 
 // The engine's sequences of a request: each prompt × n choices, choice i = prompt * n + j, each with its own seed

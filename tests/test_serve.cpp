@@ -5,10 +5,12 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <thread>
 
 #include "data/tokenizer.h"
 #include "inference/generator.h"
+#include "model/lora.h"
 #include "model/registry.h"
 #include "serve/engine.h"
 #include "serve/kv_slots.h"
@@ -53,6 +55,7 @@ std::vector<std::vector<int32_t>> collect(serve::Channel& ch, size_t n, size_t c
   while (finished < n) {
     REQUIRE(ch.pop(e, std::chrono::seconds(60)));
     for (const auto& t : e.logprobs) tokens[e.index].push_back(t.token);
+    if (e.finish == serve::FinishReason::Error) FAIL_CHECK("generation failed: " << e.error);
     if (e.finish != serve::FinishReason::None) ++finished;
   }
   return tokens;
@@ -159,4 +162,64 @@ TEST_CASE("serve KV slots: the lowest free row, rows in use, the budget per row"
   // MLA caches the latent and the rope key per position and layer.
   CHECK(serve::KVSlots::bytes_per_row(c, 16, torch::kBFloat16) ==
         (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * 16 * 2);
+}
+
+TEST_CASE("serve engine: LoRA adapters chosen per request equal each adapter attached alone", "[serve][lora]") {
+  for (const char* flavor : {"debug", "tiny-dense"}) {
+    INFO(flavor);
+    const std::string dir = "/tmp/dsopen_serve_lora_" + std::to_string(::getpid()) + "_" + flavor;
+    // Two adapters with visible effects (B random, not PEFT's zero start); MLA's kv_b_proj among the targets.
+    std::vector<std::string> adapter_dirs;
+    for (int k = 1; k <= 2; ++k) {
+      auto m = small_model(flavor);
+      model::LoraConfig lc;
+      lc.r = 4;
+      lc.target_modules = {"q_proj", "kv_b_proj", "v_proj", "o_proj", "down_proj"};
+      torch::manual_seed(100 + k);
+      model::inject_lora(*m, lc);
+      torch::NoGradGuard ng;
+      for (auto& p : m->named_parameters())
+        if (p.key().find("lora_B") != std::string::npos) p.value().normal_(0, 0.5);
+      adapter_dirs.push_back(dir + "/a" + std::to_string(k));
+      model::save_adapter(*m, adapter_dirs.back());
+    }
+    const std::vector<std::vector<int32_t>> prompts = {{1, 17, 42}, {1, 5, 99, 23, 7}, {1, 250}};
+    const std::vector<int64_t> adapter_of = {1, 0, 2};  // one request per adapter and one on the base
+    std::vector<std::vector<int32_t>> expected;
+    inference::Sampler greedy({0.0, 0, 1.0, 1.0, 0});
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      auto m = small_model(flavor);
+      if (adapter_of[i] > 0) model::load_adapter(*m, adapter_dirs[adapter_of[i] - 1]);  // attached, not merged
+      inference::GenerateOptions o;
+      o.max_new_tokens = 12;
+      o.stop_at_eos = false;
+      expected.push_back(inference::generate(m, *tokenizer(), prompts[i], greedy, o).tokens);
+    }
+    CHECK(expected[0] != expected[2]);  // the adapters change the text
+
+    auto base = small_model(flavor);
+    for (int k = 1; k <= 2; ++k) model::add_served_adapter(*base, adapter_dirs[k - 1], k);
+    CHECK_FALSE(model::has_lora(*base));
+    serve::Engine engine(base, tokenizer(), serve::EngineOptions{});
+    std::vector<serve::GenerationParams> params;
+    std::vector<size_t> indices;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      serve::GenerationParams p;
+      p.prompt = prompts[i];
+      p.sampling.temperature = 0;
+      p.max_tokens = 12;
+      p.top_logprobs = 0;
+      p.adapter = adapter_of[i];
+      params.push_back(p);
+      indices.push_back(i);
+    }
+    auto ch = std::make_shared<serve::Channel>();
+    engine.submit(params, indices, ch);  // decoded in one batch: rows of three different adapters
+    auto got = collect(*ch, 3, 3);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      INFO("request " << i << " on adapter " << adapter_of[i]);
+      CHECK(got[i] == expected[i]);
+    }
+    std::filesystem::remove_all(dir);
+  }
 }

@@ -1,7 +1,7 @@
 // dsopen-serve: an OpenAI-compatible HTTP server (completions, chat completions, streaming) with continuous
 // batching, Prometheus metrics and a chat WebUI at /.
 //   dsopen-serve --model runs/tiny/checkpoints/step_00000300 --port 8000
-//   dsopen-serve --model BASE --adapter runs/lora/checkpoints/step_00000150 --served-model-name tiny-chat
+//   dsopen-serve --model BASE --adapter chat=runs/lora/checkpoints/step_00000150 --adapter sql=ADAPTER2
 //   dsopen-serve --model M --port 0 --api-key secret --kv-cache-mb 512 --max-num-seqs 32
 #include <algorithm>
 #include <atomic>
@@ -31,7 +31,9 @@ namespace {
 cxxopts::Options make_options() {
   cxxopts::Options options("dsopen-serve", "Serve a model over the OpenAI API, with a chat WebUI at /");
   options.add_options()("model", "Checkpoint or HF model directory (float or quantized)", cxxopts::value<std::string>())(
-      "adapter", "LoRA adapter directory (PEFT layout), merged into the model", cxxopts::value<std::string>())(
+      "adapter", "NAME=DIR: a LoRA adapter (PEFT layout) served over the model, chosen by requests whose `model` is "
+                 "NAME (repeatable; DIR alone: named after its directory)",
+      cxxopts::value<std::vector<std::string>>())(
       "tokenizer", "Tokenizer .model / tokenizer.json (default: the one in MODEL)", cxxopts::value<std::string>())(
       "served-model-name", "The `model` name requests use (default: the model directory's name)",
       cxxopts::value<std::string>())(
@@ -77,6 +79,23 @@ void check_args(const cxxopts::ParseResult& args) {
     throw usage_error("--max-model-len", "must be >= 2");
 }
 
+// --adapter NAME=DIR (or DIR, named after its directory) -> (name, dir); names must differ.
+std::vector<std::pair<std::string, std::string>> adapter_args(const cxxopts::ParseResult& args) {
+  std::vector<std::pair<std::string, std::string>> out;
+  if (!args.count("adapter")) return out;
+  for (const auto& a : args["adapter"].as<std::vector<std::string>>()) {
+    const auto eq = a.find('=');
+    std::string name = eq == std::string::npos ? "" : a.substr(0, eq);
+    const std::string dir = eq == std::string::npos ? a : a.substr(eq + 1);
+    if (dir.empty()) throw usage_error("--adapter", "'" + a + "' has no directory", "give NAME=DIR");
+    if (name.empty()) name = std::filesystem::path(dir).lexically_normal().filename().string();
+    for (const auto& [n, d] : out)
+      if (n == name) throw usage_error("--adapter", "two adapters are named '" + name + "'", "give NAME=DIR with distinct names");
+    out.emplace_back(name, dir);
+  }
+  return out;
+}
+
 }  // namespace
 
 static int run(int argc, char** argv) {
@@ -98,17 +117,16 @@ static int run(int argc, char** argv) {
   const int threads = args["threads"].as<int>();
   env::configure_threads(threads > 0 ? threads : std::max(1, env::available_cpus() - 1));
   const std::string dir = args["model"].as<std::string>();
-  const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
-  std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : model::ModelDir(dir).tokenizer_path(adapter);
+  const auto adapters = adapter_args(args);
+  std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>()
+                                                 : model::ModelDir(dir).tokenizer_path(adapters.empty() ? "" : adapters[0].second);
   if (tok_path.empty()) tok_path = dir;
   std::shared_ptr<const data::Tokenizer> tok = data::load_tokenizer(tok_path);
+  // Adapters apply to float weights: a quantized model is dequantized on load when it serves any.
   auto model = inference::load_model(dir, torch::kCPU, false,
-                                     adapter.empty() && !args.count("dequantize") ? inference::QuantizedLayers::Kernels
-                                                                                   : inference::QuantizedLayers::Dequantized);
-  if (!adapter.empty()) {
-    model::load_adapter(*model, adapter);
-    model::merge_lora(*model);
-  }
+                                     adapters.empty() && !args.count("dequantize") ? inference::QuantizedLayers::Kernels
+                                                                                    : inference::QuantizedLayers::Dequantized);
+  for (size_t k = 0; k < adapters.size(); ++k) model::add_served_adapter(*model, adapters[k].second, static_cast<int64_t>(k) + 1);
   const bool bf16 = args["dtype"].as<std::string>() == "bf16";
   if (bf16) model->to(torch::kBFloat16);
   inference::check_tokenizer_fits(*tok, model->config(), tok_path);
@@ -139,7 +157,13 @@ static int run(int argc, char** argv) {
                     : std::filesystem::path(model::resolve_latest(dir)).lexically_normal().filename().string();
   if (served.name.empty()) served.name = "model";
   served.tok = tok.get();
-  served.chat_format = inference::chat_format_for(dir, adapter, tok_path, *tok, /*bos=*/true);
+  served.chat_format = inference::chat_format_for(dir, "", tok_path, *tok, /*bos=*/true);
+  for (const auto& [name, adapter_dir] : adapters) {
+    if (name == served.name)
+      throw usage_error("--adapter", "adapter name '" + name + "' is the model's own name", "name it NAME=DIR");
+    served.adapters.push_back({name, inference::chat_format_for(dir, adapter_dir, tok_path, *tok, /*bos=*/true)});
+    spdlog::info("adapter '{}': {} ({})", name, adapter_dir, served.adapters.back().chat_format.description());
+  }
   served.generation = model::read_generation_config(dir);
   served.eos_ids = inference::resolve_eos_ids(served.generation, model->config());
   served.capacity = capacity;
