@@ -11,6 +11,38 @@ namespace fs = std::filesystem;
 
 namespace dsopen::data {
 
+Conversation conversation_from_messages(const nlohmann::json& msgs) {
+  if (!msgs.is_array() || msgs.empty()) throw MessageError("messages", "'messages' must be a non-empty array of messages");
+  Conversation conv;
+  for (size_t i = 0; i < msgs.size(); ++i) {
+    const std::string at = "messages[" + std::to_string(i) + "]";
+    const auto& m = msgs[i];
+    if (!m.is_object()) throw MessageError(at, "'" + at + "' must be an object with 'role' and 'content'");
+    if (!m.contains("role") || !m["role"].is_string()) throw MessageError(at + ".role", "'" + at + ".role' must be a string");
+    std::string role = m["role"].get<std::string>();
+    if (role == "developer") role = "system";
+    if (role != "system" && role != "user" && role != "assistant")
+      throw MessageError(at + ".role", at + ".role '" + role + "' is not system, developer, user or assistant");
+    std::string content;
+    static const nlohmann::json none;
+    const nlohmann::json& c = m.contains("content") ? m["content"] : none;  // a reference: content may be large
+    if (c.is_string()) {
+      content = c.get<std::string>();
+    } else if (c.is_array()) {
+      for (const auto& part : c) {
+        if (!part.is_object() || !part.contains("type") || part["type"] != "text" || !part.contains("text") ||
+            !part["text"].is_string())
+          throw MessageError(at + ".content", at + ".content: only text parts ({\"type\": \"text\", \"text\": ...}) are supported");
+        content += part["text"].get<std::string>();
+      }
+    } else if (!(c.is_null() && role == "assistant")) {
+      throw MessageError(at + ".content", "'" + at + ".content' must be a string or an array of text parts");
+    }
+    conv.messages.push_back({role, content});
+  }
+  return conv;
+}
+
 ChatFormat::ChatFormat(ChatTemplate tmpl) : tmpl_(std::move(tmpl)), description_("dsopen's chat template") {}
 
 ChatFormat::ChatFormat(const std::string& jinja_source, std::string bos_token, std::string eos_token, std::string where)
@@ -78,7 +110,8 @@ jinja::Value messages_json(const Conversation& conv) {
 
 }  // namespace
 
-std::string ChatFormat::render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok) const {
+std::string ChatFormat::render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok,
+                              const nlohmann::json& extra) const {
   if (!jinja_) {
     if (add_generation_prompt) {
       ChatTemplate t = tmpl_;
@@ -89,13 +122,19 @@ std::string ChatFormat::render(const Conversation& conv, bool add_generation_pro
     }
     return tok.decode(tokenize_conversation(conv, tok, tmpl_).ids);
   }
-  jinja::Value ctx = {{"messages", messages_json(conv)}, {"add_generation_prompt", add_generation_prompt}};
+  // As transformers' apply_chat_template: tools and documents are passed (None), special tokens when set, the
+  // caller's extra variables last.
+  jinja::Value ctx = {{"messages", messages_json(conv)}, {"add_generation_prompt", add_generation_prompt},
+                      {"tools", nullptr}, {"documents", nullptr}};
   if (!bos_.empty()) ctx["bos_token"] = bos_;
   if (!eos_.empty()) ctx["eos_token"] = eos_;
+  if (extra.is_object())
+    for (const auto& [k, v] : extra.items()) ctx[k] = v;
   return jinja_->render(ctx);
 }
 
-std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Tokenizer& tok) const {
+std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Tokenizer& tok,
+                                            const nlohmann::json& extra) const {
   if (!jinja_) {
     ChatTemplate t = tmpl_;
     t.add_eos = false;  // the conversation goes on
@@ -104,7 +143,7 @@ std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Toke
       for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
     return ids;
   }
-  const std::string text = render(conv, true, tok);
+  const std::string text = render(conv, true, tok, extra);
   // BOS/EOS written out by the template become their ids (a SentencePiece model never reads "<s>" as BOS).
   std::vector<std::pair<std::string, int32_t>> specials;
   for (const auto& s : {bos_, eos_})

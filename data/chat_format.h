@@ -7,6 +7,8 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -15,6 +17,16 @@
 #include "data/tokenizer.h"
 
 namespace dsopen::data {
+
+// A conversation from OpenAI-style messages (dsopen-serve's chat requests, dsopen-tokenizer chat): an array of
+// {"role", "content"}, role system, developer (OpenAI's newer name for system), user or assistant; content a
+// string, a list of {"type": "text", "text": ...} parts (joined), or null for an assistant's. Anything else throws
+// MessageError naming the field ("messages[2].content").
+struct MessageError : std::runtime_error {
+  MessageError(std::string f, const std::string& what) : std::runtime_error(what), field(std::move(f)) {}
+  std::string field;
+};
+Conversation conversation_from_messages(const nlohmann::json& messages);
 
 class ChatFormat {
 public:
@@ -36,11 +48,14 @@ public:
   // The conversation as text: Jinja: the template's output (add_generation_prompt: the assistant's turn opened);
   // SFT: the prompt's ids decoded. Runtime errors carry the template's raise_exception message (a role it does
   // not take, say).
-  std::string render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok) const;
+  // `extra`: more template variables (a chat request's chat_template_kwargs, e.g. enable_thinking); Jinja only.
+  std::string render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok,
+                     const nlohmann::json& extra = nlohmann::json::object()) const;
 
   // The token ids of the next reply's prompt: `conv` rendered with the assistant's turn opened. Jinja: the text
   // encoded with the special tokens (BOS, EOS and the tokenizer's other specials) kept as their ids.
-  std::vector<int32_t> prompt_ids(const Conversation& conv, const Tokenizer& tok) const;
+  std::vector<int32_t> prompt_ids(const Conversation& conv, const Tokenizer& tok,
+                                  const nlohmann::json& extra = nlohmann::json::object()) const;
 
   // Strings that end a reply besides EOS: the SFT template's assistant suffix marker (<|end|>); none for Jinja
   // (the model's EOS ids end it).

@@ -15,6 +15,7 @@ Sampler::Sampler(const SamplingOptions& o) : opts_(o), rng_(o.seed) {
   if (!(o.repetition_penalty > 0)) throw usage_error("--repetition-penalty", "must be > 0");
   if (!(std::abs(o.frequency_penalty) <= 2)) throw usage_error("frequency_penalty", "must be in [-2, 2]");
   if (!(std::abs(o.presence_penalty) <= 2)) throw usage_error("presence_penalty", "must be in [-2, 2]");
+  if (!(o.min_p >= 0 && o.min_p <= 1)) throw usage_error("min_p", "must be in [0, 1]");
 }
 
 std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor& logits,
@@ -53,6 +54,15 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
   double sum = 0;
   for (size_t i = 0; i < keep; ++i) sum += probs[i] = std::exp((v[order[i]] - max_logit) / opts_.temperature);
   for (auto& p : probs) p /= sum;
+  if (opts_.min_p > 0) {  // probs are sorted: keep the prefix at or above min_p * the first
+    size_t n = 1;
+    while (n < keep && probs[n] >= opts_.min_p * probs[0]) ++n;
+    keep = n;
+    probs.resize(keep);
+    double kept = 0;
+    for (double q : probs) kept += q;
+    for (auto& q : probs) q /= kept;
+  }
   if (opts_.top_p < 1.0) {  // smallest prefix whose probability reaches top_p
     double cum = 0;
     size_t n = 0;

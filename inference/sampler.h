@@ -19,6 +19,8 @@ struct SamplingOptions {
   // OpenAI's penalties over the *generated* tokens (context from `generated_from` on), subtracted from the logits:
   // frequency_penalty × times the token occurred + presence_penalty × (it occurred at all). 0: off; [-2, 2].
   double frequency_penalty = 0.0, presence_penalty = 0.0;
+  // vLLM's min_p: after temperature, drop tokens less likely than min_p times the most likely one. 0: off.
+  double min_p = 0.0;
 };
 
 class Sampler {

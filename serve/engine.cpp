@@ -85,6 +85,13 @@ Engine::~Engine() {
 
 void Engine::submit(std::vector<GenerationParams> params, const std::vector<size_t>& indices,
                     const std::shared_ptr<Channel>& channel) {
+  {  // refused before anything is built for it
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!admitting_) throw NotAdmitting("the server is shutting down");
+    if (!waiting_.empty() && static_cast<int64_t>(waiting_.size() + params.size()) > options_.max_waiting)
+      throw QueueFull(std::to_string(waiting_.size()) + " sequences are waiting (the limit is " +
+                      std::to_string(options_.max_waiting) + ")");
+  }
   std::vector<std::unique_ptr<Sequence>> seqs;
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(!params[i].prompt.empty() && static_cast<int64_t>(params[i].prompt.size()) < slots_.capacity(),
@@ -96,7 +103,7 @@ void Engine::submit(std::vector<GenerationParams> params, const std::vector<size
     if (!admitting_) throw NotAdmitting("the server is shutting down");
     // A request of more sequences than the limit (n > max_waiting) still gets in when nothing else waits.
     if (!waiting_.empty() && static_cast<int64_t>(waiting_.size() + seqs.size()) > options_.max_waiting)
-      throw QueueFull(std::to_string(waiting_.size()) + " requests are waiting (the limit is " +
+      throw QueueFull(std::to_string(waiting_.size()) + " sequences are waiting (the limit is " +
                       std::to_string(options_.max_waiting) + ")");
     for (auto& s : seqs) waiting_.push_back(std::move(s));
     stats_.waiting = static_cast<int64_t>(waiting_.size());
@@ -261,7 +268,12 @@ void Engine::decode_step() {
 void Engine::advance(Sequence& s, const torch::Tensor& logits) {
   // Rows of a vocabulary padded beyond the tokenizer's decode to nothing: never sampled.
   const int64_t usable = std::min<int64_t>(tok_->vocab_size(), logits.size(0));
-  const auto row = logits.narrow(0, 0, usable);
+  auto row = logits.narrow(0, 0, usable);
+  if (static_cast<int64_t>(s.generated.size()) < s.p.min_tokens && !s.p.eos_ids.empty()) {
+    row = row.clone();
+    for (int32_t id : s.p.eos_ids)
+      if (id >= 0 && id < usable) row[id] = -std::numeric_limits<float>::infinity();
+  }
   const int32_t token = static_cast<int32_t>(s.sampler.sample(row, s.context, s.p.prompt.size()));
   {
     std::lock_guard<std::mutex> lk(mu_);

@@ -34,6 +34,7 @@ struct GenerationParams {
   std::vector<int32_t> eos_ids;      // any of them ends the sequence (not part of its text); empty: none
   int top_logprobs = -1;             // -1: no log-probabilities; 0..20: the chosen token's and that many best
   int64_t adapter = 0;               // served LoRA adapter (model/lora.h add_served_adapter); 0: the base model
+  int64_t min_tokens = 0;            // EOS is not sampled before this many tokens (vLLM's min_tokens)
 };
 
 // The log-probability (natural log, of the model's distribution before penalties and temperature) of one

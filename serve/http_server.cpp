@@ -25,7 +25,36 @@ std::string dump(const ordered_json& j) { return j.dump(-1, ' ', false, nlohmann
 
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status;
+  if (e.status == 401) res.set_header("WWW-Authenticate", "Bearer");
+  if (e.status == 429) res.set_header("Retry-After", "1");
   res.set_content(dump(error_body(e)), "application/json");
+}
+
+// "Authorization: Bearer <key>" (the scheme in any case, RFC 7235) when the server has a key.
+void check_api_key(const httplib::Request& req, const std::string& key) {
+  if (key.empty()) return;
+  const std::string h = req.get_header_value("Authorization");
+  const bool bearer = h.size() > 7 && (h.compare(0, 7, "Bearer ") == 0 || h.compare(0, 7, "bearer ") == 0 ||
+                                       h.compare(0, 7, "BEARER ") == 0);
+  if (!bearer || h.substr(7) != key)
+    throw ApiError(401, "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key", "",
+                   "invalid_api_key");
+}
+
+// The request body, at most `limit` bytes whether its length was announced or sent in chunks: 413 past it, 400
+// when the body cannot be read.
+std::string read_body(const httplib::ContentReader& reader, const httplib::Response& res, size_t limit) {
+  std::string body;
+  bool too_large = false;
+  const bool ok = reader([&](const char* data, size_t n) {
+    if (body.size() + n > limit) return !(too_large = true);
+    body.append(data, n);
+    return true;
+  });
+  if (too_large || res.status == 413)
+    throw ApiError(413, "the request body is larger than " + std::to_string(limit) + " bytes (--max-body-mb)");
+  if (!ok) throw ApiError(400, "the request body could not be read");
+  return body;
 }
 
 // What a streaming response keeps between calls of its content provider.
@@ -41,8 +70,21 @@ HttpServer::HttpServer(Engine& engine, ServedModel model, ServerOptions options)
     : engine_(engine), model_(std::move(model)), options_(std::move(options)), http_(std::make_unique<httplib::Server>()),
       counters_(std::make_unique<Counters>()) {
   const int threads = options_.http_threads;
+  http_->set_default_headers({{"Access-Control-Allow-Origin", "*"}});
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   http_->set_payload_max_length(options_.max_body_bytes);
+  // httplib's default socket options add SO_REUSEPORT, with which a second server on a busy port starts and shares
+  // it silently; SO_REUSEADDR alone lets a restart bind at once and a busy port fail.
+  http_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const void*>(&yes), sizeof(yes));
+  });
+  // Range requests apply to files, not to generated answers.
+  http_->set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+    if (!req.has_header("Range")) return httplib::Server::HandlerResponse::Unhandled;
+    send_error(res, ApiError(400, "Range requests are not supported", "", "invalid_request"));
+    return httplib::Server::HandlerResponse::Handled;
+  });
   routes();
 }
 
@@ -53,7 +95,8 @@ int HttpServer::bind() {
                                       : (http_->bind_to_port(options_.host, options_.port) ? options_.port : -1);
   if (port <= 0)
     throw usage_error("--host/--port", "cannot listen on " + options_.host + ":" + std::to_string(options_.port),
-                      "the port may be in use: choose another with --port (0: any free port)");
+                      "the port is in use or the host is not an address of this machine: choose another --port (0: any "
+                      "free port) or --host (127.0.0.1, 0.0.0.0 for every interface)");
   return port;
 }
 
@@ -62,6 +105,15 @@ void HttpServer::serve() { http_->listen_after_bind(); }
 void HttpServer::shutdown() {
   draining_ = true;
   engine_.drain(options_.shutdown_grace);
+  // stop() waits for every connection thread; one held by a client that trickles its request would keep the
+  // process alive: 10 s more at most, then exit regardless.
+  std::thread watchdog([] {
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    spdlog::warn("connections still open 10 s after shutdown: exiting");
+    spdlog::default_logger()->flush();
+    std::_Exit(0);
+  });
+  watchdog.detach();
   http_->stop();
 }
 
@@ -104,30 +156,53 @@ void HttpServer::routes() {
   http.Get("/", [](const httplib::Request&, httplib::Response& res) { res.set_content(webui_html(), "text/html; charset=utf-8"); });
   http.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
     try {
-      if (!options_.api_key.empty() && req.get_header_value("Authorization") != "Bearer " + options_.api_key)
-        throw ApiError(401, "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key", "",
-                       "invalid_api_key");
+      check_api_key(req, options_.api_key);
       res.set_content(dump(models_body(model_)), "application/json");
     } catch (const ApiError& e) {
       send_error(res, e);
     }
   });
-  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    generation(Endpoint::Completions, req, res);
+  http.Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
+    try {
+      check_api_key(req, options_.api_key);
+      for (const auto& m : models_body(model_)["data"])
+        if (m["id"] == req.matches[1].str()) return res.set_content(dump(m), "application/json");
+      throw ApiError(404, "the model '" + req.matches[1].str() + "' does not exist", "model", "model_not_found");
+    } catch (const ApiError& e) {
+      send_error(res, e);
+    }
   });
-  http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    generation(Endpoint::ChatCompletions, req, res);
+  // Browser front ends on other origins (CORS): the preflight of any /v1 route.
+  http.Options(R"(/v1/.*)", [](const httplib::Request&, httplib::Response& res) {
+    res.status = 204;
+    res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+    res.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type");
+    res.set_header("Access-Control-Max-Age", "86400");
   });
+  // The body is read here, whatever its Content-Type: curl -d sends JSON as a form, which httplib would cap at 8 KiB.
+  auto post = [this](Endpoint endpoint) {
+    return [this, endpoint](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& r) {
+      std::string body;
+      try {
+        check_api_key(req, options_.api_key);
+        body = read_body(r, res, options_.max_body_bytes);
+      } catch (const ApiError& e) {
+        return send_error(res, e);
+      }
+      generation(endpoint, req, body, res);
+    };
+  };
+  http.Post("/v1/completions", post(Endpoint::Completions));
+  http.Post("/v1/chat/completions", post(Endpoint::ChatCompletions));
 }
 
-void HttpServer::generation(Endpoint endpoint, const httplib::Request& req, httplib::Response& res) {
+void HttpServer::generation(Endpoint endpoint, const httplib::Request& req, const std::string& body,
+                            httplib::Response& res) {
   auto stream = std::make_shared<Stream>();
   try {
-    if (!options_.api_key.empty() && req.get_header_value("Authorization") != "Bearer " + options_.api_key)
-      throw ApiError(401, "invalid API key: send 'Authorization: Bearer <key>' with the server's --api-key", "",
-                     "invalid_api_key");
+    check_api_key(req, options_.api_key);
     if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down");
-    stream->request = parse_request(endpoint, req.body, model_);
+    stream->request = parse_request(endpoint, body, model_);
     stream->writer = std::make_unique<ResponseWriter>(stream->request, model_);
     stream->channel = std::make_shared<Channel>();
     std::vector<size_t> indices;
@@ -144,24 +219,66 @@ void HttpServer::generation(Endpoint endpoint, const httplib::Request& req, http
     return send_error(res, ApiError(400, e.what(), "", "invalid_value"));
   }
 
+  // Sequences cut short by a shutdown past its grace period: an error, not a reply.
+  const ApiError cut_short(503, "the server shut down before the request finished", "", "shutting_down");
   if (!stream->request.stream) {
+    // Most requests finish within a couple of seconds: answered whole, errors with their status.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
     Event e;
-    while (!stream->writer->done()) {
-      if (!stream->channel->pop(e, std::chrono::milliseconds(200))) continue;
-      if (e.finish == FinishReason::Error) {
+    while (!stream->writer->done() && std::chrono::steady_clock::now() < until) {
+      if (!stream->channel->pop(e, std::chrono::milliseconds(100))) continue;
+      if (e.finish == FinishReason::Error || e.finish == FinishReason::Cancelled) {
         stream->channel->cancel();
-        return send_error(res, ApiError(500, "generation failed: " + e.error, "", "generation_error"));
+        return send_error(res, e.finish == FinishReason::Error
+                                   ? ApiError(500, "generation failed: " + e.error, "", "generation_error")
+                                   : cut_short);
       }
       stream->writer->collect(e);
     }
-    res.set_content(dump(stream->writer->body()), "application/json");
+    if (stream->writer->done()) return res.set_content(dump(stream->writer->body()), "application/json");
+    // Longer ones: the object is written at the end and until then a space (JSON allows leading whitespace) every
+    // second, so that a client that went away is noticed and its sequences cancelled. (The status is sent first,
+    // so a failure from here on is an error object under status 200.)
+    res.set_chunked_content_provider(
+        "application/json",
+        [stream, cut_short](size_t, httplib::DataSink& sink) {
+          Event e;
+          auto waited = std::chrono::steady_clock::now();
+          while (!stream->writer->done()) {
+            if (!stream->channel->pop(e, std::chrono::milliseconds(200))) {
+              if (std::chrono::steady_clock::now() - waited > std::chrono::seconds(1)) {
+                if (!sink.write(" ", 1)) return false;  // the releaser cancels
+                waited = std::chrono::steady_clock::now();
+              }
+              continue;
+            }
+            if (e.finish == FinishReason::Error || e.finish == FinishReason::Cancelled) {
+              stream->channel->cancel();
+              const ApiError err = e.finish == FinishReason::Error
+                                       ? ApiError(500, "generation failed: " + e.error, "", "generation_error")
+                                       : cut_short;
+              const std::string text = dump(error_body(err));
+              sink.write(text.data(), text.size());
+              sink.done();
+              return true;
+            }
+            stream->writer->collect(e);
+          }
+          const std::string text = dump(stream->writer->body());
+          if (!sink.write(text.data(), text.size())) return false;
+          sink.done();
+          return true;
+        },
+        [stream](bool success) {
+          if (!success || !stream->writer->done()) stream->channel->cancel();
+        });
     return;
   }
 
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [stream](size_t, httplib::DataSink& sink) {
+      [stream, cut_short](size_t, httplib::DataSink& sink) {
         auto write = [&](const std::string& s) { return s.empty() || sink.write(s.data(), s.size()); };
         if (!stream->started) {
           stream->started = true;
@@ -170,8 +287,11 @@ void HttpServer::generation(Endpoint endpoint, const httplib::Request& req, http
         Event e;
         while (!stream->channel->pop(e, std::chrono::milliseconds(250)))
           if (!sink.is_writable()) return false;  // the releaser cancels
-        if (e.finish == FinishReason::Error) {
-          write(ResponseWriter::stream_error(ApiError(500, "generation failed: " + e.error, "", "generation_error")));
+        if (e.finish == FinishReason::Error || e.finish == FinishReason::Cancelled) {
+          stream->channel->cancel();
+          write(ResponseWriter::stream_error(e.finish == FinishReason::Error
+                                                 ? ApiError(500, "generation failed: " + e.error, "", "generation_error")
+                                                 : cut_short));
           write("data: [DONE]\n\n");
           sink.done();
           return true;

@@ -43,7 +43,7 @@ public:
 
 private:
   void routes();
-  void generation(Endpoint endpoint, const httplib::Request& req, httplib::Response& res);
+  void generation(Endpoint endpoint, const httplib::Request& req, const std::string& body, httplib::Response& res);
   std::string metrics_text() const;
 
   Engine& engine_;

@@ -1,6 +1,7 @@
 #include "serve/openai_api.h"
 
 #include <chrono>
+#include <cmath>
 #include <random>
 
 #include "data/text.h"
@@ -24,12 +25,22 @@ const char* type_of_status(int status) {
 }
 }  // namespace
 
-ApiError::ApiError(int s, const std::string& message, std::string p, std::string c)
-    : std::runtime_error(message), status(s), type(type_of_status(s)), param(std::move(p)), code(std::move(c)) {}
+namespace {
+std::string capped(const std::string& s, size_t limit = 1000) {
+  if (s.size() <= limit) return s;
+  size_t cut = limit;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // a character boundary
+  return s.substr(0, cut) + "... (" + std::to_string(s.size() - cut) + " more bytes)";
+}
+}  // namespace
+
+ApiError::ApiError(int s, const std::string& m, std::string p, std::string c)
+    : std::runtime_error(capped(m)), status(s), message(capped(m)), type(type_of_status(s)), param(capped(p, 200)),
+      code(std::move(c)) {}
 
 ordered_json error_body(const ApiError& e) {
   ordered_json err;
-  err["message"] = e.what();
+  err["message"] = e.message;
   err["type"] = e.type;
   err["param"] = e.param.empty() ? ordered_json() : ordered_json(e.param);
   err["code"] = e.code.empty() ? ordered_json() : ordered_json(e.code);
@@ -64,10 +75,16 @@ public:
   std::optional<int64_t> integer(const std::string& k, int64_t lo, int64_t hi) const {
     if (!has(k)) return std::nullopt;
     const json& v = at(k);
-    if (!v.is_number_integer() && !(v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))))
-      throw wrong(k, "an integer");
-    const double d = v.get<double>();
-    if (!(d >= static_cast<double>(lo) && d <= static_cast<double>(hi)))
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      throw range(k, std::to_string(lo), std::to_string(hi), v.dump());
+    if (v.is_number_integer()) {
+      const int64_t i = v.get<int64_t>();
+      if (i < lo || i > hi) throw range(k, std::to_string(lo), std::to_string(hi), v.dump());
+      return i;
+    }
+    if (!v.is_number_float() || std::floor(v.get<double>()) != v.get<double>()) throw wrong(k, "an integer");
+    const double d = v.get<double>();  // 2.0 is 2; beyond int64 (or the range) is out of range, not "not an integer"
+    if (!(d >= static_cast<double>(lo) && d <= static_cast<double>(hi)) || std::fabs(d) >= 9.2e18)
       throw range(k, std::to_string(lo), std::to_string(hi), v.dump());
     return static_cast<int64_t>(d);
   }
@@ -105,10 +122,12 @@ std::vector<int32_t> prompt_ids_of(const json& a, const ServedModel& m) {
   std::vector<int32_t> ids;
   for (const auto& v : a) {
     if (!v.is_number_integer()) throw Fields::wrong("prompt", "a string, an array of strings or of token ids");
-    const int64_t id = v.get<int64_t>();
-    if (id < 0 || id >= m.tok->vocab_size())
-      throw ApiError(400, "prompt token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+    const bool fits = v.is_number_unsigned() ? v.get<uint64_t>() < static_cast<uint64_t>(m.tok->vocab_size())
+                                             : v.get<int64_t>() >= 0 && v.get<int64_t>() < m.tok->vocab_size();
+    if (!fits)
+      throw ApiError(400, "prompt token id " + v.dump() + " is outside the vocabulary [0, " +
                               std::to_string(m.tok->vocab_size()) + ")", "prompt", "invalid_value");
+    const int64_t id = v.get<int64_t>();
     ids.push_back(static_cast<int32_t>(id));
   }
   return ids;
@@ -148,39 +167,14 @@ void read_prompts(const Fields& f, const ServedModel& m, ApiRequest& r) {
   }
 }
 
-// Chat `messages`: [{role, content}], content a string or an array of {type: "text", text} parts.
+// Chat `messages` (data/chat_format.h): the field at fault in a 400.
 data::Conversation read_messages(const Fields& f) {
   if (!f.has("messages")) throw ApiError(400, "'messages' is required", "messages", "missing_required_parameter");
-  const json& msgs = f.at("messages");
-  if (!msgs.is_array() || msgs.empty()) throw Fields::wrong("messages", "a non-empty array of messages");
-  data::Conversation conv;
-  for (size_t i = 0; i < msgs.size(); ++i) {
-    const std::string at = "messages[" + std::to_string(i) + "]";
-    const json& m = msgs[i];
-    if (!m.is_object()) throw Fields::wrong(at, "an object with 'role' and 'content'");
-    if (!m.contains("role") || !m["role"].is_string()) throw Fields::wrong(at + ".role", "a string");
-    std::string role = m["role"].get<std::string>();
-    if (role == "developer") role = "system";  // OpenAI's newer name for the system role
-    if (role != "system" && role != "user" && role != "assistant")
-      throw ApiError(400, at + ".role '" + role + "' is not system, developer, user or assistant", at + ".role",
-                     "invalid_value");
-    std::string content;
-    const json c = m.contains("content") ? m["content"] : json();
-    if (c.is_string()) {
-      content = c.get<std::string>();
-    } else if (c.is_array()) {
-      for (const auto& part : c) {
-        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
-          throw ApiError(400, at + ".content: only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                         at + ".content", "invalid_value");
-        content += part["text"].get<std::string>();
-      }
-    } else if (!(c.is_null() && role == "assistant")) {
-      throw Fields::wrong(at + ".content", "a string or an array of text parts");
-    }
-    conv.messages.push_back({role, content});
+  try {
+    return data::conversation_from_messages(f.at("messages"));
+  } catch (const data::MessageError& e) {
+    throw ApiError(400, e.what(), e.field, "invalid_value");
   }
-  return conv;
 }
 
 std::vector<std::string> read_stop(const Fields& f) {
@@ -204,28 +198,75 @@ std::vector<std::string> read_stop(const Fields& f) {
 
 }  // namespace
 
+namespace {
+ApiRequest parse_object(Endpoint endpoint, const json& j, const ServedModel& m);
+}  // namespace
+
 ApiRequest parse_request(Endpoint endpoint, const std::string& body, const ServedModel& m) {
   if (!data::is_valid_utf8(body))
     throw ApiError(400, "the body is not valid UTF-8 (JSON text must be)", "", "invalid_json");
   json j;
+  // Requests nest a few levels: deeper input is refused while it is read, before it is built (deep values cost
+  // recursion to copy, compare or print).
+  constexpr int kMaxDepth = 32;
+  bool too_deep = false;
   try {
-    j = json::parse(body);
+    j = json::parse(body, [&](int depth, json::parse_event_t, json&) {
+      if (depth > kMaxDepth) too_deep = true;
+      return !too_deep;
+    });
   } catch (const std::exception& e) {
     throw ApiError(400, "the body is not valid JSON: " + dsopen::json::reason(e), "", "invalid_json");
   }
+  if (too_deep) throw ApiError(400, "the body nests deeper than " + std::to_string(kMaxDepth) + " levels", "", "invalid_json");
   if (!j.is_object()) throw ApiError(400, "the body must be a JSON object", "", "invalid_json");
+  try {
+    return parse_object(endpoint, j, m);
+  } catch (const json::exception& e) {  // a value of a shape no check above foresaw: still the client's mistake
+    throw ApiError(400, "invalid request: " + dsopen::json::reason(e), "", "invalid_value");
+  }
+}
+
+namespace {
+ApiRequest parse_object(Endpoint endpoint, const json& j, const ServedModel& m) {
   const bool chat = endpoint == Endpoint::ChatCompletions;
   std::vector<std::string> known{"model",  "max_tokens", "temperature", "top_p",  "n",
                                  "stop",   "seed",       "stream",      "stream_options", "frequency_penalty",
                                  "presence_penalty", "logprobs", "user", "logit_bias",
+                                 // OpenAI's fields that do not change the text (accepted, ignored)
+                                 "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
                                  // vLLM's extensions, which front ends for local models send
-                                 "top_k", "repetition_penalty", "ignore_eos"};
+                                 "top_k", "repetition_penalty", "ignore_eos", "min_p", "min_tokens",
+                                 "skip_special_tokens", "include_stop_str_in_output"};
   for (const char* k : chat ? std::vector<const char*>{"messages", "top_logprobs", "max_completion_tokens",
                                                        "response_format", "tools", "tool_choice",
-                                                       "parallel_tool_calls"}
+                                                       "parallel_tool_calls", "functions", "function_call", "audio",
+                                                       "prediction", "modalities", "web_search_options",
+                                                       "reasoning_effort", "chat_template_kwargs",
+                                                       "add_generation_prompt"}
                             : std::vector<const char*>{"prompt", "echo", "suffix", "best_of"})
     known.push_back(k);
   const Fields f(j, known);
+  // Fields whose features we lack: fine when null (or at their neutral value), refused otherwise.
+  for (const char* k : {"functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort"})
+    if (f.has(k)) throw ApiError(400, std::string("'") + k + "' is not supported", k, "unsupported_parameter");
+  if (f.has("modalities") && f.at("modalities") != json::array({"text"}))
+    throw ApiError(400, "'modalities' supports only [\"text\"]", "modalities", "unsupported_parameter");
+  if (f.has("skip_special_tokens") && !f.boolean("skip_special_tokens").value())
+    throw ApiError(400, "'skip_special_tokens': false is not supported", "skip_special_tokens", "unsupported_parameter");
+  if (f.has("include_stop_str_in_output") && f.boolean("include_stop_str_in_output").value())
+    throw ApiError(400, "'include_stop_str_in_output': true is not supported", "include_stop_str_in_output",
+                   "unsupported_parameter");
+  if (f.has("add_generation_prompt") && !f.boolean("add_generation_prompt").value())
+    throw ApiError(400, "'add_generation_prompt': false is not supported (the reply starts a new assistant turn)",
+                   "add_generation_prompt", "unsupported_parameter");
+  f.boolean("store");
+  f.string("service_tier");
+  f.string("prompt_cache_key");
+  f.string("safety_identifier");
+  if (f.has("metadata") && !f.at("metadata").is_object()) throw Fields::wrong("metadata", "an object");
+  if (f.has("chat_template_kwargs") && !f.at("chat_template_kwargs").is_object())
+    throw Fields::wrong("chat_template_kwargs", "an object");
 
   ApiRequest r;
   r.endpoint = endpoint;
@@ -252,7 +293,8 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
       throw ApiError(400, "'tools' (function calling) is not supported", "tools", "unsupported_parameter");
     if (f.has("tool_choice") && f.at("tool_choice") != "none")
       throw ApiError(400, "'tool_choice' is not supported", "tool_choice", "unsupported_parameter");
-    if (f.has("response_format") && f.at("response_format").value("type", "") != "text")
+    if (f.has("response_format") && !(f.at("response_format").is_object() && f.at("response_format").contains("type") &&
+                                      f.at("response_format").at("type") == "text"))
       throw ApiError(400, "'response_format' supports only {\"type\": \"text\"}", "response_format",
                      "unsupported_parameter");
   } else {
@@ -272,6 +314,9 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
     }
   }
   r.n = f.integer("n", 1, 16).value_or(1);
+  if (r.n > m.max_sequences)
+    throw ApiError(400, "n = " + std::to_string(r.n) + " is more sequences than this server takes per request (" +
+                            std::to_string(m.max_sequences) + ")", "n", "invalid_value");
   if (!chat) {
     if (const auto best_of = f.integer("best_of", 1, 16); best_of && *best_of != r.n)
       throw ApiError(400, "'best_of' other than n is not supported", "best_of", "unsupported_parameter");
@@ -291,6 +336,8 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
   s.repetition_penalty = f.number("repetition_penalty", 0, 10).value_or(gen_samples ? gen->repetition_penalty : 1.0);
   if (s.repetition_penalty == 0)
     throw ApiError(400, "'repetition_penalty' must be > 0", "repetition_penalty", "invalid_value");
+  s.min_p = f.number("min_p", 0, 1).value_or(0.0);
+  r.params.min_tokens = f.integer("min_tokens", 0, std::numeric_limits<int32_t>::max()).value_or(0);
   s.frequency_penalty = f.number("frequency_penalty", -2, 2).value_or(0.0);
   s.presence_penalty = f.number("presence_penalty", -2, 2).value_or(0.0);
   if (const auto seed = f.integer("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()))
@@ -317,13 +364,21 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
       throw ApiError(400, "the last message must not be the assistant's (continuing a reply is not supported)",
                      "messages", "invalid_value");
     try {
-      r.prompts.push_back(chat_format->prompt_ids(conv, *m.tok));
+      r.prompts.push_back(chat_format->prompt_ids(conv, *m.tok, f.has("chat_template_kwargs") ? f.at("chat_template_kwargs")
+                                                                                          : json::object()));
     } catch (const Error& e) {  // the template's raise_exception: a conversation it does not take
       throw ApiError(400, e.what(), "messages", "invalid_value");
     }
     r.prompt_texts.push_back("");
     for (const auto& marker : chat_format->stop_strings()) r.params.stop.push_back(marker);
   } else {
+    // Every prompt x n choices is a sequence: more than the server queues can never run, so refuse before tokenizing.
+    const json& p = f.has("prompt") ? f.at("prompt") : json();
+    const int64_t prompts = p.is_array() && !p.empty() && !p.front().is_number() ? static_cast<int64_t>(p.size()) : 1;
+    if (prompts * r.n > m.max_sequences)
+      throw ApiError(400, std::to_string(prompts) + " prompts x n = " + std::to_string(r.n) + " asks for " +
+                              std::to_string(prompts * r.n) + " sequences; this server takes at most " +
+                              std::to_string(m.max_sequences) + " per request", "prompt", "invalid_value");
     read_prompts(f, m, r);
   }
 
@@ -353,6 +408,8 @@ ApiRequest parse_request(Endpoint endpoint, const std::string& body, const Serve
   r.params.max_tokens = max_tokens.value_or(std::min(fallback, room));
   return r;
 }
+
+}  // namespace
 
 std::vector<GenerationParams> sequences_of(const ApiRequest& r, std::vector<size_t>& indices) {
   std::vector<GenerationParams> out;
@@ -388,14 +445,17 @@ ResponseWriter::ResponseWriter(const ApiRequest& r, const ServedModel& m)
       choices_(r.prompts.size() * static_cast<size_t>(r.n)) {
   for (const auto& p : r.prompts) prompt_tokens_ += static_cast<int64_t>(p.size());
   if (r.echo)
-    for (size_t i = 0; i < choices_.size(); ++i) choices_[i].text = r.prompt_texts[i / static_cast<size_t>(r.n)];
+    for (size_t i = 0; i < choices_.size(); ++i) {
+      choices_[i].text = r.prompt_texts[i / static_cast<size_t>(r.n)];
+      choices_[i].streamed_offset = choices_[i].text.size();
+    }
 }
 
 ordered_json ResponseWriter::head(const char* object) const {
   return {{"id", id_}, {"object", object}, {"created", created_}, {"model", m_.name}};
 }
 
-ordered_json ResponseWriter::logprobs_json(const std::vector<TokenLogprob>& lps, size_t text_offset) const {
+ordered_json ResponseWriter::logprobs_json(const std::vector<TokenLogprob>& lps, size_t& text_offset) const {
   auto piece = [&](int32_t id) { return m_.tok->decode({id}); };
   auto bytes = [](const std::string& s) {
     ordered_json b = ordered_json::array();
@@ -472,7 +532,7 @@ std::string ResponseWriter::stream_event(const Event& e) {
   } else {
     choice["text"] = text;
   }
-  choice["logprobs"] = r_.logprobs >= 0 && !e.logprobs.empty() ? logprobs_json(e.logprobs, 0) : ordered_json();
+  choice["logprobs"] = r_.logprobs >= 0 && !e.logprobs.empty() ? logprobs_json(e.logprobs, c.streamed_offset) : ordered_json();
   choice["finish_reason"] = finished ? ordered_json(finish_reason_name(e.finish)) : ordered_json();
   ordered_json chunk = head(chat ? "chat.completion.chunk" : "text_completion");
   chunk["choices"] = ordered_json::array({choice});
@@ -510,7 +570,7 @@ ordered_json ResponseWriter::body() const {
     ordered_json choice = {{"index", i}};
     if (chat) choice["message"] = {{"role", "assistant"}, {"content", c.text}};
     else choice["text"] = c.text;
-    const size_t offset = r_.echo ? r_.prompt_texts[i / static_cast<size_t>(r_.n)].size() : 0;
+    size_t offset = r_.echo ? r_.prompt_texts[i / static_cast<size_t>(r_.n)].size() : 0;
     choice["logprobs"] = r_.logprobs >= 0 ? logprobs_json(c.logprobs, offset) : ordered_json();
     choice["finish_reason"] = c.finish == FinishReason::None ? ordered_json() : ordered_json(finish_reason_name(c.finish));
     choices.push_back(choice);

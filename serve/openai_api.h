@@ -19,10 +19,12 @@
 namespace dsopen::serve {
 
 // An error the client receives as {"error": {"message", "type", "param", "code"}} with HTTP `status`.
+// The message is kept whole (NUL bytes of a quoted value included) and cut at 1000 bytes: an error never echoes a
+// large request back.
 struct ApiError : std::runtime_error {
   ApiError(int status, const std::string& message, std::string param = "", std::string code = "");
   int status;
-  std::string type, param, code;
+  std::string message, type, param, code;
 };
 nlohmann::ordered_json error_body(const ApiError& e);
 
@@ -34,6 +36,7 @@ struct ServedModel {
   std::optional<model::GenerationConfig> generation;  // defaults for unset sampling fields
   std::vector<int32_t> eos_ids;
   int64_t capacity = 0;              // prompt + generated tokens per sequence
+  int64_t max_sequences = 256;       // prompts x n of one request at most (the engine's waiting limit)
   int64_t created = 0;               // unix time the server started (the /v1/models `created`)
   // LoRA adapters served over the model (model/lora.h add_served_adapter), selected by `model`: adapter k (from 1)
   // is adapters[k - 1], with the chat format of its run.
@@ -92,9 +95,11 @@ private:
     std::vector<TokenLogprob> logprobs;
     FinishReason finish = FinishReason::None;
     int64_t completion_tokens = 0;
+    size_t streamed_offset = 0;  // streaming: text_offset of the next token's logprob
   };
   nlohmann::ordered_json head(const char* object) const;
-  nlohmann::ordered_json logprobs_json(const std::vector<TokenLogprob>& lps, size_t text_offset) const;
+  // `text_offset` (completions): where the first token's text starts in the choice's text; advanced past them.
+  nlohmann::ordered_json logprobs_json(const std::vector<TokenLogprob>& lps, size_t& text_offset) const;
   nlohmann::ordered_json usage() const;
   void note(const Event& e);
 

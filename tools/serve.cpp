@@ -72,9 +72,15 @@ void check_args(const cxxopts::ParseResult& args) {
   if (args["max-num-seqs"].as<int64_t>() < 1) throw usage_error("--max-num-seqs", "must be >= 1");
   if (args["max-waiting"].as<int64_t>() < 1) throw usage_error("--max-waiting", "must be >= 1");
   if (args["prefill-chunk"].as<int64_t>() < 1) throw usage_error("--prefill-chunk", "must be >= 1");
-  if (!(args["max-body-mb"].as<double>() > 0)) throw usage_error("--max-body-mb", "must be > 0");
-  if (args["http-threads"].as<int>() < 1) throw usage_error("--http-threads", "must be >= 1");
-  if (!(args["shutdown-grace"].as<double>() >= 0)) throw usage_error("--shutdown-grace", "must be >= 0");
+  if (!(args["max-body-mb"].as<double>() >= 0.001 && args["max-body-mb"].as<double>() <= 4096))
+    throw usage_error("--max-body-mb", "must be in 0.001..4096");
+  if (args["host"].as<std::string>().empty()) throw usage_error("--host", "is empty", "give an address: 127.0.0.1, 0.0.0.0, ::1");
+  // Each is a thread with its own stack, started at once: a large count exhausts the process limit.
+  if (args["http-threads"].as<int>() < 1 || args["http-threads"].as<int>() > 4096)
+    throw usage_error("--http-threads", "must be in 1..4096, got " + std::to_string(args["http-threads"].as<int>()));
+  if (!(args["shutdown-grace"].as<double>() >= 0 && args["shutdown-grace"].as<double>() <= 86400))
+    throw usage_error("--shutdown-grace", "must be in 0..86400 seconds");
+  if (args["threads"].as<int>() < 0) throw usage_error("--threads", "must be >= 0 (0: all usable CPUs but one)");
   if (args.count("max-model-len") && args["max-model-len"].as<int64_t>() < 2)
     throw usage_error("--max-model-len", "must be >= 2");
 }
@@ -149,6 +155,7 @@ static int run(int argc, char** argv) {
   eo.capacity = capacity;
   eo.cache_dtype = cache_dtype;
   eo.max_waiting = args["max-waiting"].as<int64_t>();
+  if (eo.max_waiting > 1000000) throw usage_error("--max-waiting", "must be <= 1000000");
   eo.prefill_chunk = args["prefill-chunk"].as<int64_t>();
 
   serve::ServedModel served;
@@ -167,6 +174,7 @@ static int run(int argc, char** argv) {
   served.generation = model::read_generation_config(dir);
   served.eos_ids = inference::resolve_eos_ids(served.generation, model->config());
   served.capacity = capacity;
+  served.max_sequences = eo.max_waiting;
   served.created = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 
   serve::ServerOptions so;
@@ -187,19 +195,25 @@ static int run(int argc, char** argv) {
   std::fflush(stdout);
 
   std::atomic<bool> serving_done{false};
+  std::thread shutdown_thread;
   std::thread signal_thread([&] {
     int sig = 0;
     sigwait(&signals, &sig);
     if (serving_done) return;
-    spdlog::info("{}: finishing running requests (up to {:.0f} s), then stopping", sig == SIGINT ? "SIGINT" : "SIGTERM",
-              so.shutdown_grace.count() / 1000.0);
-    server.shutdown();
+    spdlog::info("{}: finishing running requests (up to {:.0f} s; a second signal stops at once)",
+                 sig == SIGINT ? "SIGINT" : "SIGTERM", so.shutdown_grace.count() / 1000.0);
+    shutdown_thread = std::thread([&] { server.shutdown(); });
+    sigwait(&signals, &sig);
+    if (serving_done) return;
+    spdlog::warn("second signal: stopping now, running requests are cut off");
+    std::_Exit(130);
   });
   server.serve();
   // serve() also returns when listening fails after binding; wake the signal thread so it can be joined.
   serving_done = true;
   pthread_kill(signal_thread.native_handle(), SIGTERM);
   signal_thread.join();
+  if (shutdown_thread.joinable()) shutdown_thread.join();
   spdlog::info("stopped");
   return 0;
 }

@@ -8,6 +8,7 @@
 #include <iterator>
 #include <sstream>
 
+#include "data/chat_format.h"
 #include "data/hf_tokenizer.h"
 #include "inference/generation_setup.h"
 #include "model/model_dir.h"
@@ -34,7 +35,8 @@ cxxopts::Options make_options() {
       cxxopts::value<double>()->default_value("0.9995"))(
       "no-strip-ansi", "Keep terminal escape sequences in the training text")(
       "output", "Where train writes the .model file", cxxopts::value<std::string>())(
-      "model", "Tokenizer .model file (encode/decode)", cxxopts::value<std::string>())(
+      "model", "encode/decode: a tokenizer (.model file, tokenizer.json, or a directory holding one); chat: a model "
+               "directory (checkpoint or HF)", cxxopts::value<std::string>())(
       "text", "Text to encode (default: standard input)", cxxopts::value<std::string>())(
       "ids", "Whitespace-separated ids to decode (default: standard input)", cxxopts::value<std::string>())(
       "pieces", "encode: also print the pieces")(
@@ -144,12 +146,11 @@ void chat(const cxxopts::ParseResult& args) {
     throw usage_error(where, std::string("not valid JSON: ") + json::reason(e));
   }
   if (j.is_object() && j.contains("messages")) j = j["messages"];
-  if (!j.is_array()) throw usage_error(where, "expected a list of {\"role\", \"content\"} messages");
   data::Conversation conv;
-  for (const auto& m : j) {
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") || !m["content"].is_string())
-      throw usage_error(where, "every message needs a string role and a string content, got " + m.dump());
-    conv.messages.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+  try {
+    conv = data::conversation_from_messages(j);
+  } catch (const data::MessageError& e) {
+    throw usage_error(where, e.what());
   }
   const std::string tok_path = model::ModelDir(dir).tokenizer_path();
   auto tok = data::load_tokenizer(tok_path.empty() ? dir : tok_path);

@@ -241,23 +241,26 @@ def test_model(name, model):
 
 
 def test_queue_and_shutdown(model):
-    # One sequence at a time, one waiting: a request with n=2 fills both (its second choice waits for the row of
-    # its first), so another request is refused with 429.
-    s = Server(model, "--max-num-seqs", "1", "--max-waiting", "1")
+    # One sequence at a time, three waiting at most: a request with n=3 runs one choice and queues two (they wait
+    # for its row), so a request of two more is refused with 429, and one larger than the queue with 400.
+    s = Server(model, "--max-num-seqs", "1", "--max-waiting", "3")
     long_req = {"model": "m", "prompt": "A", "max_tokens": 250, "ignore_eos": True}
     results = {}
 
     def post():
-        results["n=2"] = s.raw("POST", "/v1/completions", body=json.dumps({**long_req, "n": 2}))[0]
+        results["n=3"] = s.raw("POST", "/v1/completions", body=json.dumps({**long_req, "n": 3}))[0]
 
     t1 = threading.Thread(target=post)
     t1.start()
-    while s.metrics()["dsopen_requests_waiting"] < 1:
+    deadline = time.time() + 30
+    while s.metrics()["dsopen_requests_waiting"] < 2 and time.time() < deadline:
         time.sleep(0.005)
-    st, data = s.raw("POST", "/v1/completions", body=json.dumps(long_req))
+    st, data = s.raw("POST", "/v1/completions", body=json.dumps({**long_req, "n": 2}))
     check(st == 429 and json.loads(data)["error"]["code"] == "queue_full", f"a full queue -> 429 (got {st})")
+    st, data = s.raw("POST", "/v1/completions", body=json.dumps({**long_req, "n": 4}))
+    check(st == 400 and json.loads(data)["error"]["param"] == "n", f"n beyond what the queue takes -> 400 (got {st})")
     t1.join()
-    check(results == {"n=2": 200}, "the queued request still finishes")
+    check(results == {"n=3": 200}, "the queued request still finishes")
 
     # SIGTERM during a stream: the stream completes, new requests are refused, the process exits 0.
     stream = s.client.completions.create(model="m", prompt="A", max_tokens=100, stream=True,

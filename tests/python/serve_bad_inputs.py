@@ -86,6 +86,16 @@ for path, good in GOOD.items():
               (path, json.dumps({**good, "model": "m\udcff"}, ensure_ascii=False).encode("utf-8", "surrogatepass")),
               (path, json.dumps({**good, "max_tokens": 10**9}).encode()), (path, json.dumps([good]).encode()),
               (path, json.dumps({**good, "unknown_field": 1}).encode()), (path, b"x" * (2 << 20))]
+deep = 200000  # nested inside a field, not only at the top
+cases += [("/v1/chat/completions", ('{"model":"m","messages":[{"role":"user","content":' + "[" * deep + "]" * deep +
+                                    "}]}").encode()),
+          ("/v1/completions", ('{"model":"m","prompt":"x","metadata":' + '{"a":' * deep + "1" + "}" * deep + "}").encode()),
+          ("/v1/chat/completions", json.dumps({**GOOD["/v1/chat/completions"], "response_format": "text"}).encode()),
+          ("/v1/chat/completions", json.dumps({**GOOD["/v1/chat/completions"],
+                                               "messages": [{"role": "user", "content": [{"type": 5, "text": "x"}]}]}).encode()),
+          ("/v1/completions", json.dumps({**GOOD["/v1/completions"], "prompt": ["a"] * 100000, "n": 16}).encode()),
+          ("/v1/completions", json.dumps({**GOOD["/v1/completions"], "seed": 2**63}).encode()),
+          ("/v1/completions", json.dumps({**GOOD["/v1/completions"], "seed": -2**63 - 1}).encode())]
 cases += [("/v1/chat/completions", json.dumps({**GOOD["/v1/chat/completions"], "messages": m}).encode())
           for m in ([], [{}], [{"role": "user"}], [{"role": "user", "content": 5}], [{"role": 1, "content": "x"}],
                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
@@ -129,9 +139,36 @@ MUST = [({**c, "temperature": "hot"}, 400), ({**c, "max_tokens": -1}, 400), ({**
         ({**c, "top_p": 0}, 400), ({**c, "stop": {}}, 400), ({**c, "stop": ["a"] * 5}, 400), ({**c, "seed": "1"}, 400),
         ({**c, "stream": "yes"}, 400), ({**c, "logprobs": 9}, 400), ({**c, "model": "other"}, 404),
         ({**c, "max_tokens": 10**9}, 400), ({**c, "prompt": [10**9]}, 400), ({**c, "prompt": []}, 400),
-        ({**c, "frequency_penalty": 3}, 400), ({**c, "unknown_field": 1}, 400), ({**c, "stream_options": {}}, 400)]
+        ({**c, "frequency_penalty": 3}, 400), ({**c, "unknown_field": 1}, 400), ({**c, "stream_options": {}}, 400),
+        ({**c, "seed": 2**63}, 400), ({**c, "prompt": ["a"] * 1000, "n": 16}, 400), ({**c, "n": 2, "prompt": [2**64 - 1]}, 400)]
 wrong = [(body, want, st) for body, want in MUST for st in [post("/v1/completions", json.dumps(body))[0]] if st != want]
 check(not wrong, f"each certainly-wrong request gets its status: {wrong[:3]}")
+
+# A chunked body past --max-body-mb is refused as one with a Content-Length is, without echoing it back.
+sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+chunk = b'{"model":"m","prompt":"' + b"a" * 65536
+try:
+    sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    for _ in range(40):
+        sock.sendall(b"%x\r\n" % 65536 + b"a" * 65536 + b"\r\n")
+except OSError:
+    pass
+reply = b""
+try:
+    while b"\r\n\r\n" not in reply or len(reply) < 200:
+        part = sock.recv(65536)
+        if not part:
+            break
+        reply += part
+except OSError:
+    pass
+sock.close()
+check(reply.startswith(b"HTTP/1.1 413") and len(reply) < 5000, f"a chunked body over the limit -> 413, short: {reply[:60]!r}")
+
+# A second server on the same port fails at start instead of sharing it.
+r = subprocess.run([b("serve"), "--model", model, "--port", str(port)], capture_output=True, text=True, timeout=120)
+check(r.returncode == 2 and "cannot listen" in r.stderr, f"a port in use is an error: {r.stderr.strip()[-200:]}")
 
 # Slow clients: half a request, then silence; the server serves others meanwhile and drops them after its timeout.
 slow = []

@@ -129,6 +129,15 @@ try:
     check(len(driver.find_elements(By.CSS_SELECTOR, "#conversations li")) == 2, "New chat adds a conversation")
     driver.find_elements(By.CSS_SELECTOR, "#conversations li")[1].click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg")) == 4)
+    # A phone-sized window: the panels fold away behind the menu button.
+    driver.set_window_size(420, 800)
+    check(not driver.find_element(By.ID, "settings").is_displayed(), "narrow window: the settings fold away")
+    driver.find_element(By.ID, "menu").click()
+    check(driver.find_element(By.ID, "settings").is_displayed() and driver.find_element(By.ID, "api_key").is_enabled(),
+          "narrow window: the menu button shows conversations and settings")
+    driver.find_element(By.ID, "close-panels").click()
+    check(not driver.find_element(By.ID, "settings").is_displayed(), "narrow window: Close folds them again")
+    driver.set_window_size(1280, 800)
     driver.save_screenshot(SCREENSHOT)
     check(os.path.getsize(SCREENSHOT) > 1000, f"screenshot written to {SCREENSHOT}")
 finally:
