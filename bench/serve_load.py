@@ -21,6 +21,17 @@ from urllib.parse import urlparse
 FORTUNES = "/usr/share/games/fortunes/fortunes"
 
 
+def make_prompts(rng, min_words, max_words, count=200):
+    """`count` prompts of min..max words cut from fortunes at random places."""
+    words = open(FORTUNES, encoding="utf-8", errors="replace").read().split()
+    prompts = []
+    for _ in range(count):
+        n = rng.randint(min_words, max_words)
+        start = rng.randrange(len(words) - n)
+        prompts.append(" ".join(words[start:start + n]))
+    return prompts
+
+
 def rss_mb(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -104,12 +115,7 @@ async def main():
     args = ap.parse_args()
     u = urlparse(args.url)
     rng = random.Random(args.seed)
-    words = open(FORTUNES, encoding="utf-8", errors="replace").read().split()
-    prompts = []
-    for _ in range(200):
-        n = rng.randint(args.min_prompt, args.max_prompt)
-        start = rng.randrange(len(words) - n)
-        prompts.append(" ".join(words[start:start + n]))
+    prompts = make_prompts(rng, args.min_prompt, args.max_prompt)
 
     # Warm-up (not counted): the same load for a few seconds, then the measured run.
     warm = {"ttft": [], "itl": [], "tokens": 0, "requests": 0, "errors": 0, "error_samples": []}

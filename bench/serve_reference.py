@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-FORTUNES = "/usr/share/games/fortunes/fortunes"
+from serve_load import make_prompts  # the same prompt draw as the load generator
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -29,12 +29,7 @@ args = ap.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
 rng = random.Random(args.seed)
-words = open(FORTUNES, encoding="utf-8", errors="replace").read().split()
-prompts = []
-for _ in range(200):
-    n = rng.randint(args.min_prompt, args.max_prompt)
-    start = rng.randrange(len(words) - n)
-    prompts.append(" ".join(words[start:start + n]))
+prompts = make_prompts(rng, args.min_prompt, args.max_prompt)
 tok = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32).eval()
 latencies, tokens = [], 0

@@ -32,32 +32,13 @@ from harness import Harness
 
 H = Harness(sys.argv[1], "dsopen-serve-")
 W, b, run, must, check = H.work, H.b, H.run, H.must, H.check
-FORTUNES = "/usr/share/games/fortunes/fortunes"
 KEY = "test-key"
 
-must([b("tokenizer"), "train", FORTUNES, "--vocab-size", "600", "--character-coverage", "0.999",
-      "--user-symbols", "<|User|>,<|Assistant|>,<|System|>,<|end|>", "--output", os.path.join(W, "tok.model")])
 MODELS = {
     "llama": "{flavor: tiny-dense, vocab_size: 640, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
              "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}",
     "v3": "{flavor: debug, vocab_size: 600, max_position_embeddings: 256}",
 }
-
-
-def train(name, model):
-    with open(os.path.join(W, f"{name}.yaml"), "w") as f:
-        f.write(f"""run: {{name: {name}, output_dir: {W}/{name}, seed: 3, log_every: 10, threads: 2}}
-model: {model}
-tokenizer: {{path: {W}/tok.model}}
-data:
-  train: [{W}/shards/f_*.bin]
-  seq_len: 64
-  build: {{inputs: [{FORTUNES}], output: {W}/shards/f, doc_separator: "%"}}
-train: {{max_steps: 40, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 4}}
-checkpoint: {{every: 40}}
-""")
-    must([b("train"), "--config", os.path.join(W, f"{name}.yaml")])
-    return os.path.join(W, name, "checkpoints", "step_00000040")
 
 
 class Server:
@@ -323,7 +304,7 @@ def generate_with(model, prompt, n, adapter):
     return out["texts"][0], len(out["tokens"][0])
 
 
-models = {name: train(name, m) for name, m in MODELS.items()}
+models = {name: H.train_small(name, m, steps=40, warmup=4) for name, m in MODELS.items()}
 for name, model in models.items():
     test_model(name, model)
 test_adapters(models["llama"])

@@ -23,24 +23,10 @@ from harness import Harness
 
 H = Harness(sys.argv[1], "dsopen-serve-fuzz-")
 W, b, must, check = H.work, H.b, H.must, H.check
-FORTUNES = "/usr/share/games/fortunes/fortunes"
 
-must([b("tokenizer"), "train", FORTUNES, "--vocab-size", "500", "--character-coverage", "0.999",
-      "--user-symbols", "<|User|>,<|Assistant|>,<|System|>,<|end|>", "--output", os.path.join(W, "tok.model")])
-with open(os.path.join(W, "run.yaml"), "w") as f:
-    f.write(f"""run: {{name: fuzz, output_dir: {W}/run, seed: 3, log_every: 10, threads: 2}}
-model: {{flavor: tiny-dense, vocab_size: 512, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-        num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}}
-tokenizer: {{path: {W}/tok.model}}
-data:
-  train: [{W}/shards/f_*.bin]
-  seq_len: 64
-  build: {{inputs: [{FORTUNES}], output: {W}/shards/f, doc_separator: "%"}}
-train: {{max_steps: 5, micro_batch_size: 2, lr: 1.0e-2}}
-checkpoint: {{every: 5}}
-""")
-must([b("train"), "--config", os.path.join(W, "run.yaml")])
-model = os.path.join(W, "run", "checkpoints", "step_00000005")
+model = H.train_small("fuzz", "{flavor: tiny-dense, vocab_size: 512, hidden_size: 64, intermediate_size: 128, "
+                      "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
+                      "max_position_embeddings: 128}", steps=5, vocab=500, micro_batch=2)
 server = subprocess.Popen([b("serve"), "--model", model, "--port", "0", "--served-model-name", "m", "--threads", "1",
                            "--max-body-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 line = server.stdout.readline()

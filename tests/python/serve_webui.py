@@ -25,24 +25,10 @@ from harness import Harness
 H = Harness(sys.argv[1], "dsopen-webui-")
 SCREENSHOT = sys.argv[2]
 W, b, must, check = H.work, H.b, H.must, H.check
-FORTUNES = "/usr/share/games/fortunes/fortunes"
 
-must([b("tokenizer"), "train", FORTUNES, "--vocab-size", "600", "--character-coverage", "0.999",
-      "--user-symbols", "<|User|>,<|Assistant|>,<|System|>,<|end|>", "--output", os.path.join(W, "tok.model")])
-with open(os.path.join(W, "run.yaml"), "w") as f:
-    f.write(f"""run: {{name: webui, output_dir: {W}/run, seed: 3, log_every: 10, threads: 2}}
-model: {{flavor: tiny-dense, vocab_size: 640, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
-        num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 2048}}
-tokenizer: {{path: {W}/tok.model}}
-data:
-  train: [{W}/shards/f_*.bin]
-  seq_len: 64
-  build: {{inputs: [{FORTUNES}], output: {W}/shards/f, doc_separator: "%"}}
-train: {{max_steps: 30, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 3}}
-checkpoint: {{every: 30}}
-""")
-must([b("train"), "--config", os.path.join(W, "run.yaml")])
-model = os.path.join(W, "run", "checkpoints", "step_00000030")
+model = H.train_small("webui", "{flavor: tiny-dense, vocab_size: 640, hidden_size: 64, intermediate_size: 128, "
+                      "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
+                      "max_position_embeddings: 2048}", steps=30, warmup=3)
 # Only <unk> (never a training target) ends a reply, so the long generation below runs until stopped.
 with open(os.path.join(model, "generation_config.json"), "w") as f:
     json.dump({"eos_token_id": [0], "do_sample": False}, f)
