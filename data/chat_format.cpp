@@ -1,6 +1,7 @@
 #include "data/chat_format.h"
 
 #include <filesystem>
+#include <optional>
 
 #include "data/hf_tokenizer_files.h"
 #include "utils/env.h"
@@ -47,7 +48,7 @@ ChatFormat::ChatFormat(ChatTemplate tmpl) : tmpl_(std::move(tmpl)), description_
 
 ChatFormat::ChatFormat(const std::string& jinja_source, std::string bos_token, std::string eos_token, std::string where)
     : jinja_(std::make_shared<jinja::Template>(jinja_source, where)), bos_(std::move(bos_token)),
-      eos_(std::move(eos_token)), description_("the model's chat template (" + where + ")") {}
+      eos_(std::move(eos_token)), description_("the model's chat template (" + where + ")"), source_(jinja_source) {}
 
 namespace {
 
@@ -88,10 +89,40 @@ std::optional<ChatFormat> jinja_format_in(const fs::path& dir) {
 
 }  // namespace
 
+ChatFormat ChatFormat::from_jinja_path(const std::string& path) {
+  std::error_code ec;
+  const fs::path p(path);
+  if (fs::is_directory(p, ec)) {
+    if (auto f = jinja_format_in(p)) return *f;
+    throw runtime_error(path, "holds no chat_template.jinja and no tokenizer_config.json with a chat_template");
+  }
+  if (p.filename() == "tokenizer_config.json") {
+    if (auto f = jinja_format_in(p.parent_path())) return *f;
+    throw runtime_error(path, "has no chat_template");
+  }
+  if (!fs::is_regular_file(p, ec)) throw runtime_error(path, "chat template not found");
+  // A bare template: the special tokens from a tokenizer_config.json beside it, if any.
+  std::string bos, eos;
+  const fs::path config_path = p.parent_path() / "tokenizer_config.json";
+  if (fs::is_regular_file(config_path, ec)) {
+    try {
+      const auto config = json::parse(env::read_file(config_path.string()), config_path.string());
+      bos = special_token(config, "bos_token"), eos = special_token(config, "eos_token");
+    } catch (const nlohmann::json::exception& e) {
+      throw runtime_error(config_path.string(), std::string("not valid JSON: ") + json::reason(e));
+    }
+  }
+  return ChatFormat(env::read_file(path), bos, eos, path);
+}
+
+ChatFormat ChatFormat::for_template(const ChatTemplate& tmpl) {
+  return tmpl.jinja.empty() ? ChatFormat(tmpl) : from_jinja_path(tmpl.jinja);
+}
+
 ChatFormat ChatFormat::for_model(const std::string& model_dir, const std::string& tokenizer_dir) {
   std::error_code ec;
-  // A dsopen run's own checkpoint: the SFT template it trained with (its export's Jinja template renders the same).
-  if (fs::exists(fs::path(model_dir) / "dsopen.yaml", ec)) return ChatFormat(chat_template_of(model_dir));
+  // A dsopen run's own checkpoint: the template it trained with (its export's Jinja template renders the same).
+  if (fs::exists(fs::path(model_dir) / "dsopen.yaml", ec)) return for_template(chat_template_of(model_dir));
   for (const std::string& dir : {model_dir, tokenizer_dir}) {
     if (dir.empty()) continue;
     const fs::path d = fs::is_directory(dir, ec) ? fs::path(dir) : fs::path(dir).parent_path();
@@ -143,7 +174,10 @@ std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Toke
       for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
     return ids;
   }
-  const std::string text = render(conv, true, tok, extra);
+  return encode(render(conv, true, tok, extra), tok);
+}
+
+std::vector<int32_t> ChatFormat::encode(const std::string& text, const Tokenizer& tok) const {
   // BOS/EOS written out by the template become their ids (a SentencePiece model never reads "<s>" as BOS).
   std::vector<std::pair<std::string, int32_t>> specials;
   for (const auto& s : {bos_, eos_})
@@ -165,6 +199,44 @@ std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Toke
     pos = next + which->first.size();
   }
   return ids;
+}
+
+TokenizedConversation ChatFormat::tokenize(const Conversation& conv, const Tokenizer& tok) const {
+  if (!jinja_) return tokenize_conversation(conv, tok, tmpl_);
+  // The whole conversation encoded at once, as apply_chat_template(tokenize=True) does; each reply's tokens are
+  // those after the prompt that would have asked for it (the messages before it, generation prompt on) up to where
+  // the conversation ending with it parts from the whole (so a template's end-of-conversation EOS counts only when
+  // the reply is the last message). Compared as tokens, not text: the two renders may share the first characters
+  // of different markers.
+  auto common = [](const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+    size_t n = 0;
+    while (n < a.size() && n < b.size() && a[n] == b[n]) ++n;
+    return n;
+  };
+  const std::vector<int32_t> ids = encode(render(conv, false, tok), tok);
+  std::vector<char> target(ids.size(), 0);
+  Conversation upto;
+  for (size_t i = 0; i < conv.messages.size(); ++i) {
+    if (conv.messages[i].role == "assistant") {
+      const auto before = encode(render(upto, true, tok), tok);
+      const size_t start = common(before, ids);
+      if (start < before.size())
+        throw runtime_error(description_, "the conversation up to message " + std::to_string(i) +
+                                              " does not render as the start of the whole conversation",
+                            "a template that rewrites earlier turns cannot mark what to train");
+      upto.messages.push_back(conv.messages[i]);
+      const size_t end = common(encode(render(upto, false, tok), tok), ids);
+      for (size_t t = start; t < end; ++t) target[t] = 1;
+    } else {
+      upto.messages.push_back(conv.messages[i]);
+    }
+  }
+  TokenizedConversation out;
+  out.labels.assign(ids.size(), -100);  // ignored by the loss (as in data/sft.h)
+  for (size_t i = 0; i + 1 < ids.size(); ++i)
+    if (target[i + 1]) out.labels[i] = ids[i + 1];
+  out.ids = ids;
+  return out;
 }
 
 std::vector<std::string> ChatFormat::stop_strings() const {

@@ -39,6 +39,13 @@ public:
   // the Jinja template (a --tokenizer given apart from the model). Runtime errors name a file that cannot be read
   // or a template that does not parse.
   static ChatFormat for_model(const std::string& model_dir, const std::string& tokenizer_dir = "");
+  // The format a run's data.chat_template describes: its `jinja` template when set, else the SFT template itself.
+  static ChatFormat for_template(const ChatTemplate& tmpl);
+  // The Jinja source of `path` (a .jinja file, a tokenizer_config.json, or a directory holding either), with the
+  // bos/eos strings of the tokenizer_config.json there; a runtime error naming the path when there is none.
+  static ChatFormat from_jinja_path(const std::string& path);
+  // The template's source (Jinja formats only): what an export writes as its chat_template.
+  const std::string& jinja_source() const { return source_; }
 
   bool is_jinja() const { return jinja_ != nullptr; }
   const ChatTemplate& sft_template() const { return tmpl_; }
@@ -61,10 +68,21 @@ public:
   // (the model's EOS ids end it).
   std::vector<std::string> stop_strings() const;
 
+  // A whole conversation for SFT: ids and labels (the assistant's tokens are targets). SFT templates: as
+  // data::tokenize_conversation. Jinja: the conversation rendered and encoded at once (special tokens kept as their
+  // ids); each reply's targets are the tokens after the prompt that asks for it (the messages before it rendered
+  // with the generation prompt) up to where the conversation ending with it parts from the whole — whatever the
+  // template writes to close a reply is trained, EOS included when it ends the conversation. A template whose
+  // earlier renders are not prefixes of the whole (one that rewrites history) is a runtime error.
+  TokenizedConversation tokenize(const Conversation& conv, const Tokenizer& tok) const;
+
 private:
+  // `text` encoded with the bos/eos strings in it kept as their ids.
+  std::vector<int32_t> encode(const std::string& text, const Tokenizer& tok) const;
+
   ChatTemplate tmpl_;
   std::shared_ptr<const jinja::Template> jinja_;
-  std::string bos_, eos_, description_;
+  std::string bos_, eos_, description_, source_;
 };
 
 }  // namespace dsopen::data

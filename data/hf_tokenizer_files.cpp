@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "data/chat_format.h"
 #include "data/tokenizer.h"
 #include "utils/config.h"
 #include "utils/env.h"
@@ -82,7 +83,7 @@ std::map<std::string, std::string> hf_tokenizer_files(const std::string& tokeniz
     } else {
       config["tokenizer_class"] = "PreTrainedTokenizerFast";
     }
-    config["chat_template"] = chat_template_jinja(tmpl);
+    config["chat_template"] = tmpl.jinja.empty() ? chat_template_jinja(tmpl) : ChatFormat::from_jinja_path(tmpl.jinja).jinja_source();
     files["tokenizer_config.json"] = config.dump(2) + "\n";
     return files;
   }
@@ -104,7 +105,7 @@ std::map<std::string, std::string> hf_tokenizer_files(const std::string& tokeniz
                                    {"clean_up_tokenization_spaces", false},
                                    {"model_max_length", model_max_length}};
   for (const auto& [k, v] : specials.items()) config[k] = v;
-  config["chat_template"] = chat_template_jinja(tmpl);
+  config["chat_template"] = tmpl.jinja.empty() ? chat_template_jinja(tmpl) : ChatFormat::from_jinja_path(tmpl.jinja).jinja_source();
   files["tokenizer_config.json"] = config.dump(2) + "\n";
   files["special_tokens_map.json"] = specials.dump(2) + "\n";
   return files;

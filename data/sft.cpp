@@ -1,6 +1,10 @@
 // SFT data: chat JSONL parsing, masked tokenization, truncation, best-fit packing and rank-sharded epoch order.
 #include "data/sft.h"
 
+#include <filesystem>
+
+#include "data/chat_format.h"
+
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -81,6 +85,9 @@ void decode(config::Reader& r, ChatTemplate& t) {
   r.optional("assistant_suffix", t.assistant_suffix);
   r.optional("add_bos", t.add_bos);
   r.optional("add_eos", t.add_eos);
+  r.optional("jinja", t.jinja);
+  if (!t.jinja.empty() && !std::filesystem::exists(t.jinja))
+    r.error("jinja", "'" + t.jinja + "' does not exist (a chat_template.jinja, tokenizer_config.json or model directory)");
   r.finish();
 }
 
@@ -158,8 +165,9 @@ SftDataset::SftDataset(const std::vector<Conversation>& conversations, const Tok
   if (pad_id_ < 0) throw usage_error(tok.source(), "tokenizer has no pad token; SFT rows need one for padding");
 
   int64_t too_long = 0, no_target = 0;
+  const ChatFormat format = ChatFormat::for_template(tmpl);  // the one renderer generation and serving use too
   for (const auto& conv : conversations) {
-    TokenizedConversation tc = tokenize_conversation(conv, tok, tmpl);
+    TokenizedConversation tc = format.tokenize(conv, tok);
     if (static_cast<int64_t>(tc.ids.size()) > seq_len + 1) {
       if (truncation == Truncation::Drop) {
         ++too_long;

@@ -12,13 +12,16 @@
 
 namespace dsopen::data {
 
-// How a conversation is rendered: [bos] then, per message, prefix + content + suffix, then [eos].
+// How a conversation is rendered: [bos] then, per message, prefix + content + suffix, then [eos]. Or, with
+// `jinja` set, a HuggingFace Jinja chat template (data/chat_format.h) — a chat_template.jinja file, a
+// tokenizer_config.json, or a model directory holding either — which then replaces every other field.
 struct ChatTemplate {
   std::string system_prefix = "<|System|>", system_suffix = "\n";
   std::string user_prefix = "<|User|>", user_suffix = "\n";
   std::string assistant_prefix = "<|Assistant|>", assistant_suffix = "<|end|>\n";
   bool add_bos = true;
   bool add_eos = true;
+  std::string jinja;
 };
 void decode(config::Reader& r, ChatTemplate& out);
 

@@ -10,7 +10,7 @@ check() {  # check NAME EXPECTED_RC COMMAND...
   if [ "$rc" != "$want" ]; then echo "FAIL $name: exit $rc, want $want; output: $out"; fail=1; else echo "ok   $name"; fi
   LAST="$out"
 }
-for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert dsopen-quantize dsopen-plot; do
+for b in dsopen-model-info dsopen-bench-model dsopen-tokenizer dsopen-preprocess dsopen-train dsopen-eval dsopen-generate dsopen-convert dsopen-quantize dsopen-plot dsopen-serve; do
   check "$b --help" 0 "$BIN/$b" --help
   check "$b --version" 0 "$BIN/$b" --version
   case "$LAST" in *"0.1.0"*) ;; *) echo "FAIL $b --version does not print 0.1.0: $LAST"; fail=1 ;; esac
@@ -248,5 +248,23 @@ check "lora targets nothing" 2 "$BIN/dsopen-train" "${LORA[@]}" --set 'lora.targ
 case "$LAST" in *"lora.target_modules: selects no projection of this model"*) ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 check "adapter missing" 1 "$BIN/dsopen-eval" --model "$CK" --adapter "$W/nope" --tokens "$W/tokens.txt" --dump-logits "$W/x.safetensors"
 [ "$(echo "$LAST" | wc -l)" = 1 ] && case "$LAST" in *"adapter directory not found"*) true ;; *) false ;; esac || { echo "FAIL message: $LAST"; fail=1; }
+# SFT on a Jinja chat template (data.chat_template.jinja): trains, and the run's checkpoints render chats with it.
+printf '%s' "{% for m in messages %}{{ '<|User|>' if m.role == 'user' else '<|Assistant|>' }}{{ m.content }}<|end|>
+{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}" > "$W/chatml.jinja"
+check "lora train with a jinja template" 0 "$BIN/dsopen-train" "${LORA[@]}" --set run.output_dir="$W/lora_j" \
+  --set checkpoint.dir="$W/lora_j/checkpoints" --set data.chat_template.jinja="$W/chatml.jinja" \
+  --set train.max_steps=2 --set train.eval_every=0
+JCK="$W/lora_j/checkpoints/$(cat "$W/lora_j/checkpoints/latest")"
+echo '[{"role": "user", "content": "Hi"}]' > "$W/hi.json"
+check "chat format of a jinja run" 0 "$BIN/dsopen-tokenizer" chat --model "$JCK" --messages "$W/hi.json" --json
+python3 - "$LAST" <<'PY' || fail=1
+import json, sys
+out = json.loads(sys.argv[1].strip().splitlines()[-1])
+assert out["text"] == "<|User|>Hi<|end|>\n<|Assistant|>" and "chatml.jinja" in out["format"], out
+print("ok   a run trained on a jinja template renders chats with it")
+PY
+check "missing jinja template" 2 "$BIN/dsopen-train" "${LORA[@]}" --set data.chat_template.jinja="$W/nope.jinja"
+case "$LAST" in *"data.chat_template.jinja"*"does not exist"*) echo "ok   a missing jinja template is named" ;;
+  *) echo "FAIL message: $LAST"; fail=1 ;; esac
 rm -rf "$W"
 exit $fail

@@ -13,6 +13,8 @@
 #include <set>
 
 #include "tests/test_helpers.h"
+#include "data/chat_format.h"
+#include "data/hf_tokenizer_files.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
 #include "utils/config.h"
@@ -404,4 +406,61 @@ TEST_CASE("bad SFT files are errors naming file and line", "[data][sft]") {
   CHECK_THAT(err("\n  \n"), Catch::StartsWith(p + ": no conversations"));
   const std::string missing = (dir.path / "nope.jsonl").string();
   CHECK_THAT(error_of([&] { data::read_sft_jsonl(missing); }), Catch::StartsWith(missing + ": SFT data file not found"));
+}
+
+TEST_CASE("a Jinja chat template trains exactly what the SFT template does when it renders the same", "[data][sft][jinja]") {
+  // dsopen's template written as Jinja (what an export carries): the same ids and the same labels, token by token.
+  const auto& tok = tokenizer();
+  data::ChatTemplate sft;
+  TempDir dir;
+  const auto jinja_path = dir.path / "chat_template.jinja";
+  std::ofstream(jinja_path) << data::chat_template_jinja(sft);
+  std::ofstream(dir.path / "tokenizer_config.json") << R"({"bos_token": "<s>", "eos_token": "</s>"})";
+  data::ChatTemplate via_jinja;
+  via_jinja.jinja = jinja_path.string();
+  const auto format = data::ChatFormat::for_template(via_jinja);
+  REQUIRE(format.is_jinja());
+  const std::vector<Conversation> convs = {
+      {{{"user", "Hi"}, {"assistant", "Hello there."}}},
+      {{{"system", "Be brief."}, {"user", "Two turns"}, {"assistant", "One"}, {"user", "and?"}, {"assistant", "Two"}}},
+      {{{"user", corpus_lines()[3]}, {"assistant", corpus_lines()[7] + "\n" + corpus_lines()[8]}}},
+  };
+  for (const auto& conv : convs) {
+    const auto want = data::tokenize_conversation(conv, tok, sft);
+    const auto got = format.tokenize(conv, tok);
+    CHECK(got.ids == want.ids);
+    CHECK(got.labels == want.labels);
+  }
+}
+
+TEST_CASE("a Jinja chat template marks each assistant reply and its closing markers as targets", "[data][sft][jinja]") {
+  // A ChatML-style template (Qwen2's shape) over the test tokenizer: targets are the replies and the <|end|> that
+  // closes each, nothing of the prompts.
+  const auto& tok = tokenizer();
+  const std::string src =
+      "{% for m in messages %}{{ '<|User|>' if m.role == 'user' else '<|Assistant|>' }}{{ m.content }}<|end|>\n"
+      "{% endfor %}{% if add_generation_prompt %}<|Assistant|>{% endif %}";
+  data::ChatFormat format(src, "", "", "test template");
+  const Conversation conv{{{"user", "Q one"}, {"assistant", "A one"}, {"user", "Q two"}, {"assistant", "A two"}}};
+  const auto tc = format.tokenize(conv, tok);
+  REQUIRE(tc.ids.size() == tc.labels.size());
+  std::string trained;
+  for (size_t i = 0; i + 1 < tc.ids.size(); ++i)
+    if (tc.labels[i] != -100) trained += tok.decode({tc.labels[i]}) + "|";
+  // Each reply's tokens, then its "<|end|>\n", are targets.
+  std::string want;
+  const auto whole = tok.encode(format.render(conv, false, tok));
+  CHECK(tc.ids == whole);  // the render encoded at once
+  // Targets: each reply's tokens and the <|end|> that closes it (then the newline shared with what follows).
+  for (const std::string reply : {"A one", "A two"}) {
+    for (int32_t id : tok.encode(reply + "<|end|>")) want += tok.decode({id}) + "|";
+    want += tok.decode({tok.encode("\n").back()}) + "|";
+  }
+  CHECK(trained == want);
+  // The ids are the whole render's pieces, with the generation prompt's text before each reply untrained.
+  CHECK(tok.decode(tc.ids) == format.render(conv, false, tok));
+  // A template that rewrites earlier turns cannot say what to train.
+  data::ChatFormat rewriting("{% for m in messages %}{{ m.content if loop.last else '...' }}{% endfor %}", "", "",
+                             "rewriting template");
+  CHECK_THROWS_WITH(rewriting.tokenize(conv, tok), Catch::Contains("rewrites earlier turns"));
 }
