@@ -61,19 +61,24 @@ std::string special_token(const nlohmann::json& config, const char* key) {
   return "";
 }
 
+// tokenizer_config.json of `dir` ({} when absent); a runtime error naming it when it is not JSON.
+nlohmann::json tokenizer_config_in(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path path = dir / "tokenizer_config.json";
+  if (!fs::is_regular_file(path, ec)) return nlohmann::json::object();
+  try {
+    return json::parse(env::read_file(path.string()), path.string());
+  } catch (const nlohmann::json::exception& e) {
+    throw runtime_error(path.string(), std::string("not valid JSON: ") + json::reason(e));
+  }
+}
+
 // The Jinja template of a directory: chat_template.jinja (transformers' newer layout) or tokenizer_config.json's
 // chat_template (a string, or a list of {name, template} whose "default" entry is used).
 std::optional<ChatFormat> jinja_format_in(const fs::path& dir) {
   std::error_code ec;
   const fs::path config_path = dir / "tokenizer_config.json", jinja_path = dir / "chat_template.jinja";
-  nlohmann::json config = nlohmann::json::object();
-  if (fs::is_regular_file(config_path, ec)) {
-    try {
-      config = json::parse(env::read_file(config_path.string()), config_path.string());
-    } catch (const nlohmann::json::exception& e) {
-      throw runtime_error(config_path.string(), std::string("not valid JSON: ") + json::reason(e));
-    }
-  }
+  const nlohmann::json config = tokenizer_config_in(dir);
   const std::string bos = special_token(config, "bos_token"), eos = special_token(config, "eos_token");
   if (fs::is_regular_file(jinja_path, ec))
     return ChatFormat(env::read_file(jinja_path.string()), bos, eos, jinja_path.string());
@@ -102,17 +107,8 @@ ChatFormat ChatFormat::from_jinja_path(const std::string& path) {
   }
   if (!fs::is_regular_file(p, ec)) throw runtime_error(path, "chat template not found");
   // A bare template: the special tokens from a tokenizer_config.json beside it, if any.
-  std::string bos, eos;
-  const fs::path config_path = p.parent_path() / "tokenizer_config.json";
-  if (fs::is_regular_file(config_path, ec)) {
-    try {
-      const auto config = json::parse(env::read_file(config_path.string()), config_path.string());
-      bos = special_token(config, "bos_token"), eos = special_token(config, "eos_token");
-    } catch (const nlohmann::json::exception& e) {
-      throw runtime_error(config_path.string(), std::string("not valid JSON: ") + json::reason(e));
-    }
-  }
-  return ChatFormat(env::read_file(path), bos, eos, path);
+  const nlohmann::json config = tokenizer_config_in(p.parent_path());
+  return ChatFormat(env::read_file(path), special_token(config, "bos_token"), special_token(config, "eos_token"), path);
 }
 
 ChatFormat ChatFormat::for_template(const ChatTemplate& tmpl) {
@@ -143,16 +139,8 @@ jinja::Value messages_json(const Conversation& conv) {
 
 std::string ChatFormat::render(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok,
                               const nlohmann::json& extra) const {
-  if (!jinja_) {
-    if (add_generation_prompt) {
-      ChatTemplate t = tmpl_;
-      t.add_eos = false;
-      auto ids = tokenize_conversation(conv, tok, t).ids;
-      for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
-      return tok.decode(ids);
-    }
-    return tok.decode(tokenize_conversation(conv, tok, tmpl_).ids);
-  }
+  if (!jinja_)
+    return tok.decode(add_generation_prompt ? prompt_ids(conv, tok) : tokenize_conversation(conv, tok, tmpl_).ids);
   // As transformers' apply_chat_template: tools and documents are passed (None), special tokens when set, the
   // caller's extra variables last.
   jinja::Value ctx = {{"messages", messages_json(conv)}, {"add_generation_prompt", add_generation_prompt},

@@ -140,15 +140,11 @@ torch::Tensor MLAImpl::attend_absorbed(const torch::Tensor& q_nope, const torch:
   // Served adapters on kv_b_proj (model/lora.h): each adapter's rows attend with its own folded weight.
   const auto* rows = ServedAdapterRows::current();
   if (!rows || !kv_b_proj->serves(*rows)) return attend_absorbed_with(kv_b_proj->merged_weight(), q_nope, q_pe, latent, k_pe, start, mask);
-  std::vector<int64_t> ids = *rows;
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  if (ids.size() == 1) return attend_absorbed_with(kv_b_proj->served_weight(ids[0]), q_nope, q_pe, latent, k_pe, start, mask);
+  const auto groups = ServedAdapterRows::groups(*rows);
+  if (groups.size() == 1)
+    return attend_absorbed_with(kv_b_proj->served_weight(groups[0].first), q_nope, q_pe, latent, k_pe, start, mask);
   torch::Tensor out;
-  for (int64_t id : ids) {
-    std::vector<int64_t> pick;
-    for (size_t r = 0; r < rows->size(); ++r)
-      if ((*rows)[r] == id) pick.push_back(static_cast<int64_t>(r));
+  for (const auto& [id, pick] : groups) {
     const auto index = torch::tensor(pick, torch::kLong).to(q_nope.device());
     auto part = attend_absorbed_with(kv_b_proj->served_weight(id), q_nope.index_select(0, index), q_pe.index_select(0, index),
                                      latent.index_select(0, index), k_pe.index_select(0, index), start,

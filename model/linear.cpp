@@ -116,20 +116,15 @@ torch::Tensor LinearImpl::add_served(const torch::Tensor& x, torch::Tensor y, co
   TORCH_CHECK(n > 0 && n % B == 0, "served adapters: ", B, " row adapter ids for an input of ", n, " rows");
   std::vector<int64_t> rows;
   for (int64_t i = 0; i < n; ++i) rows.push_back(batch_rows[static_cast<size_t>(i / (n / B))]);
-  std::vector<int64_t> ids = rows;
-  std::sort(ids.begin(), ids.end());
-  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  for (int64_t id : ids) {
+  const auto groups = ServedAdapterRows::groups(rows);
+  for (const auto& [id, pick] : groups) {
     if (id <= 0 || id > static_cast<int64_t>(served_adapters.size()) || !served_adapters[id - 1].A.defined()) continue;
     const auto& a = served_adapters[id - 1];
     auto delta = [&](const torch::Tensor& h) {
       return torch::nn::functional::linear(torch::nn::functional::linear(h, as_input_dtype(a.A, h)), as_input_dtype(a.B, h)) *
              a.scale;
     };
-    if (ids.size() == 1 && ids[0] == id) return y + delta(x);  // every row takes this adapter
-    std::vector<int64_t> pick;
-    for (size_t r = 0; r < rows.size(); ++r)
-      if (rows[r] == id) pick.push_back(static_cast<int64_t>(r));
+    if (groups.size() == 1) return y + delta(x);  // every row takes this adapter
     const auto index = torch::tensor(pick, torch::kLong).to(x.device());
     const auto part = y.index_select(0, index) + delta(x.index_select(0, index));
     y = y.index_copy(0, index, part);

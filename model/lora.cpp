@@ -668,6 +668,12 @@ ServedAdapterRows::ServedAdapterRows(std::vector<int64_t> ids) : ids_(std::move(
 ServedAdapterRows::~ServedAdapterRows() { served_rows = previous_; }
 const std::vector<int64_t>* ServedAdapterRows::current() { return served_rows; }
 
+std::vector<std::pair<int64_t, std::vector<int64_t>>> ServedAdapterRows::groups(const std::vector<int64_t>& rows) {
+  std::map<int64_t, std::vector<int64_t>> by_id;
+  for (size_t r = 0; r < rows.size(); ++r) by_id[rows[r]].push_back(static_cast<int64_t>(r));
+  return {by_id.begin(), by_id.end()};
+}
+
 std::vector<std::string> add_served_adapter(torch::nn::Module& model, const std::string& dir, int64_t id) {
   TORCH_CHECK(id >= 1, "add_served_adapter: ids start at 1");
   for (const auto& [path, lin] : projections(model))

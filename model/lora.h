@@ -109,6 +109,8 @@ public:
   ServedAdapterRows& operator=(const ServedAdapterRows&) = delete;
   // The ids of the innermost live scope on this thread, or null.
   static const std::vector<int64_t>* current();
+  // `rows` grouped by adapter id, ascending: (id, the row indices that take it).
+  static std::vector<std::pair<int64_t, std::vector<int64_t>>> groups(const std::vector<int64_t>& rows);
 
 private:
   std::vector<int64_t> ids_;

@@ -189,18 +189,17 @@ void HttpServer::routes() {
       } catch (const ApiError& e) {
         return send_error(res, e);
       }
-      generation(endpoint, req, body, res);
+      generation(endpoint, body, res);
     };
   };
   http.Post("/v1/completions", post(Endpoint::Completions));
   http.Post("/v1/chat/completions", post(Endpoint::ChatCompletions));
 }
 
-void HttpServer::generation(Endpoint endpoint, const httplib::Request& req, const std::string& body,
+void HttpServer::generation(Endpoint endpoint, const std::string& body,
                             httplib::Response& res) {
   auto stream = std::make_shared<Stream>();
   try {
-    check_api_key(req, options_.api_key);
     if (draining_) throw ApiError(503, "the server is shutting down", "", "shutting_down");
     stream->request = parse_request(endpoint, body, model_);
     stream->writer = std::make_unique<ResponseWriter>(stream->request, model_);

@@ -43,7 +43,8 @@ public:
 
 private:
   void routes();
-  void generation(Endpoint endpoint, const httplib::Request& req, const std::string& body, httplib::Response& res);
+  // An authorized request's body -> its response (streamed or whole).
+  void generation(Endpoint endpoint, const std::string& body, httplib::Response& res);
   std::string metrics_text() const;
 
   Engine& engine_;
