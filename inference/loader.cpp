@@ -55,7 +55,7 @@ void attach_packed(model::CausalLM& m, const std::map<std::string, QuantizedWeig
     auto it = packed.find(item.key());
     auto* lin = item.value()->as<model::Linear>();
     if (it == packed.end() || !lin) continue;
-    lin->weight_only = packed_kernel(it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
+    attach_packed_kernel(*lin, it->second, layers == QuantizedLayers::Kernels ? kMaxKernelRows : 0);
     files.release(item.key() + ".qweight");  // the kernel holds its own copy of the codes
     lin->weight.set_data(torch::empty({0}, lin->weight.options()));
   }

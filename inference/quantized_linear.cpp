@@ -120,6 +120,23 @@ torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
 
 bool has_packed_kernel(const QuantizedWeight& q) { return Int4Linear::supports(q) || Int8Linear::supports(q); }
 
+void attach_packed_kernel(model::LinearImpl& lin, const QuantizedWeight& q, int64_t max_kernel_rows) {
+  if (Int4Linear::supports(q) || !Int8Linear::supports(q)) {
+    lin.weight_only = packed_kernel(q, max_kernel_rows);
+    lin.weight_only_rows = nullptr;
+    return;
+  }
+  auto k = std::make_shared<const Int8Linear>(q, max_kernel_rows);  // one copy of the codes for both forms
+  lin.weight_only = [k](const torch::Tensor& x) { return (*k)(x); };
+  lin.weight_only_rows = [k](const float* x, int64_t rows, float* y) {
+    if (rows > model::kMaxGemvRows || !model::gemv_enabled()) return false;
+    float xsum[model::kMaxGemvRows];
+    model::gemv_int8_rows(x, rows, k->codes.size(1), k->codes.data_ptr<int8_t>(), k->scale.data_ptr<float>(),
+                          k->offset.data_ptr<float>(), k->codes.size(0), y, xsum);
+    return true;
+  };
+}
+
 std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q, int64_t max_kernel_rows) {
   if (Int4Linear::supports(q)) return Int4Linear(q, max_kernel_rows);
   TORCH_CHECK(Int8Linear::supports(q), "packed_kernel: no kernel takes this quantized weight");

@@ -14,6 +14,7 @@
 #include <functional>
 
 #include "inference/quantized_format.h"
+#include "model/linear.h"
 
 namespace dsopen::inference {
 
@@ -58,5 +59,8 @@ struct Int8Linear {
 bool has_packed_kernel(const QuantizedWeight& q);
 std::function<torch::Tensor(const torch::Tensor&)> packed_kernel(const QuantizedWeight& q,
                                                                  int64_t max_kernel_rows = kMaxKernelRows);
+// Hands `lin` the kernel of `q` (weight_only and, for int8, the raw weight_only_rows of the CPU decode step);
+// the layer's float weight is then unused.
+void attach_packed_kernel(model::LinearImpl& lin, const QuantizedWeight& q, int64_t max_kernel_rows = kMaxKernelRows);
 
 }  // namespace dsopen::inference

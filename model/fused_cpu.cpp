@@ -163,6 +163,10 @@ DSOPEN_CLONES float exp_shift_sum(float* x, float m, int64_t n) {
   return s;
 }
 
+DSOPEN_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 // p = e * inv; x <- p; z (when not null) <- zscale * p
 DSOPEN_CLONES void scale_row(float* x, float inv, float* z, float zscale, int64_t n) {
   if (z)

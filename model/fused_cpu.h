@@ -50,4 +50,20 @@ void rope(const void* x, void* y, DType t, int64_t R, int64_t H, int64_t D, cons
 void softmax_cross_entropy(float* logits, const int64_t* targets, float* lse, float* ce, int64_t N, int64_t V,
                            bool grad, float* grad_z);
 
+// ---- Row primitives (float32 rows of n elements), for callers that loop over rows themselves ------------------
+// (model/decode_step.cpp). Compiled as the kernels above are.
+namespace detail {
+float dot(const float* a, const float* b, int64_t n);
+void rms_apply(const float* x, const float* w, float r, bool round_h, float* y, int64_t n);  // y = w * (x * r)
+void swiglu_row(const float* g, const float* u, float* y, int64_t n);                         // y = silu(g) * u
+// (a, b) -> (a c - b s, b c + a s) over `half` pairs, s times `sign`; pairs (j, j + half) or (2j, 2j + 1).
+void rope_half_row(const float* x, float* y, const float* c, const float* s, int64_t half, float sign);
+void rope_interleaved_row(const float* x, float* y, const float* c, const float* s, int64_t half, float sign);
+void bf16_to_f32(const uint16_t* s, float* d, int64_t n);
+void f32_to_bf16(const float* s, uint16_t* d, int64_t n);
+float row_max(const float* x, int64_t n);
+float exp_shift_sum(float* x, float m, int64_t n);  // x <- exp(x - m); returns the sum
+void axpy(float a, const float* x, float* y, int64_t n);  // y += a * x
+}  // namespace detail
+
 }  // namespace dsopen::model::kernels

@@ -3,10 +3,15 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+// GCC 12's AVX-512 header builds its "undefined" vectors as `__m512i __Y = __Y;`, which -Wmaybe-uninitialized
+// reports wherever the widening loads inline (a known false positive of the header, not of this file).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace dsopen::model {
 
@@ -89,24 +94,54 @@ __attribute__((target("avx512f"))) __m512 load16(const W* w) {
   }
 }
 
+// One row of x against one weight row, 4 accumulators over 64-wide steps: the summation order every row uses,
+// alone or in a block of 4 (so a row's result never depends on how many rows are batched with it).
+template <typename W>
+__attribute__((target("avx512f"))) float dot_avx512(const W* w, const float* xr, int64_t in) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= in; i += 64) {
+    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
+    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
+    a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
+    a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
+  }
+  for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
+  return s;
+}
+
+// Blocks of 4 activation rows share each weight load (16 accumulators + 4 weight registers of the 32): a batch of
+// rows reads the weight row from L1 once per 4 rows instead of once per row.
 template <typename W>
 __attribute__((target("avx512f"))) void rows_avx512(const W* w, const float* x, int64_t rows, int64_t in, float* y,
                                                     int64_t out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * in;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* xs[4] = {x + r * in, x + (r + 1) * in, x + (r + 2) * in, x + (r + 3) * in};
+    __m512 a[4][4] = {};  // zeros
     int64_t i = 0;
     for (; i + 64 <= in; i += 64) {
-      a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
-      a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
-      a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
-      a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
+      const __m512 w0 = load16(w + i), w1 = load16(w + i + 16), w2 = load16(w + i + 32), w3 = load16(w + i + 48);
+      for (int k = 0; k < 4; ++k) {
+        a[k][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[k] + i), a[k][0]);
+        a[k][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[k] + i + 16), a[k][1]);
+        a[k][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xs[k] + i + 32), a[k][2]);
+        a[k][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xs[k] + i + 48), a[k][3]);
+      }
     }
-    for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
-    y[r * out] = s;
+    for (; i + 16 <= in; i += 16) {
+      const __m512 w0 = load16(w + i);
+      for (int k = 0; k < 4; ++k) a[k][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[k] + i), a[k][0]);
+    }
+    for (int k = 0; k < 4; ++k) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3])));
+      for (int64_t j = i; j < in; ++j) s += load_scalar(w, j) * xs[k][j];
+      y[(r + k) * out] = s;
+    }
   }
+  for (; r < rows; ++r) y[r * out] = dot_avx512(w, x + r * in, in);
 }
 
 enum class Isa { kPortable, kAvx2, kAvx512 };
@@ -125,8 +160,9 @@ Isa isa() {
 
 template <typename W>
 void run(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y) {
-  // ~64 KiB of weights per task at least: enough work to pay for a thread's wake-up.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
+  // ~128 KiB of weights per task at least: enough work to pay for waking a thread (measured on 2 cores: 32-512 KiB
+  // within noise of each other on the dense 97M and tiny MoE models, docs/BENCHMARKS.md "llama.cpp").
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const W* wo = w + o * in;
@@ -202,6 +238,30 @@ Isa pick(const char* isa_name) {
 }
 }  // namespace
 
+void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
+               float* y) {
+  if (w_bf16) run(isa(), static_cast<const uint16_t*>(W), x, rows, in, out, bias, y);
+  else run(isa(), static_cast<const float*>(W), x, rows, in, out, bias, y);
+}
+
+void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
+                    const float* offset, int64_t out, float* y, float* xsum) {
+  const bool wide = isa() == Isa::kAvx512;
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0;
+    for (int64_t i = 0; i < in; ++i) s += x[r * in + i];
+    xsum[r] = s;
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float d = wide ? dot_i8_avx512(codes + o * in, x + r * in, in) : dot_i8_portable(codes + o * in, x + r * in, in);
+        y[r * out + o] = scale[o] * d + offset[o] * xsum[r];
+      }
+  });
+}
+
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa_name) {
   const Isa which = pick(isa_name);
   const int64_t in = W.size(1), out = W.size(0), rows = x.numel() / in;
@@ -225,19 +285,20 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
   const int64_t in = codes.size(1), out = codes.size(0), rows = x.numel() / in;
   const auto xc = x.to(torch::kFloat32).contiguous().view({rows, in});
   auto y = torch::empty({rows, out}, torch::kFloat32);
-  const auto xsum = xc.sum(1);
-  const float *xp = xc.data_ptr<float>(), *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>(),
-              *xs = xsum.data_ptr<float>();
+  std::vector<float> xsum(static_cast<size_t>(rows));
+  if (wide == (isa() == Isa::kAvx512)) {
+    gemv_int8_rows(xc.data_ptr<float>(), rows, in, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+                   offset.data_ptr<float>(), out, y.data_ptr<float>(), xsum.data());
+    return y;
+  }
+  // The portable loop on an AVX-512 CPU (tests).
+  const float *xp = xc.data_ptr<float>(), *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < in; ++i) xsum[r] += xp[r * in + i];
   const int8_t* cp = codes.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in));
-  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o)
-      for (int64_t r = 0; r < rows; ++r) {
-        const float d = wide ? dot_i8_avx512(cp + o * in, xp + r * in, in) : dot_i8_portable(cp + o * in, xp + r * in, in);
-        yp[r * out + o] = sp[o] * d + op[o] * xs[r];
-      }
-  });
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t r = 0; r < rows; ++r) yp[r * out + o] = sp[o] * dot_i8_portable(cp + o * in, xp + r * in, in) + op[o] * xsum[r];
   return y;
 }
 

@@ -34,6 +34,16 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::
 torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
                         const torch::Tensor& offset, const char* isa = nullptr);
 
+// Raw forms for callers that keep their own buffers (model/decode_step.h), any number of rows, the CPU's best
+// instruction set: x float32 [rows, in], W [out, in] float32 (w_bf16 false) or bfloat16 bits, bias float32 [out]
+// or null, y float32 [rows, out]. Threads over output rows (at::parallel_for). Blocks of 4 rows share each weight
+// load; a row's result does not depend on the rows beside it.
+void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
+               float* y);
+// gemv_int8's arithmetic on raw buffers; xsum float32 [rows] is scratch.
+void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
+                    const float* offset, int64_t out, float* y, float* xsum);
+
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();
 

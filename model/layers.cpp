@@ -112,6 +112,13 @@ std::pair<torch::Tensor, torch::Tensor> RopeTable::slice(int64_t start, int64_t 
   return {c, s};
 }
 
+std::pair<torch::Tensor, torch::Tensor> RopeTable::table(int64_t positions) const {
+  if (positions > max_positions_ || (dynamic_factor_ > 0 && positions > trained_positions_)) return {};
+  std::lock_guard<std::mutex> lock(*mutex_);
+  ensure(positions);
+  return {cos_, sin_};
+}
+
 std::pair<torch::Tensor, torch::Tensor> RopeTable::gather(const torch::Tensor& positions) const {
   const int64_t highest = positions.max().item<int64_t>();
   TORCH_CHECK(highest < max_positions_, "position exceeds max_position_embeddings (", max_positions_, ")");

@@ -62,6 +62,10 @@ public:
   std::pair<torch::Tensor, torch::Tensor> slice(int64_t start, int64_t len, const torch::Device& device) const;
   // Rows for explicit positions [B, T] -> [B, T, dim/2] each (packed documents restart at 0).
   std::pair<torch::Tensor, torch::Tensor> gather(const torch::Tensor& positions) const;
+  // The whole tables, CPU float32 [rows, dim/2] each with rows >= positions, for callers that index them
+  // directly; undefined when positions exceed max_position_embeddings or need rows of their own (dynamic NTK
+  // past the trained length): such callers then go through slice/gather.
+  std::pair<torch::Tensor, torch::Tensor> table(int64_t positions) const;
 
 private:
   void ensure(int64_t positions) const;  // rows [0, positions) computed; called with mutex_ held

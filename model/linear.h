@@ -65,6 +65,9 @@ public:
   // Weight-only quantized inference: when set, it computes x W^T (without bias) in place of `weight`, which may
   // then be empty; merging an adapter into such a layer is an error.
   std::function<torch::Tensor(const torch::Tensor&)> weight_only;
+  // Optionally, the same product on raw buffers for the CPU decode step (model/decode_step.h): x float32
+  // [rows, in] -> y float32 [rows, out]; returns false where it does not take `rows` (weight_only runs then).
+  std::function<bool(const float* x, int64_t rows, float* y)> weight_only_rows;
 
   torch::nn::Linear lora_A{nullptr}, lora_B{nullptr};
   int64_t lora_rank = 0;

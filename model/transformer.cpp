@@ -5,6 +5,7 @@
 #include <cmath>
 #include <optional>
 
+#include "model/decode_step.h"
 #include "model/expert_parallel.h"
 #include "model/fused_ops.h"
 #include "utils/compat.h"
@@ -283,6 +284,11 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   KVCache* cache = in.cache;
   const int64_t last_logits = in.last_logits;
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  if (cache && T == 1 && !unit_hooks_ && decode_step_applies(*this, in)) {  // model/decode_step.h
+    ForwardOutput out;
+    out.logits = decode_step(*this, in);
+    return out;
+  }
   TORCH_CHECK(last_logits == 0 || !labels.defined(), "forward: last_logits is for inference (no labels)");
   const int64_t start = cache ? cache->length : 0;
   const bool per_row = !in.row_lengths.empty();

@@ -30,6 +30,9 @@ public:
   LayerOutput forward(const torch::Tensor& x, const AttentionInput& in, const torch::Tensor& token_mask = {});
   bool is_moe() const { return static_cast<bool>(moe_); }
   MoE moe() const { return moe_; }
+  Attention attention() const { return mha_; }  // null for MLA layers
+  MLA mla() const { return mla_; }              // null for MHA/GQA layers
+  MLP mlp() const { return mlp_; }              // null for MoE layers
   void init_cache(LayerKVCache& cache, int64_t batch, int64_t capacity, const torch::TensorOptions& opts) const;
 
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
@@ -168,6 +171,7 @@ public:
   void set_unit_hooks(UnitHooks* hooks) { unit_hooks_ = hooks; }
 
   const ModelConfig& config() const { return config_; }
+  const RopeTable& rope() const { return rope_; }
   DeepSeekModel model{nullptr};
   Linear lm_head{nullptr};  // null when tie_word_embeddings (the head is the embedding)
   torch::nn::ModuleList mtp{nullptr};

@@ -2,8 +2,13 @@
 // MLA absorbed == expanded, MoE == per-token loop, gradients everywhere, activation checkpointing.
 #include <catch2/catch.hpp>
 
+#include <c10/core/CPUAllocator.h>
+
+#include <atomic>
+#include <cstring>
 #include <optional>
 
+#include "model/decode_step.h"
 #include "model/fused_ops.h"
 #include "model/registry.h"
 #include "model/transformer.h"
@@ -519,4 +524,133 @@ TEST_CASE("every family: fused ops give the unfused loss and gradients", "[model
       }
     }
   }
+}
+
+namespace {
+
+KVCache copy_cache(const KVCache& c) {
+  KVCache out = c;
+  for (auto& l : out.layers) l.a = l.a.clone(), l.b = l.b.clone();
+  if (c.key_valid.defined()) out.key_valid = c.key_valid.clone();
+  return out;
+}
+
+// One forward of `in` through the decode step (required to apply) and through the general path, each on its own
+// copy of the cache; returns both logits and leaves the caches for comparison.
+std::pair<torch::Tensor, torch::Tensor> both_paths(CausalLM& m, ForwardInput in, KVCache& fast, KVCache& general) {
+  in.cache = &fast;
+  REQUIRE(decode_step_applies(*m, in));
+  auto a = m->forward(in).logits;
+  set_decode_step_enabled(false);
+  in.cache = &general;
+  auto b = m->forward(in).logits;
+  set_decode_step_enabled(true);
+  return {a, b};
+}
+
+// Counts the CPU allocator's allocations while installed (the default allocator does the work).
+struct CountingAllocator final : c10::Allocator {
+  c10::Allocator* inner = c10::GetCPUAllocator();
+  std::atomic<int64_t> count{0};
+  c10::DataPtr allocate(size_t n) override {
+    ++count;
+    return inner->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return inner->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+}  // namespace
+
+TEST_CASE("the CPU decode step equals the general path (every family; uniform, per-row and padded rows)",
+          "[model][forward][decode]") {
+  for (const char* kind : kFamilies) {
+    INFO(kind);
+    CausalLM m = make(small(kind), 11);
+    torch::NoGradGuard ng;
+    const int64_t B = 3;
+    auto ids = torch::randint(3, 256, {B, 14}, torch::kLong);
+    KVCache fast = m->make_cache(B, 32);
+    m->forward({ids.narrow(1, 0, 8), {}, &fast});  // prefill through the general path
+    KVCache general = copy_cache(fast);
+    // Uniform rows: four steps.
+    for (int64_t t = 8; t < 12; ++t) {
+      auto [a, b] = both_paths(m, {ids.narrow(1, t, 1)}, fast, general);
+      CHECK(max_abs_diff(a, b) < 1e-5);
+    }
+    CHECK(fast.length == 12);
+    CHECK(general.length == 12);
+    for (size_t l = 0; l < fast.layers.size(); ++l) {
+      CHECK(max_abs_diff(fast.layers[l].a, general.layers[l].a) < 1e-5);
+      CHECK(max_abs_diff(fast.layers[l].b, general.layers[l].b) < 1e-5);
+    }
+    // Continuous batching: each row at its own length.
+    ForwardInput rows;
+    rows.input_ids = ids.narrow(1, 12, 1);
+    rows.row_lengths = {12, 9, 5};
+    auto [a, b] = both_paths(m, rows, fast, general);
+    CHECK(max_abs_diff(a, b) < 1e-5);
+    CHECK(fast.length == 12);
+    // A left-padded batch: row 1 starts with three padding positions.
+    auto segments = torch::ones({B, 6}, torch::kLong);
+    segments[1].narrow(0, 0, 3).fill_(0);
+    auto positions = torch::arange(6, torch::kLong).repeat({B, 1});
+    positions[1] = torch::tensor({0, 0, 0, 0, 1, 2}, torch::kLong);
+    KVCache padded = m->make_cache(B, 16);
+    m->forward({ids.narrow(1, 0, 6), {}, &padded, positions, segments});
+    KVCache padded_general = copy_cache(padded);
+    for (int64_t t = 0; t < 3; ++t) {
+      auto pos = torch::tensor({6 + t, 3 + t, 6 + t}, torch::kLong).view({B, 1});
+      auto [pa, pb] = both_paths(m, {ids.narrow(1, 6 + t, 1), {}, nullptr, pos, torch::ones({B, 1}, torch::kLong)},
+                                 padded, padded_general);
+      CHECK(max_abs_diff(pa, pb) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("the decode step with bfloat16 weights is at least as close to float32 as the general path", "[model][forward][decode]") {
+  for (const char* kind : {"mla_v3", "gqa", "qwen2_moe"}) {
+    INFO(kind);
+    CausalLM m = make(small(kind), 12);
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(3, 256, {2, 10}, torch::kLong);
+    KVCache ref = m->make_cache(2, 16);
+    m->forward({ids.narrow(1, 0, 6), {}, &ref});
+    std::vector<torch::Tensor> want;
+    for (int64_t t = 6; t < 10; ++t) want.push_back(m->forward({ids.narrow(1, t, 1), {}, &ref}).logits);
+    m->to(torch::kBFloat16);
+    KVCache fast = m->make_cache(2, 16, torch::kBFloat16);
+    m->forward({ids.narrow(1, 0, 6), {}, &fast});
+    KVCache general = copy_cache(fast);
+    double err_fast = 0, err_general = 0;
+    for (int64_t t = 6; t < 10; ++t) {
+      auto [a, b] = both_paths(m, {ids.narrow(1, t, 1)}, fast, general);
+      err_fast = std::max(err_fast, max_abs_diff(a.to(torch::kFloat32), want[t - 6]));
+      err_general = std::max(err_general, max_abs_diff(b.to(torch::kFloat32), want[t - 6]));
+    }
+    const double scale = want.back().abs().max().item<double>();
+    CHECK(err_fast <= 1.5 * err_general + 1e-3 * scale);
+    CHECK(err_fast < 0.05 * scale);
+  }
+}
+
+TEST_CASE("a decode step allocates only its logits", "[model][forward][decode]") {
+  static CountingAllocator counting;
+  c10::Allocator* before = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(&counting, /*priority=*/100);
+  for (const char* kind : {"mla_v3", "qwen3", "mixtral"}) {
+    INFO(kind);
+    CausalLM m = make(small(kind), 13);
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(3, 256, {1, 12}, torch::kLong);
+    KVCache cache = m->make_cache(1, 16);
+    m->forward({ids.narrow(1, 0, 6), {}, &cache});
+    m->forward({ids.narrow(1, 6, 1), {}, &cache});  // warms the step's buffers
+    std::vector<torch::Tensor> inputs;
+    for (int64_t t = 7; t < 12; ++t) inputs.push_back(ids.narrow(1, t, 1).contiguous());
+    counting.count = 0;
+    for (const auto& x : inputs) m->forward({x, {}, &cache});
+    CHECK(counting.count == 5);  // one logits tensor per step
+  }
+  c10::SetCPUAllocator(before, /*priority=*/101);
 }
