@@ -6,6 +6,7 @@
 // GCC 12's AVX-512 header builds its "undefined" vectors as `__m512i __Y = __Y;`, which -Wmaybe-uninitialized
 // reports wherever the widening loads inline (a known false positive of the header, not of this file).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <cstdlib>
 #include <cstring>
