@@ -34,11 +34,11 @@ std::shared_ptr<const data::Tokenizer> tokenizer() {
   return t;
 }
 
-model::CausalLM small_model(const std::string& flavor) {
+model::CausalLM small_model(const std::string& flavor, int64_t context = 64) {
   model::ModelConfig c = *model::find_flavor(flavor);
   c.vocab_size = 400;
   c.use_mtp = false;
-  c.max_position_embeddings = 64;
+  c.max_position_embeddings = context;
   if (flavor == "tiny-dense") c.hidden_size = 64, c.intermediate_size = 96, c.num_hidden_layers = 2;
   torch::manual_seed(2);
   model::CausalLM m(c);
@@ -119,18 +119,21 @@ TEST_CASE("serve engine: sequences joining and leaving a running batch equal eac
 }
 
 TEST_CASE("serve engine: cancelled and refused requests", "[serve]") {
-  auto m = small_model("tiny-dense");
+  // A context long enough that the first request is still decoding when it is cancelled (a decode step of this
+  // model takes tens of microseconds).
+  auto m = small_model("tiny-dense", 16384);
   serve::EngineOptions eo;
   eo.slots = 1;
   eo.max_waiting = 1;
   serve::Engine engine(m, tokenizer(), eo);
   serve::GenerationParams p;
   p.prompt = {1, 5, 6};
-  p.max_tokens = 60;
+  p.max_tokens = 16000;
   auto running = std::make_shared<serve::Channel>(), waiting = std::make_shared<serve::Channel>();
   engine.submit({p}, {0}, running);
   serve::Event e;
   REQUIRE(running->pop(e, std::chrono::seconds(60)));
+  p.max_tokens = 60;
   engine.submit({p}, {0}, waiting);
   CHECK_THROWS_AS(engine.submit({p}, {0}, std::make_shared<serve::Channel>()), serve::QueueFull);
   running->cancel();
