@@ -120,8 +120,44 @@ torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
 
 bool has_packed_kernel(const QuantizedWeight& q) { return Int4Linear::supports(q) || Int8Linear::supports(q); }
 
+namespace {
+
+// The int4 decode kernel's arrays (model/gemv.h gemv_int4_rows): scales as float16 with 4 entries of padding per
+// row, zero points as bytes. Undefined when the zero points are not whole codes (files of other tools may store
+// fractional ones), which only the dequantizing kernels take.
+struct Int4DecodeArrays {
+  torch::Tensor scales, zeros;
+};
+Int4DecodeArrays int4_decode_arrays(const QuantizedWeight& q) {
+  const auto z = q.zeros.to(torch::kFloat32);
+  if (!model::gemv_int4_supported() || q.group_size % 32 != 0 || !z.eq(z.round()).all().item<bool>() ||
+      z.min().item<float>() < 0 || z.max().item<float>() > 15)
+    return {};
+  const int64_t out = q.scales.size(0), groups = q.scales.size(1);
+  auto scales = torch::zeros({out, groups + 4}, torch::kFloat16);
+  scales.narrow(1, 0, groups).copy_(q.scales);
+  return {scales, z.to(torch::kUInt8).contiguous()};
+}
+
+}  // namespace
+
 void attach_packed_kernel(model::LinearImpl& lin, const QuantizedWeight& q, int64_t max_kernel_rows) {
-  if (Int4Linear::supports(q) || !Int8Linear::supports(q)) {
+  if (Int4Linear::supports(q)) {
+    auto k = std::make_shared<const Int4Linear>(q, max_kernel_rows);
+    lin.weight_only = [k](const torch::Tensor& x) { return (*k)(x); };
+    lin.weight_only_rows = nullptr;
+    const Int4DecodeArrays d = int4_decode_arrays(q);
+    if (!d.scales.defined()) return;
+    lin.weight_only_rows = [k, d](const float* x, int64_t rows, float* y) {
+      if (rows > model::kMaxGemvRows || !model::gemv_enabled()) return false;
+      model::gemv_int4_rows(x, rows, k->q.in_features, k->q.qweight.data_ptr<uint8_t>(),
+                            reinterpret_cast<const uint16_t*>(d.scales.data_ptr<at::Half>()), d.zeros.data_ptr<uint8_t>(),
+                            k->q.group_size, k->q.qweight.size(0), y);
+      return true;
+    };
+    return;
+  }
+  if (!Int8Linear::supports(q)) {
     lin.weight_only = packed_kernel(q, max_kernel_rows);
     lin.weight_only_rows = nullptr;
     return;

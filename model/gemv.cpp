@@ -8,6 +8,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -202,6 +204,121 @@ float dot_i8_portable(const int8_t* c, const float* x, int64_t in) {
   return s0 + s1;
 }
 
+
+// ---- weight-only int4 -------------------------------------------------------------------------------------------
+
+// One activation row quantized for the int4 kernel, per chunk of 128 columns (64 code bytes): the int8 values of
+// its even columns (xe) and odd columns (xo) in the order the code bytes hold them, the scale d of each column's
+// block of 32 for each of the 16 int32 lanes of a vpdpbusd over the chunk (lane l sums bytes 4l..4l+3 = columns
+// 8l..8l+7, in block l / 4), and per group the sum of the quantized values times d.
+struct Int4Activations {
+  std::vector<int8_t> xe, xo;   // [rows, chunks, 64]
+  std::vector<float> d, gsum;   // [rows, chunks, 16], [rows, groups]
+};
+
+// (The int4 kernel runs only where AVX512-BW does, so this is written for AVX-512 alone.) Rounding to nearest even.
+__attribute__((target("avx512f,avx512bw"))) void quantize_activations(const float* x, int64_t rows, int64_t in,
+                                                                      int64_t group, Int4Activations& a) {
+  const int64_t chunks = (in + 127) / 128, groups = in / group;
+  a.xe.assign(static_cast<size_t>(rows * chunks * 64), 0);
+  a.xo.assign(static_cast<size_t>(rows * chunks * 64), 0);
+  a.d.assign(static_cast<size_t>(rows * chunks * 16), 0.0f);
+  a.gsum.assign(static_cast<size_t>(rows * groups), 0.0f);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    int8_t *xe = a.xe.data() + r * chunks * 64, *xo = a.xo.data() + r * chunks * 64;
+    float *d = a.d.data() + r * chunks * 16, *gsum = a.gsum.data() + r * groups;
+    for (int64_t b = 0; b < in / 32; ++b) {
+      const __m512 v0 = _mm512_loadu_ps(xr + b * 32), v1 = _mm512_loadu_ps(xr + b * 32 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float db = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+      const int64_t at = (b / 4) * 64 + (b % 4) * 16;  // the block's 16 even (odd) columns in its chunk
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xe + at), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, even, q1)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xo + at), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q0, odd, q1)));
+      for (int l = 0; l < 4; ++l) d[(b / 4) * 16 + (b % 4) * 4 + l] = db;
+      gsum[b * 32 / group] += db * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+  }
+}
+
+struct Int4Args {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint8_t* zeros;
+  int64_t in, group, out, rows;
+  const Int4Activations* a;
+  float* y;
+};
+
+// The kernel body, compiled twice: with AVX512-VNNI's vpdpbusd, and with AVX512-BW's two-instruction equivalent
+// (vpmaddubsw into int16 pairs, at most 2 * 15 * 127 — no saturation — then vpmaddwd by ones into int32).
+#define DSOPEN_INT4_KERNEL(NAME, TARGET, DP)                                                                       \
+  __attribute__((target(TARGET))) void NAME(const Int4Args& p, int64_t o0, int64_t o1) {                          \
+    const int64_t chunks = (p.in + 127) / 128, full = p.in / 128, groups = p.in / p.group;                         \
+    const __mmask64 tail = (p.in % 128) ? ((__mmask64(1) << ((p.in % 128) / 2)) - 1) : 0;                         \
+    const __m512i low4 = _mm512_set1_epi8(0x0F);                                                                   \
+    alignas(64) int32_t lane_group[16];                                                                            \
+    for (int l = 0; l < 16; ++l) lane_group[l] = static_cast<int32_t>(l * 8 / p.group);                           \
+    const __m512i to_lane = _mm512_load_si512(lane_group);                                                         \
+    for (int64_t o = o0; o < o1; ++o) {                                                                            \
+      const uint8_t* w = p.codes + o * (p.in / 2);                                                                 \
+      const uint16_t* sc = p.scales + o * (groups + 4);                                                            \
+      __m512 acc[kMaxGemvRows];                                                                                    \
+      for (int64_t r = 0; r < p.rows; ++r) acc[r] = _mm512_setzero_ps();                                          \
+      for (int64_t c = 0; c < chunks; ++c) {                                                                       \
+        const __m512i wb = c < full ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(tail, w + c * 64);  \
+        const __m512i lo = _mm512_and_si512(wb, low4);                                                             \
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), low4);                                       \
+        const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + c * 128 / p.group))); \
+        const __m512 sv = _mm512_permutexvar_ps(to_lane, _mm512_castps128_ps512(s4));                             \
+        for (int64_t r = 0; r < p.rows; ++r) {                                                                     \
+          const int8_t* xe = p.a->xe.data() + (r * chunks + c) * 64;                                               \
+          const int8_t* xo = p.a->xo.data() + (r * chunks + c) * 64;                                               \
+          __m512i isum = DP(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xe));                                   \
+          isum = DP(isum, hi, _mm512_loadu_si512(xo));                                                             \
+          const __m512 dv = _mm512_loadu_ps(p.a->d.data() + (r * chunks + c) * 16);                                \
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sv, dv), acc[r]);                       \
+        }                                                                                                          \
+      }                                                                                                            \
+      /* zero points: sum over groups of scale * zero * (sum of the group's quantized activations) */             \
+      const uint8_t* z = p.zeros + o * groups;                                                                     \
+      for (int64_t r = 0; r < p.rows; ++r) {                                                                       \
+        const float* gs = p.a->gsum.data() + r * groups;                                                           \
+        __m512 zacc = _mm512_setzero_ps();                                                                         \
+        for (int64_t g = 0; g < groups; g += 16) {                                                                 \
+          const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);          \
+          const __m512 sg = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + g));                                  \
+          const __m512 zg = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));              \
+          zacc = _mm512_fmadd_ps(_mm512_mul_ps(sg, zg), _mm512_maskz_loadu_ps(m, gs + g), zacc);                   \
+        }                                                                                                          \
+        p.y[r * p.out + o] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], zacc));                                    \
+      }                                                                                                            \
+    }                                                                                                              \
+  }
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline __m512i dp_vnni(__m512i acc, __m512i u, __m512i s) {
+  return _mm512_dpbusd_epi32(acc, u, s);
+}
+__attribute__((target("avx512f,avx512bw"))) inline __m512i dp_bw(__m512i acc, __m512i u, __m512i s) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+
+DSOPEN_INT4_KERNEL(int4_rows_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,f16c", dp_vnni)
+DSOPEN_INT4_KERNEL(int4_rows_bw, "avx512f,avx512bw,avx512vl,f16c", dp_bw)
+#undef DSOPEN_INT4_KERNEL
+
+bool has_vnni() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  return v;
+}
+
 }  // namespace
 
 const char* gemv_isa() {
@@ -260,6 +377,29 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
         const float d = wide ? dot_i8_avx512(codes + o * in, x + r * in, in) : dot_i8_portable(codes + o * in, x + r * in, in);
         y[r * out + o] = scale[o] * d + offset[o] * xsum[r];
       }
+  });
+}
+
+bool gemv_int4_supported() {
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+  }();
+  return v;
+}
+
+void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
+                    const uint8_t* zeros, int64_t group, int64_t out, float* y) {
+  TORCH_CHECK(gemv_int4_supported() && rows <= kMaxGemvRows && in % 32 == 0 && group % 32 == 0 && in % group == 0,
+              "gemv_int4_rows: needs AVX512-BW, at most ", kMaxGemvRows, " rows and groups of 32k dividing in");
+  thread_local Int4Activations a;
+  quantize_activations(x, rows, in, group, a);
+  const Int4Args p{codes, scales, zeros, in, group, out, rows, &a, y};
+  const bool vnni = has_vnni();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in / 2));
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    if (vnni) int4_rows_vnni(p, o0, o1);
+    else int4_rows_bw(p, o0, o1);
   });
 }
 

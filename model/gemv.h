@@ -44,6 +44,18 @@ void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_b
 void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
                     const float* offset, int64_t out, float* y, float* xsum);
 
+// int4 group-wise weights for decoding (inference/quantized_linear.h): W[o, i] = (code[o, i] - zero[o, g]) *
+// scale[o, g] with g = i / group (group 32, 64, 128 or 256; in a multiple of 32). codes uint8 [out, in / 2] as the
+// file keeps them (low nibble = even column), scales float16 bits [out, in / group + 4] (4 entries of padding per
+// row), zeros uint8 [out, in / group]. As llama.cpp's Q4 x Q8 products do, each activation row is quantized per
+// block of 32 to int8 (d = max|x| / 127, x ~ d * round(x / d)), so the products are integer: 64 unsigned-times-
+// signed bytes per AVX512-VNNI instruction (vpdpbusd; AVX512-BW: vpmaddubsw + vpmaddwd), summed in int32 per block
+// and scaled in float32. Against the float product the result differs by that rounding of x (relative ~1e-3 of
+// each block's largest value). x float32 [rows, in], rows <= kMaxGemvRows, y float32 [rows, out].
+bool gemv_int4_supported();  // AVX512-BW on this CPU
+void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
+                    const uint8_t* zeros, int64_t group, int64_t out, float* y);
+
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();
 

@@ -352,6 +352,22 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
     INFO(isa);
     CHECK(torch::allclose(got.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.t()), 1e-5, 1e-4));
   }
+  // Raw rows (the decode step's form): blocks of 4 rows share each weight load, and a row's result is the same bits
+  // whatever rows stand beside it.
+  for (auto wdtype : {torch::kFloat32, torch::kBFloat16}) {
+    auto W = torch::randn({29, 200}).to(wdtype);
+    auto x = torch::randn({9, 200});
+    auto y = torch::empty({9, 29});
+    dsopen::model::gemv_rows(x.data_ptr<float>(), 9, 200, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
+                             y.data_ptr<float>());
+    CHECK(torch::allclose(y.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.to(torch::kFloat64).t()), 1e-5, 1e-4));
+    for (int64_t r = 0; r < 9; ++r) {
+      auto alone = torch::empty({1, 29});
+      dsopen::model::gemv_rows(x[r].data_ptr<float>(), 1, 200, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
+                               alone.data_ptr<float>());
+      CHECK(torch::equal(alone[0], y[r]));
+    }
+  }
   // More rows than a decode step, autograd, or a non-contiguous weight go to the GEMM.
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({5, 8}), torch::randn({4, 8})));
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({8, 4}).t()));
@@ -359,4 +375,46 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
     torch::AutoGradMode grad(true);
     CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({4, 8})));
   }
+}
+
+TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activations, close to the float product",
+          "[model][gemv]") {
+  if (!dsopen::model::gemv_int4_supported()) {
+    WARN("no AVX512-BW on this CPU: the int4 decode kernel is not used here");
+    return;
+  }
+  torch::manual_seed(12);
+  torch::NoGradGuard no_grad;
+  const int64_t out = 37;
+  for (auto [in, group] : std::vector<std::pair<int64_t, int64_t>>{{96, 32}, {256, 32}, {384, 64}, {640, 128}, {768, 256}})
+    for (int64_t rows : {1, 3}) {
+      INFO("in " << in << " group " << group << " rows " << rows);
+      const int64_t groups = in / group;
+      auto codes = torch::randint(0, 16, {out, in}, torch::kUInt8);
+      // low nibble = even column, high nibble = odd column (the file's layout)
+      auto pairs = codes.view({out, in / 2, 2});
+      auto packed = (pairs.select(2, 0) + pairs.select(2, 1) * 16).contiguous();
+      auto scales = (torch::rand({out, groups}) * 0.02 + 0.001).to(torch::kFloat16);
+      auto padded = torch::zeros({out, groups + 4}, torch::kFloat16);
+      padded.narrow(1, 0, groups).copy_(scales);
+      auto zeros = torch::randint(0, 16, {out, groups}, torch::kUInt8);
+      auto x = torch::randn({rows, in});
+      auto y = torch::empty({rows, out});
+      dsopen::model::gemv_int4_rows(x.data_ptr<float>(), rows, in, packed.data_ptr<uint8_t>(),
+                                    reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>()),
+                                    zeros.data_ptr<uint8_t>(), group, out, y.data_ptr<float>());
+      // W = (code - zero) * scale, per group.
+      auto W = (codes.to(torch::kFloat64).view({out, groups, group}) - zeros.to(torch::kFloat64).unsqueeze(2)) *
+               scales.to(torch::kFloat64).unsqueeze(2);
+      W = W.view({out, in});
+      // x rounded as the kernel rounds it: per block of 32, q = round_half_even(x * (127 / max|x|)), x ~ q * max / 127.
+      auto xb = x.view({rows, in / 32, 32});
+      auto amax = xb.abs().amax(2, true);
+      auto q = (xb * (127.0f / amax)).round();
+      auto xr = (q.to(torch::kFloat64) * (amax / 127.0f).to(torch::kFloat64)).view({rows, in});
+      auto exact = torch::mm(xr, W.t());
+      CHECK(torch::allclose(y.to(torch::kFloat64), exact, 1e-5, 1e-4));
+      auto fl = torch::mm(x.to(torch::kFloat64), W.t());
+      CHECK((y.to(torch::kFloat64) - fl).abs().max().item<double>() < 0.02 * fl.abs().max().item<double>());
+    }
 }
