@@ -29,10 +29,15 @@ struct Int4Linear {
   torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
   torch::Tensor packed;               // the kernel's layout of the same codes
   torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
+  // model/gemv.h gemv_int4_rows's arrays (on AVX512-BW CPUs, for whole zero points; else undefined and LibTorch's
+  // kernel runs): scales float16 [out, in / g + 4], zero points uint8 [out, in / g].
+  torch::Tensor scales_f16, zeros_u8;
   int64_t max_kernel_rows = kMaxKernelRows;  // more rows take the dequantized path; 0: always
   static bool supports(const QuantizedWeight& q);
   explicit Int4Linear(QuantizedWeight q, int64_t max_kernel_rows = kMaxKernelRows);
   torch::Tensor operator()(const torch::Tensor& x) const;  // [..., in] -> [..., out], the dtype of x
+  // The same on raw float32 rows through gemv_int4_rows; false where that kernel is not available here.
+  bool rows(const float* x, int64_t rows, float* y) const;
   torch::Tensor dequantized() const;                        // float32 [out, in], two passes over the weight
   torch::Tensor dequantize_into(torch::Tensor w) const;     // the same written into w (float32 [out, in])
 };

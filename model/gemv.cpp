@@ -276,11 +276,10 @@ struct Int4Args {
         const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + c * 128 / p.group))); \
         const __m512 sv = _mm512_permutexvar_ps(to_lane, _mm512_castps128_ps512(s4));                             \
         for (int64_t r = 0; r < p.rows; ++r) {                                                                     \
-          const int8_t* xe = p.a->xe.data() + (r * chunks + c) * 64;                                               \
-          const int8_t* xo = p.a->xo.data() + (r * chunks + c) * 64;                                               \
-          __m512i isum = DP(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xe));                                   \
-          isum = DP(isum, hi, _mm512_loadu_si512(xo));                                                             \
-          const __m512 dv = _mm512_loadu_ps(p.a->d.data() + (r * chunks + c) * 16);                                \
+          const int64_t at = r * chunks + c;                                                                       \
+          __m512i isum = DP(_mm512_setzero_si512(), lo, _mm512_loadu_si512(p.a->xe.data() + at * 64));             \
+          isum = DP(isum, hi, _mm512_loadu_si512(p.a->xo.data() + at * 64));                                       \
+          const __m512 dv = _mm512_loadu_ps(p.a->d.data() + at * 16);                                              \
           acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sv, dv), acc[r]);                       \
         }                                                                                                          \
       }                                                                                                            \
@@ -288,14 +287,13 @@ struct Int4Args {
       const uint8_t* z = p.zeros + o * groups;                                                                     \
       for (int64_t r = 0; r < p.rows; ++r) {                                                                       \
         const float* gs = p.a->gsum.data() + r * groups;                                                           \
-        __m512 zacc = _mm512_setzero_ps();                                                                         \
         for (int64_t g = 0; g < groups; g += 16) {                                                                 \
           const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);          \
           const __m512 sg = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + g));                                  \
           const __m512 zg = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z + g)));              \
-          zacc = _mm512_fmadd_ps(_mm512_mul_ps(sg, zg), _mm512_maskz_loadu_ps(m, gs + g), zacc);                   \
+          acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(sg, zg), _mm512_maskz_loadu_ps(m, gs + g), acc[r]);              \
         }                                                                                                          \
-        p.y[r * p.out + o] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[r], zacc));                                    \
+        p.y[r * p.out + o] = _mm512_reduce_add_ps(acc[r]);                                                         \
       }                                                                                                            \
     }                                                                                                              \
   }

@@ -55,7 +55,8 @@ done
 # ---- speed: the same models in both engines, batch 1, 64 prompt + 64 decoded tokens -------------------------------
 # Dense: a random Llama of ~97M parameters (vocab 8000, hidden 768, 12 layers) saved by transformers, with the
 # tokenizer of MODEL; llama.cpp's files from its own convert_hf_to_gguf.py (F32, BF16) and llama-quantize (Q8_0,
-# Q4_0); dsopen's from dsopen-quantize (rtn-int8 per channel, rtn-int4 group 32). MoE: MODEL itself, llama.cpp's
+# Q4_0); dsopen's from dsopen-quantize (rtn-int8 per channel, rtn-int4 group 32, --quantize-head: llama-quantize
+# stores the output layer quantized too, in Q8_0 for Q8_0 and Q6_K for Q4_0). MoE: MODEL itself, llama.cpp's
 # files from dsopen-convert --format gguf (its converter has no SentencePiece vocabulary for deepseek2).
 SRC="$(dirname "$(dirname "$LLAMA")")/src"
 DENSE="$WORK/dense-97m"
@@ -86,8 +87,10 @@ prepare() {  # NAME DIR: both engines' files for one model
     [ -f "$WORK/$name-$t.gguf" ] || "$LLAMA/llama-quantize" "$WORK/$name-f32.gguf" "$WORK/$name-$t.gguf" \
       "$(echo "$t" | tr a-z A-Z)" >/dev/null 2>&1
   done
-  [ -d "$WORK/$name-int8" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int8 --group-size -1 --out "$WORK/$name-int8" >/dev/null 2>&1
-  [ -d "$WORK/$name-int4" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int4 --group-size 32 --out "$WORK/$name-int4" >/dev/null 2>&1
+  [ -d "$WORK/$name-int8h" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int8 --group-size -1 --quantize-head \
+    --out "$WORK/$name-int8h" >/dev/null 2>&1
+  [ -d "$WORK/$name-int4h" ] || "$BIN/dsopen-quantize" --model "$dir" --method rtn-int4 --group-size 32 --quantize-head \
+    --out "$WORK/$name-int4h" >/dev/null 2>&1
 }
 ours() {  # DIR EXTRA...: "prefill decode" tokens/s, best of 3 after a warm-up
   "$BIN/dsopen-generate" --model "$1" "${@:2}" --prompt-ids "$(seq -s, 10 73)" --max-new-tokens 64 --temperature 0 \
@@ -105,8 +108,8 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for spec in "dense:$DENSE" "moe:$MODEL"; do
   name="${spec%%:*}" dir="${spec#*:}"
   prepare "$name" "$dir"
-  for row in "fp32 / F32:$dir::f32" "bf16 / BF16:$dir:--dtype bf16:bf16" "int8 / Q8_0:$WORK/$name-int8::q8_0" \
-             "int4 / Q4_0:$WORK/$name-int4::q4_0"; do
+  for row in "fp32 / F32:$dir::f32" "bf16 / BF16:$dir:--dtype bf16:bf16" "int8 / Q8_0:$WORK/$name-int8h::q8_0" \
+             "int4 / Q4_0:$WORK/$name-int4h::q4_0"; do
     IFS=: read -r label qdir extra t <<<"$row"
     # shellcheck disable=SC2086
     read -r op od < <(ours "$qdir" $extra)
