@@ -172,11 +172,17 @@ for path, good in GOOD.items():
     status, data = post(path, json.dumps(good))
     same = status == 200 and json.loads(data)["choices"] == baseline[path]["choices"]
     check(same, f"{path}: after the bad requests, a normal request gets the same answer as before")
-conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-conn.request("GET", "/metrics")
-metrics = conn.getresponse().read().decode()
+# Requests whose clients went away finish as cancelled at the engine's next step: poll until they have (10 s).
+for _ in range(100):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    if "dsopen_requests_running 0" in metrics and "dsopen_requests_waiting 0" in metrics:
+        break
+    time.sleep(0.1)
 check("dsopen_requests_running 0" in metrics and "dsopen_requests_waiting 0" in metrics,
-      "nothing left running or waiting")
+      "nothing left running or waiting: " + " ".join(l for l in metrics.splitlines() if "requests_running" in l
+                                                     or "requests_waiting" in l))
 server.terminate()
 check(server.wait(timeout=60) == 0, "the server exits 0 on SIGTERM")
 H.finish()
