@@ -22,7 +22,7 @@ namespace {
 namespace rowk = kernels::detail;
 
 // Rows above which a float32 projection goes to LibTorch's GEMM instead of the row-blocked GEMV (a batch of
-// many sequences in dsopen-serve; measured in docs/BENCHMARKS.md "Serving").
+// many sequences in dsopen-serve), whose register blocking wins once a weight row serves that many rows.
 constexpr int64_t kGemmRows = 16;
 
 std::atomic<int> g_enabled{-1};  // -1: not read from the environment yet
@@ -251,7 +251,7 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
   Buffers& b = *st.b;
   const int64_t R = static_cast<int64_t>(st.rows.size());
   const int64_t H = c.num_attention_heads, C = c.kv_lora_rank, nope = c.qk_nope_head_dim, rd = c.qk_rope_head_dim;
-  const int64_t vd = c.v_head_dim, qk = nope + rd, hidden = c.hidden_size;
+  const int64_t vd = c.v_head_dim, qk = nope + rd;
   float* q = take(b.q, R * H * qk);
   if (m.q_a_proj) {
     const int64_t ql = c.q_lora_rank;
@@ -274,7 +274,6 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
     store(kr, cache.a, (r * cap + row.slot) * C, C);
     store(kr + C, cache.b, (r * cap + row.slot) * rd, rd);
   }
-  (void)hidden;
   const Rows W(m.kv_b_proj->weight), latent(cache.a), k_pe(cache.b);  // W: [H * (nope + vd), C]
   const float scale = static_cast<float>(attention_softmax_scale(qk, c.rope_scaling));
   const int64_t keys = st.rows.front().keys;
