@@ -3,8 +3,9 @@
 
 A small model is trained for a few steps and served. The page loads with the served model in its model list; a
 message sent from the text box streams a reply that equals the same request made through the API (greedy); the
-conversation is kept in the browser across a reload; a long generation stops at the Stop button, which cancels
-it on the server (/metrics counts one cancelled request). A screenshot of the page is written to SCREENSHOT.
+conversation is kept in the browser across a reload; a reply taller than the window scrolls under a composer that
+stays in view; a long generation stops at the Stop button, which cancels it on the server (/metrics counts one
+cancelled request). A screenshot of the page is written to SCREENSHOT.
 
 Usage: serve_webui.py BIN_DIR SCREENSHOT
 """
@@ -100,7 +101,13 @@ try:
     cancelled = metric('dsopen_requests_total{outcome="cancelled"}')
     setting("max_tokens", 30000)  # long enough to be still streaming when Stop is clicked (the model is fast)
     send("Write a long story")
-    wait.until(lambda d: len(last_reply().find_element(By.CLASS_NAME, "text").text) > 0)
+    # Let the reply grow taller than the window: the composer must stay in view (the messages scroll, not the page).
+    wait.until(lambda d: last_reply().size["height"] > d.execute_script("return window.innerHeight"))
+    in_view = driver.execute_script(
+        "const r = document.getElementById('stop').getBoundingClientRect();"
+        "const top = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
+        "return r.bottom <= window.innerHeight && top === document.getElementById('stop');")
+    check(in_view, "a reply taller than the window scrolls inside the conversation; Stop stays in view")
     driver.find_element(By.ID, "stop").click()
     wait.until(lambda d: last_reply().get_attribute("data-stopped") == "1")
     for _ in range(100):
