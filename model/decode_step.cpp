@@ -189,7 +189,10 @@ void softmax(float* p, const Row& r, float scale, const Step& st) {
   for (int64_t s = 0; s < r.keys; ++s) p[s] = st.visible(r, s) ? p[s] * inv : 0.0f;
 }
 
-// Rows per parallel task for attention: enough multiply-adds to pay for a thread's wake-up.
+// Query heads one attention task takes together (the row blocks of gemv_rows_serial / pv_rows).
+constexpr int64_t kHeadBlock = 4;
+
+// Tasks per parallel chunk for attention: enough multiply-adds to pay for a thread's wake-up.
 int64_t attention_grain(int64_t keys, int64_t width) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, keys * width)); }
 
 // MHA / GQA: out [rows, hidden] from xn [rows, hidden].
@@ -220,23 +223,24 @@ void attention(const AttentionImpl& a, LayerKVCache& cache, const float* xn, flo
     }
   }
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const int64_t group = H / KV, keys = st.rows.front().keys;
+  const int64_t group = H / KV, blocks = (group + kHeadBlock - 1) / kHeadBlock, keys = st.rows.front().keys;
   float* att = take(b.att, R * H * hd);
-  const Rows K(cache.a), Vv(cache.b);
-  at::parallel_for(0, R * H, attention_grain(keys, hd), [&](int64_t begin, int64_t end) {
+  const bool kv_bf16 = bf16(cache.a);
+  const auto elt = kv_bf16 ? 2 : 4;
+  const auto* K = static_cast<const char*>(cache.a.data_ptr());
+  const auto* V = static_cast<const char*>(cache.b.data_ptr());
+  // One task: up to kHeadBlock query heads of one row sharing a kv head; their scores against the row's cached keys
+  // and their weighted sums of its values as two small GEMMs that read each cached vector once for all of them.
+  at::parallel_for(0, R * KV * blocks, attention_grain(keys, hd * kHeadBlock), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / H, kvh = (i % H) / group;
+      const int64_t r = i / (KV * blocks), kvh = (i / blocks) % KV, h0 = kvh * group + (i % blocks) * kHeadBlock;
+      const int64_t nh = std::min<int64_t>(kHeadBlock, (kvh + 1) * group - h0);
       const Row& row = st.rows[static_cast<size_t>(r)];
-      const float* qi = q + i * hd;
-      float* p = thread_scratch(0, row.keys);
-      float* tmp = thread_scratch(1, hd);
+      float* p = thread_scratch(0, nh * row.keys);
       const int64_t base = (r * KV + kvh) * cap * hd;
-      for (int64_t s = 0; s < row.keys; ++s) p[s] = rowk::dot(qi, K.at(base + s * hd, hd, tmp), hd);
-      softmax(p, row, scale, st);
-      float* o = att + i * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t s = 0; s < row.keys; ++s)
-        if (p[s] != 0.0f) rowk::axpy(p[s], Vv.at(base + s * hd, hd, tmp), o, hd);
+      gemv_rows_serial(q + (r * H + h0) * hd, nh, hd, K + base * elt, kv_bf16, row.keys, p);
+      for (int64_t j = 0; j < nh; ++j) softmax(p + j * row.keys, row, scale, st);
+      pv_rows(p, nh, row.keys, V + base * elt, kv_bf16, hd, hd, att + (r * H + h0) * hd);
     }
   });
   linear(*a.o_proj, att, R, out, b);
@@ -274,33 +278,41 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
     store(kr, cache.a, (r * cap + row.slot) * C, C);
     store(kr + C, cache.b, (r * cap + row.slot) * rd, rd);
   }
-  const Rows W(m.kv_b_proj->weight), latent(cache.a), k_pe(cache.b);  // W: [H * (nope + vd), C]
+  const auto& Wt = m.kv_b_proj->weight;  // [H * (nope + vd), C]: per head its key rows, then its value rows
+  const bool w_bf16 = bf16(Wt), kv_bf16 = bf16(cache.a);
+  const auto* W = static_cast<const char*>(Wt.data_ptr());
+  const auto* latent = static_cast<const char*>(cache.a.data_ptr());
+  const auto* k_pe = static_cast<const char*>(cache.b.data_ptr());
+  const int64_t welt = w_bf16 ? 2 : 4, kvelt = kv_bf16 ? 2 : 4;
   const float scale = static_cast<float>(attention_softmax_scale(qk, c.rope_scaling));
-  const int64_t keys = st.rows.front().keys;
+  const int64_t keys = st.rows.front().keys, blocks = (H + kHeadBlock - 1) / kHeadBlock;
   float* att = take(b.att, R * H * vd);
-  at::parallel_for(0, R * H, attention_grain(keys, C + rd), [&](int64_t begin, int64_t end) {
+  // One task: up to kHeadBlock heads of one row. Every head reads the same cached latents, so their scores and
+  // their weighted sums are small GEMMs that load each cached vector once for the block.
+  at::parallel_for(0, R * blocks, attention_grain(keys, (C + rd) * kHeadBlock), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / H, h = i % H;
+      const int64_t r = i / blocks, h0 = (i % blocks) * kHeadBlock, nh = std::min<int64_t>(kHeadBlock, H - h0);
       const Row& row = st.rows[static_cast<size_t>(r)];
-      const float* qn = q + i * qk;
-      const float* qp = qn + nope;
-      float* qabs = thread_scratch(0, 2 * C + std::max(C, rd));
-      float* ctx = qabs + C;
-      float* tmp = ctx + C;
-      std::fill(qabs, qabs + C, 0.0f);
-      const int64_t wk = h * (nope + vd) * C;  // head h's key rows, then its value rows
-      for (int64_t j = 0; j < nope; ++j) rowk::axpy(qn[j], W.at(wk + j * C, C, tmp), qabs, C);
-      float* p = thread_scratch(1, row.keys);
-      for (int64_t s = 0; s < row.keys; ++s) {
-        const float sl = rowk::dot(qabs, latent.at((r * cap + s) * C, C, tmp), C);
-        p[s] = sl + rowk::dot(qp, k_pe.at((r * cap + s) * rd, rd, tmp), rd);
+      float* qabs = thread_scratch(0, nh * (2 * C + rd));  // [nh, C] q_abs, [nh, C] context, [nh, rd] q_pe
+      float* ctx = qabs + nh * C;
+      float* qp = ctx + nh * C;
+      float* p = thread_scratch(1, 2 * nh * row.keys);     // [nh, keys] latent scores, then rope scores
+      float* pe = p + nh * row.keys;
+      for (int64_t j = 0; j < nh; ++j) {
+        const float* qn = q + (r * H + h0 + j) * qk;
+        pv_rows(qn, 1, nope, W + (h0 + j) * (nope + vd) * C * welt, w_bf16, C, C, qabs + j * C);  // q_nope W_k
+        std::memcpy(qp + j * rd, qn + nope, static_cast<size_t>(rd) * 4);
       }
-      softmax(p, row, scale, st);
-      std::fill(ctx, ctx + C, 0.0f);
-      for (int64_t s = 0; s < row.keys; ++s)
-        if (p[s] != 0.0f) rowk::axpy(p[s], latent.at((r * cap + s) * C, C, tmp), ctx, C);
-      float* o = att + i * vd;
-      for (int64_t j = 0; j < vd; ++j) o[j] = rowk::dot(ctx, W.at(wk + (nope + j) * C, C, tmp), C);
+      gemv_rows_serial(qabs, nh, C, latent + r * cap * C * kvelt, kv_bf16, row.keys, p);
+      gemv_rows_serial(qp, nh, rd, k_pe + r * cap * rd * kvelt, kv_bf16, row.keys, pe);
+      for (int64_t j = 0; j < nh; ++j) {
+        for (int64_t s = 0; s < row.keys; ++s) p[j * row.keys + s] += pe[j * row.keys + s];
+        softmax(p + j * row.keys, row, scale, st);
+      }
+      pv_rows(p, nh, row.keys, latent + r * cap * C * kvelt, kv_bf16, C, C, ctx);
+      for (int64_t j = 0; j < nh; ++j)  // W_v: head h's value rows [vd, C]
+        gemv_rows_serial(ctx + j * C, 1, C, W + ((h0 + j) * (nope + vd) + nope) * C * welt, w_bf16, vd,
+                         att + (r * H + h0 + j) * vd);
     }
   });
   linear(*m.o_proj, att, R, out, b);

@@ -97,54 +97,90 @@ __attribute__((target("avx512f"))) __m512 load16(const W* w) {
   }
 }
 
-// One row of x against one weight row, 4 accumulators over 64-wide steps: the summation order every row uses,
-// alone or in a block of 4 (so a row's result never depends on how many rows are batched with it).
-template <typename W>
-__attribute__((target("avx512f"))) float dot_avx512(const W* w, const float* xr, int64_t in) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= in; i += 64) {
-    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
-    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(xr + i + 16), a1);
-    a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(xr + i + 32), a2);
-    a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(xr + i + 48), a3);
-  }
-  for (; i + 16 <= in; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(xr + i), a0);
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
-  return s;
+// The two 256-bit halves of v added.
+__attribute__((target("avx512f"))) inline __m256 half(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-// Blocks of 4 activation rows share each weight load (16 accumulators + 4 weight registers of the 32): a batch of
-// rows reads the weight row from L1 once per 4 rows instead of once per row.
+// The 4 sums of 4 accumulators' 16 lanes each, always in this order: halves added (8 lanes), then pairs, pairs of
+// pairs, and the two 128-bit halves. A lone output is summed by the same code (so its bits are the same).
+__attribute__((target("avx512f"))) inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a0), half(a1)), _mm256_hadd_ps(half(a2), half(a3)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// A tile of R activation rows x 4 weight rows: res[r][o] = x_r . w_o. One accumulator per (row, output) over
+// 16-wide steps of `in` (a zero-padded last step when in % 16 != 0), then reduce4. Per step: 4 weight loads and R
+// activation loads feed 4R FMAs, so at R = 4 the FMA units, not the loads, set the pace (16 accumulators + 8
+// operands of the 32 registers). Every (row, output) pair runs the same instructions whatever R is and wherever
+// it sits in the batch: a row's result never depends on the rows beside it.
+template <typename W, int R>
+__attribute__((target("avx512f"), always_inline)) inline void tile_step(__m512 (&a)[R][4], const W* const* w,
+                                                                       const float* const* x, int64_t i) {
+  __m512 wv[4];
+#pragma GCC unroll 4
+  for (int o = 0; o < 4; ++o) wv[o] = load16(w[o] + i);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 xv = _mm512_loadu_ps(x[r] + i);
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; ++o) a[r][o] = _mm512_fmadd_ps(wv[o], xv, a[r][o]);
+  }
+}
+
+template <typename W, int R>
+__attribute__((target("avx512f"))) void tile_avx512(const W* const* w, const float* const* x, int64_t in,
+                                                    float (*res)[4]) {
+  __m512 a[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int o = 0; o < 4; ++o) a[r][o] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) tile_step<W, R>(a, w, x, i);
+  if (i < in) {  // the last in % 16 columns, zero-padded to a full step
+    W wt[4][16] = {};
+    float xt[R][16] = {};
+    const W* wp[4];
+    const float* xp[R];
+    for (int o = 0; o < 4; ++o) {
+      std::memcpy(wt[o], w[o] + i, static_cast<size_t>(in - i) * sizeof(W));
+      wp[o] = wt[o];
+    }
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(xt[r], x[r] + i, static_cast<size_t>(in - i) * sizeof(float));
+      xp[r] = xt[r];
+    }
+    tile_step<W, R>(a, wp, xp, 0);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) _mm_storeu_ps(res[r], reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
+}
+
+// Output rows [b0 * 4, min(b1 * 4, out)) for every activation row: blocks of 4 weight rows (a partial last block
+// repeats its last row and drops the extra results), each against the activation rows 4 at a time while the 4
+// weight rows stay in L1.
 template <typename W>
-__attribute__((target("avx512f"))) void rows_avx512(const W* w, const float* x, int64_t rows, int64_t in, float* y,
-                                                    int64_t out) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const float* xs[4] = {x + r * in, x + (r + 1) * in, x + (r + 2) * in, x + (r + 3) * in};
-    __m512 a[4][4] = {};  // zeros
-    int64_t i = 0;
-    for (; i + 64 <= in; i += 64) {
-      const __m512 w0 = load16(w + i), w1 = load16(w + i + 16), w2 = load16(w + i + 32), w3 = load16(w + i + 48);
-      for (int k = 0; k < 4; ++k) {
-        a[k][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[k] + i), a[k][0]);
-        a[k][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xs[k] + i + 16), a[k][1]);
-        a[k][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xs[k] + i + 32), a[k][2]);
-        a[k][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xs[k] + i + 48), a[k][3]);
-      }
-    }
-    for (; i + 16 <= in; i += 16) {
-      const __m512 w0 = load16(w + i);
-      for (int k = 0; k < 4; ++k) a[k][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xs[k] + i), a[k][0]);
-    }
-    for (int k = 0; k < 4; ++k) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[k][0], a[k][1]), _mm512_add_ps(a[k][2], a[k][3])));
-      for (int64_t j = i; j < in; ++j) s += load_scalar(w, j) * xs[k][j];
-      y[(r + k) * out] = s;
+__attribute__((target("avx512f"))) void blocks_avx512(const W* w, const float* x, int64_t rows, int64_t in,
+                                                      int64_t out, const float* bias, float* y, int64_t b0,
+                                                      int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o0 = b * 4, valid = std::min<int64_t>(4, out - o0);
+    const W* wp[4];
+    for (int o = 0; o < 4; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
+    for (int64_t r = 0; r < rows; r += 4) {
+      const int64_t n = std::min<int64_t>(4, rows - r);
+      const float* xp[4];
+      for (int k = 0; k < 4; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[4][4];
+      if (n == 4) tile_avx512<W, 4>(wp, xp, in, res);
+      else if (n == 3) tile_avx512<W, 3>(wp, xp, in, res);
+      else if (n == 2) tile_avx512<W, 2>(wp, xp, in, res);
+      else tile_avx512<W, 1>(wp, xp, in, res);
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
     }
   }
-  for (; r < rows; ++r) y[r * out] = dot_avx512(w, x + r * in, in);
 }
 
 enum class Isa { kPortable, kAvx2, kAvx512 };
@@ -161,16 +197,90 @@ Isa isa() {
   return i;
 }
 
+// ---- P . V over a cache ------------------------------------------------------------------------------------------
+
+// y[r, j0 + 16J) = sum_t p[r, t] * V[t, j0 + 16J) for R rows of p: R x J accumulators (16 at R = J = 4) while each V
+// row's 16J values are loaded once for all R rows (p[r, t] broadcast). t runs in order, one FMA per term.
+template <typename W, int R, int J>
+__attribute__((target("avx512f"))) void pv_tile_avx512(const float* const* p, int64_t T, const W* V, int64_t ldv,
+                                                       int64_t j0, float* const* y) {
+  __m512 a[R][J];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) a[r][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const W* vt = V + t * ldv + j0;
+    __m512 v[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) v[j] = load16(vt + 16 * j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r][t]);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) a[r][j] = _mm512_fmadd_ps(pr, v[j], a[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) _mm512_storeu_ps(y[r] + j0 + 16 * j, a[r][j]);
+}
+
+template <typename W, int R>
+__attribute__((target("avx512f"))) void pv_rows_avx512(const float* const* p, int64_t T, const W* V, int64_t ldv,
+                                                       int64_t n, float* const* y) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) pv_tile_avx512<W, R, 4>(p, T, V, ldv, j, y);
+  for (; j + 16 <= n; j += 16) pv_tile_avx512<W, R, 1>(p, T, V, ldv, j, y);
+  for (; j < n; ++j)  // the last n % 16 columns: the same terms in the same order
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < T; ++t) s = std::fma(p[r][t], load_scalar(V, t * ldv + j), s);
+      y[r][j] = s;
+    }
+}
+
+template <typename W>
+void pv_portable(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {
+  std::fill(y, y + rows * n, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < T; ++t) {
+      const float pt = p[r * T + t];
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] = std::fma(pt, load_scalar(V, t * ldv + j), y[r * n + j]);
+    }
+}
+
+template <typename W>
+void pv(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {
+  if (isa() != Isa::kAvx512) return pv_portable(p, rows, T, V, ldv, n, y);
+  for (int64_t r = 0; r < rows; r += 4) {
+    const int64_t k = std::min<int64_t>(4, rows - r);
+    const float* pr[4];
+    float* yr[4];
+    for (int64_t i = 0; i < k; ++i) pr[i] = p + (r + i) * T, yr[i] = y + (r + i) * n;
+    if (k == 4) pv_rows_avx512<W, 4>(pr, T, V, ldv, n, yr);
+    else if (k == 3) pv_rows_avx512<W, 3>(pr, T, V, ldv, n, yr);
+    else if (k == 2) pv_rows_avx512<W, 2>(pr, T, V, ldv, n, yr);
+    else pv_rows_avx512<W, 1>(pr, T, V, ldv, n, yr);
+  }
+}
+
 template <typename W>
 void run(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y) {
   // ~128 KiB of weights per task at least: enough work to pay for waking a thread (measured on 2 cores: 32-512 KiB
   // within noise of each other on the dense 97M and tiny MoE models, docs/BENCHMARKS.md "llama.cpp").
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
+  if (which == Isa::kAvx512) {
+    at::parallel_for(0, (out + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
+      blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
+    });
+    return;
+  }
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const W* wo = w + o * in;
-      if (which == Isa::kAvx512) rows_avx512(wo, x, rows, in, y + o, out);
-      else if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
+      if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
       else rows_portable(wo, x, rows, in, y + o, out);
       if (bias)
         for (int64_t r = 0; r < rows; ++r) y[r * out + o] += bias[o];
@@ -358,6 +468,22 @@ void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_b
                float* y) {
   if (w_bf16) run(isa(), static_cast<const uint16_t*>(W), x, rows, in, out, bias, y);
   else run(isa(), static_cast<const float*>(W), x, rows, in, out, bias, y);
+}
+
+void gemv_rows_serial(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, float* y) {
+  const auto go = [&](auto* w) {
+    if (isa() == Isa::kAvx512) return blocks_avx512(w, x, rows, in, out, nullptr, y, 0, (out + 3) / 4);
+    for (int64_t o = 0; o < out; ++o)
+      if (isa() == Isa::kAvx2) rows_avx2(w + o * in, x, rows, in, y + o, out);
+      else rows_portable(w + o * in, x, rows, in, y + o, out);
+  };
+  if (w_bf16) go(static_cast<const uint16_t*>(W));
+  else go(static_cast<const float*>(W));
+}
+
+void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y) {
+  if (v_bf16) pv(p, rows, T, static_cast<const uint16_t*>(V), ldv, n, y);
+  else pv(p, rows, T, static_cast<const float*>(V), ldv, n, y);
 }
 
 void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,

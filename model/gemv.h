@@ -36,10 +36,19 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
 
 // Raw forms for callers that keep their own buffers (model/decode_step.h), any number of rows, the CPU's best
 // instruction set: x float32 [rows, in], W [out, in] float32 (w_bf16 false) or bfloat16 bits, bias float32 [out]
-// or null, y float32 [rows, out]. Threads over output rows (at::parallel_for). Blocks of 4 rows share each weight
-// load; a row's result does not depend on the rows beside it.
+// or null, y float32 [rows, out]. Threads over blocks of 4 output rows (at::parallel_for). With AVX-512 a tile of
+// up to 4 activation rows x 4 weight rows keeps its 16 sums in registers, so each load of x or W feeds 4 FMAs; each
+// y[r, o] sums its terms in one fixed order, so a row's result does not depend on the rows beside it (a sequence
+// decodes the same alone or in a batch).
 void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
                float* y);
+// gemv_rows without threads and without bias, for callers already inside a parallel region (attention scores over
+// a cache: x = queries [rows, in], W = cached keys [out = positions, in]).
+void gemv_rows_serial(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, float* y);
+// y [rows, n] = p [rows, T] . V [T, n] (attention's weighted sum of cached values), V float32 or bfloat16 bits
+// with row stride ldv, no threads. Blocks of 4 rows x 64 columns keep their sums in registers and load each V row
+// once per block; each y[r, j] sums its T terms in order with one FMA each, whatever the other rows.
+void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y);
 // gemv_int8's arithmetic on raw buffers; xsum float32 [rows] is scratch.
 void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
                     const float* offset, int64_t out, float* y, float* xsum);

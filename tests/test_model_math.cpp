@@ -377,6 +377,41 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
   }
 }
 
+TEST_CASE("attention over a cache: scores (gemv_rows_serial) and weighted sums (pv_rows) equal float64 and are "
+          "batch invariant", "[model][gemv]") {
+  // The decode step's attention takes a block of query heads at once: scores = Q [rows, in] . K [T, in]^T and
+  // out = P [rows, T] . V [T, n] over a cache of T positions (V rows ldv apart). Each must match a float64 product
+  // and give a head the same bits whatever heads share its block.
+  torch::manual_seed(12);
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (int64_t rows : {1, 3, 4, 5, 9})
+      for (int64_t T : {1, 7, 77})
+        for (int64_t n : {16, 45, 77, 128}) {
+          INFO(c10::toString(dt) << " rows " << rows << " T " << T << " n " << n);
+          const bool b16 = dt == torch::kBFloat16;
+          auto Q = torch::randn({rows, n});
+          auto K = torch::randn({T, n}).to(dt);
+          auto S = torch::empty({rows, T});
+          dsopen::model::gemv_rows_serial(Q.data_ptr<float>(), rows, n, K.data_ptr(), b16, T, S.data_ptr<float>());
+          CHECK(torch::allclose(S.to(torch::kFloat64), torch::mm(Q.to(torch::kFloat64), K.to(torch::kFloat64).t()),
+                                1e-5, 1e-4));
+          const int64_t ldv = n + 3;  // V is a column slice of a wider cache
+          auto Vwide = torch::randn({T, ldv}).to(dt);
+          auto P = torch::rand({rows, T});
+          auto O = torch::empty({rows, n});
+          dsopen::model::pv_rows(P.data_ptr<float>(), rows, T, Vwide.data_ptr(), b16, ldv, n, O.data_ptr<float>());
+          auto V = Vwide.slice(1, 0, n).to(torch::kFloat64);
+          CHECK(torch::allclose(O.to(torch::kFloat64), torch::mm(P.to(torch::kFloat64), V), 1e-5, 1e-4));
+          for (int64_t r = 0; r < rows; ++r) {
+            auto s1 = torch::empty({1, T}), o1 = torch::empty({1, n});
+            dsopen::model::gemv_rows_serial(Q[r].data_ptr<float>(), 1, n, K.data_ptr(), b16, T, s1.data_ptr<float>());
+            dsopen::model::pv_rows(P[r].data_ptr<float>(), 1, T, Vwide.data_ptr(), b16, ldv, n, o1.data_ptr<float>());
+            CHECK(torch::equal(s1[0], S[r]));
+            CHECK(torch::equal(o1[0], O[r]));
+          }
+        }
+}
+
 TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activations, close to the float product",
           "[model][gemv]") {
   if (!dsopen::model::gemv_int4_supported()) {
