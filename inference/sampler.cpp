@@ -21,6 +21,12 @@ Sampler::Sampler(const SamplingOptions& o) : opts_(o), rng_(o.seed) {
 std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor& logits,
                                                             const std::vector<int32_t>& context,
                                                             size_t generated_from) const {
+  const bool penalties = opts_.repetition_penalty != 1.0 || opts_.frequency_penalty != 0.0 || opts_.presence_penalty != 0.0;
+  if (opts_.temperature == 0.0 && !penalties) {  // plain greedy: the arg max of the float32 logits as they are
+    const auto f = logits.to(torch::kCPU, torch::kFloat32).contiguous();
+    const float* p = f.data_ptr<float>();
+    return {{std::max_element(p, p + f.numel()) - p, 1.0}};
+  }
   auto l = logits.to(torch::kCPU, torch::kFloat64).contiguous();
   std::vector<double> v(l.data_ptr<double>(), l.data_ptr<double>() + l.numel());
   // CTRL's rule, once per distinct token of the context however often it occurs (as transformers applies it).
@@ -39,40 +45,58 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
     for (size_t t = 0; t < v.size(); ++t)
       if (count[t] > 0) v[t] -= opts_.frequency_penalty * count[t] + opts_.presence_penalty;
   }
-  std::vector<int64_t> order(v.size());
-  std::iota(order.begin(), order.end(), 0);
   // Greedy is the limit of temperature -> 0: one candidate, the arg max (lowest id on ties).
   if (opts_.temperature == 0.0) {
     const int64_t best = std::max_element(v.begin(), v.end()) - v.begin();
     return {{best, 1.0}};
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return v[a] > v[b]; });
-  size_t keep = order.size();
+  // Candidates in the order of a full stable sort (by logit, then id), but only the prefix top-k, min-p and top-p
+  // can keep is ever ordered: sorting a 100k-token vocabulary per token would cost more than the model's step.
+  const size_t V = v.size();
+  std::vector<int64_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  const auto before = [&](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+  size_t sorted = 0;
+  const auto sort_prefix = [&](size_t n) {  // order[0, n) final; grows geometrically
+    n = std::min(V, std::max({n, 2 * sorted, size_t(64)}));
+    if (n == V && sorted < V) std::sort(order.begin(), order.end(), before);
+    else if (n > sorted) std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), before);
+    sorted = n;
+  };
+  size_t keep = V;
   if (opts_.top_k > 0) keep = std::min(keep, static_cast<size_t>(opts_.top_k));
-  std::vector<double> probs(keep);
+  sort_prefix(keep < V ? keep : 1);
   const double max_logit = v[order[0]];
-  double sum = 0;
-  for (size_t i = 0; i < keep; ++i) sum += probs[i] = std::exp((v[order[i]] - max_logit) / opts_.temperature);
-  for (auto& p : probs) p /= sum;
+  const auto weight = [&](int64_t id) { return std::exp((v[id] - max_logit) / opts_.temperature); };
+  double sum = 0;  // over the candidates top-k keeps (the whole vocabulary: in id order)
+  if (keep < V) for (size_t i = 0; i < keep; ++i) sum += weight(order[i]);
+  else for (size_t id = 0; id < V; ++id) sum += weight(static_cast<int64_t>(id));
+  std::vector<double> probs;  // of order[i], filled as far as needed
+  const auto prob = [&](size_t i) {
+    if (i >= sorted) sort_prefix(i + 1);
+    while (probs.size() <= i) probs.push_back(weight(order[probs.size()]) / sum);
+    return probs[i];
+  };
+  double scale = 1.0;  // min-p renormalises the prefix it keeps
   if (opts_.min_p > 0) {  // probs are sorted: keep the prefix at or above min_p * the first
     size_t n = 1;
-    while (n < keep && probs[n] >= opts_.min_p * probs[0]) ++n;
+    while (n < keep && prob(n) >= opts_.min_p * prob(0)) ++n;
     keep = n;
-    probs.resize(keep);
     double kept = 0;
-    for (double q : probs) kept += q;
-    for (auto& q : probs) q /= kept;
+    for (size_t i = 0; i < keep; ++i) kept += prob(i);
+    scale = 1.0 / kept;
   }
   if (opts_.top_p < 1.0) {  // smallest prefix whose probability reaches top_p
     double cum = 0;
     size_t n = 0;
-    while (n < keep && cum < opts_.top_p) cum += probs[n++];
+    while (n < keep && cum < opts_.top_p) cum += prob(n++) * scale;
     keep = std::max<size_t>(n, 1);
   }
+  if (keep > sorted) sort_prefix(keep);
   std::vector<std::pair<int64_t, double>> out;
   double total = 0;
-  for (size_t i = 0; i < keep; ++i) total += probs[i];
-  for (size_t i = 0; i < keep; ++i) out.push_back({order[i], probs[i] / total});
+  for (size_t i = 0; i < keep; ++i) total += prob(i) * scale;
+  for (size_t i = 0; i < keep; ++i) out.push_back({order[i], prob(i) * scale / total});
   return out;
 }
 

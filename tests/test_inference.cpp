@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -133,6 +134,72 @@ TEST_CASE("sampler: top-k and top-p never emit excluded tokens; seeds reproduce"
   inference::Sampler penal({0.0, 0, 1.0, 2.0, 0});
   CHECK(penal.sample(logits, {0}) == 1);
   CHECK_THROWS(inference::Sampler({1.0, 0, 0.0, 1.0, 0}));
+}
+
+namespace {
+// The candidate list as a plain implementation computes it: every logit sorted (stable: ties by id), softmax at the
+// temperature over the top-k, then min-p and top-p on the sorted probabilities, renormalised.
+std::vector<std::pair<int64_t, double>> reference_candidates(const std::vector<double>& v, double temperature,
+                                                             size_t top_k, double top_p, double min_p) {
+  std::vector<int64_t> order(v.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return v[a] > v[b]; });
+  size_t keep = top_k ? std::min(top_k, v.size()) : v.size();
+  std::vector<double> p(keep);
+  double sum = 0;
+  for (size_t i = 0; i < keep; ++i) sum += p[i] = std::exp((v[order[i]] - v[order[0]]) / temperature);
+  for (auto& q : p) q /= sum;
+  double kept = 1;  // min-p renormalises what it keeps
+  if (min_p > 0) {
+    size_t n = 1;
+    while (n < keep && p[n] >= min_p * p[0]) ++n;
+    keep = n;
+    kept = 0;
+    for (size_t i = 0; i < keep; ++i) kept += p[i];
+  }
+  if (top_p < 1) {
+    double cum = 0;
+    size_t n = 0;
+    while (n < keep && cum < top_p) cum += p[n++] / kept;
+    keep = std::max<size_t>(n, 1);
+  }
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i) total += p[i];
+  std::vector<std::pair<int64_t, double>> out;
+  for (size_t i = 0; i < keep; ++i) out.push_back({order[i], p[i] / total});
+  return out;
+}
+}  // namespace
+
+TEST_CASE("sampler: candidates over a large vocabulary equal a full stable sort's, ties by id", "[inference][sampler]") {
+  // The sampler orders only the prefix it can keep; the set, its order (ties included) and the probabilities must
+  // be those of sorting the whole vocabulary.
+  torch::manual_seed(5);
+  auto logits = (torch::randn({50000}, torch::kFloat64) * 4).round() / 4;  // many exact ties
+  const std::vector<double> v(logits.data_ptr<double>(), logits.data_ptr<double>() + logits.numel());
+  struct Case { double temperature; int64_t top_k; double top_p, min_p; };
+  for (const Case c : {Case{1.0, 0, 1.0, 0.0}, Case{0.7, 50, 1.0, 0.0}, Case{1.0, 0, 0.9, 0.0}, Case{0.3, 0, 0.5, 0.0},
+                       Case{1.0, 0, 1.0, 0.05}, Case{1.2, 0, 0.95, 0.01}, Case{1.0, 3000, 0.99, 0.0},
+                       Case{0.05, 0, 0.999, 0.0}, Case{2.0, 70000, 1.0, 0.0}}) {
+    INFO("temperature " << c.temperature << " top_k " << c.top_k << " top_p " << c.top_p << " min_p " << c.min_p);
+    inference::SamplingOptions o;
+    o.temperature = c.temperature, o.top_k = c.top_k, o.top_p = c.top_p, o.min_p = c.min_p;
+    const auto got = inference::Sampler(o).candidates(logits, {});
+    const auto want = reference_candidates(v, c.temperature, static_cast<size_t>(c.top_k), c.top_p, c.min_p);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      REQUIRE(got[i].first == want[i].first);
+      REQUIRE(got[i].second == Approx(want[i].second).epsilon(1e-9));
+    }
+  }
+  // Greedy: the lowest id among the tied maxima, from float32 and bfloat16 logits alike.
+  auto tied = torch::zeros({1000});
+  tied[700] = 2.0f, tied[300] = 2.0f;
+  for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
+    const auto g = inference::Sampler({0.0, 0, 1.0, 1.0, 0}).candidates(tied.to(dt), {});
+    REQUIRE(g.size() == 1);
+    CHECK(g[0].first == 300);
+  }
 }
 
 TEST_CASE("sampler: the repetition penalty applies once per distinct context token", "[inference][sampler]") {
