@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "model/fused_cpu.h"
 #include "utils/errors.h"
 
 namespace dsopen::inference {
@@ -25,7 +26,10 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
   if (opts_.temperature == 0.0 && !penalties) {  // plain greedy: the arg max of the float32 logits as they are
     const auto f = logits.to(torch::kCPU, torch::kFloat32).contiguous();
     const float* p = f.data_ptr<float>();
-    return {{std::max_element(p, p + f.numel()) - p, 1.0}};
+    const int64_t n = f.numel();
+    const float best = model::kernels::detail::row_max(p, n);  // vectorised; then the first id that holds it
+    const int64_t id = std::find(p, p + n, best) - p;
+    return {{id < n ? id : 0, 1.0}};  // (all NaN: id 0, as before)
   }
   auto l = logits.to(torch::kCPU, torch::kFloat64).contiguous();
   std::vector<double> v(l.data_ptr<double>(), l.data_ptr<double>() + l.numel());
