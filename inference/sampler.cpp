@@ -61,10 +61,14 @@ std::vector<std::pair<int64_t, double>> Sampler::candidates(const torch::Tensor&
   std::iota(order.begin(), order.end(), 0);
   const auto before = [&](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
   size_t sorted = 0;
-  const auto sort_prefix = [&](size_t n) {  // order[0, n) final; grows geometrically
+  // order[0, n) final, grown geometrically; order[0, sorted) already precedes everything after it, so only the rest
+  // is (partially) sorted. Past a quarter of the vocabulary a full sort is cheaper than a heap.
+  const auto sort_prefix = [&](size_t n) {
     n = std::min(V, std::max({n, 2 * sorted, size_t(64)}));
-    if (n == V && sorted < V) std::sort(order.begin(), order.end(), before);
-    else if (n > sorted) std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), before);
+    if (n > V / 4) n = V;
+    const auto from = order.begin() + static_cast<std::ptrdiff_t>(sorted);
+    if (n == V && sorted < V) std::sort(from, order.end(), before);
+    else if (n > sorted) std::partial_sort(from, order.begin() + static_cast<std::ptrdiff_t>(n), order.end(), before);
     sorted = n;
   };
   size_t keep = V;
