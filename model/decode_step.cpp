@@ -21,9 +21,11 @@ namespace {
 
 namespace rowk = kernels::detail;
 
-// Rows above which a float32 projection goes to LibTorch's GEMM instead of the row-blocked GEMV (a batch of
-// many sequences in dsopen-serve), whose register blocking wins once a weight row serves that many rows.
-constexpr int64_t kGemmRows = 16;
+// Rows above which a float32 projection goes to LibTorch's GEMM instead of the tiled GEMV. Up to here a row's
+// sums run in the same order however many rows share the step, so a served sequence decodes to the same bits alone
+// or in a full batch: 32 is dsopen-serve's default --max-num-seqs. The tiles matched MKL's sgemm at 32 rows
+// (docs/BENCHMARKS.md "Serving"); MKL pulls ahead from ~64-128 rows, where its packing pays off.
+constexpr int64_t kGemmRows = 32;
 
 std::atomic<int> g_enabled{-1};  // -1: not read from the environment yet
 
@@ -49,7 +51,7 @@ float* thread_scratch(int slot, int64_t n) {
 }
 
 struct Buffers {
-  std::vector<float> h, xn, q, kv, v, att, sub, t, g, u, act, xe, ye, ye2, gate, route, weights, scores, conv;
+  std::vector<float> h, xn, q, kv, v, att, sub, t, g, u, act, xe, ye, ye2, picked, gate, route, weights, scores, conv;
   std::vector<int64_t> experts;
 };
 
@@ -418,6 +420,9 @@ void moe(const MoEImpl& m, const float* x, int64_t rows, float* y, const Step& s
       rowk::axpy(w[k], ye, y, D);
     }
   } else {  // each chosen expert once, on the rows that chose it
+    // Outputs kept per (row, pick) and summed in pick order afterwards, as a lone row sums them: the same bits
+    // whatever other rows share the step.
+    float* picked = take(b.picked, rows * K * D);
     std::vector<int64_t> members;
     members.reserve(static_cast<size_t>(rows));
     for (int64_t e = 0; e < E; ++e) {
@@ -428,8 +433,9 @@ void moe(const MoEImpl& m, const float* x, int64_t rows, float* y, const Step& s
       const int64_t n = static_cast<int64_t>(members.size());
       for (int64_t j = 0; j < n; ++j) std::memcpy(xe + j * D, x + (members[j] / K) * D, static_cast<size_t>(D) * 4);
       mlp(*m.expert(e), xe, n, ye, b);
-      for (int64_t j = 0; j < n; ++j) rowk::axpy(w[members[j]], ye + j * D, y + (members[j] / K) * D, D);
+      for (int64_t j = 0; j < n; ++j) std::memcpy(picked + members[j] * D, ye + j * D, static_cast<size_t>(D) * 4);
     }
+    for (int64_t i = 0; i < rows * K; ++i) rowk::axpy(w[i], picked + i * D, y + (i / K) * D, D);
   }
   if (m.shared_experts) {
     mlp(*m.shared_experts, x, rows, ye, b);
