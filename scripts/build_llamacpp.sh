@@ -34,7 +34,14 @@ if [ ! -f "$DIR/src/CMakeLists.txt" ]; then
   mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DIR/src"
 fi
 echo "building llama.cpp tools in $DIR/build ($JOBS jobs; a few minutes once)" >&2
-cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+# GGML_NATIVE on an AMX CPU compiles ggml's AMX kernels, whose quantized paths died with SIGILL on such a VM: there,
+# the instruction sets are named instead (AVX-512 with VNNI and BF16, no AMX).
+ISA=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo; then
+  ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+       -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DLLAMA_CURL=OFF \
   -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
 cmake --build "$DIR/build" -j "$JOBS" --target "${TOOLS[@]}" >&2
 build_greedy
