@@ -266,25 +266,27 @@ void pv(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_
   }
 }
 
+// Output rows [b0 * 4, min(b1 * 4, out)) on the calling thread, in the instruction set `which`.
+template <typename W>
+void blocks(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y,
+            int64_t b0, int64_t b1) {
+  if (which == Isa::kAvx512) return blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
+  for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o) {
+    const W* wo = w + o * in;
+    if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
+    else rows_portable(wo, x, rows, in, y + o, out);
+    if (bias)
+      for (int64_t r = 0; r < rows; ++r) y[r * out + o] += bias[o];
+  }
+}
+
 template <typename W>
 void run(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y) {
   // ~128 KiB of weights per task at least: enough work to pay for waking a thread (measured on 2 cores: 32-512 KiB
   // within noise of each other on the dense 97M and tiny MoE models, docs/BENCHMARKS.md "llama.cpp").
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, in * int64_t(sizeof(W))));
-  if (which == Isa::kAvx512) {
-    at::parallel_for(0, (out + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
-      blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
-    });
-    return;
-  }
-  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const W* wo = w + o * in;
-      if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
-      else rows_portable(wo, x, rows, in, y + o, out);
-      if (bias)
-        for (int64_t r = 0; r < rows; ++r) y[r * out + o] += bias[o];
-    }
+  at::parallel_for(0, (out + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
+    blocks(which, w, x, rows, in, out, bias, y, b0, b1);
   });
 }
 
@@ -471,14 +473,9 @@ void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_b
 }
 
 void gemv_rows_serial(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, float* y) {
-  const auto go = [&](auto* w) {
-    if (isa() == Isa::kAvx512) return blocks_avx512(w, x, rows, in, out, nullptr, y, 0, (out + 3) / 4);
-    for (int64_t o = 0; o < out; ++o)
-      if (isa() == Isa::kAvx2) rows_avx2(w + o * in, x, rows, in, y + o, out);
-      else rows_portable(w + o * in, x, rows, in, y + o, out);
-  };
-  if (w_bf16) go(static_cast<const uint16_t*>(W));
-  else go(static_cast<const float*>(W));
+  const int64_t nblocks = (out + 3) / 4;
+  if (w_bf16) blocks(isa(), static_cast<const uint16_t*>(W), x, rows, in, out, nullptr, y, 0, nblocks);
+  else blocks(isa(), static_cast<const float*>(W), x, rows, in, out, nullptr, y, 0, nblocks);
 }
 
 void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y) {
