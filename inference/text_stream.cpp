@@ -19,24 +19,66 @@ TextStream::TextStream(const data::Tokenizer& tok, const std::vector<int32_t>& p
   while (true) {
     tail_.assign(prompt.end() - static_cast<std::ptrdiff_t>(n), prompt.end());
     tail_text_ = tok.decode(tail_);
-    if (n == prompt.size() || (ends_with(whole, tail_text_) && !starts_with_replacement(tail_text_))) break;
+    // A tail showing no text would make the first new piece the first of its decode (SentencePiece drops its
+    // leading space there): it takes at least a character of the prompt's text.
+    if (n == prompt.size() ||
+        (ends_with(whole, tail_text_) && !starts_with_replacement(tail_text_) && !tail_text_.empty()))
+      break;
     n = std::min(prompt.size(), n * 2);
   }
+  restart();
 }
 
-std::string TextStream::text(const std::vector<int32_t>& generated) const {
-  std::vector<int32_t> ids = tail_;
-  ids.insert(ids.end(), generated.begin(), generated.end());
-  const std::string all = tok_.decode(ids);
-  if (all.compare(0, tail_text_.size(), tail_text_) == 0) return all.substr(tail_text_.size());
-  // The tail's last character was incomplete and the new bytes completed it: keep what follows the common prefix.
-  size_t common = 0;
-  while (common < all.size() && common < tail_text_.size() && all[common] == tail_text_[common]) ++common;
-  while (common > 0 && (static_cast<unsigned char>(all[common]) & 0xC0) == 0x80) --common;  // a character boundary
-  return all.substr(common);
+void TextStream::restart() {
+  ids_ = tail_;
+  context_ = 0;
+  settled_ = ids_.size();
+  context_text_ = tail_text_;
+  settled_text_.clear();
+  text_.clear();
 }
 
-std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
+const std::string& TextStream::text(const std::vector<int32_t>& generated) {
+  if (generated.size() < ids_.size() - tail_.size()) restart();
+  ids_.insert(ids_.end(), generated.begin() + static_cast<std::ptrdiff_t>(ids_.size() - tail_.size()),
+              generated.end());
+  if (ids_.size() == settled_) return text_;
+  const std::string window =
+      tok_.decode(std::vector<int32_t>(ids_.begin() + static_cast<std::ptrdiff_t>(context_), ids_.end()));
+  std::string fresh;
+  if (window.compare(0, context_text_.size(), context_text_) == 0) {
+    fresh = window.substr(context_text_.size());
+  } else {
+    // The context's last character was incomplete (only the prompt's can be: generated text settles on whole
+    // characters) and the new bytes completed it: keep what follows the common prefix, from a character boundary.
+    size_t common = 0;
+    while (common < window.size() && common < context_text_.size() && window[common] == context_text_[common])
+      ++common;
+    while (common > 0 && (static_cast<unsigned char>(window[common]) & 0xC0) == 0x80) --common;
+    fresh = window.substr(common);
+  }
+  text_ = settled_text_ + fresh;
+  const std::string replacement = "\xEF\xBF\xBD";
+  const bool incomplete = fresh.size() >= 3 && fresh.compare(fresh.size() - 3, 3, replacement) == 0;
+  if (!incomplete) {
+    // Settle the window. The next context is the tokens just settled, unless they show no text (special tokens):
+    // a context decoding to nothing would make the next piece the first of its decode, where SentencePiece drops
+    // a leading space the whole text keeps; the window then keeps its older context.
+    std::string next =
+        tok_.decode(std::vector<int32_t>(ids_.begin() + static_cast<std::ptrdiff_t>(settled_), ids_.end()));
+    if (next.empty()) {
+      context_text_ = window;
+    } else {
+      context_ = settled_;
+      context_text_ = std::move(next);
+    }
+    settled_ = ids_.size();
+    settled_text_ = text_;
+  }
+  return text_;
+}
+
+std::string visible_text(TextStream& stream, const std::vector<int32_t>& tokens,
                          const std::vector<std::string>& stops, bool final, bool& stopped) {
   std::string text = stream.text(tokens);
   stopped = false;

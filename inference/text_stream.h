@@ -1,8 +1,13 @@
 // The text a user sees of a generated sequence: decode(prompt + new) minus decode(prompt). Decoding the new tokens
 // alone is not that text: SentencePiece drops the leading space of a text's first piece (dummy prefix), and a
 // character whose UTF-8 bytes are split between the prompt's last token and the first new one decodes to U+FFFD
-// on either side. The stream decodes a short tail of the prompt with the new tokens and drops the tail's own text,
-// so each step costs a decode of the tail and the new tokens, not of the whole prompt.
+// on either side.
+//
+// The stream is incremental, as vLLM's and HF's TextStreamer's detokenizers are: it keeps the text of the tokens
+// already settled and decodes only a short window, the tokens since the last settled ones plus one step of
+// context before them, taking the window's text minus its context's text. Each token then costs a decode of a
+// few tokens, not of everything generated so far (which made streaming quadratic in the length of the answer).
+// A token's text is settled once it does not end in U+FFFD (a multi-byte character still arriving).
 #pragma once
 
 #include <string>
@@ -18,19 +23,28 @@ public:
 
   // The visible text after the new tokens `generated` (all of them so far): decode(prompt + generated) minus
   // decode(prompt). Where the prompt's own text changes with what follows (its last character still incomplete),
-  // the part after the longest common prefix.
-  std::string text(const std::vector<int32_t>& generated) const;
+  // the part after the longest common prefix. Each call's `generated` extends the previous call's (a shorter one
+  // starts the stream over).
+  const std::string& text(const std::vector<int32_t>& generated);
 
 private:
+  void restart();
+
   const data::Tokenizer& tok_;
   std::vector<int32_t> tail_;  // the last prompt tokens, enough that decode(prompt) ends with decode(tail)
   std::string tail_text_;
+  std::vector<int32_t> ids_;   // tail_ + the generated tokens seen so far
+  size_t context_ = 0;         // window start: ids_[context_, settled_) is the context, its text context_text_
+  size_t settled_ = 0;         // tokens whose text is in settled_text_
+  std::string context_text_;
+  std::string settled_text_;   // the visible text of generated tokens before ids_[settled_]
+  std::string text_;           // settled_text_ + the window's new text: what text() returns
 };
 
 // The text a sequence's new `tokens` show, cut before the first stop string; `stopped` says whether one was
 // found. Unless `final`, what may still change is held back: a trailing replacement character (a multi-byte
 // character still arriving) and an end that could begin a stop string. Streams hand out the growth of this text.
-std::string visible_text(const TextStream& stream, const std::vector<int32_t>& tokens,
+std::string visible_text(TextStream& stream, const std::vector<int32_t>& tokens,
                          const std::vector<std::string>& stops, bool final, bool& stopped);
 
 }  // namespace dsopen::inference

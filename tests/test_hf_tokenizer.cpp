@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/hf_tokenizer.h"
+#include "text_stream_check.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
@@ -200,6 +201,11 @@ TEST_CASE("HF tokenizer: special tokens, ids from tokenizer_config.json, chat te
   const int32_t lead = tok.token_id("ð");  // byte 0xF0 in the GPT-2 byte map
   REQUIRE(lead >= 0);
   CHECK(tok.decode({lead}) == "\xEF\xBF\xBD");
+}
+
+TEST_CASE("HF tokenizer: streamed text equals whole decodes token by token (bytes split mid-character)",
+          "[data][hf_tokenizer][inference]") {
+  testing::check_text_stream_against_whole_decodes(main_tokenizer(), 11);
 }
 
 TEST_CASE("HF tokenizer: merges written as \"a b\" strings load the same as [a, b] pairs", "[data][hf_tokenizer]") {

@@ -7,9 +7,11 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sentencepiece_trainer.h>
 
 #include "data/text.h"
 #include "data/tokenizer.h"
+#include "text_stream_check.h"
 #include "utils/env.h"
 #include "utils/errors.h"
 
@@ -34,6 +36,26 @@ const data::SentencePieceTokenizer& shared_tokenizer() {
     o.user_symbols = {"<|User|>", "<|Assistant|>"};
     data::SentencePieceTokenizer::train(o);
     auto t = data::SentencePieceTokenizer::load(o.output);
+    fs::remove_all(dir);
+    return t;
+  }();
+  return *tok;
+}
+
+// A Llama-style model (SentencePiece's defaults: a dummy prefix space that decoding drops, extra whitespace
+// collapsed, byte fallback), as users bring in HF checkpoints' tokenizer.model.
+const data::SentencePieceTokenizer& llama_style_tokenizer() {
+  static std::unique_ptr<data::SentencePieceTokenizer> tok = [] {
+    const fs::path dir = fs::temp_directory_path() / ("dsopen_tok_llama_" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    const auto status = sentencepiece::SentencePieceTrainer::Train(
+        "--input=/usr/share/games/fortunes/fortunes,/usr/share/games/fortunes/chinese --model_prefix=" +
+        (dir / "llama").string() +
+        " --vocab_size=3000 --model_type=bpe --byte_fallback=true --character_coverage=0.98"
+        " --input_sentence_size=20000 --shuffle_input_sentence=true --minloglevel=2");
+    INFO(status.ToString());
+    REQUIRE(status.ok());
+    auto t = data::SentencePieceTokenizer::load((dir / "llama.model").string());
     fs::remove_all(dir);
     return t;
   }();
@@ -84,6 +106,12 @@ TEST_CASE("a literal U+2581 (SentencePiece's space symbol) survives encode -> de
     INFO(t);
     CHECK(tok.decode(tok.encode(t)) == t);
   }
+}
+
+TEST_CASE("streamed text equals whole decodes token by token (dummy prefix, byte fallback, special tokens)",
+          "[data][tokenizer][inference]") {
+  testing::check_text_stream_against_whole_decodes(shared_tokenizer(), 7);
+  testing::check_text_stream_against_whole_decodes(llama_style_tokenizer(), 9);
 }
 
 TEST_CASE("special tokens have fixed ids and user symbols are never split", "[data][tokenizer]") {
