@@ -27,6 +27,9 @@ namespace rowk = kernels::detail;
 // (docs/BENCHMARKS.md "Serving"); MKL pulls ahead from ~64-128 rows, where its packing pays off.
 constexpr int64_t kGemmRows = 32;
 
+// Prompt tokens up to which a prefill takes the step (prefill_applies).
+constexpr int64_t kPrefillRows = 512;
+
 std::atomic<int> g_enabled{-1};  // -1: not read from the environment yet
 
 bool is_float(const torch::Tensor& t) {
@@ -121,6 +124,7 @@ bool layer_ok(const DecoderLayerImpl& layer, const ModelConfig& c, bool named) {
 // ---- the rows of one step ------------------------------------------------------------------------------------------
 
 struct Row {
+  int64_t batch = 0;  // cache row (decoding: the row itself; a prompt's tokens: all the prompt's one row)
   int64_t pos = 0;    // rope position
   int64_t slot = 0;   // cache index written
   int64_t keys = 0;   // cache entries [0, keys) considered
@@ -135,6 +139,12 @@ struct Step {
   float eps = 1e-6f;
   Buffers* b = nullptr;
   bool visible(const Row& r, int64_t s) const { return !r.valid || r.valid[s] || s == r.slot; }
+  // Keys a row attends on average (sizes the attention's parallel chunks).
+  int64_t mean_keys() const {
+    int64_t sum = 0;
+    for (const Row& r : rows) sum += r.keys;
+    return std::max<int64_t>(1, sum / static_cast<int64_t>(rows.size()));
+  }
 };
 
 // ---- the operations ----------------------------------------------------------------------------------------------
@@ -220,12 +230,12 @@ void attention(const AttentionImpl& a, LayerKVCache& cache, const float* xn, flo
     for (int64_t h = 0; h < H; ++h) rope(q + (r * H + h) * hd, row.pos, rd, interleaved, st);
     for (int64_t h = 0; h < KV; ++h) {
       rope(k + (r * KV + h) * hd, row.pos, rd, interleaved, st);
-      store(k + (r * KV + h) * hd, cache.a, ((r * KV + h) * cap + row.slot) * hd, hd);
-      store(v + (r * KV + h) * hd, cache.b, ((r * KV + h) * cap + row.slot) * hd, hd);
+      store(k + (r * KV + h) * hd, cache.a, ((row.batch * KV + h) * cap + row.slot) * hd, hd);
+      store(v + (r * KV + h) * hd, cache.b, ((row.batch * KV + h) * cap + row.slot) * hd, hd);
     }
   }
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  const int64_t group = H / KV, blocks = (group + kHeadBlock - 1) / kHeadBlock, keys = st.rows.front().keys;
+  const int64_t group = H / KV, blocks = (group + kHeadBlock - 1) / kHeadBlock, keys = st.mean_keys();
   float* att = take(b.att, R * H * hd);
   const bool kv_bf16 = bf16(cache.a);
   const auto elt = kv_bf16 ? 2 : 4;
@@ -239,7 +249,7 @@ void attention(const AttentionImpl& a, LayerKVCache& cache, const float* xn, flo
       const int64_t nh = std::min<int64_t>(kHeadBlock, (kvh + 1) * group - h0);
       const Row& row = st.rows[static_cast<size_t>(r)];
       float* p = thread_scratch(0, nh * row.keys);
-      const int64_t base = (r * KV + kvh) * cap * hd;
+      const int64_t base = (row.batch * KV + kvh) * cap * hd;
       gemv_rows_serial(q + (r * H + h0) * hd, nh, hd, K + base * elt, kv_bf16, row.keys, p);
       for (int64_t j = 0; j < nh; ++j) softmax(p + j * row.keys, row, scale, st);
       pv_rows(p, nh, row.keys, V + base * elt, kv_bf16, hd, hd, att + (r * H + h0) * hd);
@@ -277,8 +287,8 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
     float* kr = kv + r * (C + rd);
     rope(kr + C, row.pos, rd, c.rope_interleave, st);
     for (int64_t h = 0; h < H; ++h) rope(q + (r * H + h) * qk + nope, row.pos, rd, c.rope_interleave, st);
-    store(kr, cache.a, (r * cap + row.slot) * C, C);
-    store(kr + C, cache.b, (r * cap + row.slot) * rd, rd);
+    store(kr, cache.a, (row.batch * cap + row.slot) * C, C);
+    store(kr + C, cache.b, (row.batch * cap + row.slot) * rd, rd);
   }
   const auto& Wt = m.kv_b_proj->weight;  // [H * (nope + vd), C]: per head its key rows, then its value rows
   const bool w_bf16 = bf16(Wt), kv_bf16 = bf16(cache.a);
@@ -287,7 +297,7 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
   const auto* k_pe = static_cast<const char*>(cache.b.data_ptr());
   const int64_t welt = w_bf16 ? 2 : 4, kvelt = kv_bf16 ? 2 : 4;
   const float scale = static_cast<float>(attention_softmax_scale(qk, c.rope_scaling));
-  const int64_t keys = st.rows.front().keys, blocks = (H + kHeadBlock - 1) / kHeadBlock;
+  const int64_t keys = st.mean_keys(), blocks = (H + kHeadBlock - 1) / kHeadBlock;
   float* att = take(b.att, R * H * vd);
   // One task: up to kHeadBlock heads of one row. Every head reads the same cached latents, so their scores and
   // their weighted sums are small GEMMs that load each cached vector once for the block.
@@ -305,13 +315,13 @@ void attention(const MLAImpl& m, LayerKVCache& cache, const float* xn, float* ou
         pv_rows(qn, 1, nope, W + (h0 + j) * (nope + vd) * C * welt, w_bf16, C, C, qabs + j * C);  // q_nope W_k
         std::memcpy(qp + j * rd, qn + nope, static_cast<size_t>(rd) * 4);
       }
-      gemv_rows_serial(qabs, nh, C, latent + r * cap * C * kvelt, kv_bf16, row.keys, p);
-      gemv_rows_serial(qp, nh, rd, k_pe + r * cap * rd * kvelt, kv_bf16, row.keys, pe);
+      gemv_rows_serial(qabs, nh, C, latent + row.batch * cap * C * kvelt, kv_bf16, row.keys, p);
+      gemv_rows_serial(qp, nh, rd, k_pe + row.batch * cap * rd * kvelt, kv_bf16, row.keys, pe);
       for (int64_t j = 0; j < nh; ++j) {
         for (int64_t s = 0; s < row.keys; ++s) p[j * row.keys + s] += pe[j * row.keys + s];
         softmax(p + j * row.keys, row, scale, st);
       }
-      pv_rows(p, nh, row.keys, latent + r * cap * C * kvelt, kv_bf16, C, C, ctx);
+      pv_rows(p, nh, row.keys, latent + row.batch * cap * C * kvelt, kv_bf16, C, C, ctx);
       for (int64_t j = 0; j < nh; ++j)  // W_v: head h's value rows [vd, C]
         gemv_rows_serial(ctx + j * C, 1, C, W + ((h0 + j) * (nope + vd) + nope) * C * welt, w_bf16, vd,
                          att + (r * H + h0 + j) * vd);
@@ -452,11 +462,21 @@ void moe(const MoEImpl& m, const float* x, int64_t rows, float* y, const Step& s
 // The rows' positions, cache slots and visible keys (see ForwardInput); false when the step cannot take them.
 bool plan_rows(const ForwardInput& in, std::vector<Row>& rows) {
   const KVCache& cache = *in.cache;
-  const int64_t B = in.input_ids.size(0), start = cache.length;
+  const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), start = cache.length;
+  if (T > 1) {  // one prompt's tokens: all in cache row 0, token t at start + t attending keys [0, start + t]
+    rows.assign(static_cast<size_t>(T), Row{});
+    for (int64_t t = 0; t < T; ++t) {
+      Row& r = rows[static_cast<size_t>(t)];
+      r.slot = r.pos = start + t;
+      r.keys = r.slot + 1;
+    }
+    return true;
+  }
   rows.assign(static_cast<size_t>(B), Row{});
   const bool per_row = !in.row_lengths.empty();
   for (int64_t b = 0; b < B; ++b) {
     Row& r = rows[static_cast<size_t>(b)];
+    r.batch = b;
     r.slot = per_row ? in.row_lengths[static_cast<size_t>(b)] : start;
     r.pos = r.slot;
     r.keys = r.slot + 1;
@@ -468,6 +488,20 @@ bool plan_rows(const ForwardInput& in, std::vector<Row>& rows) {
     for (int64_t b = 0; b < B; ++b) rows[static_cast<size_t>(b)].pos = pos.data_ptr<int64_t>()[b];
   }
   return true;
+}
+
+// A prompt's prefill through the step ([1, T] tokens, T > 1): one sequence continuing its cache, the logits of its
+// last few tokens only. Through LibTorch a short prompt's forward pays a fixed cost of hundreds of dispatched ops
+// (a served chat prompt of a small model spends longer there than in its arithmetic). Float32 weights take any
+// length (past kGemmRows rows their products go to LibTorch's GEMM anyway); bfloat16 ones only short prompts,
+// whose products the tiles still win, as do quantized layers, whose kernels pick their own path by row count.
+bool prefill_applies(const CausalLMImpl& model, const ForwardInput& in) {
+  const int64_t T = in.input_ids.size(1);
+  if (in.input_ids.size(0) != 1 || in.last_logits < 1 || in.last_logits > T || !in.row_lengths.empty() ||
+      in.position_ids.defined() || in.segment_ids.defined())
+    return false;
+  if (T > kPrefillRows) return false;
+  return T <= kGemmRows || model.model->embed_tokens->weight.scalar_type() == torch::kFloat32;
 }
 
 }  // namespace
@@ -487,12 +521,13 @@ void set_decode_step_enabled(bool on) { g_enabled.store(on ? 1 : 0, std::memory_
 bool decode_step_applies(const CausalLMImpl& model, const ForwardInput& in) {
   if (!decode_step_enabled() || !in.cache || in.labels.defined() || torch::GradMode::is_enabled()) return false;
   const auto& ids = in.input_ids;
-  if (!ids.defined() || ids.dim() != 2 || ids.size(1) != 1 || !ids.device().is_cpu() || ids.size(0) == 0) return false;
+  if (!ids.defined() || ids.dim() != 2 || ids.size(1) == 0 || !ids.device().is_cpu() || ids.size(0) == 0) return false;
   const ModelConfig& c = model.config();
   const KVCache& cache = *in.cache;
   const auto& layers = model.model->layer_list;
   if (cache.layers.size() != layers.size()) return false;
-  const int64_t B = ids.size(0);
+  const int64_t B = ids.size(0), T = ids.size(1);
+  if (T > 1 && !prefill_applies(model, in)) return false;
   for (const auto& lc : cache.layers) {
     if (!usable(lc.a, c.is_mla() ? 3 : 4) || !usable(lc.b, c.is_mla() ? 3 : 4) || lc.a.size(0) != B ||
         lc.a.scalar_type() != lc.b.scalar_type())
@@ -501,7 +536,7 @@ bool decode_step_applies(const CausalLMImpl& model, const ForwardInput& in) {
   if (in.segment_ids.defined() && (!in.position_ids.defined() || in.segment_ids.numel() != B)) return false;
   // Slots within the cache and positions within the rope table: otherwise forward() says what is wrong.
   const int64_t capacity = c.is_mla() ? cache.layers.front().a.size(1) : cache.layers.front().a.size(2);
-  int64_t highest_slot = cache.length, highest_pos = cache.length;
+  int64_t highest_slot = cache.length + T - 1, highest_pos = cache.length + T - 1;
   if (!in.row_lengths.empty()) {
     if (static_cast<int64_t>(in.row_lengths.size()) != B) return false;
     highest_slot = highest_pos = *std::max_element(in.row_lengths.begin(), in.row_lengths.end());
@@ -576,12 +611,15 @@ torch::Tensor decode_step(const CausalLMImpl& model, const ForwardInput& in) {
     if (layer.post_mlp_layernorm) rmsnorm(*layer.post_mlp_layernorm, sub, D, sub, D, R, D, st);
     for (int64_t i = 0; i < R * D; ++i) h[i] += sub[i];
   }
-  if (in.row_lengths.empty()) cache.length += 1;
+  const int64_t T = in.input_ids.size(1);
+  if (in.row_lengths.empty()) cache.length += T;
 
-  rmsnorm(*model.model->norm, h, D, xn, D, R, D, st);
-  auto logits = torch::empty({R, 1, V}, torch::kFloat32);
-  if (model.lm_head) linear(*model.lm_head, xn, R, logits.data_ptr<float>(), b);
-  else gemv_rows(xn, R, D, emb.data_ptr(), bf16(emb), V, nullptr, logits.data_ptr<float>());
+  // Logits of every decoding row, or of a prompt's last in.last_logits tokens.
+  const int64_t first = T > 1 ? R - in.last_logits : 0, L = R - first;
+  rmsnorm(*model.model->norm, h + first * D, D, xn, D, L, D, st);
+  auto logits = T > 1 ? torch::empty({1, L, V}, torch::kFloat32) : torch::empty({R, 1, V}, torch::kFloat32);
+  if (model.lm_head) linear(*model.lm_head, xn, L, logits.data_ptr<float>(), b);
+  else gemv_rows(xn, L, D, emb.data_ptr(), bf16(emb), V, nullptr, logits.data_ptr<float>());
   return logits;
 }
 

@@ -1,5 +1,6 @@
-// The CPU decode step: one new token for each row of a batch against its KV cache, the whole model (embedding,
-// every decoder layer, final norm, head) computed over raw float32 buffers by the project's own kernels.
+// The CPU decode step: one new token for each row of a batch against its KV cache (or a prompt's tokens against
+// its sequence's cache, each token a row), the whole model (embedding, every decoder layer, final norm, head)
+// computed over raw float32 buffers by the project's own kernels.
 //
 // A decode step of a small model is hundreds of tiny operations; through LibTorch each one pays its dispatch,
 // its output allocation and a parallel region, which on a 12.5M-parameter model costs more than the arithmetic
@@ -20,15 +21,16 @@
 
 namespace dsopen::model {
 
-// Whether CausalLM::forward(in) takes the decode step: CPU tensors, autograd off, one token per row with a cache
-// (float32 or bfloat16) and no labels; uniform length, per-row lengths (continuous batching) or a left-padded
-// batch (position and segment ids); float32/bfloat16 weights or packed quantized layers; no attached LoRA adapter
-// and no served adapter named for a row; every routed expert held by this process; positions within the rope
-// table. Anything else runs forward()'s general path.
+// Whether CausalLM::forward(in) takes the decode step: CPU tensors, autograd off, a cache (float32 or bfloat16)
+// and no labels; one token per row with uniform length, per-row lengths (continuous batching) or a left-padded
+// batch (position and segment ids), or one prompt's tokens [1, T] continuing its cache with last_logits >= 1
+// (prefill: T up to 512 with float32 weights, up to 32 with bfloat16 ones); float32/bfloat16 weights or packed
+// quantized layers; no attached LoRA adapter and no served adapter named for a row; every routed expert held by
+// this process; positions within the rope table. Anything else runs forward()'s general path.
 bool decode_step_applies(const CausalLMImpl& model, const ForwardInput& in);
 
-// logits float32 [B, 1, V]; writes the new (key, value) or (latent, rope key) of every row into the cache, and
-// advances cache->length as forward() does.
+// logits float32 [B, 1, V] (a prompt: [1, last_logits, V]); writes the new (key, value) or (latent, rope key) of
+// every token into the cache, all of them before any attends, and advances cache->length as forward() does.
 torch::Tensor decode_step(const CausalLMImpl& model, const ForwardInput& in);
 
 // On unless the environment sets DSOPEN_DECODE_STEP=0; tests and benchmarks switch it per process.

@@ -284,7 +284,7 @@ ForwardOutput CausalLMImpl::forward(const ForwardInput& in) {
   KVCache* cache = in.cache;
   const int64_t last_logits = in.last_logits;
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
-  if (cache && T == 1 && !unit_hooks_ && decode_step_applies(*this, in)) {  // model/decode_step.h
+  if (cache && !unit_hooks_ && decode_step_applies(*this, in)) {  // model/decode_step.h
     ForwardOutput out;
     out.logits = decode_step(*this, in);
     return out;

@@ -608,6 +608,52 @@ TEST_CASE("the CPU decode step equals the general path (every family; uniform, p
   }
 }
 
+TEST_CASE("a prompt's prefill through the decode step equals the general path (every family, chunks, bf16)",
+          "[model][forward][decode]") {
+  for (const char* kind : kFamilies) {
+    INFO(kind);
+    CausalLM m = make(small(kind), 17);
+    torch::NoGradGuard ng;
+    auto ids = torch::randint(3, 256, {1, 60}, torch::kLong);
+    KVCache fast = m->make_cache(1, 64), general = m->make_cache(1, 64);
+    // A first chunk, a second continuing it past kGemmRows rows (LibTorch's GEMM for the products), a short third.
+    int64_t at = 0;
+    for (const int64_t n : {7, 45, 5}) {
+      INFO("chunk of " << n << " at " << at);
+      ForwardInput in{ids.narrow(1, at, n)};
+      in.last_logits = n == 5 ? 2 : 1;
+      auto [a, b] = both_paths(m, in, fast, general);
+      REQUIRE(a.sizes() == b.sizes());
+      CHECK(a.size(1) == in.last_logits);
+      CHECK(max_abs_diff(a, b) < 1e-4);
+      at += n;
+      CHECK(fast.length == at);
+      CHECK(general.length == at);
+      for (size_t l = 0; l < fast.layers.size(); ++l) {
+        CHECK(max_abs_diff(fast.layers[l].a.narrow(m->config().is_mla() ? 1 : 2, 0, at),
+                           general.layers[l].a.narrow(m->config().is_mla() ? 1 : 2, 0, at)) < 1e-4);
+        CHECK(max_abs_diff(fast.layers[l].b.narrow(m->config().is_mla() ? 1 : 2, 0, at),
+                           general.layers[l].b.narrow(m->config().is_mla() ? 1 : 2, 0, at)) < 1e-4);
+      }
+    }
+    // What it does not take: all positions' logits, several prompts, packed positions.
+    KVCache other = m->make_cache(2, 64);
+    CHECK_FALSE(decode_step_applies(*m, {ids.narrow(1, 0, 4), {}, &fast}));
+    ForwardInput two{ids.narrow(1, 0, 4).repeat({2, 1})};
+    two.cache = &other;
+    two.last_logits = 1;
+    CHECK_FALSE(decode_step_applies(*m, two));
+    // bfloat16 weights: short prompts only (longer ones keep the general path's bf16 GEMMs).
+    m->to(torch::kBFloat16);
+    KVCache half = m->make_cache(1, 64, torch::kBFloat16);
+    ForwardInput shortp{ids.narrow(1, 0, 20)}, longp{ids.narrow(1, 0, 40)};
+    shortp.cache = longp.cache = &half;
+    shortp.last_logits = longp.last_logits = 1;
+    CHECK(decode_step_applies(*m, shortp));
+    CHECK_FALSE(decode_step_applies(*m, longp));
+  }
+}
+
 TEST_CASE("a sequence decodes to the same bits alone and among 32 rows (dsopen-serve's default batch)",
           "[model][forward][decode]") {
   // Greedy serving must not depend on the load: up to 32 rows every product of the step keeps each row's sums in
