@@ -91,10 +91,10 @@ public:
   // Hands the newly visible text to on_text; true when a stop string ended the sequence.
   bool emit(size_t b, bool final) {
     bool stopped = false;
-    const std::string text = visible_text(streams_[b], results_[b].tokens, o_.stop, final, stopped);
-    if (text.size() > emitted_[b].size() && text.compare(0, emitted_[b].size(), emitted_[b]) == 0) {
-      if (on_text_) on_text_(b, text.substr(emitted_[b].size()));
-      emitted_[b] = text;
+    const size_t shown = streams_[b].visible(results_[b].tokens, o_.stop, final, stopped);
+    if (shown > emitted_[b]) {
+      if (on_text_) on_text_(b, streams_[b].current().substr(emitted_[b], shown - emitted_[b]));
+      emitted_[b] = shown;
     }
     return stopped;
   }
@@ -104,8 +104,10 @@ public:
   // Flushes what was held back (a trailing U+FFFD no later token completed) and returns the results.
   std::vector<GenerateResult> finish(double prefill_s, double decode_s, int64_t forwards) {
     for (size_t b = 0; b < results_.size(); ++b) {
-      if (o_.decode_text) emit(b, /*final=*/true);
-      results_[b].text = emitted_[b];
+      if (o_.decode_text) {
+        emit(b, /*final=*/true);
+        results_[b].text = streams_[b].current().substr(0, emitted_[b]);
+      }
       results_[b].prompt_tokens = static_cast<int64_t>(context_[b].size() - results_[b].tokens.size());
       results_[b].prefill_s = prefill_s;
       results_[b].decode_s = decode_s;
@@ -120,7 +122,7 @@ private:
   std::vector<std::vector<int32_t>> context_;  // prompt + generated, for the repetition penalty
   std::vector<GenerateResult> results_;
   std::vector<bool> done_;
-  std::vector<std::string> emitted_;
+  std::vector<size_t> emitted_;  // bytes of streams_[b].current() handed out
   std::vector<TextStream> streams_;
   std::vector<int32_t> eos_ids_;
   int64_t vocab_;  // ids the tokenizer decodes (0: no limit, token-id mode)

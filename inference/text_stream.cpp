@@ -30,11 +30,12 @@ TextStream::TextStream(const data::Tokenizer& tok, const std::vector<int32_t>& p
 }
 
 void TextStream::restart() {
+  stop_search_from_ = 0;
   ids_ = tail_;
   context_ = 0;
   settled_ = ids_.size();
   context_text_ = tail_text_;
-  settled_text_.clear();
+  settled_size_ = 0;
   text_.clear();
 }
 
@@ -57,7 +58,8 @@ const std::string& TextStream::text(const std::vector<int32_t>& generated) {
     while (common > 0 && (static_cast<unsigned char>(window[common]) & 0xC0) == 0x80) --common;
     fresh = window.substr(common);
   }
-  text_ = settled_text_ + fresh;
+  text_.resize(settled_size_);  // the settled text, then the window's: one string, appended to in place
+  text_ += fresh;
   const std::string replacement = "\xEF\xBF\xBD";
   const bool incomplete = fresh.size() >= 3 && fresh.compare(fresh.size() - 3, 3, replacement) == 0;
   if (!incomplete) {
@@ -73,34 +75,37 @@ const std::string& TextStream::text(const std::vector<int32_t>& generated) {
       context_text_ = std::move(next);
     }
     settled_ = ids_.size();
-    settled_text_ = text_;
+    settled_size_ = text_.size();
   }
   return text_;
 }
 
-std::string visible_text(TextStream& stream, const std::vector<int32_t>& tokens,
-                         const std::vector<std::string>& stops, bool final, bool& stopped) {
-  std::string text = stream.text(tokens);
+size_t TextStream::visible(const std::vector<int32_t>& tokens, const std::vector<std::string>& stops, bool final,
+                           bool& stopped) {
+  const std::string& all = text(tokens);
   stopped = false;
-  size_t cut = std::string::npos;
+  size_t cut = all.size(), longest = 0;
   for (const auto& s : stops) {
-    const auto at = s.empty() ? std::string::npos : text.find(s);
-    if (at != std::string::npos) cut = std::min(cut, at), stopped = true;
+    longest = std::max(longest, s.size());
+    const auto at = s.empty() ? std::string::npos : all.find(s, stop_search_from_);
+    if (at != std::string::npos && at < cut) cut = at, stopped = true;
   }
-  if (stopped) text.resize(cut);
-  if (final || stopped) return text;
+  // Settled text never changes: a stop string found later ends past it, so starts at most `longest - 1` before
+  // (and one found now is found again by the final call).
+  stop_search_from_ = std::min(cut, settled_size_ > longest ? settled_size_ - longest + 1 : 0);
+  if (final || stopped) return cut;
+  size_t n = all.size();
   const std::string replacement = "\xEF\xBF\xBD";
-  while (text.size() >= 3 && text.compare(text.size() - 3, 3, replacement) == 0) text.resize(text.size() - 3);
+  while (n >= 3 && all.compare(n - 3, 3, replacement) == 0) n -= 3;
   // Hold back an end of the text that may be the start of a stop string: once shown it could not be taken back.
   size_t hold = 0;
   for (const auto& s : stops)
-    for (size_t n = std::min(s.size() - (s.empty() ? 0 : 1), text.size()); n > hold; --n)
-      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
-        hold = n;
+    for (size_t k = std::min(s.size() - (s.empty() ? 0 : 1), n); k > hold; --k)
+      if (all.compare(n - k, k, s, 0, k) == 0) {
+        hold = k;
         break;
       }
-  text.resize(text.size() - hold);
-  return text;
+  return n - hold;
 }
 
 }  // namespace dsopen::inference

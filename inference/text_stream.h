@@ -27,6 +27,16 @@ public:
   // starts the stream over).
   const std::string& text(const std::vector<int32_t>& generated);
 
+  // How much of text(tokens) a user may see now: the text cut before the first stop string (`stopped` says whether
+  // one was found) and, unless `final`, without what may still change: a trailing replacement character (a
+  // multi-byte character still arriving) and an end that could begin a stop string. It only grows from call to
+  // call; streams hand out text().substr(shown before, visible - shown before). Stop strings are searched only
+  // where a new one could be (from the settled text's end at the previous call, less a stop string's length).
+  size_t visible(const std::vector<int32_t>& tokens, const std::vector<std::string>& stops, bool final, bool& stopped);
+
+  // The text of the last call (text() or visible()).
+  const std::string& current() const { return text_; }
+
 private:
   void restart();
 
@@ -35,16 +45,12 @@ private:
   std::string tail_text_;
   std::vector<int32_t> ids_;   // tail_ + the generated tokens seen so far
   size_t context_ = 0;         // window start: ids_[context_, settled_) is the context, its text context_text_
-  size_t settled_ = 0;         // tokens whose text is in settled_text_
+  size_t settled_ = 0;         // tokens whose text is settled (text_[0, settled_size_))
   std::string context_text_;
-  std::string settled_text_;   // the visible text of generated tokens before ids_[settled_]
-  std::string text_;           // settled_text_ + the window's new text: what text() returns
+  size_t settled_size_ = 0;    // text_[0, settled_size_): the text of generated tokens before ids_[settled_]
+  std::string text_;           // the settled text, then the window's new text: what text() returns
+  size_t stop_search_from_ = 0;  // no stop string starts before here (visible())
 };
 
-// The text a sequence's new `tokens` show, cut before the first stop string; `stopped` says whether one was
-// found. Unless `final`, what may still change is held back: a trailing replacement character (a multi-byte
-// character still arriving) and an end that could begin a stop string. Streams hand out the growth of this text.
-std::string visible_text(TextStream& stream, const std::vector<int32_t>& tokens,
-                         const std::vector<std::string>& stops, bool final, bool& stopped);
 
 }  // namespace dsopen::inference

@@ -48,7 +48,7 @@ struct Engine::Sequence {
   inference::TextStream stream;
   std::vector<int32_t> context;    // prompt + generated (what the repetition penalty sees)
   std::vector<int32_t> generated;
-  std::string emitted;             // the text handed out so far
+  size_t emitted = 0;              // bytes of stream.current() handed out so far
   std::vector<TokenLogprob> logprobs;  // generated since the last event
   int64_t row = -1;                // KV-cache row while running
   int64_t prefilled = 0;           // prompt tokens in the cache
@@ -298,17 +298,17 @@ void Engine::advance(Sequence& s, const torch::Tensor& logits) {
   s.context.push_back(token);
   s.next_input = token;
   bool stopped = false;
-  const std::string text = inference::visible_text(s.stream, s.generated, s.p.stop, /*final=*/false, stopped);
+  const size_t shown = s.stream.visible(s.generated, s.p.stop, /*final=*/false, stopped);
   if (stopped) return finish(s, FinishReason::Stop);
   const bool full = static_cast<int64_t>(s.generated.size()) >= s.p.max_tokens ||
                     static_cast<int64_t>(s.context.size()) >= slots_.capacity();
   if (full) return finish(s, FinishReason::Length);
-  if (text.size() > s.emitted.size() || !s.logprobs.empty()) {
+  if (shown > s.emitted || !s.logprobs.empty()) {
     Event e;
     e.index = s.index;
-    if (text.size() > s.emitted.size() && text.compare(0, s.emitted.size(), s.emitted) == 0) {
-      e.text = text.substr(s.emitted.size());
-      s.emitted = text;
+    if (shown > s.emitted) {
+      e.text = s.stream.current().substr(s.emitted, shown - s.emitted);
+      s.emitted = shown;
     }
     e.logprobs = std::move(s.logprobs);
     s.logprobs.clear();
@@ -321,10 +321,9 @@ void Engine::finish(Sequence& s, FinishReason reason, const std::string& error) 
   e.index = s.index;
   if (reason == FinishReason::Stop || reason == FinishReason::Length) {
     bool stopped = false;
-    const std::string text = inference::visible_text(s.stream, s.generated, s.p.stop, /*final=*/true, stopped);
-    if (text.size() > s.emitted.size() && text.compare(0, s.emitted.size(), s.emitted) == 0)
-      e.text = text.substr(s.emitted.size());
-    s.emitted = text;
+    const size_t shown = s.stream.visible(s.generated, s.p.stop, /*final=*/true, stopped);
+    if (shown > s.emitted) e.text = s.stream.current().substr(s.emitted, shown - s.emitted);
+    s.emitted = std::max(s.emitted, shown);
   }
   e.logprobs = std::move(s.logprobs);
   e.finish = reason;

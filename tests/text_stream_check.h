@@ -29,6 +29,24 @@ inline std::string whole_decode_text(const data::Tokenizer& tok, const std::vect
   return all.substr(common);
 }
 
+// What visible() must return, from the whole text: the length before the first stop string, or (not final) without
+// a trailing U+FFFD and an end that could begin a stop string.
+inline size_t whole_visible_length(const std::string& text, const std::vector<std::string>& stops, bool final,
+                                   bool& stopped) {
+  size_t cut = text.size();
+  stopped = false;
+  for (const auto& s : stops)
+    if (!s.empty() && text.find(s) != std::string::npos && text.find(s) < cut) cut = text.find(s), stopped = true;
+  if (final || stopped) return cut;
+  size_t n = text.size();
+  while (n >= 3 && text.compare(n - 3, 3, "\xEF\xBF\xBD") == 0) n -= 3;
+  size_t hold = 0;
+  for (const auto& s : stops)
+    for (size_t k = 1; k < s.size() && k <= n; ++k)
+      if (text.compare(n - k, k, s, 0, k) == 0) hold = std::max(hold, k);
+  return n - hold;
+}
+
 inline void check_text_stream_against_whole_decodes(const data::Tokenizer& tok, uint32_t seed) {
   const std::vector<std::string> texts = {
       "Hello, world! 你好，世界。", "  two spaces,\ttabs\nand a newline", "床前明月光，疑是地上霜。",
@@ -71,6 +89,35 @@ inline void check_text_stream_against_whole_decodes(const data::Tokenizer& tok, 
       INFO("trial " << trial << ", token " << generated.size() << " of " << all.size());
       REQUIRE(got == expect);
     }
+    // Stop strings: pieces of the whole text (bytes, so sometimes half a character) and one that never occurs.
+    const std::string whole = whole_decode_text(tok, prompt, all);
+    std::vector<std::string> stops = {"\x01never"};
+    for (size_t k = pick(3); k > 0 && !whole.empty(); --k) {
+      const size_t at = pick(whole.size());
+      stops.push_back(whole.substr(at, 1 + pick(4)));
+    }
+    inference::TextStream shown(tok, prompt);
+    std::vector<int32_t> prefix;
+    size_t before = 0;
+    std::string shown_text;
+    for (const int32_t id : all) {
+      prefix.push_back(id);
+      bool stopped = false, want_stopped = false;
+      const size_t got = shown.visible(prefix, stops, /*final=*/false, stopped);
+      const size_t want = whole_visible_length(whole_decode_text(tok, prompt, prefix), stops, false, want_stopped);
+      INFO("trial " << trial << ", visible text after token " << prefix.size());
+      REQUIRE(got == want);
+      REQUIRE(stopped == want_stopped);
+      REQUIRE(got >= before);  // what was shown stays shown, unchanged
+      REQUIRE(shown.current().compare(0, before, shown_text) == 0);
+      before = got;
+      shown_text = shown.current().substr(0, got);
+      if (stopped) break;
+    }
+    bool stopped = false, want_stopped = false;
+    REQUIRE(shown.visible(prefix, stops, /*final=*/true, stopped) ==
+            whole_visible_length(whole_decode_text(tok, prompt, prefix), stops, true, want_stopped));
+    REQUIRE(stopped == want_stopped);
     // Asking again without new tokens, and starting over with fewer, give the same text.
     REQUIRE(stream.text(generated) == whole_decode_text(tok, prompt, generated));
     generated.resize(generated.size() / 2);
