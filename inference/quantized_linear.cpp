@@ -160,10 +160,13 @@ void attach_packed_kernel(model::LinearImpl& lin, const QuantizedWeight& q, int6
   auto k = std::make_shared<const Int8Linear>(q, max_kernel_rows);  // one copy of the codes for both forms
   lin.weight_only = [k](const torch::Tensor& x) { return (*k)(x); };
   lin.weight_only_rows = [k](const float* x, int64_t rows, float* y) {
-    if (rows > model::kMaxGemvRows || !model::gemv_enabled()) return false;
-    float xsum[model::kMaxGemvRows];
+    // Prompt rows take the tiles only with AVX-512 (elsewhere one dot per row and output: LibTorch's kernel wins).
+    const bool tiles = std::string(model::gemv_isa()) == "avx512";
+    if (rows > (tiles ? k->max_kernel_rows : model::kMaxGemvRows) || !model::gemv_enabled()) return false;
+    thread_local std::vector<float> xsum;
+    xsum.resize(static_cast<size_t>(rows));
     model::gemv_int8_rows(x, rows, k->codes.size(1), k->codes.data_ptr<int8_t>(), k->scale.data_ptr<float>(),
-                          k->offset.data_ptr<float>(), k->codes.size(0), y, xsum);
+                          k->offset.data_ptr<float>(), k->codes.size(0), y, xsum.data());
     return true;
   };
 }

@@ -91,6 +91,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, i
 template <typename W>
 __attribute__((target("avx512f"))) __m512 load16(const W* w) {
   if constexpr (std::is_same_v<W, float>) return _mm512_loadu_ps(w);
+  else if constexpr (std::is_same_v<W, int8_t>)  // per-channel int8 codes, widened in registers
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
   else {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -490,6 +492,18 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
     float s = 0;
     for (int64_t i = 0; i < in; ++i) s += x[r * in + i];
     xsum[r] = s;
+  }
+  if (wide && rows > kMaxGemvRows) {
+    // A prompt's rows: the float tiles of gemv_rows with the codes widened in registers, each 16 codes converted
+    // once for 4 activation rows (one dot per row and output below would convert them once per row).
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, in));
+    at::parallel_for(0, (out + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
+      blocks_avx512(codes, x, rows, in, out, nullptr, y, b0, b1);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o)
+          y[r * out + o] = scale[o] * y[r * out + o] + offset[o] * xsum[r];
+    });
+    return;
   }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {

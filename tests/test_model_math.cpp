@@ -346,11 +346,17 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
     if (std::string(isa) == "avx2") continue;  // int8 has AVX-512 and portable loops only
     auto codes = torch::randint(-128, 128, {37, 77}, torch::kInt8);
     auto scale = torch::rand({37}) * 0.01, offset = torch::randn({37}) * 0.1;
-    auto x = torch::randn({3, 77});
-    auto got = dsopen::model::gemv_int8(x, codes, scale, offset, isa);
     auto W = codes.to(torch::kFloat64) * scale.to(torch::kFloat64).unsqueeze(1) + offset.to(torch::kFloat64).unsqueeze(1);
-    INFO(isa);
-    CHECK(torch::allclose(got.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.t()), 1e-5, 1e-4));
+    for (int64_t rows : {3, 9, 40}) {  // decode rows one dot each; a prompt's (more than 4) in tiles
+      auto x = torch::randn({rows, 77});
+      auto got = dsopen::model::gemv_int8(x, codes, scale, offset, isa);
+      INFO(isa << ", " << rows << " rows");
+      CHECK(torch::allclose(got.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.t()), 1e-5, 1e-4));
+      if (rows > 4) {  // tiles: a row's result does not depend on the rows beside it
+        auto first = dsopen::model::gemv_int8(x.narrow(0, 0, 5), codes, scale, offset, isa);
+        CHECK(torch::equal(first, got.narrow(0, 0, 5)));
+      }
+    }
   }
   // Raw rows (the decode step's form): blocks of 4 rows share each weight load, and a row's result is the same bits
   // whatever rows stand beside it.
