@@ -134,7 +134,9 @@ torch::Tensor Int8Linear::dequantize_into(torch::Tensor w) const {
 torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
   auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
   if (x2.size(0) > max_kernel_rows) return dequantized_linear(*this, x, codes.size(0), codes.size(1));
-  if (x2.size(0) <= model::kMaxGemvRows && model::gemv_enabled())  // decode: float32 sums, no bf16 rounding
+  // Decode rows, and with AVX-512 a prompt's rows in tiles: float32 sums, no bf16 rounding.
+  const bool tiles = std::string(model::gemv_isa()) == "avx512";
+  if ((x2.size(0) <= model::kMaxGemvRows || tiles) && model::gemv_enabled())
     return model::gemv_int8(x2, codes, scale, offset).to(x.scalar_type()).view(output_sizes(x, codes.size(0)));
   auto y = at::_weight_int8pack_mm(kernel_input(x2), codes, unit_scales).to(torch::kFloat32);  // [rows, out]
   y.mul_(scale).addr_(x2.to(torch::kFloat32).sum(1), offset);  // + sum(x) (128 - zero) scale, an outer product
