@@ -73,17 +73,17 @@ Int4Linear::Int4Linear(QuantizedWeight qw, int64_t max_rows) : q(std::move(qw)),
   }
 }
 
-// Rows up to which int4 products take the VNNI GEMV, kMaxGemvRows rows per pass over the codes: a 16-token prompt
-// of the dense 97M model 619 -> 754 tokens/s against LibTorch's packed kernel on an AVX512-VNNI Xeon (64 tokens:
-// 560 -> 635 there, but on an EPYC LibTorch's kernel, which reuses each unpacked tile for many rows, won at 64:
-// 1,584 against 1,310). Up to 32 rows (dsopen-serve's default batch) a row's result does not depend on the others.
-constexpr int64_t kInt4GemvRows = 32;
+// Rows up to which int4 products take the VNNI GEMV (model/gemv.h), kInt4RowsPerPass rows per pass over the codes
+// (each code block unpacked once for them): dense 97M prompts on an AVX512-VNNI Xeon, LibTorch's packed kernel
+// against this, 16 tokens 533-666 -> 940 tokens/s, 64 tokens 534-566 -> 792 (docs/BENCHMARKS.md). A row's result
+// does not depend on the rows beside it, so int4 serving batches decode the same alone or together.
+constexpr int64_t kInt4GemvRows = 64;
 
 bool Int4Linear::rows(const float* x, int64_t n, float* y) const {
   if (!scales_f16.defined() || n > std::min(max_kernel_rows, kInt4GemvRows) || !model::gemv_enabled()) return false;
   const int64_t in = q.in_features, out = q.qweight.size(0);
-  for (int64_t r = 0; r < n; r += model::kMaxGemvRows)
-    model::gemv_int4_rows(x + r * in, std::min<int64_t>(model::kMaxGemvRows, n - r), in, q.qweight.data_ptr<uint8_t>(),
+  for (int64_t r = 0; r < n; r += model::kInt4RowsPerPass)
+    model::gemv_int4_rows(x + r * in, std::min<int64_t>(model::kInt4RowsPerPass, n - r), in, q.qweight.data_ptr<uint8_t>(),
                           reinterpret_cast<const uint16_t*>(scales_f16.data_ptr<at::Half>()), zeros_u8.data_ptr<uint8_t>(),
                           q.group_size, out, y + r * out);
   return true;

@@ -381,7 +381,7 @@ struct Int4Args {
     for (int64_t o = o0; o < o1; ++o) {                                                                            \
       const uint8_t* w = p.codes + o * (p.in / 2);                                                                 \
       const uint16_t* sc = p.scales + o * (groups + 4);                                                            \
-      __m512 acc[kMaxGemvRows];                                                                                    \
+      __m512 acc[kInt4RowsPerPass];                                                                                \
       for (int64_t r = 0; r < p.rows; ++r) acc[r] = _mm512_setzero_ps();                                          \
       for (int64_t c = 0; c < chunks; ++c) {                                                                       \
         const __m512i wb = c < full ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(tail, w + c * 64);  \
@@ -525,8 +525,8 @@ bool gemv_int4_supported() {
 
 void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
                     const uint8_t* zeros, int64_t group, int64_t out, float* y) {
-  TORCH_CHECK(gemv_int4_supported() && rows <= kMaxGemvRows && in % 32 == 0 && group % 32 == 0 && in % group == 0,
-              "gemv_int4_rows: needs AVX512-BW, at most ", kMaxGemvRows, " rows and groups of 32k dividing in");
+  TORCH_CHECK(gemv_int4_supported() && rows <= kInt4RowsPerPass && in % 32 == 0 && group % 32 == 0 && in % group == 0,
+              "gemv_int4_rows: needs AVX512-BW, at most ", kInt4RowsPerPass, " rows and groups of 32k dividing in");
   thread_local Int4Activations a;
   quantize_activations(x, rows, in, group, a);
   const Int4Args p{codes, scales, zeros, in, group, out, rows, &a, y};

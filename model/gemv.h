@@ -62,8 +62,9 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
 // block of 32 to int8 (d = max|x| / 127, x ~ d * round(x / d)), so the products are integer: 64 unsigned-times-
 // signed bytes per AVX512-VNNI instruction (vpdpbusd; AVX512-BW: vpmaddubsw + vpmaddwd), summed in int32 per block
 // and scaled in float32. Against the float product the result differs by that rounding of x (relative ~1e-3 of
-// each block's largest value). x float32 [rows, in], rows <= kMaxGemvRows (more rows are better served by a
-// GEMM-style kernel that reuses unpacked weight tiles), y float32 [rows, out].
+// each block's largest value). x float32 [rows, in], rows <= kInt4RowsPerPass: each 64 code bytes are unpacked
+// once for all the rows (a prompt's), each row summed in its own accumulator; y float32 [rows, out].
+inline constexpr int64_t kInt4RowsPerPass = 16;
 bool gemv_int4_supported();  // AVX512-BW on this CPU
 void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
                     const uint8_t* zeros, int64_t group, int64_t out, float* y);

@@ -428,7 +428,7 @@ TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activati
   torch::NoGradGuard no_grad;
   const int64_t out = 37;
   for (auto [in, group] : std::vector<std::pair<int64_t, int64_t>>{{96, 32}, {256, 32}, {384, 64}, {640, 128}, {768, 256}})
-    for (int64_t rows : {1, 3}) {
+    for (int64_t rows : {1, 3, 16}) {  // 16: kInt4RowsPerPass, a prompt's pass
       INFO("in " << in << " group " << group << " rows " << rows);
       const int64_t groups = in / group;
       auto codes = torch::randint(0, 16, {out, in}, torch::kUInt8);
