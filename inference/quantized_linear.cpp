@@ -117,6 +117,15 @@ torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
 
 // ---- int8 -----------------------------------------------------------------------------------------------------
 
+namespace {
+// Whether a prompt's rows take gemv_int8's tiles (AVX-512 only; elsewhere it runs one dot per row and output, and
+// LibTorch's kernel wins).
+bool int8_prompt_tiles() {
+  static const bool tiles = std::string(model::gemv_isa()) == "avx512";
+  return tiles;
+}
+}  // namespace
+
 bool Int8Linear::supports(const QuantizedWeight& q) {
   return q.bits == 8 && q.group_size == q.in_features && q.in_features % 16 == 0 && !q.g_idx.defined();
 }
@@ -141,8 +150,7 @@ torch::Tensor Int8Linear::operator()(const torch::Tensor& x) const {
   auto x2 = x.reshape({-1, x.size(-1)});  // [rows, in]
   if (x2.size(0) > max_kernel_rows) return dequantized_linear(*this, x, codes.size(0), codes.size(1));
   // Decode rows, and with AVX-512 a prompt's rows in tiles: float32 sums, no bf16 rounding.
-  const bool tiles = std::string(model::gemv_isa()) == "avx512";
-  if ((x2.size(0) <= model::kMaxGemvRows || tiles) && model::gemv_enabled())
+  if ((x2.size(0) <= model::kMaxGemvRows || int8_prompt_tiles()) && model::gemv_enabled())
     return model::gemv_int8(x2, codes, scale, offset).to(x.scalar_type()).view(output_sizes(x, codes.size(0)));
   auto y = at::_weight_int8pack_mm(kernel_input(x2), codes, unit_scales).to(torch::kFloat32);  // [rows, out]
   y.mul_(scale).addr_(x2.to(torch::kFloat32).sum(1), offset);  // + sum(x) (128 - zero) scale, an outer product
@@ -168,9 +176,7 @@ void attach_packed_kernel(model::LinearImpl& lin, const QuantizedWeight& q, int6
   auto k = std::make_shared<const Int8Linear>(q, max_kernel_rows);  // one copy of the codes for both forms
   lin.weight_only = [k](const torch::Tensor& x) { return (*k)(x); };
   lin.weight_only_rows = [k](const float* x, int64_t rows, float* y) {
-    // Prompt rows take the tiles only with AVX-512 (elsewhere one dot per row and output: LibTorch's kernel wins).
-    const bool tiles = std::string(model::gemv_isa()) == "avx512";
-    if (rows > (tiles ? k->max_kernel_rows : model::kMaxGemvRows) || !model::gemv_enabled()) return false;
+    if (rows > (int8_prompt_tiles() ? k->max_kernel_rows : model::kMaxGemvRows) || !model::gemv_enabled()) return false;
     thread_local std::vector<float> xsum;
     xsum.resize(static_cast<size_t>(rows));
     model::gemv_int8_rows(x, rows, k->codes.size(1), k->codes.data_ptr<int8_t>(), k->scale.data_ptr<float>(),

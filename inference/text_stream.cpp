@@ -8,7 +8,8 @@ namespace {
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
-bool starts_with_replacement(const std::string& s) { return s.rfind("\xEF\xBF\xBD", 0) == 0; }
+const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: what a decode shows for a character still incomplete
+bool starts_with_replacement(const std::string& s) { return s.rfind(kReplacement, 0) == 0; }
 }  // namespace
 
 TextStream::TextStream(const data::Tokenizer& tok, const std::vector<int32_t>& prompt) : tok_(tok) {
@@ -60,9 +61,7 @@ const std::string& TextStream::text(const std::vector<int32_t>& generated) {
   }
   text_.resize(settled_size_);  // the settled text, then the window's: one string, appended to in place
   text_ += fresh;
-  const std::string replacement = "\xEF\xBF\xBD";
-  const bool incomplete = fresh.size() >= 3 && fresh.compare(fresh.size() - 3, 3, replacement) == 0;
-  if (!incomplete) {
+  if (!ends_with(fresh, kReplacement)) {
     // Settle the window. The next context is the tokens just settled, unless they show no text (special tokens):
     // a context decoding to nothing would make the next piece the first of its decode, where SentencePiece drops
     // a leading space the whole text keeps; the window then keeps its older context.
@@ -95,8 +94,8 @@ size_t TextStream::visible(const std::vector<int32_t>& tokens, const std::vector
   stop_search_from_ = std::min(cut, settled_size_ > longest ? settled_size_ - longest + 1 : 0);
   if (final || stopped) return cut;
   size_t n = all.size();
-  const std::string replacement = "\xEF\xBF\xBD";
-  while (n >= 3 && all.compare(n - 3, 3, replacement) == 0) n -= 3;
+  while (n >= kReplacement.size() && all.compare(n - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
+    n -= kReplacement.size();
   // Hold back an end of the text that may be the start of a stop string: once shown it could not be taken back.
   size_t hold = 0;
   for (const auto& s : stops)
