@@ -24,7 +24,7 @@ namespace dsopen::model {
 // Whether CausalLM::forward(in) takes the decode step: CPU tensors, autograd off, a cache (float32 or bfloat16)
 // and no labels; one token per row with uniform length, per-row lengths (continuous batching) or a left-padded
 // batch (position and segment ids), or one prompt's tokens [1, T] continuing its cache with last_logits >= 1
-// (prefill: T up to 512 with float32 weights, up to 32 with bfloat16 ones); float32/bfloat16 weights or packed
+// (prefill: T up to 512); float32/bfloat16 weights or packed
 // quantized layers; no attached LoRA adapter and no served adapter named for a row; every routed expert held by
 // this process; positions within the rope table. Anything else runs forward()'s general path.
 bool decode_step_applies(const CausalLMImpl& model, const ForwardInput& in);
