@@ -196,6 +196,34 @@ __attribute__((target("avx512f"))) void blocks_avx512(const W* w, const float* x
   }
 }
 
+// One activation row against long weight rows (kLongRowBytes and more), one weight row at a time. Decoding one
+// sequence is a pure stream of weights from memory, and a single sequential stream is what the hardware prefetcher
+// follows best: measured on the EPYC box, one thread, weights from memory, [768 -> 2048] 15.9 GB/s in blocks of 4
+// rows (with the block prefetch) against 20.4 one row at a time, [2048 -> 768] 18.5 against 19.7; at 1 KiB rows
+// (256 inputs) the blocks win (21.5 against 16.9 for the tiny head). Each output sums exactly as
+// tile_avx512<W, 1> sums it (one accumulator over 16-wide steps, a zero-padded last step, reduce4's tree), so a
+// row's bits are the same here, in a tile, alone or in a batch.
+inline constexpr int64_t kLongRowBytes = 1536;
+
+template <typename W>
+__attribute__((target("avx512f"))) void row_avx512(const W* w, const float* x, int64_t in, const float* bias, float* y,
+                                                   int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* wo = w + o * in;
+    __m512 a = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16) a = _mm512_fmadd_ps(load16(wo + i), _mm512_loadu_ps(x + i), a);
+    if (i < in) {
+      W wt[16] = {};
+      float xt[16] = {};
+      std::memcpy(wt, wo + i, static_cast<size_t>(in - i) * sizeof(W));
+      std::memcpy(xt, x + i, static_cast<size_t>(in - i) * sizeof(float));
+      a = _mm512_fmadd_ps(load16(wt), _mm512_loadu_ps(xt), a);
+    }
+    y[o] = _mm_cvtss_f32(reduce4(a, a, a, a)) + (bias ? bias[o] : 0.0f);
+  }
+}
+
 enum class Isa { kPortable, kAvx2, kAvx512 };
 
 Isa detect() {
@@ -283,7 +311,11 @@ void pv(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_
 template <typename W>
 void blocks(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int64_t out, const float* bias, float* y,
             int64_t b0, int64_t b1) {
-  if (which == Isa::kAvx512) return blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
+  if (which == Isa::kAvx512) {
+    if (rows == 1 && in * int64_t(sizeof(W)) >= kLongRowBytes)
+      return row_avx512(w, x, in, bias, y, b0 * 4, std::min(b1 * 4, out));
+    return blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
+  }
   for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o) {
     const W* wo = w + o * in;
     if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);

@@ -359,21 +359,24 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
     }
   }
   // Raw rows (the decode step's form): blocks of 4 rows share each weight load, and a row's result is the same bits
-  // whatever rows stand beside it.
-  for (auto wdtype : {torch::kFloat32, torch::kBFloat16}) {
-    auto W = torch::randn({29, 200}).to(wdtype);
-    auto x = torch::randn({9, 200});
-    auto y = torch::empty({9, 29});
-    dsopen::model::gemv_rows(x.data_ptr<float>(), 9, 200, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
-                             y.data_ptr<float>());
-    CHECK(torch::allclose(y.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.to(torch::kFloat64).t()), 1e-5, 1e-4));
-    for (int64_t r = 0; r < 9; ++r) {
-      auto alone = torch::empty({1, 29});
-      dsopen::model::gemv_rows(x[r].data_ptr<float>(), 1, 200, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
-                               alone.data_ptr<float>());
-      CHECK(torch::equal(alone[0], y[r]));
+  // whatever rows stand beside it — also where a lone row streams long weight rows one at a time (1000 inputs).
+  for (auto wdtype : {torch::kFloat32, torch::kBFloat16})
+    for (int64_t in : {200, 1000}) {
+      INFO(c10::toString(wdtype) << " in " << in);
+      auto W = torch::randn({29, in}).to(wdtype);
+      auto x = torch::randn({9, in});
+      auto y = torch::empty({9, 29});
+      dsopen::model::gemv_rows(x.data_ptr<float>(), 9, in, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
+                               y.data_ptr<float>());
+      CHECK(torch::allclose(y.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.to(torch::kFloat64).t()), 1e-5,
+                            1e-4));
+      for (int64_t r = 0; r < 9; ++r) {
+        auto alone = torch::empty({1, 29});
+        dsopen::model::gemv_rows(x[r].data_ptr<float>(), 1, in, W.data_ptr(), wdtype == torch::kBFloat16, 29, nullptr,
+                                 alone.data_ptr<float>());
+        CHECK(torch::equal(alone[0], y[r]));
+      }
     }
-  }
   // More rows than a decode step, autograd, or a non-contiguous weight go to the GEMM.
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({5, 8}), torch::randn({4, 8})));
   CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({8, 4}).t()));
