@@ -40,7 +40,8 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
 // instruction set: x float32 [rows, in], W [out, in] float32 (w_bf16 false) or bfloat16 bits, bias float32 [out]
 // or null, y float32 [rows, out]. Threads over blocks of 4 output rows (at::parallel_for). With AVX-512 a tile of
 // up to 4 activation rows x 4 weight rows keeps its 16 sums in registers, so each load of x or W feeds 4 FMAs, and
-// the next block's weights are prefetched while the current block's tiles run (weights streamed from memory); each
+// the next block's weights are prefetched while the current block's tiles run (weights streamed from memory); a
+// lone row against long weight rows (1.5 KiB and more) reads them one at a time instead, one sequential stream; each
 // y[r, o] sums its terms in one fixed order, so a row's result does not depend on the rows beside it (a sequence
 // decodes the same alone or in a batch).
 void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
