@@ -111,41 +111,42 @@ __attribute__((target("avx512f"))) inline __m128 reduce4(__m512 a0, __m512 a1, _
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// A tile of R activation rows x 4 weight rows: res[r][o] = x_r . w_o. One accumulator per (row, output) over
-// 16-wide steps of `in` (a zero-padded last step when in % 16 != 0), then reduce4. Per step: 4 weight loads and R
-// activation loads feed 4R FMAs, so at R = 4 the FMA units, not the loads, set the pace (16 accumulators + 8
-// operands of the 32 registers). Every (row, output) pair runs the same instructions whatever R is and wherever
-// it sits in the batch: a row's result never depends on the rows beside it.
-template <typename W, int R>
-__attribute__((target("avx512f"), always_inline)) inline void tile_step(__m512 (&a)[R][4], const W* const* w,
+// A tile of R activation rows x O weight rows (O = 4; 1 for a lone weight row): res[r][o] = x_r . w_o. One
+// accumulator per (row, output) over 16-wide steps of `in` (a zero-padded last step when in % 16 != 0), then
+// reduce4 (for O = 1 with the one accumulator in all four places: its sum in every lane). Per step: O weight loads
+// and R activation loads feed O * R FMAs, so at R = O = 4 the FMA units, not the loads, set the pace (16
+// accumulators + 8 operands of the 32 registers). Every (row, output) pair runs the same instructions whatever R
+// and O are and wherever it sits in the batch: a row's result never depends on the rows beside it.
+template <typename W, int R, int O>
+__attribute__((target("avx512f"), always_inline)) inline void tile_step(__m512 (&a)[R][O], const W* const* w,
                                                                        const float* const* x, int64_t i) {
-  __m512 wv[4];
+  __m512 wv[O];
 #pragma GCC unroll 4
-  for (int o = 0; o < 4; ++o) wv[o] = load16(w[o] + i);
+  for (int o = 0; o < O; ++o) wv[o] = load16(w[o] + i);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m512 xv = _mm512_loadu_ps(x[r] + i);
 #pragma GCC unroll 4
-    for (int o = 0; o < 4; ++o) a[r][o] = _mm512_fmadd_ps(wv[o], xv, a[r][o]);
+    for (int o = 0; o < O; ++o) a[r][o] = _mm512_fmadd_ps(wv[o], xv, a[r][o]);
   }
 }
 
-template <typename W, int R>
+template <typename W, int R, int O = 4>
 __attribute__((target("avx512f"))) void tile_avx512(const W* const* w, const float* const* x, int64_t in,
                                                     float (*res)[4]) {
-  __m512 a[R][4];
+  __m512 a[R][O];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int o = 0; o < 4; ++o) a[r][o] = _mm512_setzero_ps();
+    for (int o = 0; o < O; ++o) a[r][o] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) tile_step<W, R>(a, w, x, i);
+  for (; i + 16 <= in; i += 16) tile_step<W, R, O>(a, w, x, i);
   if (i < in) {  // the last in % 16 columns, zero-padded to a full step
-    W wt[4][16] = {};
+    W wt[O][16] = {};
     float xt[R][16] = {};
-    const W* wp[4];
+    const W* wp[O];
     const float* xp[R];
-    for (int o = 0; o < 4; ++o) {
+    for (int o = 0; o < O; ++o) {
       std::memcpy(wt[o], w[o] + i, static_cast<size_t>(in - i) * sizeof(W));
       wp[o] = wt[o];
     }
@@ -153,10 +154,11 @@ __attribute__((target("avx512f"))) void tile_avx512(const W* const* w, const flo
       std::memcpy(xt[r], x[r] + i, static_cast<size_t>(in - i) * sizeof(float));
       xp[r] = xt[r];
     }
-    tile_step<W, R>(a, wp, xp, 0);
+    tile_step<W, R, O>(a, wp, xp, 0);
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(res[r], reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
+  for (int r = 0; r < R; ++r)
+    _mm_storeu_ps(res[r], reduce4(a[r][0], a[r][O > 1 ? 1 : 0], a[r][O > 2 ? 2 : 0], a[r][O > 3 ? 3 : 0]));
 }
 
 // Output rows [b0 * 4, min(b1 * 4, out)) for every activation row: blocks of 4 weight rows (a partial last block
@@ -200,8 +202,7 @@ __attribute__((target("avx512f"))) void blocks_avx512(const W* w, const float* x
 // sequence is a pure stream of weights from memory, and a single sequential stream is what the hardware prefetcher
 // follows best: measured on the EPYC box, one thread, weights from memory, [768 -> 2048] 15.9 GB/s in blocks of 4
 // rows (with the block prefetch) against 20.4 one row at a time, [2048 -> 768] 18.5 against 19.7; at 1 KiB rows
-// (256 inputs) the blocks win (21.5 against 16.9 for the tiny head). Each output sums exactly as
-// tile_avx512<W, 1> sums it (one accumulator over 16-wide steps, a zero-padded last step, reduce4's tree), so a
+// (256 inputs) the blocks win (21.5 against 16.9 for the tiny head). The same tile with one weight row, so a
 // row's bits are the same here, in a tile, alone or in a batch.
 inline constexpr int64_t kLongRowBytes = 1536;
 
@@ -209,18 +210,10 @@ template <typename W>
 __attribute__((target("avx512f"))) void row_avx512(const W* w, const float* x, int64_t in, const float* bias, float* y,
                                                    int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
-    const W* wo = w + o * in;
-    __m512 a = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= in; i += 16) a = _mm512_fmadd_ps(load16(wo + i), _mm512_loadu_ps(x + i), a);
-    if (i < in) {
-      W wt[16] = {};
-      float xt[16] = {};
-      std::memcpy(wt, wo + i, static_cast<size_t>(in - i) * sizeof(W));
-      std::memcpy(xt, x + i, static_cast<size_t>(in - i) * sizeof(float));
-      a = _mm512_fmadd_ps(load16(wt), _mm512_loadu_ps(xt), a);
-    }
-    y[o] = _mm_cvtss_f32(reduce4(a, a, a, a)) + (bias ? bias[o] : 0.0f);
+    const W* wp[1] = {w + o * in};
+    float res[1][4];
+    tile_avx512<W, 1, 1>(wp, &x, in, res);
+    y[o] = res[0][0] + (bias ? bias[o] : 0.0f);
   }
 }
 
@@ -430,14 +423,14 @@ struct Int4Args {
       const uint8_t* w = p.codes + o * (p.in / 2);                                                                 \
       const uint16_t* sc = p.scales + o * (groups + 4);                                                            \
       __m512 acc[kInt4RowsPerPass];                                                                                \
-      _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();                                          \
+      _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();                   \
       for (int64_t c = 0; c < chunks; ++c) {                                                                       \
         const __m512i wb = c < full ? _mm512_loadu_si512(w + c * 64) : _mm512_maskz_loadu_epi8(tail, w + c * 64);  \
         const __m512i lo = _mm512_and_si512(wb, low4);                                                             \
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), low4);                                       \
         const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + c * 128 / p.group))); \
         const __m512 sv = _mm512_permutexvar_ps(to_lane, _mm512_castps128_ps512(s4));                             \
-        _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {                                                                     \
+        _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {                                              \
           const int64_t at = r * chunks + c;                                                                       \
           __m512i isum = DP(_mm512_setzero_si512(), lo, _mm512_loadu_si512(p.a->xe.data() + at * 64));             \
           isum = DP(isum, hi, _mm512_loadu_si512(p.a->xo.data() + at * 64));                                       \
@@ -447,7 +440,7 @@ struct Int4Args {
       }                                                                                                            \
       /* zero points: sum over groups of scale * zero * (sum of the group's quantized activations) */             \
       const uint8_t* z = p.zeros + o * groups;                                                                     \
-      _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {                                                                       \
+      _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {                                                \
         const float* gs = p.a->gsum.data() + r * groups;                                                           \
         for (int64_t g = 0; g < groups; g += 16) {                                                                 \
           const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (groups - g)) - 1);          \
