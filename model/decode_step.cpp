@@ -14,6 +14,7 @@
 #include "model/fused_cpu.h"
 #include "model/gemv.h"
 #include "model/lora.h"
+#include "model/tile_rows.h"
 
 namespace dsopen::model {
 
@@ -21,11 +22,11 @@ namespace {
 
 namespace rowk = kernels::detail;
 
-// Rows above which a float32 projection goes to LibTorch's GEMM instead of the tiled GEMV. Up to here a row's
-// sums run in the same order however many rows share the step, so a served sequence decodes to the same bits alone
-// or in a full batch: 32 is dsopen-serve's default --max-num-seqs. The tiles matched MKL's sgemm at 32 rows
-// (docs/BENCHMARKS.md "Serving"); MKL pulls ahead from ~64-128 rows, where its packing pays off.
-constexpr int64_t kGemmRows = 32;
+// Rows above which a projection goes to LibTorch's GEMM instead of the tiled GEMV: this machine's measured
+// crossover, at least 32 (model/tile_rows.h). Up to 32 a row's sums run in the same order however many rows share
+// the step, so a served sequence decodes to the same bits alone or in a full batch (dsopen-serve's default
+// --max-num-seqs).
+int64_t gemm_rows(bool bf16_weights) { return bf16_weights ? tile_rows().bf16 : tile_rows().f32; }
 
 // Prompt tokens up to which a prefill takes the step (prefill_applies).
 constexpr int64_t kPrefillRows = 512;
@@ -163,7 +164,7 @@ void linear(const LinearImpl& lin, const float* x, int64_t rows, float* y, Buffe
     return;
   }
   const auto& w = lin.weight;
-  if (rows > kGemmRows) {  // a prompt's rows: LibTorch's GEMM
+  if (rows > gemm_rows(bf16(w))) {  // a prompt's rows, past this machine's crossover: LibTorch's GEMM
     auto yt = torch::from_blob(y, {rows, out});
     const auto xt = torch::from_blob(const_cast<float*>(x), {rows, in});
     // bfloat16 weights: its bf16 GEMM (oneDNN; AMX or AVX512-BF16 where the CPU has them) on the rows rounded to
@@ -496,10 +497,9 @@ bool plan_rows(const ForwardInput& in, std::vector<Row>& rows) {
 
 // A prompt's prefill through the step ([1, T] tokens, T > 1): one sequence continuing its cache, the logits of its
 // last few tokens only. Through LibTorch a short prompt's forward pays a fixed cost of hundreds of dispatched ops
-// (a served chat prompt of a small model spends longer there than in its arithmetic). Past kGemmRows rows the
-// float32 and bfloat16 products go to LibTorch's GEMMs, as in forward() (measured, 64-token prompt: tiny MoE bf16
-// 10,000 -> 15,000 tokens/s with the tiles; dense 97M bf16 1,430 -> 1,090, hence the GEMM); quantized layers'
-// kernels pick their own path by row count.
+// (a served chat prompt of a small model spends longer there than in its arithmetic). Past the machine's crossover
+// (gemm_rows) the float32 and bfloat16 products go to LibTorch's GEMMs, as in forward(); quantized layers' kernels
+// pick their own path by row count.
 bool prefill_applies(const CausalLMImpl& model, const ForwardInput& in) {
   const int64_t T = in.input_ids.size(1);
   if (in.input_ids.size(0) != 1 || in.last_logits < 1 || in.last_logits > T || !in.row_lengths.empty() ||

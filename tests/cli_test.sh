@@ -175,6 +175,16 @@ done
 check "generate comma prompt" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "Hello, world" --max-new-tokens 2 --temperature 0
 case "$LAST" in "Hello, world"*) echo "ok   a comma does not split a prompt" ;; *) echo "FAIL comma prompt: $LAST"; fail=1 ;; esac
 check "generate bad ids" 2 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 x"
+# The tiles/GEMM crossover of prompt products: measured by the first process on a machine, read by the next.
+TC="$(mktemp -d)"
+check "generate measures the crossover" 0 env DSOPEN_CACHE="$TC/cache" "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7" --max-new-tokens 2
+ls "$TC"/cache/tile-rows-*.txt >/dev/null 2>&1 || { echo "FAIL no cache file in $TC/cache"; fail=1; }
+BEFORE="$(stat -c '%i %y' "$TC"/cache/tile-rows-*.txt 2>&1)"
+check "generate reads the crossover" 0 env DSOPEN_CACHE="$TC/cache" "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7" --max-new-tokens 2
+[ "$(stat -c '%i %y' "$TC"/cache/tile-rows-*.txt 2>&1)" = "$BEFORE" ] && echo "ok   read, not measured again" || { echo "FAIL cache file rewritten"; fail=1; }
+rm -rf "$TC"
+check "generate bad DSOPEN_TILE_ROWS" 2 env DSOPEN_TILE_ROWS=lots "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7"
+case "$LAST" in *"DSOPEN_TILE_ROWS: 'lots' is not a row count"*) echo "ok   names the variable" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 # --chat without a prompt: one user turn per stdin line, the conversation kept.
 check "chat on stdin" 0 bash -c "printf 'Hello\n/reset\nAgain\n' | '$BIN/dsopen-generate' --model '$CK' --chat --system 'Be brief.' --temperature 0 --max-new-tokens 4"
 check "quantize bad method" 2 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int3 --out "$W/qx"

@@ -11,6 +11,7 @@
 #include "model/decode_step.h"
 #include "model/fused_ops.h"
 #include "model/registry.h"
+#include "model/tile_rows.h"
 #include "model/transformer.h"
 #include "utils/compat.h"
 
@@ -610,13 +611,21 @@ TEST_CASE("the CPU decode step equals the general path (every family; uniform, p
 
 TEST_CASE("a prompt's prefill through the decode step equals the general path (every family, chunks, bf16)",
           "[model][forward][decode]") {
+  // Both sides of a machine's tiles/GEMM crossover (model/tile_rows.h): 32, where the 45-row chunk and the 40-row
+  // bf16 prompt go to LibTorch's GEMMs, and 64, where they stay in the tiles.
+  struct Restore {
+    TileRows measured = tile_rows();
+    ~Restore() { set_tile_rows(measured.f32, measured.bf16); }
+  } restore;
+  for (const int64_t limit : {kTileRowsAlways, int64_t{64}})
   for (const char* kind : kFamilies) {
-    INFO(kind);
+    INFO(kind << ", tiles up to " << limit << " rows");
+    set_tile_rows(limit, limit);
     CausalLM m = make(small(kind), 17);
     torch::NoGradGuard ng;
     auto ids = torch::randint(3, 256, {1, 60}, torch::kLong);
     KVCache fast = m->make_cache(1, 64), general = m->make_cache(1, 64);
-    // A first chunk, a second continuing it past kGemmRows rows (LibTorch's GEMM for the products), a short third.
+    // A first chunk, a second continuing it past 32 rows, a short third.
     int64_t at = 0;
     for (const int64_t n : {7, 45, 5}) {
       INFO("chunk of " << n << " at " << at);
@@ -643,8 +652,8 @@ TEST_CASE("a prompt's prefill through the decode step equals the general path (e
     two.cache = &other;
     two.last_logits = 1;
     CHECK_FALSE(decode_step_applies(*m, two));
-    // bfloat16 weights: short prompts through the tiles, longer ones through LibTorch's bf16 GEMM inside the step;
-    // both as close to the float32 prompt as the general path's bf16 forward is (which rounds every activation).
+    // bfloat16 weights: short prompts through the tiles, longer ones (limit 32) through LibTorch's bf16 GEMM inside
+    // the step; both as close to the float32 prompt as the general path's bf16 forward is (which rounds every activation).
     const auto want = m->forward({ids.narrow(1, 0, 40)}).logits.select(1, 39);
     m->to(torch::kBFloat16);
     for (const int64_t n : {20, 40}) {

@@ -3,9 +3,13 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <fstream>
+#include <set>
 
 #include "model/config.h"
 #include "model/gemv.h"
+#include "model/tile_rows.h"
+#include "test_helpers.h"
 #include "model/info.h"
 #include "model/layers.h"
 #include "model/moe.h"
@@ -384,6 +388,45 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
     torch::AutoGradMode grad(true);
     CHECK_FALSE(dsopen::model::gemv_applies(torch::randn({1, 8}), torch::randn({4, 8})));
   }
+}
+
+TEST_CASE("the tiles/GEMM crossover is measured once per machine and read back from its cache file",
+          "[model][gemv]") {
+  using namespace dsopen::model;
+  dsopen::testing::TempDir dir;
+  const std::string folder = dir.path.string(), path = tile_rows_cache_path(folder);
+  const std::set<int64_t> candidates = {32, 64, 128, 256, 512};
+  const auto read = [&] {
+    std::ifstream in(path);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const TileRows first = load_or_measure_tile_rows(folder);
+  REQUIRE(std::filesystem::exists(path));
+  CHECK(first.source == path);
+  CHECK(candidates.count(first.f32) == 1);
+  CHECK(candidates.count(first.bf16) == 1);
+  const std::string written = read();
+  const std::string key = written.substr(written.find("key "), written.find('\n', written.find("key ")) - written.find("key "));
+  CHECK(key.find("isa=") != std::string::npos);
+  // Every later process reads the file rather than measuring: values put there come back as they are.
+  dir.write(path.substr(folder.size() + 1), "# by hand\n" + key + "\nf32 256\nbf16 64\n");
+  const TileRows cached = load_or_measure_tile_rows(folder);
+  CHECK(cached.f32 == 256);
+  CHECK(cached.bf16 == 64);
+  // Another machine's file, one cut short, or one below the rows the tiles always take: measured again, replaced.
+  for (const std::string bad : {std::string("key cpu=another;isa=avx2\nf32 512\nbf16 512\n"), key + "\nf32 512\n",
+                                key + "\nf32 8\nbf16 64\n"}) {
+    INFO(bad);
+    dir.write(path.substr(folder.size() + 1), bad);
+    const TileRows again = load_or_measure_tile_rows(folder);
+    CHECK(candidates.count(again.f32) == 1);
+    CHECK(again.source == path);
+    CHECK(read().find(key + "\n") != std::string::npos);
+  }
+  // A folder that cannot be made: measured in this process, nothing thrown, nothing written.
+  const TileRows nowhere = load_or_measure_tile_rows("/proc/dsopen-no-such-folder");
+  CHECK(candidates.count(nowhere.f32) == 1);
+  CHECK(nowhere.source.rfind("measured", 0) == 0);
 }
 
 TEST_CASE("attention over a cache: scores (gemv_rows_serial) and weighted sums (pv_rows) equal float64 and are "
