@@ -12,6 +12,7 @@
 
 #include "inference/quantized_format.h"
 #include "inference/quantized_linear.h"
+#include "model/gemv.h"
 #include "model/model_dir.h"
 #include "model/tile_rows.h"
 #include "model/weights.h"
@@ -93,9 +94,13 @@ model::CausalLM load_model(const std::string& dir, torch::Device device, bool ke
   if (!packed.empty()) attach_packed(m, packed, layers, weights);
   m->to(device);
   m->eval();
-  // The decode step's prompt products pick tiles or GEMM from this machine's measured crossover: resolve it now, so
-  // that the one-time measurement (or a bad DSOPEN_TILE_ROWS) happens at load and not inside a first request.
-  if (device.is_cpu()) model::tile_rows();
+  // The decode step's kernels: the instruction set, and whether a prompt's products take the tiles or a GEMM (this
+  // machine's measured crossover). Resolved now, so that the one-time measurement, or a bad DSOPEN_GEMV_ISA or
+  // DSOPEN_TILE_ROWS, happens at load and not inside a first request.
+  if (device.is_cpu()) {
+    model::gemv_isa();
+    model::tile_rows();
+  }
 #ifdef __GLIBC__
   // Loading interleaves kept codes with freed temporaries on the heap; hand the freed pages back to the system.
   if (meta) ::malloc_trim(0);

@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "utils/errors.h"
+
 namespace dsopen::model {
 
 namespace {
@@ -56,35 +58,131 @@ void rows_portable(const W* w, const float* x, int64_t rows, int64_t in, float* 
 template <typename W>
 __attribute__((target("avx2,fma"))) __m256 load8(const W* w) {
   if constexpr (std::is_same_v<W, float>) return _mm256_loadu_ps(w);
+  else if constexpr (std::is_same_v<W, int8_t>)  // per-channel int8 codes, widened in registers
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
   else {  // 8 bf16 -> 8 float: the bits shifted into the top half of each lane
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 }
 
-__attribute__((target("avx2,fma"))) float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+// AVX2 + FMA tiles: the AVX-512 scheme below on 8-wide registers, of which there are 16. Each (row, output) pair
+// sums into two accumulators, one for the even and one for the odd 8-column steps, so that a lone pair (one
+// sequence decoding) has two independent FMA chains: with one, the FMA latency capped a bfloat16 row's stream
+// (measured, AVX2 code on the EPYC box: [2048 -> 768] 20.3 GFLOP/s with 4 accumulators, 16.1 with 1). A tile is at
+// most 3 activation rows x 2 weight rows (12 accumulators + 2 weight operands + 1 activation operand), so each
+// load feeds 1.2 FMAs on average instead of one per FMA. The last in % 16 columns are zero-padded to a full step;
+// then per pair the two accumulators are added and the 8 lanes summed in one fixed order (hadd pairs, then the two
+// 128-bit halves). Every pair runs the same instructions whatever the tile's shape: a row's bits never depend on
+// the rows beside it.
+__attribute__((target("avx2,fma"))) inline __m128 reduce4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-template <typename W>
-__attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t rows, int64_t in, float* y,
-                                                  int64_t out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * in;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
-      a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(xr + i), a0);
-      a1 = _mm256_fmadd_ps(load8(w + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-      a2 = _mm256_fmadd_ps(load8(w + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-      a3 = _mm256_fmadd_ps(load8(w + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
+template <typename W, int R, int O>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_step_avx2(__m256 (&a)[R][O][2], const W* const* w,
+                                                                             const float* const* x, int64_t i) {
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k) {
+    __m256 wv[O];
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) wv[o] = load8(w[o] + i + 8 * k);
+#pragma GCC unroll 3
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x[r] + i + 8 * k);
+#pragma GCC unroll 2
+      for (int o = 0; o < O; ++o) a[r][o][k] = _mm256_fmadd_ps(wv[o], xv, a[r][o][k]);
     }
-    for (; i + 8 <= in; i += 8) a0 = _mm256_fmadd_ps(load8(w + i), _mm256_loadu_ps(xr + i), a0);
-    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < in; ++i) s += load_scalar(w, i) * xr[i];
-    y[r * out] = s;
+  }
+}
+
+// res[r][o] = x_r . w_o for R <= 3 rows and O <= 2 weight rows.
+template <typename W, int R, int O>
+__attribute__((target("avx2,fma"))) void tile_avx2(const W* const* w, const float* const* x, int64_t in,
+                                                   float (*res)[2]) {
+  __m256 a[R][O][2];
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int o = 0; o < O; ++o) a[r][o][0] = a[r][o][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) tile_step_avx2<W, R, O>(a, w, x, i);
+  if (i < in) {  // the last in % 16 columns, zero-padded to a full step
+    W wt[O][16] = {};
+    float xt[R][16] = {};
+    const W* wp[O];
+    const float* xp[R];
+    for (int o = 0; o < O; ++o) {
+      std::memcpy(wt[o], w[o] + i, static_cast<size_t>(in - i) * sizeof(W));
+      wp[o] = wt[o];
+    }
+    for (int r = 0; r < R; ++r) {
+      std::memcpy(xt[r], x[r] + i, static_cast<size_t>(in - i) * sizeof(float));
+      xp[r] = xt[r];
+    }
+    tile_step_avx2<W, R, O>(a, wp, xp, 0);
+  }
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r) {
+    const __m256 s0 = _mm256_add_ps(a[r][0][0], a[r][0][1]);
+    const __m256 s1 = O > 1 ? _mm256_add_ps(a[r][O - 1][0], a[r][O - 1][1]) : s0;
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, reduce4_avx2(s0, s1, s0, s1));
+    res[r][0] = sums[0];
+    if (O > 1) res[r][1] = sums[1];
+  }
+}
+
+// Output rows [o_begin, o_end) for every activation row: blocks of 2 weight rows (a partial last block repeats its
+// row and drops the extra results), each against the activation rows 3 at a time while the 2 weight rows stay in
+// L1; the next block prefetched into L1 a share per tile, as blocks_avx512 does.
+template <typename W>
+__attribute__((target("avx2,fma"))) void blocks_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
+                                                     const float* bias, float* y, int64_t o_begin, int64_t o_end) {
+  const int64_t tiles = (rows + 2) / 3;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += 2) {
+    const int64_t valid = std::min<int64_t>(2, o_end - o0);
+    const W* wp[2] = {w + o0 * in, w + (o0 + valid - 1) * in};
+    const char* next = reinterpret_cast<const char*>(w + (o0 + 2) * in);
+    const int64_t lines = o0 + 2 < o_end ? (std::min<int64_t>(2, o_end - o0 - 2) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
+    for (int64_t r = 0; r < rows; r += 3) {
+      const int64_t n = std::min<int64_t>(3, rows - r), t = r / 3;
+      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
+        _mm_prefetch(next + l * 64, _MM_HINT_T0);
+      const float* xp[3];
+      for (int k = 0; k < 3; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[3][2];
+      if (n == 3) tile_avx2<W, 3, 2>(wp, xp, in, res);
+      else if (n == 2) tile_avx2<W, 2, 2>(wp, xp, in, res);
+      else tile_avx2<W, 1, 2>(wp, xp, in, res);
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
+    }
+  }
+}
+
+// A few activation rows (up to kAvx2StreamRows: decoding one or a few sequences), one weight row at a time, each
+// dotted with every row while it is in L1: a single sequential stream, which is what the hardware prefetcher
+// follows best (row_avx512's reason, below). Measured, AVX2 code on the EPYC box, 2 threads, weights from memory,
+// 4 rows: [768 -> 2048] 64-77 GFLOP/s this way, 47 in blocks of 2 weight rows; 16 rows: 71 against 105.
+inline constexpr int64_t kAvx2StreamRows = 4;
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
+                                                   const float* bias, float* y, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* wp[1] = {w + o * in};
+    for (int64_t r = 0; r < rows; r += 3) {
+      const int64_t n = std::min<int64_t>(3, rows - r);
+      const float* xp[3];
+      for (int k = 0; k < 3; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[3][2];
+      if (n == 3) tile_avx2<W, 3, 1>(wp, xp, in, res);
+      else if (n == 2) tile_avx2<W, 2, 1>(wp, xp, in, res);
+      else tile_avx2<W, 1, 1>(wp, xp, in, res);
+      for (int64_t k = 0; k < n; ++k) y[(r + k) * out + o] = res[k][0] + (bias ? bias[o] : 0.0f);
+    }
   }
 }
 
@@ -221,9 +319,19 @@ enum class Isa { kPortable, kAvx2, kAvx512 };
 
 Isa detect() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kPortable;
+  const Isa best = __builtin_cpu_supports("avx512f")                                       ? Isa::kAvx512
+                   : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                     : Isa::kPortable;
+  // DSOPEN_GEMV_ISA: a lesser instruction set than the CPU's best, to see what a CPU without it gets (A/B runs).
+  const char* v = std::getenv("DSOPEN_GEMV_ISA");
+  if (!v || !*v) return best;
+  const std::string want = v;
+  const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kPortable;
+  if (want != "avx512" && want != "avx2" && want != "portable")
+    throw usage_error("DSOPEN_GEMV_ISA", "'" + want + "' is not an instruction set", "use avx512, avx2 or portable");
+  if (static_cast<int>(asked) > static_cast<int>(best))
+    throw usage_error("DSOPEN_GEMV_ISA", "this CPU cannot run " + want, "unset it or ask for a lesser one");
+  return asked;
 }
 
 Isa isa() {
@@ -309,10 +417,13 @@ void blocks(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int
       return row_avx512(w, x, in, bias, y, b0 * 4, std::min(b1 * 4, out));
     return blocks_avx512(w, x, rows, in, out, bias, y, b0, b1);
   }
+  if (which == Isa::kAvx2) {
+    if (rows <= kAvx2StreamRows) return rows_avx2(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out));
+    return blocks_avx2(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out));
+  }
   for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o) {
     const W* wo = w + o * in;
-    if (which == Isa::kAvx2) rows_avx2(wo, x, rows, in, y + o, out);
-    else rows_portable(wo, x, rows, in, y + o, out);
+    rows_portable(wo, x, rows, in, y + o, out);
     if (bias)
       for (int64_t r = 0; r < rows; ++r) y[r * out + o] += bias[o];
   }
@@ -531,26 +642,29 @@ void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16
   else pv(p, rows, T, static_cast<const float*>(V), ldv, n, y);
 }
 
-void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
-                    const float* offset, int64_t out, float* y, float* xsum) {
-  const bool wide = isa() == Isa::kAvx512;
+namespace {
+// gemv_int8_rows in the instruction set `which`.
+void int8_rows(Isa which, const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
+               const float* offset, int64_t out, float* y, float* xsum) {
   for (int64_t r = 0; r < rows; ++r) {
     float s = 0;
     for (int64_t i = 0; i < in; ++i) s += x[r * in + i];
     xsum[r] = s;
   }
-  if (wide && rows > kMaxGemvRows) {
-    // A prompt's rows: the float tiles of gemv_rows with the codes widened in registers, each 16 codes converted
-    // once for 4 activation rows (one dot per row and output below would convert them once per row).
+  if ((which == Isa::kAvx512 && rows > kMaxGemvRows) || which == Isa::kAvx2) {
+    // The float tiles of gemv_rows with the codes widened in registers, each block of codes converted once for
+    // several rows (one dot per row and output would convert them once per row). AVX-512: a prompt's rows (more
+    // than kMaxGemvRows); AVX2: every row count (up to 4 rows one code row at a time, as its float tiles).
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, in));
     at::parallel_for(0, (out + 3) / 4, std::max<int64_t>(1, grain / 4), [&](int64_t b0, int64_t b1) {
-      blocks_avx512(codes, x, rows, in, out, nullptr, y, b0, b1);
+      blocks(which, codes, x, rows, in, out, nullptr, y, b0, b1);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o)
           y[r * out + o] = scale[o] * y[r * out + o] + offset[o] * xsum[r];
     });
     return;
   }
+  const bool wide = which == Isa::kAvx512;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o)
@@ -560,11 +674,18 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
       }
   });
 }
+}  // namespace
+
+void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
+                    const float* offset, int64_t out, float* y, float* xsum) {
+  int8_rows(isa(), x, rows, in, codes, scale, offset, out, y, xsum);
+}
 
 bool gemv_int4_supported() {
   static const bool v = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+    return isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("f16c");
   }();
   return v;
 }
@@ -603,24 +724,13 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::
 
 torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
                         const torch::Tensor& offset, const char* isa_name) {
-  const bool wide = pick(isa_name) == Isa::kAvx512;
+  const Isa which = pick(isa_name);
   const int64_t in = codes.size(1), out = codes.size(0), rows = x.numel() / in;
   const auto xc = x.to(torch::kFloat32).contiguous().view({rows, in});
   auto y = torch::empty({rows, out}, torch::kFloat32);
   std::vector<float> xsum(static_cast<size_t>(rows));
-  if (wide == (isa() == Isa::kAvx512)) {
-    gemv_int8_rows(xc.data_ptr<float>(), rows, in, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                   offset.data_ptr<float>(), out, y.data_ptr<float>(), xsum.data());
-    return y;
-  }
-  // The portable loop on an AVX-512 CPU (tests).
-  const float *xp = xc.data_ptr<float>(), *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < in; ++i) xsum[r] += xp[r * in + i];
-  const int8_t* cp = codes.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t o = 0; o < out; ++o)
-    for (int64_t r = 0; r < rows; ++r) yp[r * out + o] = sp[o] * dot_i8_portable(cp + o * in, xp + r * in, in) + op[o] * xsum[r];
+  int8_rows(which, xc.data_ptr<float>(), rows, in, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+            offset.data_ptr<float>(), out, y.data_ptr<float>(), xsum.data());
   return y;
 }
 

@@ -4,9 +4,10 @@
 // Decoding reads every weight once per token, so its speed is memory bandwidth. A general GEMM at M = 1 leaves
 // bandwidth unused (measured: 18 GB/s for LibTorch's matmul against 50 GB/s for llama.cpp's kernels on the same 2
 // cores, docs/BENCHMARKS.md). Here each thread streams a contiguous block of weight rows once, dotting each row
-// with every activation row while it is in L1, with 4 independent FMA accumulators per row; the instruction set
-// (AVX-512, AVX2 + FMA, or portable C++) is chosen once at run time from the CPU. Results differ from a GEMM's only
-// in summation order (relative ~1e-7 in fp32).
+// with every activation row while it is in L1, in register tiles of several activation rows x weight rows; the
+// instruction set (AVX-512, AVX2 + FMA, or portable C++) is chosen once at run time from the CPU
+// (DSOPEN_GEMV_ISA=avx2 or portable: a lesser one, to measure what such a CPU gets; int4 kernels then off, as on
+// a CPU without AVX-512). Results differ from a GEMM's only in summation order (relative ~1e-7 in fp32).
 #pragma once
 
 #include <torch/torch.h>
@@ -29,10 +30,11 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::
 
 // Per-channel int8 weights (inference/quantized_linear.h Int8Linear): x [rows, in], codes int8 [out, in] (file
 // code - 128), y = scale * (codes . x) + offset * sum(x) with scale, offset float32 [out] -> float32 [rows, out];
-// `isa` as for gemv (no AVX2 version: those CPUs run the portable loop). Up to kMaxGemvRows rows (decoding) one dot
-// per row and output; more rows (a prompt) with AVX-512 in gemv_rows' 4 x 4 tiles, the codes widened in registers
-// once for 4 rows, each row's result independent of the others (dense 97M, 64-token prompt: 484 -> 611 tokens/s
-// against LibTorch's _weight_int8pack_mm, docs/BENCHMARKS.md).
+// `isa` as for gemv. AVX-512: up to kMaxGemvRows rows (decoding) one dot per row and output; more rows (a prompt)
+// in gemv_rows' 4 x 4 tiles, the codes widened in registers once for 4 rows, each row's result independent of the
+// others (dense 97M, 64-token prompt: 484 -> 611 tokens/s against LibTorch's _weight_int8pack_mm,
+// docs/BENCHMARKS.md). AVX2: gemv_rows' AVX2 tiles for every row count, the codes widened likewise (a row's bits
+// the same alone or in a batch). Otherwise a portable loop.
 torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
                         const torch::Tensor& offset, const char* isa = nullptr);
 
@@ -43,7 +45,9 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
 // the next block's weights are prefetched while the current block's tiles run (weights streamed from memory); a
 // lone row against long weight rows (1.5 KiB and more) reads them one at a time instead, one sequential stream; each
 // y[r, o] sums its terms in one fixed order, so a row's result does not depend on the rows beside it (a sequence
-// decodes the same alone or in a batch).
+// decodes the same alone or in a batch). With AVX2 + FMA (16 registers of 8 floats): up to 4 rows one weight row
+// at a time (one sequential stream), more rows in tiles of 3 rows x 2 weight rows, each pair summed in two
+// accumulators (even and odd 8-column steps), again one fixed order per row.
 void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
                float* y);
 // gemv_rows without threads and without bias, for callers already inside a parallel region (attention scores over
@@ -67,7 +71,7 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
 // each block's largest value). x float32 [rows, in], rows <= kInt4RowsPerPass: each 64 code bytes are unpacked
 // once for all the rows (a prompt's), each row summed in its own accumulator; y float32 [rows, out].
 inline constexpr int64_t kInt4RowsPerPass = 16;
-bool gemv_int4_supported();  // AVX512-BW on this CPU
+bool gemv_int4_supported();  // AVX512-BW on this CPU (and DSOPEN_GEMV_ISA not below avx512)
 void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
                     const uint8_t* zeros, int64_t group, int64_t out, float* y);
 
