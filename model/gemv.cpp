@@ -67,50 +67,59 @@ __attribute__((target("avx2,fma"))) __m256 load8(const W* w) {
 }
 
 // AVX2 + FMA tiles: the AVX-512 scheme below on 8-wide registers, of which there are 16. Each (row, output) pair
-// sums into two accumulators, one for the even and one for the odd 8-column steps, so that a lone pair (one
-// sequence decoding) has two independent FMA chains: with one, the FMA latency capped a bfloat16 row's stream
-// (measured, AVX2 code on the EPYC box: [2048 -> 768] 20.3 GFLOP/s with 4 accumulators, 16.1 with 1). A tile is at
-// most 3 activation rows x 2 weight rows (12 accumulators + 2 weight operands + 1 activation operand), so each
-// load feeds 1.2 FMAs on average instead of one per FMA. The last in % 16 columns are zero-padded to a full step;
-// then per pair the two accumulators are added and the 8 lanes summed in one fixed order (hadd pairs, then the two
-// 128-bit halves). Every pair runs the same instructions whatever the tile's shape: a row's bits never depend on
-// the rows beside it.
+// sums into four accumulators (8-column steps k, k + 4, k + 8, ... into accumulator k), so that a lone pair (one
+// sequence decoding) has four independent FMA chains, and a tile is 1 activation row x 3 weight rows (12
+// accumulators + 3 weight operands + 1 activation operand): each activation load feeds 3 FMAs. Measured with AVX2
+// code on the EPYC box, one thread, weights from memory, GFLOP/s for 1 / 2 / 8 / 32 rows of [768 -> 2048]:
+// float32 13.0 / 25.9 / 38.3 / 71.3 with this shape, 11.9 / 22.6 / 30.4 / 67.5 with two accumulators in 3 x 2
+// tiles, 11.1 / 20.6 / 37.9 / 49.5 with four in 3 x 1 tiles; the former one dot per (row, output) ~11 / 20 / 27 / 43.
+// bfloat16 weights: 23.6 / 44.1 / 51.2 / 54.8 against 21.8 / 25.6 / 59.8 / 71.5 for the 3 x 2 tiles (which widen
+// each weight once for 3 rows; decoding few sequences is what matters most). The last in % 32 columns are
+// zero-padded to a full step; then per pair the accumulators are added as (a0 + a1) + (a2 + a3) and the 8 lanes
+// summed in one fixed order (hadd pairs, then the two 128-bit halves). Every pair runs the same instructions whatever the tile's shape:
+// a row's bits never depend on the rows beside it.
 __attribute__((target("avx2,fma"))) inline __m128 reduce4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+inline constexpr int kAvx2Acc = 4, kAvx2TileRows = 1, kAvx2TileOut = 3;
+
 template <typename W, int R, int O>
-__attribute__((target("avx2,fma"), always_inline)) inline void tile_step_avx2(__m256 (&a)[R][O][2], const W* const* w,
-                                                                             const float* const* x, int64_t i) {
-#pragma GCC unroll 2
-  for (int k = 0; k < 2; ++k) {
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_step_avx2(__m256 (&a)[R][O][kAvx2Acc],
+                                                                             const W* const* w, const float* const* x,
+                                                                             int64_t i) {
+#pragma GCC unroll 4
+  for (int k = 0; k < kAvx2Acc; ++k) {
     __m256 wv[O];
-#pragma GCC unroll 2
+#pragma GCC unroll 3
     for (int o = 0; o < O; ++o) wv[o] = load8(w[o] + i + 8 * k);
 #pragma GCC unroll 3
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x[r] + i + 8 * k);
-#pragma GCC unroll 2
+#pragma GCC unroll 3
       for (int o = 0; o < O; ++o) a[r][o][k] = _mm256_fmadd_ps(wv[o], xv, a[r][o][k]);
     }
   }
 }
 
-// res[r][o] = x_r . w_o for R <= 3 rows and O <= 2 weight rows.
+// res[r][o] = x_r . w_o for R <= kAvx2TileRows rows and O <= kAvx2TileOut weight rows.
 template <typename W, int R, int O>
 __attribute__((target("avx2,fma"))) void tile_avx2(const W* const* w, const float* const* x, int64_t in,
-                                                   float (*res)[2]) {
-  __m256 a[R][O][2];
+                                                   float (*res)[kAvx2TileOut]) {
+  constexpr int64_t step = 8 * kAvx2Acc;
+  __m256 a[R][O][kAvx2Acc];
 #pragma GCC unroll 3
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int o = 0; o < O; ++o) a[r][o][0] = a[r][o][1] = _mm256_setzero_ps();
+#pragma GCC unroll 3
+    for (int o = 0; o < O; ++o)
+#pragma GCC unroll 4
+      for (int k = 0; k < kAvx2Acc; ++k) a[r][o][k] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) tile_step_avx2<W, R, O>(a, w, x, i);
-  if (i < in) {  // the last in % 16 columns, zero-padded to a full step
-    W wt[O][16] = {};
-    float xt[R][16] = {};
+  for (; i + step <= in; i += step) tile_step_avx2<W, R, O>(a, w, x, i);
+  if (i < in) {  // the last in % step columns, zero-padded to a full step
+    W wt[O][step] = {};
+    float xt[R][step] = {};
     const W* wp[O];
     const float* xp[R];
     for (int o = 0; o < O; ++o) {
@@ -125,37 +134,52 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const W* const* w, const floa
   }
 #pragma GCC unroll 3
   for (int r = 0; r < R; ++r) {
-    const __m256 s0 = _mm256_add_ps(a[r][0][0], a[r][0][1]);
-    const __m256 s1 = O > 1 ? _mm256_add_ps(a[r][O - 1][0], a[r][O - 1][1]) : s0;
+    static_assert(kAvx2Acc == 4, "the sum below adds four accumulators");
+    __m256 s[4];
+#pragma GCC unroll 3
+    for (int o = 0; o < O; ++o)
+      s[o] = _mm256_add_ps(_mm256_add_ps(a[r][o][0], a[r][o][1]), _mm256_add_ps(a[r][o][2], a[r][o][3]));
+    if (O == 1) {  // reduce4_avx2's order for one accumulator, with one hadd fewer
+      const __m256 h = _mm256_hadd_ps(s[0], s[0]), hh = _mm256_hadd_ps(h, h);
+      res[r][0] = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
+      continue;
+    }
     alignas(16) float sums[4];
-    _mm_store_ps(sums, reduce4_avx2(s0, s1, s0, s1));
-    res[r][0] = sums[0];
-    if (O > 1) res[r][1] = sums[1];
+    _mm_store_ps(sums, reduce4_avx2(s[0], s[O > 1 ? 1 : 0], s[O > 2 ? 2 : 0], s[O > 3 ? 3 : 0]));
+    for (int o = 0; o < O; ++o) res[r][o] = sums[o];
   }
 }
 
-// Output rows [o_begin, o_end) for every activation row: blocks of 2 weight rows (a partial last block repeats its
-// row and drops the extra results), each against the activation rows 3 at a time while the 2 weight rows stay in
-// L1; the next block prefetched into L1 a share per tile, as blocks_avx512 does.
+template <typename W, int O>
+__attribute__((target("avx2,fma"))) void tile_any_avx2(int64_t n, const W* const* w, const float* const* x, int64_t in,
+                                                       float (*res)[kAvx2TileOut]) {
+  if (n >= 3 && kAvx2TileRows >= 3) tile_avx2<W, (kAvx2TileRows >= 3 ? 3 : 1), O>(w, x, in, res);
+  else if (n == 2 && kAvx2TileRows >= 2) tile_avx2<W, (kAvx2TileRows >= 2 ? 2 : 1), O>(w, x, in, res);
+  else tile_avx2<W, 1, O>(w, x, in, res);
+}
+
+// Output rows [o_begin, o_end) for every activation row: blocks of kAvx2TileOut weight rows (a partial last block
+// repeats its row and drops the extra results), each against the activation rows kAvx2TileRows at a time while the
+// weight rows stay in L1; the next block prefetched into L1 a share per tile, as blocks_avx512 does.
 template <typename W>
 __attribute__((target("avx2,fma"))) void blocks_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
                                                      const float* bias, float* y, int64_t o_begin, int64_t o_end) {
-  const int64_t tiles = (rows + 2) / 3;
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += 2) {
-    const int64_t valid = std::min<int64_t>(2, o_end - o0);
-    const W* wp[2] = {w + o0 * in, w + (o0 + valid - 1) * in};
-    const char* next = reinterpret_cast<const char*>(w + (o0 + 2) * in);
-    const int64_t lines = o0 + 2 < o_end ? (std::min<int64_t>(2, o_end - o0 - 2) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
-    for (int64_t r = 0; r < rows; r += 3) {
-      const int64_t n = std::min<int64_t>(3, rows - r), t = r / 3;
+  constexpr int64_t TR = kAvx2TileRows, TO = kAvx2TileOut;
+  const int64_t tiles = (rows + TR - 1) / TR;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += TO) {
+    const int64_t valid = std::min<int64_t>(TO, o_end - o0);
+    const W* wp[TO];
+    for (int64_t o = 0; o < TO; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
+    const char* next = reinterpret_cast<const char*>(w + (o0 + TO) * in);
+    const int64_t lines = o0 + TO < o_end ? (std::min<int64_t>(TO, o_end - o0 - TO) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
+    for (int64_t r = 0; r < rows; r += TR) {
+      const int64_t n = std::min<int64_t>(TR, rows - r), t = r / TR;
       for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
         _mm_prefetch(next + l * 64, _MM_HINT_T0);
-      const float* xp[3];
-      for (int k = 0; k < 3; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[3][2];
-      if (n == 3) tile_avx2<W, 3, 2>(wp, xp, in, res);
-      else if (n == 2) tile_avx2<W, 2, 2>(wp, xp, in, res);
-      else tile_avx2<W, 1, 2>(wp, xp, in, res);
+      const float* xp[TR];
+      for (int64_t k = 0; k < TR; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[TR][TO];
+      tile_any_avx2<W, TO>(n, wp, xp, in, res);
       for (int64_t k = 0; k < n; ++k)
         for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
     }
@@ -164,23 +188,22 @@ __attribute__((target("avx2,fma"))) void blocks_avx2(const W* w, const float* x,
 
 // A few activation rows (up to kAvx2StreamRows: decoding one or a few sequences), one weight row at a time, each
 // dotted with every row while it is in L1: a single sequential stream, which is what the hardware prefetcher
-// follows best (row_avx512's reason, below). Measured, AVX2 code on the EPYC box, 2 threads, weights from memory,
-// 4 rows: [768 -> 2048] 64-77 GFLOP/s this way, 47 in blocks of 2 weight rows; 16 rows: 71 against 105.
+// follows best (row_avx512's reason, below; measured with AVX2 code on the EPYC box, 2 threads, weights from
+// memory, 4 rows of [768 -> 2048]: 64-77 GFLOP/s this way, 47 in blocks of weight rows).
 inline constexpr int64_t kAvx2StreamRows = 4;
 
 template <typename W>
 __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
                                                    const float* bias, float* y, int64_t o0, int64_t o1) {
+  constexpr int64_t TR = kAvx2TileRows;
   for (int64_t o = o0; o < o1; ++o) {
     const W* wp[1] = {w + o * in};
-    for (int64_t r = 0; r < rows; r += 3) {
-      const int64_t n = std::min<int64_t>(3, rows - r);
-      const float* xp[3];
-      for (int k = 0; k < 3; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[3][2];
-      if (n == 3) tile_avx2<W, 3, 1>(wp, xp, in, res);
-      else if (n == 2) tile_avx2<W, 2, 1>(wp, xp, in, res);
-      else tile_avx2<W, 1, 1>(wp, xp, in, res);
+    for (int64_t r = 0; r < rows; r += TR) {
+      const int64_t n = std::min<int64_t>(TR, rows - r);
+      const float* xp[TR];
+      for (int64_t k = 0; k < TR; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[TR][kAvx2TileOut];
+      tile_any_avx2<W, 1>(n, wp, xp, in, res);
       for (int64_t k = 0; k < n; ++k) y[(r + k) * out + o] = res[k][0] + (bias ? bias[o] : 0.0f);
     }
   }

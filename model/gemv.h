@@ -46,8 +46,8 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
 // lone row against long weight rows (1.5 KiB and more) reads them one at a time instead, one sequential stream; each
 // y[r, o] sums its terms in one fixed order, so a row's result does not depend on the rows beside it (a sequence
 // decodes the same alone or in a batch). With AVX2 + FMA (16 registers of 8 floats): up to 4 rows one weight row
-// at a time (one sequential stream), more rows in tiles of 3 rows x 2 weight rows, each pair summed in two
-// accumulators (even and odd 8-column steps), again one fixed order per row.
+// at a time (one sequential stream), more rows in tiles of 1 row x 3 weight rows, each pair summed in four
+// accumulators, again one fixed order per row.
 void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
                float* y);
 // gemv_rows without threads and without bias, for callers already inside a parallel region (attention scores over

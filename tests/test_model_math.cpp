@@ -380,7 +380,7 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
                                  alone.data_ptr<float>());
         CHECK(torch::equal(alone[0], y[r]));
       }
-      // The same on every instruction set of this CPU (AVX2: up to 4 rows one weight row at a time, more in 3 x 2
+      // The same on every instruction set of this CPU (AVX2: up to 4 rows one weight row at a time, more in 1 x 3
       // tiles): 1, 2, 4 and 11 rows, each row's bits as alone.
       for (const char* isa : isas) {
         INFO(isa);
