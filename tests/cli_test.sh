@@ -158,6 +158,7 @@ check "generate quantized" 0 "$BIN/dsopen-generate" --model "$W/q8" --tokenizer 
 check "quantize int8 per channel" 0 "$BIN/dsopen-quantize" --model "$CK" --method rtn-int8 --group-size -1 --out "$W/q8pc"
 case "$LAST" in *"group size per row"*) echo "ok   per-channel groups reported" ;; *) echo "FAIL per-channel: $LAST"; fail=1 ;; esac
 check "generate per-channel int8" 0 "$BIN/dsopen-generate" --model "$W/q8pc" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
+check "generate per-channel int8, AVX2 kernels" 0 env DSOPEN_GEMV_ISA=avx2 "$BIN/dsopen-generate" --model "$W/q8pc" --tokenizer "$CK" --prompt "The" --max-new-tokens 4
 check "eval per-channel int8" 0 "$BIN/dsopen-eval" --model "$W/q8pc" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
 # Fixed-length benchmark runs: token-id prompts, EOS ignored, a JSON summary; bf16 weights and cache.
 for dt in fp32 bf16; do
@@ -183,6 +184,8 @@ BEFORE="$(stat -c '%i %y' "$TC"/cache/tile-rows-*.txt 2>&1)"
 check "generate reads the crossover" 0 env DSOPEN_CACHE="$TC/cache" "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7" --max-new-tokens 2
 [ "$(stat -c '%i %y' "$TC"/cache/tile-rows-*.txt 2>&1)" = "$BEFORE" ] && echo "ok   read, not measured again" || { echo "FAIL cache file rewritten"; fail=1; }
 rm -rf "$TC"
+check "generate bad DSOPEN_GEMV_ISA" 2 env DSOPEN_GEMV_ISA=sse9 "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7"
+case "$LAST" in *"DSOPEN_GEMV_ISA: 'sse9' is not an instruction set"*) echo "ok   names the variable" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 check "generate bad DSOPEN_TILE_ROWS" 2 env DSOPEN_TILE_ROWS=lots "$BIN/dsopen-generate" --model "$CK" --prompt-ids "5 6 7"
 case "$LAST" in *"DSOPEN_TILE_ROWS: 'lots' is not a row count"*) echo "ok   names the variable" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 # --chat without a prompt: one user turn per stdin line, the conversation kept.
