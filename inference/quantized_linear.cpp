@@ -118,10 +118,10 @@ torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
 // ---- int8 -----------------------------------------------------------------------------------------------------
 
 namespace {
-// Whether a prompt's rows take gemv_int8's tiles (AVX-512 only; elsewhere it runs one dot per row and output, and
-// LibTorch's kernel wins).
+// Whether a prompt's rows take gemv_int8's tiles (AVX-512 and AVX2; the portable loop runs one dot per row and
+// output, and LibTorch's kernel wins).
 bool int8_prompt_tiles() {
-  static const bool tiles = std::string(model::gemv_isa()) == "avx512";
+  static const bool tiles = std::string(model::gemv_isa()) != "portable";
   return tiles;
 }
 }  // namespace

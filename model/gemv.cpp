@@ -406,6 +406,48 @@ __attribute__((target("avx512f"))) void pv_rows_avx512(const float* const* p, in
     }
 }
 
+// pv_tile_avx512 on 8-wide registers: R x J accumulators (8 at R = 4, J = 2) while each V row's 8J values are
+// loaded once for all R rows; t in order, one FMA per term (the same bits as the AVX-512 and portable loops).
+template <typename W, int R, int J>
+__attribute__((target("avx2,fma"))) void pv_tile_avx2(const float* const* p, int64_t T, const W* V, int64_t ldv,
+                                                      int64_t j0, float* const* y) {
+  __m256 a[R][J];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) a[r][j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const W* vt = V + t * ldv + j0;
+    __m256 v[J];
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) v[j] = load8(vt + 8 * j);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 pr = _mm256_set1_ps(p[r][t]);
+#pragma GCC unroll 2
+      for (int j = 0; j < J; ++j) a[r][j] = _mm256_fmadd_ps(pr, v[j], a[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < J; ++j) _mm256_storeu_ps(y[r] + j0 + 8 * j, a[r][j]);
+}
+
+template <typename W, int R>
+__attribute__((target("avx2,fma"))) void pv_rows_avx2(const float* const* p, int64_t T, const W* V, int64_t ldv,
+                                                      int64_t n, float* const* y) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) pv_tile_avx2<W, R, 2>(p, T, V, ldv, j, y);
+  for (; j + 8 <= n; j += 8) pv_tile_avx2<W, R, 1>(p, T, V, ldv, j, y);
+  for (; j < n; ++j)  // the last n % 8 columns: the same terms in the same order
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < T; ++t) s = std::fma(p[r][t], load_scalar(V, t * ldv + j), s);
+      y[r][j] = s;
+    }
+}
+
 template <typename W>
 void pv_portable(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {
   std::fill(y, y + rows * n, 0.0f);
@@ -417,17 +459,24 @@ void pv_portable(const float* p, int64_t rows, int64_t T, const W* V, int64_t ld
 }
 
 template <typename W>
-void pv(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {
-  if (isa() != Isa::kAvx512) return pv_portable(p, rows, T, V, ldv, n, y);
+void pv(Isa which, const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {
+  if (which == Isa::kPortable) return pv_portable(p, rows, T, V, ldv, n, y);
   for (int64_t r = 0; r < rows; r += 4) {
     const int64_t k = std::min<int64_t>(4, rows - r);
     const float* pr[4];
     float* yr[4];
     for (int64_t i = 0; i < k; ++i) pr[i] = p + (r + i) * T, yr[i] = y + (r + i) * n;
-    if (k == 4) pv_rows_avx512<W, 4>(pr, T, V, ldv, n, yr);
-    else if (k == 3) pv_rows_avx512<W, 3>(pr, T, V, ldv, n, yr);
-    else if (k == 2) pv_rows_avx512<W, 2>(pr, T, V, ldv, n, yr);
-    else pv_rows_avx512<W, 1>(pr, T, V, ldv, n, yr);
+    if (which == Isa::kAvx512) {
+      if (k == 4) pv_rows_avx512<W, 4>(pr, T, V, ldv, n, yr);
+      else if (k == 3) pv_rows_avx512<W, 3>(pr, T, V, ldv, n, yr);
+      else if (k == 2) pv_rows_avx512<W, 2>(pr, T, V, ldv, n, yr);
+      else pv_rows_avx512<W, 1>(pr, T, V, ldv, n, yr);
+    } else {
+      if (k == 4) pv_rows_avx2<W, 4>(pr, T, V, ldv, n, yr);
+      else if (k == 3) pv_rows_avx2<W, 3>(pr, T, V, ldv, n, yr);
+      else if (k == 2) pv_rows_avx2<W, 2>(pr, T, V, ldv, n, yr);
+      else pv_rows_avx2<W, 1>(pr, T, V, ldv, n, yr);
+    }
   }
 }
 
@@ -660,9 +709,11 @@ void gemv_rows_serial(const float* x, int64_t rows, int64_t in, const void* W, b
   else blocks(isa(), static_cast<const float*>(W), x, rows, in, out, nullptr, y, 0, nblocks);
 }
 
-void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y) {
-  if (v_bf16) pv(p, rows, T, static_cast<const uint16_t*>(V), ldv, n, y);
-  else pv(p, rows, T, static_cast<const float*>(V), ldv, n, y);
+void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y,
+             const char* isa_name) {
+  const Isa which = pick(isa_name);
+  if (v_bf16) pv(which, p, rows, T, static_cast<const uint16_t*>(V), ldv, n, y);
+  else pv(which, p, rows, T, static_cast<const float*>(V), ldv, n, y);
 }
 
 namespace {

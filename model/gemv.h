@@ -54,9 +54,11 @@ void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_b
 // a cache: x = queries [rows, in], W = cached keys [out = positions, in]).
 void gemv_rows_serial(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, float* y);
 // y [rows, n] = p [rows, T] . V [T, n] (attention's weighted sum of cached values), V float32 or bfloat16 bits
-// with row stride ldv, no threads. Blocks of 4 rows x 64 columns keep their sums in registers and load each V row
-// once per block; each y[r, j] sums its T terms in order with one FMA each, whatever the other rows.
-void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y);
+// with row stride ldv, no threads. Blocks of 4 rows x 64 columns (AVX2: 16) keep their sums in registers and load
+// each V row once per block; each y[r, j] sums its T terms in order with one FMA each, whatever the other rows and
+// whatever the instruction set (`isa` as for gemv: the same bits on each).
+void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16, int64_t ldv, int64_t n, float* y,
+             const char* isa = nullptr);
 // gemv_int8's arithmetic on raw buffers; xsum float32 [rows] is scratch.
 void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
                     const float* offset, int64_t out, float* y, float* xsum);

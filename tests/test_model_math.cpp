@@ -466,6 +466,16 @@ TEST_CASE("attention over a cache: scores (gemv_rows_serial) and weighted sums (
           dsopen::model::pv_rows(P.data_ptr<float>(), rows, T, Vwide.data_ptr(), b16, ldv, n, O.data_ptr<float>());
           auto V = Vwide.slice(1, 0, n).to(torch::kFloat64);
           CHECK(torch::allclose(O.to(torch::kFloat64), torch::mm(P.to(torch::kFloat64), V), 1e-5, 1e-4));
+          // Every instruction set of this CPU sums the same terms in the same order: the same bits.
+          for (const char* isa : {"portable", "avx2", "avx512"}) {
+            const std::string best = dsopen::model::gemv_isa();
+            if (std::string(isa) == "avx512" && best != "avx512") continue;
+            if (std::string(isa) == "avx2" && best == "portable") continue;
+            auto Oi = torch::empty({rows, n});
+            dsopen::model::pv_rows(P.data_ptr<float>(), rows, T, Vwide.data_ptr(), b16, ldv, n, Oi.data_ptr<float>(), isa);
+            INFO(isa);
+            CHECK(torch::equal(Oi, O));
+          }
           for (int64_t r = 0; r < rows; ++r) {
             auto s1 = torch::empty({1, T}), o1 = torch::empty({1, n});
             dsopen::model::gemv_rows_serial(Q[r].data_ptr<float>(), 1, n, K.data_ptr(), b16, T, s1.data_ptr<float>());
