@@ -652,6 +652,116 @@ DSOPEN_INT4_KERNEL(int4_rows_vnni, "avx512f,avx512bw,avx512vl,avx512vnni,f16c", 
 DSOPEN_INT4_KERNEL(int4_rows_bw, "avx512f,avx512bw,avx512vl,f16c", dp_bw)
 #undef DSOPEN_INT4_KERNEL
 
+// quantize_activations for CPUs without AVX-512: the same values in the same layout (the same float operations per
+// element: max |x| per block, d = max / 127, q = round-to-nearest-even(x * (127 / max)), gsum += d * sum(q)).
+__attribute__((target("avx2,fma"))) void quantize_activations_avx2(const float* x, int64_t rows, int64_t in,
+                                                                   int64_t group, Int4Activations& a) {
+  const int64_t chunks = (in + 127) / 128, groups = in / group;
+  a.xe.assign(static_cast<size_t>(rows * chunks * 64), 0);
+  a.xo.assign(static_cast<size_t>(rows * chunks * 64), 0);
+  a.d.assign(static_cast<size_t>(rows * chunks * 16), 0.0f);
+  a.gsum.assign(static_cast<size_t>(rows * groups), 0.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    int8_t *xe = a.xe.data() + r * chunks * 64, *xo = a.xo.data() + r * chunks * 64;
+    float *d = a.d.data() + r * chunks * 16, *gsum = a.gsum.data() + r * groups;
+    for (int64_t b = 0; b < in / 32; ++b) {
+      __m256 m = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + b * 32 + 8 * k)));
+      const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+      const float db = amax / 127.0f;
+      const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      alignas(32) int32_t q[32];
+      for (int k = 0; k < 4; ++k)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * k),
+                           _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + b * 32 + 8 * k), inv)));
+      const int64_t at = (b / 4) * 64 + (b % 4) * 16;  // the block's 16 even (odd) columns in its chunk
+      int32_t sum = 0;
+      for (int i = 0; i < 16; ++i) {
+        xe[at + i] = static_cast<int8_t>(q[2 * i]);
+        xo[at + i] = static_cast<int8_t>(q[2 * i + 1]);
+        sum += q[2 * i] + q[2 * i + 1];
+      }
+      for (int l = 0; l < 4; ++l) d[(b / 4) * 16 + (b % 4) * 4 + l] = db;
+      gsum[b * 32 / group] += db * static_cast<float>(sum);
+    }
+  }
+}
+
+// The int4 kernel with AVX2 (vpmaddubsw + vpmaddwd, as the AVX512-BW version): each 128-column chunk as two halves
+// of 32 code bytes, lanes 8h..8h+7 of the AVX-512 kernel's 16; each row and output summed in its own 8-lane
+// accumulator, so a row's result does not depend on the rows beside it.
+template <int FIXED>
+__attribute__((target("avx2,fma,f16c"))) void int4_rows_avx2_body(const Int4Args& p, int64_t o0, int64_t o1) {
+  const int64_t rows = FIXED > 0 ? FIXED : p.rows;
+  const int64_t chunks = (p.in + 127) / 128, groups = p.in / p.group;
+  const int64_t last_bytes = p.in % 128 ? (p.in % 128) / 2 : 64;  // code bytes in the last chunk
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i to_lane[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(32) int32_t lane_group[8];
+    for (int j = 0; j < 8; ++j) lane_group[j] = static_cast<int32_t>((8 * h + j) * 8 / p.group);
+    to_lane[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_group));
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = p.codes + o * (p.in / 2);
+    const uint16_t* sc = p.scales + o * (groups + 4);
+    __m256 acc[kInt4RowsPerPass];
+    _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t bytes = c + 1 < chunks ? 64 : last_bytes;
+      const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + c * 128 / p.group)));
+      for (int h = 0; h < 2 && 32 * h < bytes; ++h) {
+        __m256i wb;
+        if (bytes - 32 * h >= 32) {
+          wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 64 + 32 * h));
+        } else {  // a partial half: the rest zero (as are the activations there)
+          alignas(32) uint8_t part[32] = {};
+          std::memcpy(part, w + c * 64 + 32 * h, static_cast<size_t>(bytes - 32 * h));
+          wb = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+        }
+        const __m256i lo = _mm256_and_si256(wb, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low4);
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), to_lane[h]);
+        _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {
+          const int64_t at = r * chunks + c;
+          const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a->xe.data() + at * 64 + 32 * h));
+          const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a->xo.data() + at * 64 + 32 * h));
+          const __m256i isum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xe), ones),
+                                                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xo), ones));
+          const __m256 dv = _mm256_loadu_ps(p.a->d.data() + at * 16 + 8 * h);
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sv, dv), acc[r]);
+        }
+      }
+    }
+    // zero points: sum over groups of scale * zero * (sum of the group's quantized activations)
+    const uint8_t* z = p.zeros + o * groups;
+    _Pragma("GCC unroll 16") for (int64_t r = 0; r < rows; ++r) {
+      const float* gs = p.a->gsum.data() + r * groups;
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 sg = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g)));
+        const __m256 zg = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g))));
+        acc[r] = _mm256_fnmadd_ps(_mm256_mul_ps(sg, zg), _mm256_loadu_ps(gs + g), acc[r]);
+      }
+      const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+      const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+      float sum = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+      for (; g < groups; ++g) sum -= _cvtsh_ss(sc[g]) * static_cast<float>(z[g]) * gs[g];
+      p.y[r * p.out + o] = sum;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void int4_rows_avx2(const Int4Args& p, int64_t o0, int64_t o1) {
+  if (p.rows == 1) int4_rows_avx2_body<1>(p, o0, o1);
+  else if (p.rows == kInt4RowsPerPass) int4_rows_avx2_body<kInt4RowsPerPass>(p, o0, o1);
+  else int4_rows_avx2_body<0>(p, o0, o1);
+}
+
 bool has_vnni() {
   static const bool v = [] {
     __builtin_cpu_init();
@@ -755,26 +865,38 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
   int8_rows(isa(), x, rows, in, codes, scale, offset, out, y, xsum);
 }
 
-bool gemv_int4_supported() {
-  static const bool v = [] {
+bool gemv_int4_supported() { return gemv_int4_isa(nullptr) != nullptr; }
+
+const char* gemv_int4_isa(const char* isa_name) {
+  static const bool bw = [] {
     __builtin_cpu_init();
-    return isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
   }();
-  return v;
+  static const bool f16c = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+  }();
+  const Isa which = pick(isa_name);
+  if (which == Isa::kAvx512 && bw) return "avx512";
+  if (which != Isa::kPortable && f16c) return "avx2";
+  return nullptr;
 }
 
 void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
-                    const uint8_t* zeros, int64_t group, int64_t out, float* y) {
-  TORCH_CHECK(gemv_int4_supported() && rows <= kInt4RowsPerPass && in % 32 == 0 && group % 32 == 0 && in % group == 0,
-              "gemv_int4_rows: needs AVX512-BW, at most ", kInt4RowsPerPass, " rows and groups of 32k dividing in");
+                    const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa_name) {
+  const char* which = gemv_int4_isa(isa_name);
+  TORCH_CHECK(which && rows <= kInt4RowsPerPass && in % 32 == 0 && group % 32 == 0 && in % group == 0,
+              "gemv_int4_rows: needs AVX2 + F16C, at most ", kInt4RowsPerPass, " rows and groups of 32k dividing in");
+  const bool wide = which[4] == '5';  // "avx512"
   thread_local Int4Activations a;
-  quantize_activations(x, rows, in, group, a);
+  if (wide) quantize_activations(x, rows, in, group, a);
+  else quantize_activations_avx2(x, rows, in, group, a);
   const Int4Args p{codes, scales, zeros, in, group, out, rows, &a, y};
   const bool vnni = has_vnni();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in / 2));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    if (vnni) int4_rows_vnni(p, o0, o1);
+    if (!wide) int4_rows_avx2(p, o0, o1);
+    else if (vnni) int4_rows_vnni(p, o0, o1);
     else int4_rows_bw(p, o0, o1);
   });
 }

@@ -73,9 +73,13 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
 // each block's largest value). x float32 [rows, in], rows <= kInt4RowsPerPass: each 64 code bytes are unpacked
 // once for all the rows (a prompt's), each row summed in its own accumulator; y float32 [rows, out].
 inline constexpr int64_t kInt4RowsPerPass = 16;
-bool gemv_int4_supported();  // AVX512-BW on this CPU (and DSOPEN_GEMV_ISA not below avx512)
+// The instruction set gemv_int4_rows runs with ("avx512": AVX512-BW, VNNI where present; "avx2": AVX2 + F16C,
+// vpmaddubsw + vpmaddwd on 32-byte halves; null: none here, LibTorch's weight-only kernel instead); `isa` as for
+// gemv (null: this CPU's best, after DSOPEN_GEMV_ISA).
+const char* gemv_int4_isa(const char* isa = nullptr);
+bool gemv_int4_supported();  // gemv_int4_isa() != null
 void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
-                    const uint8_t* zeros, int64_t group, int64_t out, float* y);
+                    const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa = nullptr);
 
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();

@@ -489,15 +489,18 @@ TEST_CASE("attention over a cache: scores (gemv_rows_serial) and weighted sums (
 TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activations, close to the float product",
           "[model][gemv]") {
   if (!dsopen::model::gemv_int4_supported()) {
-    WARN("no AVX512-BW on this CPU: the int4 decode kernel is not used here");
+    WARN("no AVX2 + F16C on this CPU: the int4 decode kernel is not used here");
     return;
   }
+  std::vector<const char*> isas = {"avx2"};
+  if (std::string(dsopen::model::gemv_int4_isa()) == "avx512") isas.push_back("avx512");
   torch::manual_seed(12);
   torch::NoGradGuard no_grad;
   const int64_t out = 37;
+  for (const char* isa : isas)
   for (auto [in, group] : std::vector<std::pair<int64_t, int64_t>>{{96, 32}, {256, 32}, {384, 64}, {640, 128}, {768, 256}})
     for (int64_t rows : {1, 3, 16}) {  // 16: kInt4RowsPerPass, a prompt's pass
-      INFO("in " << in << " group " << group << " rows " << rows);
+      INFO(isa << ": in " << in << " group " << group << " rows " << rows);
       const int64_t groups = in / group;
       auto codes = torch::randint(0, 16, {out, in}, torch::kUInt8);
       // low nibble = even column, high nibble = odd column (the file's layout)
@@ -511,7 +514,7 @@ TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activati
       auto y = torch::empty({rows, out});
       dsopen::model::gemv_int4_rows(x.data_ptr<float>(), rows, in, packed.data_ptr<uint8_t>(),
                                     reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>()),
-                                    zeros.data_ptr<uint8_t>(), group, out, y.data_ptr<float>());
+                                    zeros.data_ptr<uint8_t>(), group, out, y.data_ptr<float>(), isa);
       // W = (code - zero) * scale, per group.
       auto W = (codes.to(torch::kFloat64).view({out, groups, group}) - zeros.to(torch::kFloat64).unsqueeze(2)) *
                scales.to(torch::kFloat64).unsqueeze(2);
