@@ -29,8 +29,8 @@ struct Int4Linear {
   torch::Tensor scales, zero_scales;  // float32 [out, in / g, 1]: W = code * scale - zero * scale
   torch::Tensor packed;               // the kernel's layout of the same codes
   torch::Tensor scale_zeros;  // bf16 [in / g, out, 2]: W = (code - 8) * scale + zero, zero = (8 - file zero) * scale
-  // model/gemv.h gemv_int4_rows's arrays (on AVX512-BW CPUs, for whole zero points; else undefined and LibTorch's
-  // kernel runs): scales float16 [out, in / g + 4], zero points uint8 [out, in / g].
+  // model/gemv.h gemv_int4_rows's arrays (on AVX2 + F16C or AVX512-BW CPUs, for whole zero points; else undefined
+  // and LibTorch's kernel runs): scales float16 [out, in / g + 4], zero points uint8 [out, in / g].
   torch::Tensor scales_f16, zeros_u8;
   int64_t max_kernel_rows = kMaxKernelRows;  // more rows take the dequantized path; 0: always
   static bool supports(const QuantizedWeight& q);

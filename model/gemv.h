@@ -68,7 +68,8 @@ void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* code
 // file keeps them (low nibble = even column), scales float16 bits [out, in / group + 4] (4 entries of padding per
 // row), zeros uint8 [out, in / group]. As llama.cpp's Q4 x Q8 products do, each activation row is quantized per
 // block of 32 to int8 (d = max|x| / 127, x ~ d * round(x / d)), so the products are integer: 64 unsigned-times-
-// signed bytes per AVX512-VNNI instruction (vpdpbusd; AVX512-BW: vpmaddubsw + vpmaddwd), summed in int32 per block
+// signed bytes per AVX512-VNNI instruction (vpdpbusd; AVX512-BW: vpmaddubsw + vpmaddwd; AVX2: the same on 32
+// bytes), summed in int32 per block
 // and scaled in float32. Against the float product the result differs by that rounding of x (relative ~1e-3 of
 // each block's largest value). x float32 [rows, in], rows <= kInt4RowsPerPass: each 64 code bytes are unpacked
 // once for all the rows (a prompt's), each row summed in its own accumulator; y float32 [rows, out].
