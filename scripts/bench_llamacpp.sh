@@ -8,7 +8,16 @@
 # engines at fp32/F32, bf16/BF16, int8/Q8_0 and int4/Q4_0 on a dense ~97M model and on MODEL (MoE).
 # Usage: scripts/bench_llamacpp.sh [MODEL_DIR]     (default runs/tiny: train configs/tiny.yaml first)
 # Env: TYPES ("f32 f16 bf16 q8_0 q4_0")  NEW (32)  THREADS (nproc)  WORK (runs/bench-llamacpp)  BENCH (1: speed too)
+#      ISA (native; avx2: both engines limited to AVX2 + FMA — llama.cpp built so, ours with DSOPEN_GEMV_ISA=avx2 and
+#      LibTorch's kernels with ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA — what a CPU without
+#      AVX-512 gets, measured on one with it)
 set -euo pipefail
+ISA="${ISA:-native}"
+if [ "$ISA" = avx2 ]; then
+  export LLAMACPP_ISA=avx2 DSOPEN_GEMV_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+elif [ "$ISA" != native ]; then
+  echo "error: ISA: '$ISA' is not native or avx2" >&2; exit 2
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$ROOT/build/bin"
 MODEL="${1:-$ROOT/runs/tiny}"
@@ -19,7 +28,7 @@ LLAMA="$("$ROOT/scripts/build_llamacpp.sh")"
 PROMPTS=("The meaning of life is" "Q: Why did the chicken cross the road?
 A:" "你好，世界。今天" "There are 10 kinds of people: those who")
 
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) CPUs, threads $THREADS"
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) CPUs, threads $THREADS, instruction sets: $ISA"
 echo "model: $MODEL"
 for type in $TYPES; do
   gguf="$WORK/model-$type.gguf"

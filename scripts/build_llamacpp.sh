@@ -5,12 +5,19 @@
 # (vendor/llama.cpp, with its convert_hf_to_gguf.py), so only PyPI is needed.
 # Usage: scripts/build_llamacpp.sh          prints the bin directory on stdout (builds once, then reuses it)
 # Env: LLAMACPP_PYPI_VERSION (0.3.36)  DSOPEN_CACHE (~/.cache/dsopen)  JOBS (nproc)
+#      LLAMACPP_ISA (native; avx2: AVX2 + FMA + F16C only, in build-avx2/, to compare what a CPU without AVX-512 gets)
 set -euo pipefail
 VERSION="${LLAMACPP_PYPI_VERSION:-0.3.36}"
 CACHE="${DSOPEN_CACHE:-$HOME/.cache/dsopen}"
 JOBS="${JOBS:-$(nproc)}"
 DIR="$CACHE/llama.cpp-py$VERSION"
-BIN="$DIR/build/bin"
+LLAMACPP_ISA="${LLAMACPP_ISA:-native}"
+case "$LLAMACPP_ISA" in
+  native) BUILD="$DIR/build" ;;
+  avx2) BUILD="$DIR/build-avx2" ;;
+  *) echo "error: LLAMACPP_ISA: '$LLAMACPP_ISA' is not native or avx2" >&2; exit 2 ;;
+esac
+BIN="$BUILD/bin"
 TOOLS=(llama-completion llama-simple llama-bench llama-tokenize llama-quantize)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 have_all() {
@@ -19,8 +26,8 @@ have_all() {
 }
 build_greedy() {
   g++ -O2 -std=c++17 -I "$DIR/src/include" -I "$DIR/src/ggml/include" "$ROOT/bench/llamacpp_greedy.cpp" \
-    -o "$BIN/llamacpp_greedy" "$DIR/build/src/libllama.a" "$DIR/build/ggml/src/libggml.a" \
-    "$DIR/build/ggml/src/libggml-cpu.a" "$DIR/build/ggml/src/libggml-base.a" -fopenmp -lpthread -ldl >&2
+    -o "$BIN/llamacpp_greedy" "$BUILD/src/libllama.a" "$BUILD/ggml/src/libggml.a" \
+    "$BUILD/ggml/src/libggml-cpu.a" "$BUILD/ggml/src/libggml-base.a" -fopenmp -lpthread -ldl >&2
 }
 if have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$DIR"
@@ -33,17 +40,21 @@ if [ ! -f "$DIR/src/CMakeLists.txt" ]; then
   rm -rf "$DIR/src"
   mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DIR/src"
 fi
-echo "building llama.cpp tools in $DIR/build ($JOBS jobs; a few minutes once)" >&2
+echo "building llama.cpp tools in $BUILD ($JOBS jobs; a few minutes once)" >&2
 # GGML_NATIVE on an AMX CPU compiles ggml's AMX kernels, whose quantized paths died with SIGILL on such a VM: there,
 # the instruction sets are named instead (AVX-512 with VNNI and BF16, no AMX).
 ISA=(-DGGML_NATIVE=ON)
-if grep -qw amx_tile /proc/cpuinfo; then
+if [ "$LLAMACPP_ISA" = avx2 ]; then
+  ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
+       -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF
+       -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+elif grep -qw amx_tile /proc/cpuinfo; then
   ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
        -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
 fi
-cmake -S "$DIR/src" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DLLAMA_CURL=OFF \
+cmake -S "$DIR/src" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${ISA[@]}" -DLLAMA_CURL=OFF \
   -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$DIR/build" -j "$JOBS" --target "${TOOLS[@]}" >&2
+cmake --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}" >&2
 build_greedy
 have_all || { echo "error: llama.cpp build finished without ${TOOLS[*]} in $BIN" >&2; exit 1; }
 echo "$BIN"
