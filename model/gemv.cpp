@@ -364,41 +364,10 @@ Isa isa() {
 
 // ---- P . V over a cache ------------------------------------------------------------------------------------------
 
-// y[r, j0 + 16J) = sum_t p[r, t] * V[t, j0 + 16J) for R rows of p: R x J accumulators (16 at R = J = 4) while each V
-// row's 16J values are loaded once for all R rows (p[r, t] broadcast). t runs in order, one FMA per term.
-template <typename W, int R, int J>
-__attribute__((target("avx512f"))) void pv_tile_avx512(const float* const* p, int64_t T, const W* V, int64_t ldv,
-                                                       int64_t j0, float* const* y) {
-  __m512 a[R][J];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) a[r][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    const W* vt = V + t * ldv + j0;
-    __m512 v[J];
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) v[j] = load16(vt + 16 * j);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r][t]);
-#pragma GCC unroll 4
-      for (int j = 0; j < J; ++j) a[r][j] = _mm512_fmadd_ps(pr, v[j], a[r][j]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) _mm512_storeu_ps(y[r] + j0 + 16 * j, a[r][j]);
-}
-
+// The last columns [j0, n) of pv_rows_*: the same terms in the same order, one fma each.
 template <typename W, int R>
-__attribute__((target("avx512f"))) void pv_rows_avx512(const float* const* p, int64_t T, const W* V, int64_t ldv,
-                                                       int64_t n, float* const* y) {
-  int64_t j = 0;
-  for (; j + 64 <= n; j += 64) pv_tile_avx512<W, R, 4>(p, T, V, ldv, j, y);
-  for (; j + 16 <= n; j += 16) pv_tile_avx512<W, R, 1>(p, T, V, ldv, j, y);
-  for (; j < n; ++j)  // the last n % 16 columns: the same terms in the same order
+void pv_tail(const float* const* p, int64_t T, const W* V, int64_t ldv, int64_t j0, int64_t n, float* const* y) {
+  for (int64_t j = j0; j < n; ++j)
     for (int r = 0; r < R; ++r) {
       float s = 0.0f;
       for (int64_t t = 0; t < T; ++t) s = std::fma(p[r][t], load_scalar(V, t * ldv + j), s);
@@ -406,47 +375,44 @@ __attribute__((target("avx512f"))) void pv_rows_avx512(const float* const* p, in
     }
 }
 
-// pv_tile_avx512 on 8-wide registers: R x J accumulators (8 at R = 4, J = 2) while each V row's 8J values are
-// loaded once for all R rows; t in order, one FMA per term (the same bits as the AVX-512 and portable loops).
-template <typename W, int R, int J>
-__attribute__((target("avx2,fma"))) void pv_tile_avx2(const float* const* p, int64_t T, const W* V, int64_t ldv,
-                                                      int64_t j0, float* const* y) {
-  __m256 a[R][J];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) a[r][j] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    const W* vt = V + t * ldv + j0;
-    __m256 v[J];
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) v[j] = load8(vt + 8 * j);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m256 pr = _mm256_set1_ps(p[r][t]);
-#pragma GCC unroll 2
-      for (int j = 0; j < J; ++j) a[r][j] = _mm256_fmadd_ps(pr, v[j], a[r][j]);
-    }
+// y[r, j0 + L*J) = sum_t p[r, t] * V[t, j0 + L*J) for R rows of p, L the vector width (16 floats with AVX-512, 8
+// with AVX2): R x J accumulators (16 at R = J = 4 with AVX-512, 8 at R = 4, J = 2 with AVX2) while each V row's
+// L*J values are loaded once for all R rows (p[r, t] broadcast). t runs in order, one FMA per term: the same bits
+// on every instruction set. pv_rows_* runs the tiles over n columns, J_MAIN vectors wide, then one vector, then
+// pv_tail.
+#define DSOPEN_PV_KERNELS(S, TARGET, VEC, L, J_MAIN, SETZERO, LOAD, SET1, FMADD, STOREU)                         \
+  template <typename W, int R, int J>                                                                             \
+  __attribute__((target(TARGET))) void pv_tile_##S(const float* const* p, int64_t T, const W* V, int64_t ldv,    \
+                                                   int64_t j0, float* const* y) {                                \
+    VEC a[R][J];                                                                                                  \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                                           \
+      _Pragma("GCC unroll 4") for (int j = 0; j < J; ++j) a[r][j] = SETZERO();                                    \
+    for (int64_t t = 0; t < T; ++t) {                                                                             \
+      const W* vt = V + t * ldv + j0;                                                                             \
+      VEC v[J];                                                                                                   \
+      _Pragma("GCC unroll 4") for (int j = 0; j < J; ++j) v[j] = LOAD(vt + L * j);                                \
+      _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                                       \
+        const VEC pr = SET1(p[r][t]);                                                                             \
+        _Pragma("GCC unroll 4") for (int j = 0; j < J; ++j) a[r][j] = FMADD(pr, v[j], a[r][j]);                   \
+      }                                                                                                           \
+    }                                                                                                             \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r)                                                           \
+      _Pragma("GCC unroll 4") for (int j = 0; j < J; ++j) STOREU(y[r] + j0 + L * j, a[r][j]);                     \
+  }                                                                                                               \
+  template <typename W, int R>                                                                                    \
+  __attribute__((target(TARGET))) void pv_rows_##S(const float* const* p, int64_t T, const W* V, int64_t ldv,    \
+                                                   int64_t n, float* const* y) {                                 \
+    int64_t j = 0;                                                                                                \
+    for (; j + L * J_MAIN <= n; j += L * J_MAIN) pv_tile_##S<W, R, J_MAIN>(p, T, V, ldv, j, y);                   \
+    for (; j + L <= n; j += L) pv_tile_##S<W, R, 1>(p, T, V, ldv, j, y);                                          \
+    pv_tail<W, R>(p, T, V, ldv, j, n, y);                                                                         \
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int j = 0; j < J; ++j) _mm256_storeu_ps(y[r] + j0 + 8 * j, a[r][j]);
-}
 
-template <typename W, int R>
-__attribute__((target("avx2,fma"))) void pv_rows_avx2(const float* const* p, int64_t T, const W* V, int64_t ldv,
-                                                      int64_t n, float* const* y) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) pv_tile_avx2<W, R, 2>(p, T, V, ldv, j, y);
-  for (; j + 8 <= n; j += 8) pv_tile_avx2<W, R, 1>(p, T, V, ldv, j, y);
-  for (; j < n; ++j)  // the last n % 8 columns: the same terms in the same order
-    for (int r = 0; r < R; ++r) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < T; ++t) s = std::fma(p[r][t], load_scalar(V, t * ldv + j), s);
-      y[r][j] = s;
-    }
-}
+DSOPEN_PV_KERNELS(avx512, "avx512f", __m512, 16, 4, _mm512_setzero_ps, load16, _mm512_set1_ps, _mm512_fmadd_ps,
+                  _mm512_storeu_ps)
+DSOPEN_PV_KERNELS(avx2, "avx2,fma", __m256, 8, 2, _mm256_setzero_ps, load8, _mm256_set1_ps, _mm256_fmadd_ps,
+                  _mm256_storeu_ps)
+#undef DSOPEN_PV_KERNELS
 
 template <typename W>
 void pv_portable(const float* p, int64_t rows, int64_t T, const W* V, int64_t ldv, int64_t n, float* y) {

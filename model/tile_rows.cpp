@@ -41,8 +41,12 @@ std::string cpu_model_name() {
 }
 
 std::string cache_key() {
-  return "cpu=" + cpu_model_name() + ";isa=" + gemv_isa() + ";torch=" + TORCH_VERSION +
-         ";probe=" + std::to_string(kProbeVersion);
+  std::string key = "cpu=" + cpu_model_name() + ";isa=" + gemv_isa() + ";torch=" + TORCH_VERSION +
+                    ";probe=" + std::to_string(kProbeVersion);
+  // The variables that cap LibTorch's GEMMs to lesser instruction sets change the GEMM side of the crossover.
+  for (const char* var : {"ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"})
+    if (const char* v = std::getenv(var); v && *v) key += std::string(";") + var + "=" + v;
+  return key;
 }
 
 uint64_t fnv1a(const std::string& s) {

@@ -39,7 +39,8 @@ void set_tile_rows(int64_t f32, int64_t bf16);
 TileRows measure_tile_rows();
 
 // The cache file for this machine under `cache_dir`: its name carries a hash of what decides the crossover (the
-// CPU's model name, the GEMV's instruction set, the LibTorch version, the probe's version), written inside too.
+// CPU's model name, the GEMV's instruction set, the LibTorch version, the probe's version, and ATEN_CPU_CAPABILITY,
+// MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA when set), written inside too.
 std::string tile_rows_cache_path(const std::string& cache_dir);
 
 // Reads the cache file under `cache_dir`, or measures and writes it (under an flock, so that processes starting
