@@ -186,6 +186,78 @@ __attribute__((target("avx2,fma"))) void blocks_avx2(const W* w, const float* x,
   }
 }
 
+// A prompt's rows past kPromptRowsAvx2 (more than any decode batch: model/tile_rows.h's 32, which always take the
+// tiles above): no decode row's bits to match, so a tile of 4 rows x 3 weight rows with one accumulator per pair
+// (12 accumulators, 3 weight and 1 activation operands: 7 loads per 12 FMAs, against 4 per 3 in the 1 x 3 tiles).
+// The same fixed order per row whatever the rows beside it; the tiles/GEMM probe measures this path for prompts.
+inline constexpr int64_t kPromptRowsAvx2 = 32;
+
+template <typename W, int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void prompt_step_avx2(__m256 (&a)[R][3], const W* const* w,
+                                                                               const float* const* x, int64_t i) {
+  const __m256 w0 = load8(w[0] + i), w1 = load8(w[1] + i), w2 = load8(w[2] + i);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 xv = _mm256_loadu_ps(x[r] + i);
+    a[r][0] = _mm256_fmadd_ps(w0, xv, a[r][0]);
+    a[r][1] = _mm256_fmadd_ps(w1, xv, a[r][1]);
+    a[r][2] = _mm256_fmadd_ps(w2, xv, a[r][2]);
+  }
+}
+
+template <typename W, int R>
+__attribute__((target("avx2,fma"))) void prompt_tile_avx2(const W* const* w, const float* const* x, int64_t in,
+                                                          float (*res)[3]) {
+  __m256 a[R][3];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = a[r][2] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) prompt_step_avx2<W, R>(a, w, x, i);
+  if (i < in) {  // the last in % 8 columns, zero-padded
+    W wt[3][8] = {};
+    float xt[R][8] = {};
+    const W* wp[3];
+    const float* xp[R];
+    for (int o = 0; o < 3; ++o) std::memcpy(wt[o], w[o] + i, static_cast<size_t>(in - i) * sizeof(W)), wp[o] = wt[o];
+    for (int r = 0; r < R; ++r) std::memcpy(xt[r], x[r] + i, static_cast<size_t>(in - i) * sizeof(float)), xp[r] = xt[r];
+    prompt_step_avx2<W, R>(a, wp, xp, 0);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, reduce4_avx2(a[r][0], a[r][1], a[r][2], a[r][2]));
+    res[r][0] = sums[0], res[r][1] = sums[1], res[r][2] = sums[2];
+  }
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void prompt_blocks_avx2(const W* w, const float* x, int64_t rows, int64_t in,
+                                                            int64_t out, const float* bias, float* y, int64_t o_begin,
+                                                            int64_t o_end) {
+  const int64_t tiles = (rows + 3) / 4;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += 3) {
+    const int64_t valid = std::min<int64_t>(3, o_end - o0);
+    const W* wp[3];
+    for (int64_t o = 0; o < 3; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
+    const char* next = reinterpret_cast<const char*>(w + (o0 + 3) * in);
+    const int64_t lines = o0 + 3 < o_end ? (std::min<int64_t>(3, o_end - o0 - 3) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
+    for (int64_t r = 0; r < rows; r += 4) {
+      const int64_t n = std::min<int64_t>(4, rows - r), t = r / 4;
+      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
+        _mm_prefetch(next + l * 64, _MM_HINT_T0);
+      const float* xp[4];
+      for (int64_t k = 0; k < 4; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[4][3];
+      if (n == 4) prompt_tile_avx2<W, 4>(wp, xp, in, res);
+      else if (n == 3) prompt_tile_avx2<W, 3>(wp, xp, in, res);
+      else if (n == 2) prompt_tile_avx2<W, 2>(wp, xp, in, res);
+      else prompt_tile_avx2<W, 1>(wp, xp, in, res);
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
+    }
+  }
+}
+
 // A few activation rows (up to kAvx2StreamRows: decoding one or a few sequences), one weight row at a time, each
 // dotted with every row while it is in L1: a single sequential stream, which is what the hardware prefetcher
 // follows best (row_avx512's reason, below; measured with AVX2 code on the EPYC box, 2 threads, weights from
@@ -457,6 +529,7 @@ void blocks(Isa which, const W* w, const float* x, int64_t rows, int64_t in, int
   }
   if (which == Isa::kAvx2) {
     if (rows <= kAvx2StreamRows) return rows_avx2(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out));
+    if (rows > kPromptRowsAvx2) return prompt_blocks_avx2(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out));
     return blocks_avx2(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out));
   }
   for (int64_t o = b0 * 4; o < std::min(b1 * 4, out); ++o) {

@@ -47,7 +47,8 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& codes, cons
 // y[r, o] sums its terms in one fixed order, so a row's result does not depend on the rows beside it (a sequence
 // decodes the same alone or in a batch). With AVX2 + FMA (16 registers of 8 floats): up to 4 rows one weight row
 // at a time (one sequential stream), more rows in tiles of 1 row x 3 weight rows, each pair summed in four
-// accumulators, again one fixed order per row.
+// accumulators, again one fixed order per row; a prompt's rows past 32 (more than a decode batch) in tiles of 4
+// rows x 3 weight rows with one accumulator per pair (a row's bits the same among any prompt rows past 32).
 void gemv_rows(const float* x, int64_t rows, int64_t in, const void* W, bool w_bf16, int64_t out, const float* bias,
                float* y);
 // gemv_rows without threads and without bias, for callers already inside a parallel region (attention scores over

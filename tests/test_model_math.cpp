@@ -356,7 +356,8 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
       INFO(isa << ", " << rows << " rows");
       CHECK(torch::allclose(got.to(torch::kFloat64), torch::mm(x.to(torch::kFloat64), W.t()), 1e-5, 1e-4));
       if (rows > 4 || std::string(isa) == "avx2") {  // tiles: a row's result does not depend on the rows beside it
-        const int64_t n = std::min<int64_t>(5, rows - 1);
+        // (AVX2: within decode batches of up to 32 rows, and within a prompt's rows past that)
+        const int64_t n = rows > 32 ? 35 : std::min<int64_t>(5, rows - 1);
         auto first = dsopen::model::gemv_int8(x.narrow(0, 0, n), codes, scale, offset, isa);
         CHECK(torch::equal(first, got.narrow(0, 0, n)));
       }
@@ -391,6 +392,13 @@ TEST_CASE("decode GEMV equals torch::linear for fp32 and bf16 weights on every i
         for (int64_t n : {1, 2, 4})
           CHECK(torch::equal(dsopen::model::gemv(many.narrow(0, 11 - n, n), W, torch::Tensor(), isa),
                              all.narrow(0, 11 - n, n)));
+        // A prompt's rows (more than any decode batch; AVX2: 4 x 3 tiles of their own): right, and each row's
+        // bits independent of how many prompt rows share the product.
+        auto prompt = torch::randn({40, in});
+        const auto p40 = dsopen::model::gemv(prompt, W, torch::Tensor(), isa);
+        CHECK(torch::allclose(p40.to(torch::kFloat64),
+                              torch::mm(prompt.to(torch::kFloat64), W.to(torch::kFloat64).t()), 1e-5, 1e-4));
+        CHECK(torch::equal(dsopen::model::gemv(prompt.narrow(0, 0, 35), W, torch::Tensor(), isa), p40.narrow(0, 0, 35)));
       }
     }
   // More rows than a decode step, autograd, or a non-contiguous weight go to the GEMM.
