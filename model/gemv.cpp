@@ -55,6 +55,40 @@ void rows_portable(const W* w, const float* x, int64_t rows, int64_t in, float* 
   }
 }
 
+// Output rows [o_begin, o_end) for every activation row, in blocks of O weight rows (a partial last block repeats
+// its last row and drops the extra results), each block against the activation rows R at a time while its weight
+// rows stay in L1. While one block's tiles run, the next block's weights are prefetched into L1, a share per tile:
+// a model larger than the caches streams its weights from memory every step, and with many rows per block the
+// hardware prefetcher, which follows each weight row only while it is being read, leaves the first tile of every
+// block waiting on memory (measured: the weight loads took half of the tile's time for the tiny model's 8000-row
+// head). tile(n, wp, xp, res) sets res[k][o] = xp[k] . wp[o] for the first n <= R rows (xp padded by repeating the
+// last row). Inlined into each instruction set's caller, so that its tiles inline there too.
+template <int R, int O, typename W, typename Tile>
+__attribute__((always_inline)) inline void for_each_block(const W* w, const float* x, int64_t rows, int64_t in,
+                                                          int64_t out, const float* bias, float* y, int64_t o_begin,
+                                                          int64_t o_end, Tile&& tile) {
+  const int64_t tiles = (rows + R - 1) / R;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += O) {
+    const int64_t valid = std::min<int64_t>(O, o_end - o0);
+    const W* wp[O];
+    for (int64_t o = 0; o < O; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
+    // The next block's bytes (its rows are contiguous after this block's), in cache lines, spread over the tiles.
+    const char* next = reinterpret_cast<const char*>(w + (o0 + O) * in);
+    const int64_t lines = o0 + O < o_end ? (std::min<int64_t>(O, o_end - o0 - O) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
+    for (int64_t r = 0; r < rows; r += R) {
+      const int64_t n = std::min<int64_t>(R, rows - r), t = r / R;
+      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
+        _mm_prefetch(next + l * 64, _MM_HINT_T0);
+      const float* xp[R];
+      for (int64_t k = 0; k < R; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
+      float res[R][O];
+      tile(n, wp, xp, res);
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
+    }
+  }
+}
+
 template <typename W>
 __attribute__((target("avx2,fma"))) __m256 load8(const W* w) {
   if constexpr (std::is_same_v<W, float>) return _mm256_loadu_ps(w);
@@ -83,107 +117,63 @@ __attribute__((target("avx2,fma"))) inline __m128 reduce4_avx2(__m256 a0, __m256
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-inline constexpr int kAvx2Acc = 4, kAvx2TileRows = 1, kAvx2TileOut = 3;
+inline constexpr int kAvx2Acc = 4;
 
-template <typename W, int R, int O>
-__attribute__((target("avx2,fma"), always_inline)) inline void tile_step_avx2(__m256 (&a)[R][O][kAvx2Acc],
-                                                                             const W* const* w, const float* const* x,
+template <typename W, int O>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_step_avx2(__m256 (&a)[O][kAvx2Acc],
+                                                                             const W* const* w, const float* x,
                                                                              int64_t i) {
 #pragma GCC unroll 4
   for (int k = 0; k < kAvx2Acc; ++k) {
-    __m256 wv[O];
+    const __m256 xv = _mm256_loadu_ps(x + i + 8 * k);
 #pragma GCC unroll 3
-    for (int o = 0; o < O; ++o) wv[o] = load8(w[o] + i + 8 * k);
-#pragma GCC unroll 3
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x[r] + i + 8 * k);
-#pragma GCC unroll 3
-      for (int o = 0; o < O; ++o) a[r][o][k] = _mm256_fmadd_ps(wv[o], xv, a[r][o][k]);
-    }
+    for (int o = 0; o < O; ++o) a[o][k] = _mm256_fmadd_ps(load8(w[o] + i + 8 * k), xv, a[o][k]);
   }
 }
 
-// res[r][o] = x_r . w_o for R <= kAvx2TileRows rows and O <= kAvx2TileOut weight rows.
-template <typename W, int R, int O>
-__attribute__((target("avx2,fma"))) void tile_avx2(const W* const* w, const float* const* x, int64_t in,
-                                                   float (*res)[kAvx2TileOut]) {
+// res[o] = x . w_o for O <= 3 weight rows.
+template <typename W, int O>
+__attribute__((target("avx2,fma"))) void tile_avx2(const W* const* w, const float* x, int64_t in, float* res) {
   constexpr int64_t step = 8 * kAvx2Acc;
-  __m256 a[R][O][kAvx2Acc];
+  __m256 a[O][kAvx2Acc];
 #pragma GCC unroll 3
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 3
-    for (int o = 0; o < O; ++o)
+  for (int o = 0; o < O; ++o)
 #pragma GCC unroll 4
-      for (int k = 0; k < kAvx2Acc; ++k) a[r][o][k] = _mm256_setzero_ps();
+    for (int k = 0; k < kAvx2Acc; ++k) a[o][k] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + step <= in; i += step) tile_step_avx2<W, R, O>(a, w, x, i);
+  for (; i + step <= in; i += step) tile_step_avx2<W, O>(a, w, x, i);
   if (i < in) {  // the last in % step columns, zero-padded to a full step
     W wt[O][step] = {};
-    float xt[R][step] = {};
+    float xt[step] = {};
     const W* wp[O];
-    const float* xp[R];
     for (int o = 0; o < O; ++o) {
       std::memcpy(wt[o], w[o] + i, static_cast<size_t>(in - i) * sizeof(W));
       wp[o] = wt[o];
     }
-    for (int r = 0; r < R; ++r) {
-      std::memcpy(xt[r], x[r] + i, static_cast<size_t>(in - i) * sizeof(float));
-      xp[r] = xt[r];
-    }
-    tile_step_avx2<W, R, O>(a, wp, xp, 0);
+    std::memcpy(xt, x + i, static_cast<size_t>(in - i) * sizeof(float));
+    tile_step_avx2<W, O>(a, wp, xt, 0);
   }
+  __m256 s[O];
 #pragma GCC unroll 3
-  for (int r = 0; r < R; ++r) {
-    static_assert(kAvx2Acc == 4, "the sum below adds four accumulators");
-    __m256 s[4];
-#pragma GCC unroll 3
-    for (int o = 0; o < O; ++o)
-      s[o] = _mm256_add_ps(_mm256_add_ps(a[r][o][0], a[r][o][1]), _mm256_add_ps(a[r][o][2], a[r][o][3]));
-    if (O == 1) {  // reduce4_avx2's order for one accumulator, with one hadd fewer
-      const __m256 h = _mm256_hadd_ps(s[0], s[0]), hh = _mm256_hadd_ps(h, h);
-      res[r][0] = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
-      continue;
-    }
-    alignas(16) float sums[4];
-    _mm_store_ps(sums, reduce4_avx2(s[0], s[O > 1 ? 1 : 0], s[O > 2 ? 2 : 0], s[O > 3 ? 3 : 0]));
-    for (int o = 0; o < O; ++o) res[r][o] = sums[o];
+  for (int o = 0; o < O; ++o) s[o] = _mm256_add_ps(_mm256_add_ps(a[o][0], a[o][1]), _mm256_add_ps(a[o][2], a[o][3]));
+  if (O == 1) {  // reduce4_avx2's order for one accumulator, with one hadd fewer
+    const __m256 h = _mm256_hadd_ps(s[0], s[0]), hh = _mm256_hadd_ps(h, h);
+    res[0] = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
+    return;
   }
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, reduce4_avx2(s[0], s[O > 1 ? 1 : 0], s[O > 2 ? 2 : 0], s[O > 2 ? 2 : 0]));
+  for (int o = 0; o < O; ++o) res[o] = sums[o];
 }
 
-template <typename W, int O>
-__attribute__((target("avx2,fma"))) void tile_any_avx2(int64_t n, const W* const* w, const float* const* x, int64_t in,
-                                                       float (*res)[kAvx2TileOut]) {
-  if (n >= 3 && kAvx2TileRows >= 3) tile_avx2<W, (kAvx2TileRows >= 3 ? 3 : 1), O>(w, x, in, res);
-  else if (n == 2 && kAvx2TileRows >= 2) tile_avx2<W, (kAvx2TileRows >= 2 ? 2 : 1), O>(w, x, in, res);
-  else tile_avx2<W, 1, O>(w, x, in, res);
-}
-
-// Output rows [o_begin, o_end) for every activation row: blocks of kAvx2TileOut weight rows (a partial last block
-// repeats its row and drops the extra results), each against the activation rows kAvx2TileRows at a time while the
-// weight rows stay in L1; the next block prefetched into L1 a share per tile, as blocks_avx512 does.
+// Decode rows past kAvx2StreamRows: blocks of 3 weight rows, each row of x against them in one tile.
 template <typename W>
 __attribute__((target("avx2,fma"))) void blocks_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
                                                      const float* bias, float* y, int64_t o_begin, int64_t o_end) {
-  constexpr int64_t TR = kAvx2TileRows, TO = kAvx2TileOut;
-  const int64_t tiles = (rows + TR - 1) / TR;
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += TO) {
-    const int64_t valid = std::min<int64_t>(TO, o_end - o0);
-    const W* wp[TO];
-    for (int64_t o = 0; o < TO; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
-    const char* next = reinterpret_cast<const char*>(w + (o0 + TO) * in);
-    const int64_t lines = o0 + TO < o_end ? (std::min<int64_t>(TO, o_end - o0 - TO) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
-    for (int64_t r = 0; r < rows; r += TR) {
-      const int64_t n = std::min<int64_t>(TR, rows - r), t = r / TR;
-      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
-        _mm_prefetch(next + l * 64, _MM_HINT_T0);
-      const float* xp[TR];
-      for (int64_t k = 0; k < TR; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[TR][TO];
-      tile_any_avx2<W, TO>(n, wp, xp, in, res);
-      for (int64_t k = 0; k < n; ++k)
-        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
-    }
-  }
+  for_each_block<1, 3>(w, x, rows, in, out, bias, y, o_begin, o_end,
+                       [in](int64_t, const W* const* wp, const float* const* xp, float (*res)[3]) {
+                         tile_avx2<W, 3>(wp, xp[0], in, res[0]);
+                       });
 }
 
 // A prompt's rows past kPromptRowsAvx2 (more than any decode batch: model/tile_rows.h's 32, which always take the
@@ -234,28 +224,13 @@ template <typename W>
 __attribute__((target("avx2,fma"))) void prompt_blocks_avx2(const W* w, const float* x, int64_t rows, int64_t in,
                                                             int64_t out, const float* bias, float* y, int64_t o_begin,
                                                             int64_t o_end) {
-  const int64_t tiles = (rows + 3) / 4;
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += 3) {
-    const int64_t valid = std::min<int64_t>(3, o_end - o0);
-    const W* wp[3];
-    for (int64_t o = 0; o < 3; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
-    const char* next = reinterpret_cast<const char*>(w + (o0 + 3) * in);
-    const int64_t lines = o0 + 3 < o_end ? (std::min<int64_t>(3, o_end - o0 - 3) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int64_t n = std::min<int64_t>(4, rows - r), t = r / 4;
-      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
-        _mm_prefetch(next + l * 64, _MM_HINT_T0);
-      const float* xp[4];
-      for (int64_t k = 0; k < 4; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[4][3];
-      if (n == 4) prompt_tile_avx2<W, 4>(wp, xp, in, res);
-      else if (n == 3) prompt_tile_avx2<W, 3>(wp, xp, in, res);
-      else if (n == 2) prompt_tile_avx2<W, 2>(wp, xp, in, res);
-      else prompt_tile_avx2<W, 1>(wp, xp, in, res);
-      for (int64_t k = 0; k < n; ++k)
-        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
-    }
-  }
+  for_each_block<4, 3>(w, x, rows, in, out, bias, y, o_begin, o_end,
+                       [in](int64_t n, const W* const* wp, const float* const* xp, float (*res)[3]) {
+                         if (n == 4) prompt_tile_avx2<W, 4>(wp, xp, in, res);
+                         else if (n == 3) prompt_tile_avx2<W, 3>(wp, xp, in, res);
+                         else if (n == 2) prompt_tile_avx2<W, 2>(wp, xp, in, res);
+                         else prompt_tile_avx2<W, 1>(wp, xp, in, res);
+                       });
 }
 
 // A few activation rows (up to kAvx2StreamRows: decoding one or a few sequences), one weight row at a time, each
@@ -267,16 +242,12 @@ inline constexpr int64_t kAvx2StreamRows = 4;
 template <typename W>
 __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t rows, int64_t in, int64_t out,
                                                    const float* bias, float* y, int64_t o0, int64_t o1) {
-  constexpr int64_t TR = kAvx2TileRows;
   for (int64_t o = o0; o < o1; ++o) {
     const W* wp[1] = {w + o * in};
-    for (int64_t r = 0; r < rows; r += TR) {
-      const int64_t n = std::min<int64_t>(TR, rows - r);
-      const float* xp[TR];
-      for (int64_t k = 0; k < TR; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[TR][kAvx2TileOut];
-      tile_any_avx2<W, 1>(n, wp, xp, in, res);
-      for (int64_t k = 0; k < n; ++k) y[(r + k) * out + o] = res[k][0] + (bias ? bias[o] : 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      float res;
+      tile_avx2<W, 1>(wp, x + r * in, in, &res);
+      y[r * out + o] = res + (bias ? bias[o] : 0.0f);
     }
   }
 }
@@ -354,41 +325,18 @@ __attribute__((target("avx512f"))) void tile_avx512(const W* const* w, const flo
     _mm_storeu_ps(res[r], reduce4(a[r][0], a[r][O > 1 ? 1 : 0], a[r][O > 2 ? 2 : 0], a[r][O > 3 ? 3 : 0]));
 }
 
-// Output rows [b0 * 4, min(b1 * 4, out)) for every activation row: blocks of 4 weight rows (a partial last block
-// repeats its last row and drops the extra results), each against the activation rows 4 at a time while the 4
-// weight rows stay in L1.
-//
-// While one block's tiles run, the next block's weights are prefetched into L1, a share per tile: a model larger
-// than the caches streams its weights from memory every step, and with many rows per block the hardware
-// prefetcher, which follows each weight row only while it is being read, leaves the first tile of every block
-// waiting on memory (measured: the weight loads took half of the tile's time for the tiny model's 8000-row head).
+// Output blocks [b0, b1) of 4 rows in 4 x 4 tiles (for_each_block).
 template <typename W>
 __attribute__((target("avx512f"))) void blocks_avx512(const W* w, const float* x, int64_t rows, int64_t in,
                                                       int64_t out, const float* bias, float* y, int64_t b0,
                                                       int64_t b1) {
-  const int64_t tiles = (rows + 3) / 4;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t o0 = b * 4, valid = std::min<int64_t>(4, out - o0);
-    const W* wp[4];
-    for (int o = 0; o < 4; ++o) wp[o] = w + (o0 + std::min<int64_t>(o, valid - 1)) * in;
-    // The next block's bytes (its rows are contiguous after this block's), in cache lines, spread over the tiles.
-    const char* next = reinterpret_cast<const char*>(w + (o0 + 4) * in);
-    const int64_t lines = b + 1 < b1 ? (std::min<int64_t>(4, out - o0 - 4) * in * int64_t(sizeof(W)) + 63) / 64 : 0;
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int64_t n = std::min<int64_t>(4, rows - r), t = r / 4;
-      for (int64_t l = lines * t / tiles; l < lines * (t + 1) / tiles; ++l)
-        _mm_prefetch(next + l * 64, _MM_HINT_T0);
-      const float* xp[4];
-      for (int k = 0; k < 4; ++k) xp[k] = x + (r + std::min<int64_t>(k, n - 1)) * in;
-      float res[4][4];
-      if (n == 4) tile_avx512<W, 4>(wp, xp, in, res);
-      else if (n == 3) tile_avx512<W, 3>(wp, xp, in, res);
-      else if (n == 2) tile_avx512<W, 2>(wp, xp, in, res);
-      else tile_avx512<W, 1>(wp, xp, in, res);
-      for (int64_t k = 0; k < n; ++k)
-        for (int64_t o = 0; o < valid; ++o) y[(r + k) * out + o0 + o] = res[k][o] + (bias ? bias[o0 + o] : 0.0f);
-    }
-  }
+  for_each_block<4, 4>(w, x, rows, in, out, bias, y, b0 * 4, std::min(b1 * 4, out),
+                       [in](int64_t n, const W* const* wp, const float* const* xp, float (*res)[4]) {
+                         if (n == 4) tile_avx512<W, 4>(wp, xp, in, res);
+                         else if (n == 3) tile_avx512<W, 3>(wp, xp, in, res);
+                         else if (n == 2) tile_avx512<W, 2>(wp, xp, in, res);
+                         else tile_avx512<W, 1>(wp, xp, in, res);
+                       });
 }
 
 // One activation row against long weight rows (kLongRowBytes and more), one weight row at a time. Decoding one
