@@ -869,23 +869,24 @@ const char* gemv_int4_isa(const char* isa_name) {
   return nullptr;
 }
 
-void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
-                    const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa_name) {
+const char* gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
+                           const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa_name) {
   const char* which = gemv_int4_isa(isa_name);
   TORCH_CHECK(which && rows <= kInt4RowsPerPass && in % 32 == 0 && group % 32 == 0 && in % group == 0,
               "gemv_int4_rows: needs AVX2 + F16C, at most ", kInt4RowsPerPass, " rows and groups of 32k dividing in");
-  const bool wide = which[4] == '5';  // "avx512"
+  const bool wide = std::strcmp(which, "avx512") == 0;
   thread_local Int4Activations a;
   if (wide) quantize_activations(x, rows, in, group, a);
   else quantize_activations_avx2(x, rows, in, group, a);
   const Int4Args p{codes, scales, zeros, in, group, out, rows, &a, y};
-  const bool vnni = has_vnni();
+  const bool vnni = wide && has_vnni();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in / 2));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
     if (!wide) int4_rows_avx2(p, o0, o1);
     else if (vnni) int4_rows_vnni(p, o0, o1);
     else int4_rows_bw(p, o0, o1);
   });
+  return !wide ? "avx2" : vnni ? "avx512-vnni" : "avx512-bw";
 }
 
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias, const char* isa_name) {

@@ -80,8 +80,9 @@ inline constexpr int64_t kInt4RowsPerPass = 16;
 // gemv (null: this CPU's best, after DSOPEN_GEMV_ISA).
 const char* gemv_int4_isa(const char* isa = nullptr);
 bool gemv_int4_supported();  // gemv_int4_isa() != null
-void gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
-                    const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa = nullptr);
+// Returns the kernel that ran: "avx512-vnni", "avx512-bw" or "avx2".
+const char* gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
+                           const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa = nullptr);
 
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();

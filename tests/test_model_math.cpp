@@ -434,7 +434,7 @@ TEST_CASE("the tiles/GEMM crossover is measured once per machine and read back f
   CHECK(cached.f32 == 256);
   CHECK(cached.bf16 == 64);
   // Another machine's file, one cut short, or one below the rows the tiles always take: measured again, replaced.
-  for (const std::string bad : {std::string("key cpu=another;isa=avx2\nf32 512\nbf16 512\n"), key + "\nf32 512\n",
+  for (const std::string& bad : {std::string("key cpu=another;isa=avx2\nf32 512\nbf16 512\n"), key + "\nf32 512\n",
                                 key + "\nf32 8\nbf16 64\n"}) {
     INFO(bad);
     dir.write(path.substr(folder.size() + 1), bad);
@@ -520,9 +520,12 @@ TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activati
       auto zeros = torch::randint(0, 16, {out, groups}, torch::kUInt8);
       auto x = torch::randn({rows, in});
       auto y = torch::empty({rows, out});
-      dsopen::model::gemv_int4_rows(x.data_ptr<float>(), rows, in, packed.data_ptr<uint8_t>(),
-                                    reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>()),
-                                    zeros.data_ptr<uint8_t>(), group, out, y.data_ptr<float>(), isa);
+      const std::string ran = dsopen::model::gemv_int4_rows(
+          x.data_ptr<float>(), rows, in, packed.data_ptr<uint8_t>(),
+          reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), group, out,
+          y.data_ptr<float>(), isa);
+      // The kernel asked for is the one that ran (an AVX-512 CPU once ran the AVX2 kernel for every int4 product).
+      CHECK(ran.rfind(isa, 0) == 0);
       // W = (code - zero) * scale, per group.
       auto W = (codes.to(torch::kFloat64).view({out, groups, group}) - zeros.to(torch::kFloat64).unsqueeze(2)) *
                scales.to(torch::kFloat64).unsqueeze(2);
