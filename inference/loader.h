@@ -14,8 +14,8 @@ namespace dsopen::inference {
 // MLA decoding reads directly) and non-CPU devices are always dequantized.
 enum class QuantizedLayers {
   Dequantized,  // float32 weights: what LoRA adapters and the reference comparisons need
-  Kernels,      // codes kept (0.5 / 1 byte per weight); up to 64 rows through the kernels (bf16 math), more rows
-                // through the weight dequantized for the call: decoding (dsopen-generate)
+  Kernels,      // codes kept (0.5 / 1 byte per weight), multiplied through the kernels (int4: every row count;
+                // int8: up to 64 rows, more through the weight dequantized for the call): decoding, serving
   FloatMath,    // codes kept; every call dequantizes into a reused float32 buffer: the Dequantized results at the
                 // memory of Kernels (dsopen-eval)
 };

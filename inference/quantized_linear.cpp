@@ -1,7 +1,10 @@
 // Quantized linear layers on LibTorch's weight-only CPU kernels (see quantized_linear.h).
 #include "inference/quantized_linear.h"
 
+#include <limits>
+
 #include "model/gemv.h"
+#include "model/gemv_int4.h"
 
 #include "utils/compat.h"
 
@@ -55,37 +58,32 @@ Int4Linear::Int4Linear(QuantizedWeight qw, int64_t max_rows) : q(std::move(qw)),
   // An own copy of the codes: tensors read from a file view its mapping, which would then stay resident. Scales
   // and zeros live on only in the derived tensors below.
   q.qweight = q.qweight.clone();
-  packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
   auto s = q.scales.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);  // [out, in / g]
   auto z = q.zeros.to(torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);
   q.scales = q.zeros = torch::Tensor();
-  scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
   scales = s.unsqueeze(2);
   zero_scales = (z * s).unsqueeze(2);
-  // The VNNI kernel's arrays; files of other tools may store fractional zero points, which only the kernels above
-  // take.
+  // Our kernel's layout; files of other tools may store fractional zero points, which only LibTorch's kernel takes.
   if (model::gemv_int4_supported() && z.eq(z.round()).all().item<bool>() && z.min().item<float>() >= 0 &&
       z.max().item<float>() <= 15) {
-    const int64_t out = s.size(0), groups = s.size(1);
-    scales_f16 = torch::zeros({out, groups + 4}, torch::kFloat16);
-    scales_f16.narrow(1, 0, groups).copy_(s);
-    zeros_u8 = z.to(torch::kUInt8).contiguous();
+    kernel_pack = model::pack_int4(q.qweight, s, z, q.group_size);
+    // It beats dequantize + float32 GEMM at any row count (2 threads, EPYC box, [768 -> 2048]: 600 against 96, 125
+    // and 168 GOP/s at 64, 128 and 512 rows), so prompts of any length take it too (max_kernel_rows 0 stays 0:
+    // QuantizedLayers::FloatMath's exact float path).
+    if (max_kernel_rows > 0) max_kernel_rows = std::numeric_limits<int64_t>::max();
+  }
+  if (!kernel_pack.codes.defined() || !model::gemv_enabled()) {
+    packed = compat::int4_pack_for_cpu(unpack_int4(q.qweight).to(torch::kInt32), /*innerKTiles=*/1);
+    scale_zeros = torch::stack({s.t(), ((8.0 - z) * s).t()}, -1).to(torch::kBFloat16).contiguous();
   }
 }
 
-// Rows up to which int4 products take the VNNI GEMV (model/gemv.h), kInt4RowsPerPass rows per pass over the codes
-// (each code block unpacked once for them): dense 97M prompts on an AVX512-VNNI Xeon, LibTorch's packed kernel
-// against this, 16 tokens 533-666 -> 940 tokens/s, 64 tokens 534-566 -> 792 (docs/BENCHMARKS.md). A row's result
-// does not depend on the rows beside it, so int4 serving batches decode the same alone or together.
-constexpr int64_t kInt4GemvRows = 64;
-
+// int4 products take model/gemv_int4.h's kernel: integer products of int8-rounded
+// activations in register tiles over the repacked codes. A row's result does not depend on the rows beside it, so
+// int4 serving batches decode the same alone or together.
 bool Int4Linear::rows(const float* x, int64_t n, float* y) const {
-  if (!scales_f16.defined() || n > std::min(max_kernel_rows, kInt4GemvRows) || !model::gemv_enabled()) return false;
-  const int64_t in = q.in_features, out = q.qweight.size(0);
-  for (int64_t r = 0; r < n; r += model::kInt4RowsPerPass)
-    model::gemv_int4_rows(x + r * in, std::min<int64_t>(model::kInt4RowsPerPass, n - r), in, q.qweight.data_ptr<uint8_t>(),
-                          reinterpret_cast<const uint16_t*>(scales_f16.data_ptr<at::Half>()), zeros_u8.data_ptr<uint8_t>(),
-                          q.group_size, out, y + r * out);
+  if (!kernel_pack.codes.defined() || n > max_kernel_rows || !model::gemv_enabled()) return false;
+  model::gemv_int4_rows(x, n, kernel_pack, y);
   return true;
 }
 
@@ -104,7 +102,7 @@ torch::Tensor Int4Linear::dequantize_into(torch::Tensor w) const {
 torch::Tensor Int4Linear::operator()(const torch::Tensor& x) const {
   const int64_t out = q.qweight.size(0), n = x.numel() / x.size(-1);
   if (n > max_kernel_rows) return dequantized_linear(*this, x, out, q.in_features);
-  if (scales_f16.defined() && n <= std::min(max_kernel_rows, kInt4GemvRows) && model::gemv_enabled()) {
+  if (kernel_pack.codes.defined() && model::gemv_enabled()) {
     const auto xf = x.reshape({n, q.in_features}).to(torch::kFloat32).contiguous();
     auto y = torch::empty({n, out}, torch::kFloat32);
     rows(xf.data_ptr<float>(), n, y.data_ptr<float>());

@@ -6,8 +6,8 @@
 // cores, docs/BENCHMARKS.md). Here each thread streams a contiguous block of weight rows once, dotting each row
 // with every activation row while it is in L1, in register tiles of several activation rows x weight rows; the
 // instruction set (AVX-512, AVX2 + FMA, or portable C++) is chosen once at run time from the CPU
-// (DSOPEN_GEMV_ISA=avx2 or portable: a lesser one, to measure what such a CPU gets; int4 kernels then off, as on
-// a CPU without AVX-512). Results differ from a GEMM's only in summation order (relative ~1e-7 in fp32).
+// (DSOPEN_GEMV_ISA=avx2 or portable: a lesser one, to measure what such a CPU gets; the int4 kernels of
+// model/gemv_int4.h follow it). Results differ from a GEMM's only in summation order (relative ~1e-7 in fp32).
 #pragma once
 
 #include <torch/torch.h>
@@ -63,26 +63,6 @@ void pv_rows(const float* p, int64_t rows, int64_t T, const void* V, bool v_bf16
 // gemv_int8's arithmetic on raw buffers; xsum float32 [rows] is scratch.
 void gemv_int8_rows(const float* x, int64_t rows, int64_t in, const int8_t* codes, const float* scale,
                     const float* offset, int64_t out, float* y, float* xsum);
-
-// int4 group-wise weights for decoding (inference/quantized_linear.h): W[o, i] = (code[o, i] - zero[o, g]) *
-// scale[o, g] with g = i / group (group 32, 64, 128 or 256; in a multiple of 32). codes uint8 [out, in / 2] as the
-// file keeps them (low nibble = even column), scales float16 bits [out, in / group + 4] (4 entries of padding per
-// row), zeros uint8 [out, in / group]. As llama.cpp's Q4 x Q8 products do, each activation row is quantized per
-// block of 32 to int8 (d = max|x| / 127, x ~ d * round(x / d)), so the products are integer: 64 unsigned-times-
-// signed bytes per AVX512-VNNI instruction (vpdpbusd; AVX512-BW: vpmaddubsw + vpmaddwd; AVX2: the same on 32
-// bytes), summed in int32 per block
-// and scaled in float32. Against the float product the result differs by that rounding of x (relative ~1e-3 of
-// each block's largest value). x float32 [rows, in], rows <= kInt4RowsPerPass: each 64 code bytes are unpacked
-// once for all the rows (a prompt's), each row summed in its own accumulator; y float32 [rows, out].
-inline constexpr int64_t kInt4RowsPerPass = 16;
-// The instruction set gemv_int4_rows runs with ("avx512": AVX512-BW, VNNI where present; "avx2": AVX2 + F16C,
-// vpmaddubsw + vpmaddwd on 32-byte halves; null: none here, LibTorch's weight-only kernel instead); `isa` as for
-// gemv (null: this CPU's best, after DSOPEN_GEMV_ISA).
-const char* gemv_int4_isa(const char* isa = nullptr);
-bool gemv_int4_supported();  // gemv_int4_isa() != null
-// Returns the kernel that ran: "avx512-vnni", "avx512-bw" or "avx2".
-const char* gemv_int4_rows(const float* x, int64_t rows, int64_t in, const uint8_t* codes, const uint16_t* scales,
-                           const uint8_t* zeros, int64_t group, int64_t out, float* y, const char* isa = nullptr);
 
 // The instruction set gemv runs with on this CPU: "avx512", "avx2" or "portable".
 const char* gemv_isa();

@@ -8,6 +8,7 @@
 
 #include "model/config.h"
 #include "model/gemv.h"
+#include "model/gemv_int4.h"
 #include "model/tile_rows.h"
 #include "test_helpers.h"
 #include "model/info.h"
@@ -494,50 +495,67 @@ TEST_CASE("attention over a cache: scores (gemv_rows_serial) and weighted sums (
         }
 }
 
-TEST_CASE("int4 decode GEMV: exact integer products of the int8-rounded activations, close to the float product",
-          "[model][gemv]") {
+TEST_CASE("int4 GEMV: exact integer products of the int8-rounded activations, the same bits on every kernel and "
+          "in any batch", "[model][gemv]") {
   if (!dsopen::model::gemv_int4_supported()) {
-    WARN("no AVX2 + F16C on this CPU: the int4 decode kernel is not used here");
+    WARN("no AVX2 + FMA on this CPU: the int4 kernel is not used here");
     return;
   }
-  std::vector<const char*> isas = {"avx2"};
-  if (std::string(dsopen::model::gemv_int4_isa()) == "avx512") isas.push_back("avx512");
+  // Every kernel this CPU runs: AVX2, and with AVX-512 both the BW and (where present) the VNNI kernel.
+  std::vector<std::pair<const char*, std::string>> kernels = {{"avx2", "avx2"}};
+  if (std::string(dsopen::model::gemv_int4_isa()) == "avx512") {
+    kernels.push_back({"avx512bw", "avx512-bw"});
+    __builtin_cpu_init();
+    kernels.push_back({"avx512", __builtin_cpu_supports("avx512vnni") ? "avx512-vnni" : "avx512-bw"});
+  }
   torch::manual_seed(12);
   torch::NoGradGuard no_grad;
-  const int64_t out = 37;
-  for (const char* isa : isas)
-  for (auto [in, group] : std::vector<std::pair<int64_t, int64_t>>{{96, 32}, {256, 32}, {384, 64}, {640, 128}, {768, 256}})
-    for (int64_t rows : {1, 3, 16}) {  // 16: kInt4RowsPerPass, a prompt's pass
-      INFO(isa << ": in " << in << " group " << group << " rows " << rows);
-      const int64_t groups = in / group;
+  for (int64_t out : {37, 64})  // 37: a last block of 5 outputs
+    for (auto [in, group] : std::vector<std::pair<int64_t, int64_t>>{{96, 32}, {256, 32}, {384, 64}, {640, 128}, {768, 256}}) {
+      const int64_t groups = in / group, rows = 11;  // 11: tiles of 4 rows and a last one of 3 (AVX2: 2 and 1)
       auto codes = torch::randint(0, 16, {out, in}, torch::kUInt8);
       // low nibble = even column, high nibble = odd column (the file's layout)
       auto pairs = codes.view({out, in / 2, 2});
       auto packed = (pairs.select(2, 0) + pairs.select(2, 1) * 16).contiguous();
-      auto scales = (torch::rand({out, groups}) * 0.02 + 0.001).to(torch::kFloat16);
-      auto padded = torch::zeros({out, groups + 4}, torch::kFloat16);
-      padded.narrow(1, 0, groups).copy_(scales);
-      auto zeros = torch::randint(0, 16, {out, groups}, torch::kUInt8);
+      auto scales = torch::rand({out, groups}) * 0.02 + 0.001;
+      auto zeros = torch::randint(0, 16, {out, groups}).to(torch::kFloat32);
+      const auto w = dsopen::model::pack_int4(packed, scales, zeros, group);
       auto x = torch::randn({rows, in});
-      auto y = torch::empty({rows, out});
-      const std::string ran = dsopen::model::gemv_int4_rows(
-          x.data_ptr<float>(), rows, in, packed.data_ptr<uint8_t>(),
-          reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>()), zeros.data_ptr<uint8_t>(), group, out,
-          y.data_ptr<float>(), isa);
-      // The kernel asked for is the one that ran (an AVX-512 CPU once ran the AVX2 kernel for every int4 product).
-      CHECK(ran.rfind(isa, 0) == 0);
-      // W = (code - zero) * scale, per group.
+      x[4].mul_(1e-30);  // a tiny row: its blocks' scales are tiny but not zero
+      x[5].zero_();      // a zero row: d = 0, every product 0
+      // W = (code - zero) * scale, per group; x rounded as the kernel rounds it: per block of 32,
+      // q = round_half_even(x * (127 / max|x|)), x ~ q * max / 127.
       auto W = (codes.to(torch::kFloat64).view({out, groups, group}) - zeros.to(torch::kFloat64).unsqueeze(2)) *
                scales.to(torch::kFloat64).unsqueeze(2);
       W = W.view({out, in});
-      // x rounded as the kernel rounds it: per block of 32, q = round_half_even(x * (127 / max|x|)), x ~ q * max / 127.
       auto xb = x.view({rows, in / 32, 32});
       auto amax = xb.abs().amax(2, true);
-      auto q = (xb * (127.0f / amax)).round();
+      auto q = torch::where(amax > 0, (xb * (127.0f / amax)).round(), torch::zeros_like(xb));
       auto xr = (q.to(torch::kFloat64) * (amax / 127.0f).to(torch::kFloat64)).view({rows, in});
       auto exact = torch::mm(xr, W.t());
-      CHECK(torch::allclose(y.to(torch::kFloat64), exact, 1e-5, 1e-4));
-      auto fl = torch::mm(x.to(torch::kFloat64), W.t());
-      CHECK((y.to(torch::kFloat64) - fl).abs().max().item<double>() < 0.02 * fl.abs().max().item<double>());
+      torch::Tensor first;
+      for (const auto& [isa, kernel] : kernels) {
+        INFO(isa << ": out " << out << " in " << in << " group " << group);
+        auto y = torch::full({rows, out}, 7.0f);
+        const std::string ran = dsopen::model::gemv_int4_rows(x.data_ptr<float>(), rows, w, y.data_ptr<float>(), isa);
+        // The kernel asked for is the one that ran (an AVX-512 CPU once ran the AVX2 kernel for every int4 product).
+        CHECK(ran == kernel);
+        CHECK(torch::allclose(y.to(torch::kFloat64), exact, 1e-5, 1e-4));
+        CHECK(torch::equal(y[5], torch::zeros({out})));
+        auto fl = torch::mm(x.to(torch::kFloat64), W.t());
+        CHECK((y.to(torch::kFloat64) - fl).abs().max().item<double>() < 0.02 * fl.abs().max().item<double>());
+        // The same bits on every kernel, and for each row alone, in a pair, or among all 11 (other tile shapes).
+        if (!first.defined()) first = y;
+        CHECK(torch::equal(y, first));
+        for (int64_t r : {0, 3, 10}) {
+          auto one = torch::empty({1, out});
+          dsopen::model::gemv_int4_rows(x[r].data_ptr<float>(), 1, w, one.data_ptr<float>(), isa);
+          CHECK(torch::equal(one[0], y[r]));
+        }
+        auto two = torch::empty({2, out});
+        dsopen::model::gemv_int4_rows(x[9].data_ptr<float>(), 2, w, two.data_ptr<float>(), isa);
+        CHECK(torch::equal(two, y.narrow(0, 9, 2)));
+      }
     }
+  CHECK_THROWS(dsopen::model::pack_int4(torch::zeros({4, 24}, torch::kUInt8), torch::ones({4, 1}), torch::zeros({4, 1}), 48));
 }
