@@ -154,15 +154,20 @@ std::string ChatFormat::render(const Conversation& conv, bool add_generation_pro
 
 std::vector<int32_t> ChatFormat::prompt_ids(const Conversation& conv, const Tokenizer& tok,
                                             const nlohmann::json& extra) const {
+  return ids(conv, /*add_generation_prompt=*/true, tok, extra);
+}
+
+std::vector<int32_t> ChatFormat::ids(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok,
+                                     const nlohmann::json& extra) const {
   if (!jinja_) {
     ChatTemplate t = tmpl_;
     t.add_eos = false;  // the conversation goes on
     auto ids = tokenize_conversation(conv, tok, t).ids;
-    if (!t.assistant_prefix.empty())
+    if (add_generation_prompt && !t.assistant_prefix.empty())
       for (int32_t id : tok.encode(t.assistant_prefix)) ids.push_back(id);
     return ids;
   }
-  return encode(render(conv, true, tok, extra), tok);
+  return encode(render(conv, add_generation_prompt, tok, extra), tok);
 }
 
 std::vector<int32_t> ChatFormat::encode(const std::string& text, const Tokenizer& tok) const {

@@ -63,6 +63,9 @@ public:
   // encoded with the special tokens (BOS, EOS and the tokenizer's other specials) kept as their ids.
   std::vector<int32_t> prompt_ids(const Conversation& conv, const Tokenizer& tok,
                                   const nlohmann::json& extra = nlohmann::json::object()) const;
+  // The same with the assistant's turn opened or not (render's ids).
+  std::vector<int32_t> ids(const Conversation& conv, bool add_generation_prompt, const Tokenizer& tok,
+                           const nlohmann::json& extra = nlohmann::json::object()) const;
 
   // Strings that end a reply besides EOS: the SFT template's assistant suffix marker (<|end|>); none for Jinja
   // (the model's EOS ids end it).

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "model/linear.h"
+#include "model/model_dir.h"
 #include "model/safetensors.h"
 #include "utils/config.h"
 #include "utils/env.h"
@@ -118,7 +119,9 @@ struct AdapterFiles {
   std::vector<std::pair<std::string, AdapterWeights>> modules;  // path -> weights, in file (name) order
 };
 
-AdapterFiles read_adapter(const std::string& dir) {
+AdapterFiles read_adapter(const std::string& given) {
+  // A run directory, its checkpoints directory or `latest` file name the adapter as they name a model.
+  const std::string dir = resolve_latest(given);
   std::error_code ec;
   if (!fs::is_directory(dir, ec))
     throw runtime_error(dir, "adapter directory not found",

@@ -22,6 +22,13 @@ void write_latest(const std::string& checkpoints_dir, const std::string& step_di
 }
 
 std::string resolve_latest(const std::string& dir) {
+  std::error_code ec;
+  // A checkpoints directory's `latest` file itself: the step it names.
+  if (fs::path(dir).filename() == kLatestFile && fs::is_regular_file(dir, ec)) {
+    const fs::path checkpoints = fs::path(dir).parent_path();
+    const std::string name = read_latest(checkpoints.empty() ? "." : checkpoints.string());
+    return name.empty() ? dir : (checkpoints / name).string();
+  }
   if (fs::exists(fs::path(dir) / kConfigFile)) return dir;
   const std::string name = read_latest(dir);
   if (!name.empty()) return (fs::path(dir) / name).string();

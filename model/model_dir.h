@@ -19,7 +19,8 @@ inline constexpr const char* kLatestFile = "latest";
 inline constexpr const char* kConfigFile = "config.json";
 
 // `dir` itself when it holds a config.json; else the checkpoint its `latest` file names (a checkpoints directory),
-// or that of its checkpoints/latest (a run directory, run.output_dir); else `dir`.
+// or that of its checkpoints/latest (a run directory, run.output_dir); the step a `latest` file names when `dir` is
+// that file; else `dir`.
 std::string resolve_latest(const std::string& dir);
 // The step directory name a checkpoints directory's `latest` file holds, "" when there is none.
 std::string read_latest(const std::string& checkpoints_dir);

@@ -236,21 +236,22 @@ void HttpServer::generation(Endpoint endpoint, const std::string& body,
     }
     if (stream->writer->done()) return res.set_content(dump(stream->writer->body()), "application/json");
     // Longer ones: the object is written at the end and until then a space (JSON allows leading whitespace) every
-    // second, so that a client that went away is noticed and its sequences cancelled. (The status is sent first,
-    // so a failure from here on is an error object under status 200.)
+    // second, whether tokens are arriving or not, so that a client that went away is noticed and its sequences
+    // cancelled. The status is sent first, so a failure from here on cannot be a status: the error object is
+    // written and the connection closed before the chunked body ends, so that clients see a failed transfer,
+    // not a reply.
     res.set_chunked_content_provider(
         "application/json",
         [stream, cut_short](size_t, httplib::DataSink& sink) {
           Event e;
           auto waited = std::chrono::steady_clock::now();
           while (!stream->writer->done()) {
-            if (!stream->channel->pop(e, std::chrono::milliseconds(200))) {
-              if (std::chrono::steady_clock::now() - waited > std::chrono::seconds(1)) {
-                if (!sink.write(" ", 1)) return false;  // the releaser cancels
-                waited = std::chrono::steady_clock::now();
-              }
-              continue;
+            const bool got = stream->channel->pop(e, std::chrono::milliseconds(200));
+            if (std::chrono::steady_clock::now() - waited > std::chrono::seconds(1)) {
+              if (!sink.write(" ", 1)) return false;  // the releaser cancels
+              waited = std::chrono::steady_clock::now();
             }
+            if (!got) continue;
             if (e.finish == FinishReason::Error || e.finish == FinishReason::Cancelled) {
               stream->channel->cancel();
               const ApiError err = e.finish == FinishReason::Error
@@ -258,8 +259,7 @@ void HttpServer::generation(Endpoint endpoint, const std::string& body,
                                        : cut_short;
               const std::string text = dump(error_body(err));
               sink.write(text.data(), text.size());
-              sink.done();
-              return true;
+              return false;  // no last chunk: the transfer fails
             }
             stream->writer->collect(e);
           }

@@ -90,7 +90,7 @@ static int run(int argc, char** argv) {
   if (!(shard_mb > 0)) throw usage_error("--max-shard-mb", "must be > 0");
   const model::ModelDir source(args["model"].as<std::string>());
   const std::string out = args["out"].as<std::string>();
-  const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
+  const std::string adapter = args.count("adapter") ? model::resolve_latest(args["adapter"].as<std::string>()) : "";
   env::check_output_path(out, gguf ? env::OutputKind::File : env::OutputKind::Directory, {source.path(), adapter},
                          "--out");
   if (gguf) check_gguf_output(out, source);

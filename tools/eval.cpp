@@ -54,7 +54,7 @@ static int run(int argc, char** argv) {
                                  args.count("adapter") ? inference::QuantizedLayers::Dequantized
                                                        : inference::QuantizedLayers::FloatMath);
   if (args.count("adapter")) {
-    model::load_adapter(*m, args["adapter"].as<std::string>());
+    model::load_adapter(*m, model::resolve_latest(args["adapter"].as<std::string>()));
     m->eval();
   }
   torch::NoGradGuard no_grad;

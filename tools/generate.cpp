@@ -219,7 +219,7 @@ static int run(int argc, char** argv) {
   logging::setup_console("warn");
   const int threads = env::configure_threads(args["threads"].as<int>());
   const std::string dir = args["model"].as<std::string>();
-  const std::string adapter = args.count("adapter") ? args["adapter"].as<std::string>() : "";
+  const std::string adapter = args.count("adapter") ? model::resolve_latest(args["adapter"].as<std::string>()) : "";
   // Default tokenizer: the model's, else the adapter's (LoRA checkpoints carry the run's tokenizer.model).
   std::string tok_path = args.count("tokenizer") ? args["tokenizer"].as<std::string>() : model::ModelDir(dir).tokenizer_path(adapter);
   if (tok_path.empty()) tok_path = dir;  // load_tokenizer names what is missing

@@ -85,6 +85,17 @@ void check_args(const cxxopts::ParseResult& args) {
     throw usage_error("--max-model-len", "must be >= 2");
 }
 
+// The name a directory is served under: its own as given (runs/tiny -> "tiny"), or for a checkpoints directory or
+// its `latest` file the step's.
+std::string served_name(const std::string& given) {
+  auto p = std::filesystem::path(given).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // a trailing slash
+  std::string name = p.filename().string();
+  if (name.empty() || name == "." || name == ".." || name == "latest" || name == "checkpoints")
+    name = std::filesystem::path(model::resolve_latest(given)).lexically_normal().filename().string();
+  return name;
+}
+
 // --adapter NAME=DIR (or DIR, named after its directory) -> (name, dir); names must differ.
 std::vector<std::pair<std::string, std::string>> adapter_args(const cxxopts::ParseResult& args) {
   std::vector<std::pair<std::string, std::string>> out;
@@ -92,9 +103,10 @@ std::vector<std::pair<std::string, std::string>> adapter_args(const cxxopts::Par
   for (const auto& a : args["adapter"].as<std::vector<std::string>>()) {
     const auto eq = a.find('=');
     std::string name = eq == std::string::npos ? "" : a.substr(0, eq);
-    const std::string dir = eq == std::string::npos ? a : a.substr(eq + 1);
-    if (dir.empty()) throw usage_error("--adapter", "'" + a + "' has no directory", "give NAME=DIR");
-    if (name.empty()) name = std::filesystem::path(dir).lexically_normal().filename().string();
+    const std::string given = eq == std::string::npos ? a : a.substr(eq + 1);
+    if (given.empty()) throw usage_error("--adapter", "'" + a + "' has no directory", "give NAME=DIR");
+    const std::string dir = model::resolve_latest(given);  // a run, its checkpoints or `latest`, as for --model
+    if (name.empty()) name = served_name(given);
     for (const auto& [n, d] : out)
       if (n == name) throw usage_error("--adapter", "two adapters are named '" + name + "'", "give NAME=DIR with distinct names");
     out.emplace_back(name, dir);
@@ -161,7 +173,7 @@ static int run(int argc, char** argv) {
   serve::ServedModel served;
   served.name = args.count("served-model-name")
                     ? args["served-model-name"].as<std::string>()
-                    : std::filesystem::path(model::resolve_latest(dir)).lexically_normal().filename().string();
+                    : served_name(dir);
   if (served.name.empty()) served.name = "model";
   served.tok = tok.get();
   served.chat_format = inference::chat_format_for(dir, "", tok_path, *tok, /*bos=*/true);

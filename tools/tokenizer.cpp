@@ -159,7 +159,7 @@ void chat(const cxxopts::ParseResult& args) {
   const std::string text = format.render(conv, open_turn, *tok);
   if (args.count("json")) {
     nlohmann::json out = {{"text", text}, {"format", format.description()}};
-    if (open_turn) out["ids"] = format.prompt_ids(conv, *tok);
+    out["ids"] = format.ids(conv, open_turn, *tok);
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   } else {
     std::cout << text << std::endl;

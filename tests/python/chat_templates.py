@@ -102,10 +102,9 @@ for fixture in sorted(glob.glob(os.path.join(FIXTURES, "*.json"))):
             continue
         check(got["text"] == want, f"{name}: {case}: text equals transformers'" +
               ("" if got["text"] == want else f"\n  ours: {got['text']!r}\n  want: {want!r}"))
-        if gen:
-            ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            check(got["ids"] == ids, f"{name}: {case}: prompt ids equal apply_chat_template's")
+        ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        check(got.get("ids") == ids, f"{name}: {case}: ids equal apply_chat_template's (generation prompt: {gen})")
     check(json.loads(ours(d, CONVERSATIONS["one user turn"][0], True)[0].stdout)["format"].startswith("the model's"),
           f"{name}: the model directory's template is the one used")
 

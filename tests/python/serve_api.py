@@ -10,7 +10,8 @@ DeepSeek-V3-style model (MLA, MoE). For each, a server is started on a free loop
     logprobs are the model's (the greedy token is the most likely one);
   - errors come in OpenAI's error object with the right status: unknown model 404, wrong types and ranges 400,
     a prompt or max_tokens past the context 400, a wrong API key 401, a body over the limit 413, malformed JSON
-    and invalid UTF-8 400, a full queue 429; a client that disconnects cancels its request (/metrics counts it);
+    and invalid UTF-8 400, a full queue 429; a client that disconnects cancels its request (/metrics counts it),
+    streaming or not; a non-streaming request cut off by a shutdown fails as a transfer;
   - LoRA adapters written by peft, served over the base (--adapter NAME=DIR) and chosen per request, give the
     text dsopen-generate --adapter gives, when requests on different adapters run in one batch;
   - SIGTERM lets a running stream finish and the server exits 0.
@@ -253,6 +254,44 @@ def test_queue_and_shutdown(model):
     check(s.proc.wait(timeout=60) == 0 and first is not None, "the server exits 0 after SIGTERM")
 
 
+def test_long_requests(model):
+    """Non-streaming requests that run past their first 2 s (answered chunked, a space each second): a client that
+    goes away cancels its request even while tokens keep coming; one cut off by a shutdown fails as a transfer."""
+    s = Server(model, "--max-num-seqs", "16", "--shutdown-grace", "1")
+    body = json.dumps({"model": "m", "prompt": "A", "max_tokens": 8000, "n": 16, "ignore_eos": True})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def send():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        return conn, conn.getresponse()  # the status comes after 2 s
+
+    before = s.metrics().get('dsopen_requests_total{outcome="cancelled"}', 0)
+    conn, resp = send()
+    check(resp.status == 200, f"a long non-streaming request is answered chunked (status {resp.status})")
+    time.sleep(1)
+    conn.sock.close()
+    conn.close()
+    deadline, m = time.time() + 15, {}
+    while time.time() < deadline:
+        m = s.metrics()
+        if m.get('dsopen_requests_total{outcome="cancelled"}', 0) > before and m["dsopen_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    check(m.get('dsopen_requests_total{outcome="cancelled"}', 0) > before and m["dsopen_requests_running"] == 0,
+          "a non-streaming client that disconnects while tokens flow cancels its request")
+
+    conn, resp = send()
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        data, complete = resp.read(), True
+    except (http.client.IncompleteRead, ConnectionError) as e:
+        data, complete = getattr(e, "partial", b""), False
+    check(not complete and b"shutting_down" in data,
+          f"a non-streaming request cut off by a shutdown fails as a transfer, the error object in it: {data[-200:]!r}")
+    check(s.proc.wait(timeout=60) == 0, "the server exits 0 after cutting a request off")
+
+
 def make_adapter(model, out, seed):
     """A PEFT LoRA adapter with random (non-zero) weights for the model directory, written by peft itself."""
     import torch
@@ -305,6 +344,8 @@ def generate_with(model, prompt, n, adapter):
 
 
 models = {name: H.train_small(name, m, steps=40, warmup=4) for name, m in MODELS.items()}
+test_long_requests(H.train_small("long", MODELS["llama"].replace("max_position_embeddings: 256",
+                                                                 "max_position_embeddings: 8192"), steps=2, warmup=1))
 for name, model in models.items():
     test_model(name, model)
 test_adapters(models["llama"])
