@@ -241,6 +241,15 @@ LCK="$W/lora/checkpoints/$(cat "$W/lora/checkpoints/latest")"
 if [ -f "$LCK/adapter_config.json" ] && [ -f "$LCK/adapter_model.safetensors" ] && [ ! -e "$LCK/model.safetensors" ]; then
   echo "ok   lora checkpoint holds the adapter only"; else echo "FAIL lora checkpoint: $(ls "$LCK")"; fail=1; fi
 check "generate with adapter" 0 "$BIN/dsopen-generate" --model "$CK" --adapter "$LCK" --chat --prompt "Hi" --max-new-tokens 4 --temperature 0
+# --adapter takes what --model takes: the run directory, its checkpoints directory or the `latest` file.
+tokens_of() { "$BIN/dsopen-generate" --model "$CK" --adapter "$1" --prompt "Hi" --max-new-tokens 6 --temperature 0 --json 2>/dev/null |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["tokens"])'; }
+A1="$(tokens_of "$LCK")"
+for a in "$W/lora" "$W/lora/checkpoints" "$W/lora/checkpoints/latest"; do
+  A2="$(tokens_of "$a")"
+  if [ -n "$A1" ] && [ "$A2" = "$A1" ]; then echo "ok   --adapter $a is the latest adapter checkpoint"
+  else echo "FAIL --adapter $a: '$A2' vs '$A1'"; fail=1; fi
+done
 check "eval with adapter" 0 "$BIN/dsopen-eval" --model "$CK" --adapter "$LCK" --tokens "$W/tokens.txt" --dump-logits "$W/adapter.safetensors"
 check "convert merges adapter" 0 "$BIN/dsopen-convert" --model "$CK" --adapter "$LCK" --out "$W/merged"
 check "eval merged" 0 "$BIN/dsopen-eval" --model "$W/merged" --tokens "$W/tokens.txt" --dump-logits "$W/merged.safetensors"

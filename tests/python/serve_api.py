@@ -292,6 +292,20 @@ def test_long_requests(model):
     check(s.proc.wait(timeout=60) == 0, "the server exits 0 after cutting a request off")
 
 
+def test_default_name(run_dir):
+    """Without --served-model-name a run directory is served under its own name (its latest checkpoint's weights)."""
+    proc = subprocess.Popen([b("serve"), "--model", run_dir + "/", "--port", "0", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on"):
+        sys.exit(f"dsopen-serve did not start: {line}{proc.stderr.read()}")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}/v1", api_key="x", max_retries=0)
+    ids = [m.id for m in client.models.list().data]
+    check(ids == [os.path.basename(run_dir)], f"a run directory is served under its name: {ids}")
+    proc.send_signal(signal.SIGTERM)
+    check(proc.wait(timeout=60) == 0, "default name: SIGTERM -> exit 0")
+
+
 def make_adapter(model, out, seed):
     """A PEFT LoRA adapter with random (non-zero) weights for the model directory, written by peft itself."""
     import torch
@@ -348,6 +362,7 @@ test_long_requests(H.train_small("long", MODELS["llama"].replace("max_position_e
                                                                  "max_position_embeddings: 8192"), steps=2, warmup=1))
 for name, model in models.items():
     test_model(name, model)
+test_default_name(os.path.dirname(os.path.dirname(models["llama"])))
 test_adapters(models["llama"])
 test_queue_and_shutdown(models["llama"])
 H.finish()
