@@ -277,6 +277,21 @@ struct CallArgs {
 
 struct Macro;
 
+// What one rendering may use. A chat template is data from a model directory (or a request's model), so a recursive
+// macro, a loop of 10^8 iterations or a string doubled 40 times must end in an error naming the line, not in a stack
+// overflow, minutes of CPU or gigabytes of memory. Real templates stay far below: a few macro levels (tool schemas),
+// thousands of steps per message.
+constexpr int kMaxCallDepth = 100;
+constexpr int kMaxParseDepth = 200;
+constexpr int64_t kMaxSteps = 20'000'000;
+constexpr size_t kMaxText = size_t(64) << 20;  // bytes of one string value or of the output
+constexpr int64_t kMaxItems = 1'000'000;       // range() length, list size from `+`
+
+void check_text(size_t bytes, int line) {
+  if (bytes > kMaxText)
+    throw TemplateError(line, "text of " + std::to_string(bytes) + " bytes: more than the 64 MiB a chat template may make");
+}
+
 class Context {
 public:
   explicit Context(const Value& globals) { scopes_.push_back({}), globals_ = &globals; }
@@ -302,6 +317,8 @@ public:
 
   std::map<std::string, const Macro*> macros;
   std::string* out = nullptr;
+  int call_depth = 0;   // macro calls now running
+  int64_t steps = 0;    // nodes rendered and loop iterations so far
 
 private:
   std::vector<std::map<std::string, Value>> scopes_;
@@ -444,9 +461,19 @@ struct Binary : Expr {
     if (op == "!=") return !equal(a, b);
     if (op == "in") return contains(b, a, line);
     if (op == "not in") return !contains(b, a, line);
-    if (op == "~") return str(a) + str(b);
-    if (op == "+" && a.is_string() && b.is_string()) return a.get<std::string>() + b.get<std::string>();
+    if (op == "~") {
+      std::string out = str(a);
+      const std::string right = str(b);
+      check_text(out.size() + right.size(), line);
+      return out + right;
+    }
+    if (op == "+" && a.is_string() && b.is_string()) {
+      check_text(a.get_ref<const std::string&>().size() + b.get_ref<const std::string&>().size(), line);
+      return a.get<std::string>() + b.get<std::string>();
+    }
     if (op == "+" && a.is_array() && b.is_array()) {
+      if (static_cast<int64_t>(a.size() + b.size()) > kMaxItems)
+        throw TemplateError(line, "a list of more than 1,000,000 items");
       Value out = a;
       for (const auto& x : b) out.push_back(x);
       return out;
@@ -461,6 +488,7 @@ struct Binary : Expr {
     if (op == "*" && ((a.is_string() && b.is_number_integer()) || (a.is_number_integer() && b.is_string()))) {
       const Value& text = a.is_string() ? a : b;
       const int64_t times = a.is_string() ? b.get<int64_t>() : a.get<int64_t>();
+      if (times > 0) check_text(text.get_ref<const std::string&>().size() * static_cast<size_t>(std::min<int64_t>(times, int64_t(1) << 40)), line);
       std::string out;
       for (int64_t i = 0; i < times; ++i) out += text.get<std::string>();
       return out;
@@ -908,6 +936,9 @@ struct Call : Expr {
       else if (a.positional.size() >= 2) start = a.positional[0].get<int64_t>(), stop = a.positional[1].get<int64_t>();
       if (a.positional.size() == 3) step = a.positional[2].get<int64_t>();
       if (step == 0) throw TemplateError(line, "range step cannot be zero");
+      const double count = std::ceil((static_cast<double>(stop) - static_cast<double>(start)) / static_cast<double>(step));
+      if (count > static_cast<double>(kMaxItems))
+        throw TemplateError(line, "range of " + std::to_string(static_cast<int64_t>(count)) + " items: more than the 1,000,000 a chat template may use");
       Value out = Value::array();
       for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(i);
       return out;
@@ -922,6 +953,13 @@ struct Call : Expr {
     }
     const auto m = ctx.macros.find(f);
     if (m == ctx.macros.end()) throw TemplateError(line, "unknown function '" + f + "'");
+    if (ctx.call_depth >= kMaxCallDepth)
+      throw TemplateError(line, "macro '" + f + "' called " + std::to_string(kMaxCallDepth) + " levels deep (a recursion without end?)");
+    struct Depth {
+      int& d;
+      explicit Depth(int& x) : d(++x) {}
+      ~Depth() { --d; }
+    } depth(ctx.call_depth);
     ctx.push();
     const Macro& macro = *m->second;
     for (size_t i = 0; i < macro.params.size(); ++i) {
@@ -946,7 +984,18 @@ class Parser {
 public:
   Parser(std::vector<Token> toks, int line) : t_(std::move(toks)), line_(line) {}
 
+  // Nesting of expressions (parentheses, unary operators, `not`, call arguments): bounded, so that a template
+  // cannot overflow the stack while being parsed.
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& x) : p(x) {
+      if (++p.depth_ > kMaxParseDepth) throw TemplateError(p.line_, "expression nested more than 200 levels deep");
+    }
+    ~Nest() { --p.depth_; }
+  };
+
   ExprPtr expression() {
+    Nest nest(*this);
     ExprPtr e = or_expr();
     if (is_name("if")) {  // a if cond else b
       ++i_;
@@ -1003,6 +1052,7 @@ private:
     return e;
   }
   ExprPtr not_expr() {
+    Nest nest(*this);
     if (is_name("not")) {
       ++i_;
       return std::make_unique<Unary>(line_, "not", not_expr());
@@ -1049,6 +1099,7 @@ private:
     return e;
   }
   ExprPtr unary() {
+    Nest nest(*this);
     if (is_op("-") || is_op("+")) {
       const std::string op = t_[i_++].text;
       return std::make_unique<Unary>(line_, op, unary());
@@ -1190,6 +1241,7 @@ private:
   std::vector<Token> t_;
   size_t i_ = 0;
   int line_;
+  int depth_ = 0;
 };
 
 struct LoopControl {
@@ -1214,7 +1266,12 @@ namespace {
 using NodeList = std::vector<std::unique_ptr<Template::Node>>;
 
 void render_into(const NodeList& nodes, Context& ctx) {
-  for (const auto& n : nodes) n->render(ctx);
+  for (const auto& n : nodes) {
+    if (++ctx.steps > kMaxSteps)
+      throw TemplateError(n->line, "the template ran more than 20,000,000 steps (a loop without end?)");
+    n->render(ctx);
+    if (ctx.out->size() > kMaxText) check_text(ctx.out->size(), n->line);
+  }
 }
 
 std::string render_nodes(const NodeList& nodes, Context& ctx) {
@@ -1276,6 +1333,8 @@ struct ForNode : Template::Node {
     if (items.empty()) return render_into(otherwise, ctx);
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < n; ++i) {
+      if (++ctx.steps > kMaxSteps)
+        throw TemplateError(line, "the template ran more than 20,000,000 steps (a loop without end?)");
       ctx.push();
       Value loop = {{"index", i + 1}, {"index0", i}, {"revindex", n - i}, {"revindex0", n - i - 1},
                     {"first", i == 0}, {"last", i == n - 1}, {"length", n}, {"__loop_cycle__", true}};
@@ -1420,6 +1479,13 @@ public:
   // Parses until one of `ends` (the statement's first word); returns the body and leaves the end statement's parser
   // positioned after its keyword in `end_parser`.
   NodeList body(const std::vector<std::string>& ends, std::string* ended, std::unique_ptr<Parser>* end_parser) {
+    struct Nest {  // blocks inside blocks: bounded, as expressions are
+      int& n;
+      Nest(int& x, int line) : n(x) {
+        if (++n > kMaxParseDepth) throw TemplateError(line, "blocks nested more than 200 levels deep");
+      }
+      ~Nest() { --n; }
+    } nest(nesting_, i_ > 0 && i_ <= s_.size() ? s_[i_ - 1].line : 1);
     NodeList nodes;
     while (i_ < s_.size()) {
       const Segment& seg = s_[i_++];
@@ -1534,6 +1600,7 @@ private:
 
   std::vector<Segment> s_;
   size_t i_ = 0;
+  int nesting_ = 0;
 };
 
 }  // namespace

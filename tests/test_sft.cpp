@@ -14,6 +14,7 @@
 
 #include "tests/test_helpers.h"
 #include "data/chat_format.h"
+#include "data/jinja.h"
 #include "data/hf_tokenizer_files.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
@@ -463,4 +464,32 @@ TEST_CASE("a Jinja chat template marks each assistant reply and its closing mark
   data::ChatFormat rewriting("{% for m in messages %}{{ m.content if loop.last else '...' }}{% endfor %}", "", "",
                              "rewriting template");
   CHECK_THROWS_WITH(rewriting.tokenize(conv, tok), Catch::Contains("rewrites earlier turns"));
+}
+
+TEST_CASE("a chat template that recurses, loops or grows without end is an error naming its line", "[data][jinja]") {
+  // Templates come from model directories and requests: each must end in an error, not a crash, minutes of CPU or
+  // gigabytes of memory.
+  const nlohmann::ordered_json ctx = {{"messages", nlohmann::ordered_json::array()}};
+  auto fails = [&](const std::string& src, const std::string& why) {
+    INFO(src);
+    CHECK_THROWS_WITH(data::jinja::Template(src, "t").render(ctx), Catch::Contains(why));
+  };
+  fails("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "levels deep");
+  fails("{% for i in range(100000000) %}x{% endfor %}", "range of 100000000 items");
+  fails("{% for i in range(1000000) %}{% for j in range(1000000) %}{% endfor %}{% endfor %}", "20,000,000 steps");
+  fails("{{ 'x' * 1000000000 }}", "more than the 64 MiB");
+  fails("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "more than the 64 MiB");
+  fails("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}", "nested more than 200 levels");
+  fails("{{ " + std::string(5000, '-') + "1 }}", "nested more than 200 levels");
+  std::string ifs;
+  for (int i = 0; i < 1000; ++i) ifs += "{% if true %}";
+  fails(ifs, "blocks nested more than 200 levels");
+  // Names the line.
+  fails("a\nb\n{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "t line 3");
+  // What real templates do stays allowed: a few macro levels, loops over messages, a long text.
+  CHECK(data::jinja::Template("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ n }}{% endif %}{% endmacro %}{{ f(50) }}", "t")
+            .render(ctx)
+            .size() > 50);
+  CHECK(data::jinja::Template("{{ 'x' * 1000000 }}", "t").render(ctx).size() == 1000000);
 }

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <csignal>
 #include <filesystem>
+#include <regex>
 #include <sstream>
 
 #include "data/batch_source.h"
@@ -81,6 +82,15 @@ void setup_lora(model::CausalLM& m, const JobConfig& j) {
   spdlog::info("LoRA on {} projections{}{}: trainable parameters {} of {} ({:.3f}%); base from {} frozen ({})",
                adapted.size(), m->expert_placement().sharded() ? " held by this rank" : "", j.lora.adapter.empty() ? "" : " from " + j.lora.adapter, n.trainable, n.total,
                100.0 * n.trainable / n.total, j.model.pretrained, j.lora.base_dtype == torch::kBFloat16 ? "bf16" : "fp32");
+  // peft (0.21) under transformers >= 5 reads gate_proj / up_proj / down_proj in the adapter_config.json of an MoE
+  // model (DeepSeek-V2/V3, Qwen2/3-MoE, GLM-4-MoE, ...) as the fused routed experts and drops the dense MLP's and
+  // shared experts' adapters: say so before the run, not when a user loads the result.
+  const bool moe = m->config().n_routed_experts > 0;
+  const std::regex mlp(R"(.*\.mlp\.(shared_experts?\.)?(gate_proj|up_proj|down_proj))");
+  if (moe && std::any_of(adapted.begin(), adapted.end(), [&](const std::string& p) { return std::regex_match(p, mlp); }))
+    spdlog::warn("LoRA on the dense MLP or shared experts of an MoE model: peft under transformers >= 5 will not load "
+                 "these adapters (it reads gate_proj/up_proj/down_proj as the fused routed experts); dsopen's tools "
+                 "take them, and `dsopen-convert --adapter` merges them for transformers");
 }
 
 }  // namespace
