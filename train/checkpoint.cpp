@@ -248,9 +248,11 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
     fsync_dir(dir);
     model::write_latest(dir, final_dir.filename().string());
 
-    // Retention: newest keep_last complete checkpoints stay; leftovers of interrupted writes go too.
+    // Retention: newest keep_last complete checkpoints stay (never the one just written, which `latest` names);
+    // leftovers of interrupted writes go too.
     const auto all = complete_checkpoints(dir);
-    for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i) remove_checkpoint(all[i]);
+    for (size_t i = static_cast<size_t>(keep_last); i < all.size(); ++i)
+      if (all[i].filename() != final_dir.filename()) remove_checkpoint(all[i]);
     for (const auto& e : fs::directory_iterator(dir))
       if (e.path().filename().string().find(".tmp") != std::string::npos) fs::remove_all(e.path());
   }
