@@ -11,6 +11,7 @@
 
 #include "model/safetensors.h"
 #include "model/info.h"
+#include "model/model_dir.h"
 #include "train/checkpoint.h"
 #include "train/memory_plan.h"
 #include "train/options.h"
@@ -93,6 +94,24 @@ TEST_CASE("resume is exact: straight run == resumed from the mid-run checkpoint 
     if (j.contains("loss")) ++records[j["step"].get<int64_t>()];
   }
   CHECK(records == std::map<int64_t, int>{{1, 1}, {8, 1}});  // log_every 100: the first and last steps
+}
+
+TEST_CASE("a resume from an earlier step into the run's directory: latest follows it, the later checkpoints stay",
+          "[train][resume][checkpoint]") {
+  run(config_text("rollback"), {"checkpoint.every=2"});
+  const fs::path ckpts = workdir() / "rollback/checkpoints";
+  const auto resumed = run(config_text("rollback"), {"checkpoint.every=2", "train.max_steps=4",
+                                                    "checkpoint.resume=" + (ckpts / "step_00000002").string()});
+  CHECK(resumed.losses.size() == 2);
+  CHECK(model::read_latest(ckpts.string()) == "step_00000004");
+  for (const char* later : {"step_00000006", "step_00000008"}) CHECK(fs::exists(ckpts / later / "trainer_state.json"));
+  // resume: auto continues this run (the step latest names), not the one it rolled back from.
+  CHECK(train::find_latest_checkpoint(ckpts.string()) == (ckpts / "step_00000004").string());
+  const auto next = run(config_text("rollback"), {"checkpoint.every=2", "train.max_steps=5"});
+  CHECK(next.losses.size() == 1);
+  // A fresh start there would replace and prune that run's checkpoints: refused.
+  const auto msg = error_of([&] { run(config_text("rollback"), {"checkpoint.resume=none"}); });
+  CHECK(msg.find("checkpoint.dir: " + ckpts.string() + " holds step_00000008 of another run") == 0);
 }
 
 TEST_CASE("zero3 in one process: the same run as none, its checkpoint resumes under none bitwise", "[train][resume][zero3]") {
@@ -310,6 +329,25 @@ TEST_CASE("partial checkpoints are skipped; corrupt files are named", "[train][c
   msg = error_of([&] { run(config_text("partial"), {"train.max_steps=8", "checkpoint.resume=" + state_file.parent_path().string()}); });
   CHECK(msg.find(weights_file + ": tensor model.norm.weight holds NaN or infinite values") == 0);
   env::write_file_atomic(weights_file, weights_bytes);
+  // Damaged AdamW moments (a negative second moment, an infinite first one): named at load, before a step would
+  // carry them into the weights and every later checkpoint.
+  const auto opt_file = (state_file.parent_path() / "optimizer/rank_0.safetensors").string();
+  const std::string opt_bytes = env::read_file(opt_file);
+  for (const auto& [key, value] : {std::pair<std::string, float>{"decay.exp_avg_sq", -1.0f},
+                                   {"no_decay.exp_avg", std::numeric_limits<float>::infinity()}}) {
+    std::map<std::string, torch::Tensor> tensors;
+    std::map<std::string, std::string> meta;
+    {
+      model::SafetensorsFile f(opt_file);
+      for (const auto& name : f.names()) tensors[name] = f.tensor(name).clone();
+      meta = f.metadata();
+    }
+    tensors[key][0] = value;
+    model::save_safetensors(opt_file, tensors, meta);
+    msg = error_of([&] { run(config_text("partial"), {"train.max_steps=8", "checkpoint.resume=" + state_file.parent_path().string()}); });
+    CHECK(msg.find(opt_file + ": '" + key + "' holds") == 0);
+    env::write_file_atomic(opt_file, opt_bytes);
+  }
   // An output path that is a file: refused before anything runs.
   std::ofstream(workdir() / "a_file") << "x";
   msg = error_of([&] { job_of(config_text("cfg"), {"checkpoint.dir=" + (workdir() / "a_file").string()}); });

@@ -260,9 +260,15 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
   return final_dir.string();
 }
 
-std::string find_latest_checkpoint(const std::string& dir) {
+std::string find_latest_checkpoint(const std::string& dir, bool highest_step) {
   const auto all = complete_checkpoints(dir);
-  return all.empty() ? "" : all.front().string();
+  if (all.empty()) return "";
+  // The step `latest` names when it is complete: after a resume from an earlier step, checkpoints of the run it
+  // rolled back from may lie past it.
+  const std::string named = highest_step ? "" : model::read_latest(dir);
+  for (const auto& c : all)
+    if (!named.empty() && c.filename() == named) return c.string();
+  return all.front().string();
 }
 
 TrainerState read_trainer_state(const std::string& path) {

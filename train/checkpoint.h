@@ -49,8 +49,9 @@ std::string save_checkpoint(const std::string& dir, model::CausalLM& model, cons
                             ProcessGroup* group = nullptr, const FlatAdamW* expert_optimizer = nullptr,
                             ShardedUnits* sharded = nullptr, ShardedUnits* expert_sharded = nullptr);
 
-// The newest complete checkpoint under `dir`, or "" when there is none.
-std::string find_latest_checkpoint(const std::string& dir);
+// The newest complete checkpoint under `dir`, or "" when there is none: the one its `latest` file names when that
+// is complete (a run that resumed from an earlier step), else the highest step (`highest_step`: always that).
+std::string find_latest_checkpoint(const std::string& dir, bool highest_step = false);
 
 // Restores model weights, optimizer state, RNG state and returns the trainer state. Every problem is a runtime
 // error naming the file (truncated safetensors, edited or partial trainer_state.json, layout mismatch).

@@ -1,6 +1,7 @@
 #include "train/optimizer.h"
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -193,6 +194,23 @@ std::vector<FlatAdamW::SavedLayout> FlatAdamW::read_layouts(const std::vector<Sa
 }
 
 // Copies, from every shard, the parts of its saved ranges that this rank owns; they must cover all it owns.
+namespace {
+// exp_avg finite, exp_avg_sq finite and >= 0 (a sum of squares), checked in slices (no bool copy of the whole state).
+void check_moments(const std::string& source, const std::string& group, const torch::Tensor& m, const torch::Tensor& v) {
+  constexpr int64_t kSlice = int64_t(1) << 24;
+  for (const auto& [t, name, nonnegative] : {std::tuple{m, ".exp_avg", false}, std::tuple{v, ".exp_avg_sq", true}}) {
+    const auto flat = t.reshape({-1});
+    for (int64_t at = 0; at < flat.numel(); at += kSlice) {
+      const auto part = flat.narrow(0, at, std::min(kSlice, flat.numel() - at));
+      const bool ok = nonnegative ? (torch::isfinite(part) & part.ge(0)).all().item<bool>() : torch::isfinite(part).all().item<bool>();
+      if (!ok)
+        throw runtime_error(source, "'" + group + name + "' holds " + (nonnegative ? "negative or " : "") + "non-finite values",
+                            "the file is damaged: resume from another checkpoint");
+    }
+  }
+}
+}  // namespace
+
 void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<SavedShard>& shards,
                              const std::vector<SavedLayout>& layouts, Progress& progress) {
   std::map<std::string, int64_t> my_offset;  // parameter -> offset in this group's unpadded concatenation
@@ -225,6 +243,8 @@ void FlatAdamW::load_moments(const FlatGroup& g, Moments& mo, const std::vector<
     const auto& v = saved(sh, g.name + ".exp_avg_sq");
     if (ranges.dim() != 2 || ranges.size(1) != 3 || ranges.scalar_type() != torch::kInt64)
       throw runtime_error(sh.source, "'" + g.name + ".ranges' has the wrong shape or type", "restore the file");
+    // Damaged moments would put NaN into the weights at the first step (and into every checkpoint after it).
+    check_moments(sh.source, g.name, m, v);
     auto acc = ranges.accessor<int64_t, 2>();
     for (int64_t r = 0; r < ranges.size(0); ++r) {
       const int64_t so = acc[r][0], uo = acc[r][1], n = acc[r][2];

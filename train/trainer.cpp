@@ -281,19 +281,22 @@ void Trainer::State::build_optimizer() {
     evaluator = std::make_unique<Evaluator>(model, *data.valid, *precision, *group, device, t.micro_batch_size, t.eval_steps);
 }
 
-// This run's checkpoints go to checkpoint.dir among those already there, so those must all come before the step
-// it starts from: pruning keeps the highest steps and resume: auto takes the highest, so a later checkpoint of
-// another run (resume: none in a used directory, or a resume from an earlier step) would have this run's saves
-// pruned at once, `latest` left naming a deleted step, and a later start continue the other run.
-static void check_no_later_checkpoints(const JobConfig& j, int64_t start_step, const std::string& resume) {
-  const std::string newest = find_latest_checkpoint(j.checkpoint.dir);
+// This run's checkpoints go to checkpoint.dir among those already there. A fresh start there would replace the
+// earlier run's checkpoints of the same steps and have pruning (which keeps the highest steps) delete its own:
+// refused. A resume from an earlier step (rolling back past a loss spike, say) is what the user asked for: the
+// later checkpoints stay until a save of the same step replaces them, and `latest` follows this run.
+static void check_checkpoint_dir(const JobConfig& j, int64_t start_step, const std::string& resume) {
+  const std::string newest = find_latest_checkpoint(j.checkpoint.dir, /*highest_step=*/true);
   if (newest.empty() || newest == resume) return;
   const int64_t step = read_trainer_state(newest).step;
-  if (step <= start_step) return;
-  throw usage_error("checkpoint.dir", j.checkpoint.dir + " holds " + std::filesystem::path(newest).filename().string() +
-                                          ", past the step this run starts from (" + std::to_string(start_step) +
-                                          "): its saves and their pruning would mix with that run's checkpoints",
-                    "give this run its own run.output_dir or checkpoint.dir, or move those checkpoints away");
+  const std::string name = std::filesystem::path(newest).filename().string();
+  if (resume.empty())
+    throw usage_error("checkpoint.dir", j.checkpoint.dir + " holds " + name + " of another run, which a fresh start "
+                                            "(checkpoint.resume: none) would replace or prune",
+                      "give this run its own run.output_dir or checkpoint.dir, or continue that run (resume: auto)");
+  if (step > start_step)
+    spdlog::warn("{} holds {}, past step {} this run resumes from: saves of the same steps will replace those "
+                 "checkpoints, and pruning counts them", j.checkpoint.dir, name, start_step);
 }
 
 // A checkpoint to resume (resume: auto takes the newest), else the pretrained weights to fine-tune, else the
@@ -307,7 +310,7 @@ void Trainer::State::load_weights() {
     spdlog::info("loaded pretrained weights from {}", j.model.pretrained);
     if (fresh > 0) spdlog::warn("{} MTP tensors are not in {}; those modules start from their initialization", fresh, j.model.pretrained);
   }
-  check_no_later_checkpoints(j, resume.empty() ? 0 : read_trainer_state(resume).step, resume);
+  check_checkpoint_dir(j, resume.empty() ? 0 : read_trainer_state(resume).step, resume);
   if (resume.empty()) return;
   state = load_checkpoint_weights(resume, model, group.get());
   if (state.world_size != group->size())
