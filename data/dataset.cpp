@@ -27,9 +27,9 @@ TokenDataset::TokenDataset(const TokenDatasetOptions& o, Split split) : opts_(o)
                                  shards_.front()->prefix() + ", " + h.tokenizer_hash + " here)",
                           "preprocess all data with one tokenizer");
     if (!o.tokenizer_hash.empty() && h.tokenizer_hash != o.tokenizer_hash)
-      throw runtime_error(p, "shard tokenizer " + h.tokenizer_hash + " differs from the run's tokenizer " +
+      throw runtime_error(p, "shard tokenizer " + h.tokenizer_hash + " differs from the " + o.tokenizer_of + " " +
                                  o.tokenizer_hash,
-                          "re-run dsopen-preprocess with tokenizer.path");
+                          "re-run dsopen-preprocess with that tokenizer");
     if (o.model_vocab_size > 0 && h.vocab_size > o.model_vocab_size)
       throw runtime_error(p, "shard vocabulary (" + std::to_string(h.vocab_size) + ") is larger than the model's vocab_size (" +
                                  std::to_string(o.model_vocab_size) + ")",

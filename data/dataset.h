@@ -29,6 +29,7 @@ struct TokenDatasetOptions {
   int rank = 0, world_size = 1;
   double valid_fraction = 0.0;      // the last fraction of the samples is held out for validation
   std::string tokenizer_hash;       // when set, every shard must carry it
+  std::string tokenizer_of = "run's tokenizer";  // whose tokenizer that is, for errors
   int64_t model_vocab_size = 0;     // when set, shard vocabularies must fit in it
   // How errors name `shards` and `seq_len` to the user: config keys, or a tool's flags (--calib-data, --seq-len).
   std::string shards_name = "data.train", seq_len_name = "data.seq_len";

@@ -6,6 +6,8 @@
 #include <sstream>
 
 #include "data/dataset.h"
+#include "data/hf_tokenizer.h"
+#include "model/model_dir.h"
 #include "utils/errors.h"
 #include "utils/progress.h"
 
@@ -53,8 +55,16 @@ torch::Tensor read_token_file(const std::string& path, int64_t vocab) {
   return t;
 }
 
-Perplexity perplexity(model::CausalLM& m, const std::vector<std::string>& shards, int64_t seq_len, int64_t max_batches) {
+std::string model_tokenizer_hash(const std::string& model_dir) {
+  const std::string path = model::ModelDir(model_dir).tokenizer_path();
+  return path.empty() ? "" : data::load_tokenizer(path)->hash();
+}
+
+Perplexity perplexity(model::CausalLM& m, const std::vector<std::string>& shards, int64_t seq_len, int64_t max_batches,
+                      const std::string& tokenizer_hash) {
   data::TokenDatasetOptions o;
+  o.tokenizer_hash = tokenizer_hash;
+  o.tokenizer_of = "model's tokenizer";
   o.shards = shards;
   o.seq_len = seq_len;
   o.shards_name = "--data";

@@ -20,8 +20,12 @@ struct Perplexity {
   double ppl = 0;     // exp(loss)
 };
 // Over the shards' samples of `seq_len` tokens (in order, batches of 8; `max_batches` 0: all). A runtime error when
-// the shards hold fewer than 8 such samples.
+// the shards hold fewer than 8 such samples, or (`tokenizer_hash` set: the model's tokenizer) were made by another
+// tokenizer.
 Perplexity perplexity(model::CausalLM& model, const std::vector<std::string>& shards, int64_t seq_len,
-                      int64_t max_batches);
+                      int64_t max_batches, const std::string& tokenizer_hash = "");
+
+// The hash shards carry of the tokenizer in (or named by) a model directory; "" when it has none.
+std::string model_tokenizer_hash(const std::string& model_dir);
 
 }  // namespace dsopen::inference

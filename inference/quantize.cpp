@@ -352,8 +352,10 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
 }
 
 std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
-                                               int64_t vocab) {
+                                               int64_t vocab, const std::string& tokenizer_hash) {
   data::TokenDatasetOptions o;
+  o.tokenizer_hash = tokenizer_hash;
+  o.tokenizer_of = "model's tokenizer";
   o.shards = shards;
   o.seq_len = seq_len;
   o.shards_name = "--calib-data";

@@ -95,9 +95,10 @@ QuantizedModel quantize_model(model::CausalLM& m, const QuantizeOptions& o,
                               const std::vector<torch::Tensor>& calibration = {});
 
 // Up to `samples` sequences of `seq_len` tokens spread evenly over token shards, in batches of 8 ([B, T] int64):
-// GPTQ's calibration data. A runtime error naming --calib-data when the shards hold no such sequence.
+// GPTQ's calibration data. A runtime error naming --calib-data when the shards hold no such sequence, or
+// (`tokenizer_hash` set: the model's tokenizer) were made by another tokenizer.
 std::vector<torch::Tensor> calibration_batches(const std::vector<std::string>& shards, int64_t samples, int64_t seq_len,
-                                               int64_t vocab);
+                                               int64_t vocab, const std::string& tokenizer_hash = "");
 
 // Writes DIR/model.safetensors in the GPTQ layout (inference/quantized_format.h), DIR/config.json with its
 // quantization_config, DIR/quantize_config.json and `files`. `o` supplies what the config records (sym,

@@ -139,6 +139,15 @@ case "$LAST" in *"checkpoint.dir: $W/run/checkpoints holds $NEWEST of another ru
   { echo "FAIL checkpoints changed"; fail=1; }
 check "eval ppl" 0 "$BIN/dsopen-eval" --model "$W/run/checkpoints/$(cat "$W/run/checkpoints/latest")" --data "$W/shards/f_*.bin" --ppl --seq-len 32 --batches 4
 case "$LAST" in *perplexity*) echo "ok   $LAST" ;; *) echo "FAIL eval: $LAST"; fail=1 ;; esac
+# Shards made by another tokenizer: the model's ids would mean other text. Refused, naming the shard.
+mkdir -p "$W/othertok" && cp "$W"/shards/f_00000.* "$W/othertok/"
+python3 -c 'import json, sys; p = sys.argv[1]; j = json.load(open(p)); j["tokenizer_hash"] = "0000"; json.dump(j, open(p, "w"))' "$W/othertok/f_00000.idx"
+check "eval ppl, another tokenizer's shards" 1 "$BIN/dsopen-eval" --model "$W/run" --data "$W/othertok/f_*.bin" --ppl --seq-len 32 --batches 4
+case "$LAST" in *"othertok/f_00000: shard tokenizer 0000 differs from the model's tokenizer"*) echo "ok   names the shard" ;;
+  *) echo "FAIL message: $LAST"; fail=1 ;; esac
+check "quantize calibration, another tokenizer's shards" 1 "$BIN/dsopen-quantize" --model "$W/run" --method gptq-int4 \
+  --group-size 32 --calib-data "$W/othertok/f_*.bin" --calib-seq-len 32 --out "$W/q_other"
+case "$LAST" in *"differs from the model's tokenizer"*) echo "ok   names the shard" ;; *) echo "FAIL message: $LAST"; fail=1 ;; esac
 CK="$W/run/checkpoints/$(cat "$W/run/checkpoints/latest")"
 check "generate" 0 "$BIN/dsopen-generate" --model "$CK" --prompt "The" --max-new-tokens 8 --seed 5
 G1="$LAST"

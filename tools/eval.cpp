@@ -66,7 +66,8 @@ static int run(int argc, char** argv) {
     return 0;
   }
   const auto p = inference::perplexity(m, args["data"].as<std::vector<std::string>>(), args["seq-len"].as<int64_t>(),
-                                       args["batches"].as<int64_t>());
+                                       args["batches"].as<int64_t>(),
+                                       inference::model_tokenizer_hash(args["model"].as<std::string>()));
   std::printf("tokens %.0f | loss %.4f | perplexity %.3f\n", p.tokens, p.loss, p.ppl);
   return 0;
 }

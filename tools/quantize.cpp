@@ -5,6 +5,7 @@
 #include <iostream>
 #include <numeric>
 
+#include "inference/evaluation.h"
 #include "inference/export_files.h"
 #include "inference/loader.h"
 #include "inference/quantize.h"
@@ -82,7 +83,8 @@ static int run(int argc, char** argv) {
   std::vector<torch::Tensor> calib;
   if (method.quant_method == "gptq")
     calib = inference::calibration_batches(args["calib-data"].as<std::vector<std::string>>(), args["calib-samples"].as<int64_t>(),
-                                args["calib-seq-len"].as<int64_t>(), m->config().vocab_size);
+                                args["calib-seq-len"].as<int64_t>(), m->config().vocab_size,
+                                inference::model_tokenizer_hash(model_dir));
   auto q = inference::quantize_model(m, o, calib);
   auto r = inference::size_report(m, q);
 
